@@ -1,0 +1,292 @@
+//! The I/O seam: every disk and network operation of the driver goes through
+//! the [`Io`] trait as an owned, completion-based [`Op`].
+//!
+//! Owns: the operation vocabulary and the io_uring backend ([`UringIo`]). The
+//! simulated backend lives in `sim`. Callers hand over their buffers with the op
+//! and get them back in the [`Completion`], so a buffer is never freed or reused
+//! while the kernel may still touch it. This module never interprets data and
+//! never retries: a short transfer or an error is the caller's to handle.
+
+use std::io;
+use std::os::fd::RawFd;
+use std::sync::Arc;
+use std::time::Duration;
+
+use io_uring::{opcode, squeue, types, IoUring};
+
+/// Bytes to write: owned, or shared with an in-memory cache (journal records
+/// are written from the same buffer the read overlay serves from).
+#[derive(Debug, Clone)]
+pub enum WriteBuf {
+    Owned(Vec<u8>),
+    Shared(Arc<Vec<u8>>),
+}
+
+impl WriteBuf {
+    pub fn as_slice(&self) -> &[u8] {
+        match self {
+            WriteBuf::Owned(v) => v,
+            WriteBuf::Shared(a) => a,
+        }
+    }
+}
+
+/// One operation. Offsets are file offsets; `at` is a position inside `buf`.
+#[derive(Debug)]
+pub enum Op {
+    Accept {
+        fd: RawFd,
+    },
+    /// Receive into `buf[at..]`.
+    Recv {
+        fd: RawFd,
+        buf: Vec<u8>,
+        at: usize,
+    },
+    /// Send `buf[at..]`.
+    Send {
+        fd: RawFd,
+        buf: Vec<u8>,
+        at: usize,
+    },
+    /// Read into `buf[at..]` from file offset `offset`.
+    Read {
+        fd: RawFd,
+        buf: Vec<u8>,
+        at: usize,
+        offset: u64,
+    },
+    /// Write `buf[start..end]` at file offset `offset`.
+    Write {
+        fd: RawFd,
+        buf: WriteBuf,
+        start: usize,
+        end: usize,
+        offset: u64,
+    },
+    /// fdatasync (or fsync when `datasync` is false).
+    Fsync {
+        fd: RawFd,
+        datasync: bool,
+    },
+    /// fallocate(mode, offset, len).
+    Fallocate {
+        fd: RawFd,
+        mode: i32,
+        offset: u64,
+        len: u64,
+    },
+    /// Completes after the duration (result -ETIME).
+    Timeout {
+        ts: Box<types::Timespec>,
+    },
+}
+
+impl Op {
+    pub fn timeout(d: Duration) -> Op {
+        Op::Timeout {
+            ts: Box::new(
+                types::Timespec::new()
+                    .sec(d.as_secs())
+                    .nsec(d.subsec_nanos()),
+            ),
+        }
+    }
+}
+
+/// A finished operation: the caller's token, the kernel-style result (bytes or
+/// a negative errno) and the op with its buffers.
+#[derive(Debug)]
+pub struct Completion {
+    pub token: u64,
+    pub result: i32,
+    pub op: Op,
+}
+
+/// The seam between the driver and the world. Implementations: [`UringIo`]
+/// (real) and `sim::SimIo` (deterministic, fault-injecting).
+pub trait Io {
+    /// Queue an operation; its completion carries `token`.
+    fn submit(&mut self, token: u64, op: Op);
+    /// Push queued ops to the kernel and collect finished ones into `out`,
+    /// blocking until at least `min` are available (or `timeout` passes).
+    fn wait(
+        &mut self,
+        min: usize,
+        timeout: Option<Duration>,
+        out: &mut Vec<Completion>,
+    ) -> io::Result<()>;
+    /// Run one op to completion. Only for start-up and shutdown paths where
+    /// nothing else is in flight.
+    fn run(&mut self, op: Op) -> Completion {
+        const TOKEN: u64 = u64::MAX;
+        self.submit(TOKEN, op);
+        let mut out = Vec::new();
+        loop {
+            out.clear();
+            if let Err(e) = self.wait(1, None, &mut out) {
+                // Cannot happen for a healthy ring; report it as the op failing.
+                let code = e.raw_os_error().unwrap_or(libc::EIO);
+                panic!("io backend failed while running a synchronous op: {code}");
+            }
+            if let Some(pos) = out.iter().position(|c| c.token == TOKEN) {
+                return out.swap_remove(pos);
+            }
+        }
+    }
+}
+
+/// The io_uring backend: one ring, owned by one thread.
+pub struct UringIo {
+    ring: IoUring,
+    slots: Vec<Option<(u64, Op)>>,
+    free: Vec<usize>,
+    queued: usize,
+}
+
+impl UringIo {
+    pub fn new(entries: u32) -> io::Result<UringIo> {
+        let ring = IoUring::builder()
+            .setup_cqsize(entries * 4)
+            .build(entries)?;
+        Ok(UringIo {
+            ring,
+            slots: Vec::new(),
+            free: Vec::new(),
+            queued: 0,
+        })
+    }
+
+    fn entry(idx: u64, op: &mut Op) -> squeue::Entry {
+        let e = match op {
+            Op::Accept { fd } => {
+                opcode::Accept::new(types::Fd(*fd), std::ptr::null_mut(), std::ptr::null_mut())
+                    .flags(libc::SOCK_CLOEXEC)
+                    .build()
+            }
+            Op::Recv { fd, buf, at } => {
+                let s = &mut buf[*at..];
+                opcode::Recv::new(types::Fd(*fd), s.as_mut_ptr(), s.len() as u32).build()
+            }
+            Op::Send { fd, buf, at } => {
+                let s = &buf[*at..];
+                opcode::Send::new(types::Fd(*fd), s.as_ptr(), s.len() as u32)
+                    .flags(libc::MSG_NOSIGNAL)
+                    .build()
+            }
+            Op::Read {
+                fd,
+                buf,
+                at,
+                offset,
+            } => {
+                let s = &mut buf[*at..];
+                opcode::Read::new(types::Fd(*fd), s.as_mut_ptr(), s.len() as u32)
+                    .offset(*offset)
+                    .build()
+            }
+            Op::Write {
+                fd,
+                buf,
+                start,
+                end,
+                offset,
+            } => {
+                let s = &buf.as_slice()[*start..*end];
+                opcode::Write::new(types::Fd(*fd), s.as_ptr(), s.len() as u32)
+                    .offset(*offset)
+                    .build()
+            }
+            Op::Fsync { fd, datasync } => {
+                let flags = if *datasync {
+                    types::FsyncFlags::DATASYNC
+                } else {
+                    types::FsyncFlags::empty()
+                };
+                opcode::Fsync::new(types::Fd(*fd)).flags(flags).build()
+            }
+            Op::Fallocate {
+                fd,
+                mode,
+                offset,
+                len,
+            } => opcode::Fallocate::new(types::Fd(*fd), *len)
+                .offset(*offset)
+                .mode(*mode)
+                .build(),
+            Op::Timeout { ts } => opcode::Timeout::new(&**ts as *const types::Timespec).build(),
+        };
+        e.user_data(idx)
+    }
+}
+
+impl Io for UringIo {
+    fn submit(&mut self, token: u64, op: Op) {
+        let idx = match self.free.pop() {
+            Some(i) => i,
+            None => {
+                self.slots.push(None);
+                self.slots.len() - 1
+            }
+        };
+        self.slots[idx] = Some((token, op));
+        // The op now lives in the slot until its completion: its buffers (heap
+        // allocations, and the boxed timespec) do not move while the kernel
+        // uses them.
+        let entry = Self::entry(idx as u64, &mut self.slots[idx].as_mut().unwrap().1);
+        loop {
+            // SAFETY: every pointer in `entry` refers to memory owned by the op
+            // stored in `self.slots[idx]`, which is only dropped after the
+            // kernel posts the completion for `idx`.
+            let pushed = unsafe { self.ring.submission().push(&entry) };
+            if pushed.is_ok() {
+                break;
+            }
+            // Submission queue full: hand what we have to the kernel.
+            let _ = self.ring.submit();
+        }
+        self.queued += 1;
+    }
+
+    fn wait(
+        &mut self,
+        min: usize,
+        timeout: Option<Duration>,
+        out: &mut Vec<Completion>,
+    ) -> io::Result<()> {
+        let ready = self.ring.completion().len();
+        let want = if ready >= min { 0 } else { min };
+        let res = match timeout {
+            Some(d) if want > 0 => {
+                let ts = types::Timespec::new()
+                    .sec(d.as_secs())
+                    .nsec(d.subsec_nanos());
+                let args = types::SubmitArgs::new().timespec(&ts);
+                self.ring.submitter().submit_with_args(want, &args)
+            }
+            _ => self.ring.submit_and_wait(want),
+        };
+        match res {
+            Ok(_) => {}
+            Err(e)
+                if e.raw_os_error() == Some(libc::ETIME)
+                    || e.raw_os_error() == Some(libc::EINTR) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {}
+            Err(e) => return Err(e),
+        }
+        self.queued = 0;
+        for cqe in self.ring.completion() {
+            let idx = cqe.user_data() as usize;
+            let (token, op) = self.slots[idx]
+                .take()
+                .expect("completion for an unknown slot");
+            self.free.push(idx);
+            out.push(Completion {
+                token,
+                result: cqe.result(),
+                op,
+            });
+        }
+        Ok(())
+    }
+}

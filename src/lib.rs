@@ -1,0 +1,12 @@
+//! nbdmirror: a userspace block-device mirroring driver.
+//!
+//! - [`io`]: the I/O seam (io_uring backend) every disk and socket op goes through.
+//! - [`sim`]: the simulated I/O backend for crash and fault tests.
+//! - [`store`]: one replica's data, journal, checksums and recovery.
+//! - [`server`]: the NBD front end and event loop.
+//! - [`size`]: parsing of human sizes.
+
+pub mod io;
+pub mod server;
+pub mod size;
+pub mod store;

@@ -1,0 +1,851 @@
+//! The NBD front end: listeners, connections and the event loop that joins
+//! them to the replica store.
+//!
+//! Owns: accepting connections (TCP, Unix, systemd socket activation),
+//! feeding received bytes to the `nbd` state machines, turning requests into
+//! store calls, sending replies in completion order, back-pressure per
+//! connection, and graceful shutdown on SIGINT/SIGTERM (finish in-flight
+//! requests, flush, checkpoint, exit 0). It holds no disk state of its own and
+//! never decides durability: that is the store's.
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, TcpListener};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixListener;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use nbd::consts::*;
+use nbd::transmission::{self as tx, REQUEST_HEADER_LEN};
+use nbd::{
+    Command, Decoded, ExportInfo, Handshake, HandshakeEnd, HandshakeStatus, Request, RequestRules,
+};
+
+use crate::io::{Completion, Io, Op, UringIo};
+use crate::store::{self, dir, Store, StoreEvent, Tuning, STORE_TOKEN, WRITE_HEADROOM};
+
+/// Largest request payload accepted (advertised as the maximum block size).
+pub const MAX_PAYLOAD: u32 = 32 * 1024 * 1024;
+/// Requests one connection may have in flight before we stop reading from it.
+const MAX_INFLIGHT: usize = 256;
+/// Bytes of replies queued on one connection before we stop reading from it.
+const MAX_QUEUED_REPLY_BYTES: usize = 64 << 20;
+const RECV_BUF: usize = 256 * 1024;
+const TICK: Duration = Duration::from_millis(20);
+/// Most extents in one BLOCK_STATUS reply.
+const MAX_EXTENTS: usize = 4096;
+
+const KIND_SHIFT: u64 = 56;
+const KIND_LISTENER: u64 = 1;
+const KIND_CONN_RECV: u64 = 2;
+const KIND_CONN_SEND: u64 = 3;
+const KIND_SIGNAL: u64 = 4;
+const KIND_TICK: u64 = 5;
+const ID_MASK: u64 = (1 << KIND_SHIFT) - 1;
+
+fn token(kind: u64, id: u64) -> u64 {
+    (kind << KIND_SHIFT) | (id & ID_MASK)
+}
+
+/// Where to listen.
+#[derive(Clone, Debug)]
+pub enum Listen {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+    /// An already-bound listening socket (systemd socket activation).
+    Fd(RawFd),
+}
+
+#[derive(Clone, Debug)]
+pub struct ServeConfig {
+    pub dir: PathBuf,
+    pub listen: Vec<Listen>,
+    pub export_name: String,
+    pub tuning: Tuning,
+}
+
+enum Phase {
+    Handshake(Box<Handshake>),
+    Transmission(RequestRules),
+}
+
+/// A WRITE whose payload is still arriving.
+struct PayloadSink {
+    req: Request,
+    buf: Vec<u8>,
+    filled: usize,
+}
+
+struct Conn {
+    fd: OwnedFd,
+    phase: Phase,
+    inbuf: Vec<u8>,
+    start: usize,
+    filled: usize,
+    /// The receive buffer (inbuf or the payload sink) is lent to the kernel.
+    recv_in_flight: bool,
+    sink: Option<PayloadSink>,
+    discard: u64,
+    outq: Vec<Vec<u8>>,
+    out_bytes: usize,
+    send_in_flight: bool,
+    inflight: usize,
+    /// No more requests will be read (EOF, DISC, protocol error, shutdown).
+    reading_done: bool,
+    /// Close without waiting for queued output (hard disconnect).
+    abort: bool,
+    shut: bool,
+}
+
+struct PendingReq {
+    conn: u64,
+    cookie: u64,
+    command: Command,
+    offset: u64,
+    structured: bool,
+}
+
+pub struct Server {
+    io: UringIo,
+    store: Store,
+    exports: Vec<ExportInfo>,
+    listeners: Vec<OwnedFd>,
+    conns: HashMap<u64, Conn>,
+    next_conn: u64,
+    pending: HashMap<u64, PendingReq>,
+    next_req: u64,
+    signal_fd: OwnedFd,
+    shutting_down: bool,
+    events: Vec<StoreEvent>,
+}
+
+fn block_signals() -> Result<OwnedFd, String> {
+    // SAFETY: plain libc calls on a local sigset; the returned fd is owned.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGPIPE);
+        if libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
+            return Err("cannot block signals".into());
+        }
+        let mut only: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut only);
+        libc::sigaddset(&mut only, libc::SIGINT);
+        libc::sigaddset(&mut only, libc::SIGTERM);
+        let fd = libc::signalfd(-1, &only, libc::SFD_CLOEXEC);
+        if fd < 0 {
+            return Err(format!("signalfd: {}", std::io::Error::last_os_error()));
+        }
+        Ok(OwnedFd::from_raw_fd(fd))
+    }
+}
+
+fn set_nodelay(fd: RawFd) {
+    let one: libc::c_int = 1;
+    // SAFETY: setsockopt with a valid pointer to an int of the right size.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_NODELAY,
+            &one as *const _ as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as u32,
+        );
+    }
+}
+
+/// Listening sockets passed by systemd (LISTEN_PID/LISTEN_FDS), if any.
+pub fn socket_activation_fds() -> Vec<RawFd> {
+    let pid_ok = std::env::var("LISTEN_PID")
+        .ok()
+        .and_then(|p| p.parse::<u32>().ok())
+        .is_some_and(|p| p == std::process::id());
+    let n = std::env::var("LISTEN_FDS")
+        .ok()
+        .and_then(|n| n.parse::<i32>().ok())
+        .unwrap_or(0);
+    if !pid_ok || n <= 0 {
+        return Vec::new();
+    }
+    (3..3 + n).collect()
+}
+
+fn open_listener(l: &Listen) -> Result<OwnedFd, String> {
+    match l {
+        Listen::Tcp(addr) => {
+            let s = TcpListener::bind(addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+            Ok(OwnedFd::from(s))
+        }
+        Listen::Unix(path) => {
+            if let Ok(meta) = std::fs::symlink_metadata(path) {
+                use std::os::unix::fs::FileTypeExt;
+                if meta.file_type().is_socket() {
+                    let _ = std::fs::remove_file(path);
+                }
+            }
+            let s = UnixListener::bind(path)
+                .map_err(|e| format!("cannot listen on {}: {e}", path.display()))?;
+            Ok(OwnedFd::from(s))
+        }
+        Listen::Fd(fd) => {
+            // SAFETY: systemd hands us ownership of these descriptors.
+            Ok(unsafe { OwnedFd::from_raw_fd(*fd) })
+        }
+    }
+}
+
+impl Server {
+    pub fn new(config: ServeConfig, replica: &dir::ReplicaDir) -> Result<Server, String> {
+        let mut io = UringIo::new(1024).map_err(|e| format!("cannot set up io_uring: {e}"))?;
+        let files = replica.files();
+        let sb = store::load_superblock(&mut io, files.meta)
+            .map_err(|e| format!("{}: {e}; refusing to serve it", replica.path.display()))?;
+        dir::check_sizes(replica, &sb)?;
+        let store = Store::open(&mut io, files, sb, config.tuning)
+            .map_err(|e| format!("{}: recovery failed: {e}", replica.path.display()))?;
+        let flags = TFLAG_HAS_FLAGS
+            | TFLAG_SEND_FLUSH
+            | TFLAG_SEND_FUA
+            | TFLAG_SEND_TRIM
+            | TFLAG_SEND_WRITE_ZEROES
+            | TFLAG_SEND_FAST_ZERO
+            | TFLAG_SEND_DF
+            | TFLAG_CAN_MULTI_CONN
+            | TFLAG_SEND_CACHE;
+        let export = ExportInfo {
+            name: config.export_name.clone(),
+            description: format!(
+                "nbdmirror volume {}",
+                dir::format_uuid(&store.superblock().volume_uuid)
+            ),
+            size: store.size(),
+            flags,
+            min_block: 1,
+            preferred_block: 4096,
+            max_block: MAX_PAYLOAD,
+        };
+        let mut listeners = Vec::new();
+        for l in &config.listen {
+            listeners.push(open_listener(l)?);
+        }
+        let signal_fd = block_signals()?;
+        Ok(Server {
+            io,
+            store,
+            exports: vec![export],
+            listeners,
+            conns: HashMap::new(),
+            next_conn: 1,
+            pending: HashMap::new(),
+            next_req: 1,
+            signal_fd,
+            shutting_down: false,
+            events: Vec::new(),
+        })
+    }
+
+    pub fn run(mut self) -> Result<(), String> {
+        for (i, l) in self.listeners.iter().enumerate() {
+            self.io.submit(
+                token(KIND_LISTENER, i as u64),
+                Op::Accept { fd: l.as_raw_fd() },
+            );
+        }
+        self.io.submit(
+            token(KIND_SIGNAL, 0),
+            Op::Read {
+                fd: self.signal_fd.as_raw_fd(),
+                buf: vec![0u8; std::mem::size_of::<libc::signalfd_siginfo>()],
+                at: 0,
+                offset: u64::MAX,
+            },
+        );
+        self.io.submit(token(KIND_TICK, 0), Op::timeout(TICK));
+        let mut completions = Vec::with_capacity(256);
+        loop {
+            completions.clear();
+            self.io
+                .wait(1, None, &mut completions)
+                .map_err(|e| format!("io_uring wait failed: {e}"))?;
+            for c in completions.drain(..) {
+                self.dispatch(c);
+            }
+            self.deliver_store_events();
+            if self.shutting_down && self.conns.is_empty() {
+                self.store.drain(&mut self.io);
+                self.deliver_store_events();
+                if self.store.is_quiet() || self.store.failure().is_some() {
+                    break;
+                }
+            }
+        }
+        if let Some(why) = self.store.failure() {
+            return Err(format!("stopped after a storage failure: {why}"));
+        }
+        eprintln!("nbdmirror: clean shutdown; journal checkpointed");
+        Ok(())
+    }
+
+    fn dispatch(&mut self, c: Completion) {
+        if c.token & STORE_TOKEN != 0 {
+            self.store.complete(&mut self.io, c);
+            return;
+        }
+        let kind = c.token >> KIND_SHIFT;
+        let id = c.token & ID_MASK;
+        match kind {
+            KIND_LISTENER => self.accepted(id as usize, c),
+            KIND_CONN_RECV => self.received(id, c),
+            KIND_CONN_SEND => self.sent(id, c),
+            KIND_SIGNAL => {
+                if c.result > 0 && !self.shutting_down {
+                    eprintln!("nbdmirror: signal received; finishing in-flight requests and shutting down");
+                    self.begin_shutdown();
+                }
+            }
+            KIND_TICK => {
+                self.store.tick(&mut self.io);
+                self.io.submit(token(KIND_TICK, 0), Op::timeout(TICK));
+            }
+            _ => {}
+        }
+    }
+
+    fn begin_shutdown(&mut self) {
+        self.shutting_down = true;
+        for l in &self.listeners {
+            // SAFETY: shutdown on a listening socket we own; it makes the
+            // pending accept complete.
+            unsafe { libc::shutdown(l.as_raw_fd(), libc::SHUT_RDWR) };
+        }
+        let ids: Vec<u64> = self.conns.keys().copied().collect();
+        for id in ids {
+            if let Some(conn) = self.conns.get_mut(&id) {
+                conn.reading_done = true;
+            }
+            self.maybe_close(id);
+        }
+    }
+
+    fn accepted(&mut self, idx: usize, c: Completion) {
+        if self.shutting_down {
+            if c.result >= 0 {
+                // SAFETY: a fresh descriptor from accept that nobody else owns.
+                drop(unsafe { OwnedFd::from_raw_fd(c.result) });
+            }
+            return;
+        }
+        let lfd = self.listeners[idx].as_raw_fd();
+        self.io
+            .submit(token(KIND_LISTENER, idx as u64), Op::Accept { fd: lfd });
+        if c.result < 0 {
+            eprintln!(
+                "nbdmirror: accept failed: {}",
+                std::io::Error::from_raw_os_error(-c.result)
+            );
+            return;
+        }
+        // SAFETY: accept returned a new descriptor that we now own.
+        let fd = unsafe { OwnedFd::from_raw_fd(c.result) };
+        set_nodelay(fd.as_raw_fd());
+        let id = self.next_conn;
+        self.next_conn += 1;
+        let mut greeting = Vec::with_capacity(18);
+        nbd::greeting(&mut greeting);
+        let conn = Conn {
+            fd,
+            phase: Phase::Handshake(Box::new(Handshake::new(self.exports.clone()))),
+            inbuf: vec![0u8; RECV_BUF],
+            start: 0,
+            filled: 0,
+            recv_in_flight: false,
+            sink: None,
+            discard: 0,
+            outq: Vec::new(),
+            out_bytes: 0,
+            send_in_flight: false,
+            inflight: 0,
+            reading_done: false,
+            abort: false,
+            shut: false,
+        };
+        self.conns.insert(id, conn);
+        self.queue(id, greeting);
+        self.post_recv(id);
+    }
+
+    fn post_recv(&mut self, id: u64) {
+        let Some(conn) = self.conns.get_mut(&id) else {
+            return;
+        };
+        if conn.recv_in_flight || conn.reading_done || conn.shut {
+            return;
+        }
+        if conn.inflight >= MAX_INFLIGHT || conn.out_bytes >= MAX_QUEUED_REPLY_BYTES {
+            return;
+        }
+        let fd = conn.fd.as_raw_fd();
+        let op = if let Some(sink) = conn.sink.as_mut() {
+            Op::Recv {
+                fd,
+                buf: std::mem::take(&mut sink.buf),
+                at: sink.filled,
+            }
+        } else {
+            if conn.start > 0 {
+                conn.inbuf.copy_within(conn.start..conn.filled, 0);
+                conn.filled -= conn.start;
+                conn.start = 0;
+            }
+            if conn.filled == conn.inbuf.len() {
+                conn.inbuf.resize(conn.inbuf.len() * 2, 0);
+            }
+            Op::Recv {
+                fd,
+                buf: std::mem::take(&mut conn.inbuf),
+                at: conn.filled,
+            }
+        };
+        conn.recv_in_flight = true;
+        self.io.submit(token(KIND_CONN_RECV, id), op);
+    }
+
+    fn received(&mut self, id: u64, c: Completion) {
+        let Some(conn) = self.conns.get_mut(&id) else {
+            return;
+        };
+        conn.recv_in_flight = false;
+        let Op::Recv { buf, .. } = c.op else { return };
+        let n = c.result;
+        if let Some(sink) = conn.sink.as_mut() {
+            sink.buf = buf;
+            if n > 0 {
+                sink.filled += n as usize;
+            }
+        } else {
+            conn.inbuf = buf;
+            if n > 0 {
+                conn.filled += n as usize;
+            }
+        }
+        if n <= 0 {
+            // EOF or error: the client is gone; finish what is in flight.
+            conn.reading_done = true;
+            conn.sink = None;
+            self.maybe_close(id);
+            return;
+        }
+        self.process_input(id);
+        self.post_recv(id);
+        self.maybe_close(id);
+    }
+
+    fn process_input(&mut self, id: u64) {
+        loop {
+            let Some(conn) = self.conns.get_mut(&id) else {
+                return;
+            };
+            // While a receive is in flight its buffer belongs to the kernel.
+            if conn.reading_done || conn.recv_in_flight {
+                return;
+            }
+            // A WRITE payload being collected.
+            if let Some(sink) = conn.sink.as_ref() {
+                if sink.filled < sink.buf.len() {
+                    return;
+                }
+                let sink = conn.sink.take().unwrap();
+                self.start_request(id, sink.req, Some(sink.buf));
+                continue;
+            }
+            let avail = conn.filled - conn.start;
+            if conn.discard > 0 {
+                let n = (conn.discard as usize).min(avail);
+                conn.start += n;
+                conn.discard -= n as u64;
+                if conn.discard > 0 {
+                    return;
+                }
+                continue;
+            }
+            match &mut conn.phase {
+                Phase::Handshake(h) => {
+                    let mut out = Vec::new();
+                    let (used, status) = h.feed(&conn.inbuf[conn.start..conn.filled], &mut out);
+                    conn.start += used;
+                    if !out.is_empty() {
+                        self.queue(id, out);
+                    }
+                    let conn = self.conns.get_mut(&id).unwrap();
+                    match status {
+                        HandshakeStatus::Continue => return,
+                        HandshakeStatus::Done(neg) => {
+                            conn.phase = Phase::Transmission(RequestRules::from(&neg));
+                        }
+                        HandshakeStatus::End(end) => {
+                            match end {
+                                HandshakeEnd::Aborted => {}
+                                HandshakeEnd::ProtocolViolation(why) => {
+                                    eprintln!("nbdmirror: connection {id}: closing: {why}");
+                                    conn.abort = true;
+                                }
+                                HandshakeEnd::UnknownExport(name) => {
+                                    eprintln!("nbdmirror: connection {id}: unknown export {name:?}; closing");
+                                    conn.abort = true;
+                                }
+                            }
+                            conn.reading_done = true;
+                            return;
+                        }
+                    }
+                }
+                Phase::Transmission(rules) => {
+                    if conn.inflight >= MAX_INFLIGHT || conn.out_bytes >= MAX_QUEUED_REPLY_BYTES {
+                        return;
+                    }
+                    let structured = rules.structured;
+                    match rules.decode(&conn.inbuf[conn.start..conn.filled]) {
+                        Decoded::NeedMore => return,
+                        Decoded::Fatal(why) => {
+                            eprintln!(
+                                "nbdmirror: connection {id}: protocol error: {why}; disconnecting"
+                            );
+                            conn.reading_done = true;
+                            conn.abort = true;
+                            return;
+                        }
+                        Decoded::Reject {
+                            cookie,
+                            command,
+                            error,
+                            discard,
+                            reply,
+                        } => {
+                            conn.start += REQUEST_HEADER_LEN;
+                            conn.discard = discard as u64;
+                            if reply {
+                                let mut out = Vec::new();
+                                let msg = format!("request type {command} rejected");
+                                tx::error_reply(&mut out, structured, cookie, error, &msg);
+                                self.queue(id, out);
+                            }
+                        }
+                        Decoded::Request(req) => {
+                            conn.start += REQUEST_HEADER_LEN;
+                            if req.command == Command::Write {
+                                let len = req.length as usize;
+                                let span = store::format::RecordHeader::span_for(len) as usize;
+                                let mut buf = Vec::with_capacity(span.max(WRITE_HEADROOM + len));
+                                buf.resize(WRITE_HEADROOM + len, 0);
+                                let avail = conn.filled - conn.start;
+                                let take = avail.min(len);
+                                buf[WRITE_HEADROOM..WRITE_HEADROOM + take]
+                                    .copy_from_slice(&conn.inbuf[conn.start..conn.start + take]);
+                                conn.start += take;
+                                if take < len {
+                                    conn.sink = Some(PayloadSink {
+                                        req,
+                                        buf,
+                                        filled: WRITE_HEADROOM + take,
+                                    });
+                                    return;
+                                }
+                                self.start_request(id, req, Some(buf));
+                            } else {
+                                self.start_request(id, req, None);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn start_request(&mut self, id: u64, req: Request, payload: Option<Vec<u8>>) {
+        let Some(conn) = self.conns.get_mut(&id) else {
+            return;
+        };
+        let Phase::Transmission(rules) = &conn.phase else {
+            return;
+        };
+        let structured = rules.structured;
+        let context = rules.base_allocation;
+        if req.command == Command::Disconnect {
+            conn.reading_done = true;
+            return;
+        }
+        let rid = self.next_req;
+        self.next_req += 1;
+        conn.inflight += 1;
+        self.pending.insert(
+            rid,
+            PendingReq {
+                conn: id,
+                cookie: req.cookie,
+                command: req.command,
+                offset: req.offset,
+                structured,
+            },
+        );
+        let io = &mut self.io;
+        match req.command {
+            Command::Read => {
+                let head = if structured { 20 + 8 } else { 16 };
+                self.store
+                    .read(io, rid, req.offset, req.length as u64, head);
+            }
+            Command::Write => {
+                let buf = payload.expect("write payload");
+                self.store.write(
+                    io,
+                    rid,
+                    req.offset,
+                    buf,
+                    WRITE_HEADROOM,
+                    req.length as usize,
+                    req.fua(),
+                );
+            }
+            Command::Flush => self.store.flush(io, rid),
+            Command::Trim => {
+                self.store
+                    .write_zeroes(io, rid, req.offset, req.length as u64, false, req.fua())
+            }
+            Command::WriteZeroes => self.store.write_zeroes(
+                io,
+                rid,
+                req.offset,
+                req.length as u64,
+                req.no_hole(),
+                req.fua(),
+            ),
+            Command::Cache => self.reply_status(rid, Ok(())),
+            Command::BlockStatus => {
+                let max = if req.req_one() { 1 } else { MAX_EXTENTS };
+                let extents = self.store.block_status(req.offset, req.length as u64, max);
+                let p = self.pending.remove(&rid).unwrap();
+                let mut out = Vec::new();
+                tx::block_status_chunk(&mut out, p.cookie, context.unwrap_or(0), &extents);
+                self.finish(p.conn, out);
+            }
+            Command::Disconnect => unreachable!(),
+        }
+        self.deliver_store_events();
+    }
+
+    fn deliver_store_events(&mut self) {
+        loop {
+            self.store.drain_events(&mut self.events);
+            if self.events.is_empty() {
+                return;
+            }
+            let events = std::mem::take(&mut self.events);
+            for ev in events {
+                match ev {
+                    StoreEvent::Written(rid, r) | StoreEvent::Flushed(rid, r) => {
+                        self.reply_status(rid, r)
+                    }
+                    StoreEvent::Read(rid, r) => self.reply_read(rid, r),
+                }
+            }
+        }
+    }
+
+    fn reply_status(&mut self, rid: u64, r: Result<(), i32>) {
+        let Some(p) = self.pending.remove(&rid) else {
+            return;
+        };
+        let mut out = Vec::with_capacity(32);
+        match r {
+            Ok(()) => {
+                if p.structured && p.command == Command::Read {
+                    tx::none_done(&mut out, p.cookie);
+                } else {
+                    tx::simple_reply(&mut out, p.cookie, 0);
+                }
+            }
+            Err(e) => {
+                let msg = std::io::Error::from_raw_os_error(e).to_string();
+                tx::error_reply(&mut out, p.structured, p.cookie, wire_errno(e), &msg);
+            }
+        }
+        self.finish(p.conn, out);
+    }
+
+    fn reply_read(&mut self, rid: u64, r: Result<Vec<u8>, i32>) {
+        let Some(p) = self.pending.remove(&rid) else {
+            return;
+        };
+        match r {
+            Ok(mut buf) => {
+                if p.structured {
+                    let len = (buf.len() - 28) as u32;
+                    let mut h = Vec::with_capacity(28);
+                    if len == 0 {
+                        tx::none_done(&mut h, p.cookie);
+                        buf = h;
+                    } else {
+                        tx::offset_data_header(&mut h, p.cookie, p.offset, len, true);
+                        buf[..28].copy_from_slice(&h);
+                    }
+                } else {
+                    let mut h = Vec::with_capacity(16);
+                    tx::simple_reply(&mut h, p.cookie, 0);
+                    buf[..16].copy_from_slice(&h);
+                }
+                self.finish(p.conn, buf);
+            }
+            Err(e) => {
+                let mut out = Vec::new();
+                let msg = std::io::Error::from_raw_os_error(e).to_string();
+                tx::error_reply(&mut out, p.structured, p.cookie, wire_errno(e), &msg);
+                self.finish(p.conn, out);
+            }
+        }
+    }
+
+    /// A request of connection `id` is answered with `out`.
+    fn finish(&mut self, id: u64, out: Vec<u8>) {
+        if let Some(conn) = self.conns.get_mut(&id) {
+            conn.inflight -= 1;
+            self.queue(id, out);
+            // Capacity may have freed up: continue parsing buffered requests.
+            self.process_input(id);
+            self.post_recv(id);
+            self.maybe_close(id);
+        }
+    }
+
+    fn queue(&mut self, id: u64, out: Vec<u8>) {
+        let Some(conn) = self.conns.get_mut(&id) else {
+            return;
+        };
+        if conn.shut {
+            return;
+        }
+        conn.out_bytes += out.len();
+        conn.outq.push(out);
+        self.post_send(id);
+    }
+
+    fn post_send(&mut self, id: u64) {
+        let Some(conn) = self.conns.get_mut(&id) else {
+            return;
+        };
+        if conn.send_in_flight || conn.outq.is_empty() || conn.shut {
+            return;
+        }
+        let buf = if conn.outq.len() == 1 {
+            conn.outq.pop().unwrap()
+        } else {
+            let total: usize = conn.outq.iter().map(|b| b.len()).sum();
+            if total <= 4 << 20 {
+                let mut all = Vec::with_capacity(total);
+                for b in conn.outq.drain(..) {
+                    all.extend_from_slice(&b);
+                }
+                all
+            } else {
+                conn.outq.remove(0)
+            }
+        };
+        conn.send_in_flight = true;
+        let fd = conn.fd.as_raw_fd();
+        self.io
+            .submit(token(KIND_CONN_SEND, id), Op::Send { fd, buf, at: 0 });
+    }
+
+    fn sent(&mut self, id: u64, c: Completion) {
+        let Some(conn) = self.conns.get_mut(&id) else {
+            return;
+        };
+        let Op::Send { fd, buf, at } = c.op else {
+            return;
+        };
+        if c.result <= 0 {
+            // The client stopped reading; drop everything for it.
+            conn.send_in_flight = false;
+            conn.outq.clear();
+            conn.out_bytes = 0;
+            conn.reading_done = true;
+            conn.abort = true;
+            self.maybe_close(id);
+            return;
+        }
+        let at = at + c.result as usize;
+        if at < buf.len() {
+            self.io
+                .submit(token(KIND_CONN_SEND, id), Op::Send { fd, buf, at });
+            return;
+        }
+        conn.send_in_flight = false;
+        conn.out_bytes = conn.out_bytes.saturating_sub(buf.len());
+        self.post_send(id);
+        self.process_input(id);
+        self.post_recv(id);
+        self.maybe_close(id);
+    }
+
+    /// Close a connection once nothing of it is in flight.
+    fn maybe_close(&mut self, id: u64) {
+        let Some(conn) = self.conns.get_mut(&id) else {
+            return;
+        };
+        if !conn.reading_done {
+            return;
+        }
+        let output_done = conn.abort || (conn.outq.is_empty() && !conn.send_in_flight);
+        if !conn.shut && conn.inflight == 0 && output_done {
+            conn.shut = true;
+            // SAFETY: shutdown on a socket we own; wakes a pending receive.
+            unsafe { libc::shutdown(conn.fd.as_raw_fd(), libc::SHUT_RDWR) };
+        }
+        if conn.shut && !conn.recv_in_flight && !conn.send_in_flight && conn.inflight == 0 {
+            self.conns.remove(&id);
+        }
+    }
+}
+
+/// The NBD error for a local errno.
+fn wire_errno(e: i32) -> u32 {
+    match e {
+        libc::EPERM | libc::EROFS => EPERM,
+        libc::ENOSPC | libc::EDQUOT | libc::EFBIG => ENOSPC,
+        libc::EINVAL => EINVAL,
+        libc::EOVERFLOW => EOVERFLOW,
+        libc::ENOTSUP => ENOTSUP,
+        libc::ESHUTDOWN => ESHUTDOWN,
+        _ => EIO,
+    }
+}
+
+/// Open the replica directory and serve it until a signal arrives.
+pub fn serve(config: ServeConfig) -> Result<(), String> {
+    let replica = dir::open(&config.dir)?;
+    let server = Server::new(config.clone(), &replica)?;
+    let where_: Vec<String> = config
+        .listen
+        .iter()
+        .map(|l| match l {
+            Listen::Tcp(a) => format!("nbd://{a}/"),
+            Listen::Unix(p) => format!("nbd+unix:///?socket={}", p.display()),
+            Listen::Fd(fd) => format!("inherited socket fd {fd}"),
+        })
+        .collect();
+    eprintln!(
+        "nbdmirror: serving {} ({} bytes) on {}",
+        config.dir.display(),
+        server.store.size(),
+        where_.join(", ")
+    );
+    let r = server.run();
+    drop(replica);
+    r
+}
+
+#[allow(dead_code)]
+fn into_raw(fd: OwnedFd) -> RawFd {
+    fd.into_raw_fd()
+}

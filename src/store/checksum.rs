@@ -1,0 +1,99 @@
+//! Per-block checksums: one xxh3-64 per 4 KiB block, seeded with the block
+//! number so a block written to the wrong place fails verification.
+//!
+//! Owns: the checksum function, the in-memory table and which pages of it are
+//! dirty (to be written to `meta` at checkpoint). The value 0 means "all
+//! zeroes" (a fresh or trimmed block); real hashes that happen to be 0 are
+//! stored as 1. Never does I/O itself.
+
+use super::format::BLOCK_SIZE;
+
+/// Bytes of table per dirty-tracking page.
+pub const TABLE_PAGE: usize = 4096;
+const ENTRIES_PER_PAGE: u64 = (TABLE_PAGE / 8) as u64;
+
+pub fn block_checksum(block: u64, data: &[u8]) -> u64 {
+    debug_assert_eq!(data.len() as u64, BLOCK_SIZE);
+    if is_zero(data) {
+        return 0;
+    }
+    match xxhash_rust::xxh3::xxh3_64_with_seed(data, block) {
+        0 => 1,
+        h => h,
+    }
+}
+
+pub fn is_zero(data: &[u8]) -> bool {
+    let (pre, mid, post) = unsafe {
+        // SAFETY: any bit pattern is a valid u64; align_to only reinterprets
+        // the aligned middle part of an initialised byte slice.
+        data.align_to::<u64>()
+    };
+    pre.iter().all(|&b| b == 0) && mid.iter().all(|&w| w == 0) && post.iter().all(|&b| b == 0)
+}
+
+pub struct ChecksumTable {
+    sums: Vec<u64>,
+    dirty: Vec<bool>,
+}
+
+impl ChecksumTable {
+    pub fn from_bytes(bytes: &[u8], blocks: u64) -> ChecksumTable {
+        let mut sums = vec![0u64; blocks as usize];
+        for (i, s) in sums.iter_mut().enumerate() {
+            let at = i * 8;
+            if at + 8 <= bytes.len() {
+                *s = u64::from_le_bytes(bytes[at..at + 8].try_into().unwrap());
+            }
+        }
+        let pages = (blocks * 8).div_ceil(TABLE_PAGE as u64) as usize;
+        ChecksumTable {
+            sums,
+            dirty: vec![false; pages],
+        }
+    }
+
+    pub fn blocks(&self) -> u64 {
+        self.sums.len() as u64
+    }
+
+    pub fn get(&self, block: u64) -> u64 {
+        self.sums[block as usize]
+    }
+
+    pub fn set(&mut self, block: u64, sum: u64) {
+        if self.sums[block as usize] != sum {
+            self.sums[block as usize] = sum;
+            self.dirty[(block / ENTRIES_PER_PAGE) as usize] = true;
+        }
+    }
+
+    pub fn verify(&self, block: u64, data: &[u8]) -> bool {
+        block_checksum(block, data) == self.get(block)
+    }
+
+    /// Dirty table pages as (byte offset within the table, bytes); clears the
+    /// dirty marks.
+    pub fn take_dirty_pages(&mut self) -> Vec<(u64, Vec<u8>)> {
+        let mut out = Vec::new();
+        for (page, d) in self.dirty.iter_mut().enumerate() {
+            if !*d {
+                continue;
+            }
+            *d = false;
+            let first = page as u64 * ENTRIES_PER_PAGE;
+            let last = (first + ENTRIES_PER_PAGE).min(self.sums.len() as u64);
+            let mut bytes = Vec::with_capacity(TABLE_PAGE);
+            for s in &self.sums[first as usize..last as usize] {
+                bytes.extend_from_slice(&s.to_le_bytes());
+            }
+            out.push((page as u64 * TABLE_PAGE as u64, bytes));
+        }
+        out
+    }
+
+    /// Mark pages dirty again (a checkpoint that failed to write them).
+    pub fn mark_all_dirty(&mut self) {
+        self.dirty.iter_mut().for_each(|d| *d = true);
+    }
+}

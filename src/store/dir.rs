@@ -1,0 +1,205 @@
+//! The replica directory: creating it (`init`), opening and locking it.
+//!
+//! Owns: file names (`data`, `journal`, `meta`), their sizes, the exclusive
+//! lock that keeps a second process out, and the checks that refuse a
+//! directory that is damaged, foreign or from a newer format before anything
+//! is written to it.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use super::format::{
+    Superblock, BLOCK_SIZE, CHECKSUM_TABLE_OFFSET, FORMAT_VERSION, MIN_JOURNAL, RECORD_ALIGN,
+};
+use super::Files;
+
+pub struct ReplicaDir {
+    pub path: PathBuf,
+    pub data: File,
+    pub journal: File,
+    pub meta: File,
+    _lock: File,
+}
+
+impl ReplicaDir {
+    pub fn files(&self) -> Files {
+        Files {
+            data: self.data.as_raw_fd(),
+            journal: self.journal.as_raw_fd(),
+            meta: self.meta.as_raw_fd(),
+        }
+    }
+}
+
+fn lock(path: &Path) -> Result<File, String> {
+    let f = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path.join("lock"))
+        .map_err(|e| format!("cannot open {}/lock: {e}", path.display()))?;
+    // SAFETY: flock on a file descriptor we own; no memory is involved.
+    let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if r != 0 {
+        return Err(format!(
+            "replica directory {} is in use by another nbdmirror process",
+            path.display()
+        ));
+    }
+    Ok(f)
+}
+
+fn random_uuid() -> [u8; 16] {
+    let mut u = [0u8; 16];
+    if let Ok(mut f) = File::open("/dev/urandom") {
+        let _ = f.read_exact(&mut u);
+    }
+    u
+}
+
+pub fn format_uuid(u: &[u8; 16]) -> String {
+    let h: String = u.iter().map(|b| format!("{b:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
+}
+
+/// Create a new replica directory for a disk of `size` bytes.
+pub fn init(path: &Path, size: u64, journal_size: u64, node_id: u32) -> Result<Superblock, String> {
+    if size == 0 || size % BLOCK_SIZE != 0 {
+        return Err(format!(
+            "size {size} must be a positive multiple of {BLOCK_SIZE} bytes"
+        ));
+    }
+    if journal_size < MIN_JOURNAL || journal_size % RECORD_ALIGN != 0 {
+        return Err(format!(
+            "journal size {journal_size} must be at least {MIN_JOURNAL} bytes and a multiple of {RECORD_ALIGN}"
+        ));
+    }
+    std::fs::create_dir_all(path).map_err(|e| format!("cannot create {}: {e}", path.display()))?;
+    if path.join("meta").exists() {
+        return Err(format!(
+            "{} already holds a replica; refusing to overwrite it (remove it first if you mean to)",
+            path.display()
+        ));
+    }
+    let _lock = lock(path)?;
+    let create = |name: &str| {
+        OpenOptions::new()
+            .create_new(true)
+            .read(true)
+            .write(true)
+            .open(path.join(name))
+            .map_err(|e| format!("cannot create {}/{name}: {e}", path.display()))
+    };
+    let data = create("data")?;
+    data.set_len(size)
+        .map_err(|e| format!("cannot size the data file: {e}"))?;
+    let journal = create("journal")?;
+    // Reserve the journal's space now so a full disk shows up at init, not
+    // under a client's write.
+    // SAFETY: fallocate on a file we own.
+    let r = unsafe { libc::fallocate(journal.as_raw_fd(), 0, 0, journal_size as i64) };
+    if r != 0 {
+        journal
+            .set_len(journal_size)
+            .map_err(|e| format!("cannot size the journal: {e}"))?;
+    }
+    let meta_tmp = path.join("meta.tmp");
+    let meta = OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .read(true)
+        .write(true)
+        .open(&meta_tmp)
+        .map_err(|e| format!("cannot create {}: {e}", meta_tmp.display()))?;
+    let table = (size / BLOCK_SIZE) * 8;
+    meta.set_len(CHECKSUM_TABLE_OFFSET + table)
+        .map_err(|e| format!("cannot size the metadata file: {e}"))?;
+    let sb = Superblock {
+        version: FORMAT_VERSION,
+        block_size: BLOCK_SIZE as u32,
+        volume_uuid: random_uuid(),
+        node_id,
+        size,
+        journal_size,
+        write_counter: 0,
+        tail_pos: 0,
+        tail_seq: 1,
+        epoch: 1,
+    };
+    meta.write_all_at(&sb.encode(), 0)
+        .map_err(|e| format!("cannot write the superblock: {e}"))?;
+    for f in [&data, &journal, &meta] {
+        f.sync_all()
+            .map_err(|e| format!("cannot sync the new replica: {e}"))?;
+    }
+    std::fs::rename(&meta_tmp, path.join("meta"))
+        .map_err(|e| format!("cannot finish init: {e}"))?;
+    File::open(path)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| format!("cannot sync {}: {e}", path.display()))?;
+    let _ = (&meta).flush();
+    Ok(sb)
+}
+
+/// Open and lock an existing replica directory.
+pub fn open(path: &Path) -> Result<ReplicaDir, String> {
+    if !path.join("meta").exists() {
+        return Err(format!(
+            "{} is not a replica directory (no meta file); create one with `nbdmirror init --dir {} --size SIZE`",
+            path.display(),
+            path.display()
+        ));
+    }
+    let lock = lock(path)?;
+    let open = |name: &str| {
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path.join(name))
+            .map_err(|e| format!("cannot open {}/{name}: {e}", path.display()))
+    };
+    Ok(ReplicaDir {
+        path: path.to_path_buf(),
+        data: open("data")?,
+        journal: open("journal")?,
+        meta: open("meta")?,
+        _lock: lock,
+    })
+}
+
+/// Check that the files have the sizes the superblock promises.
+pub fn check_sizes(dir: &ReplicaDir, sb: &Superblock) -> Result<(), String> {
+    let len = |f: &File| f.metadata().map(|m| m.len()).unwrap_or(0);
+    if len(&dir.data) < sb.size {
+        return Err(format!(
+            "data file is {} bytes but the superblock says the disk is {} bytes; the replica is damaged",
+            len(&dir.data),
+            sb.size
+        ));
+    }
+    if len(&dir.journal) < sb.journal_size {
+        return Err(format!(
+            "journal file is {} bytes but the superblock says {}; the replica is damaged",
+            len(&dir.journal),
+            sb.journal_size
+        ));
+    }
+    let table = CHECKSUM_TABLE_OFFSET + sb.size / BLOCK_SIZE * 8;
+    if len(&dir.meta) < table {
+        return Err(format!(
+            "metadata file is {} bytes, expected {table}; the replica is damaged",
+            len(&dir.meta)
+        ));
+    }
+    Ok(())
+}

@@ -1,0 +1,1535 @@
+//! The replica store: one node's copy of the disk in one directory.
+//!
+//! Owns the data path below the protocol: journal appends, group commit, the
+//! read overlay, applying journaled writes to the data file, per-block checksum
+//! verification, checkpoints and crash recovery. It is a state machine driven
+//! through the [`Io`](crate::io::Io) seam: callers submit requests, route
+//! completions whose token has [`STORE_TOKEN`] set back to it, and collect
+//! [`StoreEvent`]s. It never talks NBD and never touches a socket.
+//!
+//! Write path, top to bottom:
+//! 1. `write`/`write_zeroes` place a record in the journal ring (waiting in the
+//!    backlog when it is full) and submit the journal write.
+//! 2. When the record is written, its extent enters the overlay (newest
+//!    sequence number wins) and the client may be answered.
+//! 3. A journal fdatasync covers every record written so far (group commit);
+//!    FLUSH and FUA are answered when it covers their target sequence number.
+//! 4. Records covered by a sync are applied to the data file and their blocks'
+//!    checksums updated (the WAL rule: data never reaches the data file before
+//!    its record is durable).
+//! 5. A checkpoint syncs the data file and the checksum table, then moves the
+//!    superblock's journal tail forward, freeing ring space.
+
+pub mod checksum;
+pub mod dir;
+pub mod format;
+pub mod journal;
+pub mod overlay;
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::os::fd::RawFd;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::io::{Completion, Io, Op, WriteBuf};
+use checksum::{block_checksum, is_zero, ChecksumTable};
+use format::{
+    data_hash, RecordHeader, RecordKind, Superblock, BLOCK_SIZE, CHECKSUM_TABLE_OFFSET,
+    RECORD_HEADER_LEN, SUPERBLOCK_SLOT,
+};
+use journal::{errno_str, JournalRing};
+use overlay::{Content, Overlay, Piece};
+
+/// Tokens with this bit set belong to the store.
+pub const STORE_TOKEN: u64 = 1 << 62;
+/// Largest payload one journal record carries; bigger writes are split.
+pub const MAX_RECORD_DATA: usize = 1024 * 1024;
+/// Bytes a caller should leave in front of a write payload so the store can
+/// put the record header there instead of copying the data.
+pub const WRITE_HEADROOM: usize = RECORD_HEADER_LEN;
+
+const EIO: i32 = libc::EIO;
+
+pub type ReqId = u64;
+
+/// The outcome of a request, as an errno (positive) on failure.
+#[derive(Debug)]
+pub enum StoreEvent {
+    Written(ReqId, Result<(), i32>),
+    Flushed(ReqId, Result<(), i32>),
+    /// Read data sits at `buf[head..head+len]`.
+    Read(ReqId, Result<Vec<u8>, i32>),
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct Tuning {
+    /// Sync the journal once this many bytes are unsynced even with no FLUSH.
+    pub sync_bytes: u64,
+    /// Sync the journal at least this often when there are unsynced writes.
+    pub sync_interval: Duration,
+    /// Checkpoint when the ring is this full (fraction in 1/100).
+    pub checkpoint_percent: u64,
+    /// Checkpoint at least this often when something was applied.
+    pub checkpoint_interval: Duration,
+    /// Verify block checksums on every read.
+    pub verify_reads: bool,
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        Tuning {
+            sync_bytes: 32 << 20,
+            sync_interval: Duration::from_millis(200),
+            checkpoint_percent: 40,
+            checkpoint_interval: Duration::from_secs(5),
+            verify_reads: true,
+        }
+    }
+}
+
+/// The three files of a replica directory.
+#[derive(Clone, Copy, Debug)]
+pub struct Files {
+    pub data: RawFd,
+    pub journal: RawFd,
+    pub meta: RawFd,
+}
+
+#[derive(Debug)]
+enum Ctx {
+    JournalWrite { seq: u64 },
+    JournalVoid { seq: u64 },
+    JournalSync { covering: u64 },
+    ApplyRead { block: u64 },
+    ApplyWrite,
+    DataRead { read: ReqId, part: usize },
+    Checkpoint,
+}
+
+struct WriteReq {
+    chunks_left: usize,
+    max_seq: u64,
+    fua: bool,
+    error: Option<i32>,
+}
+
+#[derive(Debug)]
+struct PendingWrite {
+    req: ReqId,
+    offset: u64,
+    kind: RecordKind,
+    flags: u16,
+    /// Payload at `buf[at..at+len]`; for Zero records `buf` is empty.
+    buf: Vec<u8>,
+    at: usize,
+    len: u64,
+}
+
+/// One data-file read that is part of a client read.
+struct ReadPart {
+    /// Block-aligned file range read.
+    file_start: u64,
+    buf: Option<Vec<u8>>,
+}
+
+struct ReadReq {
+    start: u64,
+    len: u64,
+    head: usize,
+    out: Vec<u8>,
+    parts: Vec<ReadPart>,
+    parts_left: usize,
+    epoch: u64,
+    retries: u32,
+}
+
+#[derive(Default)]
+struct ApplyBatch {
+    upto: u64,
+    ops_left: usize,
+    /// Block checksums to install when the batch lands.
+    sums: Vec<(u64, u64)>,
+    /// Pieces to drop from the overlay when the batch lands.
+    pieces: Vec<(u64, u64)>,
+    /// Blocks needing read-modify-write: block -> pieces touching it.
+    rmw: HashMap<u64, Vec<Piece>>,
+    failed: Option<i32>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CkptPhase {
+    /// fdatasync(data) and the checksum table pages.
+    SyncData,
+    /// fdatasync(meta) so the table is durable before the superblock moves.
+    SyncTable,
+    WriteSuper,
+    SyncSuper,
+}
+
+struct Checkpoint {
+    upto: u64,
+    tail: (u64, u64),
+    phase: CkptPhase,
+    ops_left: usize,
+    failed: Option<i32>,
+    sb: Superblock,
+}
+
+/// Live statistics for logs and the control socket.
+#[derive(Debug, Default, Clone)]
+pub struct StoreStats {
+    pub journal_syncs: u64,
+    pub checkpoints: u64,
+    pub applied_bytes: u64,
+    pub checksum_failures: u64,
+}
+
+pub struct Store {
+    files: Files,
+    sb: Superblock,
+    tuning: Tuning,
+    sums: ChecksumTable,
+    overlay: Overlay,
+    ring: JournalRing,
+    ctx: HashMap<u64, Ctx>,
+    next_token: u64,
+    writes: HashMap<ReqId, WriteReq>,
+    reads: HashMap<ReqId, ReadReq>,
+    backlog: VecDeque<PendingWrite>,
+    /// Requests answered once the journal is durable up to the target seq.
+    waiters: Vec<(u64, ReqId, bool)>,
+    durable_seq: u64,
+    applied_seq: u64,
+    checkpointed_seq: u64,
+    sync_in_flight: Option<u64>,
+    unsynced_bytes: u64,
+    last_sync: Instant,
+    last_checkpoint: Instant,
+    apply: Option<ApplyBatch>,
+    /// Block ranges being rewritten by the apply batch: start -> end.
+    applying: BTreeMap<u64, u64>,
+    apply_epoch: u64,
+    deferred_reads: Vec<ReqId>,
+    checkpoint: Option<Checkpoint>,
+    /// Set after a failure that makes durability claims impossible.
+    failed: Option<String>,
+    events: Vec<StoreEvent>,
+    /// Journal writes in flight: seq -> what to put in the overlay when done.
+    in_flight: HashMap<u64, InFlight>,
+    /// Overlay ranges a read took its bytes from.
+    read_pieces: HashMap<ReqId, Vec<(u64, u64)>>,
+    draining: bool,
+    pub stats: StoreStats,
+}
+
+struct InFlight {
+    req: ReqId,
+    start: u64,
+    end: u64,
+    content: Content,
+    pos: u64,
+    span: u64,
+}
+
+impl Store {
+    /// Recover the store from its files: pick the newest valid superblock,
+    /// load checksums, replay the journal, and checkpoint the result.
+    pub fn open(
+        io: &mut dyn Io,
+        files: Files,
+        sb: Superblock,
+        tuning: Tuning,
+    ) -> Result<Store, String> {
+        let blocks = sb.size / BLOCK_SIZE;
+        let table_len = (blocks * 8) as usize;
+        let c = io.run(Op::Read {
+            fd: files.meta,
+            buf: vec![0u8; table_len],
+            at: 0,
+            offset: CHECKSUM_TABLE_OFFSET,
+        });
+        if c.result < 0 {
+            return Err(format!(
+                "reading the checksum table: {}",
+                errno_str(-c.result)
+            ));
+        }
+        let Op::Read { buf, .. } = c.op else {
+            unreachable!()
+        };
+        let mut sums =
+            ChecksumTable::from_bytes(&buf[..(c.result as usize).min(table_len)], blocks);
+        let mut replayed = 0u64;
+        let end = journal::scan(
+            io,
+            files.journal,
+            sb.journal_size,
+            sb.tail_pos,
+            sb.tail_seq,
+            sb.epoch,
+            |io, rec| {
+                replay(io, files.data, &mut sums, sb.size, &rec)?;
+                replayed += 1;
+                Ok(())
+            },
+        )?;
+        if replayed > 0 {
+            eprintln!(
+                "nbdmirror: recovery replayed {replayed} journal records (stopped: {})",
+                end.reason
+            );
+        }
+        let mut sb = sb;
+        // Make the replay durable, then move the tail past it under a new epoch.
+        sync_blocking(io, files.data)?;
+        for (off, page) in sums.take_dirty_pages() {
+            write_blocking(io, files.meta, CHECKSUM_TABLE_OFFSET + off, page)?;
+        }
+        sync_blocking(io, files.meta)?;
+        sb.tail_pos = end.pos;
+        sb.tail_seq = end.next_seq;
+        sb.epoch = sb.epoch.wrapping_add(1);
+        sb.write_counter += 1;
+        write_superblock_blocking(io, files.meta, &sb)?;
+        let ring = JournalRing::new(sb.journal_size, sb.tail_pos, sb.tail_seq);
+        let last = sb.tail_seq - 1;
+        Ok(Store {
+            files,
+            sb,
+            tuning,
+            sums,
+            overlay: Overlay::default(),
+            ring,
+            ctx: HashMap::new(),
+            next_token: 0,
+            writes: HashMap::new(),
+            reads: HashMap::new(),
+            backlog: VecDeque::new(),
+            waiters: Vec::new(),
+            durable_seq: last,
+            applied_seq: last,
+            checkpointed_seq: last,
+            sync_in_flight: None,
+            unsynced_bytes: 0,
+            last_sync: Instant::now(),
+            last_checkpoint: Instant::now(),
+            apply: None,
+            applying: BTreeMap::new(),
+            apply_epoch: 0,
+            deferred_reads: Vec::new(),
+            checkpoint: None,
+            failed: None,
+            events: Vec::new(),
+            in_flight: HashMap::new(),
+            read_pieces: HashMap::new(),
+            draining: false,
+            stats: StoreStats::default(),
+        })
+    }
+
+    pub fn size(&self) -> u64 {
+        self.sb.size
+    }
+
+    pub fn superblock(&self) -> &Superblock {
+        &self.sb
+    }
+
+    pub fn failure(&self) -> Option<&str> {
+        self.failed.as_deref()
+    }
+
+    /// Take the events produced so far.
+    pub fn drain_events(&mut self, out: &mut Vec<StoreEvent>) {
+        out.append(&mut self.events);
+    }
+
+    /// Nothing in flight, nothing unapplied, nothing uncheckpointed.
+    pub fn is_quiet(&self) -> bool {
+        self.ctx.is_empty()
+            && self.backlog.is_empty()
+            && self.writes.is_empty()
+            && self.reads.is_empty()
+            && self.overlay.is_empty()
+            && self.checkpointed_seq + 1 >= self.ring.next_seq
+    }
+
+    fn submit(&mut self, io: &mut dyn Io, ctx: Ctx, op: Op) {
+        let t = self.next_token;
+        self.next_token = (self.next_token + 1) & (STORE_TOKEN - 1);
+        self.ctx.insert(t, ctx);
+        io.submit(STORE_TOKEN | t, op);
+    }
+
+    fn poison(&mut self, why: String) {
+        if self.failed.is_none() {
+            eprintln!(
+                "nbdmirror: ERROR: {why}; refusing further writes and flushes until restarted"
+            );
+            self.failed = Some(why);
+        }
+        // Nobody waiting for durability may be told it happened.
+        for (_, req, is_write) in std::mem::take(&mut self.waiters) {
+            self.events.push(if is_write {
+                StoreEvent::Written(req, Err(EIO))
+            } else {
+                StoreEvent::Flushed(req, Err(EIO))
+            });
+        }
+        for p in std::mem::take(&mut self.backlog) {
+            self.writes.remove(&p.req);
+            self.events.push(StoreEvent::Written(p.req, Err(EIO)));
+        }
+    }
+
+    // ----- requests -------------------------------------------------------
+
+    /// Write `buf[at..at+len]` at `offset`. Leave [`WRITE_HEADROOM`] bytes before
+    /// `at` to spare a copy.
+    pub fn write(
+        &mut self,
+        io: &mut dyn Io,
+        req: ReqId,
+        offset: u64,
+        buf: Vec<u8>,
+        at: usize,
+        len: usize,
+        fua: bool,
+    ) {
+        self.enqueue(
+            io,
+            req,
+            offset,
+            RecordKind::Write,
+            0,
+            buf,
+            at,
+            len as u64,
+            fua,
+        );
+    }
+
+    /// Make `[offset, offset+len)` read as zeroes (WRITE_ZEROES and TRIM).
+    pub fn write_zeroes(
+        &mut self,
+        io: &mut dyn Io,
+        req: ReqId,
+        offset: u64,
+        len: u64,
+        no_hole: bool,
+        fua: bool,
+    ) {
+        let flags = if no_hole { 1 } else { 0 };
+        self.enqueue(
+            io,
+            req,
+            offset,
+            RecordKind::Zero,
+            flags,
+            Vec::new(),
+            0,
+            len,
+            fua,
+        );
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn enqueue(
+        &mut self,
+        io: &mut dyn Io,
+        req: ReqId,
+        offset: u64,
+        kind: RecordKind,
+        flags: u16,
+        buf: Vec<u8>,
+        at: usize,
+        len: u64,
+        fua: bool,
+    ) {
+        if self.failed.is_some() {
+            self.events.push(StoreEvent::Written(req, Err(EIO)));
+            return;
+        }
+        if len == 0 {
+            self.events.push(StoreEvent::Written(req, Ok(())));
+            return;
+        }
+        self.writes.insert(
+            req,
+            WriteReq {
+                chunks_left: 0,
+                max_seq: 0,
+                fua,
+                error: None,
+            },
+        );
+        self.backlog.push_back(PendingWrite {
+            req,
+            offset,
+            kind,
+            flags,
+            buf,
+            at,
+            len,
+        });
+        self.drain_backlog(io);
+    }
+
+    fn drain_backlog(&mut self, io: &mut dyn Io) {
+        while let Some(mut p) = self.backlog.pop_front() {
+            let chunk = if p.kind == RecordKind::Write {
+                p.len.min(MAX_RECORD_DATA as u64)
+            } else {
+                p.len.min(u32::MAX as u64 & !(BLOCK_SIZE - 1))
+            };
+            let data_len = if p.kind == RecordKind::Write {
+                chunk as usize
+            } else {
+                0
+            };
+            let span = RecordHeader::span_for(data_len) as u64;
+            let Some(place) = self.ring.place(span) else {
+                // Full: back-pressure until a checkpoint frees space.
+                self.backlog.push_front(p);
+                self.kick(io, true);
+                return;
+            };
+            if let Some((seq, pos, filler)) = place.wrap {
+                self.submit_marker(io, RecordKind::Wrap, seq, pos, filler);
+            }
+            let seq = place.seq;
+            let last_chunk = chunk == p.len;
+            // Build the record buffer, reusing the payload buffer when the
+            // whole payload fits in one record and the header fits before it.
+            let mut record = if p.kind == RecordKind::Zero {
+                vec![0u8; span as usize]
+            } else if last_chunk && p.at == RECORD_HEADER_LEN {
+                let mut b = std::mem::take(&mut p.buf);
+                b.truncate(RECORD_HEADER_LEN + chunk as usize);
+                b.resize(span as usize, 0);
+                b
+            } else {
+                let mut b = vec![0u8; span as usize];
+                b[RECORD_HEADER_LEN..RECORD_HEADER_LEN + chunk as usize]
+                    .copy_from_slice(&p.buf[p.at..p.at + chunk as usize]);
+                b
+            };
+            let hash = if p.kind == RecordKind::Write {
+                data_hash(
+                    &record[RECORD_HEADER_LEN..RECORD_HEADER_LEN + chunk as usize],
+                    seq,
+                )
+            } else {
+                0
+            };
+            RecordHeader {
+                kind: p.kind,
+                flags: p.flags,
+                epoch: self.sb.epoch,
+                seq,
+                offset: p.offset,
+                length: chunk as u32,
+                span: span as u32,
+                data_hash: hash,
+            }
+            .encode_into(&mut record);
+            let w = self.writes.get_mut(&p.req).expect("write request state");
+            w.chunks_left += 1;
+            w.max_seq = seq;
+            let rec = Arc::new(record);
+            let content = if p.kind == RecordKind::Write {
+                Content::Data {
+                    buf: rec.clone(),
+                    at: RECORD_HEADER_LEN,
+                }
+            } else {
+                Content::Zero
+            };
+            self.in_flight.insert(
+                seq,
+                InFlight {
+                    req: p.req,
+                    start: p.offset,
+                    end: p.offset + chunk,
+                    content,
+                    pos: place.pos,
+                    span,
+                },
+            );
+            self.unsynced_bytes += span;
+            self.submit(
+                io,
+                Ctx::JournalWrite { seq },
+                Op::Write {
+                    fd: self.files.journal,
+                    buf: WriteBuf::Shared(rec),
+                    start: 0,
+                    end: span as usize,
+                    offset: place.pos,
+                },
+            );
+            if !last_chunk {
+                p.offset += chunk;
+                p.at += chunk as usize;
+                p.len -= chunk;
+                self.backlog.push_front(p);
+            }
+        }
+    }
+
+    /// A header-only record (Wrap filler or Void) at `pos`.
+    fn submit_marker(&mut self, io: &mut dyn Io, kind: RecordKind, seq: u64, pos: u64, span: u64) {
+        let mut b = vec![0u8; format::RECORD_ALIGN as usize];
+        RecordHeader {
+            kind,
+            flags: 0,
+            epoch: self.sb.epoch,
+            seq,
+            offset: 0,
+            length: 0,
+            span: span as u32,
+            data_hash: 0,
+        }
+        .encode_into(&mut b);
+        let ctx = if kind == RecordKind::Void {
+            Ctx::JournalVoid { seq }
+        } else {
+            Ctx::JournalWrite { seq }
+        };
+        let end = b.len();
+        self.submit(
+            io,
+            ctx,
+            Op::Write {
+                fd: self.files.journal,
+                buf: WriteBuf::Owned(b),
+                start: 0,
+                end,
+                offset: pos,
+            },
+        );
+    }
+
+    /// Answer `req` once every write acknowledged so far is durable.
+    pub fn flush(&mut self, io: &mut dyn Io, req: ReqId) {
+        if let Some(why) = &self.failed {
+            let _ = why;
+            self.events.push(StoreEvent::Flushed(req, Err(EIO)));
+            return;
+        }
+        let target = self.ring.next_seq - 1;
+        if target <= self.durable_seq {
+            self.events.push(StoreEvent::Flushed(req, Ok(())));
+            return;
+        }
+        self.waiters.push((target, req, false));
+        self.kick(io, false);
+    }
+
+    /// Read `[offset, offset+len)` into a buffer with `head` spare bytes in front.
+    pub fn read(&mut self, io: &mut dyn Io, req: ReqId, offset: u64, len: u64, head: usize) {
+        let out = vec![0u8; head + len as usize];
+        let r = ReadReq {
+            start: offset,
+            len,
+            head,
+            out,
+            parts: Vec::new(),
+            parts_left: 0,
+            epoch: 0,
+            retries: 0,
+        };
+        self.reads.insert(req, r);
+        self.start_read(io, req);
+    }
+
+    fn blocks_applying(&self, first: u64, end: u64) -> bool {
+        match self.applying.range(..end).next_back() {
+            Some((_, &e)) => e > first,
+            None => false,
+        }
+    }
+
+    fn start_read(&mut self, io: &mut dyn Io, req: ReqId) {
+        let Some(r) = self.reads.get_mut(&req) else {
+            return;
+        };
+        let (start, end) = (r.start, r.start + r.len);
+        if r.len == 0 {
+            let r = self.reads.remove(&req).unwrap();
+            self.events.push(StoreEvent::Read(req, Ok(r.out)));
+            return;
+        }
+        let pieces = self.overlay.pieces(start, end);
+        // Gaps not covered by the overlay come from the data file.
+        let mut gaps = Vec::new();
+        let mut pos = start;
+        for p in &pieces {
+            if p.start > pos {
+                gaps.push((pos, p.start));
+            }
+            pos = p.end;
+        }
+        if pos < end {
+            gaps.push((pos, end));
+        }
+        // Merge gaps that share a block so each block is read (and verified) once.
+        let mut ranges: Vec<(u64, u64)> = Vec::new();
+        for (s, e) in gaps {
+            let fs = s / BLOCK_SIZE * BLOCK_SIZE;
+            let fe = e.div_ceil(BLOCK_SIZE) * BLOCK_SIZE;
+            match ranges.last_mut() {
+                Some(last) if last.1 >= fs => last.1 = last.1.max(fe),
+                _ => ranges.push((fs, fe)),
+            }
+        }
+        if ranges
+            .iter()
+            .any(|&(s, e)| self.blocks_applying(s / BLOCK_SIZE, e / BLOCK_SIZE))
+        {
+            self.deferred_reads.push(req);
+            return;
+        }
+        let r = self.reads.get_mut(&req).unwrap();
+        let head = r.head;
+        for p in &pieces {
+            let s = head + (p.start - start) as usize;
+            let e = head + (p.end - start) as usize;
+            p.content.copy_to(0, &mut r.out[s..e]);
+        }
+        r.epoch = self.apply_epoch;
+        r.parts = ranges
+            .iter()
+            .map(|&(s, _)| ReadPart {
+                file_start: s,
+                buf: None,
+            })
+            .collect();
+        r.parts_left = ranges.len();
+        // Remember which bytes the overlay provided so the data-file copy
+        // does not overwrite them.
+        self.read_pieces
+            .insert(req, pieces.iter().map(|p| (p.start, p.end)).collect());
+        if ranges.is_empty() {
+            self.finish_read(io, req);
+            return;
+        }
+        for (i, (s, e)) in ranges.into_iter().enumerate() {
+            self.submit(
+                io,
+                Ctx::DataRead { read: req, part: i },
+                Op::Read {
+                    fd: self.files.data,
+                    buf: vec![0u8; (e - s) as usize],
+                    at: 0,
+                    offset: s,
+                },
+            );
+        }
+    }
+
+    fn finish_read(&mut self, io: &mut dyn Io, req: ReqId) {
+        let covered = self.read_pieces.remove(&req).unwrap_or_default();
+        let mut r = self.reads.remove(&req).unwrap();
+        let (start, end) = (r.start, r.start + r.len);
+        let mut bad = None;
+        for part in &r.parts {
+            let buf = part.buf.as_ref().unwrap();
+            if self.tuning.verify_reads {
+                for (i, block) in buf.chunks(BLOCK_SIZE as usize).enumerate() {
+                    let b = part.file_start / BLOCK_SIZE + i as u64;
+                    if !self.sums.verify(b, block) {
+                        bad = Some(b);
+                        break;
+                    }
+                }
+            }
+            // Copy the requested bytes not provided by the overlay.
+            let ps = part.file_start;
+            let pe = ps + buf.len() as u64;
+            let mut pos = ps.max(start);
+            let stop = pe.min(end);
+            for &(cs, ce) in covered.iter().chain(std::iter::once(&(u64::MAX, u64::MAX))) {
+                if ce <= pos {
+                    continue;
+                }
+                let gap_end = cs.min(stop);
+                if gap_end > pos {
+                    let o = r.head + (pos - start) as usize;
+                    let n = (gap_end - pos) as usize;
+                    let b = (pos - ps) as usize;
+                    r.out[o..o + n].copy_from_slice(&buf[b..b + n]);
+                }
+                pos = pos.max(ce);
+                if pos >= stop {
+                    break;
+                }
+            }
+        }
+        if let Some(block) = bad {
+            if r.epoch != self.apply_epoch && r.retries < 8 {
+                // An apply batch rewrote blocks under us: read again.
+                r.retries += 1;
+                self.reads.insert(req, r);
+                self.start_read(io, req);
+                return;
+            }
+            self.stats.checksum_failures += 1;
+            eprintln!(
+                "nbdmirror: ERROR: block {block} (offset {}) failed checksum verification; returning EIO",
+                block * BLOCK_SIZE
+            );
+            self.events.push(StoreEvent::Read(req, Err(EIO)));
+            return;
+        }
+        self.events.push(StoreEvent::Read(req, Ok(r.out)));
+    }
+
+    /// base:allocation extents for `[offset, offset+len)`: (length, flags).
+    pub fn block_status(&self, offset: u64, len: u64, max_extents: usize) -> Vec<(u32, u32)> {
+        let end = offset + len;
+        let pieces = self.overlay.pieces(offset, end);
+        let mut out: Vec<(u32, u32)> = Vec::new();
+        let mut pos = offset;
+        let mut pi = 0;
+        while pos < end && out.len() <= max_extents {
+            let block = pos / BLOCK_SIZE;
+            let bend = ((block + 1) * BLOCK_SIZE).min(end);
+            while pi < pieces.len() && pieces[pi].end <= pos {
+                pi += 1;
+            }
+            let in_overlay = pi < pieces.len() && pieces[pi].start < bend;
+            let flags = if !in_overlay && self.sums.get(block) == 0 {
+                nbd::consts::STATE_HOLE | nbd::consts::STATE_ZERO
+            } else {
+                0
+            };
+            let n = (bend - pos) as u32;
+            match out.last_mut() {
+                Some(last)
+                    if last.1 == flags
+                        && last.0 as u64 + n as u64 <= u32::MAX as u64 - BLOCK_SIZE =>
+                {
+                    last.0 += n
+                }
+                _ => {
+                    if out.len() == max_extents {
+                        break;
+                    }
+                    out.push((n, flags))
+                }
+            }
+            pos = bend;
+        }
+        out
+    }
+
+    // ----- completions ----------------------------------------------------
+
+    /// Handle a completion whose token carries [`STORE_TOKEN`].
+    pub fn complete(&mut self, io: &mut dyn Io, c: Completion) {
+        let token = c.token & !STORE_TOKEN;
+        // Short transfers: resubmit the rest under the same token.
+        match &c.op {
+            Op::Write { start, end, .. } if c.result > 0 && (c.result as usize) < end - start => {
+                let Op::Write {
+                    fd,
+                    buf,
+                    start,
+                    end,
+                    offset,
+                } = c.op
+                else {
+                    unreachable!()
+                };
+                let n = c.result as usize;
+                io.submit(
+                    c.token,
+                    Op::Write {
+                        fd,
+                        buf,
+                        start: start + n,
+                        end,
+                        offset: offset + n as u64,
+                    },
+                );
+                return;
+            }
+            Op::Read { buf, at, .. } if c.result > 0 && (c.result as usize) < buf.len() - at => {
+                let Op::Read {
+                    fd,
+                    buf,
+                    at,
+                    offset,
+                } = c.op
+                else {
+                    unreachable!()
+                };
+                let n = c.result as usize;
+                io.submit(
+                    c.token,
+                    Op::Read {
+                        fd,
+                        buf,
+                        at: at + n,
+                        offset: offset + n as u64,
+                    },
+                );
+                return;
+            }
+            _ => {}
+        }
+        let Some(ctx) = self.ctx.remove(&token) else {
+            return;
+        };
+        let err = if c.result < 0 {
+            Some(-c.result)
+        } else if matches!(c.op, Op::Write { .. }) && c.result == 0 {
+            Some(libc::ENOSPC)
+        } else {
+            None
+        };
+        match ctx {
+            Ctx::JournalWrite { seq } => self.journal_written(io, seq, err),
+            Ctx::JournalVoid { seq } => {
+                if let Some(e) = err {
+                    self.poison(format!(
+                        "rewriting failed journal record {seq}: {}",
+                        errno_str(e)
+                    ));
+                } else if let Some(s) = self.ring.slot_mut(seq) {
+                    s.written = true;
+                }
+                self.kick(io, false);
+            }
+            Ctx::JournalSync { covering } => {
+                self.sync_in_flight = None;
+                self.stats.journal_syncs += 1;
+                if let Some(e) = err {
+                    self.poison(format!("journal fdatasync failed: {}", errno_str(e)));
+                    return;
+                }
+                if self.failed.is_none() {
+                    self.durable_seq = self.durable_seq.max(covering);
+                    let durable = self.durable_seq;
+                    let (done, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut self.waiters)
+                        .into_iter()
+                        .partition(|w| w.0 <= durable);
+                    self.waiters = rest;
+                    for (_, req, is_write) in done {
+                        self.events.push(if is_write {
+                            StoreEvent::Written(req, Ok(()))
+                        } else {
+                            StoreEvent::Flushed(req, Ok(()))
+                        });
+                    }
+                }
+                self.kick(io, false);
+            }
+            Ctx::DataRead { read, part } => {
+                let Op::Read { buf, at, .. } = c.op else {
+                    unreachable!()
+                };
+                if let Some(e) = err {
+                    if let Some(r) = self.reads.get_mut(&read) {
+                        r.parts_left -= 1;
+                        r.retries = u32::MAX;
+                        if r.parts_left == 0 {
+                            self.reads.remove(&read);
+                            self.read_pieces.remove(&read);
+                            eprintln!("nbdmirror: ERROR: reading the data file: {}", errno_str(e));
+                            self.events.push(StoreEvent::Read(read, Err(e)));
+                        }
+                    }
+                    return;
+                }
+                let mut buf = buf;
+                if c.result == 0 {
+                    // End of file: the rest reads as zeroes.
+                    buf[at..].fill(0);
+                }
+                let Some(r) = self.reads.get_mut(&read) else {
+                    return;
+                };
+                r.parts[part].buf = Some(buf);
+                r.parts_left -= 1;
+                if r.parts_left == 0 {
+                    if r.retries == u32::MAX {
+                        self.reads.remove(&read);
+                        self.read_pieces.remove(&read);
+                        self.events.push(StoreEvent::Read(read, Err(EIO)));
+                    } else {
+                        self.finish_read(io, read);
+                    }
+                }
+            }
+            Ctx::ApplyRead { block } => self.apply_read_done(io, block, c, err),
+            Ctx::ApplyWrite => self.apply_op_done(io, err),
+            Ctx::Checkpoint => self.checkpoint_op_done(io, err),
+        }
+    }
+
+    fn journal_written(&mut self, io: &mut dyn Io, seq: u64, err: Option<i32>) {
+        let inflight = self.in_flight.remove(&seq);
+        match err {
+            None => {
+                if let Some(s) = self.ring.slot_mut(seq) {
+                    s.written = true;
+                }
+                if let Some(f) = inflight {
+                    self.overlay.insert(f.start, f.end, seq, f.content);
+                    self.chunk_done(f.req, None);
+                }
+            }
+            Some(e) => {
+                eprintln!(
+                    "nbdmirror: ERROR: journal write of record {seq} failed: {}",
+                    errno_str(e)
+                );
+                // Keep the chain intact: rewrite the slot as a Void record.
+                if let Some(f) = &inflight {
+                    self.submit_marker(io, RecordKind::Void, seq, f.pos, f.span);
+                    self.chunk_done(f.req, Some(e));
+                } else if let Some(s) = self.ring.slot_mut(seq).cloned() {
+                    self.submit_marker(io, RecordKind::Void, seq, s.pos, s.span);
+                }
+            }
+        }
+        self.kick(io, false);
+    }
+
+    fn chunk_done(&mut self, req: ReqId, err: Option<i32>) {
+        let Some(w) = self.writes.get_mut(&req) else {
+            return;
+        };
+        if err.is_some() && w.error.is_none() {
+            w.error = err;
+        }
+        w.chunks_left -= 1;
+        let still_queued = self.backlog.iter().any(|p| p.req == req);
+        if w.chunks_left > 0 || still_queued {
+            return;
+        }
+        let w = self.writes.remove(&req).unwrap();
+        if let Some(e) = w.error {
+            self.events
+                .push(StoreEvent::Written(req, Err(map_write_errno(e))));
+        } else if w.fua && w.max_seq > self.durable_seq {
+            self.waiters.push((w.max_seq, req, true));
+        } else {
+            self.events.push(StoreEvent::Written(req, Ok(())));
+        }
+    }
+
+    // ----- background work ------------------------------------------------
+
+    /// Called by the event loop every few tens of milliseconds.
+    pub fn tick(&mut self, io: &mut dyn Io) {
+        self.kick(io, false);
+    }
+
+    /// Start whatever background work is due: journal sync, apply, checkpoint.
+    fn kick(&mut self, io: &mut dyn Io, pressure: bool) {
+        if self.failed.is_some() {
+            return;
+        }
+        self.maybe_sync(io, pressure);
+        self.maybe_apply(io);
+        self.maybe_checkpoint(io, pressure);
+    }
+
+    /// Ask for everything to reach the data file and a final checkpoint.
+    pub fn drain(&mut self, io: &mut dyn Io) {
+        self.draining = true;
+        self.kick(io, true);
+    }
+
+    fn maybe_sync(&mut self, io: &mut dyn Io, pressure: bool) {
+        if self.sync_in_flight.is_some() {
+            return;
+        }
+        let prefix = self.ring.written_prefix(self.durable_seq);
+        if prefix <= self.durable_seq {
+            return;
+        }
+        let waiter_ready = self.waiters.iter().any(|w| w.0 <= prefix);
+        let due = waiter_ready
+            || pressure
+            || self.draining
+            || self.unsynced_bytes >= self.tuning.sync_bytes
+            || self.ring.used() * 100 >= self.ring.size * self.tuning.checkpoint_percent / 2
+            || self.last_sync.elapsed() >= self.tuning.sync_interval;
+        if !due {
+            return;
+        }
+        self.sync_in_flight = Some(prefix);
+        self.unsynced_bytes = 0;
+        self.last_sync = Instant::now();
+        self.submit(
+            io,
+            Ctx::JournalSync { covering: prefix },
+            Op::Fsync {
+                fd: self.files.journal,
+                datasync: true,
+            },
+        );
+    }
+}
+
+impl Store {
+    fn maybe_apply(&mut self, io: &mut dyn Io) {
+        if self.apply.is_some() || self.durable_seq <= self.applied_seq {
+            return;
+        }
+        let upto = self.durable_seq;
+        let pieces = self.overlay.pieces_upto(upto);
+        if pieces.is_empty() {
+            self.applied_seq = upto;
+            return;
+        }
+        self.apply_epoch += 1;
+        let mut batch = ApplyBatch {
+            upto,
+            ..Default::default()
+        };
+        let mut ops: Vec<Op> = Vec::new();
+        for p in &pieces {
+            batch.pieces.push((p.start, p.end));
+            let first = p.start / BLOCK_SIZE;
+            let end_block = p.end.div_ceil(BLOCK_SIZE);
+            self.applying
+                .entry(first)
+                .and_modify(|e| *e = (*e).max(end_block))
+                .or_insert(end_block);
+            let full_first = p.start.div_ceil(BLOCK_SIZE);
+            let full_end = p.end / BLOCK_SIZE;
+            if p.start % BLOCK_SIZE != 0 {
+                batch.rmw.entry(first).or_default().push(p.clone());
+            }
+            let last = (p.end - 1) / BLOCK_SIZE;
+            if p.end % BLOCK_SIZE != 0 && !(last == first && p.start % BLOCK_SIZE != 0) {
+                batch.rmw.entry(last).or_default().push(p.clone());
+            }
+            if full_first >= full_end {
+                continue;
+            }
+            let (fs, fe) = (full_first * BLOCK_SIZE, full_end * BLOCK_SIZE);
+            match &p.content {
+                Content::Data { buf, at } => {
+                    let s = at + (fs - p.start) as usize;
+                    let e = s + (fe - fs) as usize;
+                    for (i, block) in buf[s..e].chunks(BLOCK_SIZE as usize).enumerate() {
+                        batch.sums.push((
+                            full_first + i as u64,
+                            block_checksum(full_first + i as u64, block),
+                        ));
+                    }
+                    self.stats.applied_bytes += fe - fs;
+                    ops.push(Op::Write {
+                        fd: self.files.data,
+                        buf: WriteBuf::Shared(buf.clone()),
+                        start: s,
+                        end: e,
+                        offset: fs,
+                    });
+                }
+                Content::Zero => {
+                    for b in full_first..full_end {
+                        batch.sums.push((b, 0));
+                    }
+                    ops.push(Op::Fallocate {
+                        fd: self.files.data,
+                        mode: libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                        offset: fs,
+                        len: fe - fs,
+                    });
+                }
+            }
+        }
+        let rmw_blocks: Vec<u64> = batch.rmw.keys().copied().collect();
+        batch.ops_left = ops.len() + rmw_blocks.len();
+        self.apply = Some(batch);
+        for op in ops {
+            self.submit(io, Ctx::ApplyWrite, op);
+        }
+        for block in rmw_blocks {
+            self.submit(
+                io,
+                Ctx::ApplyRead { block },
+                Op::Read {
+                    fd: self.files.data,
+                    buf: vec![0u8; BLOCK_SIZE as usize],
+                    at: 0,
+                    offset: block * BLOCK_SIZE,
+                },
+            );
+        }
+    }
+
+    fn apply_read_done(&mut self, io: &mut dyn Io, block: u64, c: Completion, err: Option<i32>) {
+        if let Some(e) = err {
+            self.apply_op_done(io, Some(e));
+            return;
+        }
+        let Op::Read { mut buf, at, .. } = c.op else {
+            unreachable!()
+        };
+        if c.result == 0 {
+            buf[at..].fill(0);
+        }
+        if !self.sums.verify(block, &buf) {
+            self.stats.checksum_failures += 1;
+            eprintln!(
+                "nbdmirror: WARNING: block {block} failed checksum verification before a partial write; \
+                 the unwritten part of the block is kept as found"
+            );
+        }
+        let batch = self.apply.as_mut().expect("apply batch");
+        let bstart = block * BLOCK_SIZE;
+        for p in batch.rmw.remove(&block).unwrap_or_default() {
+            let s = p.start.max(bstart);
+            let e = p.end.min(bstart + BLOCK_SIZE);
+            p.content.copy_to(
+                s - p.start,
+                &mut buf[(s - bstart) as usize..(e - bstart) as usize],
+            );
+        }
+        batch.sums.push((block, block_checksum(block, &buf)));
+        self.stats.applied_bytes += BLOCK_SIZE;
+        self.submit(
+            io,
+            Ctx::ApplyWrite,
+            Op::Write {
+                fd: self.files.data,
+                buf: WriteBuf::Owned(buf),
+                start: 0,
+                end: BLOCK_SIZE as usize,
+                offset: bstart,
+            },
+        );
+    }
+
+    fn apply_op_done(&mut self, io: &mut dyn Io, err: Option<i32>) {
+        let batch = self.apply.as_mut().expect("apply batch");
+        if err.is_some() && batch.failed.is_none() {
+            batch.failed = err;
+        }
+        batch.ops_left -= 1;
+        if batch.ops_left > 0 {
+            return;
+        }
+        let batch = self.apply.take().unwrap();
+        self.applying.clear();
+        self.apply_epoch += 1;
+        if let Some(e) = batch.failed {
+            self.poison(format!(
+                "writing journaled data to the data file failed: {}",
+                errno_str(e)
+            ));
+        } else {
+            for (b, s) in batch.sums {
+                self.sums.set(b, s);
+            }
+            for (s, e) in batch.pieces {
+                self.overlay.remove_upto(s, e, batch.upto);
+            }
+            self.applied_seq = batch.upto;
+        }
+        for req in std::mem::take(&mut self.deferred_reads) {
+            self.start_read(io, req);
+        }
+        self.kick(io, false);
+    }
+
+    fn maybe_checkpoint(&mut self, io: &mut dyn Io, pressure: bool) {
+        if self.checkpoint.is_some() || self.applied_seq <= self.checkpointed_seq {
+            return;
+        }
+        let due = pressure
+            || self.draining
+            || !self.backlog.is_empty()
+            || self.ring.used() * 100 >= self.ring.size * self.tuning.checkpoint_percent
+            || self.last_checkpoint.elapsed() >= self.tuning.checkpoint_interval;
+        if !due {
+            return;
+        }
+        let upto = self.applied_seq;
+        let tail = self.ring.tail_after(upto);
+        let pages = self.sums.take_dirty_pages();
+        self.checkpoint = Some(Checkpoint {
+            upto,
+            tail,
+            phase: CkptPhase::SyncData,
+            ops_left: 1 + pages.len(),
+            failed: None,
+            sb: self.sb.clone(),
+        });
+        self.last_checkpoint = Instant::now();
+        self.submit(
+            io,
+            Ctx::Checkpoint,
+            Op::Fsync {
+                fd: self.files.data,
+                datasync: true,
+            },
+        );
+        for (off, page) in pages {
+            let end = page.len();
+            self.submit(
+                io,
+                Ctx::Checkpoint,
+                Op::Write {
+                    fd: self.files.meta,
+                    buf: WriteBuf::Owned(page),
+                    start: 0,
+                    end,
+                    offset: CHECKSUM_TABLE_OFFSET + off,
+                },
+            );
+        }
+    }
+
+    fn checkpoint_op_done(&mut self, io: &mut dyn Io, err: Option<i32>) {
+        let ck = self.checkpoint.as_mut().expect("checkpoint");
+        if err.is_some() && ck.failed.is_none() {
+            ck.failed = err;
+        }
+        ck.ops_left -= 1;
+        if ck.ops_left > 0 {
+            return;
+        }
+        if let Some(e) = ck.failed {
+            let phase = ck.phase;
+            self.checkpoint = None;
+            self.sums.mark_all_dirty();
+            self.poison(format!("checkpoint failed in {phase:?}: {}", errno_str(e)));
+            return;
+        }
+        let meta = self.files.meta;
+        match ck.phase {
+            CkptPhase::SyncData => {
+                ck.phase = CkptPhase::SyncTable;
+                ck.ops_left = 1;
+                self.submit(
+                    io,
+                    Ctx::Checkpoint,
+                    Op::Fsync {
+                        fd: meta,
+                        datasync: true,
+                    },
+                );
+            }
+            CkptPhase::SyncTable => {
+                ck.phase = CkptPhase::WriteSuper;
+                ck.ops_left = 1;
+                ck.sb.tail_pos = ck.tail.0;
+                ck.sb.tail_seq = ck.tail.1;
+                ck.sb.write_counter += 1;
+                let slot = ck.sb.write_counter % 2;
+                let bytes = ck.sb.encode();
+                let end = bytes.len();
+                self.submit(
+                    io,
+                    Ctx::Checkpoint,
+                    Op::Write {
+                        fd: meta,
+                        buf: WriteBuf::Owned(bytes),
+                        start: 0,
+                        end,
+                        offset: slot * SUPERBLOCK_SLOT,
+                    },
+                );
+            }
+            CkptPhase::WriteSuper => {
+                ck.phase = CkptPhase::SyncSuper;
+                ck.ops_left = 1;
+                self.submit(
+                    io,
+                    Ctx::Checkpoint,
+                    Op::Fsync {
+                        fd: meta,
+                        datasync: true,
+                    },
+                );
+            }
+            CkptPhase::SyncSuper => {
+                let ck = self.checkpoint.take().unwrap();
+                self.sb = ck.sb;
+                self.ring.release_upto(ck.upto);
+                self.checkpointed_seq = ck.upto;
+                self.stats.checkpoints += 1;
+                self.drain_backlog(io);
+                self.kick(io, false);
+            }
+        }
+    }
+}
+
+fn map_write_errno(e: i32) -> i32 {
+    match e {
+        libc::ENOSPC | libc::EDQUOT | libc::EFBIG => libc::ENOSPC,
+        _ => EIO,
+    }
+}
+
+/// Re-apply one recovered record to the data file and rebuild the checksums
+/// of the blocks it touched.
+fn replay(
+    io: &mut dyn Io,
+    data: RawFd,
+    sums: &mut ChecksumTable,
+    size: u64,
+    rec: &journal::Recovered,
+) -> Result<(), String> {
+    let h = &rec.header;
+    let end = h
+        .offset
+        .checked_add(h.length as u64)
+        .filter(|&e| e <= size)
+        .ok_or_else(|| {
+            format!(
+                "journal record {} addresses bytes {}..{} beyond the {size}-byte disk; \
+             was this journal written for another volume?",
+                h.seq,
+                h.offset,
+                h.offset as u128 + h.length as u128
+            )
+        })?;
+    if h.length == 0 {
+        return Ok(());
+    }
+    match h.kind {
+        RecordKind::Write => write_blocking(io, data, h.offset, rec.data.clone())?,
+        RecordKind::Zero => {
+            let c = io.run(Op::Fallocate {
+                fd: data,
+                mode: libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                offset: h.offset,
+                len: h.length as u64,
+            });
+            if c.result < 0 {
+                write_blocking(io, data, h.offset, vec![0u8; h.length as usize])?;
+            }
+        }
+        _ => return Ok(()),
+    }
+    let first = h.offset / BLOCK_SIZE;
+    let last = end.div_ceil(BLOCK_SIZE);
+    for b in first..last {
+        let covered = b * BLOCK_SIZE >= h.offset && (b + 1) * BLOCK_SIZE <= end;
+        if covered && h.kind == RecordKind::Zero {
+            sums.set(b, 0);
+            continue;
+        }
+        if covered {
+            let s = (b * BLOCK_SIZE - h.offset) as usize;
+            sums.set(b, block_checksum(b, &rec.data[s..s + BLOCK_SIZE as usize]));
+            continue;
+        }
+        let c = io.run(Op::Read {
+            fd: data,
+            buf: vec![0u8; BLOCK_SIZE as usize],
+            at: 0,
+            offset: b * BLOCK_SIZE,
+        });
+        if c.result < 0 {
+            return Err(format!(
+                "reading block {b} during recovery: {}",
+                errno_str(-c.result)
+            ));
+        }
+        let Op::Read { mut buf, .. } = c.op else {
+            unreachable!()
+        };
+        buf[(c.result.max(0) as usize).min(BLOCK_SIZE as usize)..].fill(0);
+        sums.set(b, block_checksum(b, &buf));
+    }
+    Ok(())
+}
+
+pub fn write_blocking(io: &mut dyn Io, fd: RawFd, offset: u64, buf: Vec<u8>) -> Result<(), String> {
+    let end = buf.len();
+    let mut buf = WriteBuf::Owned(buf);
+    let mut start = 0;
+    while start < end {
+        let c = io.run(Op::Write {
+            fd,
+            buf,
+            start,
+            end,
+            offset: offset + start as u64,
+        });
+        if c.result <= 0 {
+            let e = if c.result == 0 {
+                libc::ENOSPC
+            } else {
+                -c.result
+            };
+            return Err(format!("write at offset {offset}: {}", errno_str(e)));
+        }
+        start += c.result as usize;
+        let Op::Write { buf: b, .. } = c.op else {
+            unreachable!()
+        };
+        buf = b;
+    }
+    Ok(())
+}
+
+pub fn sync_blocking(io: &mut dyn Io, fd: RawFd) -> Result<(), String> {
+    let c = io.run(Op::Fsync { fd, datasync: true });
+    if c.result < 0 {
+        return Err(format!("fdatasync: {}", errno_str(-c.result)));
+    }
+    Ok(())
+}
+
+pub fn write_superblock_blocking(
+    io: &mut dyn Io,
+    meta: RawFd,
+    sb: &Superblock,
+) -> Result<(), String> {
+    let slot = sb.write_counter % 2;
+    write_blocking(io, meta, slot * SUPERBLOCK_SLOT, sb.encode())?;
+    sync_blocking(io, meta)
+}
+
+/// Read both superblock slots and return the valid one with the highest
+/// write counter, or say why neither is usable.
+pub fn load_superblock(io: &mut dyn Io, meta: RawFd) -> Result<Superblock, String> {
+    let mut best: Option<Superblock> = None;
+    let mut errors = Vec::new();
+    for slot in 0..2u64 {
+        let c = io.run(Op::Read {
+            fd: meta,
+            buf: vec![0u8; SUPERBLOCK_SLOT as usize],
+            at: 0,
+            offset: slot * SUPERBLOCK_SLOT,
+        });
+        if c.result < 0 {
+            errors.push(format!("slot {slot}: {}", errno_str(-c.result)));
+            continue;
+        }
+        let Op::Read { buf, .. } = c.op else {
+            unreachable!()
+        };
+        match Superblock::decode(&buf[..c.result as usize]) {
+            Ok(sb) => {
+                if best
+                    .as_ref()
+                    .is_none_or(|b| sb.write_counter > b.write_counter)
+                {
+                    best = Some(sb);
+                }
+            }
+            Err(e @ format::SuperblockError::NewerVersion(_)) => return Err(e.to_string()),
+            Err(e) => errors.push(format!("slot {slot}: {e}")),
+        }
+    }
+    best.ok_or_else(|| format!("no valid superblock ({})", errors.join("; ")))
+}
+
+#[allow(dead_code)]
+fn _assert_zero_helper(b: &[u8]) -> bool {
+    is_zero(b)
+}
