@@ -11,6 +11,7 @@
 pub mod consts;
 pub mod handshake;
 pub mod transmission;
+pub mod fuzzing;
 mod wire;
 
 pub use handshake::{greeting, ExportInfo, Handshake, HandshakeEnd, HandshakeStatus, Negotiated};
