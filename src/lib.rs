@@ -6,7 +6,9 @@
 //! - [`server`]: the NBD front end and event loop.
 //! - [`size`]: parsing of human sizes.
 
+pub mod fuzzing;
 pub mod io;
 pub mod server;
+pub mod sim;
 pub mod size;
 pub mod store;
