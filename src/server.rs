@@ -30,6 +30,11 @@ pub const MAX_PAYLOAD: u32 = 32 * 1024 * 1024;
 const MAX_INFLIGHT: usize = 256;
 /// Bytes of replies queued on one connection before we stop reading from it.
 const MAX_QUEUED_REPLY_BYTES: usize = 64 << 20;
+/// Payload bytes (write data received, read data to send) one connection may
+/// hold in flight before we stop reading from it.
+const MAX_CONN_INFLIGHT_BYTES: usize = 128 << 20;
+/// The same budget for the whole server: bounds memory whatever clients do.
+const MAX_TOTAL_INFLIGHT_BYTES: usize = 512 << 20;
 const RECV_BUF: usize = 256 * 1024;
 const TICK: Duration = Duration::from_millis(20);
 /// Most extents in one BLOCK_STATUS reply.
@@ -90,6 +95,7 @@ struct Conn {
     out_bytes: usize,
     send_in_flight: bool,
     inflight: usize,
+    inflight_bytes: usize,
     /// No more requests will be read (EOF, DISC, protocol error, shutdown).
     reading_done: bool,
     /// Close without waiting for queued output (hard disconnect).
@@ -103,6 +109,8 @@ struct PendingReq {
     command: Command,
     offset: u64,
     structured: bool,
+    /// Bytes of memory budget this request holds.
+    cost: usize,
 }
 
 pub struct Server {
@@ -117,6 +125,10 @@ pub struct Server {
     signal_fd: OwnedFd,
     shutting_down: bool,
     events: Vec<StoreEvent>,
+    /// Payload bytes held by all in-flight requests.
+    total_inflight_bytes: usize,
+    /// Connections that stopped reading because the server-wide budget ran out.
+    starved: Vec<u64>,
 }
 
 fn block_signals() -> Result<OwnedFd, String> {
@@ -243,6 +255,8 @@ impl Server {
             signal_fd,
             shutting_down: false,
             events: Vec::new(),
+            total_inflight_bytes: 0,
+            starved: Vec::new(),
         })
     }
 
@@ -367,6 +381,7 @@ impl Server {
             out_bytes: 0,
             send_in_flight: false,
             inflight: 0,
+            inflight_bytes: 0,
             reading_done: false,
             abort: false,
             shut: false,
@@ -383,7 +398,16 @@ impl Server {
         if conn.recv_in_flight || conn.reading_done || conn.shut {
             return;
         }
-        if conn.inflight >= MAX_INFLIGHT || conn.out_bytes >= MAX_QUEUED_REPLY_BYTES {
+        if conn.inflight >= MAX_INFLIGHT
+            || conn.out_bytes >= MAX_QUEUED_REPLY_BYTES
+            || conn.inflight_bytes >= MAX_CONN_INFLIGHT_BYTES
+        {
+            return;
+        }
+        if self.total_inflight_bytes >= MAX_TOTAL_INFLIGHT_BYTES && conn.inflight > 0 {
+            if !self.starved.contains(&id) {
+                self.starved.push(id);
+            }
             return;
         }
         let fd = conn.fd.as_raw_fd();
@@ -502,7 +526,16 @@ impl Server {
                     }
                 }
                 Phase::Transmission(rules) => {
-                    if conn.inflight >= MAX_INFLIGHT || conn.out_bytes >= MAX_QUEUED_REPLY_BYTES {
+                    if conn.inflight >= MAX_INFLIGHT
+                        || conn.out_bytes >= MAX_QUEUED_REPLY_BYTES
+                        || conn.inflight_bytes >= MAX_CONN_INFLIGHT_BYTES
+                    {
+                        return;
+                    }
+                    if self.total_inflight_bytes >= MAX_TOTAL_INFLIGHT_BYTES && conn.inflight > 0 {
+                        if !self.starved.contains(&id) {
+                            self.starved.push(id);
+                        }
                         return;
                     }
                     let structured = rules.structured;
@@ -578,7 +611,13 @@ impl Server {
         }
         let rid = self.next_req;
         self.next_req += 1;
+        let cost = match req.command {
+            Command::Read | Command::Write => req.length as usize,
+            _ => 0,
+        };
         conn.inflight += 1;
+        conn.inflight_bytes += cost;
+        self.total_inflight_bytes += cost;
         self.pending.insert(
             rid,
             PendingReq {
@@ -587,6 +626,7 @@ impl Server {
                 command: req.command,
                 offset: req.offset,
                 structured,
+                cost,
             },
         );
         let io = &mut self.io;
@@ -628,7 +668,7 @@ impl Server {
                 let p = self.pending.remove(&rid).unwrap();
                 let mut out = Vec::new();
                 tx::block_status_chunk(&mut out, p.cookie, context.unwrap_or(0), &extents);
-                self.finish(p.conn, out);
+                self.finish(p.conn, p.cost, out);
             }
             Command::Disconnect => unreachable!(),
         }
@@ -671,7 +711,7 @@ impl Server {
                 tx::error_reply(&mut out, p.structured, p.cookie, wire_errno(e), &msg);
             }
         }
-        self.finish(p.conn, out);
+        self.finish(p.conn, p.cost, out);
     }
 
     fn reply_read(&mut self, rid: u64, r: Result<Vec<u8>, i32>) {
@@ -695,21 +735,31 @@ impl Server {
                     tx::simple_reply(&mut h, p.cookie, 0);
                     buf[..16].copy_from_slice(&h);
                 }
-                self.finish(p.conn, buf);
+                self.finish(p.conn, p.cost, buf);
             }
             Err(e) => {
                 let mut out = Vec::new();
                 let msg = std::io::Error::from_raw_os_error(e).to_string();
                 tx::error_reply(&mut out, p.structured, p.cookie, wire_errno(e), &msg);
-                self.finish(p.conn, out);
+                self.finish(p.conn, p.cost, out);
             }
         }
     }
 
     /// A request of connection `id` is answered with `out`.
-    fn finish(&mut self, id: u64, out: Vec<u8>) {
+    fn finish(&mut self, id: u64, cost: usize, out: Vec<u8>) {
+        self.total_inflight_bytes -= cost;
+        if self.total_inflight_bytes < MAX_TOTAL_INFLIGHT_BYTES && !self.starved.is_empty() {
+            for sid in std::mem::take(&mut self.starved) {
+                if sid != id {
+                    self.process_input(sid);
+                    self.post_recv(sid);
+                }
+            }
+        }
         if let Some(conn) = self.conns.get_mut(&id) {
             conn.inflight -= 1;
+            conn.inflight_bytes -= cost;
             self.queue(id, out);
             // Capacity may have freed up: continue parsing buffered requests.
             self.process_input(id);

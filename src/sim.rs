@@ -12,6 +12,8 @@ use std::os::fd::RawFd;
 use std::time::Duration;
 
 use crate::io::{Completion, Io, Op};
+use crate::store::format::{Superblock, BLOCK_SIZE, CHECKSUM_TABLE_OFFSET, FORMAT_VERSION};
+use crate::store::Files;
 
 /// Sector size for torn writes.
 pub const SECTOR: usize = 512;
@@ -89,6 +91,8 @@ pub struct SimIo {
     pub syncs: u64,
     /// Every op executed, for tests that want to stop after N of them.
     pub ops_done: u64,
+    /// Print every executed op and its result to stderr (for debugging a seed).
+    pub trace: bool,
     next_fd: RawFd,
 }
 
@@ -102,6 +106,7 @@ impl SimIo {
             faults: Vec::new(),
             syncs: 0,
             ops_done: 0,
+            trace: false,
             next_fd: 1000,
         }
     }
@@ -134,13 +139,14 @@ impl SimIo {
     /// prefix of the unsynced writes, the last of which may be torn (a random
     /// subset of its sectors reached the disk).
     pub fn crash_image(&mut self, fd: RawFd) -> Vec<u8> {
-        let f = self.files[&fd].clone();
+        let rng = &mut self.rng;
+        let f = &self.files[&fd];
         let mut img = f.durable.clone();
-        let n = self.rng.below(f.unsynced.len() as u64 + 1) as usize;
+        let n = rng.below(f.unsynced.len() as u64 + 1) as usize;
         for (i, (off, data)) in f.unsynced.iter().take(n).enumerate() {
-            let torn = i + 1 == n && self.rng.below(2) == 0;
+            let torn = i + 1 == n && rng.below(2) == 0;
             for (s, chunk) in data.chunks(SECTOR).enumerate() {
-                if torn && self.rng.below(2) == 0 {
+                if torn && rng.below(2) == 0 {
                     continue;
                 }
                 let at = *off as usize + s * SECTOR;
@@ -148,6 +154,101 @@ impl SimIo {
             }
         }
         img
+    }
+
+    /// Like [`crash_image`](Self::crash_image) but with a harsher disk: every
+    /// 512-byte sector touched since the last sync independently ends up in
+    /// any of its versions (the durable one, or its contents after any of the
+    /// unsynced writes), as when the page cache writes back out of order.
+    pub fn crash_image_any(&mut self, fd: RawFd) -> Vec<u8> {
+        let rng = &mut self.rng;
+        let f = &self.files[&fd];
+        let mut img = f.durable.clone();
+        let mut cur = f.durable.clone();
+        for (off, data) in &f.unsynced {
+            write_into(&mut cur, *off as usize, data);
+            if data.is_empty() {
+                continue;
+            }
+            let first = *off as usize / SECTOR;
+            let last = (*off as usize + data.len() - 1) / SECTOR;
+            for s in first..=last {
+                if rng.below(2) == 0 {
+                    let a = s * SECTOR;
+                    let b = ((s + 1) * SECTOR).min(cur.len());
+                    write_into(&mut img, a, &cur[a..b]);
+                }
+            }
+        }
+        img
+    }
+
+    /// A new simulator holding what a power failure right now could leave on
+    /// disk: every file replaced by a crash image (`any_sector` picks
+    /// [`crash_image_any`](Self::crash_image_any), otherwise
+    /// [`crash_image`](Self::crash_image)), all of it durable, with the same
+    /// file descriptors. Queued ops are lost, as in a crash. `seed` drives the
+    /// new simulator's own reordering.
+    pub fn crash_copy(&mut self, seed: u64, any_sector: bool) -> SimIo {
+        let mut fds: Vec<RawFd> = self.files.keys().copied().collect();
+        fds.sort_unstable();
+        let mut next = SimIo::new(seed);
+        next.trace = self.trace;
+        for fd in fds {
+            let img = if any_sector {
+                self.crash_image_any(fd)
+            } else {
+                self.crash_image(fd)
+            };
+            next.files.insert(
+                fd,
+                SimFile {
+                    live: img.clone(),
+                    durable: img,
+                    unsynced: Vec::new(),
+                },
+            );
+            next.next_fd = next.next_fd.max(fd + 1);
+        }
+        next
+    }
+
+    /// Execute at most `k` queued ops, leaving the rest queued: picked at
+    /// random when `reorder` is set, oldest first otherwise. Lets a test stop
+    /// (crash) while some ops are still in flight.
+    pub fn wait_some(&mut self, k: usize, out: &mut Vec<Completion>) {
+        for _ in 0..k {
+            if self.queue.is_empty() {
+                break;
+            }
+            let i = if self.reorder {
+                self.rng.below(self.queue.len() as u64) as usize
+            } else {
+                0
+            };
+            let (token, mut op) = self.queue.remove(i);
+            let result = self.execute(&mut op);
+            out.push(Completion { token, result, op });
+        }
+    }
+
+    /// The ops waiting to execute, oldest first (for directed tests that pick
+    /// the execution order with [`run_queued`](Self::run_queued)).
+    pub fn queued(&self) -> impl Iterator<Item = &Op> {
+        self.queue.iter().map(|(_, op)| op)
+    }
+
+    /// Execute only the queued op at `index` (in [`queued`](Self::queued) order).
+    pub fn run_queued(&mut self, index: usize, out: &mut Vec<Completion>) {
+        let (token, mut op) = self.queue.remove(index);
+        let result = self.execute(&mut op);
+        out.push(Completion { token, result, op });
+    }
+
+    /// The simulator's random stream (for tests that want reproducible choices
+    /// tied to the same seed).
+    pub fn rng(&mut self) -> &mut Rng {
+        &mut self.rng
     }
 
     fn fault_for(&mut self, fd: RawFd, on: FaultOn) -> Option<FaultEffect> {
@@ -167,6 +268,21 @@ impl SimIo {
     }
 
     fn execute(&mut self, op: &mut Op) -> i32 {
+        let r = self.execute_inner(op);
+        if self.trace {
+            let what = match op {
+                Op::Read { fd, buf, at, offset } => format!("read fd {fd} {offset}+{}", buf.len() - *at),
+                Op::Write { fd, start, end, offset, .. } => format!("write fd {fd} {offset}+{}", *end - *start),
+                Op::Fsync { fd, .. } => format!("fsync fd {fd}"),
+                Op::Fallocate { fd, mode, offset, len } => format!("fallocate fd {fd} mode {mode} {offset}+{len}"),
+                other => format!("{other:?}"),
+            };
+            eprintln!("sim: op {}: {what} -> {r}", self.ops_done);
+        }
+        r
+    }
+
+    fn execute_inner(&mut self, op: &mut Op) -> i32 {
         self.ops_done += 1;
         match op {
             Op::Read { fd, buf, at, offset } => {
@@ -204,8 +320,15 @@ impl SimIo {
                     return -e;
                 }
                 let Some(f) = self.files.get_mut(fd) else { return -libc::EBADF };
-                f.durable = f.live.clone();
-                f.unsynced.clear();
+                // durable := live, by replaying the unsynced writes rather than
+                // copying the whole file (same result, much cheaper for big
+                // files synced often).
+                for (off, data) in std::mem::take(&mut f.unsynced) {
+                    write_into(&mut f.durable, off as usize, &data);
+                }
+                if f.durable.len() != f.live.len() {
+                    f.durable.resize(f.live.len(), 0);
+                }
                 self.syncs += 1;
                 0
             }
@@ -259,4 +382,36 @@ impl Io for SimIo {
         }
         Ok(())
     }
+}
+
+/// Create the three files of a fresh replica in `sim`, the way `store::dir::init`
+/// lays them out: a zeroed data file of `size` bytes, a zeroed journal of
+/// `journal_size` bytes, and a meta file with the superblock in slot 0 and an
+/// all-zero checksum table (= an all-zero disk). Everything is durable.
+pub fn init_replica(sim: &mut SimIo, size: u64, journal_size: u64) -> (Files, Superblock) {
+    let sb = Superblock {
+        version: FORMAT_VERSION,
+        block_size: BLOCK_SIZE as u32,
+        volume_uuid: [0x5a; 16],
+        node_id: 1,
+        size,
+        journal_size,
+        write_counter: 0,
+        tail_pos: 0,
+        tail_seq: 1,
+        epoch: 1,
+    };
+    let data = sim.add_file(vec![0; size as usize]);
+    let journal = sim.add_file(vec![0; journal_size as usize]);
+    let mut meta = sb.encode();
+    meta.resize((CHECKSUM_TABLE_OFFSET + size / BLOCK_SIZE * 8) as usize, 0);
+    let meta = sim.add_file(meta);
+    (
+        Files {
+            data,
+            journal,
+            meta,
+        },
+        sb,
+    )
 }

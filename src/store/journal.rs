@@ -83,8 +83,12 @@ impl JournalRing {
             }
             if filler > 0 {
                 let seq = self.next_seq;
-                self.push(seq, self.head, filler);
-                wrap = Some((seq, self.head, filler));
+                // Take the filler's position before `push`, which moves the
+                // head (to 0 here): the Wrap record goes at the old head, not
+                // over the start of the ring (found by tests/crash_consistency).
+                let pos = self.head;
+                self.push(seq, pos, filler);
+                wrap = Some((seq, pos, filler));
             }
             self.head = 0;
         }

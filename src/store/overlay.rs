@@ -156,6 +156,11 @@ impl Overlay {
         out
     }
 
+    /// The newest sequence number held (0 when empty).
+    pub fn max_seq(&self) -> u64 {
+        self.map.values().map(|e| e.seq).max().unwrap_or(0)
+    }
+
     /// Every piece with `seq <= max_seq`, in offset order.
     pub fn pieces_upto(&self, max_seq: u64) -> Vec<Piece> {
         self.map

@@ -1,0 +1,1409 @@
+//! End-to-end tests of the NBD server with real clients: libnbd's tools
+//! (nbdinfo, nbdcopy, nbdfuse), fio's nbd engine, qemu-img/qemu-io, ext4 on a
+//! loop device, python libnbd and a raw-socket protocol script.
+//!
+//! The server under test is chosen with NBDMIRROR_TEST_SERVER (see
+//! tests/common/mod.rs): `nbdmirror` (default), `nbdkit` or `qemu-nbd`. The
+//! reference servers validate the tests themselves:
+//!
+//!     NBDMIRROR_TEST_SERVER=nbdkit   cargo test --test clients -- --test-threads=1
+//!     NBDMIRROR_TEST_SERVER=qemu-nbd cargo test --test clients -- --test-threads=1
+//!
+//! Missing tools skip a test with a SKIP line, except under CI=true where
+//! they fail it (tools/install-deps.sh installs them).
+
+mod common;
+
+use common::*;
+use std::fs;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+/// Start a server on a fresh export of `size` bytes, after checking that the
+/// server and the listed client tools are present.
+fn setup(test: &str, size: u64, tools: &[&str]) -> Option<(TempDir, Export, Server)> {
+    if !require_server(test) || !require_tools(test, tools) {
+        return None;
+    }
+    let tmp = TempDir::new(test);
+    let export = Export::create(&tmp, size);
+    let server = export.serve();
+    eprintln!(
+        "{test}: {} on {} (export size {size})",
+        server.kind.name(),
+        server.uri()
+    );
+    Some((tmp, export, server))
+}
+
+// ------------------------------------------------------------------ nbdinfo
+
+fn nbdinfo_json(uri: &str) -> Json {
+    let out = run_ok_timeout(
+        Command::new(tool("nbdinfo")).arg("--json").arg(uri),
+        Duration::from_secs(60),
+    );
+    let text = stdout_str(&out);
+    Json::parse(&text)
+        .unwrap_or_else(|e| panic!("nbdinfo --json output is not JSON ({e}):\n{text}"))
+}
+
+#[test]
+fn nbdinfo_reports_advertised_flags() {
+    let size = 64 * MIB;
+    let Some((_tmp, _export, mut srv)) =
+        setup("nbdinfo_reports_advertised_flags", size, &["nbdinfo"])
+    else {
+        return;
+    };
+    let kind = srv.kind;
+    let uri = srv.uri();
+    let j = nbdinfo_json(&uri);
+    eprintln!("{j:?}");
+    assert_eq!(
+        j.at("protocol").as_str(),
+        Some("newstyle-fixed"),
+        "protocol"
+    );
+    if let Some(s) = j.get("structured") {
+        assert_eq!(s.as_bool(), Some(true), "structured replies negotiated");
+    }
+    let exports = j.at("exports").as_array();
+    assert_eq!(
+        exports.len(),
+        1,
+        "nbdinfo --json (one URI) lists one export: {j:?}"
+    );
+    let e = &exports[0];
+    assert_eq!(e.at("export-size").as_u64(), Some(size), "export-size");
+    assert_eq!(e.at("is_read_only").as_bool(), Some(false), "is_read_only");
+    for flag in [
+        "can_flush",
+        "can_fua",
+        "can_trim",
+        "can_zero",
+        "can_multi_conn",
+        "can_df",
+        "can_cache",
+    ] {
+        assert_eq!(
+            e.at(flag).as_bool(),
+            Some(true),
+            "{flag} should be true for {}",
+            kind.name()
+        );
+    }
+    assert_eq!(
+        e.at("can_fast_zero").as_bool(),
+        Some(kind.advertises_fast_zero()),
+        "can_fast_zero for {}",
+        kind.name()
+    );
+    assert_eq!(
+        e.at("block_size_minimum").as_u64(),
+        Some(1),
+        "block_size_minimum"
+    );
+    assert_eq!(
+        e.at("block_size_preferred").as_u64(),
+        Some(4096),
+        "block_size_preferred"
+    );
+    assert_eq!(
+        e.at("block_size_maximum").as_u64(),
+        Some(32 * MIB),
+        "block_size_maximum"
+    );
+    let contexts: Vec<&str> = e
+        .at("contexts")
+        .as_array()
+        .iter()
+        .filter_map(|c| c.as_str())
+        .collect();
+    assert!(
+        contexts.contains(&"base:allocation"),
+        "contexts {contexts:?} lack base:allocation"
+    );
+
+    // The per-flag queries: exit 0 = true, 2 = false.
+    let nbdinfo = tool("nbdinfo");
+    let query = |args: &[&str]| -> i32 {
+        let out = run_timeout(
+            Command::new(&nbdinfo).args(args).arg(&uri),
+            Duration::from_secs(60),
+        );
+        out.status.code().unwrap_or(-1)
+    };
+    let mut cans = vec![
+        "connect",
+        "read",
+        "write",
+        "flush",
+        "fua",
+        "trim",
+        "zero",
+        "multi-conn",
+        "df",
+        "cache",
+        "structured-reply",
+    ];
+    if kind.advertises_fast_zero() {
+        cans.push("fast-zero");
+    }
+    for c in cans {
+        assert_eq!(
+            query(&["--can", c]),
+            0,
+            "nbdinfo --can {c} should be true (exit 0)"
+        );
+    }
+    if !kind.advertises_fast_zero() {
+        assert_eq!(
+            query(&["--can", "fast-zero"]),
+            2,
+            "nbdinfo --can fast-zero false for {}",
+            kind.name()
+        );
+    }
+    assert_eq!(
+        query(&["--is", "read-only"]),
+        2,
+        "nbdinfo --is read-only should be false (exit 2)"
+    );
+    assert_eq!(
+        query(&["--is", "tls"]),
+        2,
+        "nbdinfo --is tls should be false (exit 2)"
+    );
+    let help = stdout_str(&run_timeout(
+        Command::new(&nbdinfo).arg("--help"),
+        Duration::from_secs(10),
+    ));
+    if help.contains("--has") {
+        assert_eq!(
+            query(&["--has", "base:allocation"]),
+            0,
+            "nbdinfo --has base:allocation"
+        );
+    } else {
+        eprintln!("nbdinfo predates --has (libnbd < 1.16); base:allocation checked via contexts and --map");
+    }
+    let size_out = run_ok(Command::new(&nbdinfo).arg("--size").arg(&uri));
+    assert_eq!(
+        stdout_str(&size_out).trim(),
+        size.to_string(),
+        "nbdinfo --size"
+    );
+    let map = run_ok(Command::new(&nbdinfo).arg("--map").arg(&uri));
+    assert!(
+        !stdout_str(&map).trim().is_empty(),
+        "nbdinfo --map printed nothing"
+    );
+
+    // Export names: nbdmirror (and our nbdkit setup) answer to "" and "disk".
+    if kind != ServerKind::QemuNbd {
+        let j = nbdinfo_json(&srv.uri_named("disk"));
+        assert_eq!(
+            j.at("exports").as_array()[0].at("export-size").as_u64(),
+            Some(size),
+            "export 'disk'"
+        );
+        let j = nbdinfo_json(&srv.uri_named(""));
+        assert_eq!(
+            j.at("exports").as_array()[0].at("export-size").as_u64(),
+            Some(size),
+            "export ''"
+        );
+    }
+    let bad = run_timeout(
+        Command::new(&nbdinfo).arg(srv.uri_named("no-such-export")),
+        Duration::from_secs(30),
+    );
+    assert!(
+        !bad.status.success(),
+        "nbdinfo on an unknown export name must fail"
+    );
+    let list = run_ok(Command::new(&nbdinfo).args(["--list", "--json"]).arg(&uri));
+    let lj = Json::parse(&stdout_str(&list)).expect("nbdinfo --list --json is JSON");
+    let names: Vec<&str> = lj
+        .at("exports")
+        .as_array()
+        .iter()
+        .filter_map(|e| e.get("export-name").and_then(|n| n.as_str()))
+        .collect();
+    assert!(!names.is_empty(), "nbdinfo --list lists no export: {lj:?}");
+    assert!(
+        names.iter().any(|n| *n == "disk" || n.is_empty()),
+        "nbdinfo --list names {names:?}, expected \"disk\" or \"\""
+    );
+    srv.assert_running();
+}
+
+// ------------------------------------------------------------------ nbdcopy
+
+#[test]
+fn nbdcopy_round_trip_256mib_is_identical() {
+    let size = 256 * MIB;
+    let Some((tmp, _export, mut srv)) = setup(
+        "nbdcopy_round_trip_256mib_is_identical",
+        size,
+        &["nbdcopy", "qemu-img"],
+    ) else {
+        return;
+    };
+    let uri = srv.uri();
+    let src = tmp.join("src.img");
+    let out = tmp.join("out.img");
+    let nbdcopy = tool("nbdcopy");
+
+    // 1: fully random data.
+    write_random_file(&src, size, 1, &[]);
+    run_ok(Command::new(&nbdcopy).arg(&src).arg(&uri));
+    run_ok(Command::new(&nbdcopy).arg(&uri).arg(&out));
+    assert_files_equal(&src, &out);
+
+    // 2: random data with holes over the old data: nbdcopy sends zero/trim
+    // requests for the holes, which must then read back as zeroes.
+    let holes = [
+        (32 * MIB, 32 * MIB),
+        (128 * MIB, 64 * MIB),
+        (255 * MIB, MIB),
+    ];
+    fs::remove_file(&src).unwrap();
+    fs::remove_file(&out).unwrap();
+    write_random_file(&src, size, 2, &holes);
+    run_ok(Command::new(&nbdcopy).arg(&src).arg(&uri));
+    run_ok(Command::new(&nbdcopy).arg(&uri).arg(&out));
+    assert_files_equal(&src, &out);
+    if let Some(cmp) = find_tool("cmp") {
+        run_ok(Command::new(cmp).arg(&src).arg(&out));
+    }
+    // qemu as a second, independent client.
+    run_ok(
+        Command::new(tool("qemu-img"))
+            .args(["compare", "-f", "raw", "-F", "raw"])
+            .arg(&src)
+            .arg(&uri),
+    );
+    srv.assert_running();
+}
+
+// ------------------------------------------------------------------ fio
+
+/// Run fio with JSON output; assert exit 0 and no job error. Returns the
+/// parsed report.
+fn fio_json(args: &[String]) -> Json {
+    let mut cmd = Command::new(tool("fio"));
+    cmd.args(args).arg("--output-format=json");
+    let out = run_timeout(&mut cmd, Duration::from_secs(600));
+    let stdout = stdout_str(&out);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let json_start = stdout.find('{').unwrap_or(0);
+    let parsed = Json::parse(&stdout[json_start..]);
+    if !out.status.success() {
+        panic!(
+            "fio failed ({}):\n--- stderr ---\n{}\n--- stdout ---\n{}",
+            out.status,
+            tail(&stderr, 10000),
+            tail(&stdout, 10000)
+        );
+    }
+    let j =
+        parsed.unwrap_or_else(|e| panic!("fio JSON unparsable ({e}):\n{}", tail(&stdout, 10000)));
+    for job in j.at("jobs").as_array() {
+        let name = job.get("jobname").and_then(|n| n.as_str()).unwrap_or("?");
+        assert_eq!(
+            job.at("error").as_u64(),
+            Some(0),
+            "fio job {name} reported error; stderr:\n{stderr}"
+        );
+    }
+    if !stderr.trim().is_empty() {
+        eprintln!("fio stderr:\n{stderr}");
+    }
+    j
+}
+
+fn fio_bytes(j: &Json, dir: &str) -> Vec<u64> {
+    j.at("jobs")
+        .as_array()
+        .iter()
+        .map(|job| job.at(dir).at("io_kbytes").as_u64().unwrap() * 1024)
+        .collect()
+}
+
+#[test]
+fn fio_random_writes_qd32_verify_crc32c() {
+    let size = 128 * MIB;
+    let Some((_tmp, export, mut srv)) =
+        setup("fio_random_writes_qd32_verify_crc32c", size, &["fio"])
+    else {
+        return;
+    };
+    let common: Vec<String> = [
+        "--name=randwrite-qd32",
+        "--ioengine=nbd",
+        &format!("--uri={}", srv.uri()),
+        "--rw=randwrite",
+        "--bs=4k",
+        "--iodepth=32",
+        "--size=64m",
+        "--verify=crc32c",
+        "--verify_fatal=1",
+        "--randrepeat=1",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    // Write pass, which also reads back and verifies every block.
+    let mut a = common.clone();
+    a.push("--do_verify=1".into());
+    let j = fio_json(&a);
+    assert_eq!(fio_bytes(&j, "write"), vec![64 * MIB], "bytes written");
+    assert_eq!(
+        fio_bytes(&j, "read"),
+        vec![64 * MIB],
+        "bytes verified in the write pass"
+    );
+    // Separate verify-only pass on a new connection.
+    let mut b = common.clone();
+    b.push("--verify_only".into());
+    let j = fio_json(&b);
+    assert_eq!(
+        fio_bytes(&j, "read"),
+        vec![64 * MIB],
+        "bytes verified in the verify-only pass"
+    );
+    srv.assert_running();
+    // ... and again after a clean restart of the server.
+    let st = srv.terminate();
+    if srv.kind.is_nbdmirror() {
+        assert!(st.success(), "exit status after SIGTERM: {st}");
+    }
+    let srv2 = export.serve();
+    let mut b = common.clone();
+    b[2] = format!("--uri={}", srv2.uri());
+    b.push("--verify_only".into());
+    let j = fio_json(&b);
+    assert_eq!(
+        fio_bytes(&j, "read"),
+        vec![64 * MIB],
+        "bytes verified after restart"
+    );
+}
+
+/// Many small random writes, FLUSHed (fio end_fsync), then the server is
+/// killed with SIGKILL: after a restart every block must verify.
+#[test]
+fn fio_flushed_random_writes_survive_sigkill() {
+    let size = 96 * MIB;
+    let Some((_tmp, export, mut srv)) =
+        setup("fio_flushed_random_writes_survive_sigkill", size, &["fio"])
+    else {
+        return;
+    };
+    let args = |uri: &str, extra: &str| -> Vec<String> {
+        [
+            "--name=killme",
+            "--ioengine=nbd",
+            &format!("--uri={uri}"),
+            "--rw=randwrite",
+            "--bsrange=512-64k",
+            "--iodepth=32",
+            "--size=80m",
+            "--verify=crc32c",
+            "--verify_fatal=1",
+            "--randrepeat=1",
+            extra,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let j = fio_json(&args(&srv.uri(), "--end_fsync=1"));
+    assert_eq!(fio_bytes(&j, "write"), vec![80 * MIB], "bytes written");
+    let st = srv.kill();
+    eprintln!("server killed: {st}");
+    let srv2 = export.serve();
+    let j = fio_json(&args(&srv2.uri(), "--verify_only"));
+    assert_eq!(
+        fio_bytes(&j, "read"),
+        vec![80 * MIB],
+        "bytes verified after SIGKILL + restart"
+    );
+}
+
+#[test]
+fn fio_mixed_sizes_verify() {
+    let size = 160 * MIB;
+    let Some((_tmp, _export, mut srv)) = setup("fio_mixed_sizes_verify", size, &["fio"]) else {
+        return;
+    };
+    let uri = srv.uri();
+    let args = |extra: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> = [
+            "--ioengine=nbd",
+            &format!("--uri={uri}"),
+            "--rw=randwrite",
+            "--bsrange=512-128k",
+            "--verify=crc32c",
+            "--verify_fatal=1",
+            "--randrepeat=1",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    };
+    // One connection, mixed request sizes (unaligned to 4k).
+    let j = fio_json(&args(&[
+        "--name=mixed",
+        "--iodepth=16",
+        "--size=32m",
+        "--do_verify=1",
+    ]));
+    assert_eq!(
+        fio_bytes(&j, "write"),
+        vec![32 * MIB],
+        "mixed: bytes written"
+    );
+    let j = fio_json(&args(&[
+        "--name=mixed",
+        "--iodepth=16",
+        "--size=32m",
+        "--verify_only",
+    ]));
+    assert_eq!(
+        fio_bytes(&j, "read"),
+        vec![32 * MIB],
+        "mixed: bytes verified"
+    );
+
+    // Four jobs = four connections, each on its own 32 MiB range after the
+    // first 32 MiB, all in flight at once.
+    let multi = [
+        "--name=multi",
+        "--numjobs=4",
+        "--iodepth=8",
+        "--size=32m",
+        "--offset=32m",
+        "--offset_increment=32m",
+    ];
+    let mut w = multi.to_vec();
+    w.push("--do_verify=1");
+    let j = fio_json(&args(&w));
+    assert_eq!(
+        fio_bytes(&j, "write"),
+        vec![32 * MIB; 4],
+        "multi: bytes written per job"
+    );
+    let mut v = multi.to_vec();
+    v.push("--verify_only");
+    let j = fio_json(&args(&v));
+    assert_eq!(
+        fio_bytes(&j, "read"),
+        vec![32 * MIB; 4],
+        "multi: bytes verified per job"
+    );
+    // The single-connection data is still intact after the multi-conn run.
+    let j = fio_json(&args(&[
+        "--name=mixed",
+        "--iodepth=16",
+        "--size=32m",
+        "--verify_only",
+    ]));
+    assert_eq!(
+        fio_bytes(&j, "read"),
+        vec![32 * MIB],
+        "mixed: still verified after the multi run"
+    );
+    srv.assert_running();
+}
+
+// ------------------------------------------------------------------ ext4 over nbdfuse + loop
+
+/// nbdfuse process exposing the export as MOUNTPOINT/disk; unmounted and
+/// reaped on drop.
+struct FuseGuard {
+    child: Option<std::process::Child>,
+    mountpoint: std::path::PathBuf,
+}
+
+impl Drop for FuseGuard {
+    fn drop(&mut self) {
+        let _ = Command::new(tool("fusermount3"))
+            .arg("-u")
+            .arg(&self.mountpoint)
+            .status();
+        if let Some(mut c) = self.child.take() {
+            for _ in 0..100 {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = Command::new(tool("fusermount3"))
+                .args(["-u", "-z"])
+                .arg(&self.mountpoint)
+                .status();
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+struct LoopGuard(String);
+
+impl Drop for LoopGuard {
+    fn drop(&mut self) {
+        let _ = Command::new(tool("losetup"))
+            .arg("-d")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+struct MountGuard {
+    dir: std::path::PathBuf,
+    mounted: bool,
+}
+
+impl MountGuard {
+    fn mount(dev: &str, dir: &Path) -> MountGuard {
+        run_ok_timeout(
+            Command::new(tool("mount"))
+                .args(["-t", "ext4", dev])
+                .arg(dir),
+            Duration::from_secs(120),
+        );
+        MountGuard {
+            dir: dir.to_path_buf(),
+            mounted: true,
+        }
+    }
+
+    fn umount(&mut self) {
+        run_ok_timeout(
+            Command::new(tool("umount")).arg(&self.dir),
+            Duration::from_secs(300),
+        );
+        self.mounted = false;
+    }
+}
+
+impl Drop for MountGuard {
+    fn drop(&mut self) {
+        if self.mounted {
+            let st = Command::new(tool("umount")).arg(&self.dir).status();
+            if !matches!(st, Ok(s) if s.success()) {
+                let _ = Command::new(tool("umount"))
+                    .arg("-l")
+                    .arg(&self.dir)
+                    .status();
+            }
+        }
+    }
+}
+
+/// The files written to the filesystem: (relative path, seed, length).
+fn ext4_files() -> Vec<(String, u64, usize)> {
+    let sizes = [
+        0usize,
+        1,
+        511,
+        4095,
+        4096,
+        4097,
+        65537,
+        300_000,
+        1 << 20,
+        (1 << 20) + 3,
+        5 << 20,
+        7_654_321,
+    ];
+    let mut v = Vec::new();
+    for (i, &len) in sizes.iter().enumerate() {
+        v.push((format!("d{}/f{i}.bin", i % 3), 1000 + i as u64, len));
+    }
+    for i in 0..200 {
+        v.push((format!("many/small{i:03}"), 5000 + i as u64, 100 + i * 37));
+    }
+    v
+}
+
+#[test]
+fn ext4_on_nbdfuse_loop_device_fsck_clean() {
+    let test = "ext4_on_nbdfuse_loop_device_fsck_clean";
+    let tools = [
+        "nbdfuse",
+        "fusermount3",
+        "losetup",
+        "mkfs.ext4",
+        "e2fsck",
+        "mount",
+        "umount",
+    ];
+    if !require_server(test) || !require_tools(test, &tools) {
+        return;
+    }
+    if !Path::new("/dev/fuse").exists() && !skip_or_fail(test, "/dev/fuse missing") {
+        return;
+    }
+    let size = 256 * MIB;
+    let Some((tmp, export, mut srv)) = setup(test, size, &tools) else {
+        return;
+    };
+    let fusedir = tmp.join("fuse");
+    let mnt = tmp.join("mnt");
+    fs::create_dir_all(&fusedir).unwrap();
+    fs::create_dir_all(&mnt).unwrap();
+    let pidfile = tmp.join("nbdfuse.pid");
+    let fuse_log = tmp.join("nbdfuse.log");
+
+    let mut cmd = Command::new(tool("nbdfuse"));
+    cmd.arg("-P")
+        .arg(&pidfile)
+        .arg(fusedir.join("disk"))
+        .arg(srv.uri());
+    eprintln!("+ {} &", describe(&cmd));
+    let child = cmd
+        .stdin(std::process::Stdio::null())
+        .stdout(fs::File::create(&fuse_log).unwrap())
+        .stderr(fs::File::create(tmp.join("nbdfuse.err")).unwrap())
+        .spawn()
+        .expect("spawn nbdfuse");
+    let mut fuse = FuseGuard {
+        child: Some(child),
+        mountpoint: fusedir.clone(),
+    };
+    let disk = fusedir.join("disk");
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Some(st) = fuse.child.as_mut().unwrap().try_wait().unwrap() {
+            fuse.child = None;
+            panic!(
+                "nbdfuse exited early ({st}): {}",
+                fs::read_to_string(tmp.join("nbdfuse.err")).unwrap_or_default()
+            );
+        }
+        if pidfile.exists()
+            && fs::metadata(&disk)
+                .map(|m| m.len() == size)
+                .unwrap_or(false)
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "nbdfuse did not expose {} within 15 s",
+            disk.display()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    let out = run_ok(
+        Command::new(tool("losetup"))
+            .args(["--find", "--show"])
+            .arg(&disk),
+    );
+    let dev = stdout_str(&out).trim().to_string();
+    assert!(dev.starts_with("/dev/loop"), "losetup printed {dev:?}");
+    let loopdev = LoopGuard(dev.clone());
+
+    run_ok_timeout(
+        Command::new(tool("mkfs.ext4")).args(["-q", "-F", &dev]),
+        Duration::from_secs(300),
+    );
+    let files = ext4_files();
+    {
+        let mut m = MountGuard::mount(&dev, &mnt);
+        for (rel, seed, len) in &files {
+            let p = mnt.join(rel);
+            fs::create_dir_all(p.parent().unwrap()).unwrap();
+            fs::write(&p, random_bytes(*seed, *len)).unwrap();
+        }
+        // Overwrite part of one file in place and truncate another.
+        {
+            use std::io::{Seek, SeekFrom, Write};
+            let mut f = fs::OpenOptions::new()
+                .write(true)
+                .open(mnt.join(&files[10].0))
+                .unwrap();
+            f.seek(SeekFrom::Start(12345)).unwrap();
+            f.write_all(&[0xA5; 70000]).unwrap();
+            f.sync_all().unwrap();
+        }
+        run_ok(&mut Command::new("sync"));
+        m.umount();
+    }
+    {
+        let mut m = MountGuard::mount(&dev, &mnt);
+        for (i, (rel, seed, len)) in files.iter().enumerate() {
+            let mut want = random_bytes(*seed, *len);
+            if i == 10 {
+                want[12345..12345 + 70000].fill(0xA5);
+            }
+            let got = fs::read(mnt.join(rel)).unwrap_or_else(|e| panic!("read back {rel}: {e}"));
+            assert!(
+                got == want,
+                "{rel}: content differs after remount ({} vs {} bytes)",
+                got.len(),
+                want.len()
+            );
+        }
+        let n = fs::read_dir(mnt.join("many")).unwrap().count();
+        assert_eq!(n, 200, "directory entries after remount");
+        m.umount();
+    }
+    let out = run_timeout(
+        Command::new(tool("e2fsck")).args(["-f", "-n", &dev]),
+        Duration::from_secs(300),
+    );
+    assert!(
+        out.status.success(),
+        "e2fsck -fn reported problems ({}):\n{}\n{}",
+        out.status,
+        stdout_str(&out),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    drop(loopdev);
+    drop(fuse);
+    srv.assert_running();
+
+    // The filesystem image survives a clean restart of the server: copy the
+    // export out before and after, compare, and fsck the copy.
+    if find_tool("nbdcopy").is_some() {
+        let before = tmp.join("before.img");
+        let after = tmp.join("after.img");
+        run_ok(Command::new(tool("nbdcopy")).arg(srv.uri()).arg(&before));
+        let st = srv.terminate();
+        if srv.kind.is_nbdmirror() {
+            assert!(st.success(), "exit status after SIGTERM: {st}");
+        }
+        let srv2 = export.serve();
+        run_ok(Command::new(tool("nbdcopy")).arg(srv2.uri()).arg(&after));
+        assert_files_equal(&before, &after);
+        run_ok(Command::new(tool("e2fsck")).args(["-f", "-n"]).arg(&after));
+    }
+}
+
+// ------------------------------------------------------------------ restart
+
+#[test]
+fn data_survives_clean_restart() {
+    let test = "data_survives_clean_restart";
+    if !require_server(test) {
+        return;
+    }
+    let size = 64 * MIB;
+    let tmp = TempDir::new(test);
+    let export = Export::create(&tmp, size);
+    let mut srv = export.serve();
+    let name = srv.export_name();
+
+    // 1: fill the whole export in 1 MiB writes, then FLUSH.
+    let mut c = MiniClient::connect(&srv.addr(), name).expect("connect");
+    assert_eq!(c.size, size, "export size");
+    let chunk = |i: u64| random_bytes(0xC0FFEE ^ i, MIB as usize);
+    for i in 0..size / MIB {
+        assert_eq!(c.write(i * MIB, &chunk(i), 0).unwrap(), 0, "write MiB {i}");
+    }
+    assert_eq!(c.flush().unwrap(), 0, "flush");
+    c.disconnect();
+
+    // 2: overwrite two regions, one plain (never flushed) and one FUA, and
+    // keep that connection open across the SIGTERM.
+    let plain = random_bytes(77, MIB as usize);
+    let fua = random_bytes(78, 64 * KIB as usize);
+    let unaligned = random_bytes(79, 3000);
+    let mut open = MiniClient::connect(&srv.addr(), name).expect("connect");
+    assert_eq!(
+        open.write(10 * MIB, &plain, 0).unwrap(),
+        0,
+        "unflushed write"
+    );
+    assert_eq!(
+        open.write(20 * MIB + 4096, &fua, 1).unwrap(),
+        0,
+        "FUA write"
+    );
+    assert_eq!(
+        open.write(30 * MIB + 1234, &unaligned, 0).unwrap(),
+        0,
+        "unaligned unflushed write"
+    );
+
+    let open = if srv.kind.is_nbdmirror() {
+        Some(open)
+    } else {
+        // nbdkit waits for clients to disconnect before it exits on SIGTERM;
+        // holding a connection open across SIGTERM is nbdmirror's contract.
+        open.disconnect();
+        std::thread::sleep(Duration::from_millis(200));
+        None
+    };
+    let status = srv.terminate();
+    eprintln!("{} exited with {status} after SIGTERM", srv.kind.name());
+    if let Some(mut open) = open {
+        assert!(
+            status.success(),
+            "SIGTERM must make nbdmirror flush and exit 0, got {status}\n{}",
+            srv.stderr()
+        );
+        assert!(
+            open.wait_closed(Duration::from_secs(10)),
+            "the open connection was not closed by the exiting server"
+        );
+    }
+
+    // 3: restart on the same storage and read everything back.
+    let mut srv2 = export.serve();
+    let mut c = MiniClient::connect(&srv2.addr(), name).expect("connect after restart");
+    assert_eq!(c.size, size, "export size after restart");
+    for i in 0..size / MIB {
+        let mut want = chunk(i);
+        let (lo, hi) = (i * MIB, (i + 1) * MIB);
+        let overlay = |want: &mut Vec<u8>, off: u64, data: &[u8]| {
+            let end = off + data.len() as u64;
+            if off < hi && end > lo {
+                let a = off.max(lo);
+                let b = end.min(hi);
+                want[(a - lo) as usize..(b - lo) as usize]
+                    .copy_from_slice(&data[(a - off) as usize..(b - off) as usize]);
+            }
+        };
+        overlay(&mut want, 10 * MIB, &plain);
+        overlay(&mut want, 20 * MIB + 4096, &fua);
+        overlay(&mut want, 30 * MIB + 1234, &unaligned);
+        let got = c.read(i * MIB, MIB as u32).expect("read after restart");
+        if got != want {
+            let at = (0..got.len()).find(|&k| got[k] != want[k]).unwrap();
+            panic!(
+                "after restart MiB {i} differs at byte {} (offset {})",
+                at,
+                i * MIB + at as u64
+            );
+        }
+    }
+    c.disconnect();
+    srv2.assert_running();
+    let st = srv2.terminate();
+    if srv2.kind.is_nbdmirror() {
+        assert!(
+            st.success(),
+            "second SIGTERM (idle server) must exit 0, got {st}"
+        );
+    }
+}
+
+/// nbdmirror's SIGTERM contract: requests already received are finished
+/// (answered; success or ESHUTDOWN), the data of every successful write is
+/// durable, and the process exits 0 even with idle and half-sent clients.
+#[test]
+fn sigterm_answers_in_flight_writes_then_exits_zero() {
+    let test = "sigterm_answers_in_flight_writes_then_exits_zero";
+    if !require_server(test) {
+        return;
+    }
+    let kind = ServerKind::from_env();
+    if !kind.is_nbdmirror() {
+        // nbdkit waits for clients to disconnect on SIGTERM and qemu-nbd
+        // drops in-flight requests; this is nbdmirror's own contract.
+        eprintln!(
+            "SKIP {test}: nbdmirror-only contract (server under test: {})",
+            kind.name()
+        );
+        return;
+    }
+    let size = 64 * MIB;
+    let tmp = TempDir::new(test);
+    let export = Export::create(&tmp, size);
+    let mut srv = export.serve();
+    let name = srv.export_name();
+
+    let idle = MiniClient::connect(&srv.addr(), name).expect("idle connection");
+    let mut half = MiniClient::connect(&srv.addr(), name).expect("half-sent connection");
+    // A WRITE header announcing 64 KiB, followed by only 1000 bytes.
+    let mut hdr = Vec::new();
+    hdr.extend_from_slice(&0x2560_9513u32.to_be_bytes());
+    hdr.extend_from_slice(&0u16.to_be_bytes());
+    hdr.extend_from_slice(&NBD_CMD_WRITE.to_be_bytes());
+    hdr.extend_from_slice(&99u64.to_be_bytes());
+    hdr.extend_from_slice(&(40 * MIB).to_be_bytes());
+    hdr.extend_from_slice(&(64 * KIB as u32).to_be_bytes());
+    hdr.extend_from_slice(&[0xEE; 1000]);
+    half.send_raw(&hdr).unwrap();
+
+    let mut busy = MiniClient::connect(&srv.addr(), name).expect("busy connection");
+    let n = 256u64;
+    let mut sent = std::collections::HashMap::new();
+    for i in 0..n {
+        let data = random_bytes(0x5EED ^ i, 64 * KIB as usize);
+        let c = busy.send_write(i * 64 * KIB, &data, 0).unwrap();
+        sent.insert(c, (i * 64 * KIB, data));
+    }
+    send_signal(srv.pid(), "TERM");
+    let mut ok = Vec::new();
+    let mut shut = 0;
+    // Until the server closes the connection:
+    while let Ok((cookie, err)) = busy.recv_reply() {
+        let (off, data) = sent
+            .remove(&cookie)
+            .unwrap_or_else(|| panic!("reply for unknown cookie {cookie}"));
+        match err {
+            0 => ok.push((off, data)),
+            108 => shut += 1,
+            e => panic!(
+                "in-flight WRITE at {off} answered error {e} during shutdown (want 0 or ESHUTDOWN)"
+            ),
+        }
+    }
+    eprintln!(
+        "{} writes answered OK, {shut} ESHUTDOWN, {} unanswered",
+        ok.len(),
+        sent.len()
+    );
+    let status = srv.terminate_timeout(Duration::from_secs(30));
+    assert!(
+        status.success(),
+        "nbdmirror exit status after SIGTERM: {status}\n{}",
+        srv.stderr()
+    );
+    drop(idle);
+    drop(half);
+
+    let srv2 = export.serve();
+    let mut c = MiniClient::connect(&srv2.addr(), name).expect("connect after restart");
+    for (off, data) in &ok {
+        let got = c.read(*off, data.len() as u32).unwrap();
+        assert!(
+            got == *data,
+            "WRITE at {off} was answered OK before SIGTERM but is not there after restart"
+        );
+    }
+    let got = c.read(40 * MIB, 64 * KIB as u32).unwrap();
+    assert!(
+        got.iter().all(|&b| b == 0),
+        "the half-sent WRITE at 40 MiB must not have been applied"
+    );
+    c.disconnect();
+}
+
+/// Data acknowledged by FLUSH (or written with FUA) survives SIGKILL.
+#[test]
+fn flushed_data_survives_sigkill() {
+    let test = "flushed_data_survives_sigkill";
+    if !require_server(test) {
+        return;
+    }
+    let size = 64 * MIB;
+    let tmp = TempDir::new(test);
+    let export = Export::create(&tmp, size);
+    let mut srv = export.serve();
+    let name = srv.export_name();
+    let mut c = MiniClient::connect(&srv.addr(), name).expect("connect");
+    let before = c.read(0, MIB as u32).unwrap();
+    assert!(
+        before.iter().all(|&b| b == 0),
+        "a fresh export must read as zeroes"
+    );
+    let flushed: Vec<(u64, Vec<u8>)> = (0..48)
+        .map(|i| {
+            (
+                i * MIB + (i % 7) * 512,
+                random_bytes(0xF1 + i, (MIB / 2) as usize),
+            )
+        })
+        .collect();
+    for (off, d) in &flushed {
+        assert_eq!(c.write(*off, d, 0).unwrap(), 0);
+    }
+    assert_eq!(c.flush().unwrap(), 0, "FLUSH");
+    let fua = random_bytes(0xFA, 200_000);
+    assert_eq!(c.write(50 * MIB + 3, &fua, 1).unwrap(), 0, "FUA write");
+    // Not flushed: may or may not survive, but must not corrupt others.
+    let loose = random_bytes(0x1005E, MIB as usize);
+    assert_eq!(c.write(60 * MIB, &loose, 0).unwrap(), 0);
+    let st = srv.kill();
+    eprintln!("server killed: {st}");
+
+    let srv2 = export.serve();
+    let mut c = MiniClient::connect(&srv2.addr(), name).expect("connect after SIGKILL restart");
+    for (off, d) in &flushed {
+        let got = c.read(*off, d.len() as u32).unwrap();
+        assert!(
+            got == *d,
+            "flushed write at {off} lost or damaged after SIGKILL"
+        );
+    }
+    assert!(
+        c.read(50 * MIB + 3, fua.len() as u32).unwrap() == fua,
+        "FUA write lost after SIGKILL"
+    );
+    let got = c.read(60 * MIB, MIB as u32).unwrap();
+    let whole_old = got.iter().all(|&b| b == 0);
+    let whole_new = got == loose;
+    eprintln!("unflushed 1 MiB write after SIGKILL: old={whole_old} new={whole_new} (either, or a mix of 4 KiB blocks, is allowed)");
+    for (k, blk) in got.chunks(4096).enumerate() {
+        let newb = &loose[k * 4096..(k + 1) * 4096];
+        assert!(
+            blk.iter().all(|&b| b == 0) || blk == newb,
+            "unflushed write: 4 KiB block {k} is neither old nor new data (torn/corrupt)"
+        );
+    }
+    c.disconnect();
+}
+
+/// A flood of maximum-size WRITEs from several connections must not make the
+/// server buffer everything: peak memory must stay bounded (backpressure),
+/// not grow with the bytes clients manage to push. 4 connections each try to
+/// queue 16 x 32 MiB (2 GiB in total) without reading replies for 20 s.
+///
+/// Ignored by default: a quality target, not part of the protocol contract.
+/// Measured on this machine: nbdmirror +2020 MiB, nbdkit +1887 MiB (16
+/// threads x 32 MiB per connection), qemu-nbd +180 MiB. Run with
+/// `cargo test --test clients -- --ignored memory_stays`.
+#[test]
+#[ignore = "quality target: a global budget for in-flight WRITE payloads (nbdmirror and nbdkit exceed it today)"]
+fn memory_stays_bounded_when_clients_flood_large_writes() {
+    let test = "memory_stays_bounded_when_clients_flood_large_writes";
+    let size = 128 * MIB;
+    let Some((_tmp, _export, mut srv)) = setup(test, size, &[]) else {
+        return;
+    };
+    let pid = srv.pid();
+    let status_kib = |key: &str| -> u64 {
+        let s = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        s.lines()
+            .find(|l| l.starts_with(key))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    // warm up: one connection does some I/O so baseline includes the usual buffers
+    let mut c = MiniClient::connect(&srv.addr(), srv.export_name()).unwrap();
+    assert_eq!(c.write(0, &random_bytes(1, MIB as usize), 0).unwrap(), 0);
+    c.disconnect();
+    let baseline = status_kib("VmRSS:");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let addr = srv.addr();
+    let name = srv.export_name();
+    let payload = std::sync::Arc::new(vec![0x5Au8; 32 * MIB as usize]);
+    let mut threads = Vec::new();
+    for i in 0..4u64 {
+        let addr = addr.clone();
+        let payload = payload.clone();
+        threads.push(std::thread::spawn(move || -> (u64, MiniClient) {
+            let mut c = MiniClient::connect(&addr, name).unwrap();
+            let mut sent = 0;
+            for j in 0..16u64 {
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                if left.is_zero() || c.set_write_timeout(left).is_err() {
+                    break;
+                }
+                if c.send_write(((i * 16 + j) % 3) * 32 * MIB, &payload, 0)
+                    .is_err()
+                {
+                    break;
+                }
+                sent += 1;
+            }
+            (sent, c)
+        }));
+    }
+    let mut peak = 0;
+    while threads.iter().any(|t| !t.is_finished()) {
+        peak = peak.max(status_kib("VmRSS:"));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    peak = peak.max(status_kib("VmRSS:")).max(status_kib("VmHWM:"));
+    let mut queued = 0;
+    let mut conns = Vec::new();
+    for t in threads {
+        let (n, c) = t.join().unwrap();
+        queued += n;
+        conns.push(c);
+    }
+    let growth_mib = peak.saturating_sub(baseline) / 1024;
+    eprintln!(
+        "{}: baseline RSS {} MiB, peak {} MiB (+{growth_mib} MiB) with {queued} x 32 MiB WRITEs fully sent",
+        srv.kind.name(),
+        baseline / 1024,
+        peak / 1024
+    );
+    drop(conns);
+    srv.assert_running();
+    let mut c = MiniClient::connect(&srv.addr(), srv.export_name())
+        .expect("server still accepts connections");
+    assert_eq!(c.read(0, 4096).unwrap().len(), 4096);
+    c.disconnect();
+    assert!(
+        growth_mib <= 1024,
+        "server memory grew by {growth_mib} MiB while clients queued {queued} x 32 MiB of WRITEs: \
+         in-flight payloads are not bounded (no backpressure)"
+    );
+}
+
+// ------------------------------------------------------------------ qemu as a client
+
+#[test]
+fn qemu_io_patterns_and_qemu_img_map() {
+    let size = 64 * MIB;
+    let Some((_tmp, _export, mut srv)) = setup(
+        "qemu_io_patterns_and_qemu_img_map",
+        size,
+        &["qemu-io", "qemu-img"],
+    ) else {
+        return;
+    };
+    let uri = srv.uri();
+    let qio = |cmds: &[&str]| {
+        let mut c = Command::new(tool("qemu-io"));
+        c.args(["-f", "raw"]).arg(&uri);
+        for x in cmds {
+            c.arg("-c").arg(x);
+        }
+        let out = run_ok(&mut c);
+        let text = stdout_str(&out) + &String::from_utf8_lossy(&out.stderr);
+        // qemu-io reports failed commands on stdout/stderr but exits 0.
+        for bad in ["Pattern verification failed", "failed:", "error"] {
+            assert!(
+                !text.contains(bad),
+                "qemu-io {cmds:?} reported {bad:?}:\n{text}"
+            );
+        }
+        text
+    };
+    qio(&[
+        "write -P 0xab 0 1M",
+        "write -P 0xcd 1M 64k",
+        "write -P 0x11 4M 4k",
+        "write -z 8M 1M",
+        "write -P 0x22 12M 512",
+        "aio_write -P 0x33 16M 128k",
+        "aio_write -P 0x34 17M 128k",
+        "aio_flush",
+        "flush",
+    ]);
+    qio(&[
+        "read -P 0xab 0 1M",
+        "read -P 0xcd 1M 64k",
+        "read -P 0x11 4M 4k",
+        "read -P 0 8M 1M",
+        "read -P 0x22 12M 512",
+        "read -P 0x33 16M 128k",
+        "read -P 0x34 17M 128k",
+        "discard 4M 4k",
+        "write -z -u 20M 1M",
+        "read -P 0 20M 1M",
+    ]);
+    let out = run_ok(
+        Command::new(tool("qemu-img"))
+            .args(["map", "--output=json", "-f", "raw"])
+            .arg(&uri),
+    );
+    let text = stdout_str(&out);
+    let map = Json::parse(&text).unwrap_or_else(|e| panic!("qemu-img map JSON ({e}): {text}"));
+    let entries = map.as_array();
+    assert!(!entries.is_empty(), "qemu-img map returned no extents");
+    let mut next = 0;
+    for e in entries {
+        let start = e.at("start").as_u64().unwrap();
+        let len = e.at("length").as_u64().unwrap();
+        assert_eq!(start, next, "qemu-img map extents are contiguous: {text}");
+        next = start + len;
+        let zero = e.at("zero").as_bool().unwrap();
+        // Data we wrote must never be reported as reading zero.
+        for (off, l) in [
+            (0, MIB + 64 * KIB),
+            (12 * MIB, 512),
+            (16 * MIB, 128 * KIB),
+            (17 * MIB, 128 * KIB),
+        ] {
+            if start < off + l && off < start + len {
+                assert!(
+                    !zero,
+                    "extent {start}+{len} covering written data at {off} is reported zero: {text}"
+                );
+            }
+        }
+    }
+    assert_eq!(next, size, "qemu-img map covers the whole export");
+    srv.assert_running();
+}
+
+// ------------------------------------------------------------------ scripts
+
+#[test]
+fn libnbd_python_conformance_script_passes() {
+    let test = "libnbd_python_conformance_script_passes";
+    if !require_python_libnbd(test) {
+        return;
+    }
+    let Some((_tmp, _export, mut srv)) = setup(test, 64 * MIB, &[]) else {
+        return;
+    };
+    let mut cmd = Command::new(SYSTEM_PYTHON);
+    cmd.arg(format!("{MANIFEST_DIR}/tests/libnbd_conformance.py"))
+        .arg(srv.uri());
+    if !srv.kind.is_nbdmirror() {
+        // qemu-nbd answers EINVAL (not the spec's SHOULD ENOSPC) to writes
+        // past the end; nbdmirror is held to the SHOULDs.
+        cmd.arg("--lenient");
+    }
+    let out = run_timeout(&mut cmd, Duration::from_secs(600));
+    let text = stdout_str(&out) + &String::from_utf8_lossy(&out.stderr);
+    eprintln!("{text}");
+    assert!(
+        out.status.success(),
+        "libnbd_conformance.py failed ({}):\n{}",
+        out.status,
+        tail(&text, 20000)
+    );
+    srv.assert_running();
+}
+
+#[test]
+fn raw_protocol_script_passes() {
+    let test = "raw_protocol_script_passes";
+    let Some(python) = any_python() else {
+        skip_or_fail(test, "no python3");
+        return;
+    };
+    let Some((_tmp, _export, mut srv)) = setup(test, 64 * MIB, &[]) else {
+        return;
+    };
+    let mut cmd = Command::new(python);
+    cmd.arg(format!("{MANIFEST_DIR}/tests/raw_protocol.py"))
+        .arg(srv.uri());
+    match srv.kind {
+        // nbdmirror is held to the spec's SHOULDs too.
+        ServerKind::Nbdmirror => {
+            cmd.arg("--strict");
+        }
+        // nbdkit 1.32 aborts (connections.c:402 raw_send_socket: Assertion
+        // `sock >= 0' failed) when a client resets with replies in flight.
+        ServerKind::Nbdkit => {
+            cmd.arg("--skip=client_reset_with_replies_in_flight");
+        }
+        // qemu-nbd -e 8 serves at most 8 clients at once.
+        ServerKind::QemuNbd => {
+            cmd.arg("--max-connections=6");
+        }
+    }
+    let out = run_timeout(&mut cmd, Duration::from_secs(600));
+    let text = stdout_str(&out) + &String::from_utf8_lossy(&out.stderr);
+    eprintln!("{text}");
+    assert!(
+        out.status.success(),
+        "raw_protocol.py failed ({}):\n{}",
+        out.status,
+        tail(&text, 20000)
+    );
+    srv.assert_running();
+}
+
+// ------------------------------------------------------------------ unix socket
+
+#[test]
+fn serves_on_a_unix_socket() {
+    let test = "serves_on_a_unix_socket";
+    if !require_server(test) || !require_tools(test, &["nbdinfo"]) {
+        return;
+    }
+    let kind = ServerKind::from_env();
+    let tmp = TempDir::new(test);
+    let export = Export::create(&tmp, 16 * MIB);
+    let sock = tmp.join("nbd.sock");
+    let mut cmd = match kind {
+        ServerKind::Nbdmirror => {
+            let mut c = Command::new(NBDMIRROR_BIN);
+            c.arg("serve")
+                .arg("--dir")
+                .arg(&export.path)
+                .arg("--unix")
+                .arg(&sock);
+            c
+        }
+        ServerKind::Nbdkit => {
+            let mut c = Command::new(tool("nbdkit"));
+            c.args(["-f", "--exit-with-parent", "-U"])
+                .arg(&sock)
+                .arg("file")
+                .arg(&export.path);
+            c
+        }
+        ServerKind::QemuNbd => {
+            let mut c = Command::new(tool("qemu-nbd"));
+            c.args(["-t", "-f", "raw", "-x", "disk", "-k"])
+                .arg(&sock)
+                .arg(&export.path);
+            c
+        }
+    };
+    eprintln!("+ {} &", describe(&cmd));
+    let mut child = cmd
+        .stdin(std::process::Stdio::null())
+        .stderr(fs::File::create(tmp.join("server.err")).unwrap())
+        .spawn()
+        .expect("spawn server");
+    struct Kill(Option<std::process::Child>);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            if let Some(c) = self.0.as_mut() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::os::unix::net::UnixStream::connect(&sock).is_err() {
+        if let Some(st) = child.try_wait().unwrap() {
+            panic!(
+                "server exited ({st}): {}",
+                fs::read_to_string(tmp.join("server.err")).unwrap_or_default()
+            );
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no unix socket at {} after 10 s",
+            sock.display()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut guard = Kill(Some(child));
+    let uri = format!(
+        "nbd+unix:///{}?socket={}",
+        kind.default_export(),
+        sock.display()
+    );
+    let out = run_ok(Command::new(tool("nbdinfo")).arg("--size").arg(&uri));
+    assert_eq!(
+        stdout_str(&out).trim(),
+        (16 * MIB).to_string(),
+        "size over the unix socket"
+    );
+    if let Some(python) = any_python() {
+        let out = run_timeout(
+            Command::new(python).arg(format!("{MANIFEST_DIR}/tests/raw_protocol.py")).arg(&uri).arg(
+                "--only=commands_work_with_simple_replies,structured_reads_are_well_formed,pipelined_requests_all_get_one_reply",
+            ),
+            Duration::from_secs(120),
+        );
+        let text = stdout_str(&out);
+        assert!(
+            out.status.success(),
+            "raw_protocol.py over the unix socket failed:\n{text}"
+        );
+    }
+    let c = guard.0.as_mut().unwrap();
+    assert!(c.try_wait().unwrap().is_none(), "server died");
+    if kind.is_nbdmirror() {
+        let mut c = guard.0.take().unwrap();
+        send_signal(c.id(), "TERM");
+        let st = c.wait().unwrap();
+        assert!(st.success(), "nbdmirror exit status after SIGTERM: {st}");
+    }
+}

@@ -1,0 +1,267 @@
+#!/usr/bin/env bash
+# vm-kernel-client.sh: test an NBD server with the Linux kernel NBD client.
+#
+# Usage: tools/vm-kernel-client.sh HOST_PORT [EXPORT_NAME]
+#
+# Expects an NBD server already listening on 127.0.0.1:HOST_PORT on the host.
+# Boots a small qemu guest (TCG, Debian cloud kernel + busybox initramfs) that
+# reaches the host's loopback as 10.0.2.2 and, through /dev/nbd0:
+#   nbd-client connect, mkfs.ext4, mount, write files + md5sums, sync, umount,
+#   nbd-client disconnect + reconnect (so every read goes to the server),
+#   mount, verify md5sums, umount, e2fsck -fn (must be clean), disconnect.
+# The guest prints "VMTEST: PASS" or "VMTEST: FAIL <step>"; this script exits 0
+# only on PASS. The kernel and initramfs are cached under <repo>/.cache/vm/.
+#
+# Environment:
+#   VMTEST_TIMEOUT  seconds before the guest is killed (default 300)
+#   VMTEST_LOG      console log file (default <repo>/.cache/vm/console-PORT.log)
+#   VMTEST_MIB      MiB of random data written by the guest (default 24)
+# Needs (see tools/install-deps.sh): qemu-system-x86, busybox-static, cpio,
+# nbd-client, e2fsprogs, and apt access to fetch the kernel package once.
+set -euo pipefail
+
+usage() { echo "usage: $0 HOST_PORT [EXPORT_NAME]" >&2; exit 2; }
+[ $# -ge 1 ] && [ $# -le 2 ] || usage
+PORT=$1
+NAME=${2-}
+case $PORT in '' | *[!0-9]*) usage ;; esac
+case $NAME in *[[:space:]]* | *\"*) echo "$0: export name must not contain spaces or quotes" >&2; exit 2 ;; esac
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+CACHE=$ROOT/.cache/vm
+TIMEOUT=${VMTEST_TIMEOUT:-300}
+LOG=${VMTEST_LOG:-$CACHE/console-$PORT.log}
+MIB=${VMTEST_MIB:-24}
+MODULES="virtio virtio_ring virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci failover net_failover virtio_net nbd"
+
+mkdir -p "$CACHE/kernel"
+for tool in qemu-system-x86_64 cpio dpkg apt-get; do
+    command -v "$tool" >/dev/null || { echo "$0: $tool not found (run tools/install-deps.sh)" >&2; exit 1; }
+done
+for f in /bin/busybox /usr/sbin/nbd-client /usr/sbin/mke2fs /usr/sbin/e2fsck; do
+    [ -x "$f" ] || { echo "$0: $f not found (run tools/install-deps.sh)" >&2; exit 1; }
+done
+/bin/busybox --list | grep -qx insmod || { echo "$0: /bin/busybox is not busybox-static" >&2; exit 1; }
+
+# Serialise preparation between concurrent runs (different ports).
+exec 9>"$CACHE/.lock"
+flock 9
+
+# ---------------------------------------------------------------- kernel ----
+kernel_pkg() {
+    apt-cache depends linux-image-cloud-amd64 2>/dev/null |
+        awk '/Depends: linux-image-[0-9]/ {print $2; exit}'
+}
+
+PKG=$(kernel_pkg || true)
+KDIR=""
+if [ -n "$PKG" ] && [ -e "$CACHE/kernel/$PKG/.complete" ]; then
+    KDIR=$CACHE/kernel/$PKG
+elif [ -z "$PKG" ]; then
+    # No apt lists (or no network): fall back to any kernel already cached.
+    KDIR=$(ls -d "$CACHE"/kernel/*/.complete 2>/dev/null | sort -V | tail -n1 | xargs -r dirname)
+    if [ -z "$KDIR" ]; then
+        echo "vmtest: apt-cache knows no linux-image-cloud-amd64; running apt-get update" >&2
+        apt-get update -q >&2
+        PKG=$(kernel_pkg || true)
+        [ -n "$PKG" ] || { echo "$0: cannot find the Debian cloud kernel package" >&2; exit 1; }
+    fi
+fi
+if [ -z "$KDIR" ]; then
+    KDIR=$CACHE/kernel/$PKG
+    echo "vmtest: fetching kernel package for $PKG into $KDIR" >&2
+    rm -rf "$KDIR" "$CACHE/dl"
+    mkdir -p "$CACHE/dl" "$KDIR"
+    # Prefer the -unsigned package (same kernel, no signature wrapper).
+    (cd "$CACHE/dl" && { apt-get download -q "$PKG-unsigned" || apt-get download -q "$PKG"; }) >&2
+    dpkg -x "$CACHE"/dl/*.deb "$KDIR"
+    rm -rf "$CACHE/dl"
+    touch "$KDIR/.complete"
+fi
+VMLINUZ=$(ls "$KDIR"/boot/vmlinuz-* | head -n1)
+KVER=${VMLINUZ##*/vmlinuz-}
+MODDIR=$KDIR/lib/modules/$KVER
+
+# ------------------------------------------------------------- initramfs ----
+WORK=$(mktemp -d "$CACHE/initramfs.XXXXXX")
+trap 'rm -rf "$WORK"' EXIT
+R=$WORK/root
+mkdir -p "$R"/{bin,sbin,etc,proc,sys,dev,mnt,tmp,lib/modules,lib64}
+cp /bin/busybox "$R/bin/busybox"
+cp /usr/sbin/nbd-client "$R/sbin/nbd-client"
+cp /usr/sbin/mke2fs "$R/sbin/mkfs.ext4"    # mke2fs picks ext4 from argv[0]
+cp /usr/sbin/e2fsck "$R/sbin/e2fsck"
+[ -e /etc/mke2fs.conf ] && cp /etc/mke2fs.conf "$R/etc/"
+echo "127.0.0.1 localhost" >"$R/etc/hosts"
+echo "hosts: files" >"$R/etc/nsswitch.conf"
+
+# Shared libraries, at the paths the dynamic loader will look for them.
+for lib in $(for b in /usr/sbin/nbd-client /usr/sbin/mke2fs /usr/sbin/e2fsck; do ldd "$b"; done |
+        awk '$2 == "=>" && $3 ~ /^\// {print $3} $1 ~ /^\// {print $1}' | sort -u); do
+    mkdir -p "$R$(dirname "$lib")"
+    cp -L "$lib" "$R$lib"
+done
+
+# Modules plus their dependencies (from each module's "depends=" field), in
+# load order. Modules that are not files must be built into the kernel.
+: >"$R/lib/modules/order"
+add_module() {
+    local m=$1 f d
+    grep -qx "$m" "$R/lib/modules/order" && return 0
+    f=$(find "$MODDIR/kernel" \( -name "$m.ko" -o -name "$m.ko.xz" -o -name "$m.ko.zst" -o -name "${m//_/-}.ko" \) | head -n1)
+    if [ -z "$f" ]; then
+        grep -q "/$m.ko\$" "$MODDIR/modules.builtin" 2>/dev/null ||
+            { echo "$0: module $m neither in $MODDIR nor built in" >&2; exit 1; }
+        return 0
+    fi
+    case $f in
+        *.ko.xz) xz -dc "$f" >"$R/lib/modules/$m.ko" ;;
+        *.ko.zst) zstd -qdc "$f" >"$R/lib/modules/$m.ko" ;;
+        *) cp "$f" "$R/lib/modules/$m.ko" ;;
+    esac
+    for d in $(tr '\0' '\n' <"$R/lib/modules/$m.ko" | sed -n 's/^depends=//p' | tr ',' ' '); do
+        add_module "$d"
+    done
+    echo "$m" >>"$R/lib/modules/order"
+}
+for m in $MODULES; do add_module "$m"; done
+
+cat >"$R/init" <<'INIT'
+#!/bin/busybox sh
+/bin/busybox --install -s /bin
+export PATH=/sbin:/bin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+
+step() { echo "VMTEST: step $1 (uptime $(cut -d' ' -f1 /proc/uptime)s)"; }
+fail() {
+    echo "VMTEST: FAIL $1"
+    echo "---- guest dmesg tail ----"
+    dmesg | tail -n 40
+    poweroff -f
+}
+
+PORT=; NAME=; MIB=24
+for arg in $(cat /proc/cmdline); do
+    case $arg in
+        vmtest.port=*) PORT=${arg#vmtest.port=} ;;
+        vmtest.name=*) NAME=${arg#vmtest.name=} ;;
+        vmtest.mib=*) MIB=${arg#vmtest.mib=} ;;
+    esac
+done
+echo "VMTEST: start port=$PORT name='$NAME' mib=$MIB kernel=$(uname -r)"
+
+step modules
+for m in $(cat /lib/modules/order); do
+    insmod /lib/modules/$m.ko || fail "insmod-$m"
+done
+
+step network
+ip link set lo up
+ip link set eth0 up || fail network
+ip addr add 10.0.2.15/24 dev eth0 || fail network
+ip route add default via 10.0.2.2 || fail network
+
+connect() {
+    if [ -n "$NAME" ]; then
+        nbd-client 10.0.2.2 "$PORT" /dev/nbd0 -N "$NAME"
+    else
+        nbd-client 10.0.2.2 "$PORT" /dev/nbd0
+    fi || return 1
+    i=0
+    while [ "$(cat /sys/block/nbd0/size 2>/dev/null || echo 0)" = 0 ]; do
+        i=$((i + 1)); [ $i -gt 50 ] && return 1
+        sleep 0.1
+    done
+    echo "VMTEST: /dev/nbd0 has $(cat /sys/block/nbd0/size) sectors"
+}
+
+step nbd-client
+connect || fail nbd-client
+
+step mkfs
+mkfs.ext4 -F -q /dev/nbd0 || fail mkfs
+
+step mount
+mount -t ext4 /dev/nbd0 /mnt || fail mount
+
+step write
+mkdir -p /mnt/dir/sub || fail write
+n=0; left=$MIB
+for sz in 1 2 4 8 16 32 64; do
+    [ $left -le 0 ] && break
+    [ $sz -gt $left ] && sz=$left
+    dd if=/dev/urandom of=/mnt/f$n bs=1M count=$sz 2>/dev/null || fail write
+    left=$((left - sz)); n=$((n + 1))
+done
+dd if=/dev/urandom of=/mnt/dir/small bs=1 count=4097 2>/dev/null || fail write
+dd if=/dev/urandom of=/mnt/dir/sub/odd bs=512 count=37 2>/dev/null || fail write
+seq 1 20000 >/mnt/dir/sub/seq || fail write
+(cd /mnt && md5sum f* dir/small dir/sub/odd dir/sub/seq) >/tmp/md5 || fail write
+cat /tmp/md5
+
+step sync
+sync || fail sync
+umount /mnt || fail umount
+
+# Drop the connection and every cache, so verification reads from the server.
+step reconnect
+nbd-client -d /dev/nbd0 || fail disconnect-1
+sleep 0.5
+echo 3 >/proc/sys/vm/drop_caches
+connect || fail reconnect
+
+step verify
+mount -t ext4 /dev/nbd0 /mnt || fail remount
+(cd /mnt && md5sum -c /tmp/md5) || fail verify
+umount /mnt || fail umount-2
+
+step e2fsck
+e2fsck -fn /dev/nbd0 || fail e2fsck
+
+step disconnect
+nbd-client -d /dev/nbd0 || fail disconnect
+
+echo "VMTEST: PASS"
+poweroff -f
+INIT
+chmod +x "$R/init"
+
+INITRD=$CACHE/initramfs-$KVER.cpio.gz
+(cd "$R" && find . | sort | cpio -o -H newc --quiet | gzip -1) >"$WORK/initrd"
+mv -f "$WORK/initrd" "$INITRD"
+flock -u 9
+
+# ------------------------------------------------------------------ boot ----
+echo "vmtest: booting $KVER, server 127.0.0.1:$PORT export '${NAME}', log $LOG" >&2
+start=$(date +%s)
+set +e
+timeout "$TIMEOUT" qemu-system-x86_64 \
+    -accel tcg -m 512 -nographic -no-reboot \
+    -kernel "$VMLINUZ" -initrd "$INITRD" \
+    -append "console=ttyS0 quiet panic=-1 vmtest.port=$PORT vmtest.name=$NAME vmtest.mib=$MIB" \
+    -netdev user,id=n0 -device virtio-net-pci,netdev=n0,romfile= \
+    </dev/null 2>&1 | tr -d '\r' >"$LOG"
+rc=${PIPESTATUS[0]}
+set -e
+elapsed=$(($(date +%s) - start))
+
+if grep -q '^VMTEST: PASS' "$LOG"; then
+    # Kernel complaints about the device are worth seeing even on PASS.
+    if grep -E 'I/O error|block nbd|EXT4-fs (error|warning)' "$LOG" >"$LOG.warn"; then
+        echo "vmtest: warning: guest kernel reported:" >&2
+        head -n 20 "$LOG.warn" >&2
+    fi
+    rm -f "$LOG.warn"
+    echo "vmtest: PASS (${elapsed}s)"
+    exit 0
+fi
+if [ "$rc" = 124 ]; then
+    why="timeout after ${TIMEOUT}s"
+else
+    why=$(grep -m1 '^VMTEST: FAIL' "$LOG" || echo "no verdict, qemu exit $rc")
+fi
+echo "vmtest: FAIL: $why (${elapsed}s); console log tail ($LOG):" >&2
+tail -n 60 "$LOG" >&2
+exit 1
