@@ -1005,6 +1005,37 @@ def pipelined_requests_all_get_one_reply(ctx):
     c.close()
 
 
+@test
+def pipelined_writes_trickled_in_small_pieces(ctx):
+    """Several WRITEs sent back to back but delivered in small, odd-sized
+    pieces, so payloads straddle reads (regression: a server that parsed the
+    next header while a WRITE payload was still arriving read data as a
+    header and dropped the connection, as the kernel client's mkfs showed)."""
+    import time
+    for sizes, chunk in (([4096, 4096], 5000), ([4096, 131072, 512, 4096], 1000), ([65536] * 4, 7777), ([1, 4097, 3], 3)):
+        c = ctx.conn()
+        blobs = []
+        want = []
+        off = 3 * MiB
+        for i, n in enumerate(sizes):
+            data = pattern(700 + i, n)
+            want.append((off, data))
+            blobs.append(struct.pack(">IHHQQI", REQUEST_MAGIC, 0, CMD_WRITE, 50 + i, off, n) + data)
+            off += n + 512
+        stream = b"".join(blobs)
+        for i in range(0, len(stream), chunk):
+            c.s.sendall(stream[i:i + chunk])
+            time.sleep(0.001)
+        for i in range(len(sizes)):
+            c.pending[50 + i] = (CMD_WRITE, want[i][0], len(want[i][1]))
+        errs = [c.reply().error for _ in sizes]
+        check(all(e == 0 for e in errs), "trickled WRITEs %s in %d-byte pieces all succeed" % (sizes, chunk))
+        for o, data in want:
+            err, got = c.read(o, len(data))
+            check(err == 0 and got == data, "trickled WRITE at %d reads back" % o)
+        c.close()
+
+
 def expect_error_and_alive(ctx, c, r, want, what, strict_errno=True):
     check(r.error != 0, "%s -> an error reply (got %s)" % (what, errname(r.error)))
     if strict_errno:

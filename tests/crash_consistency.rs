@@ -1,0 +1,879 @@
+//! Deterministic crash-consistency tests of the replica store on simulated I/O.
+//!
+//! For each seed, a random workload (aligned and unaligned writes of unique
+//! patterns, WRITE_ZEROES, FLUSH, FUA writes, reads checked against a model)
+//! runs with random partial execution of the queued I/O. At random points —
+//! and in particular right after fsyncs ("freeze durability at each sync
+//! point") — a crash image of every file is taken (the durable bytes plus a
+//! prefix of the unsynced writes with the last one torn, or, harsher, every
+//! unsynced sector in any of its versions), the store is recovered from it in
+//! a new simulator, and the recovered disk is checked:
+//!
+//! * every write made durable (acknowledged before a FLUSH that succeeded was
+//!   sent, or a FUA write acknowledged) reads back, unless a later write
+//!   covered the same bytes: per byte, the acceptable values are the last
+//!   guaranteed value and any value written after it;
+//! * no byte holds data that was never written to it (nor zero unless zero is
+//!   acceptable);
+//! * the disk is a prefix of the journal order: there is a record `k` such
+//!   that the disk is exactly "all records up to `k` applied";
+//! * the whole disk reads through the recovered store with checksum
+//!   verification on, with no EIO;
+//! * recovery is idempotent, and a crash *during* recovery recovers to the
+//!   same guarantees.
+//!
+//! A failure prints the seed; `SEED=n cargo test --test crash_consistency`
+//! runs one seed, `SEEDS=n` / `SEED_BASE=b` change the range.
+
+mod sim_common;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nbdmirror::sim::{Fault, FaultEffect, FaultOn, Rng, SimIo};
+use nbdmirror::store::{ReqId, StoreEvent, Tuning, MAX_RECORD_DATA, WRITE_HEADROOM};
+use sim_common::*;
+
+// ------------------------------------------------------------------ the model
+
+struct Wr {
+    id: u64,
+    off: u64,
+    len: u64,
+    /// Pattern bytes for `[off, off+len)`; empty for WRITE_ZEROES.
+    data: Arc<Vec<u8>>,
+    guaranteed: bool,
+    fua: bool,
+}
+
+impl Wr {
+    fn val(&self, o: u64) -> u8 {
+        if self.data.is_empty() {
+            0
+        } else {
+            self.data[(o - self.off) as usize]
+        }
+    }
+    fn end(&self) -> u64 {
+        self.off + self.len
+    }
+}
+
+enum Pending {
+    Write { idx: usize },
+    Flush { covers: Vec<usize> },
+    Read { off: u64, len: u64, snap: Vec<u32>, snap_img: Vec<u8>, head: usize },
+}
+
+/// What the disk may hold. Per byte, index 0 stands for `base` (the disk at
+/// the start of this life) and `i + 1` for `writes[i]`; writes are kept in
+/// submission order, which is the store's journal order.
+struct Model {
+    base: Vec<u8>,
+    writes: Vec<Wr>,
+    /// Highest write acknowledged (Written Ok) covering each byte, and its value.
+    acked_idx: Vec<u32>,
+    acked_img: Vec<u8>,
+    /// Highest write guaranteed durable covering each byte, and its value.
+    guar_idx: Vec<u32>,
+    guar_img: Vec<u8>,
+    /// Acknowledged writes not yet guaranteed (a FLUSH sent now covers them).
+    acked_unguaranteed: Vec<usize>,
+    pending: HashMap<ReqId, Pending>,
+    flushes_ok: u64,
+    reads_checked: u64,
+}
+
+impl Model {
+    fn new(base: Vec<u8>) -> Model {
+        let n = base.len();
+        Model {
+            guar_img: base.clone(),
+            acked_img: base.clone(),
+            base,
+            writes: Vec::new(),
+            acked_idx: vec![0; n],
+            guar_idx: vec![0; n],
+            acked_unguaranteed: Vec::new(),
+            pending: HashMap::new(),
+            flushes_ok: 0,
+            reads_checked: 0,
+        }
+    }
+
+    fn val(&self, idx: u32, o: u64) -> u8 {
+        if idx == 0 {
+            self.base[o as usize]
+        } else {
+            self.writes[idx as usize - 1].val(o)
+        }
+    }
+
+    fn guarantee(&mut self, i: usize) {
+        if self.writes[i].guaranteed {
+            return;
+        }
+        self.writes[i].guaranteed = true;
+        raise(&mut self.guar_idx, &mut self.guar_img, &self.writes[i], i as u32 + 1);
+    }
+
+    /// Handle one store event; Err describes a violation.
+    fn on_event(&mut self, e: StoreEvent) -> Result<(), String> {
+        let id = event_id(&e);
+        let Some(p) = self.pending.remove(&id) else {
+            return Err(format!("event for unknown request {id}: {e:?}"));
+        };
+        match (p, e) {
+            (Pending::Write { idx }, StoreEvent::Written(_, r)) => {
+                if let Err(errno) = r {
+                    return Err(format!(
+                        "write {} (off {} len {}) failed with errno {errno} without any fault",
+                        self.writes[idx].id, self.writes[idx].off, self.writes[idx].len
+                    ));
+                }
+                let w = &self.writes[idx];
+                raise(&mut self.acked_idx, &mut self.acked_img, w, idx as u32 + 1);
+                if w.fua {
+                    self.guarantee(idx);
+                } else {
+                    self.acked_unguaranteed.push(idx);
+                }
+            }
+            (Pending::Flush { covers }, StoreEvent::Flushed(_, r)) => {
+                if let Err(errno) = r {
+                    return Err(format!("flush {id} failed with errno {errno} without any fault"));
+                }
+                self.flushes_ok += 1;
+                for i in covers {
+                    self.guarantee(i);
+                }
+                let ws = &self.writes;
+                self.acked_unguaranteed.retain(|&i| !ws[i].guaranteed);
+            }
+            (Pending::Read { off, len, snap, snap_img, head }, StoreEvent::Read(_, r)) => {
+                let buf = match r {
+                    Ok(b) => b,
+                    Err(errno) => {
+                        return Err(format!(
+                            "read {id} of {off}+{len} failed with errno {errno} without any fault"
+                        ))
+                    }
+                };
+                if buf.len() != head + len as usize {
+                    return Err(format!(
+                        "read {id} returned {} bytes, expected {head} + {len}",
+                        buf.len()
+                    ));
+                }
+                if buf[head..] != snap_img[..] {
+                    self.check_read(id, off, &buf[head..], &snap)?;
+                }
+                self.reads_checked += 1;
+            }
+            (_, e) => return Err(format!("event of the wrong kind for request {id}: {e:?}")),
+        }
+        Ok(())
+    }
+
+    /// A read must see, per byte, the newest write acknowledged before it was
+    /// sent, or a write sent after that one.
+    fn check_read(&self, id: ReqId, off: u64, got: &[u8], snap: &[u32]) -> Result<(), String> {
+        let end = off + got.len() as u64;
+        let mut bad: Vec<u64> = (off..end)
+            .filter(|&o| got[(o - off) as usize] != self.val(snap[(o - off) as usize], o))
+            .collect();
+        if bad.is_empty() {
+            return Ok(());
+        }
+        bad.retain(|&o| {
+            let floor = snap[(o - off) as usize];
+            !self.writes.iter().enumerate().any(|(i, w)| {
+                i as u32 + 1 > floor
+                    && w.off <= o
+                    && o < w.end()
+                    && w.val(o) == got[(o - off) as usize]
+            })
+        });
+        match bad.first() {
+            None => Ok(()),
+            Some(&o) => {
+                let floor = snap[(o - off) as usize];
+                Err(format!(
+                    "read {id} of {off}+{}: byte {o} is {:#04x}, expected {:#04x} ({}) or a later write; \
+                     {} bad bytes in the read",
+                    got.len(),
+                    got[(o - off) as usize],
+                    self.val(floor, o),
+                    self.describe(floor),
+                    bad.len()
+                ))
+            }
+        }
+    }
+
+    fn describe(&self, idx: u32) -> String {
+        if idx == 0 {
+            "the disk before this life".into()
+        } else {
+            let w = &self.writes[idx as usize - 1];
+            format!(
+                "{} {} at {}+{}{}",
+                if w.data.is_empty() { "zeroes" } else { "write" },
+                w.id,
+                w.off,
+                w.len,
+                if w.fua { " FUA" } else { "" }
+            )
+        }
+    }
+
+    /// Check a recovered disk image against what must have survived: it must
+    /// be "records 1..=k applied" for some k at or past the last guaranteed
+    /// record. When it is not, the per-byte check says which bytes are wrong.
+    fn check_crash(&self, got: &[u8]) -> Result<(), String> {
+        if got.len() != self.base.len() {
+            return Err(format!("recovered disk is {} bytes, expected {}", got.len(), self.base.len()));
+        }
+        match self.check_prefix(got) {
+            Ok(()) => Ok(()),
+            Err(prefix) => {
+                self.check_bytes(got)?;
+                Err(prefix)
+            }
+        }
+    }
+
+    /// (a) + (b): per byte, the last guaranteed value or a value written later.
+    fn check_bytes(&self, got: &[u8]) -> Result<(), String> {
+        let mut bad: Vec<bool> = got.iter().zip(&self.guar_img).map(|(a, b)| a != b).collect();
+        let mut nbad = bad.iter().filter(|&&b| b).count();
+        if nbad > 0 {
+            for (i, w) in self.writes.iter().enumerate() {
+                for o in w.off..w.end() {
+                    let ou = o as usize;
+                    if bad[ou] && i as u32 + 1 > self.guar_idx[ou] && got[ou] == w.val(o) {
+                        bad[ou] = false;
+                        nbad -= 1;
+                    }
+                }
+            }
+        }
+        if nbad == 0 {
+            return Ok(());
+        }
+        let first = bad.iter().position(|&b| b).unwrap();
+        let last = bad.iter().rposition(|&b| b).unwrap();
+        let g = self.guar_idx[first];
+        let mut later: Vec<String> = self
+            .writes
+            .iter()
+            .enumerate()
+            .filter(|(i, w)| *i as u32 + 1 > g && w.off <= first as u64 && (first as u64) < w.end())
+            .map(|(i, _)| self.describe(i as u32 + 1))
+            .collect();
+        later.truncate(6);
+        Err(format!(
+            "{nbad} bytes hold values that cannot be there (first at {first}, last at {last}): \
+             byte {first} is {:#04x} (stamped by write {:?}), the guaranteed value is {:#04x} from {} \
+             (later writes allowed there: [{}])",
+            got[first],
+            stamp_at(got, first as u64),
+            self.guar_img[first],
+            self.describe(g),
+            later.join(", ")
+        ))
+    }
+
+    /// Prefix consistency, compared sector by sector (memcmp, fast in debug
+    /// builds): the disk is "journal records 1..=k applied" for some k that
+    /// includes every guaranteed write. Writes bigger than MAX_RECORD_DATA
+    /// are split into records the way the store splits them.
+    fn check_prefix(&self, got: &[u8]) -> Result<(), String> {
+        const S: usize = 512;
+        let n = got.len();
+        let nsec = n.div_ceil(S);
+        let mut img = self.base.clone();
+        let differs = |img: &[u8], s: usize| {
+            let (a, b) = (s * S, ((s + 1) * S).min(n));
+            img[a..b] != got[a..b]
+        };
+        let mut bad: Vec<bool> = (0..nsec).map(|s| differs(&img, s)).collect();
+        let mut nbad = bad.iter().filter(|&&b| b).count();
+        let mut last_match = (nbad == 0).then_some(0usize);
+        let mut best = (nbad, 0usize);
+        let (mut rec, mut g_rec) = (0usize, 0usize);
+        for w in &self.writes {
+            let step = if w.data.is_empty() { w.len.max(1) } else { MAX_RECORD_DATA as u64 };
+            let mut s = w.off;
+            while s < w.end() {
+                let e = (s + step).min(w.end());
+                let (su, eu) = (s as usize, e as usize);
+                if w.data.is_empty() {
+                    img[su..eu].fill(0);
+                } else {
+                    let d = (s - w.off) as usize;
+                    img[su..eu].copy_from_slice(&w.data[d..d + (eu - su)]);
+                }
+                for sec in su / S..=(eu - 1) / S {
+                    let now = differs(&img, sec);
+                    if now != bad[sec] {
+                        bad[sec] = now;
+                        if now {
+                            nbad += 1;
+                        } else {
+                            nbad -= 1;
+                        }
+                    }
+                }
+                rec += 1;
+                if nbad == 0 {
+                    last_match = Some(rec);
+                }
+                if nbad <= best.0 {
+                    best = (nbad, rec);
+                }
+                s = e;
+            }
+            if w.guaranteed {
+                g_rec = rec;
+            }
+        }
+        match last_match {
+            Some(k) if k >= g_rec => Ok(()),
+            Some(k) => Err(format!(
+                "the recovered disk is the journal prefix of {k} records, but records up to {g_rec} were \
+                 guaranteed durable (lost flushed/FUA writes)"
+            )),
+            None => Err(format!(
+                "the recovered disk is not a prefix of the journal: the closest prefix ({} of {rec} records) \
+                 differs in {} sectors",
+                best.1, best.0
+            )),
+        }
+    }
+}
+
+/// Per byte of `w`, raise `idx` to `i` (and `img` to `w`'s value) where it is
+/// lower.
+fn raise(idx: &mut [u32], img: &mut [u8], w: &Wr, i: u32) {
+    let r = w.off as usize..w.end() as usize;
+    if idx[r.clone()].iter().all(|&a| a < i) {
+        idx[r.clone()].fill(i);
+        if w.data.is_empty() {
+            img[r].fill(0);
+        } else {
+            img[r].copy_from_slice(&w.data);
+        }
+        return;
+    }
+    for o in w.off..w.end() {
+        let ou = o as usize;
+        if idx[ou] < i {
+            idx[ou] = i;
+            img[ou] = w.val(o);
+        }
+    }
+}
+
+// ------------------------------------------------------------ the workload
+
+struct Run {
+    seed: u64,
+    rng: Rng,
+    rig: Rig,
+    model: Model,
+    next_write_id: u64,
+    size: u64,
+    crash_checks: u64,
+    sync_checks_left: u32,
+    /// Hot zone (offset, length) and the share of requests sent there.
+    hot: (u64, u64),
+    hot_percent: u64,
+    /// Write path to test: (payload offset inside the buffer) choices.
+    log: Vec<String>,
+}
+
+const MAX_OUTSTANDING: usize = 12;
+
+impl Run {
+    fn note(&mut self, s: String) {
+        if std::env::var("SIM_LOG").is_ok() {
+            eprintln!("[{}] {s}", self.seed);
+        }
+        self.log.push(s);
+        if self.log.len() > 40 {
+            self.log.remove(0);
+        }
+    }
+
+    fn process_events(&mut self) -> Result<(), String> {
+        self.rig.st.drain_events(&mut self.rig.events);
+        for e in std::mem::take(&mut self.rig.events) {
+            self.note(format!("event {e:?}").chars().take(80).collect());
+            self.model.on_event(e)?;
+        }
+        Ok(())
+    }
+
+    fn pick_range(&mut self) -> (u64, u64) {
+        let (off, len) = self.pick_range_anywhere();
+        // Many requests go to a small hot zone, so writes overwrite each
+        // other while earlier ones are still in flight, unsynced or unapplied.
+        if self.rng.below(100) < self.hot_percent {
+            let (hs, hl) = self.hot;
+            let len = len.min(hl);
+            return (hs + self.rng.below(hl - len + 1), len);
+        }
+        (off, len)
+    }
+
+    fn pick_range_anywhere(&mut self) -> (u64, u64) {
+        let r = &mut self.rng;
+        let size = self.size;
+        match r.below(50) {
+            // Aligned blocks.
+            0..=24 => {
+                let blocks = size / 4096;
+                let n = 1 + r.below(16.min(blocks));
+                let b = r.below(blocks - n + 1);
+                (b * 4096, n * 4096)
+            }
+            // Unaligned, small.
+            25..=39 => {
+                let len = 1 + r.below(20_000).min(size - 1);
+                let off = r.below(size - len + 1);
+                (off, len)
+            }
+            // Sub-block.
+            40..=47 => {
+                let len = 1 + r.below(600);
+                let off = r.below(size - len + 1);
+                (off, len)
+            }
+            // Large: several records when it passes MAX_RECORD_DATA.
+            48 => {
+                let max = (size / 2).min(MAX_RECORD_DATA as u64 * 3 / 2);
+                let len = 4096 + r.below(max - 4096);
+                let len = if r.below(2) == 0 { len / 4096 * 4096 } else { len };
+                let off = r.below(size - len + 1);
+                let off = if r.below(2) == 0 { off / 4096 * 4096 } else { off };
+                (off, len.min(size - off))
+            }
+            // Medium.
+            _ => {
+                let len = 4096 + r.below((256 * KIB).min(size / 2));
+                let off = r.below(size - len + 1);
+                (off, len)
+            }
+        }
+    }
+
+    fn submit_write(&mut self, zero: bool) {
+        let (off, len) = self.pick_range();
+        let fua = self.rng.below(7) == 0;
+        self.next_write_id += 1;
+        let id = self.next_write_id;
+        let data = if zero { Vec::new() } else { pattern(id, off, len) };
+        let idx = self.model.writes.len();
+        self.model.writes.push(Wr {
+            id,
+            off,
+            len,
+            data: Arc::new(data),
+            guaranteed: false,
+            fua,
+        });
+        let req = self.rig.fresh_id();
+        self.model.pending.insert(req, Pending::Write { idx });
+        if zero {
+            let no_hole = self.rng.below(2) == 0;
+            self.note(format!("req {req}: zeroes {id} at {off}+{len} fua={fua}"));
+            self.rig
+                .st
+                .write_zeroes(&mut self.rig.sim, req, off, len, no_hole, fua);
+        } else {
+            // Zero-copy path (header room in front) or copy path.
+            let at = match self.rng.below(3) {
+                0 | 1 => WRITE_HEADROOM,
+                _ => self.rng.below(200) as usize,
+            };
+            self.note(format!("req {req}: write {id} at {off}+{len} fua={fua} at={at}"));
+            let buf = payload(&self.model.writes[idx].data, at);
+            self.rig
+                .st
+                .write(&mut self.rig.sim, req, off, buf, at, len as usize, fua);
+        }
+    }
+
+    fn submit_flush(&mut self) {
+        let req = self.rig.fresh_id();
+        let covers = self.model.acked_unguaranteed.clone();
+        self.note(format!("req {req}: flush covering {} writes", covers.len()));
+        self.model.pending.insert(req, Pending::Flush { covers });
+        self.rig.st.flush(&mut self.rig.sim, req);
+    }
+
+    fn submit_read(&mut self) {
+        let (off, len) = self.pick_range();
+        let len = len.min(128 * KIB);
+        let req = self.rig.fresh_id();
+        let head = [0usize, 16, 64][self.rng.below(3) as usize];
+        let r = off as usize..(off + len) as usize;
+        let snap = self.model.acked_idx[r.clone()].to_vec();
+        let snap_img = self.model.acked_img[r].to_vec();
+        self.note(format!("req {req}: read {off}+{len}"));
+        self.model
+            .pending
+            .insert(req, Pending::Read { off, len, snap, snap_img, head });
+        self.rig.st.read(&mut self.rig.sim, req, off, len, head);
+    }
+
+    /// Random partial execution of the queued I/O, with crash checks right
+    /// after fsyncs.
+    fn io_step(&mut self) -> Result<(), String> {
+        let k = match self.rng.below(4) {
+            0 => usize::MAX,
+            _ => 1 + self.rng.below(4) as usize,
+        };
+        let synced = self.rig.step(k);
+        self.process_events()?;
+        // Freeze durability at sync points: more often right after a meta
+        // fsync (a checkpoint moving the journal tail, or a table flush).
+        let p = if synced.contains(&self.rig.files.meta) {
+            2
+        } else if synced.is_empty() {
+            0
+        } else {
+            5
+        };
+        if p > 0 && self.sync_checks_left > 0 && self.rng.below(p) == 0 {
+            self.sync_checks_left -= 1;
+            self.note(format!("crash check right after fsync of {synced:?}"));
+            self.crash_and_check(false)?;
+        }
+        Ok(())
+    }
+
+    fn workload(&mut self, ops: u64) -> Result<(), String> {
+        for _ in 0..ops {
+            if self.model.pending.len() >= MAX_OUTSTANDING {
+                self.io_step()?;
+                continue;
+            }
+            match self.rng.below(100) {
+                0..=29 => self.submit_write(false),
+                30..=36 => self.submit_write(true),
+                37..=44 => self.submit_flush(),
+                45..=54 => self.submit_read(),
+                55..=58 => self.rig.st.tick(&mut self.rig.sim),
+                _ => self.io_step()?,
+            }
+            self.process_events()?;
+        }
+        Ok(())
+    }
+
+    /// Finish the requests in flight (no crash).
+    fn settle(&mut self) -> Result<(), String> {
+        let mut idle = 0;
+        while !self.model.pending.is_empty() {
+            if self.rig.sim.pending() == 0 {
+                idle += 1;
+                if idle > 50 {
+                    return Err(format!(
+                        "{} requests never complete (store idle, failure: {:?})",
+                        self.model.pending.len(),
+                        self.rig.st.failure()
+                    ));
+                }
+                self.rig.st.tick(&mut self.rig.sim);
+            } else {
+                idle = 0;
+            }
+            self.io_step()?;
+        }
+        Ok(())
+    }
+
+    /// Crash now, recover and check. With `replace`, the recovered replica
+    /// becomes the one the workload continues on (a new life).
+    fn crash_and_check(&mut self, replace: bool) -> Result<(), String> {
+        self.crash_checks += 1;
+        let any = self.rng.below(2) == 0;
+        let s1 = self.rng.next();
+        let mut tuning = self.rig.tuning;
+        tuning.verify_reads = true;
+        let mut sim_a = self.rig.sim.crash_copy(s1, any);
+        let files = self.rig.files;
+        let idempotency = self.rng.below(3) == 0;
+        let crash_in_recovery = self.rng.below(4) == 0;
+        // An exact copy of the crash image, for a crash during its recovery.
+        let spare = crash_in_recovery.then(|| sim_a.crash_copy(s1 ^ 1, false));
+
+        let what = format!("crash image ({})", if any { "any-sector" } else { "prefix+torn" });
+        let image = if std::env::var("SIM_LOG").is_ok() {
+            Some(sim_a.crash_copy(0, false))
+        } else {
+            None
+        };
+        let mut rec = Rig::open(sim_a, files, tuning).map_err(|e| format!("{what}: recovery failed: {e}"))?;
+        let recovery_ops = rec.sim.ops_done;
+        let got = rec.read_all().map_err(|(off, e)| {
+            if let Some(img) = image {
+                dump_replica(img, &rec, off / 4096);
+            }
+            format!("{what}: reading the recovered disk at {off}: errno {e}")
+        })?;
+        self.model.check_crash(&got).map_err(|e| format!("{what}: {e}"))?;
+
+        // Idempotent: recovering the recovered replica changes nothing.
+        if idempotency {
+            let s2 = self.rng.next();
+            let mut again = rec
+                .crash(s2, self.rng.below(2) == 0)
+                .map_err(|e| format!("{what}: second recovery failed: {e}"))?;
+            let got2 = again
+                .read_all()
+                .map_err(|(off, e)| format!("{what}: second recovery: reading at {off}: errno {e}"))?;
+            if got2 != got {
+                let o = got.iter().zip(&got2).position(|(a, b)| a != b).unwrap();
+                return Err(format!("{what}: recovery is not idempotent: byte {o} changed on the second recovery"));
+            }
+        }
+
+        // A crash in the middle of recovery (every op from a random one on
+        // fails, as if the machine died there), then recovery again.
+        if let Some(mut sim_c) = spare {
+            let n_ops = recovery_ops;
+            let cut = self.rng.below(n_ops.max(1));
+            sim_c.faults.push(Fault {
+                fd: None,
+                on: FaultOn::Any,
+                skip: cut,
+                effect: FaultEffect::Errno(libc::EIO),
+                sticky: true,
+            });
+            let _ = recover(&mut sim_c, files, tuning);
+            sim_c.faults.clear();
+            let s3 = self.rng.next();
+            let sim_d = sim_c.crash_copy(s3, self.rng.below(2) == 0);
+            let mut r3 = Rig::open(sim_d, files, tuning)
+                .map_err(|e| format!("{what}: recovery after a crash during recovery (op {cut} of {n_ops}): {e}"))?;
+            let got3 = r3.read_all().map_err(|(off, e)| {
+                format!("{what}: after a crash during recovery (op {cut}): reading at {off}: errno {e}")
+            })?;
+            self.model
+                .check_crash(&got3)
+                .map_err(|e| format!("{what}, crash during recovery at op {cut} of {n_ops}: {e}"))?;
+        }
+        if replace {
+            self.rig = rec;
+            self.model = Model::new(got);
+        }
+        Ok(())
+    }
+}
+
+/// Debug aid (SIM_LOG): what the crash image and the recovered replica hold.
+fn dump_replica(mut img: SimIo, rec: &Rig, from_block: u64) {
+    use nbdmirror::store::checksum::block_checksum;
+    use nbdmirror::store::format::CHECKSUM_TABLE_OFFSET;
+    let files = rec.files;
+    let sb = nbdmirror::store::load_superblock(&mut img, files.meta).unwrap();
+    eprintln!("crash image superblock: {sb:?}");
+    let _ = nbdmirror::store::journal::scan(&mut img, files.journal, sb.journal_size, sb.tail_pos, sb.tail_seq, sb.epoch, |_, r| {
+        eprintln!("  journal record {:?}", r.header);
+        Ok(())
+    })
+    .map(|end| eprintln!("  scan end {end:?}"));
+    let data = &rec.sim.files[&files.data].live;
+    let meta = &rec.sim.files[&files.meta].live;
+    let blocks = rec.st.size() / 4096;
+    for b in from_block..blocks {
+        let blk = &data[(b * 4096) as usize..((b + 1) * 4096) as usize];
+        let at = (CHECKSUM_TABLE_OFFSET + b * 8) as usize;
+        let table = u64::from_le_bytes(meta[at..at + 8].try_into().unwrap());
+        let sum = block_checksum(b, blk);
+        if sum != table {
+            eprintln!(
+                "  block {b}: table {table:#x} data {sum:#x} stamps {:?}",
+                (0..8).map(|i| stamp_at(data, b * 4096 + i * 512)).collect::<Vec<_>>()
+            );
+        }
+    }
+}
+
+/// Deterministic tuning (intervals are zero or an hour, so wall-clock time
+/// never matters), mixing eager and lazy syncs and checkpoints.
+fn random_tuning(rng: &mut Rng) -> Tuning {
+    let eager_sync = rng.below(2) == 0;
+    let eager_ckpt = rng.below(2) == 0;
+    Tuning {
+        sync_bytes: if eager_sync { 0 } else { [64 * KIB, 1 * MIB, u64::MAX][rng.below(3) as usize] },
+        sync_interval: if eager_sync { Duration::ZERO } else { HOUR },
+        // Also the "ring half this full" sync trigger: 0 syncs eagerly.
+        checkpoint_percent: [0, 5, 30, 60, 100, 100][rng.below(6) as usize],
+        checkpoint_interval: if eager_ckpt { Duration::ZERO } else { HOUR },
+        verify_reads: rng.below(4) != 0,
+    }
+}
+
+fn run_seed(seed: u64) -> Result<(u64, u64, u64), String> {
+    let mut rng = Rng::new(seed ^ 0xC0FF_EE00);
+    let size = [256 * KIB, 1 * MIB, 1 * MIB, 1 * MIB, 3 * MIB][rng.below(5) as usize];
+    let jsize = 4 * MIB + [0, 0, 512 * 77][rng.below(3) as usize];
+    let tuning = random_tuning(&mut rng);
+    let mut sim = SimIo::new(seed);
+    sim.trace = std::env::var("SIM_TRACE").is_ok();
+    sim.reorder = rng.below(5) != 0;
+    let (files, _) = nbdmirror::sim::init_replica(&mut sim, size, jsize);
+    let rig = Rig::open(sim, files, tuning).map_err(|e| format!("open: {e}"))?;
+    let lives = 1 + rng.below(3);
+    let mut run = Run {
+        seed,
+        rig,
+        model: Model::new(vec![0; size as usize]),
+        next_write_id: seed << 20,
+        size,
+        crash_checks: 0,
+        sync_checks_left: 3,
+        hot: (0, 0),
+        hot_percent: 0,
+        log: Vec::new(),
+        rng,
+    };
+    run.note(format!("size {size} journal {jsize} tuning {tuning:?} lives {lives}"));
+    let mut writes = 0;
+    for life in 0..lives {
+        let ops = 60 + run.rng.below(200);
+        let hot_len = [4 * KIB, 16 * KIB, 64 * KIB][run.rng.below(3) as usize];
+        run.hot = (run.rng.below(size / 4096 - hot_len / 4096 + 1) * 4096, hot_len);
+        run.hot_percent = [0, 30, 60, 90][run.rng.below(4) as usize];
+        run.sync_checks_left = 4;
+        run.workload(ops).map_err(|e| format!("life {life}: {e}"))?;
+        match run.rng.below(4) {
+            0 => {}                   // crash with I/O in flight
+            1 => run.settle().map_err(|e| format!("life {life}: settle: {e}"))?,
+            2 => {
+                run.submit_flush();
+                run.settle().map_err(|e| format!("life {life}: settle: {e}"))?;
+            }
+            _ => {
+                run.settle().map_err(|e| format!("life {life}: settle: {e}"))?;
+                run.rig.st.drain(&mut run.rig.sim);
+                run.settle().map_err(|e| format!("life {life}: drain: {e}"))?;
+                for _ in 0..8 {
+                    run.io_step().map_err(|e| format!("life {life}: drain: {e}"))?;
+                }
+            }
+        }
+        writes += run.model.writes.len() as u64;
+        run.note(format!("life {life}: crash"));
+        run.crash_and_check(true).map_err(|e| format!("life {life}: {e}"))?;
+    }
+    Ok((run.crash_checks, writes, run.model.reads_checked))
+}
+
+fn run_seed_with_log(seed: u64) -> Result<(u64, u64, u64), String> {
+    let r = std::panic::catch_unwind(|| run_seed(seed));
+    match r {
+        Ok(r) => r,
+        Err(p) => {
+            let msg = p
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            Err(format!("panicked: {msg}"))
+        }
+    }
+}
+
+#[test]
+fn crash_images_recover_to_a_consistent_durable_disk() {
+    let started = Instant::now();
+    let seeds = seeds(200);
+    let mut failures = Vec::new();
+    let (mut checks, mut writes) = (0, 0);
+    for &seed in &seeds {
+        match run_seed_with_log(seed) {
+            Ok((c, w, _)) => {
+                checks += c;
+                writes += w;
+            }
+            Err(e) => {
+                eprintln!("seed {seed} FAILED: {e}\n  rerun: SEED={seed} SIM_LOG=1 cargo test --test crash_consistency");
+                failures.push(seed);
+            }
+        }
+    }
+    eprintln!(
+        "{} seeds, {checks} crash images checked, {writes} writes, {:?}",
+        seeds.len(),
+        started.elapsed()
+    );
+    assert!(failures.is_empty(), "failing seeds: {failures:?}");
+}
+
+/// A durable (FUA) write whose bytes are then overwritten by a newer write
+/// that is journaled but not yet synced: the apply pass skips the older
+/// record's bytes (the overlay only holds the newest), a checkpoint then moves
+/// the journal tail past the older record, and a crash loses the newer,
+/// unsynced record. The FUA write must still read back.
+#[test]
+fn fua_write_superseded_by_an_unsynced_write_survives_checkpoint_and_crash() {
+    let tuning = Tuning {
+        sync_bytes: u64::MAX,
+        sync_interval: HOUR,
+        checkpoint_percent: 100,
+        checkpoint_interval: Duration::ZERO,
+        verify_reads: true,
+    };
+    let mut sim = SimIo::new(1);
+    sim.reorder = false;
+    let (files, _) = nbdmirror::sim::init_replica(&mut sim, 1 * MIB, 4 * MIB);
+    let mut rig = Rig::open(sim, files, tuning).unwrap();
+    let (j, d) = (files.journal, files.data);
+    let p = pattern(1, 40960, 4096);
+    let a = pattern(2, 81920, 4096);
+    let b = pattern(3, 81920, 4096);
+
+    // P: FUA write, journaled, synced; its apply is queued but not run.
+    rig.st.write(&mut rig.sim, 1, 40960, payload(&p, WRITE_HEADROOM), WRITE_HEADROOM, 4096, true);
+    rig.run_op("P's journal write", is_write_to(j));
+    rig.run_op("the sync for P", is_fsync_of(j));
+    assert!(matches!(rig.take_event(1), Some(StoreEvent::Written(1, Ok(())))));
+    // A: FUA write to X, journaled and synced while P's apply is pending.
+    rig.st.write(&mut rig.sim, 2, 81920, payload(&a, WRITE_HEADROOM), WRITE_HEADROOM, 4096, true);
+    rig.run_op("A's journal write", is_write_to(j));
+    rig.run_op("the sync for A", is_fsync_of(j));
+    assert!(matches!(rig.take_event(2), Some(StoreEvent::Written(2, Ok(())))));
+    // B: plain write over X, journaled, not synced.
+    rig.st.write(&mut rig.sim, 3, 81920, payload(&b, WRITE_HEADROOM), WRITE_HEADROOM, 4096, false);
+    rig.run_op("B's journal write", is_write_to(j));
+    assert!(matches!(rig.take_event(3), Some(StoreEvent::Written(3, Ok(())))));
+    // P's apply lands; whatever follows (apply up to A, checkpoint) runs,
+    // except journal syncs (none is due: no FLUSH, no pressure).
+    rig.run_op("P's apply", is_write_to(d));
+    while rig.sim.pending() > 0 {
+        assert!(rig.sim.queued().all(|op| !is_fsync_of(j)(op)), "unexpected journal sync");
+        rig.step(1);
+    }
+    // Power failure: only synced bytes survive; B's record is gone.
+    let mut after = rig.crash_durable_only(7).unwrap();
+    let got = after.read_sync(81920, 4096).unwrap();
+    assert!(
+        got == a,
+        "FUA write A lost after a checkpoint and a crash: block holds write {:?}",
+        stamp_at(&got, 0)
+    );
+    // Once B is durable the checkpoint goes ahead, and B is what survives.
+    rig.flush_sync().unwrap();
+    rig.drain();
+    assert!(rig.st.is_quiet(), "store not quiet after drain");
+    assert!(rig.st.stats.checkpoints >= 1);
+    let mut after = rig.crash_durable_only(8).unwrap();
+    assert_eq!(after.read_sync(81920, 4096).unwrap(), b);
+    assert_eq!(after.read_sync(40960, 4096).unwrap(), p);
+}
