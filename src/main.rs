@@ -62,6 +62,13 @@ enum Cmd {
         /// Do not verify block checksums on reads.
         #[arg(long)]
         no_verify_reads: bool,
+        /// Checkpoint at least this often (ms) when something was applied;
+        /// a checkpoint also runs whenever the journal is 40% full.
+        #[arg(long, default_value_t = 30_000)]
+        checkpoint_interval_ms: u64,
+        /// Sync the journal at least this often (ms) when writes are unsynced.
+        #[arg(long, default_value_t = 200)]
+        sync_interval_ms: u64,
     },
     /// Print a replica directory's superblock.
     Info {
@@ -100,6 +107,8 @@ fn run(cli: Cli) -> Result<(), String> {
             unix,
             export_name,
             no_verify_reads,
+            checkpoint_interval_ms,
+            sync_interval_ms,
         } => {
             if !path.join("meta").exists() {
                 match size {
@@ -128,6 +137,8 @@ fn run(cli: Cli) -> Result<(), String> {
             }
             let tuning = Tuning {
                 verify_reads: !no_verify_reads,
+                checkpoint_interval: std::time::Duration::from_millis(checkpoint_interval_ms),
+                sync_interval: std::time::Duration::from_millis(sync_interval_ms),
                 ..Tuning::default()
             };
             server::serve(ServeConfig {

@@ -55,6 +55,18 @@ pub struct Fault {
     pub sticky: bool,
 }
 
+/// What survives a simulated power failure, per file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CrashMode {
+    /// Only what was fsynced ("freeze durability at the last sync point").
+    DurableOnly,
+    /// The durable bytes plus a random prefix of the unsynced writes, the
+    /// last one torn ([`SimIo::crash_image`]).
+    PrefixTorn,
+    /// Every unsynced sector in any of its versions ([`SimIo::crash_image_any`]).
+    AnySector,
+}
+
 /// A small deterministic PRNG (xorshift64*), so a seed reproduces a run.
 #[derive(Clone, Debug)]
 pub struct Rng(u64);
@@ -190,15 +202,25 @@ impl SimIo {
     /// file descriptors. Queued ops are lost, as in a crash. `seed` drives the
     /// new simulator's own reordering.
     pub fn crash_copy(&mut self, seed: u64, any_sector: bool) -> SimIo {
+        let mode = if any_sector {
+            CrashMode::AnySector
+        } else {
+            CrashMode::PrefixTorn
+        };
+        self.crash_copy_mode(seed, mode)
+    }
+
+    /// [`crash_copy`](Self::crash_copy) with an explicit [`CrashMode`].
+    pub fn crash_copy_mode(&mut self, seed: u64, mode: CrashMode) -> SimIo {
         let mut fds: Vec<RawFd> = self.files.keys().copied().collect();
         fds.sort_unstable();
         let mut next = SimIo::new(seed);
         next.trace = self.trace;
         for fd in fds {
-            let img = if any_sector {
-                self.crash_image_any(fd)
-            } else {
-                self.crash_image(fd)
+            let img = match mode {
+                CrashMode::DurableOnly => self.files[&fd].durable.clone(),
+                CrashMode::PrefixTorn => self.crash_image(fd),
+                CrashMode::AnySector => self.crash_image_any(fd),
             };
             next.files.insert(
                 fd,

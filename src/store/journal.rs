@@ -29,6 +29,8 @@ pub struct JournalRing {
     pub head: u64,
     pub next_seq: u64,
     used: u64,
+    /// Every record up to this sequence number is written.
+    prefix: u64,
     /// Records not yet released by a checkpoint, oldest first.
     pub records: VecDeque<RecordSlot>,
 }
@@ -48,6 +50,7 @@ impl JournalRing {
             head,
             next_seq,
             used: 0,
+            prefix: next_seq - 1,
             records: VecDeque::new(),
         }
     }
@@ -121,22 +124,35 @@ impl JournalRing {
         self.records.get_mut(seq.checked_sub(first)? as usize)
     }
 
-    /// Highest sequence number such that it and every earlier record are written.
-    pub fn written_prefix(&self, from: u64) -> u64 {
-        let mut p = from;
-        let Some(first) = self.records.front().map(|r| r.seq) else {
-            return p;
-        };
-        if p + 1 < first {
-            p = first - 1;
+    /// Mark record `seq` as written and return the new written prefix.
+    pub fn mark_written(&mut self, seq: u64) -> u64 {
+        if let Some(r) = self.slot_mut(seq) {
+            r.written = true;
         }
-        while let Some(r) = self.records.get((p + 1 - first) as usize) {
+        self.advance_prefix();
+        self.prefix
+    }
+
+    fn advance_prefix(&mut self) {
+        let Some(first) = self.records.front().map(|r| r.seq) else {
+            self.prefix = self.next_seq - 1;
+            return;
+        };
+        if self.prefix + 1 < first {
+            self.prefix = first - 1;
+        }
+        while let Some(r) = self.records.get((self.prefix + 1 - first) as usize) {
             if !r.written {
                 break;
             }
-            p += 1;
+            self.prefix += 1;
         }
-        p
+    }
+
+    /// Highest sequence number such that it and every earlier record are
+    /// written (kept up to date incrementally: O(1) to ask).
+    pub fn written_prefix(&self) -> u64 {
+        self.prefix
     }
 
     /// Position and sequence of the oldest record with seq > `seq`

@@ -909,8 +909,8 @@ impl Store {
                         "rewriting failed journal record {seq}: {}",
                         errno_str(e)
                     ));
-                } else if let Some(s) = self.ring.slot_mut(seq) {
-                    s.written = true;
+                } else {
+                    self.ring.mark_written(seq);
                 }
                 self.kick(io, false);
             }
@@ -985,9 +985,7 @@ impl Store {
         let inflight = self.in_flight.remove(&seq);
         match err {
             None => {
-                if let Some(s) = self.ring.slot_mut(seq) {
-                    s.written = true;
-                }
+                self.ring.mark_written(seq);
                 if let Some(f) = inflight {
                     self.overlay.insert(f.start, f.end, seq, f.content);
                     self.chunk_done(f.req, None);
@@ -1060,7 +1058,7 @@ impl Store {
         if self.sync_in_flight.is_some() {
             return;
         }
-        let prefix = self.ring.written_prefix(self.durable_seq);
+        let prefix = self.ring.written_prefix();
         if prefix <= self.durable_seq {
             return;
         }
@@ -1261,7 +1259,6 @@ impl Store {
         if self.checkpoint.is_some() || self.applied_seq <= self.checkpointed_seq {
             return;
         }
-        if self.durable_seq < self.applied_needs_durable && std::env::var("NOFIX").is_ok() { eprintln!("GUARD-WINDOW"); }
         if std::env::var("NOFIX").is_err() && self.durable_seq < self.applied_needs_durable {
             // Wait for the sync (see `applied_needs_durable`).
             return;
