@@ -49,6 +49,8 @@ pub const MAX_RECORD_DATA: usize = 1024 * 1024;
 pub const WRITE_HEADROOM: usize = RECORD_HEADER_LEN;
 
 const EIO: i32 = libc::EIO;
+/// Largest buffer of zeroes written where a hole cannot be punched.
+const ZERO_CHUNK: usize = 1024 * 1024;
 
 pub type ReqId = u64;
 
@@ -810,9 +812,27 @@ impl Store {
             while pi < pieces.len() && pieces[pi].end <= pos {
                 pi += 1;
             }
-            let in_overlay = pi < pieces.len() && pieces[pi].start < bend;
-            let flags = if !in_overlay && self.sums.get(block) == 0 {
+            // Pieces touching [pos, bend): any data means data; zero pieces
+            // read as zero; bytes outside pieces come from the data file.
+            let mut any_piece = false;
+            let mut any_data = false;
+            let mut covered = 0u64;
+            let mut i = pi;
+            while i < pieces.len() && pieces[i].start < bend {
+                any_piece = true;
+                if matches!(pieces[i].content, Content::Data { .. }) {
+                    any_data = true;
+                }
+                covered += pieces[i].end.min(bend) - pieces[i].start.max(pos);
+                i += 1;
+            }
+            let file_zero = self.sums.get(block) == 0;
+            let flags = if any_data {
+                0
+            } else if !any_piece && file_zero {
                 nbd::consts::STATE_HOLE | nbd::consts::STATE_ZERO
+            } else if covered == bend - pos || file_zero {
+                nbd::consts::STATE_ZERO
             } else {
                 0
             };
@@ -976,7 +996,19 @@ impl Store {
                 }
             }
             Ctx::ApplyRead { block } => self.apply_read_done(io, block, c, err),
-            Ctx::ApplyWrite => self.apply_op_done(io, err),
+            Ctx::ApplyWrite => {
+                if let (Some(_), Op::Fallocate { fd, offset, len, .. }) = (err, &c.op) {
+                    // Punching the hole failed (EOPNOTSUPP on filesystems and
+                    // devices without it): write the zeroes instead, as
+                    // recovery does, rather than poison the store (found by
+                    // tests/store_faults.rs). If the writes fail too, the
+                    // batch fails as before.
+                    let (fd, offset, len) = (*fd, *offset, *len);
+                    self.apply_zeroes_by_writing(io, fd, offset, len);
+                    return;
+                }
+                self.apply_op_done(io, err)
+            }
             Ctx::Checkpoint => self.checkpoint_op_done(io, err),
         }
     }
@@ -1025,7 +1057,15 @@ impl Store {
             self.events
                 .push(StoreEvent::Written(req, Err(map_write_errno(e))));
         } else if w.fua && w.max_seq > self.durable_seq {
-            self.waiters.push((w.max_seq, req, true));
+            if self.failed.is_some() {
+                // Poisoned while this write was in flight: `poison` already
+                // failed the waiters it knew of and nothing will sync again,
+                // so a waiter added now would never be answered (found by
+                // tests/store_faults.rs: the FUA write hung).
+                self.events.push(StoreEvent::Written(req, Err(EIO)));
+            } else {
+                self.waiters.push((w.max_seq, req, true));
+            }
         } else {
             self.events.push(StoreEvent::Written(req, Ok(())));
         }
@@ -1222,6 +1262,33 @@ impl Store {
         );
     }
 
+    /// Replace one failed apply fallocate by plain writes of zeroes (in
+    /// pieces of at most `ZERO_CHUNK`, sharing one buffer).
+    fn apply_zeroes_by_writing(&mut self, io: &mut dyn Io, fd: RawFd, offset: u64, len: u64) {
+        let zeros = Arc::new(vec![0u8; (len as usize).min(ZERO_CHUNK)]);
+        let n = len.div_ceil(ZERO_CHUNK as u64).max(1) as usize;
+        self.apply.as_mut().expect("apply batch").ops_left += n - 1;
+        let mut at = 0u64;
+        while at < len {
+            let piece = (len - at).min(ZERO_CHUNK as u64) as usize;
+            self.submit(
+                io,
+                Ctx::ApplyWrite,
+                Op::Write {
+                    fd,
+                    buf: WriteBuf::Shared(zeros.clone()),
+                    start: 0,
+                    end: piece,
+                    offset: offset + at,
+                },
+            );
+            at += piece as u64;
+        }
+        if len == 0 {
+            self.apply_op_done(io, None);
+        }
+    }
+
     fn apply_op_done(&mut self, io: &mut dyn Io, err: Option<i32>) {
         let batch = self.apply.as_mut().expect("apply batch");
         if err.is_some() && batch.failed.is_none() {
@@ -1259,7 +1326,7 @@ impl Store {
         if self.checkpoint.is_some() || self.applied_seq <= self.checkpointed_seq {
             return;
         }
-        if std::env::var("NOFIX").is_err() && self.durable_seq < self.applied_needs_durable {
+        if self.durable_seq < self.applied_needs_durable {
             // Wait for the sync (see `applied_needs_durable`).
             return;
         }
@@ -1426,7 +1493,14 @@ fn replay(
                 len: h.length as u64,
             });
             if c.result < 0 {
-                write_blocking(io, data, h.offset, vec![0u8; h.length as usize])?;
+                // No hole punching here: write zeroes, a bounded buffer at a
+                // time (a Zero record may cover up to 4 GiB).
+                let mut at = 0u64;
+                while at < h.length as u64 {
+                    let piece = (h.length as u64 - at).min(ZERO_CHUNK as u64);
+                    write_blocking(io, data, h.offset + at, vec![0u8; piece as usize])?;
+                    at += piece;
+                }
             }
         }
         _ => return Ok(()),
@@ -1525,8 +1599,15 @@ pub fn load_superblock(io: &mut dyn Io, meta: RawFd) -> Result<Superblock, Strin
             offset: slot * SUPERBLOCK_SLOT,
         });
         if c.result < 0 {
-            errors.push(format!("slot {slot}: {}", errno_str(-c.result)));
-            continue;
+            // An unreadable slot may hold the newest superblock. Falling back
+            // to the other slot would roll the journal tail back, possibly
+            // into ring space newer records have reused, and recovery would
+            // then drop flushed writes (found by tests/store_faults.rs).
+            // Refuse rather than guess.
+            return Err(format!(
+                "cannot read superblock slot {slot}: {}; refusing to guess which superblock is current",
+                errno_str(-c.result)
+            ));
         }
         let Op::Read { buf, .. } = c.op else {
             unreachable!()

@@ -35,7 +35,15 @@ pub struct NbdError {
 
 impl fmt::Display for NbdError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "NBD {} at {}+{} failed: {} ({})", self.command, self.offset, self.len, errno_name(self.errno), self.errno)
+        write!(
+            f,
+            "NBD {} at {}+{} failed: {} ({})",
+            self.command,
+            self.offset,
+            self.len,
+            errno_name(self.errno),
+            self.errno
+        )
     }
 }
 
@@ -44,7 +52,9 @@ impl std::error::Error for NbdError {}
 /// The NBD error value inside an error returned by this client, if it is an
 /// error reply (not a transport error).
 pub fn nbd_errno(e: &io::Error) -> Option<u32> {
-    e.get_ref().and_then(|i| i.downcast_ref::<NbdError>()).map(|n| n.errno)
+    e.get_ref()
+        .and_then(|i| i.downcast_ref::<NbdError>())
+        .map(|n| n.errno)
 }
 
 pub fn errno_name(e: u32) -> &'static str {
@@ -99,10 +109,12 @@ impl Reply {
         if self.error == 0 {
             Ok(self)
         } else {
-            Err(io::Error::new(
-                io::ErrorKind::Other,
-                NbdError { errno: self.error, command: command_name(self.command), offset: self.offset, len: self.len },
-            ))
+            Err(io::Error::other(NbdError {
+                errno: self.error,
+                command: command_name(self.command),
+                offset: self.offset,
+                len: self.len,
+            }))
         }
     }
 }
@@ -134,15 +146,24 @@ impl NbdClient {
     /// As `connect`, with `timeout` for connecting and for every later
     /// socket read and write.
     pub fn connect_timeout(addr: &str, export: &str, timeout: Duration) -> io::Result<NbdClient> {
-        let sa: SocketAddr = addr
-            .to_socket_addrs()?
-            .next()
-            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, format!("no address for {addr}")))?;
+        let sa: SocketAddr = addr.to_socket_addrs()?.next().ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("no address for {addr}"),
+            )
+        })?;
         let s = TcpStream::connect_timeout(&sa, timeout)?;
         s.set_nodelay(true)?;
         s.set_read_timeout(Some(timeout))?;
         s.set_write_timeout(Some(timeout))?;
-        let mut c = NbdClient { s, size: 0, flags: 0, next_cookie: 1, in_flight: HashMap::new(), stash: HashMap::new() };
+        let mut c = NbdClient {
+            s,
+            size: 0,
+            flags: 0,
+            next_cookie: 1,
+            in_flight: HashMap::new(),
+            stash: HashMap::new(),
+        };
         c.handshake(export)?;
         Ok(c)
     }
@@ -153,11 +174,15 @@ impl NbdClient {
         let magic = u64::from_be_bytes(g[0..8].try_into().unwrap());
         let opt = u64::from_be_bytes(g[8..16].try_into().unwrap());
         if magic != NBDMAGIC || opt != IHAVEOPT {
-            return Err(proto_err(format!("bad greeting {magic:#x} {opt:#x} (not fixed newstyle)")));
+            return Err(proto_err(format!(
+                "bad greeting {magic:#x} {opt:#x} (not fixed newstyle)"
+            )));
         }
         let hflags = u16::from_be_bytes([g[16], g[17]]);
         if hflags & FLAG_FIXED_NEWSTYLE == 0 {
-            return Err(proto_err(format!("server handshake flags {hflags:#x} lack FIXED_NEWSTYLE")));
+            return Err(proto_err(format!(
+                "server handshake flags {hflags:#x} lack FIXED_NEWSTYLE"
+            )));
         }
         let mut cflags = CLIENT_FIXED_NEWSTYLE;
         if hflags & FLAG_NO_ZEROES != 0 {
@@ -186,7 +211,9 @@ impl NbdClient {
             let rtype = u32::from_be_bytes(h[12..16].try_into().unwrap());
             let len = u32::from_be_bytes(h[16..20].try_into().unwrap());
             if magic != OPTION_REPLY_MAGIC || option != OPT_GO {
-                return Err(proto_err(format!("bad option reply header magic {magic:#x} option {option}")));
+                return Err(proto_err(format!(
+                    "bad option reply header magic {magic:#x} option {option}"
+                )));
             }
             if len > MAX_OPTION_LEN {
                 return Err(proto_err(format!("option reply of {len} bytes")));
@@ -206,15 +233,16 @@ impl NbdClient {
                     }
                 }
                 t if t & 0x8000_0000 != 0 => {
-                    return Err(io::Error::new(
-                        io::ErrorKind::Other,
-                        format!("OPT_GO for export {export:?} refused: reply {t:#x} {}", String::from_utf8_lossy(&d)),
-                    ));
+                    return Err(io::Error::other(format!(
+                        "OPT_GO for export {export:?} refused: reply {t:#x} {}",
+                        String::from_utf8_lossy(&d)
+                    )));
                 }
                 t => return Err(proto_err(format!("unexpected OPT_GO reply type {t:#x}"))),
             }
         }
-        let (size, flags) = export_info.ok_or_else(|| proto_err("OPT_GO acked without NBD_INFO_EXPORT".into()))?;
+        let (size, flags) =
+            export_info.ok_or_else(|| proto_err("OPT_GO acked without NBD_INFO_EXPORT".into()))?;
         self.size = size;
         self.flags = flags;
         Ok(())
@@ -243,7 +271,14 @@ impl NbdClient {
 
     // ---------------------------------------------------------- pipelined
 
-    fn send(&mut self, flags: u16, command: u16, offset: u64, len: u32, payload: &[u8]) -> io::Result<u64> {
+    fn send(
+        &mut self,
+        flags: u16,
+        command: u16,
+        offset: u64,
+        len: u32,
+        payload: &[u8],
+    ) -> io::Result<u64> {
         let cookie = self.next_cookie;
         self.next_cookie += 1;
         let mut h = [0u8; 28];
@@ -256,7 +291,14 @@ impl NbdClient {
         // Register first: a request whose send fails half way may still be
         // acted on by the server, and the caller must know it was issued.
         if command != CMD_DISC {
-            self.in_flight.insert(cookie, InFlight { command, offset, len });
+            self.in_flight.insert(
+                cookie,
+                InFlight {
+                    command,
+                    offset,
+                    len,
+                },
+            );
         }
         if payload.len() <= 64 * 1024 {
             let mut v = Vec::with_capacity(28 + payload.len());
@@ -272,8 +314,15 @@ impl NbdClient {
 
     /// Send a WRITE; returns its cookie.
     pub fn send_write(&mut self, offset: u64, data: &[u8], fua: bool) -> io::Result<u64> {
-        let len = u32::try_from(data.len()).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "write too large"))?;
-        self.send(if fua { CMD_FLAG_FUA } else { 0 }, CMD_WRITE, offset, len, data)
+        let len = u32::try_from(data.len())
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "write too large"))?;
+        self.send(
+            if fua { CMD_FLAG_FUA } else { 0 },
+            CMD_WRITE,
+            offset,
+            len,
+            data,
+        )
     }
 
     pub fn send_read(&mut self, offset: u64, len: u32) -> io::Result<u64> {
@@ -285,11 +334,23 @@ impl NbdClient {
     }
 
     pub fn send_trim(&mut self, offset: u64, len: u32, fua: bool) -> io::Result<u64> {
-        self.send(if fua { CMD_FLAG_FUA } else { 0 }, CMD_TRIM, offset, len, &[])
+        self.send(
+            if fua { CMD_FLAG_FUA } else { 0 },
+            CMD_TRIM,
+            offset,
+            len,
+            &[],
+        )
     }
 
     /// WRITE_ZEROES; `no_hole` sets NBD_CMD_FLAG_NO_HOLE.
-    pub fn send_write_zeroes(&mut self, offset: u64, len: u32, fua: bool, no_hole: bool) -> io::Result<u64> {
+    pub fn send_write_zeroes(
+        &mut self,
+        offset: u64,
+        len: u32,
+        fua: bool,
+        no_hole: bool,
+    ) -> io::Result<u64> {
         let mut f = 0;
         if fua {
             f |= CMD_FLAG_FUA;
@@ -311,29 +372,40 @@ impl NbdClient {
 
     fn read_reply(&mut self) -> io::Result<Reply> {
         if self.in_flight.is_empty() {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, "recv with no request in flight"));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "recv with no request in flight",
+            ));
         }
         let mut r = [0u8; 16];
         self.s.read_exact(&mut r)?;
         let magic = u32::from_be_bytes(r[0..4].try_into().unwrap());
         if magic == STRUCTURED_REPLY_MAGIC {
-            return Err(proto_err("structured reply received but structured replies were not negotiated".into()));
+            return Err(proto_err(
+                "structured reply received but structured replies were not negotiated".into(),
+            ));
         }
         if magic != SIMPLE_REPLY_MAGIC {
             return Err(proto_err(format!("bad reply magic {magic:#x}")));
         }
         let error = u32::from_be_bytes(r[4..8].try_into().unwrap());
         let cookie = u64::from_be_bytes(r[8..16].try_into().unwrap());
-        let req = self
-            .in_flight
-            .remove(&cookie)
-            .ok_or_else(|| proto_err(format!("reply for unknown cookie {cookie} (error {error})")))?;
+        let req = self.in_flight.remove(&cookie).ok_or_else(|| {
+            proto_err(format!("reply for unknown cookie {cookie} (error {error})"))
+        })?;
         let mut data = Vec::new();
         if req.command == CMD_READ && error == 0 {
             data = vec![0u8; req.len as usize];
             self.s.read_exact(&mut data)?;
         }
-        Ok(Reply { cookie, error, data, command: req.command, offset: req.offset, len: req.len })
+        Ok(Reply {
+            cookie,
+            error,
+            data,
+            command: req.command,
+            offset: req.offset,
+            len: req.len,
+        })
     }
 
     /// Read replies until the one for `cookie` arrives (others are kept for
@@ -343,7 +415,10 @@ impl NbdClient {
             return Ok(r);
         }
         if !self.in_flight.contains_key(&cookie) {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("cookie {cookie} is not in flight")));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("cookie {cookie} is not in flight"),
+            ));
         }
         loop {
             let r = self.read_reply()?;
@@ -383,7 +458,13 @@ impl NbdClient {
 
     /// Read `len` bytes at `offset` in `chunk`-sized READs with up to
     /// `depth` of them in flight.
-    pub fn read_range(&mut self, offset: u64, len: u64, chunk: u32, depth: usize) -> io::Result<Vec<u8>> {
+    pub fn read_range(
+        &mut self,
+        offset: u64,
+        len: u64,
+        chunk: u32,
+        depth: usize,
+    ) -> io::Result<Vec<u8>> {
         let mut out = vec![0u8; len as usize];
         let mut next = 0u64;
         let mut pending: HashMap<u64, u64> = HashMap::new();
@@ -395,9 +476,9 @@ impl NbdClient {
                 next += n as u64;
             }
             let r = self.recv()?;
-            let at = pending
-                .remove(&r.cookie)
-                .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "read_range: foreign reply"))?;
+            let at = pending.remove(&r.cookie).ok_or_else(|| {
+                io::Error::new(io::ErrorKind::InvalidInput, "read_range: foreign reply")
+            })?;
             let r = r.ok()?;
             out[at as usize..at as usize + r.data.len()].copy_from_slice(&r.data);
         }
