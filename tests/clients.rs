@@ -1410,3 +1410,39 @@ fn serves_on_a_unix_socket() {
         assert!(st.success(), "nbdmirror exit status after SIGTERM: {st}");
     }
 }
+
+// ------------------------------------------------------- socket activation
+
+/// libnbd starts the server itself with systemd socket activation
+/// (LISTEN_PID/LISTEN_FDS, the `[ CMD ARGS ]` syntax): data written through
+/// one activated server reads back through the next.
+#[test]
+fn serves_via_systemd_socket_activation() {
+    let test = "serves_via_systemd_socket_activation";
+    if !ServerKind::from_env().is_nbdmirror() {
+        eprintln!("{test}: SKIP (nbdmirror's own activation path)");
+        return;
+    }
+    if !require_tools(test, &["nbdcopy"]) {
+        return;
+    }
+    let tmp = TempDir::new(test);
+    let replica = tmp.join("replica");
+    run_ok(Command::new(NBDMIRROR_BIN).args(["init", "--dir"]).arg(&replica).args(["--size", "8M"]));
+    let input = tmp.join("in.img");
+    write_random_file(&input, 8 * MIB, 41, &[]);
+    let server = |cmd: &mut Command| {
+        cmd.arg("[").arg(NBDMIRROR_BIN).args(["serve", "--dir"]).arg(&replica).arg("]");
+    };
+    let mut up = Command::new(tool("nbdcopy"));
+    up.arg("--").arg(&input);
+    server(&mut up);
+    run_ok_timeout(&mut up, Duration::from_secs(60));
+    let output = tmp.join("out.img");
+    let mut down = Command::new(tool("nbdcopy"));
+    down.arg("--");
+    server(&mut down);
+    down.arg(&output);
+    run_ok_timeout(&mut down, Duration::from_secs(60));
+    assert_files_equal(&input, &output);
+}
