@@ -309,6 +309,21 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    /// The Wrap filler goes where the head was, not at position 0 (where it
+    /// used to land, over the first record of the next lap).
+    #[test]
+    fn wrap_filler_is_placed_at_the_old_head() {
+        let a = RECORD_ALIGN;
+        let mut j = JournalRing::new(8 * a, 0, 1);
+        assert_eq!(j.place(5 * a).unwrap().pos, 0);
+        j.release_upto(1);
+        let p = j.place(4 * a).unwrap();
+        assert_eq!(p.wrap, Some((2, 5 * a, 3 * a)));
+        assert_eq!((p.seq, p.pos), (3, 0));
+        let slots: Vec<(u64, u64, u64)> = j.records.iter().map(|r| (r.seq, r.pos, r.span)).collect();
+        assert_eq!(slots, vec![(2, 5 * a, 3 * a), (3, 0, 4 * a)]);
+    }
+
     proptest! {
         /// Placing, writing and releasing records never overlaps live records
         /// and never loses space.

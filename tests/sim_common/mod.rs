@@ -1,7 +1,7 @@
 //! Shared helpers for the simulated-I/O store tests (`crash_consistency`,
 //! `store_faults`): a replica in a [`SimIo`], a driver that pumps completions
 //! into the [`Store`], and the data pattern writes are stamped with.
-#![allow(dead_code)]
+#![allow(dead_code, clippy::identity_op)]
 
 use nbdmirror::io::{Io, Op};
 use std::os::fd::RawFd;
@@ -107,6 +107,7 @@ impl Rig {
     /// A fresh replica of `size` bytes with a `jsize`-byte journal.
     pub fn new(seed: u64, size: u64, jsize: u64, tuning: Tuning) -> Rig {
         let mut sim = SimIo::new(seed);
+        sim.trace = std::env::var("SIM_TRACE").is_ok();
         let (files, _sb) = init_replica(&mut sim, size, jsize);
         Rig::open(sim, files, tuning).expect("opening a fresh replica")
     }
@@ -174,7 +175,7 @@ impl Rig {
         let i = self
             .sim
             .queued()
-            .position(|op| pick(op))
+            .position(&pick)
             .unwrap_or_else(|| {
                 panic!(
                     "no queued op is {what}; queued: {:?}",
