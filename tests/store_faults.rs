@@ -293,12 +293,10 @@ fn corrupted_data_block_reads_as_eio_and_others_still_read() {
     assert_eq!(rig.read_sync(100 * 4096, 4096), Err(libc::EIO));
 }
 
-/// A partial write over a block that fails its checksum: the apply pass
-/// keeps the block's unwritten bytes "as found" and computes a fresh checksum
-/// over them, so the corrupted bytes then read back without an error.
+/// A partial write over a block that fails its checksum: the apply pass keeps
+/// the block marked corrupt, so the bytes the client did not rewrite are never
+/// served as good data (EIO until the whole block is rewritten).
 #[test]
-#[ignore = "design question (reported): a partial write over a corrupted block launders the corruption; \
-            the rest of the block then reads back as silent garbage"]
 fn partial_write_over_a_corrupted_block_keeps_reporting_the_corruption() {
     let mut rig = Rig::new(8, 1 * MIB, 4 * MIB, eager_tuning());
     let d = rig.files.data;

@@ -8,6 +8,11 @@
 
 use super::format::BLOCK_SIZE;
 
+/// XORed into the checksum of a block known to hold corrupt bytes: the stored
+/// value then differs from every real checksum of the block's content, so reads
+/// fail until a whole-block write installs a fresh checksum.
+pub const CORRUPT_MARK: u64 = 0xC0AA_0B7D_5EED_BAD1;
+
 /// Bytes of table per dirty-tracking page.
 pub const TABLE_PAGE: usize = 4096;
 const ENTRIES_PER_PAGE: u64 = (TABLE_PAGE / 8) as u64;

@@ -1230,11 +1230,13 @@ impl Store {
         if c.result == 0 {
             buf[at..].fill(0);
         }
-        if !self.sums.verify(block, &buf) {
+        let was_corrupt = !self.sums.verify(block, &buf);
+        if was_corrupt {
             self.stats.checksum_failures += 1;
             eprintln!(
-                "nbdmirror: WARNING: block {block} failed checksum verification before a partial write; \
-                 the unwritten part of the block is kept as found"
+                "nbdmirror: ERROR: block {block} (offset {}) failed checksum verification before a partial \
+                 write; it stays marked corrupt (reads return EIO) until the whole block is rewritten",
+                block * BLOCK_SIZE
             );
         }
         let batch = self.apply.as_mut().expect("apply batch");
@@ -1247,7 +1249,11 @@ impl Store {
                 &mut buf[(s - bstart) as usize..(e - bstart) as usize],
             );
         }
-        batch.sums.push((block, block_checksum(block, &buf)));
+        // A block that was corrupt keeps a checksum that cannot verify, so the
+        // bytes the client did not rewrite are never served as good data.
+        let sum = block_checksum(block, &buf);
+        let sum = if was_corrupt { sum ^ checksum::CORRUPT_MARK } else { sum };
+        batch.sums.push((block, sum));
         self.stats.applied_bytes += BLOCK_SIZE;
         self.submit(
             io,
