@@ -34,7 +34,11 @@ pub fn new_replica(sim: &mut SimIo, size: u64, journal: u64) -> Files {
     let data = sim.add_file(vec![0; size as usize]);
     let journal = sim.add_file(vec![0; journal as usize]);
     let meta = sim.add_file(meta);
-    Files { data, journal, meta }
+    Files {
+        data,
+        journal,
+        meta,
+    }
 }
 
 /// Arbitrary bytes as a superblock slot.
@@ -81,12 +85,16 @@ pub fn recover_meta(meta_bytes: &[u8]) {
 
 /// Recover and read the whole disk; returns false if recovery refused.
 pub fn open_and_read(sim: &mut SimIo, files: Files) -> bool {
-    let Ok(sb) = store::load_superblock(sim, files.meta) else { return false };
+    let Ok(sb) = store::load_superblock(sim, files.meta) else {
+        return false;
+    };
     // A superblock that decodes may still describe files we do not have.
     if sb.size != DISK || sb.journal_size != MIN_JOURNAL {
         return false;
     }
-    let Ok(mut st) = Store::open(sim, files, sb, Tuning::default()) else { return false };
+    let Ok(mut st) = Store::open(sim, files, sb, Tuning::default()) else {
+        return false;
+    };
     st.read(sim, 1, 0, DISK, 0);
     let mut events = Vec::new();
     for _ in 0..1000 {
@@ -100,6 +108,9 @@ pub fn open_and_read(sim: &mut SimIo, files: Files) -> bool {
         }
     }
     st.drain_events(&mut events);
-    assert!(events.iter().any(|e| matches!(e, StoreEvent::Read(1, _))), "read never completed");
+    assert!(
+        events.iter().any(|e| matches!(e, StoreEvent::Read(1, _))),
+        "read never completed"
+    );
     true
 }

@@ -234,12 +234,28 @@ impl UringIo {
 impl Io for UringIo {
     fn submit(&mut self, token: u64, op: Op) {
         if self.inline_file_writes {
-            if let Op::Write { fd, buf, start, end, offset } = &op {
+            if let Op::Write {
+                fd,
+                buf,
+                start,
+                end,
+                offset,
+            } = &op
+            {
                 let s = &buf.as_slice()[*start..*end];
                 // SAFETY: `s` is a live, initialised slice for the whole call.
-                let r = unsafe { libc::pwrite(*fd, s.as_ptr() as *const libc::c_void, s.len(), *offset as i64) };
+                let r = unsafe {
+                    libc::pwrite(
+                        *fd,
+                        s.as_ptr() as *const libc::c_void,
+                        s.len(),
+                        *offset as i64,
+                    )
+                };
                 let result = if r < 0 {
-                    -std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO)
+                    -std::io::Error::last_os_error()
+                        .raw_os_error()
+                        .unwrap_or(libc::EIO)
                 } else {
                     r as i32
                 };
@@ -282,7 +298,7 @@ impl Io for UringIo {
         let inline = self.ready.len();
         out.append(&mut self.ready);
         let ready = self.ring.completion().len() + inline;
-        let want = if ready >= min { 0 } else { min - ready };
+        let want = min.saturating_sub(ready);
         let res = match timeout {
             Some(d) if want > 0 => {
                 let ts = types::Timespec::new()

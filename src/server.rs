@@ -313,11 +313,11 @@ impl Server {
             KIND_LISTENER => self.accepted(id as usize, c),
             KIND_CONN_RECV => self.received(id, c),
             KIND_CONN_SEND => self.sent(id, c),
-            KIND_SIGNAL => {
-                if c.result > 0 && !self.shutting_down {
-                    eprintln!("nbdmirror: signal received; finishing in-flight requests and shutting down");
-                    self.begin_shutdown();
-                }
+            KIND_SIGNAL if c.result > 0 && !self.shutting_down => {
+                eprintln!(
+                    "nbdmirror: signal received; finishing in-flight requests and shutting down"
+                );
+                self.begin_shutdown();
             }
             KIND_TICK => {
                 self.store.tick(&mut self.io);

@@ -75,7 +75,7 @@ impl Rng {
     pub fn new(seed: u64) -> Rng {
         Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
     }
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         let mut x = self.0;
         x ^= x >> 12;
         x ^= x << 25;
@@ -87,7 +87,7 @@ impl Rng {
         if n == 0 {
             0
         } else {
-            self.next() % n
+            self.next_u64() % n
         }
     }
 }
@@ -293,10 +293,26 @@ impl SimIo {
         let r = self.execute_inner(op);
         if self.trace {
             let what = match op {
-                Op::Read { fd, buf, at, offset } => format!("read fd {fd} {offset}+{}", buf.len() - *at),
-                Op::Write { fd, start, end, offset, .. } => format!("write fd {fd} {offset}+{}", *end - *start),
+                Op::Read {
+                    fd,
+                    buf,
+                    at,
+                    offset,
+                } => format!("read fd {fd} {offset}+{}", buf.len() - *at),
+                Op::Write {
+                    fd,
+                    start,
+                    end,
+                    offset,
+                    ..
+                } => format!("write fd {fd} {offset}+{}", *end - *start),
                 Op::Fsync { fd, .. } => format!("fsync fd {fd}"),
-                Op::Fallocate { fd, mode, offset, len } => format!("fallocate fd {fd} mode {mode} {offset}+{len}"),
+                Op::Fallocate {
+                    fd,
+                    mode,
+                    offset,
+                    len,
+                } => format!("fallocate fd {fd} mode {mode} {offset}+{len}"),
                 other => format!("{other:?}"),
             };
             eprintln!("sim: op {}: {what} -> {r}", self.ops_done);
@@ -307,25 +323,40 @@ impl SimIo {
     fn execute_inner(&mut self, op: &mut Op) -> i32 {
         self.ops_done += 1;
         match op {
-            Op::Read { fd, buf, at, offset } => {
+            Op::Read {
+                fd,
+                buf,
+                at,
+                offset,
+            } => {
                 if let Some(FaultEffect::Errno(e)) = self.fault_for(*fd, FaultOn::Read) {
                     return -e;
                 }
-                let Some(f) = self.files.get(fd) else { return -libc::EBADF };
+                let Some(f) = self.files.get(fd) else {
+                    return -libc::EBADF;
+                };
                 let off = *offset as usize;
                 let want = buf.len() - *at;
                 let n = f.live.len().saturating_sub(off).min(want);
                 buf[*at..*at + n].copy_from_slice(&f.live[off..off + n]);
                 n as i32
             }
-            Op::Write { fd, buf, start, end, offset } => {
+            Op::Write {
+                fd,
+                buf,
+                start,
+                end,
+                offset,
+            } => {
                 let mut len = *end - *start;
                 match self.fault_for(*fd, FaultOn::Write) {
                     Some(FaultEffect::Errno(e)) => return -e,
                     Some(FaultEffect::ShortWrite) => len = (len / 2 / SECTOR * SECTOR).max(1),
                     None => {}
                 }
-                let Some(f) = self.files.get_mut(fd) else { return -libc::EBADF };
+                let Some(f) = self.files.get_mut(fd) else {
+                    return -libc::EBADF;
+                };
                 let data = buf.as_slice()[*start..*start + len].to_vec();
                 write_into(&mut f.live, *offset as usize, &data);
                 f.unsynced.push((*offset, data));
@@ -341,7 +372,9 @@ impl SimIo {
                     }
                     return -e;
                 }
-                let Some(f) = self.files.get_mut(fd) else { return -libc::EBADF };
+                let Some(f) = self.files.get_mut(fd) else {
+                    return -libc::EBADF;
+                };
                 // durable := live, by replaying the unsynced writes rather than
                 // copying the whole file (same result, much cheaper for big
                 // files synced often).
@@ -354,11 +387,18 @@ impl SimIo {
                 self.syncs += 1;
                 0
             }
-            Op::Fallocate { fd, mode, offset, len } => {
+            Op::Fallocate {
+                fd,
+                mode,
+                offset,
+                len,
+            } => {
                 if let Some(FaultEffect::Errno(e)) = self.fault_for(*fd, FaultOn::Write) {
                     return -e;
                 }
-                let Some(f) = self.files.get_mut(fd) else { return -libc::EBADF };
+                let Some(f) = self.files.get_mut(fd) else {
+                    return -libc::EBADF;
+                };
                 if *mode & libc::FALLOC_FL_PUNCH_HOLE != 0 {
                     let end = (*offset + *len).min(f.live.len() as u64);
                     if *offset < end {
@@ -389,7 +429,12 @@ impl Io for SimIo {
         self.queue.push((token, op));
     }
 
-    fn wait(&mut self, min: usize, _timeout: Option<Duration>, out: &mut Vec<Completion>) -> io::Result<()> {
+    fn wait(
+        &mut self,
+        min: usize,
+        _timeout: Option<Duration>,
+        out: &mut Vec<Completion>,
+    ) -> io::Result<()> {
         let _ = min;
         let mut batch = std::mem::take(&mut self.queue);
         if self.reorder {

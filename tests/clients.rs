@@ -1428,11 +1428,20 @@ fn serves_via_systemd_socket_activation() {
     }
     let tmp = TempDir::new(test);
     let replica = tmp.join("replica");
-    run_ok(Command::new(NBDMIRROR_BIN).args(["init", "--dir"]).arg(&replica).args(["--size", "8M"]));
+    run_ok(
+        Command::new(NBDMIRROR_BIN)
+            .args(["init", "--dir"])
+            .arg(&replica)
+            .args(["--size", "8M"]),
+    );
     let input = tmp.join("in.img");
     write_random_file(&input, 8 * MIB, 41, &[]);
     let server = |cmd: &mut Command| {
-        cmd.arg("[").arg(NBDMIRROR_BIN).args(["serve", "--dir"]).arg(&replica).arg("]");
+        cmd.arg("[")
+            .arg(NBDMIRROR_BIN)
+            .args(["serve", "--dir"])
+            .arg(&replica)
+            .arg("]");
     };
     let mut up = Command::new(tool("nbdcopy"));
     up.arg("--").arg(&input);

@@ -78,9 +78,19 @@ impl Wr {
 }
 
 enum Pending {
-    Write { idx: usize },
-    Flush { covers: Vec<usize> },
-    Read { off: u64, len: u64, snap: Vec<u32>, snap_img: Vec<u8>, head: usize },
+    Write {
+        idx: usize,
+    },
+    Flush {
+        covers: Vec<usize>,
+    },
+    Read {
+        off: u64,
+        len: u64,
+        snap: Vec<u32>,
+        snap_img: Vec<u8>,
+        head: usize,
+    },
 }
 
 /// What the disk may hold. Per byte, index 0 stands for `base` (the disk at
@@ -132,7 +142,12 @@ impl Model {
             return;
         }
         self.writes[i].guaranteed = true;
-        raise(&mut self.guar_idx, &mut self.guar_img, &self.writes[i], i as u32 + 1);
+        raise(
+            &mut self.guar_idx,
+            &mut self.guar_img,
+            &self.writes[i],
+            i as u32 + 1,
+        );
     }
 
     /// Handle one store event; Err describes a violation.
@@ -159,7 +174,9 @@ impl Model {
             }
             (Pending::Flush { covers }, StoreEvent::Flushed(_, r)) => {
                 if let Err(errno) = r {
-                    return Err(format!("flush {id} failed with errno {errno} without any fault"));
+                    return Err(format!(
+                        "flush {id} failed with errno {errno} without any fault"
+                    ));
                 }
                 self.flushes_ok += 1;
                 for i in covers {
@@ -168,7 +185,16 @@ impl Model {
                 let ws = &self.writes;
                 self.acked_unguaranteed.retain(|&i| !ws[i].guaranteed);
             }
-            (Pending::Read { off, len, snap, snap_img, head }, StoreEvent::Read(_, r)) => {
+            (
+                Pending::Read {
+                    off,
+                    len,
+                    snap,
+                    snap_img,
+                    head,
+                },
+                StoreEvent::Read(_, r),
+            ) => {
                 let buf = match r {
                     Ok(b) => b,
                     Err(errno) => {
@@ -250,7 +276,11 @@ impl Model {
     /// record. When it is not, the per-byte check says which bytes are wrong.
     fn check_crash(&self, got: &[u8]) -> Result<(), String> {
         if got.len() != self.base.len() {
-            return Err(format!("recovered disk is {} bytes, expected {}", got.len(), self.base.len()));
+            return Err(format!(
+                "recovered disk is {} bytes, expected {}",
+                got.len(),
+                self.base.len()
+            ));
         }
         match self.check_prefix(got) {
             Ok(()) => Ok(()),
@@ -263,7 +293,11 @@ impl Model {
 
     /// (a) + (b): per byte, the last guaranteed value or a value written later.
     fn check_bytes(&self, got: &[u8]) -> Result<(), String> {
-        let mut bad: Vec<bool> = got.iter().zip(&self.guar_img).map(|(a, b)| a != b).collect();
+        let mut bad: Vec<bool> = got
+            .iter()
+            .zip(&self.guar_img)
+            .map(|(a, b)| a != b)
+            .collect();
         let mut nbad = bad.iter().filter(|&&b| b).count();
         if nbad > 0 {
             for (i, w) in self.writes.iter().enumerate() {
@@ -321,7 +355,11 @@ impl Model {
         let mut best = (nbad, 0usize);
         let (mut rec, mut g_rec) = (0usize, 0usize);
         for w in &self.writes {
-            let step = if w.data.is_empty() { w.len.max(1) } else { MAX_RECORD_DATA as u64 };
+            let step = if w.data.is_empty() {
+                w.len.max(1)
+            } else {
+                MAX_RECORD_DATA as u64
+            };
             let mut s = w.off;
             while s < w.end() {
                 let e = (s + step).min(w.end());
@@ -471,9 +509,17 @@ impl Run {
             48 => {
                 let max = (size / 2).min(MAX_RECORD_DATA as u64 * 3 / 2);
                 let len = 4096 + r.below(max - 4096);
-                let len = if r.below(2) == 0 { len / 4096 * 4096 } else { len };
+                let len = if r.below(2) == 0 {
+                    len / 4096 * 4096
+                } else {
+                    len
+                };
                 let off = r.below(size - len + 1);
-                let off = if r.below(2) == 0 { off / 4096 * 4096 } else { off };
+                let off = if r.below(2) == 0 {
+                    off / 4096 * 4096
+                } else {
+                    off
+                };
                 (off, len.min(size - off))
             }
             // Medium.
@@ -490,7 +536,11 @@ impl Run {
         let fua = fua.unwrap_or_else(|| self.rng.below(7) == 0);
         self.next_write_id += 1;
         let id = self.next_write_id;
-        let data = if zero { Vec::new() } else { pattern(id, off, len) };
+        let data = if zero {
+            Vec::new()
+        } else {
+            pattern(id, off, len)
+        };
         let idx = self.model.writes.len();
         self.model.writes.push(Wr {
             id,
@@ -539,9 +589,16 @@ impl Run {
         let snap = self.model.acked_idx[r.clone()].to_vec();
         let snap_img = self.model.acked_img[r].to_vec();
         self.note(|| format!("req {req}: read {off}+{len}"));
-        self.model
-            .pending
-            .insert(req, Pending::Read { off, len, snap, snap_img, head });
+        self.model.pending.insert(
+            req,
+            Pending::Read {
+                off,
+                len,
+                snap,
+                snap_img,
+                head,
+            },
+        );
         self.rig.st.read(&mut self.rig.sim, req, off, len, head);
     }
 
@@ -634,9 +691,13 @@ impl Run {
     fn crash_and_check(&mut self, replace: bool, mode: Option<CrashMode>) -> Result<(), String> {
         self.crash_checks += 1;
         let mode = mode.unwrap_or_else(|| {
-            [CrashMode::DurableOnly, CrashMode::PrefixTorn, CrashMode::AnySector][self.rng.below(3) as usize]
+            [
+                CrashMode::DurableOnly,
+                CrashMode::PrefixTorn,
+                CrashMode::AnySector,
+            ][self.rng.below(3) as usize]
         });
-        let s1 = self.rng.next();
+        let s1 = self.rng.next_u64();
         let mut tuning = self.rig.tuning;
         tuning.verify_reads = true;
         let mut sim_a = self.rig.sim.crash_copy_mode(s1, mode);
@@ -652,7 +713,8 @@ impl Run {
         } else {
             None
         };
-        let mut rec = Rig::open(sim_a, files, tuning).map_err(|e| format!("{what}: recovery failed: {e}"))?;
+        let mut rec =
+            Rig::open(sim_a, files, tuning).map_err(|e| format!("{what}: recovery failed: {e}"))?;
         let recovery_ops = rec.sim.ops_done;
         let got = rec.read_all().map_err(|(off, e)| {
             if let Some(img) = image {
@@ -660,20 +722,24 @@ impl Run {
             }
             format!("{what}: reading the recovered disk at {off}: errno {e}")
         })?;
-        self.model.check_crash(&got).map_err(|e| format!("{what}: {e}"))?;
+        self.model
+            .check_crash(&got)
+            .map_err(|e| format!("{what}: {e}"))?;
 
         // Idempotent: recovering the recovered replica changes nothing.
         if idempotency {
-            let s2 = self.rng.next();
+            let s2 = self.rng.next_u64();
             let mut again = rec
                 .crash(s2, self.rng.below(2) == 0)
                 .map_err(|e| format!("{what}: second recovery failed: {e}"))?;
-            let got2 = again
-                .read_all()
-                .map_err(|(off, e)| format!("{what}: second recovery: reading at {off}: errno {e}"))?;
+            let got2 = again.read_all().map_err(|(off, e)| {
+                format!("{what}: second recovery: reading at {off}: errno {e}")
+            })?;
             if got2 != got {
                 let o = got.iter().zip(&got2).position(|(a, b)| a != b).unwrap();
-                return Err(format!("{what}: recovery is not idempotent: byte {o} changed on the second recovery"));
+                return Err(format!(
+                    "{what}: recovery is not idempotent: byte {o} changed on the second recovery"
+                ));
             }
         }
 
@@ -691,16 +757,19 @@ impl Run {
             });
             let _ = recover(&mut sim_c, files, tuning);
             sim_c.faults.clear();
-            let s3 = self.rng.next();
+            let s3 = self.rng.next_u64();
             let sim_d = sim_c.crash_copy(s3, self.rng.below(2) == 0);
-            let mut r3 = Rig::open(sim_d, files, tuning)
-                .map_err(|e| format!("{what}: recovery after a crash during recovery (op {cut} of {n_ops}): {e}"))?;
-            let got3 = r3.read_all().map_err(|(off, e)| {
-                format!("{what}: after a crash during recovery (op {cut}): reading at {off}: errno {e}")
+            let mut r3 = Rig::open(sim_d, files, tuning).map_err(|e| {
+                format!("{what}: recovery after a crash during recovery (op {cut} of {n_ops}): {e}")
             })?;
-            self.model
-                .check_crash(&got3)
-                .map_err(|e| format!("{what}, crash during recovery at op {cut} of {n_ops}: {e}"))?;
+            let got3 = r3.read_all().map_err(|(off, e)| {
+                format!(
+                    "{what}: after a crash during recovery (op {cut}): reading at {off}: errno {e}"
+                )
+            })?;
+            self.model.check_crash(&got3).map_err(|e| {
+                format!("{what}, crash during recovery at op {cut} of {n_ops}: {e}")
+            })?;
         }
         if replace {
             self.rig = rec;
@@ -717,10 +786,18 @@ fn dump_replica(mut img: SimIo, rec: &Rig, from_block: u64) {
     let files = rec.files;
     let sb = nbdmirror::store::load_superblock(&mut img, files.meta).unwrap();
     eprintln!("crash image superblock: {sb:?}");
-    let _ = nbdmirror::store::journal::scan(&mut img, files.journal, sb.journal_size, sb.tail_pos, sb.tail_seq, sb.epoch, |_, r| {
-        eprintln!("  journal record {:?}", r.header);
-        Ok(())
-    })
+    let _ = nbdmirror::store::journal::scan(
+        &mut img,
+        files.journal,
+        sb.journal_size,
+        sb.tail_pos,
+        sb.tail_seq,
+        sb.epoch,
+        |_, r| {
+            eprintln!("  journal record {:?}", r.header);
+            Ok(())
+        },
+    )
     .map(|end| eprintln!("  scan end {end:?}"));
     let data = &rec.sim.files[&files.data].live;
     let meta = &rec.sim.files[&files.meta].live;
@@ -733,7 +810,9 @@ fn dump_replica(mut img: SimIo, rec: &Rig, from_block: u64) {
         if sum != table {
             eprintln!(
                 "  block {b}: table {table:#x} data {sum:#x} stamps {:?}",
-                (0..8).map(|i| stamp_at(data, b * 4096 + i * 512)).collect::<Vec<_>>()
+                (0..8)
+                    .map(|i| stamp_at(data, b * 4096 + i * 512))
+                    .collect::<Vec<_>>()
             );
         }
     }
@@ -745,7 +824,11 @@ fn random_tuning(rng: &mut Rng) -> Tuning {
     let eager_sync = rng.below(3) == 0;
     let eager_ckpt = rng.below(2) == 0;
     Tuning {
-        sync_bytes: if eager_sync { 0 } else { [64 * KIB, 1 * MIB, u64::MAX][rng.below(3) as usize] },
+        sync_bytes: if eager_sync {
+            0
+        } else {
+            [64 * KIB, 1 * MIB, u64::MAX][rng.below(3) as usize]
+        },
         sync_interval: if eager_sync { Duration::ZERO } else { HOUR },
         // Also the "ring half this full" sync trigger: 0 syncs eagerly.
         checkpoint_percent: [0, 5, 30, 60, 100, 100, 100][rng.below(7) as usize],
@@ -755,7 +838,14 @@ fn random_tuning(rng: &mut Rng) -> Tuning {
 }
 
 impl Run {
-    fn new(seed: u64, rng: Rng, size: u64, jsize: u64, tuning: Tuning, reorder: bool) -> Result<Run, String> {
+    fn new(
+        seed: u64,
+        rng: Rng,
+        size: u64,
+        jsize: u64,
+        tuning: Tuning,
+        reorder: bool,
+    ) -> Result<Run, String> {
         let mut sim = SimIo::new(seed);
         sim.trace = std::env::var("SIM_TRACE").is_ok();
         sim.reorder = reorder;
@@ -787,37 +877,49 @@ fn run_seed(seed: u64) -> Result<(u64, u64, u64), String> {
     let lives = 1 + rng.below(3);
     let mut run = Run::new(seed, rng, size, jsize, tuning, reorder)?;
     run.short_write_percent = [0, 0, 2, 10][run.rng.below(4) as usize];
-    run.note(|| format!(
-        "size {size} journal {jsize} tuning {tuning:?} lives {lives} short writes {}%",
-        run.short_write_percent
-    ));
+    run.note(|| {
+        format!(
+            "size {size} journal {jsize} tuning {tuning:?} lives {lives} short writes {}%",
+            run.short_write_percent
+        )
+    });
     let mut writes = 0;
     for life in 0..lives {
         let ops = 60 + run.rng.below(200);
         let hot_len = [4 * KIB, 16 * KIB, 64 * KIB][run.rng.below(3) as usize];
-        run.hot = (run.rng.below(size / 4096 - hot_len / 4096 + 1) * 4096, hot_len);
+        run.hot = (
+            run.rng.below(size / 4096 - hot_len / 4096 + 1) * 4096,
+            hot_len,
+        );
         run.hot_percent = [0, 30, 60, 90][run.rng.below(4) as usize];
         run.sync_checks_left = 4;
         run.workload(ops).map_err(|e| format!("life {life}: {e}"))?;
         match run.rng.below(4) {
-            0 => {}                   // crash with I/O in flight
-            1 => run.settle().map_err(|e| format!("life {life}: settle: {e}"))?,
+            0 => {} // crash with I/O in flight
+            1 => run
+                .settle()
+                .map_err(|e| format!("life {life}: settle: {e}"))?,
             2 => {
                 run.submit_flush();
-                run.settle().map_err(|e| format!("life {life}: settle: {e}"))?;
+                run.settle()
+                    .map_err(|e| format!("life {life}: settle: {e}"))?;
             }
             _ => {
-                run.settle().map_err(|e| format!("life {life}: settle: {e}"))?;
+                run.settle()
+                    .map_err(|e| format!("life {life}: settle: {e}"))?;
                 run.rig.st.drain(&mut run.rig.sim);
-                run.settle().map_err(|e| format!("life {life}: drain: {e}"))?;
+                run.settle()
+                    .map_err(|e| format!("life {life}: drain: {e}"))?;
                 for _ in 0..8 {
-                    run.io_step().map_err(|e| format!("life {life}: drain: {e}"))?;
+                    run.io_step()
+                        .map_err(|e| format!("life {life}: drain: {e}"))?;
                 }
             }
         }
         writes += run.model.writes.len() as u64;
         run.note(|| format!("life {life}: crash"));
-        run.crash_and_check(true, None).map_err(|e| format!("life {life}: {e}"))?;
+        run.crash_and_check(true, None)
+            .map_err(|e| format!("life {life}: {e}"))?;
     }
     Ok((run.crash_checks, writes, run.model.reads_checked))
 }
@@ -887,24 +989,60 @@ fn fua_write_superseded_by_an_unsynced_write_survives_checkpoint_and_crash() {
     let b = pattern(3, 81920, 4096);
 
     // P: FUA write, journaled, synced; its apply is queued but not run.
-    rig.st.write(&mut rig.sim, 1, 40960, payload(&p, WRITE_HEADROOM), WRITE_HEADROOM, 4096, true);
+    rig.st.write(
+        &mut rig.sim,
+        1,
+        40960,
+        payload(&p, WRITE_HEADROOM),
+        WRITE_HEADROOM,
+        4096,
+        true,
+    );
     rig.run_op("P's journal write", is_write_to(j));
     rig.run_op("the sync for P", is_fsync_of(j));
-    assert!(matches!(rig.take_event(1), Some(StoreEvent::Written(1, Ok(())))));
+    assert!(matches!(
+        rig.take_event(1),
+        Some(StoreEvent::Written(1, Ok(())))
+    ));
     // A: FUA write to X, journaled and synced while P's apply is pending.
-    rig.st.write(&mut rig.sim, 2, 81920, payload(&a, WRITE_HEADROOM), WRITE_HEADROOM, 4096, true);
+    rig.st.write(
+        &mut rig.sim,
+        2,
+        81920,
+        payload(&a, WRITE_HEADROOM),
+        WRITE_HEADROOM,
+        4096,
+        true,
+    );
     rig.run_op("A's journal write", is_write_to(j));
     rig.run_op("the sync for A", is_fsync_of(j));
-    assert!(matches!(rig.take_event(2), Some(StoreEvent::Written(2, Ok(())))));
+    assert!(matches!(
+        rig.take_event(2),
+        Some(StoreEvent::Written(2, Ok(())))
+    ));
     // B: plain write over X, journaled, not synced.
-    rig.st.write(&mut rig.sim, 3, 81920, payload(&b, WRITE_HEADROOM), WRITE_HEADROOM, 4096, false);
+    rig.st.write(
+        &mut rig.sim,
+        3,
+        81920,
+        payload(&b, WRITE_HEADROOM),
+        WRITE_HEADROOM,
+        4096,
+        false,
+    );
     rig.run_op("B's journal write", is_write_to(j));
-    assert!(matches!(rig.take_event(3), Some(StoreEvent::Written(3, Ok(())))));
+    assert!(matches!(
+        rig.take_event(3),
+        Some(StoreEvent::Written(3, Ok(())))
+    ));
     // P's apply lands; whatever follows (apply up to A, checkpoint) runs,
     // except journal syncs (none is due: no FLUSH, no pressure).
     rig.run_op("P's apply", is_write_to(d));
     while rig.sim.pending() > 0 {
-        assert!(rig.sim.queued().all(|op| !is_fsync_of(j)(op)), "unexpected journal sync");
+        assert!(
+            rig.sim.queued().all(|op| !is_fsync_of(j)(op)),
+            "unexpected journal sync"
+        );
         rig.step(1);
     }
     // Power failure: only synced bytes survive; B's record is gone.
@@ -952,9 +1090,18 @@ fn checker_detects_lost_flushed_writes() {
         run.settle().unwrap();
         assert!(run.model.flushes_ok > 0, "seed {seed}: no flush succeeded");
         let guaranteed = run.model.writes.iter().filter(|w| w.guaranteed).count();
-        assert!(guaranteed > 10, "seed {seed}: only {guaranteed} writes guaranteed");
-        assert!(pending_before > 0, "seed {seed}: the last flush covered nothing");
-        assert_eq!(run.rig.st.stats.checkpoints, 0, "seed {seed}: a checkpoint ran");
+        assert!(
+            guaranteed > 10,
+            "seed {seed}: only {guaranteed} writes guaranteed"
+        );
+        assert!(
+            pending_before > 0,
+            "seed {seed}: the last flush covered nothing"
+        );
+        assert_eq!(
+            run.rig.st.stats.checkpoints, 0,
+            "seed {seed}: a checkpoint ran"
+        );
         let files = run.rig.files;
         let mut tuning_v = tuning;
         tuning_v.verify_reads = true;
@@ -979,7 +1126,9 @@ fn checker_detects_lost_flushed_writes() {
                 eprintln!("seed {seed}: journal wiped: checker reports: {e}");
                 detected += 1;
             }
-            Ok(()) => panic!("seed {seed}: the checker accepted a disk that lost {guaranteed} flushed writes"),
+            Ok(()) => panic!(
+                "seed {seed}: the checker accepted a disk that lost {guaranteed} flushed writes"
+            ),
         }
 
         // The last FLUSH's fsync "lied": the journal is as it was before it.
@@ -1015,7 +1164,10 @@ fn checker_detects_a_corrupted_data_block() {
     let mut sim = run.rig.sim.crash_copy_mode(1, CrashMode::DurableOnly);
     // Pick a byte some write put there (non-zero block).
     let data = &sim.files[&files.data].durable;
-    let at = data.iter().position(|&b| b != 0).expect("something was written");
+    let at = data
+        .iter()
+        .position(|&b| b != 0)
+        .expect("something was written");
     let f = sim.files.get_mut(&files.data).unwrap();
     f.durable[at] ^= 0x40;
     f.live[at] ^= 0x40;
@@ -1042,15 +1194,27 @@ mod prop {
     #[derive(Debug, Clone)]
     pub enum POp {
         /// Write `len` bytes at `off` (clamped to the disk).
-        Write { off: u64, len: u64, fua: bool, zero_copy: bool },
-        Zero { off: u64, len: u64, fua: bool },
+        Write {
+            off: u64,
+            len: u64,
+            fua: bool,
+            zero_copy: bool,
+        },
+        Zero {
+            off: u64,
+            len: u64,
+            fua: bool,
+        },
         Flush,
         /// Run up to `k` queued ops (random ones).
         Step(u8),
         /// Run the oldest queued op on file `f` (0 data, 1 journal, 2 meta),
         /// a sync if `sync`, else any other op; nothing if there is none.
         /// Lets the search pick interleavings directly.
-        RunOne { f: u8, sync: bool },
+        RunOne {
+            f: u8,
+            sync: bool,
+        },
         /// Run everything until idle.
         Pump,
         Tick,
@@ -1058,7 +1222,15 @@ mod prop {
     }
 
     pub fn op() -> impl Strategy<Value = POp> {
-        let range = (0..DISK, prop_oneof![1u64..600, 1u64..20_000, (1u64..16).prop_map(|b| b * 4096), 100_000u64..250_000]);
+        let range = (
+            0..DISK,
+            prop_oneof![
+                1u64..600,
+                1u64..20_000,
+                (1u64..16).prop_map(|b| b * 4096),
+                100_000u64..250_000
+            ],
+        );
         prop_oneof![
             6 => (range.clone(), any::<bool>(), any::<bool>(), any::<bool>()).prop_map(|((off, len), fua, zc, align)| {
                 let off = if align { off / 4096 * 4096 } else { off };
@@ -1079,9 +1251,17 @@ mod prop {
             0 => eager_tuning(),
             1 => lazy_tuning(),
             // Lazy syncs, eager checkpoints.
-            2 => Tuning { checkpoint_interval: Duration::ZERO, ..lazy_tuning() },
+            2 => Tuning {
+                checkpoint_interval: Duration::ZERO,
+                ..lazy_tuning()
+            },
             // Eager syncs, lazy checkpoints.
-            _ => Tuning { sync_interval: Duration::ZERO, checkpoint_interval: HOUR, checkpoint_percent: 100, ..lazy_tuning() },
+            _ => Tuning {
+                sync_interval: Duration::ZERO,
+                checkpoint_interval: HOUR,
+                checkpoint_percent: 100,
+                ..lazy_tuning()
+            },
         }
     }
 
@@ -1110,23 +1290,46 @@ mod prop {
                     let len = len.min(DISK - off).max(1);
                     let off = off.min(DISK - len);
                     next_id += 1;
-                    let data = if zero { Vec::new() } else { pattern(next_id, off, len) };
+                    let data = if zero {
+                        Vec::new()
+                    } else {
+                        pattern(next_id, off, len)
+                    };
                     let idx = model.writes.len();
-                    model.writes.push(Wr { id: next_id, off, len, data: Arc::new(data), guaranteed: false, fua });
+                    model.writes.push(Wr {
+                        id: next_id,
+                        off,
+                        len,
+                        data: Arc::new(data),
+                        guaranteed: false,
+                        fua,
+                    });
                     let req = rig.fresh_id();
                     model.pending.insert(req, Pending::Write { idx });
                     if zero {
                         rig.st.write_zeroes(&mut rig.sim, req, off, len, false, fua);
                     } else {
-                        let zc = matches!(op, POp::Write { zero_copy: true, .. });
+                        let zc = matches!(
+                            op,
+                            POp::Write {
+                                zero_copy: true,
+                                ..
+                            }
+                        );
                         let at = if zc { WRITE_HEADROOM } else { 5 };
                         let buf = payload(&model.writes[idx].data, at);
-                        rig.st.write(&mut rig.sim, req, off, buf, at, len as usize, fua);
+                        rig.st
+                            .write(&mut rig.sim, req, off, buf, at, len as usize, fua);
                     }
                 }
                 POp::Flush => {
                     let req = rig.fresh_id();
-                    model.pending.insert(req, Pending::Flush { covers: model.acked_unguaranteed.clone() });
+                    model.pending.insert(
+                        req,
+                        Pending::Flush {
+                            covers: model.acked_unguaranteed.clone(),
+                        },
+                    );
                     rig.st.flush(&mut rig.sim, req);
                 }
                 POp::Step(k) => {
@@ -1152,9 +1355,18 @@ mod prop {
             process(&mut rig, &mut model)?;
         }
         let sim = rig.sim.crash_copy_mode(seed ^ 5, mode);
-        let mut rec = Rig::open(sim, files, Tuning { verify_reads: true, ..tuning })
-            .map_err(|e| format!("recovery failed: {e}"))?;
-        let got = rec.read_all().map_err(|(off, e)| format!("reading the recovered disk at {off}: errno {e}"))?;
+        let mut rec = Rig::open(
+            sim,
+            files,
+            Tuning {
+                verify_reads: true,
+                ..tuning
+            },
+        )
+        .map_err(|e| format!("recovery failed: {e}"))?;
+        let got = rec
+            .read_all()
+            .map_err(|(off, e)| format!("reading the recovered disk at {off}: errno {e}"))?;
         model.check_crash(&got)
     }
 

@@ -41,7 +41,10 @@ fn written_images(seed: u64) -> (Vec<u8>, Vec<u8>) {
     for c in cs {
         st.complete(&mut sim, c);
     }
-    (sim.live(files.journal).to_vec(), sim.live(files.meta).to_vec())
+    (
+        sim.live(files.journal).to_vec(),
+        sim.live(files.meta).to_vec(),
+    )
 }
 
 #[test]
@@ -61,7 +64,7 @@ fn recovery_survives_damaged_journals_and_metadata() {
                 _ => {
                     let i = rng.below(j.len() as u64) as usize;
                     let n = (rng.below(600) as usize).min(j.len() - i);
-                    j[i..i + n].fill(rng.next() as u8);
+                    j[i..i + n].fill(rng.next_u64() as u8);
                 }
             }
             fuzzing::recover_journal(&j);

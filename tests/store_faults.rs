@@ -58,13 +58,30 @@ fn failed_fsync_is_never_reported_durable() {
         // plain write (which is then answered before it, from the journal
         // write alone).
         assert_eq!(w, Ok(()), "lazy={lazy}");
-        assert_eq!(rig.flush_sync(), Err(libc::EIO), "lazy={lazy}: flush after a failed fsync");
-        assert!(rig.sim.faults.is_empty(), "lazy={lazy}: the fault never fired");
+        assert_eq!(
+            rig.flush_sync(),
+            Err(libc::EIO),
+            "lazy={lazy}: flush after a failed fsync"
+        );
+        assert!(
+            rig.sim.faults.is_empty(),
+            "lazy={lazy}: the fault never fired"
+        );
         // No retry pretends success: the fsync would succeed now, but what it
         // covered may be lost.
-        assert_eq!(rig.flush_sync(), Err(libc::EIO), "lazy={lazy}: second flush");
-        assert_eq!(rig.write_sync(16384, &pattern(3, 16384, 4096), true), Err(libc::EIO));
-        assert_eq!(rig.write_sync(16384, &pattern(3, 16384, 4096), false), Err(libc::EIO));
+        assert_eq!(
+            rig.flush_sync(),
+            Err(libc::EIO),
+            "lazy={lazy}: second flush"
+        );
+        assert_eq!(
+            rig.write_sync(16384, &pattern(3, 16384, 4096), true),
+            Err(libc::EIO)
+        );
+        assert_eq!(
+            rig.write_sync(16384, &pattern(3, 16384, 4096), false),
+            Err(libc::EIO)
+        );
         assert!(rig.st.failure().is_some());
         // Reads still work.
         assert_eq!(rig.read_sync(0, 8192).unwrap(), pattern(1, 0, 8192));
@@ -72,7 +89,9 @@ fn failed_fsync_is_never_reported_durable() {
         let mut after = crash(&mut rig);
         assert_eq!(after.read_sync(0, 8192).unwrap(), pattern(1, 0, 8192));
         // And a restarted store works again.
-        after.write_sync(8192, &pattern(4, 8192, 4096), true).unwrap();
+        after
+            .write_sync(8192, &pattern(4, 8192, 4096), true)
+            .unwrap();
         assert_eq!(after.read_sync(8192, 4096).unwrap(), pattern(4, 8192, 4096));
     }
 }
@@ -88,15 +107,33 @@ fn fua_write_fails_when_its_fsync_fails() {
         .push(fault(j, FaultOn::Fsync, FaultEffect::Errno(libc::EIO)));
     let (a, b, f) = (rig.fresh_id(), rig.fresh_id(), rig.fresh_id());
     let data = pattern(5, 4096, 4096);
-    rig.st.write(&mut rig.sim, a, 4096, payload(&data, WRITE_HEADROOM), WRITE_HEADROOM, 4096, true);
-    rig.st.write(&mut rig.sim, b, 12288, payload(&data, 0), 0, 4096, true);
+    rig.st.write(
+        &mut rig.sim,
+        a,
+        4096,
+        payload(&data, WRITE_HEADROOM),
+        WRITE_HEADROOM,
+        4096,
+        true,
+    );
+    rig.st
+        .write(&mut rig.sim, b, 12288, payload(&data, 0), 0, 4096, true);
     rig.st.flush(&mut rig.sim, f);
     let ea = rig.wait_event(a);
     let eb = rig.wait_event(b);
     let ef = rig.wait_event(f);
-    assert!(matches!(ea, StoreEvent::Written(_, Err(libc::EIO))), "{ea:?}");
-    assert!(matches!(eb, StoreEvent::Written(_, Err(libc::EIO))), "{eb:?}");
-    assert!(matches!(ef, StoreEvent::Flushed(_, Err(libc::EIO))), "{ef:?}");
+    assert!(
+        matches!(ea, StoreEvent::Written(_, Err(libc::EIO))),
+        "{ea:?}"
+    );
+    assert!(
+        matches!(eb, StoreEvent::Written(_, Err(libc::EIO))),
+        "{eb:?}"
+    );
+    assert!(
+        matches!(ef, StoreEvent::Flushed(_, Err(libc::EIO))),
+        "{ef:?}"
+    );
 }
 
 /// (b) EIO on a write's journal record: that write fails with EIO, the
@@ -115,23 +152,39 @@ fn eio_on_journal_write_reaches_client_and_store_keeps_serving() {
         // Unaligned, to take the copy path and a read-modify-write later.
         let failed = rig.write_sync(4096 + 100, &pattern(2, 4196, 5000), false);
         assert_eq!(failed, Err(libc::EIO), "lazy={lazy}");
-        assert!(rig.st.failure().is_none(), "lazy={lazy}: one failed record poisoned the store");
+        assert!(
+            rig.st.failure().is_none(),
+            "lazy={lazy}: one failed record poisoned the store"
+        );
         // Later writes, flushes and reads work.
-        rig.write_sync(16384, &pattern(3, 16384, 8192), false).unwrap();
+        rig.write_sync(16384, &pattern(3, 16384, 8192), false)
+            .unwrap();
         rig.write_sync(4096, &pattern(4, 4096, 100), true).unwrap();
         rig.flush_sync().unwrap();
         let mut expect = vec![0u8; 32768];
         expect[..4096].copy_from_slice(&pattern(1, 0, 4096));
         expect[4096..4196].copy_from_slice(&pattern(4, 4096, 100));
         expect[16384..24576].copy_from_slice(&pattern(3, 16384, 8192));
-        assert_eq!(rig.read_sync(0, 32768).unwrap(), expect, "lazy={lazy}: live read");
+        assert_eq!(
+            rig.read_sync(0, 32768).unwrap(),
+            expect,
+            "lazy={lazy}: live read"
+        );
         // Crash before any checkpoint (lazy) or after some (eager).
         let mut after = crash(&mut rig);
-        assert_eq!(after.read_sync(0, 32768).unwrap(), expect, "lazy={lazy}: after crash");
+        assert_eq!(
+            after.read_sync(0, 32768).unwrap(),
+            expect,
+            "lazy={lazy}: after crash"
+        );
         // After a drain and a crash too.
         rig.drain();
         let mut after = crash(&mut rig);
-        assert_eq!(after.read_sync(0, 32768).unwrap(), expect, "lazy={lazy}: after drain+crash");
+        assert_eq!(
+            after.read_sync(0, 32768).unwrap(),
+            expect,
+            "lazy={lazy}: after drain+crash"
+        );
     }
 }
 
@@ -150,11 +203,30 @@ fn fua_write_in_flight_when_the_store_is_poisoned_gets_an_error() {
     rig.sim
         .faults
         .push(fault(j, FaultOn::Write, FaultEffect::Errno(libc::EIO)));
-    rig.st.write(&mut rig.sim, 1, 0, payload(&d, WRITE_HEADROOM), WRITE_HEADROOM, 4096, false);
+    rig.st.write(
+        &mut rig.sim,
+        1,
+        0,
+        payload(&d, WRITE_HEADROOM),
+        WRITE_HEADROOM,
+        4096,
+        false,
+    );
     rig.run_op("X's journal write", is_write_to(j));
-    assert!(matches!(rig.take_event(1), Some(StoreEvent::Written(1, Err(libc::EIO)))));
+    assert!(matches!(
+        rig.take_event(1),
+        Some(StoreEvent::Written(1, Err(libc::EIO)))
+    ));
     // Y (FUA) is submitted behind the Void rewrite.
-    rig.st.write(&mut rig.sim, 2, 8192, payload(&d, WRITE_HEADROOM), WRITE_HEADROOM, 4096, true);
+    rig.st.write(
+        &mut rig.sim,
+        2,
+        8192,
+        payload(&d, WRITE_HEADROOM),
+        WRITE_HEADROOM,
+        4096,
+        true,
+    );
     // The Void rewrite fails: the store is poisoned.
     rig.sim
         .faults
@@ -181,14 +253,20 @@ fn enospc_on_journal_write_is_reported_as_enospc() {
     rig.sim
         .faults
         .push(fault(j, FaultOn::Write, FaultEffect::Errno(libc::ENOSPC)));
-    assert_eq!(rig.write_sync(0, &pattern(1, 0, 4096), false), Err(libc::ENOSPC));
+    assert_eq!(
+        rig.write_sync(0, &pattern(1, 0, 4096), false),
+        Err(libc::ENOSPC)
+    );
     // Let the Void rewrite of the failed slot finish first.
     rig.pump();
     // EDQUOT maps to ENOSPC as well.
     rig.sim
         .faults
         .push(fault(j, FaultOn::Write, FaultEffect::Errno(libc::EDQUOT)));
-    assert_eq!(rig.write_sync(0, &pattern(1, 0, 4096), true), Err(libc::ENOSPC));
+    assert_eq!(
+        rig.write_sync(0, &pattern(1, 0, 4096), true),
+        Err(libc::ENOSPC)
+    );
     rig.write_sync(0, &pattern(2, 0, 4096), true).unwrap();
     assert_eq!(rig.read_sync(0, 4096).unwrap(), pattern(2, 0, 4096));
 }
@@ -199,7 +277,11 @@ fn enospc_on_journal_write_is_reported_as_enospc() {
 fn short_writes_are_completed() {
     for (name, on_data) in [("journal", false), ("data", true)] {
         let mut rig = Rig::new(5, 1 * MIB, 4 * MIB, eager_tuning());
-        let fd = if on_data { rig.files.data } else { rig.files.journal };
+        let fd = if on_data {
+            rig.files.data
+        } else {
+            rig.files.journal
+        };
         // Faults are consumed in order, each letting one write through
         // first: every other write to the file is short, four times.
         for _ in 0..4 {
@@ -229,11 +311,18 @@ fn short_writes_are_completed() {
         }
         rig.flush_sync().unwrap();
         rig.drain();
-        assert!(rig.sim.faults.is_empty(), "{name}: not every short write fired");
+        assert!(
+            rig.sim.faults.is_empty(),
+            "{name}: not every short write fired"
+        );
         assert!(rig.st.failure().is_none(), "{name}: {:?}", rig.st.failure());
         assert_eq!(rig.read_sync(0, 256 * KIB).unwrap(), expect, "{name}: live");
         let mut after = crash(&mut rig);
-        assert_eq!(after.read_sync(0, 256 * KIB).unwrap(), expect, "{name}: after crash");
+        assert_eq!(
+            after.read_sync(0, 256 * KIB).unwrap(),
+            expect,
+            "{name}: after crash"
+        );
     }
 }
 
@@ -252,7 +341,8 @@ fn data_file_read_error_fails_the_read_only() {
     assert_eq!(rig.read_sync(4096, 8192), Err(libc::EIO));
     assert_eq!(rig.read_sync(4096, 8192).unwrap(), pattern(1, 4096, 8192));
     // A read in several parts (overlay + data file) with one part failing.
-    rig.write_sync(20000, &pattern(2, 20000, 10), false).unwrap();
+    rig.write_sync(20000, &pattern(2, 20000, 10), false)
+        .unwrap();
     rig.sim
         .faults
         .push(fault(d, FaultOn::Read, FaultEffect::Errno(libc::EIO)));
@@ -277,17 +367,36 @@ fn corrupted_data_block_reads_as_eio_and_others_still_read() {
     assert!(rig.st.is_quiet());
     // Bit rot in block 5.
     rig.sim.files.get_mut(&d).unwrap().live[5 * 4096 + 123] ^= 0x01;
-    assert_eq!(rig.read_sync(5 * 4096 + 100, 50), Err(libc::EIO), "the bad bytes");
-    assert_eq!(rig.read_sync(5 * 4096 + 3000, 10), Err(libc::EIO), "other bytes of the bad block");
-    assert_eq!(rig.read_sync(0, 16 * 4096), Err(libc::EIO), "a read spanning it");
+    assert_eq!(
+        rig.read_sync(5 * 4096 + 100, 50),
+        Err(libc::EIO),
+        "the bad bytes"
+    );
+    assert_eq!(
+        rig.read_sync(5 * 4096 + 3000, 10),
+        Err(libc::EIO),
+        "other bytes of the bad block"
+    );
+    assert_eq!(
+        rig.read_sync(0, 16 * 4096),
+        Err(libc::EIO),
+        "a read spanning it"
+    );
     assert!(rig.st.stats.checksum_failures >= 3);
     assert_eq!(rig.read_sync(0, 5 * 4096).unwrap(), data[..5 * 4096]);
-    assert_eq!(rig.read_sync(6 * 4096, 10 * 4096).unwrap(), data[6 * 4096..]);
+    assert_eq!(
+        rig.read_sync(6 * 4096, 10 * 4096).unwrap(),
+        data[6 * 4096..]
+    );
     // Rewriting the whole block heals it.
-    rig.write_sync(5 * 4096, &pattern(2, 5 * 4096, 4096), false).unwrap();
+    rig.write_sync(5 * 4096, &pattern(2, 5 * 4096, 4096), false)
+        .unwrap();
     rig.flush_sync().unwrap();
     rig.drain();
-    assert_eq!(rig.read_sync(5 * 4096, 4096).unwrap(), pattern(2, 5 * 4096, 4096));
+    assert_eq!(
+        rig.read_sync(5 * 4096, 4096).unwrap(),
+        pattern(2, 5 * 4096, 4096)
+    );
     // A block of zeroes corrupted to non-zero fails too.
     rig.sim.files.get_mut(&d).unwrap().live[100 * 4096] = 1;
     assert_eq!(rig.read_sync(100 * 4096, 4096), Err(libc::EIO));
@@ -337,7 +446,15 @@ fn full_journal_applies_back_pressure_and_every_write_succeeds() {
             let d = pattern(id, off, len);
             expect[off as usize..(off + len) as usize].copy_from_slice(&d);
             let at = if n % 2 == 0 { WRITE_HEADROOM } else { 3 };
-            rig.st.write(&mut rig.sim, id, off, payload(&d, at), at, len as usize, false);
+            rig.st.write(
+                &mut rig.sim,
+                id,
+                off,
+                payload(&d, at),
+                at,
+                len as usize,
+                false,
+            );
             ids.push(id);
         }
         for id in ids {
@@ -346,11 +463,18 @@ fn full_journal_applies_back_pressure_and_every_write_succeeds() {
                 e => panic!("{name}: {e:?}"),
             }
         }
-        assert!(rig.st.stats.checkpoints > 0, "{name}: the ring never filled?");
+        assert!(
+            rig.st.stats.checkpoints > 0,
+            "{name}: the ring never filled?"
+        );
         assert_eq!(rig.read_sync(0, size).unwrap(), expect, "{name}: live");
         rig.flush_sync().unwrap();
         let mut after = crash(&mut rig);
-        assert_eq!(after.read_sync(0, size).unwrap(), expect, "{name}: after crash");
+        assert_eq!(
+            after.read_sync(0, size).unwrap(),
+            expect,
+            "{name}: after crash"
+        );
     }
 }
 
@@ -406,7 +530,10 @@ fn superblock_slot_read_error_does_not_roll_back_to_the_older_slot() {
                 .read_sync(0, size)
                 .expect("recovered from the older superblock: the disk does not even read back");
             let bad = got.iter().zip(&expect).filter(|(a, b)| a != b).count();
-            assert_eq!(bad, 0, "{bad} bytes of flushed writes lost after recovering from the older superblock");
+            assert_eq!(
+                bad, 0,
+                "{bad} bytes of flushed writes lost after recovering from the older superblock"
+            );
         }
     }
 }
@@ -418,7 +545,10 @@ fn fresh_sim_replica_reads_zeroes() {
     let (files, sb) = init_replica(&mut sim, 256 * KIB, 4 * MIB);
     assert_eq!(sb.size, 256 * KIB);
     let mut rig = Rig::open(sim, files, eager_tuning()).unwrap();
-    assert_eq!(rig.read_sync(0, 256 * KIB).unwrap(), vec![0u8; 256 * KIB as usize]);
+    assert_eq!(
+        rig.read_sync(0, 256 * KIB).unwrap(),
+        vec![0u8; 256 * KIB as usize]
+    );
     assert_eq!(BLOCK_SIZE, 4096);
 }
 
@@ -444,7 +574,11 @@ fn zeroes_are_applied_where_punch_hole_is_unsupported() {
     });
     rig.zero_sync(8192, 16384, true).unwrap();
     rig.drain();
-    assert!(rig.st.failure().is_none(), "store poisoned: {:?}", rig.st.failure());
+    assert!(
+        rig.st.failure().is_none(),
+        "store poisoned: {:?}",
+        rig.st.failure()
+    );
     let mut expect = pattern(1, 0, 65536);
     expect[8192..24576].fill(0);
     assert_eq!(rig.read_sync(0, 65536).unwrap(), expect);
@@ -467,7 +601,10 @@ fn apply_failure_poisons_the_store_and_the_journal_keeps_the_data() {
     rig.write_sync(0, &pattern(1, 0, 8192), true).unwrap();
     rig.pump();
     assert!(rig.st.failure().is_some(), "apply failure not noticed");
-    assert_eq!(rig.write_sync(8192, &pattern(2, 8192, 4096), false), Err(libc::EIO));
+    assert_eq!(
+        rig.write_sync(8192, &pattern(2, 8192, 4096), false),
+        Err(libc::EIO)
+    );
     assert_eq!(rig.flush_sync(), Err(libc::EIO));
     // Still readable (from the overlay).
     assert_eq!(rig.read_sync(0, 8192).unwrap(), pattern(1, 0, 8192));
@@ -485,16 +622,24 @@ fn checkpoint_failure_poisons_the_store_and_recovery_is_clean() {
     rig.sim
         .faults
         .push(fault(m, FaultOn::Write, FaultEffect::Errno(libc::EIO)));
-    rig.write_sync(4096, &pattern(1, 4096, 12288), true).unwrap();
-    rig.write_sync(100_000, &pattern(2, 100_000, 5000), false).unwrap();
+    rig.write_sync(4096, &pattern(1, 4096, 12288), true)
+        .unwrap();
+    rig.write_sync(100_000, &pattern(2, 100_000, 5000), false)
+        .unwrap();
     rig.flush_sync().unwrap();
     rig.pump();
     assert!(rig.st.failure().is_some(), "checkpoint failure not noticed");
     assert_eq!(rig.write_sync(0, &pattern(3, 0, 10), true), Err(libc::EIO));
     assert_eq!(rig.flush_sync(), Err(libc::EIO));
     let mut after = crash(&mut rig);
-    assert_eq!(after.read_sync(4096, 12288).unwrap(), pattern(1, 4096, 12288));
-    assert_eq!(after.read_sync(100_000, 5000).unwrap(), pattern(2, 100_000, 5000));
+    assert_eq!(
+        after.read_sync(4096, 12288).unwrap(),
+        pattern(1, 4096, 12288)
+    );
+    assert_eq!(
+        after.read_sync(100_000, 5000).unwrap(),
+        pattern(2, 100_000, 5000)
+    );
     // Whole disk verifies.
     after.read_all().unwrap();
 }

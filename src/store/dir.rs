@@ -74,12 +74,12 @@ pub fn format_uuid(u: &[u8; 16]) -> String {
 
 /// Create a new replica directory for a disk of `size` bytes.
 pub fn init(path: &Path, size: u64, journal_size: u64, node_id: u32) -> Result<Superblock, String> {
-    if size == 0 || size % BLOCK_SIZE != 0 {
+    if size == 0 || !size.is_multiple_of(BLOCK_SIZE) {
         return Err(format!(
             "size {size} must be a positive multiple of {BLOCK_SIZE} bytes"
         ));
     }
-    if journal_size < MIN_JOURNAL || journal_size % RECORD_ALIGN != 0 {
+    if journal_size < MIN_JOURNAL || !journal_size.is_multiple_of(RECORD_ALIGN) {
         return Err(format!(
             "journal size {journal_size} must be at least {MIN_JOURNAL} bytes and a multiple of {RECORD_ALIGN}"
         ));

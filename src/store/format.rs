@@ -119,15 +119,15 @@ impl Superblock {
         if sb.block_size as u64 != BLOCK_SIZE {
             return Err(SuperblockError::Invalid("block size is not 4096"));
         }
-        if sb.size == 0 || sb.size % BLOCK_SIZE != 0 {
+        if sb.size == 0 || !sb.size.is_multiple_of(BLOCK_SIZE) {
             return Err(SuperblockError::Invalid(
                 "size is not a positive multiple of 4096",
             ));
         }
-        if sb.journal_size < MIN_JOURNAL || sb.journal_size % RECORD_ALIGN != 0 {
+        if sb.journal_size < MIN_JOURNAL || !sb.journal_size.is_multiple_of(RECORD_ALIGN) {
             return Err(SuperblockError::Invalid("journal size out of range"));
         }
-        if sb.tail_pos >= sb.journal_size || sb.tail_pos % RECORD_ALIGN != 0 {
+        if sb.tail_pos >= sb.journal_size || !sb.tail_pos.is_multiple_of(RECORD_ALIGN) {
             return Err(SuperblockError::Invalid("journal tail outside the journal"));
         }
         Ok(sb)
@@ -222,7 +222,7 @@ impl RecordHeader {
         } else {
             RECORD_ALIGN as u32
         };
-        if h.span < min || h.span as u64 % RECORD_ALIGN != 0 {
+        if h.span < min || !(h.span as u64).is_multiple_of(RECORD_ALIGN) {
             return Err(RecordError::BadSpan);
         }
         Ok(h)

@@ -65,7 +65,7 @@ impl JournalRing {
 
     /// Reserve room for a record of `span` bytes; None if the ring is full.
     pub fn place(&mut self, span: u64) -> Option<Placement> {
-        debug_assert!(span % RECORD_ALIGN == 0 && span > 0);
+        debug_assert!(span.is_multiple_of(RECORD_ALIGN) && span > 0);
         let tail = self.tail();
         let empty = self.records.is_empty();
         let fits_at_head = if empty || self.head >= tail {
@@ -320,7 +320,8 @@ mod tests {
         let p = j.place(4 * a).unwrap();
         assert_eq!(p.wrap, Some((2, 5 * a, 3 * a)));
         assert_eq!((p.seq, p.pos), (3, 0));
-        let slots: Vec<(u64, u64, u64)> = j.records.iter().map(|r| (r.seq, r.pos, r.span)).collect();
+        let slots: Vec<(u64, u64, u64)> =
+            j.records.iter().map(|r| (r.seq, r.pos, r.span)).collect();
         assert_eq!(slots, vec![(2, 5 * a, 3 * a), (3, 0, 4 * a)]);
     }
 

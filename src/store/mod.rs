@@ -400,6 +400,7 @@ impl Store {
 
     /// Write `buf[at..at+len]` at `offset`. Leave [`WRITE_HEADROOM`] bytes before
     /// `at` to spare a copy.
+    #[allow(clippy::too_many_arguments)]
     pub fn write(
         &mut self,
         io: &mut dyn Io,
@@ -997,7 +998,13 @@ impl Store {
             }
             Ctx::ApplyRead { block } => self.apply_read_done(io, block, c, err),
             Ctx::ApplyWrite => {
-                if let (Some(_), Op::Fallocate { fd, offset, len, .. }) = (err, &c.op) {
+                if let (
+                    Some(_),
+                    Op::Fallocate {
+                        fd, offset, len, ..
+                    },
+                ) = (err, &c.op)
+                {
                     // Punching the hole failed (EOPNOTSUPP on filesystems and
                     // devices without it): write the zeroes instead, as
                     // recovery does, rather than poison the store (found by
@@ -1252,7 +1259,11 @@ impl Store {
         // A block that was corrupt keeps a checksum that cannot verify, so the
         // bytes the client did not rewrite are never served as good data.
         let sum = block_checksum(block, &buf);
-        let sum = if was_corrupt { sum ^ checksum::CORRUPT_MARK } else { sum };
+        let sum = if was_corrupt {
+            sum ^ checksum::CORRUPT_MARK
+        } else {
+            sum
+        };
         batch.sums.push((block, sum));
         self.stats.applied_bytes += BLOCK_SIZE;
         self.submit(

@@ -4,10 +4,10 @@
 #![allow(dead_code, clippy::identity_op)]
 
 use nbdmirror::io::{Io, Op};
-use std::os::fd::RawFd;
 use nbdmirror::sim::{init_replica, SimIo};
 use nbdmirror::store::format::Superblock;
 use nbdmirror::store::{load_superblock, Files, ReqId, Store, StoreEvent, Tuning, WRITE_HEADROOM};
+use std::os::fd::RawFd;
 use std::time::Duration;
 
 pub const KIB: u64 = 1024;
@@ -49,7 +49,16 @@ pub fn pattern_word(id: u64, word: u64) -> [u8; 8] {
     let idb = ((id as u32) ^ 0xC3A5_8080).to_le_bytes();
     let hb = h.to_le_bytes();
     let nz = |b: u8| if b == 0 { 0x11 } else { b };
-    [idb[0], idb[1], idb[2], idb[3], nz(hb[4]), nz(hb[5]), nz(hb[6]), nz(hb[7])]
+    [
+        idb[0],
+        idb[1],
+        idb[2],
+        idb[3],
+        nz(hb[4]),
+        nz(hb[5]),
+        nz(hb[6]),
+        nz(hb[7]),
+    ]
 }
 
 /// The byte write `id` puts at disk offset `o`.
@@ -172,16 +181,12 @@ impl Rig {
     /// Execute the oldest queued op that `pick` accepts (panics if none) and
     /// hand its completion to the store. For directed interleavings.
     pub fn run_op(&mut self, what: &str, pick: impl Fn(&Op) -> bool) {
-        let i = self
-            .sim
-            .queued()
-            .position(&pick)
-            .unwrap_or_else(|| {
-                panic!(
-                    "no queued op is {what}; queued: {:?}",
-                    self.sim.queued().map(op_summary).collect::<Vec<_>>()
-                )
-            });
+        let i = self.sim.queued().position(&pick).unwrap_or_else(|| {
+            panic!(
+                "no queued op is {what}; queued: {:?}",
+                self.sim.queued().map(op_summary).collect::<Vec<_>>()
+            )
+        });
         let mut cs = Vec::new();
         self.sim.run_queued(i, &mut cs);
         for c in cs {
@@ -253,7 +258,8 @@ impl Rig {
 
     pub fn zero_sync(&mut self, off: u64, len: u64, fua: bool) -> Result<(), i32> {
         let id = self.fresh_id();
-        self.st.write_zeroes(&mut self.sim, id, off, len, false, fua);
+        self.st
+            .write_zeroes(&mut self.sim, id, off, len, false, fua);
         match self.wait_event(id) {
             StoreEvent::Written(_, r) => r,
             e => panic!("unexpected event {e:?}"),
@@ -316,10 +322,23 @@ pub fn recover(sim: &mut SimIo, files: Files, tuning: Tuning) -> Result<Store, S
 /// A short description of an op for messages.
 pub fn op_summary(op: &Op) -> String {
     match op {
-        Op::Read { fd, buf, at, offset } => format!("read fd {fd} {offset}+{}", buf.len() - at),
-        Op::Write { fd, start, end, offset, .. } => format!("write fd {fd} {offset}+{}", end - start),
+        Op::Read {
+            fd,
+            buf,
+            at,
+            offset,
+        } => format!("read fd {fd} {offset}+{}", buf.len() - at),
+        Op::Write {
+            fd,
+            start,
+            end,
+            offset,
+            ..
+        } => format!("write fd {fd} {offset}+{}", end - start),
         Op::Fsync { fd, .. } => format!("fsync fd {fd}"),
-        Op::Fallocate { fd, offset, len, .. } => format!("fallocate fd {fd} {offset}+{len}"),
+        Op::Fallocate {
+            fd, offset, len, ..
+        } => format!("fallocate fd {fd} {offset}+{len}"),
         other => format!("{other:?}"),
     }
 }
