@@ -144,13 +144,15 @@ pub struct UringIo {
     queued: usize,
     /// Completions of ops executed at submission (see `inline_file_writes`).
     ready: Vec<Completion>,
-    /// Execute positional file writes with pwrite(2) at submission instead of
-    /// through the ring. ext4 cannot do buffered writes without blocking, so
-    /// io_uring hands each one to an io-wq worker thread: two context switches
-    /// per write, which on a small machine costs more than the copy into the
-    /// page cache. The completion is still delivered through `wait`, so
-    /// callers cannot tell the difference.
-    pub inline_file_writes: bool,
+    /// Files whose positional writes are executed with pwrite(2) at
+    /// submission instead of through the ring. ext4 cannot do buffered writes
+    /// without blocking, so io_uring hands each one to an io-wq worker thread:
+    /// two context switches per write, which costs more than the copy into the
+    /// page cache for small latency-critical writes (the journal). Background
+    /// writes (applying to the data file) stay on the ring so they run on
+    /// another core without stalling the loop. The completion is delivered
+    /// through `wait` either way, so callers cannot tell the difference.
+    pub inline_write_fds: Vec<RawFd>,
 }
 
 impl UringIo {
@@ -164,7 +166,7 @@ impl UringIo {
             free: Vec::new(),
             queued: 0,
             ready: Vec::new(),
-            inline_file_writes: true,
+            inline_write_fds: Vec::new(),
         })
     }
 
@@ -233,7 +235,7 @@ impl UringIo {
 
 impl Io for UringIo {
     fn submit(&mut self, token: u64, op: Op) {
-        if self.inline_file_writes {
+        if !self.inline_write_fds.is_empty() {
             if let Op::Write {
                 fd,
                 buf,
@@ -242,25 +244,27 @@ impl Io for UringIo {
                 offset,
             } = &op
             {
-                let s = &buf.as_slice()[*start..*end];
-                // SAFETY: `s` is a live, initialised slice for the whole call.
-                let r = unsafe {
-                    libc::pwrite(
-                        *fd,
-                        s.as_ptr() as *const libc::c_void,
-                        s.len(),
-                        *offset as i64,
-                    )
-                };
-                let result = if r < 0 {
-                    -std::io::Error::last_os_error()
-                        .raw_os_error()
-                        .unwrap_or(libc::EIO)
-                } else {
-                    r as i32
-                };
-                self.ready.push(Completion { token, result, op });
-                return;
+                if self.inline_write_fds.contains(fd) {
+                    let s = &buf.as_slice()[*start..*end];
+                    // SAFETY: `s` is a live, initialised slice for the whole call.
+                    let r = unsafe {
+                        libc::pwrite(
+                            *fd,
+                            s.as_ptr() as *const libc::c_void,
+                            s.len(),
+                            *offset as i64,
+                        )
+                    };
+                    let result = if r < 0 {
+                        -std::io::Error::last_os_error()
+                            .raw_os_error()
+                            .unwrap_or(libc::EIO)
+                    } else {
+                        r as i32
+                    };
+                    self.ready.push(Completion { token, result, op });
+                    return;
+                }
             }
         }
         let idx = match self.free.pop() {

@@ -212,6 +212,8 @@ impl Server {
     pub fn new(config: ServeConfig, replica: &dir::ReplicaDir) -> Result<Server, String> {
         let mut io = UringIo::new(1024).map_err(|e| format!("cannot set up io_uring: {e}"))?;
         let files = replica.files();
+        // Journal appends are on the reply path: do them inline (see io.rs).
+        io.inline_write_fds.push(files.journal);
         let sb = store::load_superblock(&mut io, files.meta)
             .map_err(|e| format!("{}: {e}; refusing to serve it", replica.path.display()))?;
         dir::check_sizes(replica, &sb)?;
