@@ -147,6 +147,10 @@ pub enum RecordKind {
     Wrap = 3,
     /// A record whose write failed, rewritten so the chain stays intact; no effect.
     Void = 4,
+    /// `[offset, offset+length)` was written straight to the data file; the
+    /// record (durable before the data write started) names the blocks whose
+    /// checksums recovery must rebuild.
+    InPlace = 5,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -205,6 +209,7 @@ impl RecordHeader {
             2 => RecordKind::Zero,
             3 => RecordKind::Wrap,
             4 => RecordKind::Void,
+            5 => RecordKind::InPlace,
             k => return Err(RecordError::BadKind(k)),
         };
         let h = RecordHeader {

@@ -282,7 +282,7 @@ pub fn scan(
                     },
                 )?;
             }
-            RecordKind::Zero => each(
+            RecordKind::Zero | RecordKind::InPlace => each(
                 io,
                 Recovered {
                     header: h,

@@ -23,6 +23,7 @@ pub fn lazy_tuning() -> Tuning {
         checkpoint_percent: 100,
         checkpoint_interval: HOUR,
         verify_reads: true,
+        inplace_min: 0,
     }
 }
 
@@ -34,6 +35,7 @@ pub fn eager_tuning() -> Tuning {
         checkpoint_percent: 0,
         checkpoint_interval: Duration::ZERO,
         verify_reads: true,
+        inplace_min: 0,
     }
 }
 
