@@ -40,6 +40,10 @@ use format::{
 use journal::{errno_str, JournalRing};
 use overlay::{Content, Overlay, Piece};
 
+/// One InPlace intent record covers this much of the disk: in-place writes
+/// into a region whose intent is durable need no journal sync of their own.
+pub const INTENT_REGION: u64 = 16 << 20;
+
 /// Granularity of the map of journaled regions that in-place writes avoid.
 const JOURNALED_CHUNK: u64 = 1 << 20;
 
@@ -108,17 +112,17 @@ struct Waiter {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum InPlaceState {
-    /// The InPlace record is being written to the journal.
-    Recording,
-    /// The record is written; waiting for a journal sync to cover it.
+    /// Waiting for the intent records of its regions to be durable.
     Recorded,
     /// The record is durable; the data is being written to the data file.
     Writing,
 }
 
-/// A large aligned write that goes straight to the data file: only a small
-/// InPlace record is journaled (and made durable *before* the data is
-/// written, so a crash can always find which blocks to re-checksum).
+/// A large aligned write that goes straight to the data file. Each 16 MiB
+/// region it touches must have a durable InPlace *intent* record in the
+/// journal before the data is written, so a crash can always find which
+/// blocks to re-checksum; one intent serves every write into its region until
+/// a checkpoint releases it.
 #[derive(Debug)]
 struct InPlaceWrite {
     req: ReqId,
@@ -128,6 +132,9 @@ struct InPlaceWrite {
     at: usize,
     fua: bool,
     state: InPlaceState,
+    /// Seqs of the intent records covering this write's regions; the data
+    /// may be written once all are durable.
+    intents: Vec<u64>,
 }
 
 /// The three files of a replica directory.
@@ -282,6 +289,10 @@ pub struct Store {
     inplace_done: u64,
     data_synced: u64,
     data_sync_in_flight: bool,
+    /// Regions with an InPlace intent record the journal still holds:
+    /// region -> the record's seq.
+    intents: HashMap<u64, u64>,
+    next_inplace_id: u64,
     /// 1 MiB chunks touched by journal records the last checkpoint has not
     /// released, with the newest such record's seq. An in-place write may not
     /// touch them: after a crash, replay would need the older record's bytes
@@ -398,6 +409,8 @@ impl Store {
             data_synced: 0,
             data_sync_in_flight: false,
             journaled_chunks: HashMap::new(),
+            intents: HashMap::new(),
+            next_inplace_id: 0,
             stats: StoreStats::default(),
         })
     }
@@ -486,32 +499,36 @@ impl Store {
     ) {
         let len64 = len as u64;
         if self.inplace_eligible(offset, len64) {
-            let span = format::RECORD_ALIGN;
-            if let Some(place) = self.ring.place(span) {
+            // Every region the write touches needs an intent record.
+            let regions = offset / INTENT_REGION..(offset + len64).div_ceil(INTENT_REGION);
+            let mut intents = Vec::new();
+            let mut placed_all = true;
+            for region in regions {
+                if let Some(&seq) = self.intents.get(&region) {
+                    intents.push(seq);
+                    continue;
+                }
+                let span = format::RECORD_ALIGN;
+                let Some(place) = self.ring.place(span) else {
+                    placed_all = false;
+                    break;
+                };
                 if let Some((wseq, wpos, filler)) = place.wrap {
                     self.submit_marker(io, RecordKind::Wrap, wseq, wpos, filler);
                 }
                 let seq = place.seq;
-                self.inplace.insert(
-                    seq,
-                    InPlaceWrite {
-                        req,
-                        offset,
-                        len: len64,
-                        buf,
-                        at,
-                        fua,
-                        state: InPlaceState::Recording,
-                    },
-                );
+                let rstart = region * INTENT_REGION;
+                let rlen = INTENT_REGION.min(self.sb.size - rstart);
+                self.intents.insert(region, seq);
+                intents.push(seq);
                 let mut rec = vec![0u8; span as usize];
                 RecordHeader {
                     kind: RecordKind::InPlace,
                     flags: 0,
                     epoch: self.sb.epoch,
                     seq,
-                    offset,
-                    length: len as u32,
+                    offset: rstart,
+                    length: rlen as u32,
                     span: span as u32,
                     data_hash: 0,
                 }
@@ -527,6 +544,25 @@ impl Store {
                         offset: place.pos,
                     },
                 );
+            }
+            if placed_all {
+                let id = self.next_inplace_id;
+                self.next_inplace_id += 1;
+                self.inplace.insert(
+                    id,
+                    InPlaceWrite {
+                        req,
+                        offset,
+                        len: len64,
+                        buf,
+                        at,
+                        fua,
+                        state: InPlaceState::Recorded,
+                        intents,
+                    },
+                );
+                self.start_inplace_data(io);
+                self.kick(io, false);
                 return;
             }
         }
@@ -578,8 +614,10 @@ impl Store {
         let ready: Vec<u64> = self
             .inplace
             .iter()
-            .filter(|(&seq, w)| seq <= durable && w.state == InPlaceState::Recorded)
-            .map(|(&seq, _)| seq)
+            .filter(|(_, w)| {
+                w.state == InPlaceState::Recorded && w.intents.iter().all(|&i| i <= durable)
+            })
+            .map(|(&id, _)| id)
             .collect();
         for seq in ready {
             let w = self.inplace.get_mut(&seq).unwrap();
@@ -636,7 +674,7 @@ impl Store {
                 self.events.push(StoreEvent::Written(w.req, Err(EIO)));
             } else if w.fua {
                 self.waiters.push(Waiter {
-                    seq,
+                    seq: w.intents.iter().copied().max().unwrap_or(0),
                     data: self.inplace_done,
                     req: w.req,
                     is_write: true,
@@ -1303,9 +1341,6 @@ impl Store {
         match err {
             None => {
                 self.ring.mark_written(seq);
-                if let Some(w) = self.inplace.get_mut(&seq) {
-                    w.state = InPlaceState::Recorded;
-                }
                 if let Some(f) = inflight {
                     self.overlay.insert(f.start, f.end, seq, f.content);
                     self.chunk_done(f.req, None);
@@ -1320,12 +1355,23 @@ impl Store {
                 if let Some(f) = &inflight {
                     self.submit_marker(io, RecordKind::Void, seq, f.pos, f.span);
                     self.chunk_done(f.req, Some(e));
-                } else if let Some(w) = self.inplace.remove(&seq) {
+                } else if self.intents.values().any(|&i| i == seq) {
+                    // A failed intent: the writes relying on it fail.
+                    self.intents.retain(|_, i| *i != seq);
+                    let failed: Vec<u64> = self
+                        .inplace
+                        .iter()
+                        .filter(|(_, w)| w.state == InPlaceState::Recorded && w.intents.contains(&seq))
+                        .map(|(&id, _)| id)
+                        .collect();
+                    for id in failed {
+                        let w = self.inplace.remove(&id).unwrap();
+                        self.events
+                            .push(StoreEvent::Written(w.req, Err(map_write_errno(e))));
+                    }
                     if let Some(s) = self.ring.slot_mut(seq).cloned() {
                         self.submit_marker(io, RecordKind::Void, seq, s.pos, s.span);
                     }
-                    self.events
-                        .push(StoreEvent::Written(w.req, Err(map_write_errno(e))));
                 } else if let Some(s) = self.ring.slot_mut(seq).cloned() {
                     self.submit_marker(io, RecordKind::Void, seq, s.pos, s.span);
                 }
@@ -1403,10 +1449,9 @@ impl Store {
             return;
         }
         let waiter_ready = self.waiters.iter().any(|w| w.seq <= prefix)
-            || self
-                .inplace
-                .values()
-                .any(|w| w.state == InPlaceState::Recorded);
+            || self.inplace.values().any(|w| {
+                w.state == InPlaceState::Recorded && w.intents.iter().all(|&i| i <= prefix)
+            });
         let due = waiter_ready
             || pressure
             || self.draining
@@ -1663,13 +1708,17 @@ impl Store {
         }
         // The tail may not pass an in-place record whose data is not written
         // yet: after a crash it is what says which blocks to re-checksum.
-        let upto = match self.inplace.keys().next() {
-            Some(&first) => self.applied_seq.min(first - 1),
+        let oldest_intent = self.inplace.values().flat_map(|w| w.intents.iter().copied()).min();
+        let upto = match oldest_intent {
+            Some(first) => self.applied_seq.min(first - 1),
             None => self.applied_seq,
         };
         if upto <= self.checkpointed_seq {
             return;
         }
+        // Intents this checkpoint releases stop protecting new writes now;
+        // writes into those regions start a new intent.
+        self.intents.retain(|_, seq| *seq > upto);
         let tail = self.ring.tail_after(upto);
         let pages = self.sums.take_dirty_pages();
         self.checkpoint = Some(Checkpoint {
