@@ -35,6 +35,9 @@ const MAX_QUEUED_REPLY_BYTES: usize = 64 << 20;
 const MAX_CONN_INFLIGHT_BYTES: usize = 128 << 20;
 /// The same budget for the whole server: bounds memory whatever clients do.
 const MAX_TOTAL_INFLIGHT_BYTES: usize = 512 << 20;
+/// Recycled payload buffers kept for reuse, and the largest one kept.
+const POOL_BUFFERS: usize = 16;
+const POOL_MAX_BUFFER: usize = (4 << 20) + 4096;
 const RECV_BUF: usize = 256 * 1024;
 const TICK: Duration = Duration::from_millis(20);
 /// Most extents in one BLOCK_STATUS reply.
@@ -129,6 +132,8 @@ pub struct Server {
     total_inflight_bytes: usize,
     /// Connections that stopped reading because the server-wide budget ran out.
     starved: Vec<u64>,
+    /// Large payload buffers for reuse.
+    pool: Vec<Vec<u8>>,
 }
 
 fn block_signals() -> Result<OwnedFd, String> {
@@ -259,6 +264,7 @@ impl Server {
             events: Vec::new(),
             total_inflight_bytes: 0,
             starved: Vec::new(),
+            pool: Vec::new(),
         })
     }
 
@@ -572,8 +578,21 @@ impl Server {
                             if req.command == Command::Write {
                                 let len = req.length as usize;
                                 let span = store::format::RecordHeader::span_for(len) as usize;
-                                let mut buf = Vec::with_capacity(span.max(WRITE_HEADROOM + len));
-                                buf.resize(WRITE_HEADROOM + len, 0);
+                                let want = WRITE_HEADROOM + len;
+                                let need = span.max(want);
+                                let fits =
+                                    |b: &Vec<u8>| b.capacity() >= need && b.capacity() <= 2 * need;
+                                let mut buf = match self.pool.iter().position(fits) {
+                                    // Recycled buffers hold old payload bytes, which the
+                                    // new payload overwrites: no zeroing, no page faults.
+                                    Some(i) => self.pool.swap_remove(i),
+                                    None => Vec::with_capacity(span.max(want)),
+                                };
+                                if buf.len() >= want {
+                                    buf.truncate(want);
+                                } else {
+                                    buf.resize(want, 0);
+                                }
                                 let avail = conn.filled - conn.start;
                                 let take = avail.min(len);
                                 buf[WRITE_HEADROOM..WRITE_HEADROOM + take]
@@ -678,6 +697,11 @@ impl Server {
     }
 
     fn deliver_store_events(&mut self) {
+        for b in self.store.recycled.drain(..) {
+            if self.pool.len() < POOL_BUFFERS && b.capacity() <= POOL_MAX_BUFFER {
+                self.pool.push(b);
+            }
+        }
         loop {
             self.store.drain_events(&mut self.events);
             if self.events.is_empty() {
