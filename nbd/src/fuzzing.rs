@@ -11,7 +11,11 @@ fn export() -> ExportInfo {
         name: "disk".into(),
         description: "fuzz".into(),
         size: 1 << 20,
-        flags: TFLAG_SEND_FLUSH | TFLAG_SEND_FUA | TFLAG_SEND_TRIM | TFLAG_SEND_WRITE_ZEROES | TFLAG_SEND_DF,
+        flags: TFLAG_SEND_FLUSH
+            | TFLAG_SEND_FUA
+            | TFLAG_SEND_TRIM
+            | TFLAG_SEND_WRITE_ZEROES
+            | TFLAG_SEND_DF,
         min_block: 1,
         preferred_block: 4096,
         max_block: 1 << 16,
@@ -21,7 +25,9 @@ fn export() -> ExportInfo {
 /// Drive a server session with `data` as everything the client sends. The
 /// first byte picks how the input is split into reads.
 pub fn session(data: &[u8]) {
-    let Some((&split, data)) = data.split_first() else { return };
+    let Some((&split, data)) = data.split_first() else {
+        return;
+    };
     let step = (split as usize % 61) + 1;
     let mut h = Handshake::new(vec![export()]);
     let mut out = Vec::new();
@@ -52,8 +58,15 @@ pub fn session(data: &[u8]) {
         match rules.decode(&buf[pos..]) {
             Decoded::NeedMore | Decoded::Fatal(_) => return,
             Decoded::Request(r) => {
-                assert!(r.offset.checked_add(r.length as u64).is_some_and(|e| e <= rules.size)
-                    || matches!(r.command, crate::Command::Flush | crate::Command::Disconnect));
+                assert!(
+                    r.offset
+                        .checked_add(r.length as u64)
+                        .is_some_and(|e| e <= rules.size)
+                        || matches!(
+                            r.command,
+                            crate::Command::Flush | crate::Command::Disconnect
+                        )
+                );
                 pos += REQUEST_HEADER_LEN;
                 if r.command == crate::Command::Write {
                     assert!(r.length <= rules.max_payload);

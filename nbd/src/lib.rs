@@ -9,9 +9,9 @@
 //! total: malformed input yields an error value, never a panic.
 
 pub mod consts;
+pub mod fuzzing;
 pub mod handshake;
 pub mod transmission;
-pub mod fuzzing;
 mod wire;
 
 pub use handshake::{greeting, ExportInfo, Handshake, HandshakeEnd, HandshakeStatus, Negotiated};

@@ -59,7 +59,10 @@ fn meta_req(name: &str, queries: &[&str]) -> Vec<u8> {
 fn replies(mut out: &[u8]) -> Vec<(u32, u32, Vec<u8>)> {
     let mut r = Vec::new();
     while out.len() >= 20 {
-        assert_eq!(u64::from_be_bytes(out[..8].try_into().unwrap()), OPTION_REPLY_MAGIC);
+        assert_eq!(
+            u64::from_be_bytes(out[..8].try_into().unwrap()),
+            OPTION_REPLY_MAGIC
+        );
         let o = u32::from_be_bytes(out[8..12].try_into().unwrap());
         let t = u32::from_be_bytes(out[12..16].try_into().unwrap());
         let l = u32::from_be_bytes(out[16..20].try_into().unwrap()) as usize;
@@ -73,7 +76,10 @@ fn replies(mut out: &[u8]) -> Vec<(u32, u32, Vec<u8>)> {
 fn started() -> Handshake {
     let mut h = Handshake::new(vec![export(1 << 20)]);
     let mut out = Vec::new();
-    let (used, st) = h.feed(&(CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES).to_be_bytes(), &mut out);
+    let (used, st) = h.feed(
+        &(CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES).to_be_bytes(),
+        &mut out,
+    );
     assert_eq!((used, st), (4, HandshakeStatus::Continue));
     h
 }
@@ -85,7 +91,10 @@ fn greeting_offers_fixed_newstyle_and_no_zeroes() {
     assert_eq!(g.len(), 18);
     assert_eq!(&g[..8], &NBDMAGIC.to_be_bytes());
     assert_eq!(&g[8..16], &IHAVEOPT.to_be_bytes());
-    assert_eq!(u16::from_be_bytes([g[16], g[17]]), FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES);
+    assert_eq!(
+        u16::from_be_bytes([g[16], g[17]]),
+        FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES
+    );
 }
 
 #[test]
@@ -93,7 +102,10 @@ fn unknown_client_flags_close_the_connection() {
     let mut h = Handshake::new(vec![export(4096)]);
     let mut out = Vec::new();
     let (_, st) = h.feed(&0x80u32.to_be_bytes(), &mut out);
-    assert!(matches!(st, HandshakeStatus::End(HandshakeEnd::ProtocolViolation(_))));
+    assert!(matches!(
+        st,
+        HandshakeStatus::End(HandshakeEnd::ProtocolViolation(_))
+    ));
 }
 
 #[test]
@@ -134,7 +146,10 @@ fn bad_option_magic_is_a_protocol_violation() {
     input[0] ^= 1;
     let mut out = Vec::new();
     let (_, st) = h.feed(&input, &mut out);
-    assert!(matches!(st, HandshakeStatus::End(HandshakeEnd::ProtocolViolation(_))));
+    assert!(matches!(
+        st,
+        HandshakeStatus::End(HandshakeEnd::ProtocolViolation(_))
+    ));
 }
 
 #[test]
@@ -173,7 +188,10 @@ fn info_reports_export_name_description_and_block_size_then_ack() {
     let mut h = started();
     let mut out = Vec::new();
     let (_, st) = h.feed(
-        &opt(OPT_INFO, &info_req("disk", &[INFO_NAME, INFO_DESCRIPTION, INFO_BLOCK_SIZE])),
+        &opt(
+            OPT_INFO,
+            &info_req("disk", &[INFO_NAME, INFO_DESCRIPTION, INFO_BLOCK_SIZE]),
+        ),
         &mut out,
     );
     assert_eq!(st, HandshakeStatus::Continue);
@@ -183,10 +201,16 @@ fn info_reports_export_name_description_and_block_size_then_ack() {
         .filter(|x| x.1 == REP_INFO)
         .map(|x| u16::from_be_bytes([x.2[0], x.2[1]]))
         .collect();
-    assert_eq!(types, vec![INFO_EXPORT, INFO_NAME, INFO_DESCRIPTION, INFO_BLOCK_SIZE]);
+    assert_eq!(
+        types,
+        vec![INFO_EXPORT, INFO_NAME, INFO_DESCRIPTION, INFO_BLOCK_SIZE]
+    );
     let export = &r[0].2;
     assert_eq!(export.len(), 12);
-    assert_eq!(u64::from_be_bytes(export[2..10].try_into().unwrap()), 1 << 20);
+    assert_eq!(
+        u64::from_be_bytes(export[2..10].try_into().unwrap()),
+        1 << 20
+    );
     let flags = u16::from_be_bytes([export[10], export[11]]);
     assert!(flags & TFLAG_HAS_FLAGS != 0 && flags & TFLAG_CAN_MULTI_CONN != 0);
     assert_eq!(flags & TFLAG_SEND_DF, 0, "DF needs structured replies");
@@ -224,7 +248,9 @@ fn go_with_empty_name_selects_the_default_export() {
     let mut h = started();
     let mut out = Vec::new();
     let (_, st) = h.feed(&opt(OPT_GO, &info_req("", &[])), &mut out);
-    let HandshakeStatus::Done(n) = st else { panic!("{st:?}") };
+    let HandshakeStatus::Done(n) = st else {
+        panic!("{st:?}")
+    };
     assert_eq!(n.size, 1 << 20);
     assert!(!n.structured_replies);
 }
@@ -253,7 +279,10 @@ fn export_name_for_unknown_export_disconnects() {
     let mut h = started();
     let mut out = Vec::new();
     let (_, st) = h.feed(&opt(OPT_EXPORT_NAME, b"other"), &mut out);
-    assert!(matches!(st, HandshakeStatus::End(HandshakeEnd::UnknownExport(_))));
+    assert!(matches!(
+        st,
+        HandshakeStatus::End(HandshakeEnd::UnknownExport(_))
+    ));
 }
 
 #[test]
@@ -268,7 +297,10 @@ fn structured_reply_with_data_is_invalid() {
 fn meta_context_before_structured_replies_is_invalid() {
     let mut h = started();
     let mut out = Vec::new();
-    h.feed(&opt(OPT_SET_META_CONTEXT, &meta_req("disk", &[BASE_ALLOCATION])), &mut out);
+    h.feed(
+        &opt(OPT_SET_META_CONTEXT, &meta_req("disk", &[BASE_ALLOCATION])),
+        &mut out,
+    );
     assert_eq!(replies(&out)[0].1, REP_ERR_INVALID);
 }
 
@@ -293,7 +325,13 @@ fn unknown_meta_contexts_are_ignored() {
     let mut out = Vec::new();
     h.feed(&opt(OPT_STRUCTURED_REPLY, b""), &mut out);
     out.clear();
-    h.feed(&opt(OPT_SET_META_CONTEXT, &meta_req("disk", &["qemu:dirty-bitmap:x", "base:"])), &mut out);
+    h.feed(
+        &opt(
+            OPT_SET_META_CONTEXT,
+            &meta_req("disk", &["qemu:dirty-bitmap:x", "base:"]),
+        ),
+        &mut out,
+    );
     let r = replies(&out);
     assert_eq!(r.len(), 1);
     assert_eq!(r[0].1, REP_ACK);
@@ -304,9 +342,14 @@ fn set_meta_context_then_go_selects_base_allocation_and_df() {
     let mut h = started();
     let mut out = Vec::new();
     h.feed(&opt(OPT_STRUCTURED_REPLY, b""), &mut out);
-    h.feed(&opt(OPT_SET_META_CONTEXT, &meta_req("disk", &[BASE_ALLOCATION])), &mut out);
+    h.feed(
+        &opt(OPT_SET_META_CONTEXT, &meta_req("disk", &[BASE_ALLOCATION])),
+        &mut out,
+    );
     let (_, st) = h.feed(&opt(OPT_GO, &info_req("disk", &[])), &mut out);
-    let HandshakeStatus::Done(n) = st else { panic!() };
+    let HandshakeStatus::Done(n) = st else {
+        panic!()
+    };
     assert_eq!(n.base_allocation, Some(1));
     assert!(n.structured_replies);
     assert!(n.flags & TFLAG_SEND_DF != 0);
@@ -364,7 +407,10 @@ fn error_of(d: Decoded) -> (u32, u32) {
 
 #[test]
 fn short_header_needs_more() {
-    assert_eq!(rules(false, false).decode(&req(0, CMD_READ, 0, 1)[..27]), Decoded::NeedMore);
+    assert_eq!(
+        rules(false, false).decode(&req(0, CMD_READ, 0, 1)[..27]),
+        Decoded::NeedMore
+    );
 }
 
 #[test]
@@ -378,8 +424,12 @@ fn bad_request_magic_is_fatal() {
 fn valid_read_and_write_decode() {
     let d = rules(false, false).decode(&req(0, CMD_READ, 4096, 512));
     let Decoded::Request(r) = d else { panic!() };
-    assert_eq!((r.command, r.cookie, r.offset, r.length), (Command::Read, 7, 4096, 512));
-    let Decoded::Request(w) = rules(false, false).decode(&req(CMD_FLAG_FUA, CMD_WRITE, 0, 4096)) else {
+    assert_eq!(
+        (r.command, r.cookie, r.offset, r.length),
+        (Command::Read, 7, 4096, 512)
+    );
+    let Decoded::Request(w) = rules(false, false).decode(&req(CMD_FLAG_FUA, CMD_WRITE, 0, 4096))
+    else {
         panic!()
     };
     assert!(w.fua());
@@ -388,58 +438,114 @@ fn valid_read_and_write_decode() {
 #[test]
 fn read_past_end_is_einval_and_write_past_end_is_enospc_with_payload_discarded() {
     let r = rules(false, false);
-    assert_eq!(error_of(r.decode(&req(0, CMD_READ, (1 << 20) - 100, 512))), (EINVAL, 0));
-    assert_eq!(error_of(r.decode(&req(0, CMD_WRITE, (1 << 20) - 100, 512))), (ENOSPC, 512));
-    assert_eq!(error_of(r.decode(&req(0, CMD_WRITE_ZEROES, 1 << 20, 1))), (ENOSPC, 0));
-    assert_eq!(error_of(r.decode(&req(0, CMD_TRIM, u64::MAX, 2))), (EINVAL, 0));
+    assert_eq!(
+        error_of(r.decode(&req(0, CMD_READ, (1 << 20) - 100, 512))),
+        (EINVAL, 0)
+    );
+    assert_eq!(
+        error_of(r.decode(&req(0, CMD_WRITE, (1 << 20) - 100, 512))),
+        (ENOSPC, 512)
+    );
+    assert_eq!(
+        error_of(r.decode(&req(0, CMD_WRITE_ZEROES, 1 << 20, 1))),
+        (ENOSPC, 0)
+    );
+    assert_eq!(
+        error_of(r.decode(&req(0, CMD_TRIM, u64::MAX, 2))),
+        (EINVAL, 0)
+    );
 }
 
 #[test]
 fn unknown_command_is_einval() {
-    assert_eq!(error_of(rules(false, false).decode(&req(0, 99, 0, 0))), (EINVAL, 0));
+    assert_eq!(
+        error_of(rules(false, false).decode(&req(0, 99, 0, 0))),
+        (EINVAL, 0)
+    );
 }
 
 #[test]
 fn unknown_or_misplaced_flags_are_einval() {
     let r = rules(false, true);
-    assert_eq!(error_of(r.decode(&req(0x4000, CMD_READ, 0, 1))), (EINVAL, 0));
-    assert_eq!(error_of(r.decode(&req(CMD_FLAG_FUA, CMD_READ, 0, 1))), (EINVAL, 0));
-    assert_eq!(error_of(r.decode(&req(CMD_FLAG_NO_HOLE, CMD_WRITE, 0, 8))), (EINVAL, 8));
+    assert_eq!(
+        error_of(r.decode(&req(0x4000, CMD_READ, 0, 1))),
+        (EINVAL, 0)
+    );
+    assert_eq!(
+        error_of(r.decode(&req(CMD_FLAG_FUA, CMD_READ, 0, 1))),
+        (EINVAL, 0)
+    );
+    assert_eq!(
+        error_of(r.decode(&req(CMD_FLAG_NO_HOLE, CMD_WRITE, 0, 8))),
+        (EINVAL, 8)
+    );
     // DF only with structured replies.
-    assert_eq!(error_of(r.decode(&req(CMD_FLAG_DF, CMD_READ, 0, 1))), (EINVAL, 0));
-    assert!(matches!(rules(true, true).decode(&req(CMD_FLAG_DF, CMD_READ, 0, 1)), Decoded::Request(_)));
+    assert_eq!(
+        error_of(r.decode(&req(CMD_FLAG_DF, CMD_READ, 0, 1))),
+        (EINVAL, 0)
+    );
     assert!(matches!(
-        r.decode(&req(CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO | CMD_FLAG_FUA, CMD_WRITE_ZEROES, 0, 8)),
+        rules(true, true).decode(&req(CMD_FLAG_DF, CMD_READ, 0, 1)),
         Decoded::Request(_)
     ));
-    assert_eq!(error_of(r.decode(&req(CMD_FLAG_PAYLOAD_LEN, CMD_WRITE, 0, 8))), (EINVAL, 8));
+    assert!(matches!(
+        r.decode(&req(
+            CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO | CMD_FLAG_FUA,
+            CMD_WRITE_ZEROES,
+            0,
+            8
+        )),
+        Decoded::Request(_)
+    ));
+    assert_eq!(
+        error_of(r.decode(&req(CMD_FLAG_PAYLOAD_LEN, CMD_WRITE, 0, 8))),
+        (EINVAL, 8)
+    );
 }
 
 #[test]
 fn write_above_maximum_is_einval_and_payload_discarded_but_huge_is_fatal() {
     let r = rules(false, false);
-    assert_eq!(error_of(r.decode(&req(0, CMD_WRITE, 0, (32 << 20) + 1))), (EINVAL, (32 << 20) + 1));
-    assert!(matches!(r.decode(&req(0, CMD_WRITE, 0, u32::MAX)), Decoded::Fatal(_)));
+    assert_eq!(
+        error_of(r.decode(&req(0, CMD_WRITE, 0, (32 << 20) + 1))),
+        (EINVAL, (32 << 20) + 1)
+    );
+    assert!(matches!(
+        r.decode(&req(0, CMD_WRITE, 0, u32::MAX)),
+        Decoded::Fatal(_)
+    ));
 }
 
 #[test]
 fn read_above_maximum_is_einval() {
     let mut r = rules(false, false);
     r.size = 1 << 40;
-    assert_eq!(error_of(r.decode(&req(0, CMD_READ, 0, (32 << 20) + 1))), (EINVAL, 0));
+    assert_eq!(
+        error_of(r.decode(&req(0, CMD_READ, 0, (32 << 20) + 1))),
+        (EINVAL, 0)
+    );
 }
 
 #[test]
 fn trim_and_zero_may_exceed_the_maximum_payload() {
     let mut r = rules(false, false);
     r.size = 1 << 40;
-    assert!(matches!(r.decode(&req(0, CMD_TRIM, 0, u32::MAX)), Decoded::Request(_)));
-    assert!(matches!(r.decode(&req(0, CMD_WRITE_ZEROES, 0, u32::MAX)), Decoded::Request(_)));
+    assert!(matches!(
+        r.decode(&req(0, CMD_TRIM, 0, u32::MAX)),
+        Decoded::Request(_)
+    ));
+    assert!(matches!(
+        r.decode(&req(0, CMD_WRITE_ZEROES, 0, u32::MAX)),
+        Decoded::Request(_)
+    ));
 }
 
 #[test]
 fn block_status_needs_a_selected_context() {
-    assert_eq!(error_of(rules(true, false).decode(&req(0, CMD_BLOCK_STATUS, 0, 512))), (EINVAL, 0));
+    assert_eq!(
+        error_of(rules(true, false).decode(&req(0, CMD_BLOCK_STATUS, 0, 512))),
+        (EINVAL, 0)
+    );
     assert!(matches!(
         rules(true, true).decode(&req(CMD_FLAG_REQ_ONE, CMD_BLOCK_STATUS, 0, 512)),
         Decoded::Request(_)
@@ -463,7 +569,9 @@ fn flush_without_send_flush_is_einval() {
 
 #[test]
 fn disconnect_is_a_request_whatever_its_flags() {
-    let Decoded::Request(r) = rules(false, false).decode(&req(0xffff, CMD_DISC, 0, 0)) else { panic!() };
+    let Decoded::Request(r) = rules(false, false).decode(&req(0xffff, CMD_DISC, 0, 0)) else {
+        panic!()
+    };
     assert_eq!(r.command, Command::Disconnect);
 }
 
