@@ -114,3 +114,140 @@ pub fn open_and_read(sim: &mut SimIo, files: Files) -> bool {
     );
     true
 }
+
+/// Arbitrary bytes against the peer protocol (`cargo fuzz run peer_frames`).
+/// The first byte picks what they are fed to:
+///
+/// - 0: a [`FrameDecoder`](crate::peer::FrameDecoder), in chunks; every frame
+///   it returns must re-encode to exactly the bytes it consumed, and after an
+///   error it must stay poisoned.
+/// - 1 / 2: a responder / an initiator handshake, as raw bytes.
+/// - 3 / 4: a responder / an initiator, as frames with valid headers and
+///   checksums built from the input, so payload decoding and the state
+///   machine are reached.
+/// - 5: an honest initiator-responder pair with one byte of the initiator's
+///   stream flipped; the responder must not establish.
+///
+/// Never a panic, and never Established with a party that does not hold
+/// the secret.
+pub fn peer_frames(data: &[u8]) {
+    use crate::peer::{Event, FrameDecoder, FrameKind, Handshake, Role};
+    let Some((&mode, rest)) = data.split_first() else {
+        return;
+    };
+    let chunk = 1 + rest.first().copied().unwrap_or(0) as usize % 64;
+    match mode % 6 {
+        0 => {
+            let mut d = FrameDecoder::with_max_payload(64 * 1024);
+            let mut consumed = 0;
+            for piece in rest.chunks(chunk) {
+                d.push(piece);
+                loop {
+                    match d.pull() {
+                        Ok(Some(f)) => {
+                            let mut again = Vec::new();
+                            crate::peer::encode(f.kind, f.seq, &f.payload, &mut again);
+                            assert_eq!(again[..], rest[consumed..consumed + again.len()]);
+                            consumed += again.len();
+                        }
+                        Ok(None) => break,
+                        Err(e) => {
+                            assert_eq!(d.pull(), Err(e.clone()));
+                            assert_eq!(d.finish(), Err(e));
+                            return;
+                        }
+                    }
+                }
+            }
+            let _ = d.finish();
+        }
+        1 | 2 => {
+            let role = if mode % 6 == 1 {
+                Role::Responder
+            } else {
+                Role::Initiator
+            };
+            let mut h = Handshake::new(role, peer_config(2, 0x22)).unwrap();
+            for piece in rest.chunks(chunk) {
+                h.receive(piece);
+            }
+            h.eof();
+            assert_not_established(&mut h);
+        }
+        3 | 4 => {
+            let role = if mode % 6 == 3 {
+                Role::Responder
+            } else {
+                Role::Initiator
+            };
+            let mut h = Handshake::new(role, peer_config(2, 0x22)).unwrap();
+            let mut input = rest;
+            let mut seq = 0u64;
+            while let [k, l, tail @ ..] = input {
+                let kind = FrameKind::ALL[*k as usize % FrameKind::ALL.len()];
+                let len = (*l as usize).min(tail.len());
+                let mut frame = Vec::new();
+                // Mostly in sequence; sometimes not.
+                let s = if *k >= 0xf0 { seq + 1 } else { seq };
+                crate::peer::encode(kind, s, &tail[..len], &mut frame);
+                h.receive(&frame);
+                seq += 1;
+                input = &tail[len..];
+            }
+            h.eof();
+            assert_not_established(&mut h);
+        }
+        _ => {
+            let [a, b, c, x, ..] = *rest else { return };
+            let pos = u16::from_le_bytes([a, b]) as usize;
+            let xor = c | 1;
+            let mut i = Handshake::new(Role::Initiator, peer_config(1, 0x11)).unwrap();
+            let mut r = Handshake::new(Role::Responder, peer_config(2, 0x22)).unwrap();
+            let mut sent = 0usize;
+            for _ in 0..4 {
+                while let Some(e) = i.poll_event() {
+                    if let Event::Send(mut bytes) = e {
+                        if (sent..sent + bytes.len()).contains(&pos) {
+                            bytes[pos - sent] ^= xor;
+                        }
+                        sent += bytes.len();
+                        for piece in bytes.chunks(1 + x as usize % 40) {
+                            r.receive(piece);
+                        }
+                    }
+                }
+                while let Some(e) = r.poll_event() {
+                    if let Event::Send(bytes) = e {
+                        i.receive(&bytes);
+                    }
+                }
+            }
+            if pos < sent {
+                assert_not_established(&mut r);
+            }
+        }
+    }
+}
+
+/// The handshake configuration the peer fuzz harness and smoke test use.
+pub fn peer_config(node_id: u32, nonce: u8) -> crate::peer::Config {
+    crate::peer::Config {
+        secret: b"fuzzing secret, 32 bytes long!!!".to_vec(),
+        volume_uuid: [0x5a; 16],
+        node_id,
+        expected_peer: None,
+        generations: crate::peer::GenerationIds::default(),
+        last_applied_seq: 0,
+        nonce: [nonce; 32],
+    }
+}
+
+fn assert_not_established(h: &mut crate::peer::Handshake) {
+    while let Some(e) = h.poll_event() {
+        assert!(
+            !matches!(e, crate::peer::Event::Established(_)),
+            "established with a peer that does not hold the secret"
+        );
+    }
+    assert!(!h.is_established());
+}

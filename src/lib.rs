@@ -8,6 +8,7 @@
 
 pub mod fuzzing;
 pub mod io;
+pub mod peer;
 pub mod server;
 pub mod sim;
 pub mod size;

@@ -1,0 +1,548 @@
+//! Peer protocol framing: the bytes of one frame on the wire and an
+//! incremental decoder for a stream of them.
+//!
+//! Owns: the 32-byte frame header (magic, version, kind, flags, sequence
+//! number, payload length, xxh3-64 checksum), [`encode`], and
+//! [`FrameDecoder`], which turns a byte stream into checked [`Frame`]s.
+//!
+//! Must never: do I/O, allocate or buffer a payload whose declared length is
+//! over the decoder's limit, hand out a frame whose checksum or sequence
+//! number is wrong, panic on any input, or go on decoding after an error
+//! (the decoder is poisoned; the connection must be dropped). It does not
+//! interpret payloads; that is `messages` and `handshake`.
+//!
+//! Wire format (little-endian), see docs/peer-protocol.md:
+//!
+//! ```text
+//!  0  magic    b"NMPF"
+//!  4  version  u16  (FRAME_VERSION = 1)
+//!  6  kind     u16  (FrameKind)
+//!  8  flags    u16  (none defined in version 1: must be 0)
+//! 10  reserved u16  (must be 0)
+//! 12  seq      u64  (per direction, 0 for a connection's first frame, +1 each frame)
+//! 20  length   u32  (payload bytes that follow the header)
+//! 24  checksum u64  (xxh3-64 of bytes 0..24 followed by the payload)
+//! 32  payload
+//! ```
+
+use std::fmt;
+
+use xxhash_rust::xxh3::Xxh3;
+
+/// The first four bytes of every frame.
+pub const MAGIC: [u8; 4] = *b"NMPF";
+/// Version of the frame layout above. A different value is refused.
+pub const FRAME_VERSION: u16 = 1;
+/// Bytes in a frame header.
+pub const HEADER_LEN: usize = 32;
+/// Largest payload any frame may carry: a 32 MiB write plus room for its
+/// record header. A header declaring more is refused before any of the
+/// payload is buffered.
+pub const MAX_PAYLOAD: usize = 33 * 1024 * 1024;
+
+/// What a frame carries. The numbers are the wire values of `kind`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u16)]
+pub enum FrameKind {
+    /// Handshake: protocol version, role, nonce.
+    Hello = 1,
+    /// Handshake: identity and the HMAC proving the shared secret.
+    Auth = 2,
+    /// Handshake: the sender accepted the peer.
+    Ready = 3,
+    /// Handshake refused (or, later, the session ended) with a code and a reason.
+    Reject = 4,
+    /// A replicated journal record (payload not yet defined).
+    Record = 16,
+    /// A record applied on the secondary (payload not yet defined).
+    Ack = 17,
+    /// Make everything so far durable (payload not yet defined).
+    Flush = 18,
+    /// Answer to a Flush (payload not yet defined).
+    FlushAck = 19,
+    /// Liveness probe (opaque payload, echoed by Pong).
+    Ping = 32,
+    /// Answer to a Ping.
+    Pong = 33,
+}
+
+impl FrameKind {
+    /// Every kind, in wire order.
+    pub const ALL: [FrameKind; 10] = [
+        FrameKind::Hello,
+        FrameKind::Auth,
+        FrameKind::Ready,
+        FrameKind::Reject,
+        FrameKind::Record,
+        FrameKind::Ack,
+        FrameKind::Flush,
+        FrameKind::FlushAck,
+        FrameKind::Ping,
+        FrameKind::Pong,
+    ];
+
+    /// The kind with wire value `code`, if it is one.
+    pub fn from_code(code: u16) -> Option<FrameKind> {
+        FrameKind::ALL.into_iter().find(|k| k.code() == code)
+    }
+
+    /// The wire value.
+    pub fn code(self) -> u16 {
+        self as u16
+    }
+}
+
+impl fmt::Display for FrameKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self, f)
+    }
+}
+
+/// One decoded, checked frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frame {
+    pub kind: FrameKind,
+    pub seq: u64,
+    pub payload: Vec<u8>,
+}
+
+/// Why a byte stream is not a valid frame stream. Every one of these means
+/// the connection must be dropped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FrameError {
+    /// The stream does not start with `NMPF`; `start` is up to the first 16
+    /// bytes that were there.
+    BadMagic { start: Vec<u8> },
+    /// A frame of a layout version this build does not speak.
+    UnsupportedVersion { found: u16 },
+    /// A header declared a payload over the limit.
+    TooLarge { len: u64, max: usize },
+    /// The checksum does not match the header and payload.
+    ChecksumMismatch {
+        seq: u64,
+        kind: u16,
+        expected: u64,
+        computed: u64,
+    },
+    /// A checksummed frame with a kind this version does not define.
+    UnknownKind { code: u16 },
+    /// Flags or reserved bits set that version 1 does not define.
+    ReservedBits { flags: u16, reserved: u16 },
+    /// A frame out of order: frames are numbered 0, 1, 2, ... per direction.
+    OutOfSequence { expected: u64, found: u64 },
+    /// The stream ended inside a frame.
+    Truncated { have: usize, need: usize },
+}
+
+impl fmt::Display for FrameError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            FrameError::BadMagic { start } => {
+                let mut word = [0u8; 4];
+                let n = start.len().min(4);
+                word[..n].copy_from_slice(&start[..n]);
+                write!(
+                    f,
+                    "peer sent a frame with bad magic 0x{:08x} (first bytes {:?}); is it an nbdmirror peer?",
+                    u32::from_be_bytes(word),
+                    String::from_utf8_lossy(start)
+                )?;
+                if start.starts_with(b"NBDM") {
+                    write!(f, " (it looks like an NBD server: is the peer address the NBD port?)")?;
+                } else if start.len() >= 8 && start[4..].starts_with(b"IHAV") {
+                    write!(f, " (it looks like an NBD client: is it pointed at the peer port?)")?;
+                } else if [&b"GET "[..], b"POST", b"HEAD", b"PUT ", b"HTTP"]
+                    .iter()
+                    .any(|m| start.starts_with(m))
+                {
+                    write!(f, " (it looks like HTTP)")?;
+                } else if start.first() == Some(&0x16) {
+                    write!(f, " (it looks like a TLS handshake)")?;
+                }
+                Ok(())
+            }
+            FrameError::UnsupportedVersion { found } => write!(
+                f,
+                "peer sent frame layout version {found}; this build speaks only version {FRAME_VERSION}: upgrade the older node"
+            ),
+            FrameError::TooLarge { len, max } => write!(
+                f,
+                "peer declared a {len}-byte frame payload, over the {max}-byte limit; refusing it without reading it"
+            ),
+            FrameError::ChecksumMismatch {
+                seq,
+                kind,
+                expected,
+                computed,
+            } => write!(
+                f,
+                "frame (seq {seq}, kind {kind}, as its possibly damaged header says) failed its checksum: header has {expected:016x}, bytes hash to {computed:016x}; the data was corrupted in transit, dropping the connection"
+            ),
+            FrameError::UnknownKind { code } => write!(
+                f,
+                "peer sent a frame of unknown kind {code}; it speaks a protocol this build does not: check both nodes run compatible versions"
+            ),
+            FrameError::ReservedBits { flags, reserved } => write!(
+                f,
+                "peer sent a frame with undefined flags 0x{flags:04x} / reserved 0x{reserved:04x}; it speaks a protocol this build does not"
+            ),
+            FrameError::OutOfSequence { expected, found } => write!(
+                f,
+                "peer sent frame number {found} where {expected} was next: frames were lost, duplicated or reordered"
+            ),
+            FrameError::Truncated { have, need } => write!(
+                f,
+                "connection ended inside a frame ({have} of {need} bytes received)"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for FrameError {}
+
+/// The checksum of a frame: xxh3-64 of the first 24 header bytes, then the payload.
+pub fn checksum(header: &[u8], payload: &[u8]) -> u64 {
+    let mut h = Xxh3::new();
+    h.update(&header[..24]);
+    h.update(payload);
+    h.digest()
+}
+
+/// Append one frame to `out`.
+///
+/// # Panics
+/// If `payload` is over [`MAX_PAYLOAD`]: that is a bug in the sender, which
+/// must split its data, not something a peer can cause.
+pub fn encode(kind: FrameKind, seq: u64, payload: &[u8], out: &mut Vec<u8>) {
+    assert!(
+        payload.len() <= MAX_PAYLOAD,
+        "peer frame payload of {} bytes is over MAX_PAYLOAD",
+        payload.len()
+    );
+    let mut h = [0u8; HEADER_LEN];
+    h[0..4].copy_from_slice(&MAGIC);
+    h[4..6].copy_from_slice(&FRAME_VERSION.to_le_bytes());
+    h[6..8].copy_from_slice(&kind.code().to_le_bytes());
+    // 8..12: flags and reserved, zero.
+    h[12..20].copy_from_slice(&seq.to_le_bytes());
+    h[20..24].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+    let sum = checksum(&h, payload);
+    h[24..32].copy_from_slice(&sum.to_le_bytes());
+    out.reserve(HEADER_LEN + payload.len());
+    out.extend_from_slice(&h);
+    out.extend_from_slice(payload);
+}
+
+/// Incremental frame decoder: [`push`](Self::push) received bytes, then
+/// [`pull`](Self::pull) until it returns `Ok(None)` (needs more bytes) or an
+/// error.
+///
+/// Buffering is bounded by the payload limit plus one `push`: a header is
+/// checked (magic, version, length) before any of its payload is waited for,
+/// so a peer declaring an oversized frame costs 32 bytes, not the size it
+/// declared. Callers must pull after each push so complete frames do not pile
+/// up. The magic is checked from the very first byte, so a client speaking
+/// another protocol is refused as soon as its first byte differs.
+///
+/// After an error the decoder is poisoned: `pull` returns that error forever
+/// and `push` discards its input.
+#[derive(Debug)]
+pub struct FrameDecoder {
+    buf: Vec<u8>,
+    start: usize,
+    max_payload: usize,
+    next_seq: u64,
+    error: Option<FrameError>,
+}
+
+impl Default for FrameDecoder {
+    fn default() -> Self {
+        FrameDecoder::new()
+    }
+}
+
+impl FrameDecoder {
+    /// A decoder for a new connection, accepting payloads up to [`MAX_PAYLOAD`].
+    pub fn new() -> FrameDecoder {
+        FrameDecoder::with_max_payload(MAX_PAYLOAD)
+    }
+
+    /// A decoder with a lower payload limit (clamped to [`MAX_PAYLOAD`]).
+    pub fn with_max_payload(max: usize) -> FrameDecoder {
+        FrameDecoder {
+            buf: Vec::new(),
+            start: 0,
+            max_payload: max.min(MAX_PAYLOAD),
+            next_seq: 0,
+            error: None,
+        }
+    }
+
+    /// Change the payload limit for frames not yet decoded (clamped to
+    /// [`MAX_PAYLOAD`]). The handshake runs with a small limit and raises it
+    /// once the peer is authenticated.
+    pub fn set_max_payload(&mut self, max: usize) {
+        self.max_payload = max.min(MAX_PAYLOAD);
+    }
+
+    /// The payload limit in force.
+    pub fn max_payload(&self) -> usize {
+        self.max_payload
+    }
+
+    /// Sequence number the next frame must carry.
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+
+    /// Bytes received and not yet returned as frames.
+    pub fn buffered(&self) -> usize {
+        self.buf.len() - self.start
+    }
+
+    /// The error that poisoned this decoder, if any.
+    pub fn error(&self) -> Option<&FrameError> {
+        self.error.as_ref()
+    }
+
+    /// Add received bytes. Discarded if the decoder is poisoned.
+    pub fn push(&mut self, bytes: &[u8]) {
+        if self.error.is_some() || bytes.is_empty() {
+            return;
+        }
+        if self.start > 0 && self.start == self.buf.len() {
+            self.buf.clear();
+            self.start = 0;
+        }
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// The next complete frame, `Ok(None)` if more bytes are needed, or the
+    /// error that poisoned the stream.
+    pub fn pull(&mut self) -> Result<Option<Frame>, FrameError> {
+        if let Some(e) = &self.error {
+            return Err(e.clone());
+        }
+        match self.decode() {
+            Ok(f) => Ok(f),
+            Err(e) => {
+                self.error = Some(e.clone());
+                self.buf = Vec::new();
+                self.start = 0;
+                Err(e)
+            }
+        }
+    }
+
+    /// Call at end of stream: an error if it ended inside a frame (or the
+    /// decoder was already poisoned).
+    pub fn finish(&self) -> Result<(), FrameError> {
+        if let Some(e) = &self.error {
+            return Err(e.clone());
+        }
+        let have = self.buffered();
+        if have == 0 {
+            return Ok(());
+        }
+        let need = if have >= HEADER_LEN {
+            let h = &self.buf[self.start..];
+            HEADER_LEN + u32::from_le_bytes(h[20..24].try_into().unwrap()) as usize
+        } else {
+            HEADER_LEN
+        };
+        Err(FrameError::Truncated { have, need })
+    }
+
+    fn decode(&mut self) -> Result<Option<Frame>, FrameError> {
+        let avail = &self.buf[self.start..];
+        // Magic, byte by byte as it arrives.
+        let m = avail.len().min(4);
+        if avail[..m] != MAGIC[..m] {
+            return Err(FrameError::BadMagic {
+                start: avail[..avail.len().min(16)].to_vec(),
+            });
+        }
+        if avail.len() >= 6 {
+            let version = u16::from_le_bytes([avail[4], avail[5]]);
+            if version != FRAME_VERSION {
+                return Err(FrameError::UnsupportedVersion { found: version });
+            }
+        }
+        if avail.len() < HEADER_LEN {
+            return Ok(None);
+        }
+        let h: [u8; HEADER_LEN] = avail[..HEADER_LEN].try_into().unwrap();
+        let len = u32::from_le_bytes(h[20..24].try_into().unwrap()) as usize;
+        if len > self.max_payload {
+            return Err(FrameError::TooLarge {
+                len: len as u64,
+                max: self.max_payload,
+            });
+        }
+        let total = HEADER_LEN + len;
+        if avail.len() < total {
+            // Make room once for the rest of a frame we know is acceptable.
+            let missing = total - avail.len();
+            self.buf.reserve(missing);
+            return Ok(None);
+        }
+        let payload = &avail[HEADER_LEN..total];
+        let expected = u64::from_le_bytes(h[24..32].try_into().unwrap());
+        let computed = checksum(&h, payload);
+        let seq = u64::from_le_bytes(h[12..20].try_into().unwrap());
+        let code = u16::from_le_bytes([h[6], h[7]]);
+        if expected != computed {
+            return Err(FrameError::ChecksumMismatch {
+                seq,
+                kind: code,
+                expected,
+                computed,
+            });
+        }
+        let flags = u16::from_le_bytes([h[8], h[9]]);
+        let reserved = u16::from_le_bytes([h[10], h[11]]);
+        if flags != 0 || reserved != 0 {
+            return Err(FrameError::ReservedBits { flags, reserved });
+        }
+        let kind = FrameKind::from_code(code).ok_or(FrameError::UnknownKind { code })?;
+        if seq != self.next_seq {
+            return Err(FrameError::OutOfSequence {
+                expected: self.next_seq,
+                found: seq,
+            });
+        }
+        let payload = payload.to_vec();
+        self.next_seq += 1;
+        self.start += total;
+        if self.start == self.buf.len() {
+            self.buf.clear();
+            self.start = 0;
+        } else if self.start >= self.buf.len() / 2 {
+            self.buf.drain(..self.start);
+            self.start = 0;
+        }
+        Ok(Some(Frame { kind, seq, payload }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(kind: FrameKind, seq: u64, payload: &[u8]) -> Vec<u8> {
+        let mut v = Vec::new();
+        encode(kind, seq, payload, &mut v);
+        v
+    }
+
+    #[test]
+    fn round_trip_every_kind() {
+        let mut d = FrameDecoder::new();
+        for (i, k) in FrameKind::ALL.into_iter().enumerate() {
+            d.push(&frame(k, i as u64, &[i as u8; 5]));
+        }
+        for (i, k) in FrameKind::ALL.into_iter().enumerate() {
+            let f = d.pull().unwrap().unwrap();
+            assert_eq!((f.kind, f.seq, f.payload), (k, i as u64, vec![i as u8; 5]));
+        }
+        assert_eq!(d.pull().unwrap(), None);
+        assert_eq!(d.buffered(), 0);
+        d.finish().unwrap();
+    }
+
+    #[test]
+    fn header_layout() {
+        let f = frame(FrameKind::Ping, 0x0102030405060708, b"abc");
+        assert_eq!(&f[0..4], b"NMPF");
+        assert_eq!(&f[4..6], &[1, 0]);
+        assert_eq!(&f[6..8], &[32, 0]);
+        assert_eq!(&f[8..12], &[0; 4]);
+        assert_eq!(&f[12..20], &[8, 7, 6, 5, 4, 3, 2, 1]);
+        assert_eq!(&f[20..24], &[3, 0, 0, 0]);
+        assert_eq!(
+            u64::from_le_bytes(f[24..32].try_into().unwrap()),
+            xxhash_rust::xxh3::xxh3_64(&[&f[..24], b"abc"].concat())
+        );
+        assert_eq!(&f[32..], b"abc");
+    }
+
+    #[test]
+    fn bad_magic_from_first_byte_and_poisoned() {
+        let mut d = FrameDecoder::new();
+        d.push(b"G");
+        let e = d.pull().unwrap_err();
+        assert!(matches!(e, FrameError::BadMagic { .. }));
+        assert!(e.to_string().contains("is it an nbdmirror peer?"), "{e}");
+        d.push(&frame(FrameKind::Ping, 0, b""));
+        assert_eq!(d.pull().unwrap_err(), e);
+        assert_eq!(d.buffered(), 0);
+    }
+
+    #[test]
+    fn oversized_is_refused_from_the_header() {
+        let mut f = frame(FrameKind::Record, 0, b"");
+        f[20..24].copy_from_slice(&((MAX_PAYLOAD + 1) as u32).to_le_bytes());
+        let mut d = FrameDecoder::new();
+        d.push(&f);
+        assert!(matches!(d.pull(), Err(FrameError::TooLarge { .. })));
+        assert!(d.buf.capacity() < 1024);
+    }
+
+    #[test]
+    fn lower_limit_applies() {
+        let mut d = FrameDecoder::with_max_payload(4);
+        d.push(&frame(FrameKind::Ping, 0, b"12345"));
+        assert_eq!(d.pull(), Err(FrameError::TooLarge { len: 5, max: 4 }));
+    }
+
+    #[test]
+    fn sequence_is_checked() {
+        let mut d = FrameDecoder::new();
+        d.push(&frame(FrameKind::Ping, 1, b""));
+        assert_eq!(
+            d.pull(),
+            Err(FrameError::OutOfSequence {
+                expected: 0,
+                found: 1
+            })
+        );
+    }
+
+    #[test]
+    fn truncated_waits_then_finish_reports() {
+        let f = frame(FrameKind::Ping, 0, b"hello");
+        let mut d = FrameDecoder::new();
+        d.push(&f[..f.len() - 1]);
+        assert_eq!(d.pull(), Ok(None));
+        assert_eq!(
+            d.finish(),
+            Err(FrameError::Truncated {
+                have: f.len() - 1,
+                need: f.len()
+            })
+        );
+        d.push(&f[f.len() - 1..]);
+        assert!(d.pull().unwrap().is_some());
+        d.finish().unwrap();
+    }
+
+    #[test]
+    fn unknown_kind_and_flags_after_checksum() {
+        for (at, val) in [(6usize, 99u16), (8, 1), (10, 1)] {
+            let mut f = frame(FrameKind::Ping, 0, b"");
+            f[at..at + 2].copy_from_slice(&val.to_le_bytes());
+            let sum = checksum(&f, b"");
+            f[24..32].copy_from_slice(&sum.to_le_bytes());
+            let mut d = FrameDecoder::new();
+            d.push(&f);
+            let e = d.pull().unwrap_err();
+            assert!(
+                matches!(
+                    e,
+                    FrameError::UnknownKind { .. } | FrameError::ReservedBits { .. }
+                ),
+                "{e}"
+            );
+        }
+    }
+}
