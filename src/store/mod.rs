@@ -292,6 +292,9 @@ pub struct Store {
     /// Regions with an InPlace intent record the journal still holds:
     /// region -> the record's seq.
     intents: HashMap<u64, u64>,
+    /// The newest intent record placed; a sync is due as soon as it is written
+    /// so writes reaching its region find it durable.
+    newest_intent: u64,
     next_inplace_id: u64,
     /// 1 MiB chunks touched by journal records the last checkpoint has not
     /// released, with the newest such record's seq. An in-place write may not
@@ -414,6 +417,7 @@ impl Store {
             journaled_chunks: HashMap::new(),
             recycled: Vec::new(),
             intents: HashMap::new(),
+            newest_intent: 0,
             next_inplace_id: 0,
             stats: StoreStats::default(),
         })
@@ -505,49 +509,22 @@ impl Store {
         if self.inplace_eligible(offset, len64) {
             // Every region the write touches needs an intent record.
             let regions = offset / INTENT_REGION..(offset + len64).div_ceil(INTENT_REGION);
+            let next_region = regions.end;
             let mut intents = Vec::new();
             let mut placed_all = true;
             for region in regions {
-                if let Some(&seq) = self.intents.get(&region) {
-                    intents.push(seq);
-                    continue;
+                match self.ensure_intent(io, region) {
+                    Some(seq) => intents.push(seq),
+                    None => {
+                        placed_all = false;
+                        break;
+                    }
                 }
-                let span = format::RECORD_ALIGN;
-                let Some(place) = self.ring.place(span) else {
-                    placed_all = false;
-                    break;
-                };
-                if let Some((wseq, wpos, filler)) = place.wrap {
-                    self.submit_marker(io, RecordKind::Wrap, wseq, wpos, filler);
-                }
-                let seq = place.seq;
-                let rstart = region * INTENT_REGION;
-                let rlen = INTENT_REGION.min(self.sb.size - rstart);
-                self.intents.insert(region, seq);
-                intents.push(seq);
-                let mut rec = vec![0u8; span as usize];
-                RecordHeader {
-                    kind: RecordKind::InPlace,
-                    flags: 0,
-                    epoch: self.sb.epoch,
-                    seq,
-                    offset: rstart,
-                    length: rlen as u32,
-                    span: span as u32,
-                    data_hash: 0,
-                }
-                .encode_into(&mut rec);
-                self.submit(
-                    io,
-                    Ctx::JournalWrite { seq },
-                    Op::Write {
-                        fd: self.files.journal,
-                        buf: WriteBuf::Owned(rec),
-                        start: 0,
-                        end: span as usize,
-                        offset: place.pos,
-                    },
-                );
+            }
+            // A sequential writer will want the next region soon: record its
+            // intent now so its sync overlaps with this region's writes.
+            if placed_all && next_region * INTENT_REGION < self.sb.size {
+                let _ = self.ensure_intent(io, next_region);
             }
             if placed_all {
                 let id = self.next_inplace_id;
@@ -571,6 +548,48 @@ impl Store {
             }
         }
         self.enqueue(io, req, offset, RecordKind::Write, 0, buf, at, len64, fua);
+    }
+
+    /// The seq of `region`'s intent record, placing and writing one if the
+    /// region has none; None if the journal ring is full.
+    fn ensure_intent(&mut self, io: &mut dyn Io, region: u64) -> Option<u64> {
+        if let Some(&seq) = self.intents.get(&region) {
+            return Some(seq);
+        }
+        let span = format::RECORD_ALIGN;
+        let place = self.ring.place(span)?;
+        if let Some((wseq, wpos, filler)) = place.wrap {
+            self.submit_marker(io, RecordKind::Wrap, wseq, wpos, filler);
+        }
+        let seq = place.seq;
+        let rstart = region * INTENT_REGION;
+        let rlen = INTENT_REGION.min(self.sb.size - rstart);
+        self.intents.insert(region, seq);
+        self.newest_intent = seq;
+        let mut rec = vec![0u8; span as usize];
+        RecordHeader {
+            kind: RecordKind::InPlace,
+            flags: 0,
+            epoch: self.sb.epoch,
+            seq,
+            offset: rstart,
+            length: rlen as u32,
+            span: span as u32,
+            data_hash: 0,
+        }
+        .encode_into(&mut rec);
+        self.submit(
+            io,
+            Ctx::JournalWrite { seq },
+            Op::Write {
+                fd: self.files.journal,
+                buf: WriteBuf::Owned(rec),
+                start: 0,
+                end: span as usize,
+                offset: place.pos,
+            },
+        );
+        Some(seq)
     }
 
     /// Whether a write may bypass the journal: big, block-aligned, and not
@@ -1460,6 +1479,7 @@ impl Store {
             return;
         }
         let waiter_ready = self.waiters.iter().any(|w| w.seq <= prefix)
+            || (self.newest_intent > self.durable_seq && self.newest_intent <= prefix)
             || self.inplace.values().any(|w| {
                 w.state == InPlaceState::Recorded && w.intents.iter().all(|&i| i <= prefix)
             });
