@@ -16,7 +16,12 @@ cargo build --release --workspace --all-targets
 export CI="${CI:-}"
 
 status=0
-cargo nextest run --release --workspace --no-fail-fast || status=$?
+log="$(mktemp)"
+trap 'rm -f "$log"' EXIT
+set +e
+cargo nextest run --release --workspace --no-fail-fast 2>&1 | tee "$log"
+status=${PIPESTATUS[0]}
+set -e
 
 echo "== kernel NBD client in a qemu guest"
 kstatus=0
@@ -27,4 +32,14 @@ if [ "$kstatus" -ne 0 ]; then
 else
     echo "kernel client test: passed"
 fi
+
+# One closing line for the whole suite: nextest's counts plus the VM test.
+summary="$(grep -E 'tests run: ' "$log" | tail -1)"
+passed="$(sed -nE 's/.* ([0-9]+) passed.*/\1/p' <<<"$summary")"
+failed="$(sed -nE 's/.* ([0-9]+) failed.*/\1/p' <<<"$summary")"
+passed=${passed:-0}
+failed=${failed:-0}
+if [ "$kstatus" -eq 0 ]; then passed=$((passed + 1)); else failed=$((failed + 1)); fi
+if [ "$status" -ne 0 ] && [ "$failed" -eq 0 ]; then failed=1; fi
+echo "summary: $passed passed, $failed failed"
 exit "$status"
