@@ -1455,3 +1455,75 @@ fn serves_via_systemd_socket_activation() {
     run_ok_timeout(&mut down, Duration::from_secs(60));
     assert_files_equal(&input, &output);
 }
+
+// ------------------------------------------------- refusing damaged replicas
+
+fn file_digests(dir: &Path) -> Vec<(String, u64)> {
+    ["data", "journal", "meta"]
+        .iter()
+        .map(|n| (n.to_string(), hash_bytes(&fs::read(dir.join(n)).unwrap())))
+        .collect()
+}
+
+/// `serve` on a replica with a damaged superblock, or one written by a newer
+/// format version, exits non-zero with a message saying why, and changes no
+/// byte of the replica.
+#[test]
+fn serve_refuses_damaged_or_newer_replica_and_writes_nothing() {
+    use nbdmirror::store::format::{Superblock, FORMAT_VERSION, SUPERBLOCK_SLOT};
+    let test = "serve_refuses_damaged_or_newer_replica_and_writes_nothing";
+    if !ServerKind::from_env().is_nbdmirror() {
+        eprintln!("{test}: SKIP (nbdmirror's own on-disk format)");
+        return;
+    }
+    let tmp = TempDir::new(test);
+    for case in ["damaged", "newer"] {
+        let dir = tmp.join(case);
+        run_ok(
+            Command::new(NBDMIRROR_BIN)
+                .args(["init", "--dir"])
+                .arg(&dir)
+                .args(["--size", "4M"]),
+        );
+        let meta = dir.join("meta");
+        let mut bytes = fs::read(&meta).unwrap();
+        let slot = SUPERBLOCK_SLOT as usize;
+        match case {
+            "damaged" => bytes[70] ^= 0x40,
+            _ => {
+                let mut sb = Superblock::decode(&bytes[..slot]).unwrap();
+                sb.version = FORMAT_VERSION + 1;
+                bytes[..slot].copy_from_slice(&sb.encode());
+            }
+        }
+        fs::write(&meta, &bytes).unwrap();
+        let before = file_digests(&dir);
+        let port = free_port();
+        let out = run_timeout(
+            Command::new(NBDMIRROR_BIN)
+                .args(["serve", "--dir"])
+                .arg(&dir)
+                .args(["--listen", &format!("127.0.0.1:{port}")]),
+            Duration::from_secs(10),
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success(),
+            "{case}: serve must refuse; stderr:\n{stderr}"
+        );
+        let want = if case == "damaged" {
+            "superblock"
+        } else {
+            "newer"
+        };
+        assert!(
+            stderr.contains(want),
+            "{case}: the error should say why ({want}):\n{stderr}"
+        );
+        assert_eq!(
+            file_digests(&dir),
+            before,
+            "{case}: serve changed the replica it refused"
+        );
+    }
+}
