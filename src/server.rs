@@ -104,6 +104,8 @@ struct Conn {
     /// Close without waiting for queued output (hard disconnect).
     abort: bool,
     shut: bool,
+    /// `process_input` is on the stack for this connection.
+    parsing: bool,
 }
 
 struct PendingReq {
@@ -393,6 +395,7 @@ impl Server {
             reading_done: false,
             abort: false,
             shut: false,
+            parsing: false,
         };
         self.conns.insert(id, conn);
         self.queue(id, greeting);
@@ -403,7 +406,9 @@ impl Server {
         let Some(conn) = self.conns.get_mut(&id) else {
             return;
         };
-        if conn.recv_in_flight || conn.reading_done || conn.shut {
+        // While requests are being parsed the buffer is in use; the caller of
+        // `process_input` posts the receive when parsing is done.
+        if conn.recv_in_flight || conn.reading_done || conn.shut || conn.parsing {
             return;
         }
         if conn.inflight >= MAX_INFLIGHT
@@ -474,7 +479,24 @@ impl Server {
         self.maybe_close(id);
     }
 
+    /// Parse and start the requests buffered on connection `id`. Replies that
+    /// complete at once call back into this (through `finish`); the `parsing`
+    /// flag turns those calls into no-ops, because the outer loop is still
+    /// running and re-checks its limits on every request. Without it a
+    /// client pipelining thousands of instantly answered requests (FLUSH,
+    /// CACHE, BLOCK_STATUS) recursed once per request and overflowed the stack.
     fn process_input(&mut self, id: u64) {
+        match self.conns.get_mut(&id) {
+            Some(conn) if !conn.parsing => conn.parsing = true,
+            _ => return,
+        }
+        self.parse_requests(id);
+        if let Some(conn) = self.conns.get_mut(&id) {
+            conn.parsing = false;
+        }
+    }
+
+    fn parse_requests(&mut self, id: u64) {
         loop {
             let Some(conn) = self.conns.get_mut(&id) else {
                 return;

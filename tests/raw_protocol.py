@@ -1036,6 +1036,23 @@ def pipelined_writes_trickled_in_small_pieces(ctx):
         c.close()
 
 
+@test
+def thousands_of_instantly_answered_requests_in_one_write(ctx):
+    """50,000 FLUSHes and 20,000 CACHEs sent at once, each answered without
+    touching the disk (regression: replies that completed at once re-entered
+    the request parser, one stack frame per request, until the server
+    overflowed its stack and died)."""
+    for ctype, n in ((CMD_FLUSH, 50000), (CMD_CACHE, 20000)):
+        c = ctx.conn()
+        length = 0 if ctype == CMD_FLUSH else 4096
+        cookies, got = c.pipeline([(ctype, 0, length, 0, b"")] * n)
+        check(len(got) == n and all(r.error == 0 for r in got.values()),
+              "all %d pipelined %s requests answered OK" % (n, "FLUSH" if ctype == CMD_FLUSH else "CACHE"))
+        ctx.alive(c)
+        c.close()
+    ctx.fresh_conn_works("after the flood, a new connection")
+
+
 def expect_error_and_alive(ctx, c, r, want, what, strict_errno=True):
     check(r.error != 0, "%s -> an error reply (got %s)" % (what, errname(r.error)))
     if strict_errno:

@@ -1123,8 +1123,10 @@ impl Store {
             }
         }
         if let Some(block) = bad {
-            if r.epoch != self.apply_epoch && r.retries < 8 {
-                // An apply batch rewrote blocks under us: read again.
+            if r.epoch != self.apply_epoch && r.retries < 10_000 {
+                // An apply batch or in-place write changed blocks under us:
+                // read again. Only a mismatch with no such change is an error
+                // (the cap only guards against a pathological livelock).
                 r.retries += 1;
                 self.reads.insert(req, r);
                 self.start_read(io, req);
@@ -1907,7 +1909,8 @@ fn replay_all(
         // (see `journaled_chunks`), so every record replays whole.
         replay(io, data, sums, size, rec)?;
     }
-    for (_, s, e) in inplace {
+    let mut changed = 0u64;
+    for (_, s, e) in inplace.iter().copied() {
         if e > size {
             return Err(format!(
                 "journal in-place record addresses bytes {s}..{e} beyond the {size}-byte disk"
@@ -1934,10 +1937,29 @@ fn replay_all(
             let got = (c.result as usize).min(buf.len());
             buf[got..].fill(0);
             for (i, block) in buf.chunks(BLOCK_SIZE as usize).enumerate() {
-                sums.set(b + i as u64, block_checksum(b + i as u64, block));
+                let blk = b + i as u64;
+                let fresh = block_checksum(blk, block);
+                let stored = sums.get(blk);
+                if stored == fresh {
+                    continue;
+                }
+                if stored == fresh ^ checksum::CORRUPT_MARK {
+                    // Marked corrupt and unchanged since: stays corrupt.
+                    continue;
+                }
+                changed += 1;
+                sums.set(blk, fresh);
             }
             b += n;
         }
+    }
+    if changed > 0 {
+        eprintln!(
+            "nbdmirror: recovery re-checksummed {changed} blocks in {} in-place write regions whose \
+             contents changed after their last checksum (unflushed writes cut short by the crash; \
+             corruption in those regions at crash time cannot be told apart)",
+            inplace.len()
+        );
     }
     Ok(())
 }
