@@ -40,6 +40,8 @@ const POOL_BUFFERS: usize = 16;
 const POOL_MAX_BUFFER: usize = (4 << 20) + 4096;
 const RECV_BUF: usize = 256 * 1024;
 const TICK: Duration = Duration::from_millis(20);
+/// How long shutdown waits for clients to take their replies.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// Most extents in one BLOCK_STATUS reply.
 const MAX_EXTENTS: usize = 4096;
 
@@ -129,6 +131,7 @@ pub struct Server {
     next_req: u64,
     signal_fd: OwnedFd,
     shutting_down: bool,
+    shutdown_since: Option<std::time::Instant>,
     events: Vec<StoreEvent>,
     /// Payload bytes held by all in-flight requests.
     total_inflight_bytes: usize,
@@ -263,6 +266,7 @@ impl Server {
             next_req: 1,
             signal_fd,
             shutting_down: false,
+            shutdown_since: None,
             events: Vec::new(),
             total_inflight_bytes: 0,
             starved: Vec::new(),
@@ -331,14 +335,43 @@ impl Server {
             }
             KIND_TICK => {
                 self.store.tick(&mut self.io);
+                self.enforce_shutdown_deadline();
                 self.io.submit(token(KIND_TICK, 0), Op::timeout(TICK));
             }
             _ => {}
         }
     }
 
+    /// A client that stops reading its replies must not hold shutdown up
+    /// forever: after the grace period its connection is dropped (the store
+    /// still finishes every request it started, so nothing is lost).
+    fn enforce_shutdown_deadline(&mut self) {
+        let Some(since) = self.shutdown_since else {
+            return;
+        };
+        if since.elapsed() < SHUTDOWN_GRACE || self.conns.is_empty() {
+            return;
+        }
+        let ids: Vec<u64> = self.conns.keys().copied().collect();
+        for id in ids {
+            if let Some(conn) = self.conns.get_mut(&id) {
+                if !conn.abort {
+                    eprintln!("nbdmirror: connection {id}: not reading its replies; dropping it to shut down");
+                }
+                conn.abort = true;
+                conn.reading_done = true;
+                conn.outq.clear();
+                conn.out_bytes = 0;
+                // SAFETY: shutdown on a socket we own; a blocked send completes.
+                unsafe { libc::shutdown(conn.fd.as_raw_fd(), libc::SHUT_RDWR) };
+            }
+            self.maybe_close(id);
+        }
+    }
+
     fn begin_shutdown(&mut self) {
         self.shutting_down = true;
+        self.shutdown_since = Some(std::time::Instant::now());
         for l in &self.listeners {
             // SAFETY: shutdown on a listening socket we own; it makes the
             // pending accept complete.
