@@ -503,7 +503,11 @@ impl Server {
         if n <= 0 {
             // EOF or error: the client is gone; finish what is in flight.
             conn.reading_done = true;
-            conn.sink = None;
+            if let Some(sink) = conn.sink.take() {
+                let len = sink.req.length as usize;
+                conn.inflight_bytes -= len;
+                self.total_inflight_bytes -= len;
+            }
             self.maybe_close(id);
             return;
         }
@@ -544,7 +548,7 @@ impl Server {
                     return;
                 }
                 let sink = conn.sink.take().unwrap();
-                self.start_request(id, sink.req, Some(sink.buf));
+                self.start_request(id, sink.req, Some(sink.buf), true);
                 continue;
             }
             let avail = conn.filled - conn.start;
@@ -654,6 +658,11 @@ impl Server {
                                     .copy_from_slice(&conn.inbuf[conn.start..conn.start + take]);
                                 conn.start += take;
                                 if take < len {
+                                    // The payload's memory counts against the
+                                    // budgets from now on, not when complete.
+                                    conn.inflight_bytes += len;
+                                    self.total_inflight_bytes += len;
+                                    let conn = self.conns.get_mut(&id).unwrap();
                                     conn.sink = Some(PayloadSink {
                                         req,
                                         buf,
@@ -661,9 +670,9 @@ impl Server {
                                     });
                                     return;
                                 }
-                                self.start_request(id, req, Some(buf));
+                                self.start_request(id, req, Some(buf), false);
                             } else {
-                                self.start_request(id, req, None);
+                                self.start_request(id, req, None, false);
                             }
                         }
                     }
@@ -672,7 +681,9 @@ impl Server {
         }
     }
 
-    fn start_request(&mut self, id: u64, req: Request, payload: Option<Vec<u8>>) {
+    /// `precounted`: the payload's bytes were already added to the budgets
+    /// when its receive started.
+    fn start_request(&mut self, id: u64, req: Request, payload: Option<Vec<u8>>, precounted: bool) {
         let Some(conn) = self.conns.get_mut(&id) else {
             return;
         };
@@ -692,8 +703,10 @@ impl Server {
             _ => 0,
         };
         conn.inflight += 1;
-        conn.inflight_bytes += cost;
-        self.total_inflight_bytes += cost;
+        if !precounted {
+            conn.inflight_bytes += cost;
+            self.total_inflight_bytes += cost;
+        }
         self.pending.insert(
             rid,
             PendingReq {
@@ -934,6 +947,9 @@ impl Server {
             unsafe { libc::shutdown(conn.fd.as_raw_fd(), libc::SHUT_RDWR) };
         }
         if conn.shut && !conn.recv_in_flight && !conn.send_in_flight && conn.inflight == 0 {
+            if let Some(sink) = conn.sink.take() {
+                self.total_inflight_bytes -= sink.req.length as usize;
+            }
             self.conns.remove(&id);
         }
     }
