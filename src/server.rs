@@ -108,6 +108,8 @@ struct Conn {
     shut: bool,
     /// `process_input` is on the stack for this connection.
     parsing: bool,
+    /// The client closed its side; buffered requests are still answered.
+    eof: bool,
 }
 
 struct PendingReq {
@@ -429,6 +431,7 @@ impl Server {
             abort: false,
             shut: false,
             parsing: false,
+            eof: false,
         };
         self.conns.insert(id, conn);
         self.queue(id, greeting);
@@ -441,7 +444,7 @@ impl Server {
         };
         // While requests are being parsed the buffer is in use; the caller of
         // `process_input` posts the receive when parsing is done.
-        if conn.recv_in_flight || conn.reading_done || conn.shut || conn.parsing {
+        if conn.recv_in_flight || conn.reading_done || conn.shut || conn.parsing || conn.eof {
             return;
         }
         if conn.inflight >= MAX_INFLIGHT
@@ -501,12 +504,20 @@ impl Server {
             }
         }
         if n <= 0 {
-            // EOF or error: the client is gone; finish what is in flight.
-            conn.reading_done = true;
+            // EOF or error: nothing more will arrive. A payload cut short is
+            // dropped; complete requests already buffered (a client may
+            // half-close after pipelining) are still answered.
+            conn.eof = true;
             if let Some(sink) = conn.sink.take() {
                 let len = sink.req.length as usize;
                 conn.inflight_bytes -= len;
                 self.total_inflight_bytes -= len;
+            }
+            self.process_input(id);
+            if let Some(conn) = self.conns.get_mut(&id) {
+                if conn.start == conn.filled {
+                    conn.reading_done = true;
+                }
             }
             self.maybe_close(id);
             return;
@@ -607,7 +618,13 @@ impl Server {
                     }
                     let structured = rules.structured;
                     match rules.decode(&conn.inbuf[conn.start..conn.filled]) {
-                        Decoded::NeedMore => return,
+                        Decoded::NeedMore => {
+                            if conn.eof {
+                                // The rest is a partial request that cannot complete.
+                                conn.reading_done = true;
+                            }
+                            return;
+                        }
                         Decoded::Fatal(why) => {
                             eprintln!(
                                 "nbdmirror: connection {id}: protocol error: {why}; disconnecting"
