@@ -141,7 +141,6 @@ pub struct UringIo {
     ring: IoUring,
     slots: Vec<Option<(u64, Op)>>,
     free: Vec<usize>,
-    queued: usize,
     /// Completions of ops executed at submission (see `inline_file_writes`).
     ready: Vec<Completion>,
     /// Files whose positional writes are executed with pwrite(2) at
@@ -164,7 +163,6 @@ impl UringIo {
             ring,
             slots: Vec::new(),
             free: Vec::new(),
-            queued: 0,
             ready: Vec::new(),
             inline_write_fds: Vec::new(),
         })
@@ -290,7 +288,6 @@ impl Io for UringIo {
             // Submission queue full: hand what we have to the kernel.
             let _ = self.ring.submit();
         }
-        self.queued += 1;
     }
 
     fn wait(
@@ -321,7 +318,6 @@ impl Io for UringIo {
             Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {}
             Err(e) => return Err(e),
         }
-        self.queued = 0;
         for cqe in self.ring.completion() {
             let idx = cqe.user_data() as usize;
             let (token, op) = self.slots[idx]

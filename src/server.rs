@@ -10,7 +10,7 @@
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener};
-use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -738,7 +738,11 @@ impl Server {
         let io = &mut self.io;
         match req.command {
             Command::Read => {
-                let head = if structured { 20 + 8 } else { 16 };
+                let head = if structured {
+                    tx::OFFSET_DATA_HEADER_LEN
+                } else {
+                    tx::SIMPLE_REPLY_LEN
+                };
                 self.store
                     .read(io, rid, req.offset, req.length as u64, head);
             }
@@ -831,20 +835,19 @@ impl Server {
         };
         match r {
             Ok(mut buf) => {
+                // The store left room for the header in front of the data.
                 if p.structured {
-                    let len = (buf.len() - 28) as u32;
-                    let mut h = Vec::with_capacity(28);
+                    let len = (buf.len() - tx::OFFSET_DATA_HEADER_LEN) as u32;
                     if len == 0 {
-                        tx::none_done(&mut h, p.cookie);
-                        buf = h;
+                        buf.clear();
+                        tx::none_done(&mut buf, p.cookie);
                     } else {
-                        tx::offset_data_header(&mut h, p.cookie, p.offset, len, true);
-                        buf[..28].copy_from_slice(&h);
+                        let h = (&mut buf[..tx::OFFSET_DATA_HEADER_LEN]).try_into().unwrap();
+                        tx::offset_data_header_into(h, p.cookie, p.offset, len, true);
                     }
                 } else {
-                    let mut h = Vec::with_capacity(16);
-                    tx::simple_reply(&mut h, p.cookie, 0);
-                    buf[..16].copy_from_slice(&h);
+                    let h = (&mut buf[..tx::SIMPLE_REPLY_LEN]).try_into().unwrap();
+                    tx::simple_reply_into(h, p.cookie, 0);
                 }
                 self.finish(p.conn, p.cost, buf);
             }
@@ -1007,9 +1010,4 @@ pub fn serve(config: ServeConfig) -> Result<(), String> {
     let r = server.run();
     drop(replica);
     r
-}
-
-#[allow(dead_code)]
-fn into_raw(fd: OwnedFd) -> RawFd {
-    fd.into_raw_fd()
 }

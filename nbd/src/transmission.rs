@@ -224,9 +224,22 @@ impl RequestRules {
 
 /// Append a simple reply header. For a successful READ the data follows.
 pub fn simple_reply(out: &mut Vec<u8>, cookie: u64, error: u32) {
-    put_u32(out, SIMPLE_REPLY_MAGIC);
-    put_u32(out, error);
-    put_u64(out, cookie);
+    let mut h = [0u8; SIMPLE_REPLY_LEN];
+    simple_reply_into(&mut h, cookie, error);
+    out.extend_from_slice(&h);
+}
+
+/// Bytes in a simple reply header.
+pub const SIMPLE_REPLY_LEN: usize = 16;
+/// Bytes in an OFFSET_DATA chunk header (chunk header plus offset).
+pub const OFFSET_DATA_HEADER_LEN: usize = 28;
+
+/// Write a simple reply header in place (e.g. in front of READ data already
+/// in its send buffer).
+pub fn simple_reply_into(out: &mut [u8; SIMPLE_REPLY_LEN], cookie: u64, error: u32) {
+    out[0..4].copy_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
+    out[4..8].copy_from_slice(&error.to_be_bytes());
+    out[8..16].copy_from_slice(&cookie.to_be_bytes());
 }
 
 /// Append a structured chunk header for a payload of `len` bytes.
@@ -240,9 +253,26 @@ pub fn chunk_header(out: &mut Vec<u8>, cookie: u64, flags: u16, kind: u16, len: 
 
 /// Header of an OFFSET_DATA chunk; `data_len` bytes of data follow.
 pub fn offset_data_header(out: &mut Vec<u8>, cookie: u64, offset: u64, data_len: u32, done: bool) {
+    let mut h = [0u8; OFFSET_DATA_HEADER_LEN];
+    offset_data_header_into(&mut h, cookie, offset, data_len, done);
+    out.extend_from_slice(&h);
+}
+
+/// Write an OFFSET_DATA chunk header in place; `data_len` bytes follow it.
+pub fn offset_data_header_into(
+    out: &mut [u8; OFFSET_DATA_HEADER_LEN],
+    cookie: u64,
+    offset: u64,
+    data_len: u32,
+    done: bool,
+) {
     let flags = if done { REPLY_FLAG_DONE } else { 0 };
-    chunk_header(out, cookie, flags, REPLY_TYPE_OFFSET_DATA, 8 + data_len);
-    put_u64(out, offset);
+    out[0..4].copy_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
+    out[4..6].copy_from_slice(&flags.to_be_bytes());
+    out[6..8].copy_from_slice(&REPLY_TYPE_OFFSET_DATA.to_be_bytes());
+    out[8..16].copy_from_slice(&cookie.to_be_bytes());
+    out[16..20].copy_from_slice(&(8 + data_len).to_be_bytes());
+    out[20..28].copy_from_slice(&offset.to_be_bytes());
 }
 
 /// An OFFSET_HOLE chunk: `len` bytes at `offset` read as zeroes.

@@ -182,6 +182,9 @@ struct ReadPart {
     /// Block-aligned file range read.
     file_start: u64,
     buf: Option<Vec<u8>>,
+    /// The part is read straight into the reply buffer (`ReadReq::out`):
+    /// a block-aligned read with nothing from the overlay, the common case.
+    direct: bool,
 }
 
 struct ReadReq {
@@ -327,23 +330,9 @@ impl Store {
     ) -> Result<Store, String> {
         let blocks = sb.size / BLOCK_SIZE;
         let table_len = (blocks * 8) as usize;
-        let c = io.run(Op::Read {
-            fd: files.meta,
-            buf: vec![0u8; table_len],
-            at: 0,
-            offset: CHECKSUM_TABLE_OFFSET,
-        });
-        if c.result < 0 {
-            return Err(format!(
-                "reading the checksum table: {}",
-                errno_str(-c.result)
-            ));
-        }
-        let Op::Read { buf, .. } = c.op else {
-            unreachable!()
-        };
-        let mut sums =
-            ChecksumTable::from_bytes(&buf[..(c.result as usize).min(table_len)], blocks);
+        let buf = read_blocking(io, files.meta, CHECKSUM_TABLE_OFFSET, table_len)
+            .map_err(|e| format!("reading the checksum table: {e}"))?;
+        let mut sums = ChecksumTable::from_bytes(&buf, blocks);
         let mut records = Vec::new();
         let end = journal::scan(
             io,
@@ -566,28 +555,14 @@ impl Store {
         let rlen = INTENT_REGION.min(self.sb.size - rstart);
         self.intents.insert(region, seq);
         self.newest_intent = seq;
-        let mut rec = vec![0u8; span as usize];
-        RecordHeader {
-            kind: RecordKind::InPlace,
-            flags: 0,
-            epoch: self.sb.epoch,
-            seq,
-            offset: rstart,
-            length: rlen as u32,
-            span: span as u32,
-            data_hash: 0,
-        }
-        .encode_into(&mut rec);
-        self.submit(
+        self.submit_header_record(
             io,
-            Ctx::JournalWrite { seq },
-            Op::Write {
-                fd: self.files.journal,
-                buf: WriteBuf::Owned(rec),
-                start: 0,
-                end: span as usize,
-                offset: place.pos,
-            },
+            RecordKind::InPlace,
+            seq,
+            place.pos,
+            span,
+            rstart,
+            rlen as u32,
         );
         Some(seq)
     }
@@ -615,7 +590,7 @@ impl Store {
         {
             return false;
         }
-        if !self.overlay.pieces(offset, end).is_empty()
+        if self.overlay.overlaps(offset, end)
             || self.blocks_applying(offset / BLOCK_SIZE, end / BLOCK_SIZE)
             || self
                 .in_flight
@@ -677,16 +652,12 @@ impl Store {
             self.events
                 .push(StoreEvent::Written(w.req, Err(map_write_errno(e))));
         } else {
-            let Op::Write {
-                buf, start, end, ..
-            } = c.op
-            else {
+            let Op::Write { buf, end, .. } = c.op else {
                 unreachable!()
             };
+            // The data began at `w.at` (`start` moved on past short writes).
             let data = &buf.as_slice()[..end];
             let first = w.offset / BLOCK_SIZE;
-            // `start` advanced past what was written; the data began at `w.at`.
-            let _ = start;
             for (i, block) in data[w.at..].chunks(BLOCK_SIZE as usize).enumerate() {
                 let b = first + i as u64;
                 self.sums.set(b, block_checksum(b, block));
@@ -924,14 +895,29 @@ impl Store {
 
     /// A header-only record (Wrap filler or Void) at `pos`.
     fn submit_marker(&mut self, io: &mut dyn Io, kind: RecordKind, seq: u64, pos: u64, span: u64) {
+        self.submit_header_record(io, kind, seq, pos, span, 0, 0);
+    }
+
+    /// Write a record that is only a header (Wrap, Void, InPlace intent).
+    #[allow(clippy::too_many_arguments)]
+    fn submit_header_record(
+        &mut self,
+        io: &mut dyn Io,
+        kind: RecordKind,
+        seq: u64,
+        pos: u64,
+        span: u64,
+        offset: u64,
+        length: u32,
+    ) {
         let mut b = vec![0u8; format::RECORD_ALIGN as usize];
         RecordHeader {
             kind,
             flags: 0,
             epoch: self.sb.epoch,
             seq,
-            offset: 0,
-            length: 0,
+            offset,
+            length,
             span: span as u32,
             data_hash: 0,
         }
@@ -957,8 +943,7 @@ impl Store {
 
     /// Answer `req` once every write acknowledged so far is durable.
     pub fn flush(&mut self, io: &mut dyn Io, req: ReqId) {
-        if let Some(why) = &self.failed {
-            let _ = why;
+        if self.failed.is_some() {
             self.events.push(StoreEvent::Flushed(req, Err(EIO)));
             return;
         }
@@ -1054,11 +1039,13 @@ impl Store {
             p.content.copy_to(0, &mut r.out[s..e]);
         }
         r.epoch = self.apply_epoch;
+        let direct = pieces.is_empty() && ranges.len() == 1 && ranges[0] == (start, end);
         r.parts = ranges
             .iter()
             .map(|&(s, _)| ReadPart {
                 file_start: s,
                 buf: None,
+                direct,
             })
             .collect();
         r.parts_left = ranges.len();
@@ -1068,6 +1055,21 @@ impl Store {
             .insert(req, pieces.iter().map(|p| (p.start, p.end)).collect());
         if ranges.is_empty() {
             self.finish_read(io, req);
+            return;
+        }
+        if direct {
+            let out = std::mem::take(&mut r.out);
+            let head = r.head;
+            self.submit(
+                io,
+                Ctx::DataRead { read: req, part: 0 },
+                Op::Read {
+                    fd: self.files.data,
+                    buf: out,
+                    at: head,
+                    offset: start,
+                },
+            );
             return;
         }
         for (i, (s, e)) in ranges.into_iter().enumerate() {
@@ -1089,16 +1091,24 @@ impl Store {
         let mut r = self.reads.remove(&req).unwrap();
         let (start, end) = (r.start, r.start + r.len);
         let mut bad = None;
+        let verify = self.tuning.verify_reads;
+        let first_bad = |file_start: u64, data: &[u8]| {
+            data.chunks(BLOCK_SIZE as usize)
+                .enumerate()
+                .map(|(i, block)| (file_start / BLOCK_SIZE + i as u64, block))
+                .find(|(b, block)| !self.sums.verify(*b, block))
+                .map(|(b, _)| b)
+        };
         for part in &r.parts {
-            let buf = part.buf.as_ref().unwrap();
-            if self.tuning.verify_reads {
-                for (i, block) in buf.chunks(BLOCK_SIZE as usize).enumerate() {
-                    let b = part.file_start / BLOCK_SIZE + i as u64;
-                    if !self.sums.verify(b, block) {
-                        bad = Some(b);
-                        break;
-                    }
+            if part.direct {
+                if verify {
+                    bad = bad.or_else(|| first_bad(part.file_start, &r.out[r.head..]));
                 }
+                continue;
+            }
+            let buf = part.buf.as_ref().unwrap();
+            if verify {
+                bad = bad.or_else(|| first_bad(part.file_start, buf));
             }
             // Copy the requested bytes not provided by the overlay.
             let ps = part.file_start;
@@ -1317,7 +1327,11 @@ impl Store {
                 let Some(r) = self.reads.get_mut(&read) else {
                     return;
                 };
-                r.parts[part].buf = Some(buf);
+                if r.parts[part].direct {
+                    r.out = buf;
+                } else {
+                    r.parts[part].buf = Some(buf);
+                }
                 r.parts_left -= 1;
                 if r.parts_left == 0 {
                     if r.retries == u32::MAX {
@@ -1919,23 +1933,8 @@ fn replay_all(
         let mut b = s / BLOCK_SIZE;
         while b * BLOCK_SIZE < e {
             let n = ((e - b * BLOCK_SIZE) / BLOCK_SIZE).clamp(1, 256);
-            let c = io.run(Op::Read {
-                fd: data,
-                buf: vec![0u8; (n * BLOCK_SIZE) as usize],
-                at: 0,
-                offset: b * BLOCK_SIZE,
-            });
-            if c.result < 0 {
-                return Err(format!(
-                    "reading block {b} during recovery: {}",
-                    errno_str(-c.result)
-                ));
-            }
-            let Op::Read { mut buf, .. } = c.op else {
-                unreachable!()
-            };
-            let got = (c.result as usize).min(buf.len());
-            buf[got..].fill(0);
+            let buf = read_blocking(io, data, b * BLOCK_SIZE, (n * BLOCK_SIZE) as usize)
+                .map_err(|e| format!("reading block {b} during recovery: {e}"))?;
             for (i, block) in buf.chunks(BLOCK_SIZE as usize).enumerate() {
                 let blk = b + i as u64;
                 let fresh = block_checksum(blk, block);
@@ -2023,25 +2022,35 @@ fn replay(
             sums.set(b, block_checksum(b, &rec.data[s..s + BLOCK_SIZE as usize]));
             continue;
         }
-        let c = io.run(Op::Read {
-            fd: data,
-            buf: vec![0u8; BLOCK_SIZE as usize],
-            at: 0,
-            offset: b * BLOCK_SIZE,
-        });
-        if c.result < 0 {
-            return Err(format!(
-                "reading block {b} during recovery: {}",
-                errno_str(-c.result)
-            ));
-        }
-        let Op::Read { mut buf, .. } = c.op else {
-            unreachable!()
-        };
-        buf[(c.result.max(0) as usize).min(BLOCK_SIZE as usize)..].fill(0);
+        let buf = read_blocking(io, data, b * BLOCK_SIZE, BLOCK_SIZE as usize)
+            .map_err(|e| format!("reading block {b} during recovery: {e}"))?;
         sums.set(b, block_checksum(b, &buf));
     }
     Ok(())
+}
+
+/// Read `len` bytes at `offset` (start-up and recovery only); bytes past the
+/// end of the file read as zero.
+pub fn read_blocking(
+    io: &mut dyn Io,
+    fd: RawFd,
+    offset: u64,
+    len: usize,
+) -> Result<Vec<u8>, String> {
+    let c = io.run(Op::Read {
+        fd,
+        buf: vec![0u8; len],
+        at: 0,
+        offset,
+    });
+    if c.result < 0 {
+        return Err(errno_str(-c.result));
+    }
+    let Op::Read { mut buf, .. } = c.op else {
+        unreachable!()
+    };
+    buf[(c.result as usize).min(len)..].fill(0);
+    Ok(buf)
 }
 
 pub fn write_blocking(io: &mut dyn Io, fd: RawFd, offset: u64, buf: Vec<u8>) -> Result<(), String> {

@@ -132,6 +132,16 @@ impl Overlay {
         }
     }
 
+    /// Whether any extent overlaps `[start, end)`.
+    pub fn overlaps(&self, start: u64, end: u64) -> bool {
+        if let Some((_, e)) = self.map.range(..start).next_back() {
+            if e.end > start {
+                return true;
+            }
+        }
+        self.map.range(start..end).next().is_some()
+    }
+
     /// Pieces overlapping `[start, end)`, clipped to it, in offset order.
     pub fn pieces(&self, start: u64, end: u64) -> Vec<Piece> {
         let mut out = Vec::new();
