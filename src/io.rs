@@ -76,13 +76,79 @@ pub enum Op {
         offset: u64,
         len: u64,
     },
+    /// connect(2) to `addr`, cancelled (-ECANCELED) if not done within
+    /// `timeout` (a link timeout, so a black-holed peer cannot hang it).
+    Connect {
+        fd: RawFd,
+        addr: Box<SockAddr>,
+        timeout: Box<types::Timespec>,
+    },
     /// Completes after the duration (result -ETIME).
     Timeout {
         ts: Box<types::Timespec>,
     },
 }
 
+/// A socket address in the form connect(2) takes.
+pub struct SockAddr {
+    pub storage: libc::sockaddr_storage,
+    pub len: libc::socklen_t,
+}
+
+impl std::fmt::Debug for SockAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SockAddr({} bytes)", self.len)
+    }
+}
+
+impl SockAddr {
+    pub fn from_std(a: &std::net::SocketAddr) -> SockAddr {
+        // SAFETY: sockaddr_storage is plain old data; all-zero is valid.
+        let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+        let len = match a {
+            std::net::SocketAddr::V4(v4) => {
+                // SAFETY: sockaddr_storage is large and aligned enough for sockaddr_in.
+                let sin = unsafe { &mut *(&mut storage as *mut _ as *mut libc::sockaddr_in) };
+                sin.sin_family = libc::AF_INET as libc::sa_family_t;
+                sin.sin_port = v4.port().to_be();
+                sin.sin_addr.s_addr = u32::from_ne_bytes(v4.ip().octets());
+                std::mem::size_of::<libc::sockaddr_in>()
+            }
+            std::net::SocketAddr::V6(v6) => {
+                // SAFETY: as above, for sockaddr_in6.
+                let sin6 = unsafe { &mut *(&mut storage as *mut _ as *mut libc::sockaddr_in6) };
+                sin6.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+                sin6.sin6_port = v6.port().to_be();
+                sin6.sin6_addr.s6_addr = v6.ip().octets();
+                sin6.sin6_flowinfo = v6.flowinfo();
+                sin6.sin6_scope_id = v6.scope_id();
+                std::mem::size_of::<libc::sockaddr_in6>()
+            }
+        };
+        SockAddr {
+            storage,
+            len: len as libc::socklen_t,
+        }
+    }
+}
+
+/// user_data of the link-timeout entries that guard connects; their
+/// completions are not reported.
+const LINK_TIMEOUT_UD: u64 = u64::MAX;
+
 impl Op {
+    pub fn connect(fd: RawFd, addr: &std::net::SocketAddr, timeout: Duration) -> Op {
+        Op::Connect {
+            fd,
+            addr: Box::new(SockAddr::from_std(addr)),
+            timeout: Box::new(
+                types::Timespec::new()
+                    .sec(timeout.as_secs())
+                    .nsec(timeout.subsec_nanos()),
+            ),
+        }
+    }
+
     pub fn timeout(d: Duration) -> Op {
         Op::Timeout {
             ts: Box::new(
@@ -226,6 +292,13 @@ impl UringIo {
                 .mode(*mode)
                 .build(),
             Op::Timeout { ts } => opcode::Timeout::new(&**ts as *const types::Timespec).build(),
+            Op::Connect { fd, addr, .. } => opcode::Connect::new(
+                types::Fd(*fd),
+                &addr.storage as *const libc::sockaddr_storage as *const libc::sockaddr,
+                addr.len,
+            )
+            .build()
+            .flags(squeue::Flags::IO_LINK),
         };
         e.user_data(idx)
     }
@@ -277,16 +350,35 @@ impl Io for UringIo {
         // allocations, and the boxed timespec) do not move while the kernel
         // uses them.
         let entry = Self::entry(idx as u64, &mut self.slots[idx].as_mut().unwrap().1);
-        loop {
-            // SAFETY: every pointer in `entry` refers to memory owned by the op
-            // stored in `self.slots[idx]`, which is only dropped after the
-            // kernel posts the completion for `idx`.
-            let pushed = unsafe { self.ring.submission().push(&entry) };
-            if pushed.is_ok() {
-                break;
+        let link_timeout = match &self.slots[idx].as_ref().unwrap().1 {
+            Op::Connect { timeout, .. } => Some(
+                opcode::LinkTimeout::new(&**timeout as *const types::Timespec)
+                    .build()
+                    .user_data(LINK_TIMEOUT_UD),
+            ),
+            _ => None,
+        };
+        if link_timeout.is_some() {
+            // The pair must go into the queue together.
+            while {
+                let sq = self.ring.submission();
+                sq.capacity() - sq.len() < 2
+            } {
+                let _ = self.ring.submit();
             }
-            // Submission queue full: hand what we have to the kernel.
-            let _ = self.ring.submit();
+        }
+        for entry in std::iter::once(entry).chain(link_timeout) {
+            loop {
+                // SAFETY: every pointer in `entry` refers to memory owned by
+                // the op stored in `self.slots[idx]`, which is only dropped
+                // after the kernel posts the completion for `idx`.
+                let pushed = unsafe { self.ring.submission().push(&entry) };
+                if pushed.is_ok() {
+                    break;
+                }
+                // Submission queue full: hand what we have to the kernel.
+                let _ = self.ring.submit();
+            }
         }
     }
 
@@ -319,6 +411,9 @@ impl Io for UringIo {
             Err(e) => return Err(e),
         }
         for cqe in self.ring.completion() {
+            if cqe.user_data() == LINK_TIMEOUT_UD {
+                continue;
+            }
             let idx = cqe.user_data() as usize;
             let (token, op) = self.slots[idx]
                 .take()

@@ -4,10 +4,13 @@
 //! - [`sim`]: the simulated I/O backend for crash and fault tests.
 //! - [`store`]: one replica's data, journal, checksums and recovery.
 //! - [`server`]: the NBD front end and event loop.
+//! - [`mirror`]: synchronous mirroring to peers, dirty bitmaps, resync, the admin socket.
+//! - [`peer`]: the peer protocol (frames, handshake), sans-I/O.
 //! - [`size`]: parsing of human sizes.
 
 pub mod fuzzing;
 pub mod io;
+pub mod mirror;
 pub mod peer;
 pub mod server;
 pub mod sim;

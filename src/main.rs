@@ -1,7 +1,8 @@
 //! `nbdmirror`: command-line entry point.
 //!
-//! Owns: argument parsing and turning it into calls on `store::dir` (init) and
-//! `server` (serve). Errors reach the user as one line and a non-zero exit.
+//! Owns: argument parsing and turning it into calls on `store::dir` (init),
+//! `server` (serve) and the admin socket (`resync`). Errors reach the user as
+//! one line and a non-zero exit.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -9,6 +10,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+use nbdmirror::mirror::{MirrorConfig, NodeRole};
 use nbdmirror::server::{self, Listen, ServeConfig};
 use nbdmirror::size::parse_size;
 use nbdmirror::store::{dir, Tuning};
@@ -40,6 +42,10 @@ enum Cmd {
         /// This node's id within its volume.
         #[arg(long, default_value_t = 1)]
         node_id: u32,
+        /// Join an existing volume (its uuid, as `init` or `info` printed it)
+        /// instead of creating a new one.
+        #[arg(long)]
+        volume_uuid: Option<String>,
     },
     /// Serve a replica directory over NBD.
     Serve {
@@ -69,12 +75,301 @@ enum Cmd {
         /// Sync the journal at least this often (ms) when writes are unsynced.
         #[arg(long, default_value_t = 200)]
         sync_interval_ms: u64,
+        /// primary: serves NBD and mirrors to its peers; secondary: accepts
+        /// the replication stream and serves no NBD writes.
+        #[arg(long, value_enum, default_value_t = RoleArg::Primary)]
+        role: RoleArg,
+        /// (primary, repeatable) A secondary to mirror every write to: ID=HOST:PORT.
+        #[arg(long, value_parser = parse_peer)]
+        peer: Vec<(u32, SocketAddr)>,
+        /// (secondary) Address to accept the replication stream on.
+        #[arg(long)]
+        peer_listen: Option<SocketAddr>,
+        /// File holding the volume's shared secret (at least 16 bytes; a
+        /// trailing newline is ignored). Needed with --peer or --peer-listen.
+        #[arg(long)]
+        secret_file: Option<PathBuf>,
+        /// A peer that does not answer within this many ms is disconnected
+        /// (client I/O goes on; what it misses is recorded in its bitmap).
+        #[arg(long, default_value_t = 3000)]
+        peer_timeout_ms: u64,
+        /// Resync rate cap in bytes per second (K/M/G suffixes); 0 = unlimited.
+        #[arg(long, value_parser = parse_size, default_value = "0")]
+        resync_rate: u64,
+        /// Control socket for `nbdmirror resync` (default DIR/admin.sock).
+        #[arg(long)]
+        admin_socket: Option<PathBuf>,
+    },
+    /// Watch and steer resynchronisation on a running node.
+    Resync {
+        #[command(subcommand)]
+        action: ResyncCmd,
     },
     /// Print a replica directory's superblock.
     Info {
         #[arg(long)]
         dir: PathBuf,
     },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum RoleArg {
+    Primary,
+    Secondary,
+}
+
+#[derive(clap::Args, Clone)]
+struct AdminArgs {
+    /// Replica directory of the running node (its admin socket is DIR/admin.sock).
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// The node's admin socket, if not DIR/admin.sock.
+    #[arg(long)]
+    admin_socket: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum ResyncCmd {
+    /// Show each peer's state and resync progress.
+    Status {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// Print one JSON object (for scripts).
+        #[arg(long)]
+        json: bool,
+        /// Keep showing progress until every peer is in sync.
+        #[arg(long)]
+        watch: bool,
+    },
+    /// Start (or retry now) the resync of one peer or all.
+    Start {
+        #[command(flatten)]
+        admin: AdminArgs,
+        #[arg(long)]
+        peer: Option<u32>,
+        /// Resend everything, not only the dirty blocks.
+        #[arg(long)]
+        full: bool,
+    },
+    /// Pause resync (client writes still mirror).
+    Pause {
+        #[command(flatten)]
+        admin: AdminArgs,
+        #[arg(long)]
+        peer: Option<u32>,
+    },
+    /// Resume a paused resync.
+    Resume {
+        #[command(flatten)]
+        admin: AdminArgs,
+        #[arg(long)]
+        peer: Option<u32>,
+    },
+    /// Set the resync rate cap (bytes/s, K/M/G suffixes; 0 = unlimited).
+    Rate {
+        #[arg(value_parser = parse_size)]
+        rate: u64,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+}
+
+fn parse_peer(s: &str) -> Result<(u32, SocketAddr), String> {
+    let (id, addr) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: expected ID=HOST:PORT, e.g. 2=10.0.0.2:10810"))?;
+    let id: u32 = id.parse().map_err(|_| format!("{id:?} is not a node id"))?;
+    let addr = std::net::ToSocketAddrs::to_socket_addrs(addr)
+        .map_err(|e| format!("{addr:?}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("{addr:?} resolves to no address"))?;
+    Ok((id, addr))
+}
+
+fn read_secret(path: &std::path::Path) -> Result<Vec<u8>, String> {
+    let mut s = std::fs::read(path)
+        .map_err(|e| format!("cannot read secret file {}: {e}", path.display()))?;
+    while s.last().is_some_and(|&b| b == b'\n' || b == b'\r') {
+        s.pop();
+    }
+    if s.len() < 16 {
+        return Err(format!(
+            "secret file {} holds {} bytes; at least 16 are needed (e.g. `head -c 32 /dev/urandom | base64 > FILE`)",
+            path.display(),
+            s.len()
+        ));
+    }
+    Ok(s)
+}
+
+fn admin_path(a: &AdminArgs) -> Result<PathBuf, String> {
+    match (&a.admin_socket, &a.dir) {
+        (Some(p), _) => Ok(p.clone()),
+        (None, Some(d)) => Ok(d.join("admin.sock")),
+        (None, None) => Err("say which node: --dir DIR or --admin-socket PATH".into()),
+    }
+}
+
+fn admin_call(a: &AdminArgs, line: &str) -> Result<serde_json::Value, String> {
+    use std::io::{BufRead, Write};
+    let path = admin_path(a)?;
+    let mut s = std::os::unix::net::UnixStream::connect(&path).map_err(|e| {
+        format!(
+            "cannot reach the node at {}: {e} (is `nbdmirror serve` running there?)",
+            path.display()
+        )
+    })?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .map_err(|e| e.to_string())?;
+    s.write_all(format!("{line}\n").as_bytes())
+        .map_err(|e| format!("cannot send to {}: {e}", path.display()))?;
+    let mut reply = String::new();
+    std::io::BufReader::new(s)
+        .read_line(&mut reply)
+        .map_err(|e| format!("no answer from {}: {e}", path.display()))?;
+    let v: serde_json::Value = serde_json::from_str(reply.trim())
+        .map_err(|e| format!("unreadable answer from {}: {e}", path.display()))?;
+    if v.get("ok") == Some(&serde_json::Value::Bool(false)) {
+        return Err(v
+            .get("error")
+            .and_then(|e| e.as_str())
+            .unwrap_or("refused")
+            .to_string());
+    }
+    Ok(v)
+}
+
+fn human(n: f64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < units.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{v:.0} {}", units[u])
+    } else {
+        format!("{v:.1} {}", units[u])
+    }
+}
+
+/// One line per peer: state, a bar, percent, rate and ETA.
+fn render_status(v: &serde_json::Value) -> Vec<String> {
+    let mut lines = vec![format!(
+        "node {} ({})",
+        v["node_id"],
+        v["role"].as_str().unwrap_or("?")
+    )];
+    let peers = v["peers"].as_array().cloned().unwrap_or_default();
+    if peers.is_empty() {
+        lines.push("  no peers".into());
+    }
+    for p in peers {
+        let state = p["state"].as_str().unwrap_or("?");
+        let mut line = format!(
+            "  peer {} {} {state}",
+            p["node_id"],
+            p["address"].as_str().unwrap_or("")
+        );
+        let total = p["resync_total_bytes"].as_f64().unwrap_or(0.0);
+        let done = p["resync_done_bytes"].as_f64().unwrap_or(0.0);
+        let dirty = p["dirty_bytes"].as_f64().unwrap_or(0.0);
+        if state == "syncing" || (state != "in_sync" && dirty > 0.0) {
+            let frac = if total > 0.0 {
+                (done / total).clamp(0.0, 1.0)
+            } else {
+                0.0
+            };
+            let width = 30;
+            let filled = (frac * width as f64).round() as usize;
+            let rate = p["rate_bytes_per_sec"].as_f64().unwrap_or(0.0);
+            let eta = if rate > 0.0 {
+                let s = (dirty / rate) as u64;
+                format!("{}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60)
+            } else {
+                "--:--:--".into()
+            };
+            line.push_str(&format!(
+                " [{}{}] {:5.1}%  {} of {}  {}/s  ETA {eta}",
+                "#".repeat(filled),
+                "-".repeat(width - filled),
+                frac * 100.0,
+                human(done),
+                human(total),
+                human(rate),
+            ));
+            if p["paused"].as_bool() == Some(true) {
+                line.push_str("  (paused)");
+            }
+        }
+        if let Some(e) = p["last_error"].as_str() {
+            if state != "in_sync" && state != "syncing" {
+                line.push_str(&format!("  last error: {e}"));
+            }
+        }
+        lines.push(line);
+    }
+    lines
+}
+
+fn resync(action: ResyncCmd) -> Result<(), String> {
+    use std::io::IsTerminal;
+    let sel = |cmd: &str, peer: Option<u32>| match peer {
+        Some(p) => format!("{cmd} {p}"),
+        None => cmd.to_string(),
+    };
+    match action {
+        ResyncCmd::Status { admin, json, watch } => loop {
+            let v = admin_call(&admin, "status")?;
+            if json {
+                println!("{v}");
+            } else {
+                for l in render_status(&v) {
+                    println!("{l}");
+                }
+            }
+            let all_in_sync = v["peers"].as_array().is_none_or(|ps| {
+                ps.iter()
+                    .all(|p| p["state"] == "in_sync" || p["state"] == "connected")
+            });
+            if !watch || all_in_sync {
+                return Ok(());
+            }
+            std::thread::sleep(std::time::Duration::from_secs(1));
+            if !json && std::io::stdout().is_terminal() {
+                let n = render_status(&v).len();
+                print!("\x1b[{n}A\x1b[J");
+            }
+        },
+        ResyncCmd::Start { admin, peer, full } => {
+            admin_call(&admin, &sel(if full { "full" } else { "start" }, peer))?;
+            println!("resync started");
+            Ok(())
+        }
+        ResyncCmd::Pause { admin, peer } => {
+            admin_call(&admin, &sel("pause", peer))?;
+            println!("resync paused");
+            Ok(())
+        }
+        ResyncCmd::Resume { admin, peer } => {
+            admin_call(&admin, &sel("resume", peer))?;
+            println!("resync resumed");
+            Ok(())
+        }
+        ResyncCmd::Rate { rate, admin } => {
+            admin_call(&admin, &format!("rate {rate}"))?;
+            println!(
+                "resync rate set to {}",
+                if rate == 0 {
+                    "unlimited".to_string()
+                } else {
+                    format!("{}/s", human(rate as f64))
+                }
+            );
+            Ok(())
+        }
+    }
 }
 
 fn default_journal(size: u64) -> u64 {
@@ -88,9 +383,11 @@ fn run(cli: Cli) -> Result<(), String> {
             size,
             journal_size,
             node_id,
+            volume_uuid,
         } => {
             let j = journal_size.unwrap_or_else(|| default_journal(size));
-            let sb = dir::init(&path, size, j, node_id)?;
+            let uuid = volume_uuid.as_deref().map(dir::parse_uuid).transpose()?;
+            let sb = dir::init(&path, size, j, node_id, uuid)?;
             println!(
                 "initialised {}: volume {}, {} bytes, journal {} bytes",
                 path.display(),
@@ -109,11 +406,41 @@ fn run(cli: Cli) -> Result<(), String> {
             no_verify_reads,
             checkpoint_interval_ms,
             sync_interval_ms,
+            role,
+            peer,
+            peer_listen,
+            secret_file,
+            peer_timeout_ms,
+            resync_rate,
+            admin_socket,
         } => {
+            let role = match role {
+                RoleArg::Primary => NodeRole::Primary,
+                RoleArg::Secondary => NodeRole::Secondary,
+            };
+            if role == NodeRole::Secondary && !peer.is_empty() {
+                return Err("--peer is for a primary; a secondary takes --peer-listen".into());
+            }
+            if role == NodeRole::Secondary && peer_listen.is_none() {
+                return Err(
+                    "a secondary needs --peer-listen HOST:PORT for the replication stream".into(),
+                );
+            }
+            let mirrored = !peer.is_empty() || peer_listen.is_some();
+            let secret = match (&secret_file, mirrored) {
+                (Some(f), _) => read_secret(f)?,
+                (None, true) => {
+                    return Err(
+                        "mirroring needs --secret-file (the same secret on every node)".into(),
+                    )
+                }
+                (None, false) => Vec::new(),
+            };
+            let admin_socket = admin_socket.unwrap_or_else(|| path.join("admin.sock"));
             if !path.join("meta").exists() {
                 match size {
                     Some(size) => {
-                        dir::init(&path, size, default_journal(size), 1)?;
+                        dir::init(&path, size, default_journal(size), 1, None)?;
                         eprintln!("nbdmirror: created a {size}-byte replica in {}", path.display());
                     }
                     None => {
@@ -132,7 +459,7 @@ fn run(cli: Cli) -> Result<(), String> {
             for fd in server::socket_activation_fds() {
                 l.push(Listen::Fd(fd));
             }
-            if l.is_empty() {
+            if l.is_empty() && role == NodeRole::Primary {
                 l.push(Listen::Tcp("127.0.0.1:10809".parse().unwrap()));
             }
             let tuning = Tuning {
@@ -142,12 +469,23 @@ fn run(cli: Cli) -> Result<(), String> {
                 ..Tuning::default()
             };
             server::serve(ServeConfig {
-                dir: path,
+                dir: path.clone(),
                 listen: l,
                 export_name,
                 tuning,
+                mirror: Some(MirrorConfig {
+                    role,
+                    peers: peer,
+                    peer_listen,
+                    secret,
+                    timeout: std::time::Duration::from_millis(peer_timeout_ms.max(100)),
+                    resync_rate,
+                    admin_socket: Some(admin_socket),
+                    dir: path.clone(),
+                }),
             })
         }
+        Cmd::Resync { action } => resync(action),
         Cmd::Info { dir: path } => {
             let replica = dir::open(&path)?;
             let mut io = nbdmirror::io::UringIo::new(8).map_err(|e| format!("io_uring: {e}"))?;

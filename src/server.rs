@@ -22,6 +22,7 @@ use nbd::{
 };
 
 use crate::io::{Completion, Io, Op, UringIo};
+use crate::mirror::{self, Mirror, MirrorConfig};
 use crate::store::{self, dir, Store, StoreEvent, Tuning, STORE_TOKEN, WRITE_HEADROOM};
 
 /// Largest request payload accepted (advertised as the maximum block size).
@@ -72,6 +73,8 @@ pub struct ServeConfig {
     pub listen: Vec<Listen>,
     pub export_name: String,
     pub tuning: Tuning,
+    /// Mirroring (roles, peers, secret); `None` for a single node.
+    pub mirror: Option<MirrorConfig>,
 }
 
 enum Phase {
@@ -125,6 +128,7 @@ struct PendingReq {
 pub struct Server {
     io: UringIo,
     store: Store,
+    mirror: Option<Mirror>,
     exports: Vec<ExportInfo>,
     listeners: Vec<OwnedFd>,
     conns: HashMap<u64, Conn>,
@@ -166,7 +170,7 @@ fn block_signals() -> Result<OwnedFd, String> {
     }
 }
 
-fn set_nodelay(fd: RawFd) {
+pub(crate) fn set_nodelay(fd: RawFd) {
     let one: libc::c_int = 1;
     // SAFETY: setsockopt with a valid pointer to an int of the right size.
     unsafe {
@@ -229,9 +233,17 @@ impl Server {
         let sb = store::load_superblock(&mut io, files.meta)
             .map_err(|e| format!("{}: {e}; refusing to serve it", replica.path.display()))?;
         dir::check_sizes(replica, &sb)?;
-        let store = Store::open(&mut io, files, sb, config.tuning)
+        let mut store = Store::open(&mut io, files, sb, config.tuning)
             .map_err(|e| format!("{}: recovery failed: {e}", replica.path.display()))?;
-        let flags = TFLAG_HAS_FLAGS
+        let mirror = match &config.mirror {
+            Some(m) => Some(Mirror::new(m.clone(), &mut store)?),
+            None => None,
+        };
+        let read_only = mirror
+            .as_ref()
+            .is_some_and(|m| m.role() == mirror::NodeRole::Secondary);
+        let flags = if read_only { TFLAG_READ_ONLY } else { 0 }
+            | TFLAG_HAS_FLAGS
             | TFLAG_SEND_FLUSH
             | TFLAG_SEND_FUA
             | TFLAG_SEND_TRIM
@@ -260,6 +272,7 @@ impl Server {
         Ok(Server {
             io,
             store,
+            mirror,
             exports: vec![export],
             listeners,
             conns: HashMap::new(),
@@ -293,6 +306,9 @@ impl Server {
             },
         );
         self.io.submit(token(KIND_TICK, 0), Op::timeout(TICK));
+        if let Some(m) = self.mirror.as_mut() {
+            m.start(&mut self.io);
+        }
         let mut completions = Vec::with_capacity(256);
         loop {
             completions.clear();
@@ -303,13 +319,19 @@ impl Server {
                 self.dispatch(c);
             }
             self.deliver_store_events();
-            if self.shutting_down && self.conns.is_empty() {
+            if self.shutting_down
+                && self.conns.is_empty()
+                && self.mirror.as_ref().is_none_or(|m| m.quiet())
+            {
                 self.store.drain(&mut self.io);
                 self.deliver_store_events();
                 if self.store.is_quiet() || self.store.failure().is_some() {
                     break;
                 }
             }
+        }
+        if let Some(m) = self.mirror.as_mut() {
+            m.finish();
         }
         if let Some(why) = self.store.failure() {
             return Err(format!("stopped after a storage failure: {why}"));
@@ -321,6 +343,12 @@ impl Server {
     fn dispatch(&mut self, c: Completion) {
         if c.token & STORE_TOKEN != 0 {
             self.store.complete(&mut self.io, c);
+            return;
+        }
+        if mirror::is_mirror_token(c.token) {
+            if let Some(m) = self.mirror.as_mut() {
+                m.complete(&mut self.io, &mut self.store, c);
+            }
             return;
         }
         let kind = c.token >> KIND_SHIFT;
@@ -337,6 +365,9 @@ impl Server {
             }
             KIND_TICK => {
                 self.store.tick(&mut self.io);
+                if let Some(m) = self.mirror.as_mut() {
+                    m.tick(&mut self.io, &mut self.store);
+                }
                 self.enforce_shutdown_deadline();
                 self.io.submit(token(KIND_TICK, 0), Op::timeout(TICK));
             }
@@ -373,6 +404,9 @@ impl Server {
 
     fn begin_shutdown(&mut self) {
         self.shutting_down = true;
+        if let Some(m) = self.mirror.as_mut() {
+            m.begin_shutdown();
+        }
         self.shutdown_since = Some(std::time::Instant::now());
         for l in &self.listeners {
             // SAFETY: shutdown on a listening socket we own; it makes the
@@ -736,6 +770,47 @@ impl Server {
             },
         );
         let io = &mut self.io;
+        if let Some(m) = self.mirror.as_mut().filter(|m| m.mirrors_writes()) {
+            let st = &mut self.store;
+            match req.command {
+                Command::Write => {
+                    let buf = payload.expect("write payload");
+                    m.client_write(
+                        io,
+                        st,
+                        rid,
+                        req.offset,
+                        buf,
+                        WRITE_HEADROOM,
+                        req.length as usize,
+                        req.fua(),
+                    );
+                    self.deliver_store_events();
+                    return;
+                }
+                Command::Flush => {
+                    m.client_flush(io, st, rid);
+                    self.deliver_store_events();
+                    return;
+                }
+                Command::Trim | Command::WriteZeroes => {
+                    let trim = req.command == Command::Trim;
+                    m.client_zero(
+                        io,
+                        st,
+                        rid,
+                        req.offset,
+                        req.length as u64,
+                        !trim && req.no_hole(),
+                        req.fua(),
+                        trim,
+                    );
+                    self.deliver_store_events();
+                    return;
+                }
+                _ => {}
+            }
+        }
         match req.command {
             Command::Read => {
                 let head = if structured {
@@ -794,10 +869,23 @@ impl Server {
         loop {
             self.store.drain_events(&mut self.events);
             if self.events.is_empty() {
+                if self.mirror.as_ref().is_some_and(|m| !m.answers.is_empty()) {
+                    self.deliver_mirror_answers();
+                    continue;
+                }
                 return;
             }
             let events = std::mem::take(&mut self.events);
             for ev in events {
+                let rid = match &ev {
+                    StoreEvent::Written(rid, _)
+                    | StoreEvent::Flushed(rid, _)
+                    | StoreEvent::Read(rid, _) => *rid,
+                };
+                if let Some(m) = self.mirror.as_mut().filter(|m| m.owns(rid)) {
+                    m.store_event(&mut self.io, &mut self.store, ev);
+                    continue;
+                }
                 match ev {
                     StoreEvent::Written(rid, r) | StoreEvent::Flushed(rid, r) => {
                         self.reply_status(rid, r)
@@ -805,6 +893,20 @@ impl Server {
                     StoreEvent::Read(rid, r) => self.reply_read(rid, r),
                 }
             }
+            self.deliver_mirror_answers();
+        }
+    }
+
+    fn deliver_mirror_answers(&mut self) {
+        let Some(m) = self.mirror.as_mut() else {
+            return;
+        };
+        if m.answers.is_empty() {
+            return;
+        }
+        let answers = std::mem::take(&mut m.answers);
+        for (rid, r) in answers {
+            self.reply_status(rid, r);
         }
     }
 

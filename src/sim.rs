@@ -412,7 +412,9 @@ impl SimIo {
                 0
             }
             Op::Timeout { .. } => -libc::ETIME,
-            Op::Accept { .. } | Op::Recv { .. } | Op::Send { .. } => -libc::EOPNOTSUPP,
+            Op::Accept { .. } | Op::Recv { .. } | Op::Send { .. } | Op::Connect { .. } => {
+                -libc::EOPNOTSUPP
+            }
         }
     }
 }

@@ -214,10 +214,19 @@ pub fn checksum(header: &[u8], payload: &[u8]) -> u64 {
 /// If `payload` is over [`MAX_PAYLOAD`]: that is a bug in the sender, which
 /// must split its data, not something a peer can cause.
 pub fn encode(kind: FrameKind, seq: u64, payload: &[u8], out: &mut Vec<u8>) {
+    encode_parts(kind, seq, &[payload], out)
+}
+
+/// Append one frame whose payload is the concatenation of `parts` (a
+/// replicated record's header and its data, without joining them first).
+///
+/// # Panics
+/// As [`encode`].
+pub fn encode_parts(kind: FrameKind, seq: u64, parts: &[&[u8]], out: &mut Vec<u8>) {
+    let len: usize = parts.iter().map(|p| p.len()).sum();
     assert!(
-        payload.len() <= MAX_PAYLOAD,
-        "peer frame payload of {} bytes is over MAX_PAYLOAD",
-        payload.len()
+        len <= MAX_PAYLOAD,
+        "peer frame payload of {len} bytes is over MAX_PAYLOAD"
     );
     let mut h = [0u8; HEADER_LEN];
     h[0..4].copy_from_slice(&MAGIC);
@@ -225,12 +234,18 @@ pub fn encode(kind: FrameKind, seq: u64, payload: &[u8], out: &mut Vec<u8>) {
     h[6..8].copy_from_slice(&kind.code().to_le_bytes());
     // 8..12: flags and reserved, zero.
     h[12..20].copy_from_slice(&seq.to_le_bytes());
-    h[20..24].copy_from_slice(&(payload.len() as u32).to_le_bytes());
-    let sum = checksum(&h, payload);
-    h[24..32].copy_from_slice(&sum.to_le_bytes());
-    out.reserve(HEADER_LEN + payload.len());
+    h[20..24].copy_from_slice(&(len as u32).to_le_bytes());
+    let mut x = Xxh3::new();
+    x.update(&h[..24]);
+    for p in parts {
+        x.update(p);
+    }
+    h[24..32].copy_from_slice(&x.digest().to_le_bytes());
+    out.reserve(HEADER_LEN + len);
     out.extend_from_slice(&h);
-    out.extend_from_slice(payload);
+    for p in parts {
+        out.extend_from_slice(p);
+    }
 }
 
 /// Incremental frame decoder: [`push`](Self::push) received bytes, then

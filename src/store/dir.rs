@@ -73,7 +73,30 @@ pub fn format_uuid(u: &[u8; 16]) -> String {
 }
 
 /// Create a new replica directory for a disk of `size` bytes.
-pub fn init(path: &Path, size: u64, journal_size: u64, node_id: u32) -> Result<Superblock, String> {
+/// Parse a volume uuid as printed by [`format_uuid`] (dashes optional).
+pub fn parse_uuid(s: &str) -> Result<[u8; 16], String> {
+    let hex: String = s.chars().filter(|&c| c != '-').collect();
+    if hex.len() != 32 || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
+        return Err(format!(
+            "{s:?} is not a volume uuid (32 hex digits, e.g. as `nbdmirror info` prints it)"
+        ));
+    }
+    let mut u = [0u8; 16];
+    for (i, b) in u.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap();
+    }
+    Ok(u)
+}
+
+/// Create a new replica directory for a disk of `size` bytes, for a new
+/// volume or (with `volume_uuid`) as another node of an existing one.
+pub fn init(
+    path: &Path,
+    size: u64,
+    journal_size: u64,
+    node_id: u32,
+    volume_uuid: Option<[u8; 16]>,
+) -> Result<Superblock, String> {
     if size == 0 || !size.is_multiple_of(BLOCK_SIZE) {
         return Err(format!(
             "size {size} must be a positive multiple of {BLOCK_SIZE} bytes"
@@ -127,7 +150,7 @@ pub fn init(path: &Path, size: u64, journal_size: u64, node_id: u32) -> Result<S
     let sb = Superblock {
         version: FORMAT_VERSION,
         block_size: BLOCK_SIZE as u32,
-        volume_uuid: random_uuid(),
+        volume_uuid: volume_uuid.unwrap_or_else(random_uuid),
         node_id,
         size,
         journal_size,

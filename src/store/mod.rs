@@ -308,6 +308,14 @@ pub struct Store {
     /// buffers cost a page fault per 4 KiB and a memset when fresh).
     pub recycled: Vec<Vec<u8>>,
     pub stats: StoreStats,
+    /// Byte ranges (offset, len) of the records recovery replayed at open:
+    /// writes that may or may not have reached this node's peers before a
+    /// crash, so the mirror marks them dirty for every peer.
+    pub recovered: Vec<(u64, u64)>,
+    /// Files (the peers' dirty bitmaps) that a checkpoint syncs together
+    /// with the data file, before it moves the journal tail: a bit set for
+    /// a write is durable before the record that replays it is released.
+    pub extra_sync_fds: Vec<RawFd>,
 }
 
 struct InFlight {
@@ -347,6 +355,12 @@ impl Store {
             },
         )?;
         let replayed = records.len();
+        let recovered: Vec<(u64, u64)> = records
+            .iter()
+            .filter(|r| r.header.kind != RecordKind::Void && r.header.kind != RecordKind::Wrap)
+            .map(|r| (r.header.offset, r.header.length as u64))
+            .filter(|&(_, l)| l > 0)
+            .collect();
         replay_all(io, files.data, &mut sums, sb.size, records)?;
         if replayed > 0 {
             eprintln!(
@@ -409,6 +423,8 @@ impl Store {
             newest_intent: 0,
             next_inplace_id: 0,
             stats: StoreStats::default(),
+            recovered,
+            extra_sync_fds: Vec::new(),
         })
     }
 
@@ -1776,7 +1792,7 @@ impl Store {
             upto,
             tail,
             phase: CkptPhase::SyncData,
-            ops_left: 1 + pages.len(),
+            ops_left: 1 + pages.len() + self.extra_sync_fds.len(),
             failed: None,
             sb: self.sb.clone(),
         });
@@ -1789,6 +1805,9 @@ impl Store {
                 datasync: true,
             },
         );
+        for fd in self.extra_sync_fds.clone() {
+            self.submit(io, Ctx::Checkpoint, Op::Fsync { fd, datasync: true });
+        }
         for (off, page) in pages {
             let end = page.len();
             self.submit(

@@ -1,0 +1,282 @@
+//! The persistent dirty bitmap a primary keeps for one peer.
+//!
+//! Owns: one bit per 4 KiB block of the disk, set when the peer misses a
+//! write to that block (it was disconnected, or failed before acknowledging)
+//! and cleared only after the peer acknowledged a resync of the block *and*
+//! a later flush on the peer completed. The file lives in the primary's
+//! replica directory as `peer-<ID>.bitmap`, memory-mapped; the store's
+//! checkpoint fdatasyncs it before it releases journal records (see
+//! `Store::extra_sync_fds`), so a bit is durable before the record that
+//! would replay its write is gone.
+//!
+//! Layout (little-endian): a 4096-byte header — magic `NMBITMAP`, version
+//! u32 = 1, block size u32, volume uuid [16], peer node id u32, reserved u32,
+//! block count u64 — then the bits, bit `b % 8` of byte `b / 8` for block
+//! `b`. A missing file means the primary knows nothing about the peer: it is
+//! created with every bit set (full resync).
+
+use std::fs::{File, OpenOptions};
+use std::os::fd::{AsRawFd, RawFd};
+use std::path::{Path, PathBuf};
+
+use memmap2::MmapMut;
+
+const MAGIC: &[u8; 8] = b"NMBITMAP";
+const VERSION: u32 = 1;
+const HEADER: usize = 4096;
+pub const BLOCK: u64 = 4096;
+
+pub struct DirtyBitmap {
+    path: PathBuf,
+    file: File,
+    map: MmapMut,
+    blocks: u64,
+    dirty: u64,
+}
+
+impl std::fmt::Debug for DirtyBitmap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "DirtyBitmap({}, {} of {} blocks dirty)",
+            self.path.display(),
+            self.dirty,
+            self.blocks
+        )
+    }
+}
+
+impl DirtyBitmap {
+    /// Open the bitmap for `peer`, or create it with every bit set. Returns
+    /// the bitmap and whether it was created.
+    pub fn open_or_create(
+        dir: &Path,
+        volume_uuid: &[u8; 16],
+        peer: u32,
+        disk_size: u64,
+    ) -> Result<(DirtyBitmap, bool), String> {
+        let path = dir.join(format!("peer-{peer}.bitmap"));
+        let blocks = disk_size.div_ceil(BLOCK);
+        let bytes = HEADER + (blocks.div_ceil(8) as usize).next_multiple_of(4096);
+        let mut header = vec![0u8; HEADER];
+        header[0..8].copy_from_slice(MAGIC);
+        header[8..12].copy_from_slice(&VERSION.to_le_bytes());
+        header[12..16].copy_from_slice(&(BLOCK as u32).to_le_bytes());
+        header[16..32].copy_from_slice(volume_uuid);
+        header[32..36].copy_from_slice(&peer.to_le_bytes());
+        header[40..48].copy_from_slice(&blocks.to_le_bytes());
+        let created = !path.exists();
+        if created {
+            // Write it whole under a temporary name, then rename: a crash
+            // never leaves a half-initialised bitmap that claims less dirt.
+            let tmp = dir.join(format!("peer-{peer}.bitmap.tmp"));
+            let f = OpenOptions::new()
+                .create(true)
+                .truncate(true)
+                .read(true)
+                .write(true)
+                .open(&tmp)
+                .map_err(|e| format!("cannot create {}: {e}", tmp.display()))?;
+            f.set_len(bytes as u64)
+                .map_err(|e| format!("cannot size {}: {e}", tmp.display()))?;
+            // SAFETY: the file was just created by us and is not shared.
+            let mut map = unsafe { MmapMut::map_mut(&f) }
+                .map_err(|e| format!("cannot map {}: {e}", tmp.display()))?;
+            map[..HEADER].copy_from_slice(&header);
+            let mut b = 0;
+            while b < blocks {
+                set_bit(&mut map[HEADER..], b);
+                b += 1;
+            }
+            map.flush()
+                .map_err(|e| format!("cannot sync {}: {e}", tmp.display()))?;
+            drop(map);
+            std::fs::rename(&tmp, &path)
+                .map_err(|e| format!("cannot install {}: {e}", path.display()))?;
+            File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(|e| format!("cannot sync {}: {e}", dir.display()))?;
+        }
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+        let len = file
+            .metadata()
+            .map_err(|e| format!("cannot stat {}: {e}", path.display()))?
+            .len();
+        if len != bytes as u64 {
+            return Err(format!(
+                "{} is {len} bytes, expected {bytes} for a {disk_size}-byte disk; it is damaged or \
+                 belongs to another volume (remove it to force a full resync of peer {peer})",
+                path.display()
+            ));
+        }
+        // SAFETY: the replica directory is locked by this process (flock), so
+        // no one else maps or truncates the file.
+        let map = unsafe { MmapMut::map_mut(&file) }
+            .map_err(|e| format!("cannot map {}: {e}", path.display()))?;
+        if map[..48] != header[..48] {
+            return Err(format!(
+                "{} does not match this volume and peer {peer} (bad magic, version, uuid, peer id \
+                 or size); remove it to force a full resync of that peer",
+                path.display()
+            ));
+        }
+        let dirty = map[HEADER..].iter().map(|b| b.count_ones() as u64).sum();
+        Ok((
+            DirtyBitmap {
+                path,
+                file,
+                map,
+                blocks,
+                dirty,
+            },
+            created,
+        ))
+    }
+
+    pub fn fd(&self) -> RawFd {
+        self.file.as_raw_fd()
+    }
+
+    pub fn blocks(&self) -> u64 {
+        self.blocks
+    }
+
+    /// Dirty blocks.
+    pub fn dirty(&self) -> u64 {
+        self.dirty
+    }
+
+    pub fn is_set(&self, b: u64) -> bool {
+        self.map[HEADER + (b / 8) as usize] & (1 << (b % 8)) != 0
+    }
+
+    /// Mark every block touched by `[offset, offset+len)` dirty.
+    pub fn set_range(&mut self, offset: u64, len: u64) {
+        if len == 0 {
+            return;
+        }
+        let first = offset / BLOCK;
+        let end = (offset + len).div_ceil(BLOCK).min(self.blocks);
+        for b in first..end {
+            if !self.is_set(b) {
+                set_bit(&mut self.map[HEADER..], b);
+                self.dirty += 1;
+            }
+        }
+    }
+
+    /// Mark every block dirty (a forced full resync).
+    pub fn set_all(&mut self) {
+        self.set_range(0, self.blocks * BLOCK);
+    }
+
+    /// Clear blocks `[first, first+n)`.
+    pub fn clear_blocks(&mut self, first: u64, n: u64) {
+        for b in first..(first + n).min(self.blocks) {
+            if self.is_set(b) {
+                self.map[HEADER + (b / 8) as usize] &= !(1 << (b % 8));
+                self.dirty -= 1;
+            }
+        }
+    }
+
+    /// The first run of dirty blocks at or after `from` (wrapping to 0 once),
+    /// at most `max` long: `(first, n)`.
+    pub fn next_run(&self, from: u64, max: u64) -> Option<(u64, u64)> {
+        if self.dirty == 0 {
+            return None;
+        }
+        let find = |lo: u64, hi: u64| -> Option<u64> {
+            let mut b = lo;
+            while b < hi {
+                let byte = self.map[HEADER + (b / 8) as usize];
+                if byte == 0 && b.is_multiple_of(8) {
+                    b += 8;
+                    continue;
+                }
+                if byte & (1 << (b % 8)) != 0 {
+                    return Some(b);
+                }
+                b += 1;
+            }
+            None
+        };
+        let start = find(from.min(self.blocks), self.blocks).or_else(|| find(0, from))?;
+        let mut n = 1;
+        while n < max && start + n < self.blocks && self.is_set(start + n) {
+            n += 1;
+        }
+        Some((start, n))
+    }
+
+    /// Start writing dirty pages back (persists cleared bits between
+    /// checkpoints, so a restarted resync does not redo finished work).
+    pub fn flush_async(&self) -> Result<(), String> {
+        self.map
+            .flush_async()
+            .map_err(|e| format!("cannot sync {}: {e}", self.path.display()))
+    }
+
+    /// Write dirty pages back now (msync), e.g. at shutdown.
+    pub fn flush(&self) -> Result<(), String> {
+        self.map
+            .flush()
+            .map_err(|e| format!("cannot sync {}: {e}", self.path.display()))
+    }
+}
+
+fn set_bit(bits: &mut [u8], b: u64) {
+    bits[(b / 8) as usize] |= 1 << (b % 8);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tmpdir(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("nbdmirror-bitmap-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn new_bitmap_is_all_dirty_and_persists_clears() {
+        let d = tmpdir("persist");
+        let uuid = [7u8; 16];
+        let (mut bm, created) = DirtyBitmap::open_or_create(&d, &uuid, 2, 100 * BLOCK).unwrap();
+        assert!(created);
+        assert_eq!(bm.dirty(), 100);
+        bm.clear_blocks(0, 60);
+        assert_eq!(bm.next_run(0, 8), Some((60, 8)));
+        bm.flush().unwrap();
+        drop(bm);
+        let (bm, created) = DirtyBitmap::open_or_create(&d, &uuid, 2, 100 * BLOCK).unwrap();
+        assert!(!created);
+        assert_eq!(bm.dirty(), 40);
+        assert_eq!(bm.next_run(90, 100), Some((90, 10)));
+        // Another volume's or peer's bitmap is refused.
+        assert!(DirtyBitmap::open_or_create(&d, &[8u8; 16], 2, 100 * BLOCK).is_err());
+        assert!(DirtyBitmap::open_or_create(&d, &uuid, 2, 200 * BLOCK).is_err());
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn set_range_covers_partial_blocks_and_runs_wrap() {
+        let d = tmpdir("ranges");
+        let (mut bm, _) = DirtyBitmap::open_or_create(&d, &[1; 16], 3, 64 * BLOCK).unwrap();
+        bm.clear_blocks(0, 64);
+        assert_eq!(bm.dirty(), 0);
+        assert_eq!(bm.next_run(0, 10), None);
+        bm.set_range(BLOCK + 1, 2 * BLOCK); // blocks 1..=3
+        assert_eq!(bm.dirty(), 3);
+        assert_eq!(bm.next_run(10, 10), Some((1, 3)));
+        bm.set_range(63 * BLOCK, BLOCK);
+        assert_eq!(bm.next_run(5, 10), Some((63, 1)));
+        let _ = std::fs::remove_dir_all(&d);
+    }
+}

@@ -1,0 +1,1975 @@
+//! Synchronous mirroring between the nodes of a volume.
+//!
+//! Owns, on a **primary**: the links to its peers (connect, handshake,
+//! frames over io_uring sockets, timeouts, reconnection with backoff), the
+//! replicated write path (a client write, zero, trim or flush is answered
+//! only when the local store *and* every streaming peer finished it), the
+//! range locks that keep overlapping writes (and resync) in one order on
+//! every replica, the persistent per-peer dirty bitmaps ([`bitmap`]) and the
+//! bitmap resync with its rate limit, pause/resume and progress. On a
+//! **secondary**: the peer listener, the inbound session and applying its
+//! Records and Flushes to the local store, answering Ack/FlushAck. On both:
+//! the admin socket the `nbdmirror resync` tool talks to.
+//!
+//! It does not own bytes on disk (the store does) nor NBD (the server does):
+//! the server hands it client writes and store events and gets back client
+//! answers in [`Mirror::answers`]. docs/mirroring.md describes the behaviour
+//! and docs/peer-protocol.md the wire format.
+
+pub mod bitmap;
+pub mod wire;
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixListener;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use crate::io::{Completion, Io, Op};
+use crate::peer::frame::encode_parts;
+use crate::peer::{Config as HsConfig, Event, FrameKind, GenerationIds, Handshake, Role, Session};
+use crate::store::{Store, StoreEvent, WRITE_HEADROOM};
+use bitmap::{DirtyBitmap, BLOCK};
+use wire::RecordHeader;
+
+/// Store request ids issued by the mirror (resync reads, applying a peer's
+/// records); client request ids never have this bit.
+pub const MIRROR_RID: u64 = 1 << 61;
+
+const KIND_SHIFT: u64 = 56;
+/// Token kinds owned by the mirror (the server routes them here).
+pub const KIND_PEER: u64 = 6;
+pub const KIND_PEER_LISTEN: u64 = 7;
+pub const KIND_ADMIN_LISTEN: u64 = 8;
+pub const KIND_ADMIN: u64 = 9;
+const ID_MASK: u64 = (1 << KIND_SHIFT) - 1;
+const SUB_CONNECT: u64 = 0;
+const SUB_RECV: u64 = 1;
+const SUB_SEND: u64 = 2;
+
+const RECV_BUF: usize = 1 << 20;
+/// Resync reads and sends at most this much at once.
+const RESYNC_BATCH_BLOCKS: u64 = 256;
+/// Resync bytes sent but not yet acknowledged, per peer.
+const RESYNC_WINDOW: u64 = 16 << 20;
+/// Acknowledged resync bytes after which a Flush is sent (bits are cleared
+/// only when it is answered).
+const RESYNC_FLUSH_BYTES: u64 = 64 << 20;
+const RESYNC_FLUSH_INTERVAL: Duration = Duration::from_secs(1);
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+fn tok(kind: u64, id: u64) -> u64 {
+    (kind << KIND_SHIFT) | (id & ID_MASK)
+}
+
+pub fn is_mirror_token(token: u64) -> bool {
+    matches!(
+        token >> KIND_SHIFT,
+        KIND_PEER | KIND_PEER_LISTEN | KIND_ADMIN_LISTEN | KIND_ADMIN
+    )
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NodeRole {
+    Primary,
+    Secondary,
+}
+
+impl NodeRole {
+    fn name(self) -> &'static str {
+        match self {
+            NodeRole::Primary => "primary",
+            NodeRole::Secondary => "secondary",
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct MirrorConfig {
+    pub role: NodeRole,
+    /// Peers to mirror to (primary): node id and address.
+    pub peers: Vec<(u32, SocketAddr)>,
+    /// Where to accept the replication stream (secondary).
+    pub peer_listen: Option<SocketAddr>,
+    pub secret: Vec<u8>,
+    pub timeout: Duration,
+    /// Resync bytes per second, 0 = unlimited.
+    pub resync_rate: u64,
+    pub admin_socket: Option<PathBuf>,
+    pub dir: PathBuf,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum PeerState {
+    Connecting,
+    Disconnected,
+    Syncing,
+    InSync,
+}
+
+impl PeerState {
+    fn name(self) -> &'static str {
+        match self {
+            PeerState::Connecting => "connecting",
+            PeerState::Disconnected => "disconnected",
+            PeerState::Syncing => "syncing",
+            PeerState::InSync => "in_sync",
+        }
+    }
+}
+
+/// Something sent to a peer and not yet answered.
+#[derive(Debug)]
+enum Out {
+    Write {
+        offset: u64,
+        len: u64,
+        since: Instant,
+    },
+    Flush {
+        since: Instant,
+        /// Resync batches this flush makes durable: cleared when answered.
+        batches: Vec<(u64, u64)>,
+    },
+    Resync {
+        first: u64,
+        n: u64,
+        since: Instant,
+    },
+}
+
+impl Out {
+    fn since(&self) -> Instant {
+        match self {
+            Out::Write { since, .. } | Out::Flush { since, .. } | Out::Resync { since, .. } => {
+                *since
+            }
+        }
+    }
+}
+
+struct Peer {
+    node_id: u32,
+    addr: SocketAddr,
+    link: Option<u64>,
+    state: PeerState,
+    bitmap: DirtyBitmap,
+    outstanding: HashMap<u64, Out>,
+    retry_at: Instant,
+    backoff: Duration,
+    last_error: Option<String>,
+    /// Bumped on every disconnect: resync reads started before it are void.
+    epoch: u64,
+    paused: bool,
+    cursor: u64,
+    resync_inflight: u64,
+    acked: Vec<(u64, u64)>,
+    acked_bytes: u64,
+    flush_in_flight: bool,
+    last_resync_flush: Instant,
+    /// Dirty bytes when the current resync began.
+    total: u64,
+    sent_bytes: u64,
+    rate_mark: (Instant, u64),
+    rate: f64,
+}
+
+impl Peer {
+    fn streaming(&self) -> bool {
+        matches!(self.state, PeerState::Syncing | PeerState::InSync)
+    }
+}
+
+struct Link {
+    fd: OwnedFd,
+    /// Primary: index of the configured peer this link belongs to.
+    peer: Option<usize>,
+    addr: String,
+    hs: Option<Box<Handshake>>,
+    session: Option<Session>,
+    rbuf: Option<Vec<u8>>,
+    recv_busy: bool,
+    send_busy: bool,
+    connect_busy: bool,
+    out: Vec<u8>,
+    spare: Vec<u8>,
+    closing: bool,
+    close_after_send: bool,
+    opened: Instant,
+    last_rx: Instant,
+    last_tx: Instant,
+    /// Secondary: frames wait until older sessions' records are applied.
+    held: bool,
+}
+
+/// A client request the mirror is carrying: answered when the local store
+/// is done and `mask` (peers still to answer) is empty.
+struct MOp {
+    offset: u64,
+    len: u64,
+    locked: bool,
+    local: Option<Result<(), i32>>,
+    mask: u64,
+}
+
+enum Parked {
+    Write {
+        rid: u64,
+        offset: u64,
+        buf: Vec<u8>,
+        at: usize,
+        len: usize,
+        fua: bool,
+    },
+    Zero {
+        rid: u64,
+        offset: u64,
+        len: u64,
+        no_hole: bool,
+        fua: bool,
+        trim: bool,
+    },
+}
+
+impl Parked {
+    fn range(&self) -> (u64, u64) {
+        match self {
+            Parked::Write { offset, len, .. } => (*offset, *offset + *len as u64),
+            Parked::Zero { offset, len, .. } => (*offset, *offset + *len),
+        }
+    }
+}
+
+struct ResyncRead {
+    peer: usize,
+    epoch: u64,
+    first: u64,
+    n: u64,
+}
+
+struct AdminConn {
+    fd: OwnedFd,
+    buf: Vec<u8>,
+    busy: bool,
+    done: bool,
+}
+
+pub struct Mirror {
+    cfg: MirrorConfig,
+    node_id: u32,
+    volume_uuid: [u8; 16],
+    size: u64,
+    peers: Vec<Peer>,
+    links: HashMap<u64, Link>,
+    next_link: u64,
+    listener: Option<OwnedFd>,
+    admin: Option<UnixListener>,
+    admin_conns: HashMap<u64, AdminConn>,
+    next_admin: u64,
+    /// Ranges being written or resynced, disjoint: start -> (end, owner).
+    locks: BTreeMap<u64, (u64, u64)>,
+    parked: VecDeque<Parked>,
+    ops: HashMap<u64, MOp>,
+    next_mrid: u64,
+    resync_reads: HashMap<u64, ResyncRead>,
+    /// Secondary: store request -> (link, message id, is a flush).
+    applying: HashMap<u64, (u64, u64, bool)>,
+    tokens: f64,
+    last_refill: Instant,
+    shutting_down: bool,
+    /// Client requests finished: (request id, result), for the server.
+    pub answers: Vec<(u64, Result<(), i32>)>,
+}
+
+fn now() -> Instant {
+    Instant::now()
+}
+
+fn nonce() -> [u8; 32] {
+    use std::io::Read;
+    let mut n = [0u8; 32];
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        let _ = f.read_exact(&mut n);
+    }
+    if n == [0; 32] {
+        n[0] = 1;
+    }
+    n
+}
+
+fn errno_str(e: i32) -> String {
+    std::io::Error::from_raw_os_error(e).to_string()
+}
+
+impl Mirror {
+    /// Set up the mirror for `store`: open (or create) every peer's bitmap,
+    /// mark what recovery replayed as dirty for every peer, bind the peer
+    /// listener and the admin socket.
+    pub fn new(cfg: MirrorConfig, store: &mut Store) -> Result<Mirror, String> {
+        let sb = store.superblock().clone();
+        if cfg.secret.len() < crate::peer::handshake::MIN_SECRET && !cfg.secret.is_empty() {
+            return Err(format!(
+                "the shared secret is {} bytes; at least {} are needed",
+                cfg.secret.len(),
+                crate::peer::handshake::MIN_SECRET
+            ));
+        }
+        let mut peers = Vec::new();
+        for &(id, addr) in &cfg.peers {
+            if id == sb.node_id {
+                return Err(format!(
+                    "--peer {id}={addr} names this node itself (node id {id})"
+                ));
+            }
+            let (mut bm, created) =
+                DirtyBitmap::open_or_create(&cfg.dir, &sb.volume_uuid, id, sb.size)?;
+            if created {
+                eprintln!(
+                    "nbdmirror: peer {id} ({addr}) is new to this node: it gets a full resync"
+                );
+            }
+            for &(off, len) in &store.recovered {
+                bm.set_range(off, len);
+            }
+            if !store.recovered.is_empty() {
+                bm.flush()?;
+            }
+            store.extra_sync_fds.push(bm.fd());
+            peers.push(Peer {
+                node_id: id,
+                addr,
+                link: None,
+                state: PeerState::Connecting,
+                bitmap: bm,
+                outstanding: HashMap::new(),
+                retry_at: now(),
+                backoff: BACKOFF_MIN,
+                last_error: None,
+                epoch: 0,
+                paused: false,
+                cursor: 0,
+                resync_inflight: 0,
+                acked: Vec::new(),
+                acked_bytes: 0,
+                flush_in_flight: false,
+                last_resync_flush: now(),
+                total: 0,
+                sent_bytes: 0,
+                rate_mark: (now(), 0),
+                rate: 0.0,
+            });
+        }
+        if peers.len() > 63 {
+            return Err("at most 63 peers".into());
+        }
+        let listener = match cfg.peer_listen {
+            Some(a) => {
+                let l = std::net::TcpListener::bind(a)
+                    .map_err(|e| format!("cannot listen for peers on {a}: {e}"))?;
+                Some(OwnedFd::from(l))
+            }
+            None => None,
+        };
+        let admin = match &cfg.admin_socket {
+            Some(p) => {
+                let _ = std::fs::remove_file(p);
+                Some(
+                    UnixListener::bind(p)
+                        .map_err(|e| format!("cannot create admin socket {}: {e}", p.display()))?,
+                )
+            }
+            None => None,
+        };
+        Ok(Mirror {
+            node_id: sb.node_id,
+            volume_uuid: sb.volume_uuid,
+            size: sb.size,
+            tokens: 0.0,
+            last_refill: now(),
+            cfg,
+            peers,
+            links: HashMap::new(),
+            next_link: 0,
+            listener,
+            admin,
+            admin_conns: HashMap::new(),
+            next_admin: 0,
+            locks: BTreeMap::new(),
+            parked: VecDeque::new(),
+            ops: HashMap::new(),
+            next_mrid: 0,
+            resync_reads: HashMap::new(),
+            applying: HashMap::new(),
+            shutting_down: false,
+            answers: Vec::new(),
+        })
+    }
+
+    /// Client writes go through the mirror (this node is a primary with peers).
+    pub fn mirrors_writes(&self) -> bool {
+        self.cfg.role == NodeRole::Primary && !self.peers.is_empty()
+    }
+
+    pub fn role(&self) -> NodeRole {
+        self.cfg.role
+    }
+
+    /// Whether the store request `rid` is one of the mirror's client ops.
+    pub fn owns(&self, rid: u64) -> bool {
+        rid & MIRROR_RID != 0 || self.ops.contains_key(&rid)
+    }
+
+    pub fn start(&mut self, io: &mut dyn Io) {
+        if let Some(l) = &self.listener {
+            io.submit(tok(KIND_PEER_LISTEN, 0), Op::Accept { fd: l.as_raw_fd() });
+        }
+        if let Some(a) = &self.admin {
+            io.submit(tok(KIND_ADMIN_LISTEN, 0), Op::Accept { fd: a.as_raw_fd() });
+        }
+        for i in 0..self.peers.len() {
+            self.connect(io, i);
+        }
+    }
+
+    /// Nothing left that the mirror must finish before the process exits.
+    pub fn quiet(&self) -> bool {
+        self.ops.is_empty()
+            && self.parked.is_empty()
+            && self.resync_reads.is_empty()
+            && self.applying.is_empty()
+    }
+
+    pub fn begin_shutdown(&mut self) {
+        self.shutting_down = true;
+        if let Some(l) = &self.listener {
+            // SAFETY: shutdown on a socket we own; completes the pending accept.
+            unsafe { libc::shutdown(l.as_raw_fd(), libc::SHUT_RDWR) };
+        }
+        if let Some(a) = &self.admin {
+            // SAFETY: as above.
+            unsafe { libc::shutdown(a.as_raw_fd(), libc::SHUT_RDWR) };
+        }
+        if self.cfg.role == NodeRole::Secondary {
+            let ids: Vec<u64> = self.links.keys().copied().collect();
+            for id in ids {
+                self.close_link(id);
+            }
+        }
+    }
+
+    /// Last step of a clean shutdown: links closed, bitmaps on disk.
+    pub fn finish(&mut self) {
+        let ids: Vec<u64> = self.links.keys().copied().collect();
+        for id in ids {
+            self.close_link(id);
+        }
+        for p in &self.peers {
+            if let Err(e) = p.bitmap.flush() {
+                eprintln!("nbdmirror: {e}");
+            }
+        }
+        if let Some(p) = &self.cfg.admin_socket {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+
+    // ----- the replicated write path (primary) -----------------------------
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn client_write(
+        &mut self,
+        io: &mut dyn Io,
+        store: &mut Store,
+        rid: u64,
+        offset: u64,
+        buf: Vec<u8>,
+        at: usize,
+        len: usize,
+        fua: bool,
+    ) {
+        self.submit_or_park(
+            io,
+            store,
+            Parked::Write {
+                rid,
+                offset,
+                buf,
+                at,
+                len,
+                fua,
+            },
+        );
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn client_zero(
+        &mut self,
+        io: &mut dyn Io,
+        store: &mut Store,
+        rid: u64,
+        offset: u64,
+        len: u64,
+        no_hole: bool,
+        fua: bool,
+        trim: bool,
+    ) {
+        self.submit_or_park(
+            io,
+            store,
+            Parked::Zero {
+                rid,
+                offset,
+                len,
+                no_hole,
+                fua,
+                trim,
+            },
+        );
+    }
+
+    pub fn client_flush(&mut self, io: &mut dyn Io, store: &mut Store, rid: u64) {
+        let mut mask = 0u64;
+        for i in 0..self.peers.len() {
+            if !self.peers[i].streaming() {
+                continue;
+            }
+            let link = self.peers[i].link.unwrap();
+            self.send_frame(link, FrameKind::Flush, &[&rid.to_le_bytes()]);
+            self.peers[i].outstanding.insert(
+                rid,
+                Out::Flush {
+                    since: now(),
+                    batches: Vec::new(),
+                },
+            );
+            mask |= 1 << i;
+            self.post_send(io, link);
+        }
+        self.ops.insert(
+            rid,
+            MOp {
+                offset: 0,
+                len: 0,
+                locked: false,
+                local: None,
+                mask,
+            },
+        );
+        store.flush(io, rid);
+    }
+
+    fn locked(&self, s: u64, e: u64) -> bool {
+        self.locks
+            .range(..e)
+            .next_back()
+            .is_some_and(|(_, &(end, _))| end > s)
+    }
+
+    fn submit_or_park(&mut self, io: &mut dyn Io, store: &mut Store, p: Parked) {
+        let (s, e) = p.range();
+        if self.locked(s, e)
+            || self.parked.iter().any(|q| {
+                let (a, b) = q.range();
+                a < e && s < b
+            })
+        {
+            self.parked.push_back(p);
+            return;
+        }
+        self.dispatch(io, store, p);
+    }
+
+    fn unpark(&mut self, io: &mut dyn Io, store: &mut Store) {
+        let mut blocked: Vec<(u64, u64)> = Vec::new();
+        let mut i = 0;
+        while i < self.parked.len() {
+            let (s, e) = self.parked[i].range();
+            if self.locked(s, e) || blocked.iter().any(|&(a, b)| a < e && s < b) {
+                blocked.push((s, e));
+                i += 1;
+                continue;
+            }
+            let p = self.parked.remove(i).unwrap();
+            self.dispatch(io, store, p);
+        }
+    }
+
+    fn dispatch(&mut self, io: &mut dyn Io, store: &mut Store, p: Parked) {
+        let (s, e) = p.range();
+        let (rid, hdr, data): (u64, RecordHeader, &[u8]) = match &p {
+            Parked::Write {
+                rid,
+                buf,
+                at,
+                len,
+                fua,
+                ..
+            } => (
+                *rid,
+                RecordHeader {
+                    id: *rid,
+                    offset: s,
+                    length: *len as u32,
+                    kind: wire::KIND_WRITE,
+                    flags: if *fua { wire::FLAG_FUA } else { 0 },
+                },
+                &buf[*at..*at + *len],
+            ),
+            Parked::Zero {
+                rid,
+                len,
+                no_hole,
+                fua,
+                trim,
+                ..
+            } => (
+                *rid,
+                RecordHeader {
+                    id: *rid,
+                    offset: s,
+                    length: *len as u32,
+                    kind: if *trim {
+                        wire::KIND_TRIM
+                    } else {
+                        wire::KIND_ZERO
+                    },
+                    flags: (if *fua { wire::FLAG_FUA } else { 0 })
+                        | (if *no_hole { wire::FLAG_NO_HOLE } else { 0 }),
+                },
+                &[],
+            ),
+        };
+        self.locks.insert(s, (e, rid));
+        let mut mask = 0u64;
+        let h = hdr.encode();
+        let mut to_send = Vec::new();
+        for i in 0..self.peers.len() {
+            if self.peers[i].streaming() {
+                let link = self.peers[i].link.unwrap();
+                self.send_frame(link, FrameKind::Record, &[&h, data]);
+                self.peers[i].outstanding.insert(
+                    rid,
+                    Out::Write {
+                        offset: s,
+                        len: e - s,
+                        since: now(),
+                    },
+                );
+                mask |= 1 << i;
+                to_send.push(link);
+            } else {
+                self.peers[i].bitmap.set_range(s, e - s);
+            }
+        }
+        self.ops.insert(
+            rid,
+            MOp {
+                offset: s,
+                len: e - s,
+                locked: true,
+                local: None,
+                mask,
+            },
+        );
+        match p {
+            Parked::Write {
+                rid,
+                offset,
+                buf,
+                at,
+                len,
+                fua,
+            } => store.write(io, rid, offset, buf, at, len, fua),
+            Parked::Zero {
+                rid,
+                offset,
+                len,
+                no_hole,
+                fua,
+                ..
+            } => store.write_zeroes(io, rid, offset, len, no_hole, fua),
+        }
+        for l in to_send {
+            self.post_send(io, l);
+        }
+    }
+
+    fn try_complete(&mut self, rid: u64) -> bool {
+        let Some(op) = self.ops.get(&rid) else {
+            return false;
+        };
+        let Some(r) = op.local else {
+            return false;
+        };
+        if op.mask != 0 {
+            return false;
+        }
+        let op = self.ops.remove(&rid).unwrap();
+        if op.locked && self.locks.get(&op.offset).is_some_and(|&(_, o)| o == rid) {
+            self.locks.remove(&op.offset);
+        }
+        let _ = op.len;
+        self.answers.push((rid, r));
+        true
+    }
+
+    /// A store event for a request the mirror owns (see [`Mirror::owns`]).
+    pub fn store_event(&mut self, io: &mut dyn Io, store: &mut Store, ev: StoreEvent) {
+        match ev {
+            StoreEvent::Written(rid, r) | StoreEvent::Flushed(rid, r) => {
+                if rid & MIRROR_RID != 0 {
+                    self.applied(io, store, rid, r);
+                    return;
+                }
+                if let Some(op) = self.ops.get_mut(&rid) {
+                    op.local = Some(r);
+                }
+                if self.try_complete(rid) {
+                    self.unpark(io, store);
+                    self.kick_resync(io, store);
+                }
+            }
+            StoreEvent::Read(rid, r) => self.resync_read_done(io, store, rid, r),
+        }
+    }
+
+    // ----- peer failure -----------------------------------------------------
+
+    fn fail_peer(&mut self, io: &mut dyn Io, store: &mut Store, i: usize, why: String) {
+        let p = &mut self.peers[i];
+        if p.state == PeerState::Syncing || p.state == PeerState::InSync {
+            eprintln!(
+                "nbdmirror: peer {} ({}) disconnected: {why}; writes continue and are recorded in its bitmap",
+                p.node_id, p.addr
+            );
+        } else if p.last_error.as_deref() != Some(why.as_str()) {
+            eprintln!("nbdmirror: peer {} ({}): {why}", p.node_id, p.addr);
+        }
+        p.last_error = Some(why);
+        p.state = PeerState::Disconnected;
+        p.epoch += 1;
+        p.retry_at = now() + p.backoff;
+        p.backoff = (p.backoff * 2).min(BACKOFF_MAX);
+        p.resync_inflight = 0;
+        p.acked.clear();
+        p.acked_bytes = 0;
+        p.flush_in_flight = false;
+        let mut check = Vec::new();
+        for (id, out) in p.outstanding.drain() {
+            match out {
+                Out::Write { offset, len, .. } => {
+                    p.bitmap.set_range(offset, len);
+                    check.push(id);
+                }
+                Out::Flush { .. } => check.push(id),
+                Out::Resync { .. } => {}
+            }
+        }
+        let link = p.link.take();
+        for id in check {
+            if let Some(op) = self.ops.get_mut(&id) {
+                op.mask &= !(1u64 << i);
+            }
+            self.try_complete(id);
+        }
+        if let Some(l) = link {
+            self.close_link(l);
+        }
+        self.unpark(io, store);
+    }
+
+    // ----- links ------------------------------------------------------------
+
+    fn hs_config(&self, expected_peer: Option<u32>) -> HsConfig {
+        HsConfig {
+            secret: self.cfg.secret.clone(),
+            volume_uuid: self.volume_uuid,
+            node_id: self.node_id,
+            expected_peer,
+            generations: GenerationIds::default(),
+            last_applied_seq: 0,
+            nonce: nonce(),
+        }
+    }
+
+    fn new_link(&mut self, fd: OwnedFd, peer: Option<usize>, addr: String) -> u64 {
+        let id = self.next_link;
+        self.next_link += 1;
+        self.links.insert(
+            id,
+            Link {
+                fd,
+                peer,
+                addr,
+                hs: None,
+                session: None,
+                rbuf: Some(vec![0u8; RECV_BUF]),
+                recv_busy: false,
+                send_busy: false,
+                connect_busy: false,
+                out: Vec::new(),
+                spare: Vec::new(),
+                closing: false,
+                close_after_send: false,
+                opened: now(),
+                last_rx: now(),
+                last_tx: now(),
+                held: false,
+            },
+        );
+        id
+    }
+
+    fn connect(&mut self, io: &mut dyn Io, i: usize) {
+        if self.shutting_down || self.peers[i].link.is_some() {
+            return;
+        }
+        let addr = self.peers[i].addr;
+        let family = if addr.is_ipv4() {
+            libc::AF_INET
+        } else {
+            libc::AF_INET6
+        };
+        // SAFETY: plain socket(2).
+        let fd = unsafe { libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+        if fd < 0 {
+            let e = std::io::Error::last_os_error();
+            self.peers[i].last_error = Some(format!("cannot create a socket: {e}"));
+            self.peers[i].retry_at = now() + BACKOFF_MAX;
+            return;
+        }
+        // SAFETY: a fresh descriptor we own.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        crate::server::set_nodelay(fd.as_raw_fd());
+        let raw = fd.as_raw_fd();
+        let id = self.new_link(fd, Some(i), addr.to_string());
+        self.links.get_mut(&id).unwrap().connect_busy = true;
+        self.peers[i].link = Some(id);
+        if self.peers[i].state != PeerState::Disconnected {
+            self.peers[i].state = PeerState::Connecting;
+        }
+        io.submit(
+            tok(KIND_PEER, id << 2 | SUB_CONNECT),
+            Op::connect(raw, &addr, self.cfg.timeout),
+        );
+    }
+
+    fn send_frame(&mut self, link: u64, kind: FrameKind, parts: &[&[u8]]) {
+        let Some(l) = self.links.get_mut(&link) else {
+            return;
+        };
+        let Some(s) = l.session.as_mut() else {
+            return;
+        };
+        encode_parts(kind, s.next_send_seq, parts, &mut l.out);
+        s.next_send_seq += 1;
+    }
+
+    fn post_send(&mut self, io: &mut dyn Io, link: u64) {
+        let Some(l) = self.links.get_mut(&link) else {
+            return;
+        };
+        if l.send_busy || l.out.is_empty() || (l.closing && !l.close_after_send) {
+            return;
+        }
+        let mut buf = std::mem::take(&mut l.spare);
+        buf.clear();
+        std::mem::swap(&mut buf, &mut l.out);
+        l.send_busy = true;
+        l.last_tx = now();
+        io.submit(
+            tok(KIND_PEER, link << 2 | SUB_SEND),
+            Op::Send {
+                fd: l.fd.as_raw_fd(),
+                buf,
+                at: 0,
+            },
+        );
+    }
+
+    fn post_recv(&mut self, io: &mut dyn Io, link: u64) {
+        let Some(l) = self.links.get_mut(&link) else {
+            return;
+        };
+        if l.recv_busy || l.closing || l.held {
+            return;
+        }
+        let buf = l.rbuf.take().unwrap_or_else(|| vec![0u8; RECV_BUF]);
+        l.recv_busy = true;
+        io.submit(
+            tok(KIND_PEER, link << 2 | SUB_RECV),
+            Op::Recv {
+                fd: l.fd.as_raw_fd(),
+                buf,
+                at: 0,
+            },
+        );
+    }
+
+    fn close_link(&mut self, link: u64) {
+        let Some(l) = self.links.get_mut(&link) else {
+            return;
+        };
+        if !l.closing {
+            l.closing = true;
+            // SAFETY: shutdown on a socket we own; wakes pending ops.
+            unsafe { libc::shutdown(l.fd.as_raw_fd(), libc::SHUT_RDWR) };
+        }
+        self.reap_link(link);
+    }
+
+    fn reap_link(&mut self, link: u64) {
+        if let Some(l) = self.links.get(&link) {
+            if l.closing && !l.recv_busy && !l.send_busy && !l.connect_busy {
+                self.links.remove(&link);
+            }
+        }
+    }
+
+    /// A link failed: on a primary the peer is failed, on a secondary the
+    /// link is closed.
+    fn link_failed(&mut self, io: &mut dyn Io, store: &mut Store, link: u64, why: String) {
+        let Some(l) = self.links.get(&link) else {
+            return;
+        };
+        if l.closing {
+            self.reap_link(link);
+            return;
+        }
+        match l.peer {
+            Some(i) if self.peers[i].link == Some(link) => self.fail_peer(io, store, i, why),
+            _ => {
+                if l.session.is_some() {
+                    eprintln!("nbdmirror: replication link from {} closed: {why}", l.addr);
+                } else {
+                    eprintln!("nbdmirror: peer connection from {}: {why}", l.addr);
+                }
+                self.close_link(link);
+            }
+        }
+    }
+
+    pub fn complete(&mut self, io: &mut dyn Io, store: &mut Store, c: Completion) {
+        let kind = c.token >> KIND_SHIFT;
+        let id = c.token & ID_MASK;
+        match kind {
+            KIND_PEER_LISTEN => self.peer_accepted(io, c),
+            KIND_ADMIN_LISTEN => self.admin_accepted(io, c),
+            KIND_ADMIN => self.admin_io(io, store, id, c),
+            KIND_PEER => {
+                let link = id >> 2;
+                match id & 3 {
+                    SUB_CONNECT => self.connected(io, store, link, c),
+                    SUB_RECV => self.received(io, store, link, c),
+                    SUB_SEND => self.sent(io, store, link, c),
+                    _ => {}
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn peer_accepted(&mut self, io: &mut dyn Io, c: Completion) {
+        if self.shutting_down {
+            if c.result >= 0 {
+                // SAFETY: fresh descriptor from accept.
+                drop(unsafe { OwnedFd::from_raw_fd(c.result) });
+            }
+            return;
+        }
+        if let Some(l) = &self.listener {
+            io.submit(tok(KIND_PEER_LISTEN, 0), Op::Accept { fd: l.as_raw_fd() });
+        }
+        if c.result < 0 {
+            eprintln!("nbdmirror: peer accept failed: {}", errno_str(-c.result));
+            return;
+        }
+        // SAFETY: fresh descriptor from accept.
+        let fd = unsafe { OwnedFd::from_raw_fd(c.result) };
+        crate::server::set_nodelay(fd.as_raw_fd());
+        let addr = peer_name(fd.as_raw_fd());
+        let id = self.new_link(fd, None, addr);
+        match Handshake::new(Role::Responder, self.hs_config(None)) {
+            Ok(h) => self.links.get_mut(&id).unwrap().hs = Some(Box::new(h)),
+            Err(e) => {
+                eprintln!("nbdmirror: cannot start a peer handshake: {e}");
+                self.close_link(id);
+                return;
+            }
+        }
+        self.post_recv(io, id);
+    }
+
+    fn connected(&mut self, io: &mut dyn Io, store: &mut Store, link: u64, c: Completion) {
+        let Some(l) = self.links.get_mut(&link) else {
+            return;
+        };
+        l.connect_busy = false;
+        if l.closing {
+            self.reap_link(link);
+            return;
+        }
+        if c.result < 0 {
+            let why = if c.result == -libc::ECANCELED {
+                format!("connect timed out after {:?}", self.cfg.timeout)
+            } else {
+                format!("cannot connect: {}", errno_str(-c.result))
+            };
+            self.link_failed(io, store, link, why);
+            return;
+        }
+        let expected = l.peer.map(|i| self.peers[i].node_id);
+        match Handshake::new(Role::Initiator, self.hs_config(expected)) {
+            Ok(h) => {
+                let l = self.links.get_mut(&link).unwrap();
+                l.hs = Some(Box::new(h));
+                l.opened = now();
+                l.last_rx = now();
+            }
+            Err(e) => {
+                self.link_failed(io, store, link, format!("cannot start the handshake: {e}"));
+                return;
+            }
+        }
+        self.handshake_events(io, store, link);
+        self.post_recv(io, link);
+    }
+
+    fn handshake_events(&mut self, io: &mut dyn Io, store: &mut Store, link: u64) {
+        let mut established = None;
+        let mut rejected = None;
+        {
+            let Some(l) = self.links.get_mut(&link) else {
+                return;
+            };
+            let Some(hs) = l.hs.as_mut() else {
+                return;
+            };
+            while let Some(ev) = hs.poll_event() {
+                match ev {
+                    Event::Send(b) => l.out.extend_from_slice(&b),
+                    Event::Established(info) => established = Some(info),
+                    Event::Rejected { reason, by_peer } => rejected = Some((reason, by_peer)),
+                }
+            }
+        }
+        self.post_send(io, link);
+        if let Some((reason, by_peer)) = rejected {
+            let l = self.links.get_mut(&link).unwrap();
+            l.hs = None;
+            let who = if by_peer {
+                "the peer refused us"
+            } else {
+                "refused the peer"
+            };
+            let why = format!("handshake failed ({who}): {reason}");
+            match l.peer {
+                Some(i) if self.peers[i].link == Some(link) => {
+                    // Let the Reject go out before closing.
+                    l.close_after_send = !l.out.is_empty() || l.send_busy;
+                    self.fail_peer(io, store, i, why);
+                }
+                _ => {
+                    eprintln!("nbdmirror: peer connection from {}: {why}", l.addr);
+                    l.close_after_send = !l.out.is_empty() || l.send_busy;
+                    if !l.close_after_send {
+                        self.close_link(link);
+                    } else {
+                        l.closing = true;
+                    }
+                }
+            }
+            return;
+        }
+        if let Some(info) = established {
+            let l = self.links.get_mut(&link).unwrap();
+            let hs = l.hs.take().unwrap();
+            l.session = hs.into_session();
+            l.last_rx = now();
+            match l.peer {
+                Some(i) => {
+                    let p = &mut self.peers[i];
+                    p.backoff = BACKOFF_MIN;
+                    p.last_error = None;
+                    p.cursor = 0;
+                    p.total = p.bitmap.dirty() * BLOCK;
+                    p.state = if p.bitmap.dirty() > 0 {
+                        PeerState::Syncing
+                    } else {
+                        PeerState::InSync
+                    };
+                    eprintln!(
+                        "nbdmirror: peer {} ({}) connected; {}",
+                        p.node_id,
+                        p.addr,
+                        if p.state == PeerState::Syncing {
+                            format!("resyncing {} dirty bytes", p.total)
+                        } else {
+                            "in sync".to_string()
+                        }
+                    );
+                    self.kick_resync(io, store);
+                }
+                None => {
+                    eprintln!(
+                        "nbdmirror: primary node {} connected from {}",
+                        info.node_id, l.addr
+                    );
+                    // One primary session at a time: older ones end, and this
+                    // one waits until their records are applied, so no old
+                    // record lands over a newer one.
+                    let others: Vec<u64> = self
+                        .links
+                        .iter()
+                        .filter(|(&k, o)| k != link && o.session.is_some() && !o.closing)
+                        .map(|(&k, _)| k)
+                        .collect();
+                    for o in others {
+                        eprintln!("nbdmirror: closing the older replication session");
+                        self.close_link(o);
+                    }
+                    let busy = self.applying.values().any(|&(l2, _, _)| l2 != link);
+                    self.links.get_mut(&link).unwrap().held = busy;
+                }
+            }
+            self.process_frames(io, store, link);
+        }
+    }
+
+    fn received(&mut self, io: &mut dyn Io, store: &mut Store, link: u64, c: Completion) {
+        let Some(l) = self.links.get_mut(&link) else {
+            return;
+        };
+        l.recv_busy = false;
+        let Op::Recv { buf, .. } = c.op else {
+            return;
+        };
+        if l.closing {
+            l.rbuf = Some(buf);
+            self.reap_link(link);
+            return;
+        }
+        if c.result <= 0 {
+            l.rbuf = Some(buf);
+            let why = if c.result == 0 {
+                "the peer closed the connection".to_string()
+            } else {
+                format!("receive failed: {}", errno_str(-c.result))
+            };
+            if let Some(hs) = l.hs.as_mut() {
+                hs.eof();
+                self.handshake_events(io, store, link);
+                if let Some(l) = self.links.get(&link) {
+                    if !l.closing {
+                        self.link_failed(io, store, link, why);
+                    }
+                }
+                return;
+            }
+            self.link_failed(io, store, link, why);
+            return;
+        }
+        let n = c.result as usize;
+        l.last_rx = now();
+        if let Some(hs) = l.hs.as_mut() {
+            hs.receive(&buf[..n]);
+            l.rbuf = Some(buf);
+            self.handshake_events(io, store, link);
+        } else if let Some(s) = l.session.as_mut() {
+            s.decoder.push(&buf[..n]);
+            l.rbuf = Some(buf);
+            self.process_frames(io, store, link);
+        } else {
+            l.rbuf = Some(buf);
+        }
+        self.post_recv(io, link);
+    }
+
+    fn process_frames(&mut self, io: &mut dyn Io, store: &mut Store, link: u64) {
+        loop {
+            let Some(l) = self.links.get_mut(&link) else {
+                return;
+            };
+            if l.closing || l.held {
+                return;
+            }
+            let Some(s) = l.session.as_mut() else {
+                return;
+            };
+            let f = match s.decoder.pull() {
+                Ok(Some(f)) => f,
+                Ok(None) => break,
+                Err(e) => {
+                    self.link_failed(io, store, link, format!("bad frame: {e}"));
+                    return;
+                }
+            };
+            let r = match l.peer {
+                Some(i) => self.primary_frame(io, store, i, f.kind, f.payload),
+                None => self.secondary_frame(io, store, link, f.kind, f.payload),
+            };
+            if let Err(why) = r {
+                self.link_failed(io, store, link, why);
+                return;
+            }
+        }
+        self.post_send(io, link);
+    }
+
+    fn sent(&mut self, io: &mut dyn Io, store: &mut Store, link: u64, c: Completion) {
+        let Some(l) = self.links.get_mut(&link) else {
+            return;
+        };
+        let Op::Send { fd, buf, at } = c.op else {
+            return;
+        };
+        if c.result <= 0 {
+            l.send_busy = false;
+            l.spare = buf;
+            l.out.clear();
+            if l.close_after_send {
+                l.close_after_send = false;
+                self.close_link(link);
+                return;
+            }
+            let why = format!("send failed: {}", errno_str(-c.result.min(-1)));
+            self.link_failed(io, store, link, why);
+            return;
+        }
+        let at = at + c.result as usize;
+        if at < buf.len() {
+            io.submit(
+                tok(KIND_PEER, link << 2 | SUB_SEND),
+                Op::Send { fd, buf, at },
+            );
+            return;
+        }
+        l.send_busy = false;
+        l.spare = buf;
+        if l.out.is_empty() && l.close_after_send {
+            l.close_after_send = false;
+            self.close_link(link);
+            return;
+        }
+        if l.closing {
+            self.reap_link(link);
+            return;
+        }
+        self.post_send(io, link);
+    }
+
+    // ----- frames on a primary ---------------------------------------------
+
+    fn primary_frame(
+        &mut self,
+        io: &mut dyn Io,
+        store: &mut Store,
+        i: usize,
+        kind: FrameKind,
+        payload: Vec<u8>,
+    ) -> Result<(), String> {
+        match kind {
+            FrameKind::Ack => {
+                let (id, errno) = wire::decode_answer(&payload)?;
+                if errno != 0 {
+                    return Err(format!("peer failed a write: {}", errno_str(errno as i32)));
+                }
+                match self.peers[i].outstanding.remove(&id) {
+                    Some(Out::Write { .. }) => {
+                        if let Some(op) = self.ops.get_mut(&id) {
+                            op.mask &= !(1u64 << i);
+                        }
+                        if self.try_complete(id) {
+                            self.unpark(io, store);
+                        }
+                    }
+                    Some(Out::Resync { first, n, .. }) => {
+                        let p = &mut self.peers[i];
+                        p.resync_inflight = p.resync_inflight.saturating_sub(n * BLOCK);
+                        p.acked.push((first, n));
+                        p.acked_bytes += n * BLOCK;
+                        self.kick_resync(io, store);
+                    }
+                    Some(other) => {
+                        return Err(format!("Ack for a request that was not a write: {other:?}"))
+                    }
+                    None => return Err(format!("Ack for unknown request {id}")),
+                }
+            }
+            FrameKind::FlushAck => {
+                let (id, errno) = wire::decode_answer(&payload)?;
+                if errno != 0 {
+                    return Err(format!("peer failed a flush: {}", errno_str(errno as i32)));
+                }
+                match self.peers[i].outstanding.remove(&id) {
+                    Some(Out::Flush { batches, .. }) => {
+                        let p = &mut self.peers[i];
+                        if id & MIRROR_RID != 0 {
+                            p.flush_in_flight = false;
+                            for (first, n) in batches {
+                                p.bitmap.clear_blocks(first, n);
+                            }
+                            self.kick_resync(io, store);
+                        } else {
+                            if let Some(op) = self.ops.get_mut(&id) {
+                                op.mask &= !(1u64 << i);
+                            }
+                            self.try_complete(id);
+                        }
+                    }
+                    _ => return Err(format!("FlushAck for unknown flush {id}")),
+                }
+            }
+            FrameKind::Pong => {}
+            FrameKind::Ping => {
+                let link = self.peers[i].link.unwrap();
+                self.send_frame(link, FrameKind::Pong, &[&payload]);
+            }
+            FrameKind::Reject => {
+                let r = crate::peer::messages::Reject::decode(&payload)
+                    .map(|r| r.message)
+                    .unwrap_or_else(|_| "(unreadable reason)".into());
+                return Err(format!("the peer ended the session: {r}"));
+            }
+            k => return Err(format!("unexpected {k} frame from a secondary")),
+        }
+        Ok(())
+    }
+
+    // ----- frames on a secondary -------------------------------------------
+
+    fn secondary_frame(
+        &mut self,
+        io: &mut dyn Io,
+        store: &mut Store,
+        link: u64,
+        kind: FrameKind,
+        payload: Vec<u8>,
+    ) -> Result<(), String> {
+        match kind {
+            FrameKind::Record => {
+                let h = RecordHeader::decode(&payload, self.size)?;
+                let rid = MIRROR_RID | self.next_mrid;
+                self.next_mrid += 1;
+                self.applying.insert(rid, (link, h.id, false));
+                let fua = h.flags & wire::FLAG_FUA != 0;
+                match h.kind {
+                    wire::KIND_WRITE => {
+                        debug_assert_eq!(wire::RECORD_HEADER, WRITE_HEADROOM);
+                        store.write(
+                            io,
+                            rid,
+                            h.offset,
+                            payload,
+                            wire::RECORD_HEADER,
+                            h.length as usize,
+                            fua,
+                        )
+                    }
+                    wire::KIND_ZERO => store.write_zeroes(
+                        io,
+                        rid,
+                        h.offset,
+                        h.length as u64,
+                        h.flags & wire::FLAG_NO_HOLE != 0,
+                        fua,
+                    ),
+                    _ => store.write_zeroes(io, rid, h.offset, h.length as u64, false, fua),
+                }
+            }
+            FrameKind::Flush => {
+                let id = wire::decode_u64(&payload, "Flush")?;
+                let rid = MIRROR_RID | self.next_mrid;
+                self.next_mrid += 1;
+                self.applying.insert(rid, (link, id, true));
+                store.flush(io, rid);
+            }
+            FrameKind::Ping => {
+                wire::decode_u64(&payload, "Ping")?;
+                self.send_frame(link, FrameKind::Pong, &[&payload]);
+            }
+            FrameKind::Pong => {}
+            FrameKind::Reject => {
+                let r = crate::peer::messages::Reject::decode(&payload)
+                    .map(|r| r.message)
+                    .unwrap_or_else(|_| "(unreadable reason)".into());
+                return Err(format!("the primary ended the session: {r}"));
+            }
+            k => return Err(format!("unexpected {k} frame from a primary")),
+        }
+        Ok(())
+    }
+
+    /// A store request the secondary issued for a peer's record finished.
+    fn applied(&mut self, io: &mut dyn Io, store: &mut Store, rid: u64, r: Result<(), i32>) {
+        let Some((link, id, is_flush)) = self.applying.remove(&rid) else {
+            return;
+        };
+        let errno = match r {
+            Ok(()) => 0,
+            Err(e) => e as u32,
+        };
+        let kind = if is_flush {
+            FrameKind::FlushAck
+        } else {
+            FrameKind::Ack
+        };
+        self.send_frame(link, kind, &[&wire::encode_answer(id, errno)]);
+        self.post_send(io, link);
+        // Sessions held behind older ones may go on.
+        let held: Vec<u64> = self
+            .links
+            .iter()
+            .filter(|(_, l)| l.held)
+            .map(|(&k, _)| k)
+            .collect();
+        for h in held {
+            if !self.applying.values().any(|&(l2, _, _)| l2 != h) {
+                self.links.get_mut(&h).unwrap().held = false;
+                self.process_frames(io, store, h);
+                self.post_recv(io, h);
+            }
+        }
+    }
+
+    // ----- resync (primary) ---------------------------------------------------
+
+    fn kick_resync(&mut self, io: &mut dyn Io, store: &mut Store) {
+        for i in 0..self.peers.len() {
+            self.resync_peer(io, store, i);
+        }
+    }
+
+    fn resync_peer(&mut self, io: &mut dyn Io, store: &mut Store, i: usize) {
+        if self.peers[i].state != PeerState::Syncing || self.shutting_down {
+            return;
+        }
+        loop {
+            let p = &self.peers[i];
+            if p.paused || p.resync_inflight >= RESYNC_WINDOW {
+                break;
+            }
+            if self.cfg.resync_rate > 0 && self.tokens <= 0.0 {
+                break;
+            }
+            let run = p.bitmap.next_run(p.cursor, RESYNC_BATCH_BLOCKS);
+            let run = match run {
+                Some((first, n)) if first >= p.cursor => Some((first, n)),
+                _ => None,
+            };
+            let Some((first, n)) = run else {
+                // End of a pass: once everything sent is durable, either
+                // start another pass over what is still dirty or finish.
+                let idle = p.resync_inflight == 0
+                    && !self.resync_reads.values().any(|r| r.peer == i)
+                    && !p
+                        .outstanding
+                        .values()
+                        .any(|o| matches!(o, Out::Resync { .. }));
+                if !idle {
+                    break;
+                }
+                if !p.acked.is_empty() {
+                    if !p.flush_in_flight {
+                        self.resync_flush(io, i);
+                    }
+                    break;
+                }
+                if p.flush_in_flight {
+                    break;
+                }
+                if p.bitmap.dirty() == 0 {
+                    let p = &mut self.peers[i];
+                    p.state = PeerState::InSync;
+                    eprintln!(
+                        "nbdmirror: peer {} ({}) is in sync ({} bytes resent)",
+                        p.node_id, p.addr, p.sent_bytes
+                    );
+                    break;
+                }
+                if p.cursor == 0 {
+                    // Everything left is locked by writes in flight; their
+                    // completion kicks the resync again.
+                    break;
+                }
+                self.peers[i].cursor = 0;
+                continue;
+            };
+            let (s, e) = (first * BLOCK, ((first + n) * BLOCK).min(self.size));
+            if self.locked(s, e) {
+                self.peers[i].cursor = first + n;
+                continue;
+            }
+            let rid = MIRROR_RID | self.next_mrid;
+            self.next_mrid += 1;
+            self.locks.insert(s, (e, rid));
+            let p = &mut self.peers[i];
+            p.cursor = first + n;
+            p.resync_inflight += n * BLOCK;
+            if self.cfg.resync_rate > 0 {
+                self.tokens -= (n * BLOCK) as f64;
+            }
+            self.resync_reads.insert(
+                rid,
+                ResyncRead {
+                    peer: i,
+                    epoch: p.epoch,
+                    first,
+                    n,
+                },
+            );
+            store.read(io, rid, s, e - s, 0);
+        }
+    }
+
+    fn resync_flush(&mut self, io: &mut dyn Io, i: usize) {
+        let Some(link) = self.peers[i].link else {
+            return;
+        };
+        let id = MIRROR_RID | self.next_mrid;
+        self.next_mrid += 1;
+        self.send_frame(link, FrameKind::Flush, &[&id.to_le_bytes()]);
+        let p = &mut self.peers[i];
+        let batches = std::mem::take(&mut p.acked);
+        p.acked_bytes = 0;
+        p.flush_in_flight = true;
+        p.last_resync_flush = now();
+        p.outstanding.insert(
+            id,
+            Out::Flush {
+                since: now(),
+                batches,
+            },
+        );
+        self.post_send(io, link);
+    }
+
+    fn resync_read_done(
+        &mut self,
+        io: &mut dyn Io,
+        store: &mut Store,
+        rid: u64,
+        r: Result<Vec<u8>, i32>,
+    ) {
+        let Some(rr) = self.resync_reads.remove(&rid) else {
+            return;
+        };
+        let s = rr.first * BLOCK;
+        if self.locks.get(&s).is_some_and(|&(_, o)| o == rid) {
+            self.locks.remove(&s);
+        }
+        let i = rr.peer;
+        let live = self.peers[i].epoch == rr.epoch && self.peers[i].streaming();
+        match r {
+            Ok(buf) if live => {
+                let link = self.peers[i].link.unwrap();
+                let zero = buf.iter().all(|&b| b == 0);
+                let hdr = RecordHeader {
+                    id: rid,
+                    offset: s,
+                    length: buf.len() as u32,
+                    kind: if zero {
+                        wire::KIND_ZERO
+                    } else {
+                        wire::KIND_WRITE
+                    },
+                    flags: wire::FLAG_RESYNC | if zero { wire::FLAG_NO_HOLE } else { 0 },
+                };
+                let data: &[u8] = if zero { &[] } else { &buf };
+                self.send_frame(link, FrameKind::Record, &[&hdr.encode(), data]);
+                let p = &mut self.peers[i];
+                p.sent_bytes += buf.len() as u64;
+                p.outstanding.insert(
+                    rid,
+                    Out::Resync {
+                        first: rr.first,
+                        n: rr.n,
+                        since: now(),
+                    },
+                );
+                self.post_send(io, link);
+            }
+            Ok(_) => {}
+            Err(e) if live => {
+                let p = &mut self.peers[i];
+                p.resync_inflight = p.resync_inflight.saturating_sub(rr.n * BLOCK);
+                p.paused = true;
+                let why = format!(
+                    "resync paused: reading blocks {}..{} locally failed: {}",
+                    rr.first,
+                    rr.first + rr.n,
+                    errno_str(e)
+                );
+                eprintln!("nbdmirror: peer {}: {why}", p.node_id);
+                p.last_error = Some(why);
+            }
+            Err(_) => {}
+        }
+        self.unpark(io, store);
+        self.resync_peer(io, store, i);
+    }
+
+    // ----- timers -------------------------------------------------------------
+
+    pub fn tick(&mut self, io: &mut dyn Io, store: &mut Store) {
+        let t = now();
+        let dt = t.duration_since(self.last_refill).as_secs_f64();
+        self.last_refill = t;
+        if self.cfg.resync_rate > 0 {
+            let cap = (self.cfg.resync_rate as f64 / 5.0).max((RESYNC_BATCH_BLOCKS * BLOCK) as f64);
+            self.tokens = (self.tokens + dt * self.cfg.resync_rate as f64).min(cap);
+        }
+        let timeout = self.cfg.timeout;
+        // Links: handshake deadlines, liveness, pings.
+        let ids: Vec<u64> = self.links.keys().copied().collect();
+        for id in ids {
+            let Some(l) = self.links.get(&id) else {
+                continue;
+            };
+            if l.closing {
+                continue;
+            }
+            if l.hs.is_some() && l.opened.elapsed() > timeout {
+                self.link_failed(
+                    io,
+                    store,
+                    id,
+                    format!("handshake not finished within {timeout:?}"),
+                );
+                continue;
+            }
+            if l.session.is_none() {
+                continue;
+            }
+            let silent = l.last_rx.elapsed();
+            let limit = if l.peer.is_some() {
+                timeout
+            } else {
+                timeout * 2
+            };
+            if silent > limit {
+                self.link_failed(
+                    io,
+                    store,
+                    id,
+                    format!("no answer for {} ms", silent.as_millis()),
+                );
+                continue;
+            }
+            if l.last_tx.elapsed() > timeout / 4 && l.peer.is_some() {
+                let stamp = t.elapsed().as_nanos() as u64;
+                self.send_frame(id, FrameKind::Ping, &[&stamp.to_le_bytes()]);
+                self.post_send(io, id);
+            }
+        }
+        for i in 0..self.peers.len() {
+            // A request the peer sits on for longer than the timeout fails it
+            // even if it keeps answering pings.
+            let stale = self.peers[i]
+                .outstanding
+                .values()
+                .map(|o| o.since())
+                .min()
+                .is_some_and(|s| s.elapsed() > timeout);
+            if stale && self.peers[i].streaming() {
+                self.fail_peer(
+                    io,
+                    store,
+                    i,
+                    format!(
+                        "a request was not answered within {} ms",
+                        timeout.as_millis()
+                    ),
+                );
+            }
+            let p = &mut self.peers[i];
+            if p.link.is_none() && !self.shutting_down && t >= p.retry_at {
+                self.connect(io, i);
+            }
+            let p = &mut self.peers[i];
+            let el = p.rate_mark.0.elapsed();
+            if el >= Duration::from_secs(1) {
+                let bytes = p.sent_bytes - p.rate_mark.1;
+                let inst = bytes as f64 / el.as_secs_f64();
+                p.rate = if p.rate == 0.0 {
+                    inst
+                } else {
+                    0.5 * p.rate + 0.5 * inst
+                };
+                p.rate_mark = (t, p.sent_bytes);
+                let _ = p.bitmap.flush_async();
+            }
+            if p.state == PeerState::Syncing
+                && !p.acked.is_empty()
+                && !p.flush_in_flight
+                && (p.acked_bytes >= RESYNC_FLUSH_BYTES
+                    || p.last_resync_flush.elapsed() >= RESYNC_FLUSH_INTERVAL)
+            {
+                self.resync_flush(io, i);
+            }
+        }
+        self.kick_resync(io, store);
+    }
+
+    // ----- status and the admin socket -------------------------------------
+
+    pub fn status_json(&self) -> String {
+        let mut s = format!(
+            "{{\"node_id\":{},\"role\":\"{}\",\"rate_limit\":{},\"peers\":[",
+            self.node_id,
+            self.cfg.role.name(),
+            self.cfg.resync_rate
+        );
+        let mut first = true;
+        for p in &self.peers {
+            if !first {
+                s.push(',');
+            }
+            first = false;
+            let dirty = p.bitmap.dirty() * BLOCK;
+            let done = p.total.saturating_sub(dirty);
+            s.push_str(&format!(
+                "{{\"node_id\":{},\"address\":\"{}\",\"state\":\"{}\",\"dirty_bytes\":{},\
+                 \"resync_total_bytes\":{},\"resync_done_bytes\":{},\"resync_sent_bytes\":{},\
+                 \"rate_bytes_per_sec\":{:.0},\"rate_limit\":{},\"paused\":{},\"last_error\":{}}}",
+                p.node_id,
+                p.addr,
+                p.state.name(),
+                dirty,
+                p.total.max(dirty),
+                done,
+                p.sent_bytes,
+                if p.state == PeerState::Syncing {
+                    p.rate
+                } else {
+                    0.0
+                },
+                self.cfg.resync_rate,
+                p.paused,
+                match &p.last_error {
+                    Some(e) => json_string(e),
+                    None => "null".into(),
+                }
+            ));
+        }
+        if self.cfg.role == NodeRole::Secondary {
+            for l in self
+                .links
+                .values()
+                .filter(|l| l.session.is_some() && !l.closing)
+            {
+                if !first {
+                    s.push(',');
+                }
+                first = false;
+                s.push_str(&format!(
+                    "{{\"node_id\":{},\"address\":{},\"state\":\"connected\"}}",
+                    l.session.as_ref().unwrap().peer.node_id,
+                    json_string(&l.addr)
+                ));
+            }
+        }
+        s.push_str("]}");
+        s
+    }
+
+    fn command(&mut self, io: &mut dyn Io, store: &mut Store, line: &str) -> String {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let peer_sel = |w: Option<&&str>| -> Result<Option<u32>, String> {
+            match w {
+                None => Ok(None),
+                Some(s) => s
+                    .parse::<u32>()
+                    .map(Some)
+                    .map_err(|_| format!("not a peer id: {s:?}")),
+            }
+        };
+        let result: Result<(), String> = match words.first().copied() {
+            Some("status") => return self.status_json(),
+            Some(cmd @ ("pause" | "resume" | "start" | "full")) => {
+                match peer_sel(words.get(1)) {
+                    Err(e) => Err(e),
+                    Ok(sel) => {
+                        let mut hit = false;
+                        for p in self.peers.iter_mut() {
+                            if sel.is_some_and(|id| id != p.node_id) {
+                                continue;
+                            }
+                            hit = true;
+                            match cmd {
+                                "pause" => p.paused = true,
+                                "resume" => p.paused = false,
+                                "full" => {
+                                    p.paused = false;
+                                    p.bitmap.set_all();
+                                    if p.state == PeerState::InSync {
+                                        p.state = PeerState::Syncing;
+                                    }
+                                    p.cursor = 0;
+                                    p.total = p.bitmap.dirty() * BLOCK;
+                                }
+                                _ => {
+                                    p.paused = false;
+                                    p.backoff = BACKOFF_MIN;
+                                    p.retry_at = now();
+                                }
+                            }
+                        }
+                        if hit {
+                            Ok(())
+                        } else if self.peers.is_empty() {
+                            Err("this node has no peers to resync (it is not a primary with --peer)".into())
+                        } else {
+                            Err("no such peer".into())
+                        }
+                    }
+                }
+            }
+            Some("rate") => match words.get(1).map(|w| crate::size::parse_size(w)) {
+                Some(Ok(r)) => {
+                    self.cfg.resync_rate = r;
+                    Ok(())
+                }
+                Some(Err(e)) => Err(e),
+                None => Err("rate needs a value".into()),
+            },
+            _ => Err(format!("unknown command {line:?}")),
+        };
+        self.kick_resync(io, store);
+        match result {
+            Ok(()) => "{\"ok\":true}".into(),
+            Err(e) => format!("{{\"ok\":false,\"error\":{}}}", json_string(&e)),
+        }
+    }
+
+    fn admin_accepted(&mut self, io: &mut dyn Io, c: Completion) {
+        if self.shutting_down {
+            if c.result >= 0 {
+                // SAFETY: fresh descriptor from accept.
+                drop(unsafe { OwnedFd::from_raw_fd(c.result) });
+            }
+            return;
+        }
+        if let Some(a) = &self.admin {
+            io.submit(tok(KIND_ADMIN_LISTEN, 0), Op::Accept { fd: a.as_raw_fd() });
+        }
+        if c.result < 0 {
+            return;
+        }
+        // SAFETY: fresh descriptor from accept.
+        let fd = unsafe { OwnedFd::from_raw_fd(c.result) };
+        let id = self.next_admin;
+        self.next_admin += 1;
+        let raw = fd.as_raw_fd();
+        self.admin_conns.insert(
+            id,
+            AdminConn {
+                fd,
+                buf: Vec::new(),
+                busy: true,
+                done: false,
+            },
+        );
+        io.submit(
+            tok(KIND_ADMIN, id << 1),
+            Op::Recv {
+                fd: raw,
+                buf: vec![0u8; 1024],
+                at: 0,
+            },
+        );
+    }
+
+    fn admin_io(&mut self, io: &mut dyn Io, store: &mut Store, id: u64, c: Completion) {
+        let conn_id = id >> 1;
+        let Some(conn) = self.admin_conns.get_mut(&conn_id) else {
+            return;
+        };
+        conn.busy = false;
+        let raw = conn.fd.as_raw_fd();
+        if id & 1 == 1 {
+            // A reply was sent (or failed): done.
+            self.admin_conns.remove(&conn_id);
+            return;
+        }
+        let Op::Recv { buf, .. } = c.op else {
+            return;
+        };
+        if c.result <= 0 || conn.done {
+            self.admin_conns.remove(&conn_id);
+            return;
+        }
+        conn.buf.extend_from_slice(&buf[..c.result as usize]);
+        if conn.buf.len() > 4096 {
+            self.admin_conns.remove(&conn_id);
+            return;
+        }
+        let Some(nl) = conn.buf.iter().position(|&b| b == b'\n') else {
+            conn.busy = true;
+            io.submit(
+                tok(KIND_ADMIN, conn_id << 1),
+                Op::Recv {
+                    fd: raw,
+                    buf,
+                    at: 0,
+                },
+            );
+            return;
+        };
+        let line = String::from_utf8_lossy(&conn.buf[..nl]).into_owned();
+        conn.done = true;
+        let mut reply = self.command(io, store, &line);
+        reply.push('\n');
+        if let Some(conn) = self.admin_conns.get_mut(&conn_id) {
+            conn.busy = true;
+            io.submit(
+                tok(KIND_ADMIN, conn_id << 1 | 1),
+                Op::Send {
+                    fd: raw,
+                    buf: reply.into_bytes(),
+                    at: 0,
+                },
+            );
+        }
+    }
+}
+
+fn json_string(s: &str) -> String {
+    let mut o = String::from("\"");
+    for ch in s.chars() {
+        match ch {
+            '"' => o.push_str("\\\""),
+            '\\' => o.push_str("\\\\"),
+            c if (c as u32) < 0x20 => o.push_str(&format!("\\u{:04x}", c as u32)),
+            c => o.push(c),
+        }
+    }
+    o.push('"');
+    o
+}
+
+fn peer_name(fd: RawFd) -> String {
+    // SAFETY: getpeername into a zeroed sockaddr_storage of the right length.
+    unsafe {
+        let mut ss: libc::sockaddr_storage = std::mem::zeroed();
+        let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+        if libc::getpeername(fd, &mut ss as *mut _ as *mut libc::sockaddr, &mut len) != 0 {
+            return "an unknown address".into();
+        }
+        match ss.ss_family as i32 {
+            libc::AF_INET => {
+                let a = &*(&ss as *const _ as *const libc::sockaddr_in);
+                let ip = std::net::Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr));
+                format!("{ip}:{}", u16::from_be(a.sin_port))
+            }
+            libc::AF_INET6 => {
+                let a = &*(&ss as *const _ as *const libc::sockaddr_in6);
+                let ip = std::net::Ipv6Addr::from(a.sin6_addr.s6_addr);
+                format!("[{ip}]:{}", u16::from_be(a.sin6_port))
+            }
+            _ => "a local socket".into(),
+        }
+    }
+}

@@ -1,0 +1,147 @@
+//! Payloads of the replication frames (Record, Ack, Flush, FlushAck, Ping,
+//! Pong) exchanged after the peer handshake. docs/peer-protocol.md
+//! ("Replication") is the specification.
+//!
+//! Owns: encoding and strict decoding of those payloads. A payload that does
+//! not decode is a protocol error: the receiver drops the connection.
+
+pub const RECORD_HEADER: usize = 64;
+
+pub const KIND_WRITE: u8 = 1;
+pub const KIND_ZERO: u8 = 2;
+pub const KIND_TRIM: u8 = 3;
+
+pub const FLAG_FUA: u8 = 1;
+pub const FLAG_NO_HOLE: u8 = 2;
+/// Sent by resync rather than by a client write (informational).
+pub const FLAG_RESYNC: u8 = 4;
+
+/// The fixed part of a Record. For KIND_WRITE the data (`length` bytes)
+/// follows the 64-byte header in the same payload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecordHeader {
+    pub id: u64,
+    pub offset: u64,
+    pub length: u32,
+    pub kind: u8,
+    pub flags: u8,
+}
+
+impl RecordHeader {
+    pub fn encode(&self) -> [u8; RECORD_HEADER] {
+        let mut h = [0u8; RECORD_HEADER];
+        h[0..8].copy_from_slice(&self.id.to_le_bytes());
+        h[8..16].copy_from_slice(&self.offset.to_le_bytes());
+        h[16..20].copy_from_slice(&self.length.to_le_bytes());
+        h[20] = self.kind;
+        h[21] = self.flags;
+        h
+    }
+
+    /// Decode and check a Record payload against a disk of `size` bytes.
+    pub fn decode(p: &[u8], size: u64) -> Result<RecordHeader, String> {
+        if p.len() < RECORD_HEADER {
+            return Err(format!("Record payload of {} bytes is too short", p.len()));
+        }
+        let h = RecordHeader {
+            id: u64::from_le_bytes(p[0..8].try_into().unwrap()),
+            offset: u64::from_le_bytes(p[8..16].try_into().unwrap()),
+            length: u32::from_le_bytes(p[16..20].try_into().unwrap()),
+            kind: p[20],
+            flags: p[21],
+        };
+        if p[22..RECORD_HEADER].iter().any(|&b| b != 0) {
+            return Err("Record header has nonzero reserved bytes".into());
+        }
+        if h.flags & !(FLAG_FUA | FLAG_NO_HOLE | FLAG_RESYNC) != 0 {
+            return Err(format!("Record has unknown flags {:#x}", h.flags));
+        }
+        let data = p.len() - RECORD_HEADER;
+        match h.kind {
+            KIND_WRITE if data != h.length as usize => {
+                return Err(format!(
+                    "Record declares {} bytes but carries {data}",
+                    h.length
+                ))
+            }
+            KIND_ZERO | KIND_TRIM if data != 0 => {
+                return Err("zero/trim Record carries data".into())
+            }
+            KIND_WRITE | KIND_ZERO | KIND_TRIM => {}
+            k => return Err(format!("Record has unknown kind {k}")),
+        }
+        if h.length == 0
+            || h.offset
+                .checked_add(h.length as u64)
+                .is_none_or(|e| e > size)
+        {
+            return Err(format!(
+                "Record addresses bytes {}..+{} outside the {size}-byte disk",
+                h.offset, h.length
+            ));
+        }
+        Ok(h)
+    }
+}
+
+/// Ack and FlushAck: the id answered and an errno (0 = success).
+pub fn encode_answer(id: u64, errno: u32) -> [u8; 12] {
+    let mut b = [0u8; 12];
+    b[0..8].copy_from_slice(&id.to_le_bytes());
+    b[8..12].copy_from_slice(&errno.to_le_bytes());
+    b
+}
+
+pub fn decode_answer(p: &[u8]) -> Result<(u64, u32), String> {
+    if p.len() != 12 {
+        return Err(format!("answer payload of {} bytes, expected 12", p.len()));
+    }
+    Ok((
+        u64::from_le_bytes(p[0..8].try_into().unwrap()),
+        u32::from_le_bytes(p[8..12].try_into().unwrap()),
+    ))
+}
+
+/// Flush, Ping and Pong carry one u64.
+pub fn decode_u64(p: &[u8], what: &str) -> Result<u64, String> {
+    if p.len() != 8 {
+        return Err(format!("{what} payload of {} bytes, expected 8", p.len()));
+    }
+    Ok(u64::from_le_bytes(p.try_into().unwrap()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn record_round_trip_and_rejects() {
+        let h = RecordHeader {
+            id: 9,
+            offset: 4096,
+            length: 8,
+            kind: KIND_WRITE,
+            flags: FLAG_FUA,
+        };
+        let mut p = h.encode().to_vec();
+        p.extend_from_slice(&[1; 8]);
+        assert_eq!(RecordHeader::decode(&p, 1 << 20), Ok(h));
+        // Past the end of the disk.
+        assert!(RecordHeader::decode(&p, 4100).is_err());
+        // Length mismatch.
+        assert!(RecordHeader::decode(&p[..p.len() - 1], 1 << 20).is_err());
+        // Unknown kind, flags, reserved bytes.
+        for (i, v) in [(20, 9u8), (21, 0x80), (40, 1)] {
+            let mut q = p.clone();
+            q[i] = v;
+            assert!(RecordHeader::decode(&q, 1 << 20).is_err(), "byte {i}");
+        }
+        let z = RecordHeader {
+            kind: KIND_ZERO,
+            ..h
+        };
+        assert!(RecordHeader::decode(&z.encode(), 1 << 20).is_ok());
+        assert!(decode_answer(&encode_answer(3, 5)) == Ok((3, 5)));
+        assert!(decode_answer(&[0; 11]).is_err());
+    }
+}
