@@ -319,6 +319,9 @@ impl Server {
                 self.dispatch(c);
             }
             self.deliver_store_events();
+            if let Some(m) = self.mirror.as_mut() {
+                m.flush_sends(&mut self.io);
+            }
             if self.shutting_down
                 && self.conns.is_empty()
                 && self.mirror.as_ref().is_none_or(|m| m.quiet())

@@ -279,6 +279,7 @@ pub struct Mirror {
     tokens: f64,
     last_refill: Instant,
     shutting_down: bool,
+    send_queue: Vec<u64>,
     /// Client requests finished: (request id, result), for the server.
     pub answers: Vec<(u64, Result<(), i32>)>,
 }
@@ -403,6 +404,7 @@ impl Mirror {
             resync_reads: HashMap::new(),
             applying: HashMap::new(),
             shutting_down: false,
+            send_queue: Vec::new(),
             answers: Vec::new(),
         })
     }
@@ -867,7 +869,25 @@ impl Mirror {
         s.next_send_seq += 1;
     }
 
-    fn post_send(&mut self, io: &mut dyn Io, link: u64) {
+    /// Queue a link for sending: frames produced while one batch of
+    /// completions is handled go out together in one send per link
+    /// ([`Mirror::flush_sends`], called by the loop after each batch).
+    fn post_send(&mut self, _io: &mut dyn Io, link: u64) {
+        if !self.send_queue.contains(&link) {
+            self.send_queue.push(link);
+        }
+    }
+
+    /// Start the sends queued by [`Mirror::post_send`].
+    pub fn flush_sends(&mut self, io: &mut dyn Io) {
+        while !self.send_queue.is_empty() {
+            for link in std::mem::take(&mut self.send_queue) {
+                self.submit_send(io, link);
+            }
+        }
+    }
+
+    fn submit_send(&mut self, io: &mut dyn Io, link: u64) {
         let Some(l) = self.links.get_mut(&link) else {
             return;
         };
@@ -912,11 +932,14 @@ impl Mirror {
         let Some(l) = self.links.get_mut(&link) else {
             return;
         };
-        if !l.closing {
-            l.closing = true;
-            // SAFETY: shutdown on a socket we own; wakes pending ops.
-            unsafe { libc::shutdown(l.fd.as_raw_fd(), libc::SHUT_RDWR) };
+        l.closing = true;
+        if l.close_after_send && (l.send_busy || !l.out.is_empty()) {
+            // A Reject is on its way out; `sent` closes after it.
+            return;
         }
+        l.close_after_send = false;
+        // SAFETY: shutdown on a socket we own; wakes pending ops.
+        unsafe { libc::shutdown(l.fd.as_raw_fd(), libc::SHUT_RDWR) };
         self.reap_link(link);
     }
 
@@ -1068,17 +1091,13 @@ impl Mirror {
             match l.peer {
                 Some(i) if self.peers[i].link == Some(link) => {
                     // Let the Reject go out before closing.
-                    l.close_after_send = !l.out.is_empty() || l.send_busy;
+                    l.close_after_send = true;
                     self.fail_peer(io, store, i, why);
                 }
                 _ => {
                     eprintln!("nbdmirror: peer connection from {}: {why}", l.addr);
-                    l.close_after_send = !l.out.is_empty() || l.send_busy;
-                    if !l.close_after_send {
-                        self.close_link(link);
-                    } else {
-                        l.closing = true;
-                    }
+                    l.close_after_send = true;
+                    self.close_link(link);
                 }
             }
             return;
@@ -1253,11 +1272,11 @@ impl Mirror {
             self.close_link(link);
             return;
         }
-        if l.closing {
+        if l.closing && !l.close_after_send {
             self.reap_link(link);
             return;
         }
-        self.post_send(io, link);
+        self.submit_send(io, link);
     }
 
     // ----- frames on a primary ---------------------------------------------
