@@ -87,12 +87,34 @@ class Ctx:
 
 
 @dataclass
+class Aux:
+    """A helper process a server configuration needs besides the server itself: a mirror
+    peer, the NBD backend of a qemu quorum.  Helpers are started before the server, in list
+    order, each waited for until ready(); they are stopped after the server, in reverse
+    order.  Their CPU time counts as the server's."""
+    name: str                      # short, used in log file names ("node2", "backend")
+    argv: list[str]
+    ready: Callable[[], bool]      # True once the helper serves
+    addr: str = ""                 # where it serves ("127.0.0.1:P" or a unix socket path)
+    info: Optional[dict] = None    # anything the server command needs (e.g. node id)
+
+
+@dataclass
 class ServerSpec:
     name: str
-    command: Callable[[Ctx, int], list[str]]          # (ctx, port) -> argv
+    command: Callable[[Ctx, int, list[Aux]], list[str]]   # (ctx, port, helpers) -> argv
     setup: Optional[Callable[[Ctx], list[list[str]]]] = None  # run once; returns commands run
     notes: Callable[[Ctx], str] = lambda ctx: ""
     available: Callable[[Ctx], Optional[str]] = lambda ctx: None  # reason if unavailable
+    # helpers to start first; called once per start (fresh ports)
+    aux: Optional[Callable[[Ctx], list[Aux]]] = None
+    # after the NBD greeting, before the prefill and before every measured job: wait (up to
+    # the timeout) until the configuration is ready to be measured (e.g. every mirror peer
+    # in sync); raises if it is not.  Returns a short description or None.
+    wait_ready: Optional[Callable[[Ctx, "ServerProcess", float], Optional[str]]] = None
+    # after every measured job: None if the configuration was intact throughout (e.g. every
+    # peer still in sync), else why the measurement must be discarded
+    check: Optional[Callable[[Ctx, "ServerProcess"], Optional[str]]] = None
 
 
 def _which_or_reason(prog: str) -> Callable[[Ctx], Optional[str]]:
@@ -115,38 +137,263 @@ def _nbdmirror_available(ctx: Ctx) -> Optional[str]:
     return None
 
 
+def _run_setup_cmd(cmd: list[str]) -> str:
+    log(f"  setup: {shlex.join(cmd)}")
+    r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                       timeout=600)
+    if r.returncode != 0:
+        raise RuntimeError(f"`{shlex.join(cmd)}` exited {r.returncode}: {r.stdout.strip()[-2000:]}")
+    return r.stdout
+
+
 def _nbdmirror_setup(ctx: Ctx) -> list[list[str]]:
     d = _nbdmirror_dir(ctx)
     shutil.rmtree(d, ignore_errors=True)
     # init is expected to create DIR itself; we do not pre-create it.
     cmd = [_nbdmirror_bin(ctx), "init", "--dir", d, "--size", str(ctx.size)]
     cmd += shlex.split(ctx.args.nbdmirror_init_args)
-    log(f"  setup: {shlex.join(cmd)}")
-    r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                       timeout=600)
-    if r.returncode != 0:
-        raise RuntimeError(f"`{shlex.join(cmd)}` exited {r.returncode}: {r.stdout.strip()[-2000:]}")
+    _run_setup_cmd(cmd)
     return [cmd]
 
 
-def _nbdmirror_cmd(ctx: Ctx, port: int) -> list[str]:
+def _nbdmirror_cmd(ctx: Ctx, port: int, aux: list[Aux]) -> list[str]:
     return ([_nbdmirror_bin(ctx), "serve", "--dir", _nbdmirror_dir(ctx),
              "--listen", f"{HOST}:{port}"] + shlex.split(ctx.args.nbdmirror_args))
 
 
-def _nbdkit_cmd(ctx: Ctx, port: int) -> list[str]:
+def _nbdkit_cmd(ctx: Ctx, port: int, aux: list[Aux]) -> list[str]:
     # -i binds to loopback only; default thread model (file plugin: parallel, 16 threads),
     # file plugin cache=default (page cache), FLUSH -> fdatasync.
     return ["nbdkit", "-f", "-i", HOST, "-p", str(port), "file", ctx.backing_file]
 
 
-def _qemu_cmd(ctx: Ctx, port: int) -> list[str]:
+def _qemu_flags(ctx: Ctx) -> list[str]:
+    """The qemu-nbd flags every qemu-nbd in the harness gets."""
+    return ["-t", "-e", "8", "--cache=writeback", f"--aio={ctx.args.qemu_aio}"]
+
+
+def _qemu_cmd(ctx: Ctx, port: int, aux: list[Aux]) -> list[str]:
     # -b binds to loopback only (qemu-nbd defaults to 0.0.0.0).
-    return ["qemu-nbd", "-t", "-e", "8", "-f", "raw", "--cache=writeback",
-            f"--aio={ctx.args.qemu_aio}", "-b", HOST, "-p", str(port), ctx.backing_file]
+    return (["qemu-nbd"] + _qemu_flags(ctx)[:3] + ["-f", "raw"] + _qemu_flags(ctx)[3:]
+            + ["-b", HOST, "-p", str(port), ctx.backing_file])
 
 
-# Add new servers / setups here (e.g. mirrored nbdmirror configurations later).
+# --- qemu-quorum: qemu's own userspace mirror.  A front qemu-nbd serves a quorum block
+# device (vote-threshold 1: every write goes to both children and completes when both have
+# it; reads come from the first child) whose children are the shared local backing file and
+# an NBD export served by a second ("backend") qemu-nbd over its own file.
+
+def _qemu_quorum_peer_file(ctx: Ctx) -> str:
+    return os.path.join(ctx.workdir, "qemu-quorum-peer.img")
+
+
+def _qemu_quorum_setup(ctx: Ctx) -> list[list[str]]:
+    path = _qemu_quorum_peer_file(ctx)
+    make_backing_file(path, ctx.size)
+    return [["posix_fallocate", path, str(ctx.size)]]
+
+
+def _qemu_quorum_aux(ctx: Ctx) -> list[Aux]:
+    peer = _qemu_quorum_peer_file(ctx)
+    if ctx.args.qemu_quorum_transport == "unix":
+        sock = os.path.join(ctx.workdir, "qemu-quorum-backend.sock")
+        try:
+            os.unlink(sock)
+        except FileNotFoundError:
+            pass
+        argv = (["qemu-nbd"] + _qemu_flags(ctx)[:3] + ["-f", "raw"] + _qemu_flags(ctx)[3:]
+                + ["-k", sock, peer])
+        return [Aux("backend", argv, lambda: nbd_greeting(socket.AF_UNIX, sock), addr=sock,
+                    info={"server": {"type": "unix", "path": sock}})]
+    port = free_port()
+    argv = (["qemu-nbd"] + _qemu_flags(ctx)[:3] + ["-f", "raw"] + _qemu_flags(ctx)[3:]
+            + ["-b", HOST, "-p", str(port), peer])
+    return [Aux("backend", argv, lambda: nbd_greeting(socket.AF_INET, (HOST, port)),
+                addr=f"{HOST}:{port}",
+                info={"server": {"type": "inet", "host": HOST, "port": str(port)}})]
+
+
+def _qemu_quorum_cmd(ctx: Ctx, port: int, aux: list[Aux]) -> list[str]:
+    spec = {
+        "driver": "quorum", "vote-threshold": 1, "read-pattern": "fifo",
+        "children": [
+            {"driver": "raw", "file": {"driver": "file", "filename": ctx.backing_file,
+                                       "aio": ctx.args.qemu_aio}},
+            {"driver": "raw", "file": {"driver": "nbd", "server": aux[0].info["server"]}},
+        ],
+    }
+    # no -f: the json: filename names its driver itself
+    return (["qemu-nbd"] + _qemu_flags(ctx) + ["-b", HOST, "-p", str(port),
+             "json:" + json.dumps(spec, separators=(",", ":"))])
+
+
+# --- nbdmirror-Npeers: one primary (node 1, serves NBD) mirroring synchronously to N
+# secondaries (nodes 2..N+1) over TCP on loopback.  docs/mirroring.md has the CLI.
+
+_peer_support: dict[str, Optional[str]] = {}
+
+
+def _nbdmirror_mirror_available(ctx: Ctx) -> Optional[str]:
+    reason = _nbdmirror_available(ctx)
+    if reason:
+        return reason
+    b = _nbdmirror_bin(ctx)
+    if b not in _peer_support:
+        try:
+            r = subprocess.run([b, "serve", "--help"], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, timeout=30)
+            _peer_support[b] = (None if re.search(r"--peer\b", r.stdout) else
+                                f"{b} has no `serve --peer` option (a build without mirroring)")
+        except Exception as e:  # noqa: BLE001
+            _peer_support[b] = f"`{b} serve --help` failed: {e}"
+    return _peer_support[b]
+
+
+def _secret_file(ctx: Ctx) -> str:
+    """The shared secret of every mirrored configuration in this run (created once)."""
+    path = os.path.join(ctx.workdir, "mirror.secret")
+    if not os.path.exists(path):
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(os.urandom(32).hex() + "\n")
+    return path
+
+
+def _mirror_node_dir(ctx: Ctx, name: str, node: int) -> str:
+    return os.path.join(ctx.workdir, name, f"node{node}")
+
+
+def _mirror_status(ctx: Ctx, name: str) -> dict:
+    cmd = [_nbdmirror_bin(ctx), "resync", "status", "--dir", _mirror_node_dir(ctx, name, 1),
+           "--json"]
+    r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                       timeout=20)
+    if r.returncode != 0:
+        raise RuntimeError(f"`{shlex.join(cmd)}` exited {r.returncode}: "
+                           f"{(r.stderr or r.stdout).strip()[-500:]}")
+    return json.loads(r.stdout[r.stdout.index("{"):])
+
+
+def _peer_states(st: dict) -> dict[int, str]:
+    return {int(p.get("node_id", -1)): str(p.get("state")) for p in st.get("peers", [])}
+
+
+def _describe_peers(st: dict) -> str:
+    parts = []
+    for p in st.get("peers", []):
+        s = f"node {p.get('node_id')} {p.get('state')}"
+        total, done = p.get("resync_total_bytes") or 0, p.get("resync_done_bytes") or 0
+        if p.get("state") == "syncing" and total:
+            s += f" {done / (1 << 20):.0f}/{total / (1 << 20):.0f} MiB ({100.0 * done / total:.0f}%)"
+        if p.get("rate_bytes_per_sec"):
+            s += f" at {p['rate_bytes_per_sec'] / (1 << 20):.0f} MiB/s"
+        if p.get("dirty_bytes"):
+            s += f", dirty {p['dirty_bytes'] / (1 << 20):.1f} MiB"
+        if p.get("paused"):
+            s += ", paused"
+        if p.get("last_error"):
+            s += f", last error: {p['last_error']}"
+        parts.append(s)
+    return "; ".join(parts) or "no peers listed"
+
+
+def _make_mirror_spec(name: str, npeers: int) -> ServerSpec:
+    nodes = list(range(2, npeers + 2))
+
+    def setup(ctx: Ctx) -> list[list[str]]:
+        shutil.rmtree(os.path.join(ctx.workdir, name), ignore_errors=True)
+        os.makedirs(os.path.join(ctx.workdir, name))
+        extra = shlex.split(ctx.args.nbdmirror_init_args)
+        b = _nbdmirror_bin(ctx)
+        cmd = [b, "init", "--dir", _mirror_node_dir(ctx, name, 1), "--size", str(ctx.size),
+               "--node-id", "1"] + extra
+        out = _run_setup_cmd(cmd)
+        m = re.search(r"volume ([0-9a-fA-F]{8}-[0-9a-fA-F-]{27})", out)
+        if not m:
+            raise RuntimeError(f"no volume uuid in the output of `{shlex.join(cmd)}`: {out.strip()!r}")
+        cmds = [cmd]
+        for k in nodes:
+            cmd = [b, "init", "--dir", _mirror_node_dir(ctx, name, k), "--size", str(ctx.size),
+                   "--node-id", str(k), "--volume-uuid", m.group(1)] + extra
+            _run_setup_cmd(cmd)
+            cmds.append(cmd)
+        return cmds
+
+    def aux(ctx: Ctx) -> list[Aux]:
+        out = []
+        for k in nodes:
+            port = free_port()
+            argv = ([_nbdmirror_bin(ctx), "serve", "--dir", _mirror_node_dir(ctx, name, k),
+                     "--role", "secondary", "--peer-listen", f"{HOST}:{port}",
+                     "--secret-file", _secret_file(ctx)]
+                    + shlex.split(ctx.args.nbdmirror_secondary_args))
+            # readiness = a listening socket (from /proc/net/tcp), so no half-open
+            # connection is made to the replication port
+            out.append(Aux(f"node{k}", argv, lambda p=port: tcp_listening(HOST, p),
+                           addr=f"{HOST}:{port}", info={"node_id": k}))
+        return out
+
+    def command(ctx: Ctx, port: int, aux: list[Aux]) -> list[str]:
+        argv = [_nbdmirror_bin(ctx), "serve", "--dir", _mirror_node_dir(ctx, name, 1),
+                "--listen", f"{HOST}:{port}"]
+        for a in aux:
+            argv += ["--peer", f"{a.info['node_id']}={a.addr}"]
+        return argv + ["--secret-file", _secret_file(ctx)] + shlex.split(ctx.args.nbdmirror_args)
+
+    def wait_ready(ctx: Ctx, sp: "ServerProcess", timeout: float) -> Optional[str]:
+        """Wait until every peer is in_sync (a fresh secondary gets a full resync first)."""
+        t0 = time.monotonic()
+        last_print, last_err, st = t0, None, None
+        while True:
+            gone = sp.dead_part()
+            if gone:
+                raise RuntimeError(f"{gone} while waiting for the peers to be in sync")
+            try:
+                st = _mirror_status(ctx, name)
+                last_err = None
+                states = _peer_states(st)
+                if all(states.get(k) == "in_sync" for k in nodes):
+                    waited = time.monotonic() - t0
+                    if waited > 2:
+                        log(f"  all peers in_sync after {waited:.0f}s")
+                    return f"in_sync after {waited:.1f}s"
+            except Exception as e:  # noqa: BLE001  (admin socket not up yet, bad JSON, ...)
+                last_err = str(e)
+            now = time.monotonic()
+            if now - t0 > timeout:
+                raise RuntimeError(f"peers not in_sync after {timeout:.0f}s: "
+                                   + (_describe_peers(st) if st else "")
+                                   + (f" (status: {last_err})" if last_err else ""))
+            if now - last_print >= 10:
+                log(f"  waiting for peers ({now - t0:.0f}s): "
+                    + (_describe_peers(st) if st and not last_err else f"status: {last_err}"))
+                last_print = now
+            time.sleep(0.2 if now - t0 < 5 else 1.0)
+
+    def check(ctx: Ctx, sp: "ServerProcess") -> Optional[str]:
+        gone = sp.dead_part()
+        if gone:
+            return gone
+        try:
+            st = _mirror_status(ctx, name)
+        except Exception as e:  # noqa: BLE001
+            return f"resync status failed: {e}"
+        states = _peer_states(st)
+        if any(states.get(k) != "in_sync" for k in nodes):
+            return f"peer(s) not in_sync after the job: {_describe_peers(st)}"
+        return None
+
+    return ServerSpec(
+        name, command, setup=setup, available=_nbdmirror_mirror_available, aux=aux,
+        wait_ready=wait_ready, check=check,
+        notes=lambda ctx: (f"primary (node 1) mirroring synchronously to {npeers} secondar"
+                           f"{'y' if npeers == 1 else 'ies'} (nodes {','.join(map(str, nodes))}) "
+                           f"over TCP on {HOST}, each its own dir; measured only with every "
+                           f"peer in_sync; extra serve args: primary {ctx.args.nbdmirror_args!r}, "
+                           f"secondaries {ctx.args.nbdmirror_secondary_args!r}"))
+
+
+# Add new servers / setups here.
 SERVERS: dict[str, ServerSpec] = {
     "nbdmirror": ServerSpec(
         "nbdmirror", _nbdmirror_cmd, setup=_nbdmirror_setup,
@@ -163,7 +410,25 @@ SERVERS: dict[str, ServerSpec] = {
                            f"--aio={ctx.args.qemu_aio}"
                            + (" (not qemu's default 'threads')" if ctx.args.qemu_aio == "io_uring"
                               else "") + ", -t -e 8")),
+    "nbdmirror-1peer": _make_mirror_spec("nbdmirror-1peer", 1),
+    "nbdmirror-2peers": _make_mirror_spec("nbdmirror-2peers", 2),
+    "qemu-quorum": ServerSpec(
+        "qemu-quorum", _qemu_quorum_cmd, setup=_qemu_quorum_setup, aux=_qemu_quorum_aux,
+        available=_which_or_reason("qemu-nbd"),
+        notes=lambda ctx: ("qemu-nbd serving a quorum (vote-threshold 1, read-pattern fifo) of "
+                           "the local backing file (raw/file) and an NBD export of a second "
+                           f"file served by a backend qemu-nbd over "
+                           f"{'a unix socket' if ctx.args.qemu_quorum_transport == 'unix' else 'TCP on ' + HOST}; "
+                           f"both qemu-nbd: --cache=writeback --aio={ctx.args.qemu_aio} -t -e 8")),
 }
+
+# Ratio targets printed after the table when both servers ran the job:
+# (subject, reference, job, minimum ratio of median IOPS).  Issue 4: a synchronous
+# 1-peer mirror must beat qemu's userspace mirror (qemu-nbd + quorum).
+TARGETS: list[tuple[str, str, str, float]] = [
+    ("nbdmirror-1peer", "qemu-quorum", "randwrite-4k-qd32", 2.0),
+    ("nbdmirror-1peer", "qemu-quorum", "seqwrite-1m-qd8", 1.5),
+]
 
 
 # ------------------------------------------------------------------------ helpers
@@ -219,10 +484,63 @@ def binary_fingerprint(prog: str) -> str:
         return f"{path}: {e.strerror}"
 
 
+_ports_given: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
+    """A free TCP port on HOST, never one this run already handed out (a configuration
+    with helpers asks for several before any of them is bound)."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind((HOST, 0))
+            port = s.getsockname()[1]
+        if port not in _ports_given:
+            _ports_given.add(port)
+            return port
+
+
+def nbd_greeting(family: int, addr) -> bool:
+    """True if an NBD server at addr (a (host, port) or a unix socket path) sends the
+    newstyle greeting "NBDMAGIC".  The connection is then dropped (servers tolerate this)."""
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.settimeout(2)
+            s.connect(addr)
+            return s.recv(8) == b"NBDMAGIC"
+    except OSError:
+        return False
+
+
+def tcp_listening(host: str, port: int) -> bool:
+    """True if some process listens on host:port (IPv4), read from /proc/net/tcp, so that
+    no connection has to be made to find out."""
+    want = {f"{socket.htonl(int.from_bytes(socket.inet_aton(h), 'big')):08X}:{port:04X}"
+            for h in (host, "0.0.0.0")}
+    try:
+        with open("/proc/net/tcp") as f:
+            next(f)
+            for line in f:
+                parts = line.split()
+                if len(parts) > 3 and parts[3] == "0A" and parts[1] in want:
+                    return True
+    except OSError:
+        pass
+    return False
+
+
+def make_backing_file(path: str, size: int) -> None:
+    """Create path with size bytes, preallocated (posix_fallocate, else written zeros)."""
+    with open(path, "wb") as f:
+        try:
+            os.posix_fallocate(f.fileno(), 0, size)
+        except OSError as e:
+            log(f"fallocate failed ({e}); writing zeros instead")
+            chunk = b"\0" * (1 << 20)
+            for _ in range(size // len(chunk)):
+                f.write(chunk)
+            f.write(b"\0" * (size % len(chunk)))
+            f.flush()
+            os.fsync(f.fileno())
 
 
 def tool_version(cmd: list[str]) -> str:
@@ -341,7 +659,8 @@ def stop_process(p: subprocess.Popen, timeout: float = 10.0) -> Optional[int]:
 
 
 def cleanup() -> None:
-    for p in list(_live_procs):
+    # newest first: a server before the helpers (peers, backends) it was started after
+    for p in reversed(list(_live_procs)):
         try:
             stop_process(p, timeout=5)
         except Exception as e:  # noqa: BLE001
@@ -358,35 +677,59 @@ def _on_signal(signum, _frame):
 
 
 class ServerProcess:
+    """One start of a server configuration: its helper processes (spec.aux, if any) and the
+    NBD server itself."""
+
     def __init__(self, spec: ServerSpec, ctx: Ctx, logdir: str, tag: str):
         self.spec, self.ctx = spec, ctx
         self.port = free_port()
-        self.argv = spec.command(ctx, self.port)
+        self.aux: list[Aux] = spec.aux(ctx) if spec.aux else []
+        self.argv = spec.command(ctx, self.port, self.aux)
+        self.logdir, self.tag = logdir, tag
         self.log_path = os.path.join(logdir, f"{spec.name}.{tag}.log")
         self.proc: Optional[subprocess.Popen] = None
+        self.aux_procs: list[tuple[Aux, subprocess.Popen, str]] = []  # (aux, process, log path)
+        self._logfs: list = []
         self.uri = f"nbd://{HOST}:{self.port}/"
 
+    def _spawn(self, argv: list[str], log_path: str) -> subprocess.Popen:
+        logf = open(log_path, "wb")
+        self._logfs.append(logf)
+        p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf,
+                             stderr=subprocess.STDOUT, start_new_session=True)
+        _live_procs.append(p)
+        return p
+
     def start(self, timeout: float) -> None:
+        for a in self.aux:
+            lp = os.path.join(self.logdir, f"{self.spec.name}.{a.name}.{self.tag}.log")
+            log(f"  start {a.name}: {shlex.join(a.argv)}")
+            p = self._spawn(a.argv, lp)
+            self.aux_procs.append((a, p, lp))
+            deadline = time.monotonic() + timeout
+            while not a.ready():
+                if p.poll() is not None:
+                    raise RuntimeError(f"{self.spec.name}: {a.name} exited with {p.returncode} "
+                                       f"before it was ready; log tail:\n{_tail(lp)}")
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{self.spec.name}: {a.name} not ready at {a.addr} within "
+                                       f"{timeout}s; log tail:\n{_tail(lp)}")
+                time.sleep(0.1)
         log(f"  start: {shlex.join(self.argv)}")
-        self._logf = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=self._logf,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
-        _live_procs.append(self.proc)
+        self.proc = self._spawn(self.argv, self.log_path)
         deadline = time.monotonic() + timeout
         while True:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.spec.name} exited with {self.proc.returncode} before "
                                    f"accepting connections; log tail:\n{self.log_tail()}")
-            try:
-                with socket.create_connection((HOST, self.port), timeout=0.5) as s:
-                    # NBD newstyle servers send "NBDMAGIC" first; wait for it so we know the
-                    # server is really serving, then hang up (servers tolerate this).
-                    s.settimeout(2)
-                    magic = s.recv(8)
-                    if magic == b"NBDMAGIC":
-                        return
-            except OSError:
-                pass
+            # NBD newstyle servers send "NBDMAGIC" first; wait for it so we know the server
+            # is really serving, then hang up (servers tolerate this).
+            if nbd_greeting(socket.AF_INET, (HOST, self.port)):
+                return
+            gone = self.dead_part()
+            if gone:
+                raise RuntimeError(f"{self.spec.name}: {gone} before the server accepted "
+                                   f"connections")
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{self.spec.name} did not accept connections on "
                                    f"{HOST}:{self.port} within {timeout}s "
@@ -410,24 +753,59 @@ class ServerProcess:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    def dead_part(self) -> Optional[str]:
+        """None while the server and all its helpers run, else which one exited (+ log)."""
+        if self.proc is not None and self.proc.poll() is not None:
+            return (f"the server exited (rc {self.proc.returncode}); log tail:\n"
+                    f"{self.log_tail()}")
+        for a, p, lp in self.aux_procs:
+            if p.poll() is not None:
+                return f"helper {a.name} exited (rc {p.returncode}); log tail:\n{_tail(lp)}"
+        return None
+
     def cpu_seconds(self) -> Optional[float]:
-        return group_cpu_seconds(self.proc.pid) if self.alive() else None
+        """CPU seconds of the server's process group plus those of its helpers."""
+        if not self.alive():
+            return None
+        total = 0.0
+        for pid in [self.proc.pid] + [p.pid for _, p, _ in self.aux_procs]:
+            c = group_cpu_seconds(pid)
+            if c is None:
+                return None
+            total += c
+        return total
 
     def stop(self) -> Optional[int]:
+        """Stop the server first, then its helpers in reverse start order.  Returns the
+        server's exit code."""
         rc = None
-        if self.proc is not None:
-            rc = stop_process(self.proc, timeout=self.ctx.args.stop_timeout)
-        if getattr(self, "_logf", None):
-            self._logf.close()
+        try:
+            if self.proc is not None:
+                rc = stop_process(self.proc, timeout=self.ctx.args.stop_timeout)
+                log(f"  stopped {self.spec.name} (rc {rc})")
+        finally:
+            for a, p, _ in reversed(self.aux_procs):
+                try:
+                    arc = stop_process(p, timeout=self.ctx.args.stop_timeout)
+                    log(f"  stopped {a.name} (rc {arc})")
+                except Exception as e:  # noqa: BLE001
+                    log(f"  failed to stop {a.name} (pid {p.pid}): {e}")
+            for f in self._logfs:
+                f.close()
+            self._logfs = []
         return rc
 
     def log_tail(self, n: int = 20) -> str:
-        try:
-            with open(self.log_path, "rb") as f:
-                lines = f.read().decode(errors="replace").splitlines()
-            return "\n".join("    | " + l for l in lines[-n:]) or "    | (empty)"
-        except OSError:
-            return "    | (no log)"
+        return _tail(self.log_path, n)
+
+
+def _tail(path: str, n: int = 20) -> str:
+    try:
+        with open(path, "rb") as f:
+            lines = f.read().decode(errors="replace").splitlines()
+        return "\n".join("    | " + l for l in lines[-n:]) or "    | (empty)"
+    except OSError:
+        return "    | (no log)"
 
 
 def export_size(uri: str, fallback: int) -> int:
@@ -528,7 +906,8 @@ def _f(v, fmt="{:.0f}", none="-"):
 
 
 def render_table(jobs: list[Job], servers: list[str], medians: dict, ratios: dict,
-                 errors: dict, subject: Optional[str], repeat: int) -> str:
+                 errors: dict, repeat: int) -> str:
+    """ratios: {subject: {job: {reference: ratio}}}; printed on the subjects' rows."""
     head = ["job", "server", "IOPS", "±%", "MiB/s", "p50 µs", "p99 µs", "srv CPU%", "other CPU%",
             "ratio (IOPS)"]
     rows = []
@@ -540,10 +919,8 @@ def render_table(jobs: list[Job], servers: list[str], medians: dict, ratios: dic
                 rows.append([job.name, srv, "FAILED", "", "", "", "", "", "",
                              err.splitlines()[0][:70]])
                 continue
-            ratio = ""
-            if srv == subject:
-                ratio = "  ".join(f"{subject}/{ref} {r:.2f}x"
-                                  for ref, r in ratios.get(job.name, {}).items())
+            ratio = "  ".join(f"{srv}/{ref} {r:.2f}x"
+                              for ref, r in ratios.get(srv, {}).get(job.name, {}).items())
             partial = f" ({med['n']}/{repeat})" if med["n"] < repeat else ""
             rows.append([job.name, srv, _f(med["iops"]) + partial,
                          _f(med.get("iops_spread_pct"), "{:.1f}"),
@@ -580,19 +957,34 @@ def build_parser() -> argparse.ArgumentParser:
                     help=f"comma-separated, from: {','.join(SERVERS)}")
     ap.add_argument("--jobs", default=",".join(j.name for j in JOBS),
                     help="comma-separated subset of job names (see --list)")
-    ap.add_argument("--subject", default="nbdmirror",
-                    help="server whose IOPS ratio to each other server is printed")
+    ap.add_argument("--subject", default=None,
+                    help="comma-separated server(s) whose IOPS ratio to each reference is "
+                         "printed. Default: nbdmirror if it runs, else every nbdmirror-* "
+                         "server that runs")
+    ap.add_argument("--reference", default=None,
+                    help="comma-separated server(s) the subjects are compared with. "
+                         "Default: every server that runs and is not a subject")
     ap.add_argument("--json", metavar="PATH", help="write all raw results + medians here")
     ap.add_argument("--nbdmirror", default="target/release/nbdmirror",
                     help="nbdmirror binary (relative paths are relative to the repo root)")
     ap.add_argument("--nbdmirror-args", default="", help="extra args for `nbdmirror serve` "
                     "(one shell-quoted string)")
     ap.add_argument("--nbdmirror-init-args", default="",
-                    help="extra args for `nbdmirror init`")
+                    help="extra args for every `nbdmirror init`")
+    ap.add_argument("--nbdmirror-secondary-args", default="",
+                    help="extra args for `nbdmirror serve --role secondary` (the peers of "
+                         "nbdmirror-1peer / -2peers; --nbdmirror-args goes to their primary)")
+    ap.add_argument("--sync-timeout", type=float, default=1800.0, metavar="SECONDS",
+                    help="how long to wait for every mirror peer to be in_sync (a fresh "
+                         "secondary is fully resynced first) before the prefill and each job")
     ap.add_argument("--qemu-aio", default="io_uring", choices=["threads", "io_uring", "native"],
                     help="qemu-nbd --aio mode. io_uring (not qemu's default, threads) is used "
                          "because nbdmirror is io_uring-based and it is qemu-nbd's fastest "
                          "buffered mode (~3x threads on randread here); native needs O_DIRECT")
+    ap.add_argument("--qemu-quorum-transport", default="unix", choices=["unix", "tcp"],
+                    help="how qemu-quorum's front qemu-nbd reaches its backend qemu-nbd. unix: "
+                         "qemu 7.2's NBD client over TCP stalls on Nagle/delayed ACK with more "
+                         "than one request in flight (~400 IOPS at QD32 here)")
     ap.add_argument("--fio-args", default="", help="extra args appended to every fio command")
     ap.add_argument("--workdir", default=os.environ.get("NBDBENCH_TMPDIR", "/var/tmp"),
                     help="parent directory for the temp dir (must be on disk, not tmpfs)")
@@ -640,6 +1032,24 @@ def main(argv: Optional[list[str]] = None) -> int:
         log(f"unknown job(s) {bad}; known: {list(by_name)}")
         return 2
     jobs = [j for j in JOBS if j.name in job_names]  # keep table order
+    if args.subject is not None:
+        subjects = [s.strip() for s in args.subject.split(",") if s.strip()]
+    elif "nbdmirror" in server_names:
+        subjects = ["nbdmirror"]
+    else:
+        subjects = [s for s in server_names if s.startswith("nbdmirror")]
+    missing = [s for s in subjects if s not in server_names]
+    if missing:
+        log(f"note: --subject {','.join(missing)} not among --servers; no ratios for it")
+    subjects = [s for s in subjects if s in server_names]
+    if args.reference is not None:
+        references = [s.strip() for s in args.reference.split(",") if s.strip()]
+        bad = [s for s in references if s not in server_names]
+        if bad:
+            log(f"--reference {bad} not among --servers {server_names}")
+            return 2
+    else:
+        references = [s for s in server_names if s not in subjects]
     if args.repeat < 1 or args.runtime < 1:
         log("--repeat and --runtime must be >= 1")
         return 2
@@ -682,22 +1092,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     log(f"servers: {', '.join(server_names)}; jobs: {', '.join(j.name for j in jobs)}")
 
     # backing file, preallocated
-    with open(backing, "wb") as f:
-        try:
-            os.posix_fallocate(f.fileno(), 0, args.size)
-        except OSError as e:
-            log(f"fallocate failed ({e}); writing zeros instead")
-            chunk = b"\0" * (1 << 20)
-            for _ in range(args.size // len(chunk)):
-                f.write(chunk)
-            f.write(b"\0" * (args.size % len(chunk)))
-            f.flush()
-            os.fsync(f.fileno())
+    make_backing_file(backing, args.size)
 
     server_info: dict[str, dict] = {}
     server_errors: dict[str, str] = {}
     job_errors: dict[tuple, str] = {}
     runs: list[dict] = []
+    discarded: list[dict] = []  # measurements rejected by a server's check (e.g. peer lost)
     prefilled: set[str] = set()
     dead: set[str] = set()
     start_failures: dict[str, list[str]] = {}
@@ -743,6 +1144,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                         continue
                 sp = ServerProcess(spec, ctx, logdir, f"rep{rep}")
                 server_info[name]["commands"].append(shlex.join(sp.argv))
+                if sp.aux:
+                    server_info[name].setdefault("aux_commands", []).append(
+                        [shlex.join(a.argv) for a in sp.aux])
                 fp = binary_fingerprint(sp.argv[0])
                 fps = server_info[name].setdefault("binary", [])
                 if fps and fp != fps[0]:
@@ -770,10 +1174,30 @@ def main(argv: Optional[list[str]] = None) -> int:
                     esize = min(esize, args.size)
                     server_info[name]["export_size"] = esize
 
+                    def ready_or_fail(i: int) -> bool:
+                        """Wait for spec.wait_ready (e.g. every mirror peer in_sync); on
+                        failure mark job i and the rest as failed for this repetition."""
+                        if not spec.wait_ready:
+                            return True
+                        try:
+                            desc = spec.wait_ready(ctx, sp, args.sync_timeout)
+                            if desc:
+                                server_info[name].setdefault("ready", []).append(
+                                    f"rep {rep} before {jobs[i].name}: {desc}")
+                            return True
+                        except Exception as e:  # noqa: BLE001
+                            log(f"  {name} not ready: {e}")
+                            for j in jobs[i:]:
+                                job_errors[(j.name, name)] = f"not ready: {e}"
+                            return False
+
                     for i, job in enumerate(jobs):
-                        if not sp.alive():
-                            job_errors[(job.name, name)] = f"server died (rc {sp.proc.returncode})"
-                            log(f"  {name} is no longer running; log tail:\n{sp.log_tail()}")
+                        gone = sp.dead_part()
+                        if gone:
+                            job_errors[(job.name, name)] = gone.splitlines()[0]
+                            log(f"  {name}: {gone}")
+                            break
+                        if not ready_or_fail(i):
                             break
                         # Prefill once per server (data persists across its restarts).  By
                         # default before its first job, so no server's measured writes pay
@@ -794,6 +1218,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                                 log(f"  prefill failed: {e}")
                                 job_errors[(job.name, name)] = f"prefill failed: {e}"
                                 continue
+                            if not ready_or_fail(i):  # e.g. a peer dropped out during the prefill
+                                break
                         between_jobs()
                         out = os.path.join(logdir, f"{job.name}.{name}.rep{rep}.json")
                         cmd = fio_cmd(job.name, sp.uri, esize, job.fio, out, args.runtime,
@@ -814,6 +1240,17 @@ def main(argv: Optional[list[str]] = None) -> int:
                             continue
                         cpu1, fio1, (mach1, steal1) = sp.cpu_seconds(), children_cpu(), machine_cpu()
                         m = extract_metrics(data, job.side)
+                        problem = spec.check(ctx, sp) if spec.check else sp.dead_part()
+                        if problem:
+                            # e.g. a mirror peer dropped out: this was not a measurement of
+                            # the configuration, so it does not count
+                            log(f"  {job.name} on {name} discarded: {problem}")
+                            job_errors[(job.name, name)] = f"discarded: {problem}"
+                            data.pop("_fio_stdout", None)
+                            discarded.append({"rep": rep, "server": name, "job": job.name,
+                                              "command": shlex.join(cmd), "reason": problem,
+                                              "metrics": m})
+                            continue
                         wall = data["_wall_s"]
                         m["load1_before"] = load1
                         m["quiet_wait_s"] = quiet_s
@@ -839,8 +1276,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                                      "fio_stdout": stdout if stdout.strip() else None})
                         job_errors.pop((job.name, name), None)
                 finally:
-                    rc = sp.stop()
-                    log(f"  stopped {name} (rc {rc})")
+                    sp.stop()
     finally:
         cleanup_needed = bool(_live_procs)
         if cleanup_needed:
@@ -861,19 +1297,28 @@ def main(argv: Optional[list[str]] = None) -> int:
             med["n"] = len(rs)
             medians.setdefault(job.name, {})[name] = med
 
-    subject = args.subject if args.subject in server_names else None
-    ratios: dict[str, dict[str, float]] = {}
-    if subject:
+    # ratios[subject][job][reference] = subject median IOPS / reference median IOPS
+    ratios: dict[str, dict[str, dict[str, float]]] = {}
+    for subject in subjects:
         for job in jobs:
             sm = medians.get(job.name, {}).get(subject)
             if not sm:
                 continue
-            for ref in server_names:
+            for ref in references:
                 if ref == subject:
                     continue
                 rm = medians.get(job.name, {}).get(ref)
                 if rm and rm["iops"]:
-                    ratios.setdefault(job.name, {})[ref] = sm["iops"] / rm["iops"]
+                    ratios.setdefault(subject, {}).setdefault(job.name, {})[ref] = (
+                        sm["iops"] / rm["iops"])
+    targets = []
+    for subj, ref, jname, want in TARGETS:
+        sm = medians.get(jname, {}).get(subj)
+        rm = medians.get(jname, {}).get(ref)
+        if sm and rm and rm["iops"]:
+            got = sm["iops"] / rm["iops"]
+            targets.append({"subject": subj, "reference": ref, "job": jname, "min_ratio": want,
+                            "ratio": got, "met": got >= want})
 
     errors_flat: dict = dict(server_errors)
     errors_flat.update(job_errors)
@@ -881,12 +1326,20 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"nbdbench: {fmt_size(args.size)} export, {args.runtime}s runtime (+{RAMP_TIME}s ramp), "
           f"median of {args.repeat} rep(s), fio {meta['versions']['fio']}, "
           f"{os.cpu_count()} CPUs, workdir fs {wtype}")
+    nw = max(10, *(len(n) for n in server_names))
     for name in server_names:
-        print(f"  {name:10s} {server_info[name]['notes']}")
+        print(f"  {name:{nw}s} {server_info[name]['notes']}")
+        for a in (server_info[name].get("aux_commands") or [[]])[0]:
+            print(f"  {'':{nw}s} helper: {a}")
         if server_info[name]["commands"]:
-            print(f"  {'':10s} cmd: {server_info[name]['commands'][0]}")
+            print(f"  {'':{nw}s} cmd: {server_info[name]['commands'][0]}")
     print()
-    print(render_table(jobs, server_names, medians, ratios, errors_flat, subject, args.repeat))
+    print(render_table(jobs, server_names, medians, ratios, errors_flat, args.repeat))
+    if targets:
+        print()
+        for t in targets:
+            print(f"target: {t['job']}: {t['subject']}/{t['reference']} {t['ratio']:.2f}x "
+                  f"(wanted >= {t['min_ratio']:.2f}x): {'met' if t['met'] else 'NOT met'}")
     print()
     print("IOPS/MiB/s/latencies: medians over repetitions; ±% = (max-min)/median of IOPS; "
           "p50/p99 = fio completion latency; srv CPU% = server CPU time / fio wall time "
@@ -901,6 +1354,9 @@ def main(argv: Optional[list[str]] = None) -> int:
               f"more --repeat.")
     for w in warnings:
         print(f"WARNING: {w}")
+    for d in discarded:
+        print(f"WARNING: discarded {d['job']} on {d['server']} rep {d['rep']} "
+              f"({d['metrics']['iops']:.0f} IOPS): {d['reason'].splitlines()[0]}")
     if server_errors:
         print("\nserver errors:")
         for k, v in server_errors.items():
@@ -921,8 +1377,14 @@ def main(argv: Optional[list[str]] = None) -> int:
             "warnings": warnings,
             "job_errors": {f"{j}|{s}": v for (j, s), v in job_errors.items()},
             "runs": runs,
+            "discarded_runs": discarded,
             "medians": medians,
-            "ratios": {"subject": subject, "iops": ratios},
+            # "subject"/"iops": the first subject (the layout before there could be several)
+            "ratios": {"subject": subjects[0] if subjects else None,
+                       "iops": ratios.get(subjects[0], {}) if subjects else {},
+                       "subjects": subjects, "references": references,
+                       "by_subject": ratios},
+            "targets": targets,
         }
         with open(args.json, "w") as f:
             json.dump(doc, f, indent=1)

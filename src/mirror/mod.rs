@@ -132,6 +132,8 @@ enum Out {
         since: Instant,
         /// Resync batches this flush makes durable: cleared when answered.
         batches: Vec<(u64, u64)>,
+        /// Acknowledged writes up to this counter become durable on the peer.
+        upto: u64,
     },
     Resync {
         first: u64,
@@ -167,6 +169,12 @@ struct Peer {
     resync_inflight: u64,
     acked: Vec<(u64, u64)>,
     acked_bytes: u64,
+    /// Client writes the peer acknowledged (they are in its journal, maybe
+    /// only in its page cache) and no flush on the peer has covered yet:
+    /// (counter, offset, len). If the peer fails, their bits are set, since
+    /// a power failure there may have lost them.
+    unflushed: VecDeque<(u64, u64, u64)>,
+    unflushed_counter: u64,
     flush_in_flight: bool,
     last_resync_flush: Instant,
     /// Dirty bytes when the current resync began.
@@ -354,6 +362,8 @@ impl Mirror {
                 resync_inflight: 0,
                 acked: Vec::new(),
                 acked_bytes: 0,
+                unflushed: VecDeque::new(),
+                unflushed_counter: 0,
                 flush_in_flight: false,
                 last_resync_flush: now(),
                 total: 0,
@@ -539,11 +549,13 @@ impl Mirror {
             }
             let link = self.peers[i].link.unwrap();
             self.send_frame(link, FrameKind::Flush, &[&rid.to_le_bytes()]);
+            let upto = self.peers[i].unflushed_counter;
             self.peers[i].outstanding.insert(
                 rid,
                 Out::Flush {
                     since: now(),
                     batches: Vec::new(),
+                    upto,
                 },
             );
             mask |= 1 << i;
@@ -758,6 +770,9 @@ impl Mirror {
         p.acked.clear();
         p.acked_bytes = 0;
         p.flush_in_flight = false;
+        for (_, off, len) in p.unflushed.drain(..) {
+            p.bitmap.set_range(off, len);
+        }
         let mut check = Vec::new();
         for (id, out) in p.outstanding.drain() {
             match out {
@@ -1296,7 +1311,10 @@ impl Mirror {
                     return Err(format!("peer failed a write: {}", errno_str(errno as i32)));
                 }
                 match self.peers[i].outstanding.remove(&id) {
-                    Some(Out::Write { .. }) => {
+                    Some(Out::Write { offset, len, .. }) => {
+                        let p = &mut self.peers[i];
+                        p.unflushed_counter += 1;
+                        p.unflushed.push_back((p.unflushed_counter, offset, len));
                         if let Some(op) = self.ops.get_mut(&id) {
                             op.mask &= !(1u64 << i);
                         }
@@ -1323,8 +1341,11 @@ impl Mirror {
                     return Err(format!("peer failed a flush: {}", errno_str(errno as i32)));
                 }
                 match self.peers[i].outstanding.remove(&id) {
-                    Some(Out::Flush { batches, .. }) => {
+                    Some(Out::Flush { batches, upto, .. }) => {
                         let p = &mut self.peers[i];
+                        while p.unflushed.front().is_some_and(|&(c, _, _)| c <= upto) {
+                            p.unflushed.pop_front();
+                        }
                         if id & MIRROR_RID != 0 {
                             p.flush_in_flight = false;
                             for (first, n) in batches {
@@ -1555,11 +1576,13 @@ impl Mirror {
         p.acked_bytes = 0;
         p.flush_in_flight = true;
         p.last_resync_flush = now();
+        let upto = p.unflushed_counter;
         p.outstanding.insert(
             id,
             Out::Flush {
                 since: now(),
                 batches,
+                upto,
             },
         );
         self.post_send(io, link);
@@ -1720,11 +1743,16 @@ impl Mirror {
                 p.rate_mark = (t, p.sent_bytes);
                 let _ = p.bitmap.flush_async();
             }
-            if p.state == PeerState::Syncing
-                && !p.acked.is_empty()
+            // Resync batches become clearable, and acknowledged client writes
+            // stop needing a bit, only when a flush on the peer covers them:
+            // send one at least every second while either is waiting.
+            let due = p.last_resync_flush.elapsed() >= RESYNC_FLUSH_INTERVAL;
+            if p.streaming()
                 && !p.flush_in_flight
-                && (p.acked_bytes >= RESYNC_FLUSH_BYTES
-                    || p.last_resync_flush.elapsed() >= RESYNC_FLUSH_INTERVAL)
+                && ((p.state == PeerState::Syncing
+                    && !p.acked.is_empty()
+                    && (p.acked_bytes >= RESYNC_FLUSH_BYTES || due))
+                    || (!p.unflushed.is_empty() && due))
             {
                 self.resync_flush(io, i);
             }
