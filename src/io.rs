@@ -8,7 +8,7 @@
 //! never retries: a short transfer or an error is the caller's to handle.
 
 use std::io;
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -182,6 +182,36 @@ pub trait Io {
         timeout: Option<Duration>,
         out: &mut Vec<Completion>,
     ) -> io::Result<()>;
+    /// The current time. The simulated backend runs a virtual clock.
+    fn now(&self) -> std::time::Instant {
+        std::time::Instant::now()
+    }
+
+    /// A new TCP socket (with TCP_NODELAY) to connect with.
+    fn tcp_socket(&mut self, v6: bool) -> io::Result<OwnedFd> {
+        let family = if v6 { libc::AF_INET6 } else { libc::AF_INET };
+        // SAFETY: plain socket(2).
+        let fd = unsafe { libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a fresh descriptor we own.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        crate::server::set_nodelay(fd.as_raw_fd());
+        Ok(fd)
+    }
+
+    /// A listening TCP socket bound to `addr`.
+    fn tcp_listen(&mut self, addr: std::net::SocketAddr) -> io::Result<OwnedFd> {
+        Ok(OwnedFd::from(std::net::TcpListener::bind(addr)?))
+    }
+
+    /// shutdown(SHUT_RDWR): pending operations on the socket complete.
+    fn shutdown(&mut self, fd: RawFd) {
+        // SAFETY: shutdown(2) on a descriptor the caller owns.
+        unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+    }
+
     /// Run one op to completion. Only for start-up and shutdown paths where
     /// nothing else is in flight.
     fn run(&mut self, op: Op) -> Completion {

@@ -236,7 +236,7 @@ impl Server {
         let mut store = Store::open(&mut io, files, sb, config.tuning)
             .map_err(|e| format!("{}: recovery failed: {e}", replica.path.display()))?;
         let mirror = match &config.mirror {
-            Some(m) => Some(Mirror::new(m.clone(), &mut store)?),
+            Some(m) => Some(Mirror::new(m.clone(), &mut store, &mut io)?),
             None => None,
         };
         let read_only = mirror
@@ -334,7 +334,7 @@ impl Server {
             }
         }
         if let Some(m) = self.mirror.as_mut() {
-            m.finish();
+            m.finish(&mut self.io);
         }
         if let Some(why) = self.store.failure() {
             return Err(format!("stopped after a storage failure: {why}"));
@@ -408,7 +408,7 @@ impl Server {
     fn begin_shutdown(&mut self) {
         self.shutting_down = true;
         if let Some(m) = self.mirror.as_mut() {
-            m.begin_shutdown();
+            m.begin_shutdown(&mut self.io);
         }
         self.shutdown_since = Some(std::time::Instant::now());
         for l in &self.listeners {

@@ -288,12 +288,11 @@ pub struct Mirror {
     last_refill: Instant,
     shutting_down: bool,
     send_queue: Vec<u64>,
+    /// The time, as the I/O backend tells it (virtual under simulation),
+    /// refreshed at every entry point.
+    t: Instant,
     /// Client requests finished: (request id, result), for the server.
     pub answers: Vec<(u64, Result<(), i32>)>,
-}
-
-fn now() -> Instant {
-    Instant::now()
 }
 
 fn nonce() -> [u8; 32] {
@@ -316,8 +315,9 @@ impl Mirror {
     /// Set up the mirror for `store`: open (or create) every peer's bitmap,
     /// mark what recovery replayed as dirty for every peer, bind the peer
     /// listener and the admin socket.
-    pub fn new(cfg: MirrorConfig, store: &mut Store) -> Result<Mirror, String> {
+    pub fn new(cfg: MirrorConfig, store: &mut Store, io: &mut dyn Io) -> Result<Mirror, String> {
         let sb = store.superblock().clone();
+        let t0 = io.now();
         if cfg.secret.len() < crate::peer::handshake::MIN_SECRET && !cfg.secret.is_empty() {
             return Err(format!(
                 "the shared secret is {} bytes; at least {} are needed",
@@ -353,7 +353,7 @@ impl Mirror {
                 state: PeerState::Connecting,
                 bitmap: bm,
                 outstanding: HashMap::new(),
-                retry_at: now(),
+                retry_at: t0,
                 backoff: BACKOFF_MIN,
                 last_error: None,
                 epoch: 0,
@@ -365,10 +365,10 @@ impl Mirror {
                 unflushed: VecDeque::new(),
                 unflushed_counter: 0,
                 flush_in_flight: false,
-                last_resync_flush: now(),
+                last_resync_flush: t0,
                 total: 0,
                 sent_bytes: 0,
-                rate_mark: (now(), 0),
+                rate_mark: (t0, 0),
                 rate: 0.0,
             });
         }
@@ -377,9 +377,10 @@ impl Mirror {
         }
         let listener = match cfg.peer_listen {
             Some(a) => {
-                let l = std::net::TcpListener::bind(a)
+                let l = io
+                    .tcp_listen(a)
                     .map_err(|e| format!("cannot listen for peers on {a}: {e}"))?;
-                Some(OwnedFd::from(l))
+                Some(l)
             }
             None => None,
         };
@@ -398,7 +399,7 @@ impl Mirror {
             volume_uuid: sb.volume_uuid,
             size: sb.size,
             tokens: 0.0,
-            last_refill: now(),
+            last_refill: t0,
             cfg,
             peers,
             links: HashMap::new(),
@@ -415,6 +416,7 @@ impl Mirror {
             applying: HashMap::new(),
             shutting_down: false,
             send_queue: Vec::new(),
+            t: t0,
             answers: Vec::new(),
         })
     }
@@ -434,6 +436,7 @@ impl Mirror {
     }
 
     pub fn start(&mut self, io: &mut dyn Io) {
+        self.t = io.now();
         if let Some(l) = &self.listener {
             io.submit(tok(KIND_PEER_LISTEN, 0), Op::Accept { fd: l.as_raw_fd() });
         }
@@ -453,29 +456,27 @@ impl Mirror {
             && self.applying.is_empty()
     }
 
-    pub fn begin_shutdown(&mut self) {
+    pub fn begin_shutdown(&mut self, io: &mut dyn Io) {
         self.shutting_down = true;
         if let Some(l) = &self.listener {
-            // SAFETY: shutdown on a socket we own; completes the pending accept.
-            unsafe { libc::shutdown(l.as_raw_fd(), libc::SHUT_RDWR) };
+            io.shutdown(l.as_raw_fd());
         }
         if let Some(a) = &self.admin {
-            // SAFETY: as above.
-            unsafe { libc::shutdown(a.as_raw_fd(), libc::SHUT_RDWR) };
+            io.shutdown(a.as_raw_fd());
         }
         if self.cfg.role == NodeRole::Secondary {
             let ids: Vec<u64> = self.links.keys().copied().collect();
             for id in ids {
-                self.close_link(id);
+                self.close_link(io, id);
             }
         }
     }
 
     /// Last step of a clean shutdown: links closed, bitmaps on disk.
-    pub fn finish(&mut self) {
+    pub fn finish(&mut self, io: &mut dyn Io) {
         let ids: Vec<u64> = self.links.keys().copied().collect();
         for id in ids {
-            self.close_link(id);
+            self.close_link(io, id);
         }
         for p in &self.peers {
             if let Err(e) = p.bitmap.flush() {
@@ -501,6 +502,7 @@ impl Mirror {
         len: usize,
         fua: bool,
     ) {
+        self.t = io.now();
         self.submit_or_park(
             io,
             store,
@@ -527,6 +529,7 @@ impl Mirror {
         fua: bool,
         trim: bool,
     ) {
+        self.t = io.now();
         self.submit_or_park(
             io,
             store,
@@ -542,6 +545,7 @@ impl Mirror {
     }
 
     pub fn client_flush(&mut self, io: &mut dyn Io, store: &mut Store, rid: u64) {
+        self.t = io.now();
         let mut mask = 0u64;
         for i in 0..self.peers.len() {
             if !self.peers[i].streaming() {
@@ -553,7 +557,7 @@ impl Mirror {
             self.peers[i].outstanding.insert(
                 rid,
                 Out::Flush {
-                    since: now(),
+                    since: self.t,
                     batches: Vec::new(),
                     upto,
                 },
@@ -668,7 +672,7 @@ impl Mirror {
                     Out::Write {
                         offset: s,
                         len: e - s,
-                        since: now(),
+                        since: self.t,
                     },
                 );
                 mask |= 1 << i;
@@ -731,6 +735,7 @@ impl Mirror {
 
     /// A store event for a request the mirror owns (see [`Mirror::owns`]).
     pub fn store_event(&mut self, io: &mut dyn Io, store: &mut Store, ev: StoreEvent) {
+        self.t = io.now();
         match ev {
             StoreEvent::Written(rid, r) | StoreEvent::Flushed(rid, r) => {
                 if rid & MIRROR_RID != 0 {
@@ -764,7 +769,7 @@ impl Mirror {
         p.last_error = Some(why);
         p.state = PeerState::Disconnected;
         p.epoch += 1;
-        p.retry_at = now() + p.backoff;
+        p.retry_at = self.t + p.backoff;
         p.backoff = (p.backoff * 2).min(BACKOFF_MAX);
         p.resync_inflight = 0;
         p.acked.clear();
@@ -792,7 +797,7 @@ impl Mirror {
             self.try_complete(id);
         }
         if let Some(l) = link {
-            self.close_link(l);
+            self.close_link(io, l);
         }
         self.unpark(io, store);
     }
@@ -830,9 +835,9 @@ impl Mirror {
                 spare: Vec::new(),
                 closing: false,
                 close_after_send: false,
-                opened: now(),
-                last_rx: now(),
-                last_tx: now(),
+                opened: self.t,
+                last_rx: self.t,
+                last_tx: self.t,
                 held: false,
             },
         );
@@ -844,22 +849,14 @@ impl Mirror {
             return;
         }
         let addr = self.peers[i].addr;
-        let family = if addr.is_ipv4() {
-            libc::AF_INET
-        } else {
-            libc::AF_INET6
+        let fd = match io.tcp_socket(addr.is_ipv6()) {
+            Ok(fd) => fd,
+            Err(e) => {
+                self.peers[i].last_error = Some(format!("cannot create a socket: {e}"));
+                self.peers[i].retry_at = self.t + BACKOFF_MAX;
+                return;
+            }
         };
-        // SAFETY: plain socket(2).
-        let fd = unsafe { libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
-        if fd < 0 {
-            let e = std::io::Error::last_os_error();
-            self.peers[i].last_error = Some(format!("cannot create a socket: {e}"));
-            self.peers[i].retry_at = now() + BACKOFF_MAX;
-            return;
-        }
-        // SAFETY: a fresh descriptor we own.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        crate::server::set_nodelay(fd.as_raw_fd());
         let raw = fd.as_raw_fd();
         let id = self.new_link(fd, Some(i), addr.to_string());
         self.links.get_mut(&id).unwrap().connect_busy = true;
@@ -895,6 +892,7 @@ impl Mirror {
 
     /// Start the sends queued by [`Mirror::post_send`].
     pub fn flush_sends(&mut self, io: &mut dyn Io) {
+        self.t = io.now();
         while !self.send_queue.is_empty() {
             for link in std::mem::take(&mut self.send_queue) {
                 self.submit_send(io, link);
@@ -913,7 +911,7 @@ impl Mirror {
         buf.clear();
         std::mem::swap(&mut buf, &mut l.out);
         l.send_busy = true;
-        l.last_tx = now();
+        l.last_tx = self.t;
         io.submit(
             tok(KIND_PEER, link << 2 | SUB_SEND),
             Op::Send {
@@ -943,7 +941,7 @@ impl Mirror {
         );
     }
 
-    fn close_link(&mut self, link: u64) {
+    fn close_link(&mut self, io: &mut dyn Io, link: u64) {
         let Some(l) = self.links.get_mut(&link) else {
             return;
         };
@@ -953,8 +951,7 @@ impl Mirror {
             return;
         }
         l.close_after_send = false;
-        // SAFETY: shutdown on a socket we own; wakes pending ops.
-        unsafe { libc::shutdown(l.fd.as_raw_fd(), libc::SHUT_RDWR) };
+        io.shutdown(l.fd.as_raw_fd());
         self.reap_link(link);
     }
 
@@ -984,12 +981,13 @@ impl Mirror {
                 } else {
                     eprintln!("nbdmirror: peer connection from {}: {why}", l.addr);
                 }
-                self.close_link(link);
+                self.close_link(io, link);
             }
         }
     }
 
     pub fn complete(&mut self, io: &mut dyn Io, store: &mut Store, c: Completion) {
+        self.t = io.now();
         let kind = c.token >> KIND_SHIFT;
         let id = c.token & ID_MASK;
         match kind {
@@ -1033,7 +1031,7 @@ impl Mirror {
             Ok(h) => self.links.get_mut(&id).unwrap().hs = Some(Box::new(h)),
             Err(e) => {
                 eprintln!("nbdmirror: cannot start a peer handshake: {e}");
-                self.close_link(id);
+                self.close_link(io, id);
                 return;
             }
         }
@@ -1063,8 +1061,8 @@ impl Mirror {
             Ok(h) => {
                 let l = self.links.get_mut(&link).unwrap();
                 l.hs = Some(Box::new(h));
-                l.opened = now();
-                l.last_rx = now();
+                l.opened = self.t;
+                l.last_rx = self.t;
             }
             Err(e) => {
                 self.link_failed(io, store, link, format!("cannot start the handshake: {e}"));
@@ -1112,7 +1110,7 @@ impl Mirror {
                 _ => {
                     eprintln!("nbdmirror: peer connection from {}: {why}", l.addr);
                     l.close_after_send = true;
-                    self.close_link(link);
+                    self.close_link(io, link);
                 }
             }
             return;
@@ -1121,7 +1119,7 @@ impl Mirror {
             let l = self.links.get_mut(&link).unwrap();
             let hs = l.hs.take().unwrap();
             l.session = hs.into_session();
-            l.last_rx = now();
+            l.last_rx = self.t;
             match l.peer {
                 Some(i) => {
                     let p = &mut self.peers[i];
@@ -1162,7 +1160,7 @@ impl Mirror {
                         .collect();
                     for o in others {
                         eprintln!("nbdmirror: closing the older replication session");
-                        self.close_link(o);
+                        self.close_link(io, o);
                     }
                     let busy = self.applying.values().any(|&(l2, _, _)| l2 != link);
                     self.links.get_mut(&link).unwrap().held = busy;
@@ -1206,7 +1204,7 @@ impl Mirror {
             return;
         }
         let n = c.result as usize;
-        l.last_rx = now();
+        l.last_rx = self.t;
         if let Some(hs) = l.hs.as_mut() {
             hs.receive(&buf[..n]);
             l.rbuf = Some(buf);
@@ -1265,7 +1263,7 @@ impl Mirror {
             l.out.clear();
             if l.close_after_send {
                 l.close_after_send = false;
-                self.close_link(link);
+                self.close_link(io, link);
                 return;
             }
             let why = format!("send failed: {}", errno_str(-c.result.min(-1)));
@@ -1284,7 +1282,7 @@ impl Mirror {
         l.spare = buf;
         if l.out.is_empty() && l.close_after_send {
             l.close_after_send = false;
-            self.close_link(link);
+            self.close_link(io, link);
             return;
         }
         if l.closing && !l.close_after_send {
@@ -1575,12 +1573,12 @@ impl Mirror {
         let batches = std::mem::take(&mut p.acked);
         p.acked_bytes = 0;
         p.flush_in_flight = true;
-        p.last_resync_flush = now();
+        p.last_resync_flush = self.t;
         let upto = p.unflushed_counter;
         p.outstanding.insert(
             id,
             Out::Flush {
-                since: now(),
+                since: self.t,
                 batches,
                 upto,
             },
@@ -1628,7 +1626,7 @@ impl Mirror {
                     Out::Resync {
                         first: rr.first,
                         n: rr.n,
-                        since: now(),
+                        since: self.t,
                     },
                 );
                 self.post_send(io, link);
@@ -1656,7 +1654,8 @@ impl Mirror {
     // ----- timers -------------------------------------------------------------
 
     pub fn tick(&mut self, io: &mut dyn Io, store: &mut Store) {
-        let t = now();
+        self.t = io.now();
+        let t = self.t;
         let dt = t.duration_since(self.last_refill).as_secs_f64();
         self.last_refill = t;
         if self.cfg.resync_rate > 0 {
@@ -1673,7 +1672,7 @@ impl Mirror {
             if l.closing {
                 continue;
             }
-            if l.hs.is_some() && l.opened.elapsed() > timeout {
+            if l.hs.is_some() && t.saturating_duration_since(l.opened) > timeout {
                 self.link_failed(
                     io,
                     store,
@@ -1685,7 +1684,7 @@ impl Mirror {
             if l.session.is_none() {
                 continue;
             }
-            let silent = l.last_rx.elapsed();
+            let silent = t.saturating_duration_since(l.last_rx);
             let limit = if l.peer.is_some() {
                 timeout
             } else {
@@ -1700,8 +1699,8 @@ impl Mirror {
                 );
                 continue;
             }
-            if l.last_tx.elapsed() > timeout / 4 && l.peer.is_some() {
-                let stamp = t.elapsed().as_nanos() as u64;
+            if t.saturating_duration_since(l.last_tx) > timeout / 4 && l.peer.is_some() {
+                let stamp = self.next_mrid;
                 self.send_frame(id, FrameKind::Ping, &[&stamp.to_le_bytes()]);
                 self.post_send(io, id);
             }
@@ -1714,7 +1713,7 @@ impl Mirror {
                 .values()
                 .map(|o| o.since())
                 .min()
-                .is_some_and(|s| s.elapsed() > timeout);
+                .is_some_and(|s| t.saturating_duration_since(s) > timeout);
             if stale && self.peers[i].streaming() {
                 self.fail_peer(
                     io,
@@ -1731,7 +1730,7 @@ impl Mirror {
                 self.connect(io, i);
             }
             let p = &mut self.peers[i];
-            let el = p.rate_mark.0.elapsed();
+            let el = t.saturating_duration_since(p.rate_mark.0);
             if el >= Duration::from_secs(1) {
                 let bytes = p.sent_bytes - p.rate_mark.1;
                 let inst = bytes as f64 / el.as_secs_f64();
@@ -1746,7 +1745,7 @@ impl Mirror {
             // Resync batches become clearable, and acknowledged client writes
             // stop needing a bit, only when a flush on the peer covers them:
             // send one at least every second while either is waiting.
-            let due = p.last_resync_flush.elapsed() >= RESYNC_FLUSH_INTERVAL;
+            let due = t.saturating_duration_since(p.last_resync_flush) >= RESYNC_FLUSH_INTERVAL;
             if p.streaming()
                 && !p.flush_in_flight
                 && ((p.state == PeerState::Syncing
@@ -1860,7 +1859,7 @@ impl Mirror {
                                 _ => {
                                     p.paused = false;
                                     p.backoff = BACKOFF_MIN;
-                                    p.retry_at = now();
+                                    p.retry_at = self.t;
                                 }
                             }
                         }
