@@ -4,12 +4,18 @@
 //! crash can be built from any prefix of them, with the last one torn at
 //! 512-byte granularity), deterministic completion reordering from a seed, and
 //! injected faults (EIO, ENOSPC, short writes, failed fsync). It never touches a
-//! real file or socket; sockets are not simulated here (ops return EOPNOTSUPP).
+//! real file. With a [`SimNet`] attached (several nodes share one), it also
+//! simulates TCP between them on a virtual clock: connect, accept, send and
+//! receive with a delivery delay, partitions (segments held until healed,
+//! connects time out) and resets; without one, socket ops fail EOPNOTSUPP.
 
-use std::collections::HashMap;
+use std::cell::RefCell;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::io;
-use std::os::fd::RawFd;
-use std::time::Duration;
+use std::net::SocketAddr;
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::rc::Rc;
+use std::time::{Duration, Instant};
 
 use crate::io::{Completion, Io, Op};
 use crate::store::format::{Superblock, BLOCK_SIZE, CHECKSUM_TABLE_OFFSET, FORMAT_VERSION};
@@ -65,6 +71,9 @@ pub enum CrashMode {
     PrefixTorn,
     /// Every unsynced sector in any of its versions ([`SimIo::crash_image_any`]).
     AnySector,
+    /// The process was killed, the machine kept running: everything written
+    /// (the page cache) survives, ops still queued are lost.
+    ProcessKill,
 }
 
 /// A small deterministic PRNG (xorshift64*), so a seed reproduces a run.
@@ -95,6 +104,10 @@ impl Rng {
 pub struct SimIo {
     pub files: HashMap<RawFd, SimFile>,
     queue: Vec<(u64, Op)>,
+    /// Virtual submit time of each queued op (parallel to `queue`).
+    queued_at: Vec<Duration>,
+    /// The network this node is on, and its node number there.
+    net: Option<(Rc<RefCell<SimNet>>, u32)>,
     rng: Rng,
     /// Complete queued ops in a shuffled order.
     pub reorder: bool,
@@ -105,6 +118,13 @@ pub struct SimIo {
     pub ops_done: u64,
     /// Print every executed op and its result to stderr (for debugging a seed).
     pub trace: bool,
+    /// Files whose writes execute at submission, as `UringIo::inline_write_fds`
+    /// does for the journal (their completions are delivered by the next wait).
+    pub inline_write_fds: Vec<RawFd>,
+    inline_done: Vec<Completion>,
+    /// Real descriptors (outside the simulation) whose fsyncs are passed
+    /// through to the kernel.
+    pub real_sync_fds: Vec<RawFd>,
     next_fd: RawFd,
 }
 
@@ -113,6 +133,11 @@ impl SimIo {
         SimIo {
             files: HashMap::new(),
             queue: Vec::new(),
+            queued_at: Vec::new(),
+            net: None,
+            inline_write_fds: Vec::new(),
+            inline_done: Vec::new(),
+            real_sync_fds: Vec::new(),
             rng: Rng::new(seed),
             reorder: true,
             faults: Vec::new(),
@@ -221,6 +246,7 @@ impl SimIo {
                 CrashMode::DurableOnly => self.files[&fd].durable.clone(),
                 CrashMode::PrefixTorn => self.crash_image(fd),
                 CrashMode::AnySector => self.crash_image_any(fd),
+                CrashMode::ProcessKill => self.files[&fd].live.clone(),
             };
             next.files.insert(
                 fd,
@@ -239,18 +265,18 @@ impl SimIo {
     /// random when `reorder` is set, oldest first otherwise. Lets a test stop
     /// (crash) while some ops are still in flight.
     pub fn wait_some(&mut self, k: usize, out: &mut Vec<Completion>) {
+        out.append(&mut self.inline_done);
         for _ in 0..k {
-            if self.queue.is_empty() {
+            let ready: Vec<usize> = (0..self.queue.len()).filter(|&i| self.ready(i)).collect();
+            if ready.is_empty() {
                 break;
             }
             let i = if self.reorder {
-                self.rng.below(self.queue.len() as u64) as usize
+                ready[self.rng.below(ready.len() as u64) as usize]
             } else {
-                0
+                ready[0]
             };
-            let (token, mut op) = self.queue.remove(i);
-            let result = self.execute(&mut op);
-            out.push(Completion { token, result, op });
+            self.run_queued(i, out);
         }
     }
 
@@ -263,8 +289,41 @@ impl SimIo {
     /// Execute only the queued op at `index` (in [`queued`](Self::queued) order).
     pub fn run_queued(&mut self, index: usize, out: &mut Vec<Completion>) {
         let (token, mut op) = self.queue.remove(index);
-        let result = self.execute(&mut op);
+        let at = self.queued_at.remove(index);
+        let result = self.execute_at(&mut op, at);
         out.push(Completion { token, result, op });
+    }
+
+    /// Attach this node to `net` as node `node`.
+    pub fn attach(&mut self, net: Rc<RefCell<SimNet>>, node: u32) {
+        self.net = Some((net, node));
+    }
+
+    fn vnow(&self) -> Duration {
+        self.net
+            .as_ref()
+            .map(|(n, _)| n.borrow().now)
+            .unwrap_or_default()
+    }
+
+    /// Whether queued op `i` can complete now (disk ops always can; socket
+    /// ops and timeouts depend on the network and the virtual clock).
+    fn ready(&self, i: usize) -> bool {
+        let Some((net, node)) = &self.net else {
+            return true;
+        };
+        net.borrow()
+            .ready(*node, &self.queue[i].1, self.queued_at[i])
+    }
+
+    fn execute_at(&mut self, op: &mut Op, at: Duration) -> i32 {
+        if let Some((net, node)) = &self.net {
+            if let Some(r) = net.borrow_mut().execute(*node, op, at) {
+                self.ops_done += 1;
+                return r;
+            }
+        }
+        self.execute(op)
     }
 
     /// The simulator's random stream (for tests that want reproducible choices
@@ -373,6 +432,13 @@ impl SimIo {
                     return -e;
                 }
                 let Some(f) = self.files.get_mut(fd) else {
+                    // A real file outside the simulation (a mirror's dirty
+                    // bitmap, which lives in a real directory): sync it.
+                    if self.real_sync_fds.contains(fd) {
+                        // SAFETY: fdatasync(2) on a descriptor the caller owns.
+                        let r = unsafe { libc::fdatasync(*fd) };
+                        return if r == 0 { 0 } else { -libc::EIO };
+                    }
                     return -libc::EBADF;
                 };
                 // durable := live, by replaying the unsynced writes rather than
@@ -427,10 +493,21 @@ fn write_into(img: &mut Vec<u8>, at: usize, data: &[u8]) {
 }
 
 impl Io for SimIo {
-    fn submit(&mut self, token: u64, op: Op) {
+    fn submit(&mut self, token: u64, mut op: Op) {
+        if let Op::Write { fd, .. } = &op {
+            if self.inline_write_fds.contains(fd) {
+                let result = self.execute(&mut op);
+                self.inline_done.push(Completion { token, result, op });
+                return;
+            }
+        }
+        let at = self.vnow();
         self.queue.push((token, op));
+        self.queued_at.push(at);
     }
 
+    /// Complete every queued op that can complete now (socket ops that must
+    /// wait for the network stay queued), in a shuffled order if `reorder`.
     fn wait(
         &mut self,
         min: usize,
@@ -438,18 +515,453 @@ impl Io for SimIo {
         out: &mut Vec<Completion>,
     ) -> io::Result<()> {
         let _ = min;
-        let mut batch = std::mem::take(&mut self.queue);
+        out.append(&mut self.inline_done);
+        let mut idx: Vec<usize> = (0..self.queue.len()).filter(|&i| self.ready(i)).collect();
         if self.reorder {
-            for i in (1..batch.len()).rev() {
+            for i in (1..idx.len()).rev() {
                 let j = self.rng.below(i as u64 + 1) as usize;
-                batch.swap(i, j);
+                idx.swap(i, j);
             }
         }
-        for (token, mut op) in batch {
-            let result = self.execute(&mut op);
+        let mut batch = Vec::new();
+        let mut sorted = idx.clone();
+        sorted.sort_unstable_by(|a, b| b.cmp(a));
+        let mut taken: HashMap<usize, (u64, Op, Duration)> = HashMap::new();
+        for i in sorted {
+            let (t, op) = self.queue.remove(i);
+            let at = self.queued_at.remove(i);
+            taken.insert(i, (t, op, at));
+        }
+        for i in idx {
+            batch.push(taken.remove(&i).unwrap());
+        }
+        for (token, mut op, at) in batch {
+            let result = self.execute_at(&mut op, at);
             out.push(Completion { token, result, op });
         }
         Ok(())
+    }
+
+    fn now(&self) -> Instant {
+        match &self.net {
+            Some((n, _)) => {
+                let n = n.borrow();
+                n.base + n.now
+            }
+            None => Instant::now(),
+        }
+    }
+
+    fn tcp_socket(&mut self, _v6: bool) -> io::Result<OwnedFd> {
+        let Some((net, node)) = &self.net else {
+            return Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP));
+        };
+        net.borrow_mut().socket(*node, None)
+    }
+
+    fn tcp_listen(&mut self, addr: SocketAddr) -> io::Result<OwnedFd> {
+        let Some((net, node)) = &self.net else {
+            return Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP));
+        };
+        net.borrow_mut().socket(*node, Some(addr))
+    }
+
+    fn shutdown(&mut self, fd: RawFd) {
+        if let Some((net, _)) = &self.net {
+            net.borrow_mut().shutdown(fd);
+        }
+    }
+}
+
+/// One TCP segment in flight: bytes or the end of the stream.
+#[derive(Debug)]
+enum Seg {
+    Data(Vec<u8>),
+    Fin,
+}
+
+#[derive(Debug)]
+struct SimSock {
+    node: u32,
+    peer: Option<u64>,
+    /// Segments for this end, with the virtual time they arrive.
+    inbox: VecDeque<(Duration, Seg)>,
+    /// Bytes of the front data segment already received.
+    consumed: usize,
+    got_fin: bool,
+    shut: bool,
+    reset: bool,
+    listen: Option<SocketAddr>,
+    backlog: VecDeque<u64>,
+}
+
+/// A simulated network of nodes (one [`SimIo`] each) on a virtual clock.
+/// Sockets are real eventfd descriptors (so `OwnedFd` can close them
+/// safely) mapped to simulated endpoints.
+pub struct SimNet {
+    /// Virtual time since the start; the test advances it.
+    pub now: Duration,
+    base: Instant,
+    /// One-way delivery delay of every segment and connect.
+    pub delay: Duration,
+    socks: HashMap<u64, SimSock>,
+    fds: HashMap<RawFd, u64>,
+    listeners: HashMap<SocketAddr, u64>,
+    next_id: u64,
+    blocked: HashSet<(u32, u32)>,
+    down: HashSet<u32>,
+    /// Bytes delivered, for tests that want to see traffic.
+    pub delivered: u64,
+}
+
+impl SimNet {
+    pub fn new(delay: Duration) -> Rc<RefCell<SimNet>> {
+        Rc::new(RefCell::new(SimNet {
+            now: Duration::ZERO,
+            base: Instant::now(),
+            delay,
+            socks: HashMap::new(),
+            fds: HashMap::new(),
+            listeners: HashMap::new(),
+            next_id: 1,
+            blocked: HashSet::new(),
+            down: HashSet::new(),
+            delivered: 0,
+        }))
+    }
+
+    /// Cut the link between nodes `a` and `b`: segments wait, connects time out.
+    pub fn partition(&mut self, a: u32, b: u32) {
+        self.blocked.insert((a, b));
+        self.blocked.insert((b, a));
+    }
+
+    pub fn heal(&mut self, a: u32, b: u32) {
+        self.blocked.remove(&(a, b));
+        self.blocked.remove(&(b, a));
+    }
+
+    pub fn heal_all(&mut self) {
+        self.blocked.clear();
+    }
+
+    pub fn is_partitioned(&self, a: u32, b: u32) -> bool {
+        self.blocked.contains(&(a, b))
+    }
+
+    /// Reset every connection between `a` and `b` (both ends see ECONNRESET).
+    pub fn reset_between(&mut self, a: u32, b: u32) {
+        let ids: Vec<u64> = self
+            .socks
+            .iter()
+            .filter(|(_, s)| s.node == a && s.listen.is_none())
+            .filter(|(_, s)| {
+                s.peer
+                    .and_then(|p| self.socks.get(&p))
+                    .is_some_and(|p| p.node == b)
+            })
+            .map(|(&i, _)| i)
+            .collect();
+        for i in ids {
+            self.reset(i);
+        }
+    }
+
+    fn reset(&mut self, id: u64) {
+        let peer = self.socks.get(&id).and_then(|s| s.peer);
+        for i in std::iter::once(id).chain(peer) {
+            if let Some(s) = self.socks.get_mut(&i) {
+                s.reset = true;
+                s.inbox.clear();
+            }
+        }
+    }
+
+    /// Node `n` crashed: its sockets vanish (peers see a reset), its
+    /// listeners are gone. Call [`SimNet::up`] when it restarts.
+    pub fn crash_node(&mut self, n: u32) {
+        let ids: Vec<u64> = self
+            .socks
+            .iter()
+            .filter(|(_, s)| s.node == n)
+            .map(|(&i, _)| i)
+            .collect();
+        for i in ids {
+            self.reset(i);
+            if let Some(a) = self.socks.get(&i).and_then(|s| s.listen) {
+                if self.listeners.get(&a) == Some(&i) {
+                    self.listeners.remove(&a);
+                }
+            }
+            if let Some(s) = self.socks.get_mut(&i) {
+                s.shut = true;
+            }
+        }
+        self.down.insert(n);
+    }
+
+    pub fn up(&mut self, n: u32) {
+        self.down.remove(&n);
+    }
+
+    fn socket(&mut self, node: u32, listen: Option<SocketAddr>) -> io::Result<OwnedFd> {
+        if let Some(a) = listen {
+            if self.listeners.contains_key(&a) {
+                return Err(io::Error::from_raw_os_error(libc::EADDRINUSE));
+            }
+        }
+        // SAFETY: eventfd(2) gives a fresh descriptor we own.
+        let raw = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+        if raw < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: as above.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let id = self.new_sock(node, listen);
+        self.fds.insert(raw, id);
+        if let Some(a) = listen {
+            self.listeners.insert(a, id);
+        }
+        Ok(fd)
+    }
+
+    fn new_sock(&mut self, node: u32, listen: Option<SocketAddr>) -> u64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.socks.insert(
+            id,
+            SimSock {
+                node,
+                peer: None,
+                inbox: VecDeque::new(),
+                consumed: 0,
+                got_fin: false,
+                shut: false,
+                reset: false,
+                listen,
+                backlog: VecDeque::new(),
+            },
+        );
+        id
+    }
+
+    fn shutdown(&mut self, fd: RawFd) {
+        let Some(&id) = self.fds.get(&fd) else {
+            return;
+        };
+        let now = self.now + self.delay;
+        let Some(s) = self.socks.get_mut(&id) else {
+            return;
+        };
+        if s.shut {
+            return;
+        }
+        s.shut = true;
+        if let Some(a) = s.listen {
+            if self.listeners.get(&a) == Some(&id) {
+                self.listeners.remove(&a);
+            }
+            return;
+        }
+        if let Some(p) = s.peer {
+            if let Some(ps) = self.socks.get_mut(&p) {
+                ps.inbox.push_back((now, Seg::Fin));
+            }
+        }
+    }
+
+    fn deliverable(&self, s: &SimSock) -> bool {
+        let Some((t, _)) = s.inbox.front() else {
+            return false;
+        };
+        if *t > self.now {
+            return false;
+        }
+        let from = s.peer.and_then(|p| self.socks.get(&p)).map(|p| p.node);
+        !from.is_some_and(|f| self.blocked.contains(&(f, s.node)))
+    }
+
+    fn ready(&self, node: u32, op: &Op, at: Duration) -> bool {
+        let sock = |fd: &RawFd| self.fds.get(fd).and_then(|i| self.socks.get(i));
+        match op {
+            Op::Timeout { ts } => {
+                let d = Duration::new(ts_secs(ts), ts_nanos(ts));
+                self.now >= at + d
+            }
+            Op::Accept { fd } => sock(fd).is_none_or(|s| s.shut || !s.backlog.is_empty()),
+            Op::Connect { timeout, .. } => {
+                let d = Duration::new(ts_secs(timeout), ts_nanos(timeout));
+                let target = self.connect_target(op);
+                match target {
+                    Some(l) if self.blocked.contains(&(node, l)) => self.now >= at + d,
+                    _ => self.now >= at + self.delay,
+                }
+            }
+            Op::Recv { fd, .. } => {
+                sock(fd).is_none_or(|s| s.reset || s.shut || s.got_fin || self.deliverable(s))
+            }
+            Op::Send { .. } => true,
+            _ => true,
+        }
+    }
+
+    fn connect_target(&self, op: &Op) -> Option<u32> {
+        let Op::Connect { addr, .. } = op else {
+            return None;
+        };
+        let a = sockaddr_to_std(addr)?;
+        let l = self.listeners.get(&a)?;
+        Some(self.socks[l].node)
+    }
+
+    /// Execute a socket op or timeout; `None` for ops that are not the
+    /// network's (disk ops).
+    fn execute(&mut self, node: u32, op: &mut Op, at: Duration) -> Option<i32> {
+        let _ = at;
+        Some(match op {
+            Op::Timeout { .. } => -libc::ETIME,
+            Op::Accept { fd } => {
+                let Some(&id) = self.fds.get(fd) else {
+                    return Some(-libc::EBADF);
+                };
+                let s = self.socks.get_mut(&id).unwrap();
+                if s.shut {
+                    return Some(-libc::EINVAL);
+                }
+                let Some(conn) = s.backlog.pop_front() else {
+                    return Some(-libc::EAGAIN);
+                };
+                // SAFETY: eventfd(2) gives a fresh descriptor; the caller
+                // takes ownership of it from the completion.
+                let raw = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+                if raw < 0 {
+                    return Some(-libc::EMFILE);
+                }
+                self.fds.insert(raw, conn);
+                raw
+            }
+            Op::Connect { fd, .. } => {
+                let Some(&id) = self.fds.get(fd) else {
+                    return Some(-libc::EBADF);
+                };
+                let target = self.connect_target(op);
+                match target {
+                    None => -libc::ECONNREFUSED,
+                    Some(l) if self.down.contains(&l) => -libc::ECONNREFUSED,
+                    Some(l) if self.blocked.contains(&(node, l)) => -libc::ECANCELED,
+                    Some(l) => {
+                        let Op::Connect { addr, .. } = op else {
+                            unreachable!()
+                        };
+                        let a = sockaddr_to_std(addr).unwrap();
+                        let lid = self.listeners[&a];
+                        let server = self.new_sock(l, None);
+                        self.socks.get_mut(&server).unwrap().peer = Some(id);
+                        self.socks.get_mut(&id).unwrap().peer = Some(server);
+                        self.socks.get_mut(&lid).unwrap().backlog.push_back(server);
+                        0
+                    }
+                }
+            }
+            Op::Send { fd, buf, at } => {
+                let Some(&id) = self.fds.get(fd) else {
+                    return Some(-libc::EBADF);
+                };
+                let s = &self.socks[&id];
+                if s.reset {
+                    return Some(-libc::ECONNRESET);
+                }
+                if s.shut {
+                    return Some(-libc::EPIPE);
+                }
+                let Some(p) = s.peer else {
+                    return Some(-libc::ENOTCONN);
+                };
+                let when = self.now + self.delay;
+                let data = buf[*at..].to_vec();
+                let n = data.len() as i32;
+                if let Some(ps) = self.socks.get_mut(&p) {
+                    if !ps.shut && !ps.reset {
+                        ps.inbox.push_back((when, Seg::Data(data)));
+                    }
+                }
+                n
+            }
+            Op::Recv { fd, buf, at } => {
+                let Some(&id) = self.fds.get(fd) else {
+                    return Some(-libc::EBADF);
+                };
+                let deliverable = self.deliverable(&self.socks[&id]);
+                let s = self.socks.get_mut(&id).unwrap();
+                if s.reset {
+                    return Some(-libc::ECONNRESET);
+                }
+                if s.shut || s.got_fin {
+                    return Some(0);
+                }
+                if !deliverable {
+                    return Some(-libc::EAGAIN);
+                }
+                let room = buf.len() - *at;
+                let mut n = 0;
+                while n < room && !s.inbox.is_empty() {
+                    let (t, seg) = s.inbox.front().unwrap();
+                    if *t > self.now {
+                        break;
+                    }
+                    match seg {
+                        Seg::Fin => {
+                            if n == 0 {
+                                s.got_fin = true;
+                                s.inbox.pop_front();
+                            }
+                            break;
+                        }
+                        Seg::Data(d) => {
+                            let take = (d.len() - s.consumed).min(room - n);
+                            buf[*at + n..*at + n + take]
+                                .copy_from_slice(&d[s.consumed..s.consumed + take]);
+                            n += take;
+                            s.consumed += take;
+                            if s.consumed == d.len() {
+                                s.consumed = 0;
+                                s.inbox.pop_front();
+                            }
+                        }
+                    }
+                }
+                self.delivered += n as u64;
+                n as i32
+            }
+            _ => return None,
+        })
+    }
+}
+
+fn ts_secs(ts: &io_uring::types::Timespec) -> u64 {
+    // Timespec has no getters; it is two plain integers.
+    // SAFETY: Timespec is repr(C) { tv_sec: i64, tv_nsec: i64 }.
+    let raw: &[i64; 2] = unsafe { &*(ts as *const _ as *const [i64; 2]) };
+    raw[0] as u64
+}
+
+fn ts_nanos(ts: &io_uring::types::Timespec) -> u32 {
+    // SAFETY: as in `ts_secs`.
+    let raw: &[i64; 2] = unsafe { &*(ts as *const _ as *const [i64; 2]) };
+    raw[1] as u32
+}
+
+fn sockaddr_to_std(a: &crate::io::SockAddr) -> Option<SocketAddr> {
+    match a.storage.ss_family as i32 {
+        libc::AF_INET => {
+            // SAFETY: the family says it is a sockaddr_in.
+            let sin = unsafe { &*(&a.storage as *const _ as *const libc::sockaddr_in) };
+            Some(SocketAddr::from((
+                std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)),
+                u16::from_be(sin.sin_port),
+            )))
+        }
+        _ => None,
     }
 }
 
@@ -458,11 +970,21 @@ impl Io for SimIo {
 /// `journal_size` bytes, and a meta file with the superblock in slot 0 and an
 /// all-zero checksum table (= an all-zero disk). Everything is durable.
 pub fn init_replica(sim: &mut SimIo, size: u64, journal_size: u64) -> (Files, Superblock) {
+    init_replica_node(sim, size, journal_size, 1)
+}
+
+/// [`init_replica`] for node `node_id` of the same volume.
+pub fn init_replica_node(
+    sim: &mut SimIo,
+    size: u64,
+    journal_size: u64,
+    node_id: u32,
+) -> (Files, Superblock) {
     let sb = Superblock {
         version: FORMAT_VERSION,
         block_size: BLOCK_SIZE as u32,
         volume_uuid: [0x5a; 16],
-        node_id: 1,
+        node_id,
         size,
         journal_size,
         write_counter: 0,

@@ -421,6 +421,14 @@ impl Mirror {
         })
     }
 
+    /// Every configured peer is connected and in sync, and nothing is in flight
+    /// to any of them (tests and tools wait for this).
+    pub fn all_in_sync(&self) -> bool {
+        self.peers
+            .iter()
+            .all(|p| p.state == PeerState::InSync && p.outstanding.is_empty())
+    }
+
     /// Client writes go through the mirror (this node is a primary with peers).
     pub fn mirrors_writes(&self) -> bool {
         self.cfg.role == NodeRole::Primary && !self.peers.is_empty()
@@ -1484,6 +1492,7 @@ impl Mirror {
         if self.peers[i].state != PeerState::Syncing || self.shutting_down {
             return;
         }
+        let mut wrapped = false;
         loop {
             let p = &self.peers[i];
             if p.paused || p.resync_inflight >= RESYNC_WINDOW {
@@ -1527,11 +1536,12 @@ impl Mirror {
                     );
                     break;
                 }
-                if p.cursor == 0 {
-                    // Everything left is locked by writes in flight; their
-                    // completion kicks the resync again.
+                if p.cursor == 0 || wrapped {
+                    // Everything left is locked by writes (or another peer's
+                    // resync) in flight; their completion kicks this again.
                     break;
                 }
+                wrapped = true;
                 self.peers[i].cursor = 0;
                 continue;
             };
