@@ -5,8 +5,8 @@
 //! A random workload of writes (some FUA), zeroes and flushes runs against the
 //! primary while links are partitioned, healed and reset, secondaries crash
 //! (power failure: only what they synced survives, torn writes included) and
-//! the primary is killed (its page cache survives, queued I/O is lost) and
-//! restarted. After every primary restart, every byte whose latest write was
+//! the primary is killed (its page cache survives, queued I/O is lost) or
+//! loses power, and restarts. After every primary restart, every byte whose latest write was
 //! acknowledged as durable (covered by a completed FLUSH, or FUA) must read
 //! back; at the end, with the network healed, the replicas must converge to
 //! byte-identical disks that agree with that model.
@@ -358,13 +358,29 @@ impl Sim {
     /// The primary process is killed (page cache survives, queued I/O and
     /// requests in flight are lost) and restarted; then the model is checked.
     fn kill_primary(&mut self) {
-        self.say("kill primary");
+        // Half the time a power failure: unsynced writes are lost or torn,
+        // so a secondary may hold writes the primary no longer has; the
+        // restarted primary must find them by comparing checksums.
+        let power = self.rng.below(2) == 0;
+        self.say(if power {
+            "power failure on the primary"
+        } else {
+            "kill primary"
+        });
         let mut n = self.nodes[0].take().unwrap();
         self.net.borrow_mut().crash_node(1);
         let seed = self.rng.next_u64();
-        let io = n.io.crash_copy_mode(seed, CrashMode::ProcessKill);
+        let mode = if power {
+            CrashMode::PrefixTorn
+        } else {
+            CrashMode::ProcessKill
+        };
+        let io = n.io.crash_copy_mode(seed, mode);
         drop(n.mirror);
+        // Requests in flight are gone, and writes acknowledged but not yet
+        // flushed may be lost: a later flush no longer covers them.
         self.reqs.clear();
+        self.acked.clear();
         let node = boot(io, 1, n.files, n.sb, &self.net, n.bitmaps, &[2, 3]);
         let data = node.io.live(node.files.data).to_vec();
         self.nodes[0] = Some(node);

@@ -10,10 +10,13 @@
 //! would replay its write is gone.
 //!
 //! Layout (little-endian): a 4096-byte header — magic `NMBITMAP`, version
-//! u32 = 1, block size u32, volume uuid [16], peer node id u32, reserved u32,
+//! u32 = 1, block size u32, volume uuid [16], peer node id u32, flags u32,
 //! block count u64 — then the bits, bit `b % 8` of byte `b / 8` for block
-//! `b`. A missing file means the primary knows nothing about the peer: it is
-//! created with every bit set (full resync).
+//! `b`. Flags: [`FLAG_CLEAN`] (the primary shut down cleanly; cleared while
+//! it runs) and [`FLAG_COMPARE`] (the bits are not known to be complete: the
+//! replicas' checksums must be compared first). A missing file means the
+//! primary knows nothing about the peer: it is created with no bits and
+//! FLAG_COMPARE (checksum resync: only blocks whose checksums differ move).
 
 use std::fs::{File, OpenOptions};
 use std::os::fd::{AsRawFd, RawFd};
@@ -24,6 +27,11 @@ use memmap2::MmapMut;
 const MAGIC: &[u8; 8] = b"NMBITMAP";
 const VERSION: u32 = 1;
 const HEADER: usize = 4096;
+const FLAGS_AT: usize = 36;
+/// The primary stopped cleanly with this bitmap up to date.
+pub const FLAG_CLEAN: u32 = 1;
+/// Compare checksums with the peer before trusting the bits.
+pub const FLAG_COMPARE: u32 = 2;
 pub const BLOCK: u64 = 4096;
 
 pub struct DirtyBitmap {
@@ -83,11 +91,7 @@ impl DirtyBitmap {
             let mut map = unsafe { MmapMut::map_mut(&f) }
                 .map_err(|e| format!("cannot map {}: {e}", tmp.display()))?;
             map[..HEADER].copy_from_slice(&header);
-            let mut b = 0;
-            while b < blocks {
-                set_bit(&mut map[HEADER..], b);
-                b += 1;
-            }
+            map[FLAGS_AT..FLAGS_AT + 4].copy_from_slice(&(FLAG_CLEAN | FLAG_COMPARE).to_le_bytes());
             map.flush()
                 .map_err(|e| format!("cannot sync {}: {e}", tmp.display()))?;
             drop(map);
@@ -117,7 +121,9 @@ impl DirtyBitmap {
         // no one else maps or truncates the file.
         let map = unsafe { MmapMut::map_mut(&file) }
             .map_err(|e| format!("cannot map {}: {e}", path.display()))?;
-        if map[..48] != header[..48] {
+        if map[..FLAGS_AT] != header[..FLAGS_AT]
+            || map[FLAGS_AT + 4..48] != header[FLAGS_AT + 4..48]
+        {
             return Err(format!(
                 "{} does not match this volume and peer {peer} (bad magic, version, uuid, peer id \
                  or size); remove it to force a full resync of that peer",
@@ -135,6 +141,16 @@ impl DirtyBitmap {
             },
             created,
         ))
+    }
+
+    pub fn flags(&self) -> u32 {
+        u32::from_le_bytes(self.map[FLAGS_AT..FLAGS_AT + 4].try_into().unwrap())
+    }
+
+    /// Set the header flags and write them back at once.
+    pub fn set_flags(&mut self, flags: u32) -> Result<(), String> {
+        self.map[FLAGS_AT..FLAGS_AT + 4].copy_from_slice(&flags.to_le_bytes());
+        self.flush()
     }
 
     pub fn fd(&self) -> RawFd {
@@ -245,11 +261,15 @@ mod tests {
     }
 
     #[test]
-    fn new_bitmap_is_all_dirty_and_persists_clears() {
+    fn new_bitmap_asks_for_a_compare_and_persists_bits() {
         let d = tmpdir("persist");
         let uuid = [7u8; 16];
         let (mut bm, created) = DirtyBitmap::open_or_create(&d, &uuid, 2, 100 * BLOCK).unwrap();
         assert!(created);
+        assert_eq!(bm.dirty(), 0);
+        assert_eq!(bm.flags(), FLAG_CLEAN | FLAG_COMPARE);
+        bm.set_flags(0).unwrap();
+        bm.set_all();
         assert_eq!(bm.dirty(), 100);
         bm.clear_blocks(0, 60);
         assert_eq!(bm.next_run(0, 8), Some((60, 8)));
@@ -258,6 +278,7 @@ mod tests {
         let (bm, created) = DirtyBitmap::open_or_create(&d, &uuid, 2, 100 * BLOCK).unwrap();
         assert!(!created);
         assert_eq!(bm.dirty(), 40);
+        assert_eq!(bm.flags(), 0);
         assert_eq!(bm.next_run(90, 100), Some((90, 10)));
         // Another volume's or peer's bitmap is refused.
         assert!(DirtyBitmap::open_or_create(&d, &[8u8; 16], 2, 100 * BLOCK).is_err());
@@ -269,7 +290,6 @@ mod tests {
     fn set_range_covers_partial_blocks_and_runs_wrap() {
         let d = tmpdir("ranges");
         let (mut bm, _) = DirtyBitmap::open_or_create(&d, &[1; 16], 3, 64 * BLOCK).unwrap();
-        bm.clear_blocks(0, 64);
         assert_eq!(bm.dirty(), 0);
         assert_eq!(bm.next_run(0, 10), None);
         bm.set_range(BLOCK + 1, 2 * BLOCK); // blocks 1..=3

@@ -29,8 +29,8 @@ use std::time::{Duration, Instant};
 use crate::io::{Completion, Io, Op};
 use crate::peer::frame::encode_parts;
 use crate::peer::{Config as HsConfig, Event, FrameKind, GenerationIds, Handshake, Role, Session};
-use crate::store::{Store, StoreEvent, WRITE_HEADROOM};
-use bitmap::{DirtyBitmap, BLOCK};
+use crate::store::{Store, StoreEvent, UNKNOWN_SUM, WRITE_HEADROOM};
+use bitmap::{DirtyBitmap, BLOCK, FLAG_CLEAN, FLAG_COMPARE};
 use wire::RecordHeader;
 
 /// Store request ids issued by the mirror (resync reads, applying a peer's
@@ -57,6 +57,8 @@ const RESYNC_WINDOW: u64 = 16 << 20;
 /// only when it is answered).
 const RESYNC_FLUSH_BYTES: u64 = 64 << 20;
 const RESYNC_FLUSH_INTERVAL: Duration = Duration::from_secs(1);
+/// Checksum requests in flight per peer during a compare.
+const COMPARE_WINDOW: usize = 8;
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
@@ -177,6 +179,11 @@ struct Peer {
     unflushed_counter: u64,
     flush_in_flight: bool,
     last_resync_flush: Instant,
+    /// Checksum compare in progress: next block to ask about, and the
+    /// requests in flight (id -> first block, count).
+    compare: Option<(u64, HashMap<u64, (u64, u64)>)>,
+    compared_diff: u64,
+    resync_started: Instant,
     /// Dirty bytes when the current resync began.
     total: u64,
     sent_bytes: u64,
@@ -334,11 +341,27 @@ impl Mirror {
             }
             let (mut bm, created) =
                 DirtyBitmap::open_or_create(&cfg.dir, &sb.volume_uuid, id, sb.size)?;
+            let flags = bm.flags();
             if created {
                 eprintln!(
-                    "nbdmirror: peer {id} ({addr}) is new to this node: it gets a full resync"
+                    "nbdmirror: peer {id} ({addr}) is new to this node: its blocks are compared by \
+                     checksum and every block that differs is copied"
+                );
+            } else if flags & FLAG_CLEAN == 0 && flags & FLAG_COMPARE == 0 {
+                eprintln!(
+                    "nbdmirror: this node did not shut down cleanly: peer {id}'s blocks are compared \
+                     by checksum to find writes it may hold that this node lost"
                 );
             }
+            // Until a clean shutdown sets it again, the bitmap may miss writes
+            // the peer holds and this node lost (a power failure here): the
+            // next start compares checksums.
+            let flags = if flags & FLAG_CLEAN == 0 {
+                flags | FLAG_COMPARE
+            } else {
+                flags
+            };
+            bm.set_flags(flags & !FLAG_CLEAN)?;
             for &(off, len) in &store.recovered {
                 bm.set_range(off, len);
             }
@@ -364,6 +387,9 @@ impl Mirror {
                 acked_bytes: 0,
                 unflushed: VecDeque::new(),
                 unflushed_counter: 0,
+                compare: None,
+                compared_diff: 0,
+                resync_started: t0,
                 flush_in_flight: false,
                 last_resync_flush: t0,
                 total: 0,
@@ -486,8 +512,9 @@ impl Mirror {
         for id in ids {
             self.close_link(io, id);
         }
-        for p in &self.peers {
-            if let Err(e) = p.bitmap.flush() {
+        for p in &mut self.peers {
+            let f = p.bitmap.flags() | FLAG_CLEAN;
+            if let Err(e) = p.bitmap.set_flags(f) {
                 eprintln!("nbdmirror: {e}");
             }
         }
@@ -783,6 +810,7 @@ impl Mirror {
         p.acked.clear();
         p.acked_bytes = 0;
         p.flush_in_flight = false;
+        p.compare = None;
         for (_, off, len) in p.unflushed.drain(..) {
             p.bitmap.set_range(off, len);
         }
@@ -1135,7 +1163,12 @@ impl Mirror {
                     p.last_error = None;
                     p.cursor = 0;
                     p.total = p.bitmap.dirty() * BLOCK;
-                    p.state = if p.bitmap.dirty() > 0 {
+                    p.resync_started = self.t;
+                    p.compared_diff = 0;
+                    if p.bitmap.flags() & FLAG_COMPARE != 0 {
+                        p.compare = Some((0, HashMap::new()));
+                    }
+                    p.state = if p.bitmap.dirty() > 0 || p.compare.is_some() {
                         PeerState::Syncing
                     } else {
                         PeerState::InSync
@@ -1144,7 +1177,9 @@ impl Mirror {
                         "nbdmirror: peer {} ({}) connected; {}",
                         p.node_id,
                         p.addr,
-                        if p.state == PeerState::Syncing {
+                        if p.compare.is_some() {
+                            "comparing checksums".to_string()
+                        } else if p.state == PeerState::Syncing {
                             format!("resyncing {} dirty bytes", p.total)
                         } else {
                             "in sync".to_string()
@@ -1368,6 +1403,7 @@ impl Mirror {
                     _ => return Err(format!("FlushAck for unknown flush {id}")),
                 }
             }
+            FrameKind::Sums => self.sums_arrived(io, store, i, &payload)?,
             FrameKind::Pong => {}
             FrameKind::Ping => {
                 let link = self.peers[i].link.unwrap();
@@ -1432,6 +1468,16 @@ impl Mirror {
                 self.applying.insert(rid, (link, id, true));
                 store.flush(io, rid);
             }
+            FrameKind::SumsRequest => {
+                let (id, first, n) =
+                    wire::decode_sums_request(&payload, self.size.div_ceil(BLOCK))?;
+                let sums = store.block_sums(first, n as u64);
+                self.send_frame(
+                    link,
+                    FrameKind::Sums,
+                    &[&wire::encode_sums(id, first, &sums)],
+                );
+            }
             FrameKind::Ping => {
                 wire::decode_u64(&payload, "Ping")?;
                 self.send_frame(link, FrameKind::Pong, &[&payload]);
@@ -1492,6 +1538,7 @@ impl Mirror {
         if self.peers[i].state != PeerState::Syncing || self.shutting_down {
             return;
         }
+        self.compare_requests(io, i);
         let mut wrapped = false;
         loop {
             let p = &self.peers[i];
@@ -1527,11 +1574,18 @@ impl Mirror {
                 if p.flush_in_flight {
                     break;
                 }
+                if p.compare.is_some() {
+                    break;
+                }
                 if p.bitmap.dirty() == 0 {
                     let p = &mut self.peers[i];
                     p.state = PeerState::InSync;
+                    let secs = self
+                        .t
+                        .saturating_duration_since(p.resync_started)
+                        .as_secs_f64();
                     eprintln!(
-                        "nbdmirror: peer {} ({}) is in sync ({} bytes resent)",
+                        "nbdmirror: peer {} ({}) is in sync: resync took {secs:.2} s ({} bytes resent since start)",
                         p.node_id, p.addr, p.sent_bytes
                     );
                     break;
@@ -1570,6 +1624,84 @@ impl Mirror {
             );
             store.read(io, rid, s, e - s, 0);
         }
+    }
+
+    /// Keep up to COMPARE_WINDOW checksum requests in flight to peer `i`.
+    fn compare_requests(&mut self, io: &mut dyn Io, i: usize) {
+        let blocks = self.peers[i].bitmap.blocks();
+        let Some(link) = self.peers[i].link else {
+            return;
+        };
+        loop {
+            let Some((next, inflight)) = self.peers[i].compare.as_mut() else {
+                return;
+            };
+            if inflight.len() >= COMPARE_WINDOW || *next >= blocks {
+                break;
+            }
+            let first = *next;
+            let n = (blocks - first).min(wire::MAX_SUMS as u64);
+            *next += n;
+            let id = MIRROR_RID | self.next_mrid;
+            self.next_mrid += 1;
+            inflight.insert(id, (first, n));
+            self.send_frame(
+                link,
+                FrameKind::SumsRequest,
+                &[&wire::encode_sums_request(id, first, n as u32)],
+            );
+        }
+        self.post_send(io, link);
+    }
+
+    /// A peer's checksums arrived: every block whose checksum differs from
+    /// ours (or is not settled on either side) becomes dirty.
+    fn sums_arrived(
+        &mut self,
+        io: &mut dyn Io,
+        store: &mut Store,
+        i: usize,
+        payload: &[u8],
+    ) -> Result<(), String> {
+        let (id, first, theirs) = wire::decode_sums(payload)?;
+        let p = &mut self.peers[i];
+        let Some((_, inflight)) = p.compare.as_mut() else {
+            return Err(format!("Sums {id} while no compare is running"));
+        };
+        match inflight.remove(&id) {
+            Some((f, n)) if f == first && n == theirs.len() as u64 => {}
+            _ => return Err(format!("Sums {id} does not answer a request")),
+        }
+        let ours = store.block_sums(first, theirs.len() as u64);
+        for (k, (a, b)) in ours.iter().zip(&theirs).enumerate() {
+            if *a == UNKNOWN_SUM || *b == UNKNOWN_SUM || a != b {
+                let blk = first + k as u64;
+                if !p.bitmap.is_set(blk) {
+                    p.compared_diff += 1;
+                }
+                p.bitmap.set_range(blk * BLOCK, BLOCK);
+            }
+        }
+        let blocks = p.bitmap.blocks();
+        let done = p
+            .compare
+            .as_ref()
+            .is_some_and(|(next, inf)| *next >= blocks && inf.is_empty());
+        if done {
+            p.compare = None;
+            p.total = p.bitmap.dirty() * BLOCK;
+            let f = p.bitmap.flags() & !FLAG_COMPARE;
+            p.bitmap.set_flags(f)?;
+            eprintln!(
+                "nbdmirror: peer {} ({}): checksums compared, {} more blocks differ; {} bytes to copy",
+                p.node_id,
+                p.addr,
+                p.compared_diff,
+                p.bitmap.dirty() * BLOCK
+            );
+        }
+        self.resync_peer(io, store, i);
+        Ok(())
     }
 
     fn resync_flush(&mut self, io: &mut dyn Io, i: usize) {
@@ -1789,7 +1921,7 @@ impl Mirror {
             s.push_str(&format!(
                 "{{\"node_id\":{},\"address\":\"{}\",\"state\":\"{}\",\"dirty_bytes\":{},\
                  \"resync_total_bytes\":{},\"resync_done_bytes\":{},\"resync_sent_bytes\":{},\
-                 \"rate_bytes_per_sec\":{:.0},\"rate_limit\":{},\"paused\":{},\"last_error\":{}}}",
+                 \"rate_bytes_per_sec\":{:.0},\"rate_limit\":{},\"paused\":{},\"comparing\":{},\"last_error\":{}}}",
                 p.node_id,
                 p.addr,
                 p.state.name(),
@@ -1804,6 +1936,7 @@ impl Mirror {
                 },
                 self.cfg.resync_rate,
                 p.paused,
+                p.compare.is_some(),
                 match &p.last_error {
                     Some(e) => json_string(e),
                     None => "null".into(),

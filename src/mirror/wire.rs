@@ -110,6 +110,67 @@ pub fn decode_u64(p: &[u8], what: &str) -> Result<u64, String> {
     Ok(u64::from_le_bytes(p.try_into().unwrap()))
 }
 
+/// Most blocks one SumsRequest may ask for.
+pub const MAX_SUMS: u32 = 4096;
+
+/// SumsRequest: `id u64, first block u64, count u32`.
+pub fn encode_sums_request(id: u64, first: u64, n: u32) -> [u8; 20] {
+    let mut b = [0u8; 20];
+    b[0..8].copy_from_slice(&id.to_le_bytes());
+    b[8..16].copy_from_slice(&first.to_le_bytes());
+    b[16..20].copy_from_slice(&n.to_le_bytes());
+    b
+}
+
+pub fn decode_sums_request(p: &[u8], blocks: u64) -> Result<(u64, u64, u32), String> {
+    if p.len() != 20 {
+        return Err(format!(
+            "SumsRequest payload of {} bytes, expected 20",
+            p.len()
+        ));
+    }
+    let id = u64::from_le_bytes(p[0..8].try_into().unwrap());
+    let first = u64::from_le_bytes(p[8..16].try_into().unwrap());
+    let n = u32::from_le_bytes(p[16..20].try_into().unwrap());
+    if n == 0 || n > MAX_SUMS || first.checked_add(n as u64).is_none_or(|e| e > blocks) {
+        return Err(format!(
+            "SumsRequest for blocks {first}..+{n} outside the disk"
+        ));
+    }
+    Ok((id, first, n))
+}
+
+/// Sums: the request's `id u64, first u64, count u32`, then `count` u64
+/// checksums (u64::MAX = not settled, compare as different).
+pub fn encode_sums(id: u64, first: u64, sums: &[u64]) -> Vec<u8> {
+    let mut b = Vec::with_capacity(20 + sums.len() * 8);
+    b.extend_from_slice(&encode_sums_request(id, first, sums.len() as u32));
+    for s in sums {
+        b.extend_from_slice(&s.to_le_bytes());
+    }
+    b
+}
+
+pub fn decode_sums(p: &[u8]) -> Result<(u64, u64, Vec<u64>), String> {
+    if p.len() < 20 {
+        return Err("Sums payload too short".into());
+    }
+    let id = u64::from_le_bytes(p[0..8].try_into().unwrap());
+    let first = u64::from_le_bytes(p[8..16].try_into().unwrap());
+    let n = u32::from_le_bytes(p[16..20].try_into().unwrap()) as usize;
+    if p.len() != 20 + n * 8 {
+        return Err(format!(
+            "Sums declares {n} checksums but carries {} bytes",
+            p.len() - 20
+        ));
+    }
+    let sums = p[20..]
+        .chunks_exact(8)
+        .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    Ok((id, first, sums))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -143,5 +204,12 @@ mod tests {
         assert!(RecordHeader::decode(&z.encode(), 1 << 20).is_ok());
         assert!(decode_answer(&encode_answer(3, 5)) == Ok((3, 5)));
         assert!(decode_answer(&[0; 11]).is_err());
+        let r = encode_sums_request(4, 10, 5);
+        assert_eq!(decode_sums_request(&r, 15), Ok((4, 10, 5)));
+        assert!(decode_sums_request(&r, 14).is_err());
+        assert!(decode_sums_request(&encode_sums_request(4, 0, 0), 15).is_err());
+        let s = encode_sums(4, 10, &[1, 2, u64::MAX]);
+        assert_eq!(decode_sums(&s), Ok((4, 10, vec![1, 2, u64::MAX])));
+        assert!(decode_sums(&s[..s.len() - 1]).is_err());
     }
 }

@@ -60,6 +60,10 @@ pub enum FrameKind {
     Flush = 18,
     /// Answer to a Flush (payload not yet defined).
     FlushAck = 19,
+    /// Ask for the checksums of a range of blocks (checksum resync).
+    SumsRequest = 20,
+    /// The checksums asked for.
+    Sums = 21,
     /// Liveness probe (opaque payload, echoed by Pong).
     Ping = 32,
     /// Answer to a Ping.
@@ -68,7 +72,7 @@ pub enum FrameKind {
 
 impl FrameKind {
     /// Every kind, in wire order.
-    pub const ALL: [FrameKind; 10] = [
+    pub const ALL: [FrameKind; 12] = [
         FrameKind::Hello,
         FrameKind::Auth,
         FrameKind::Ready,
@@ -77,6 +81,8 @@ impl FrameKind {
         FrameKind::Ack,
         FrameKind::Flush,
         FrameKind::FlushAck,
+        FrameKind::SumsRequest,
+        FrameKind::Sums,
         FrameKind::Ping,
         FrameKind::Pong,
     ];

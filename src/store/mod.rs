@@ -61,6 +61,9 @@ const ZERO_CHUNK: usize = 1024 * 1024;
 
 pub type ReqId = u64;
 
+/// [`Store::block_sums`] for a block whose checksum is not settled.
+pub const UNKNOWN_SUM: u64 = u64::MAX;
+
 /// The outcome of a request, as an errno (positive) on failure.
 #[derive(Debug)]
 pub enum StoreEvent {
@@ -992,6 +995,35 @@ impl Store {
         };
         self.reads.insert(req, r);
         self.start_read(io, req);
+    }
+
+    /// The checksums of blocks `[first, first+n)` as this replica holds
+    /// them now, for comparing replicas; `UNKNOWN_SUM` for a block whose
+    /// table entry may be stale (a write to it is in flight or not yet
+    /// applied), which a comparison must treat as different.
+    pub fn block_sums(&self, first: u64, n: u64) -> Vec<u64> {
+        let end = (first + n).min(self.sums.blocks());
+        let mut busy: Vec<(u64, u64)> = self
+            .in_flight
+            .values()
+            .map(|f| (f.start, f.end))
+            .chain(self.backlog.iter().map(|w| (w.offset, w.offset + w.len)))
+            .chain(self.inplace.values().map(|w| (w.offset, w.offset + w.len)))
+            .collect();
+        busy.retain(|&(s, e)| e > first * BLOCK_SIZE && s < end * BLOCK_SIZE);
+        (first..end)
+            .map(|b| {
+                let (s, e) = (b * BLOCK_SIZE, (b + 1) * BLOCK_SIZE);
+                if self.overlay.overlaps(s, e)
+                    || self.blocks_applying(b, b + 1)
+                    || busy.iter().any(|&(bs, be)| bs < e && s < be)
+                {
+                    UNKNOWN_SUM
+                } else {
+                    self.sums.get(b)
+                }
+            })
+            .collect()
     }
 
     fn blocks_applying(&self, first: u64, end: u64) -> bool {
