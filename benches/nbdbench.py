@@ -7,13 +7,16 @@ Layout of one run:
   * one backing file of --size bytes is created (preallocated) in a temp dir on disk;
     nbdkit and qemu-nbd both serve that file, nbdmirror serves its own data file
     (created once by `nbdmirror init` in a sub-directory of the same temp dir);
+  * mirrored configurations (nbdmirror-1peer / -2peers, qemu-quorum) start helper
+    processes first (secondaries, a backend qemu-nbd) and stop them after the server;
+    nbdmirror ones are measured only while every peer is in_sync;
   * for rep in 1..N: for server in servers: start server, run every selected job,
     stop server  (round-robin, so slow drifts of the noisy machine hit all servers);
-  * the median over repetitions of each metric is reported, plus the ratio of the
-    subject server (default nbdmirror) to each reference server.
+  * the median over repetitions of each metric is reported, plus the ratio of each
+    subject server (default nbdmirror, else the nbdmirror-* ones) to each reference server.
 
-Everything that can be extended lives in two tables: JOBS and SERVERS.
-Traffic only ever goes to 127.0.0.1.
+Everything that can be extended lives in three tables: JOBS, SERVERS and TARGETS.
+Traffic only ever goes to 127.0.0.1 (or a unix socket in the temp dir).
 """
 
 from __future__ import annotations

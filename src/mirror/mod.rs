@@ -1848,22 +1848,26 @@ impl Mirror {
             }
         }
         for i in 0..self.peers.len() {
-            // A request the peer sits on for longer than the timeout fails it
-            // even if it keeps answering pings.
-            let stale = self.peers[i]
-                .outstanding
-                .values()
-                .map(|o| o.since())
-                .min()
-                .is_some_and(|s| t.saturating_duration_since(s) > timeout);
+            // Liveness is the pings' job (`timeout`). A peer that answers
+            // pings but sits on a request has a stuck disk: a write older than
+            // 4x the timeout, or a flush (which may have to write back a lot
+            // of page cache) older than 10x, fails it.
+            let stale = self.peers[i].outstanding.values().any(|o| {
+                let limit = match o {
+                    Out::Flush { .. } => timeout * 10,
+                    _ => timeout * 4,
+                };
+                t.saturating_duration_since(o.since()) > limit
+            });
             if stale && self.peers[i].streaming() {
                 self.fail_peer(
                     io,
                     store,
                     i,
                     format!(
-                        "a request was not answered within {} ms",
-                        timeout.as_millis()
+                        "a request was not answered within {} ms although the peer answers pings \
+                         (its disk may be stuck)",
+                        timeout.as_millis() * 4
                     ),
                 );
             }
