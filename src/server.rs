@@ -1106,11 +1106,19 @@ pub fn serve(config: ServeConfig) -> Result<(), String> {
             Listen::Fd(fd) => format!("inherited socket fd {fd}"),
         })
         .collect();
+    let mut where_ = where_;
+    if let Some(a) = config.mirror.as_ref().and_then(|m| m.peer_listen) {
+        where_.push(format!("replication stream from a primary on {a}"));
+    }
+    if let Some(m) = config.mirror.as_ref().filter(|m| !m.peers.is_empty()) {
+        let peers: Vec<String> = m.peers.iter().map(|(id, a)| format!("{id}={a}")).collect();
+        where_.push(format!("mirroring to peers {}", peers.join(", ")));
+    }
     eprintln!(
         "nbdmirror: serving {} ({} bytes) on {}",
         config.dir.display(),
         server.store.size(),
-        where_.join(", ")
+        where_.join("; ")
     );
     let r = server.run();
     drop(replica);
