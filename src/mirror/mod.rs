@@ -1164,6 +1164,8 @@ impl Mirror {
                     p.cursor = 0;
                     p.total = p.bitmap.dirty() * BLOCK;
                     p.resync_started = self.t;
+                    p.rate = 0.0;
+                    p.rate_mark = (self.t, p.sent_bytes);
                     p.compared_diff = 0;
                     if p.bitmap.flags() & FLAG_COMPARE != 0 {
                         p.compare = Some((0, HashMap::new()));
@@ -1876,6 +1878,11 @@ impl Mirror {
                 self.connect(io, i);
             }
             let p = &mut self.peers[i];
+            if p.paused || p.state != PeerState::Syncing {
+                // The rate shown is this resync's, measured while it runs.
+                p.rate = 0.0;
+                p.rate_mark = (t, p.sent_bytes);
+            }
             let el = t.saturating_duration_since(p.rate_mark.0);
             if el >= Duration::from_secs(1) {
                 let bytes = p.sent_bytes - p.rate_mark.1;
@@ -1933,7 +1940,7 @@ impl Mirror {
                 p.total.max(dirty),
                 done,
                 p.sent_bytes,
-                if p.state == PeerState::Syncing {
+                if p.state == PeerState::Syncing && !p.paused {
                     p.rate
                 } else {
                     0.0
@@ -1969,6 +1976,7 @@ impl Mirror {
     }
 
     fn command(&mut self, io: &mut dyn Io, store: &mut Store, line: &str) -> String {
+        let now = self.t;
         let words: Vec<&str> = line.split_whitespace().collect();
         let peer_sel = |w: Option<&&str>| -> Result<Option<u32>, String> {
             match w {
@@ -1991,6 +1999,8 @@ impl Mirror {
                                 continue;
                             }
                             hit = true;
+                            p.rate = 0.0;
+                            p.rate_mark = (now, p.sent_bytes);
                             match cmd {
                                 "pause" => p.paused = true,
                                 "resume" => p.paused = false,
@@ -2023,6 +2033,10 @@ impl Mirror {
             Some("rate") => match words.get(1).map(|w| crate::size::parse_size(w)) {
                 Some(Ok(r)) => {
                     self.cfg.resync_rate = r;
+                    for p in self.peers.iter_mut() {
+                        p.rate = 0.0;
+                        p.rate_mark = (now, p.sent_bytes);
+                    }
                     Ok(())
                 }
                 Some(Err(e)) => Err(e),
