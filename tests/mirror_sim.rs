@@ -58,7 +58,7 @@ struct Node {
     bitmaps: PathBuf,
 }
 
-fn config(id: u32, peers: &[u32], bitmaps: &PathBuf) -> MirrorConfig {
+fn config(id: u32, peers: &[u32], bitmaps: &std::path::Path) -> MirrorConfig {
     MirrorConfig {
         role: if id == 1 {
             NodeRole::Primary
@@ -75,7 +75,7 @@ fn config(id: u32, peers: &[u32], bitmaps: &PathBuf) -> MirrorConfig {
         timeout: Duration::from_millis(200),
         resync_rate: 0,
         admin_socket: None,
-        dir: bitmaps.clone(),
+        dir: bitmaps.to_path_buf(),
     }
 }
 

@@ -154,6 +154,10 @@ impl Out {
     }
 }
 
+/// A checksum compare in progress: the next block to ask about, and the
+/// requests in flight (id -> first block, count).
+type Compare = (u64, HashMap<u64, (u64, u64)>);
+
 struct Peer {
     node_id: u32,
     addr: SocketAddr,
@@ -181,7 +185,7 @@ struct Peer {
     last_resync_flush: Instant,
     /// Checksum compare in progress: next block to ask about, and the
     /// requests in flight (id -> first block, count).
-    compare: Option<(u64, HashMap<u64, (u64, u64)>)>,
+    compare: Option<Compare>,
     compared_diff: u64,
     resync_started: Instant,
     /// Dirty bytes when the current resync began.
