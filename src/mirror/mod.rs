@@ -417,10 +417,18 @@ impl Mirror {
         let admin = match &cfg.admin_socket {
             Some(p) => {
                 let _ = std::fs::remove_file(p);
-                Some(
-                    UnixListener::bind(p)
-                        .map_err(|e| format!("cannot create admin socket {}: {e}", p.display()))?,
-                )
+                match bind_unix(p) {
+                    Ok(l) => Some(l),
+                    Err(e) => {
+                        // Serving data matters more than the control socket.
+                        eprintln!(
+                            "nbdmirror: WARNING: cannot create admin socket {}: {e}; \
+                             `nbdmirror resync` will not reach this node (use --admin-socket)",
+                            p.display()
+                        );
+                        None
+                    }
+                }
             }
             None => None,
         };
@@ -2144,6 +2152,25 @@ impl Mirror {
                 },
             );
         }
+    }
+}
+
+/// Bind a Unix socket; a path longer than sun_path allows (108 bytes) is
+/// bound relative to its directory (start-up is single-threaded, so the
+/// brief change of working directory is safe).
+pub fn bind_unix(p: &std::path::Path) -> std::io::Result<UnixListener> {
+    match UnixListener::bind(p) {
+        Err(e) if p.as_os_str().len() >= 100 => {
+            let (Some(dir), Some(name)) = (p.parent(), p.file_name()) else {
+                return Err(e);
+            };
+            let back = std::env::current_dir()?;
+            std::env::set_current_dir(dir)?;
+            let r = UnixListener::bind(name);
+            std::env::set_current_dir(back)?;
+            r
+        }
+        r => r,
     }
 }
 
