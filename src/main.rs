@@ -509,6 +509,26 @@ fn run(cli: Cli) -> Result<(), String> {
                 "journal     {} bytes, tail at {} (seq {}), epoch {}",
                 sb.journal_size, sb.tail_pos, sb.tail_seq, sb.epoch
             );
+            match nbdmirror::mirror::generation::Generation::load(&path) {
+                Ok(g) if g.current == 0 => {
+                    println!("generation  none yet (never served or synced)")
+                }
+                Ok(g) => println!(
+                    "generation  {:016x}{}{}",
+                    g.current,
+                    if g.previous != 0 {
+                        format!(" (after {:016x})", g.previous)
+                    } else {
+                        String::new()
+                    },
+                    if g.flags & nbdmirror::mirror::generation::FLAG_PRIMARY != 0 {
+                        ", written as a primary"
+                    } else {
+                        ", followed as a secondary"
+                    }
+                ),
+                Err(e) => println!("generation  {e}"),
+            }
             Ok(())
         }
     }

@@ -2189,6 +2189,109 @@ fn wrong_node_id() {
     refused_handshake(test, &mut cl, seed, "node");
 }
 
+/// Split brain: after a sync, node 2's replica is served on its own as a
+/// primary and written to (a promotion). When it comes back as a secondary,
+/// the primary must refuse to resync in either direction, both logs must say
+/// "split brain", and neither data file may change.
+#[test]
+fn split_brain_is_refused() {
+    let test = "split_brain_is_refused";
+    let _wd = Watchdog::new(test, Duration::from_secs(120));
+    let seed = test_seed(test);
+    let mut cl = Cluster::new(test, seed, Opts::new(64 * MIB, 2));
+    cl.start_all();
+    cl.wait_in_sync(Duration::from_secs(30));
+    let model = new_model(cl.size);
+    let w = Writer::spawn("writer", &cl.nbd_addr(), model.clone(), seed, 1);
+    w.write_distinct(256, Duration::from_secs(30));
+    w.finish();
+    cl.wait_in_sync(Duration::from_secs(30));
+    cl.stop_all();
+    cl.assert_replicas_identical();
+
+    // Node 2 on its own, as a primary, takes a write.
+    let dir2 = cl.node(2).dir.clone();
+    let port = free_port();
+    let mut solo = Command::new(NBDMIRROR_BIN)
+        .args(["serve", "--dir"])
+        .arg(&dir2)
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let addr = format!("127.0.0.1:{port}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut c = loop {
+        match MiniClient::connect(&addr, "disk") {
+            Ok(c) => break c,
+            Err(e) if Instant::now() < deadline => {
+                let _ = e;
+                thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => panic!("{test}: cannot reach node 2 served alone: {e}"),
+        }
+    };
+    assert_eq!(c.write(0, &random_bytes(seed, 65536), 0).unwrap(), 0);
+    assert_eq!(c.flush().unwrap(), 0);
+    c.disconnect();
+    send_signal(solo.id(), "TERM");
+    let st = solo.wait().unwrap();
+    let mut solo_log = String::new();
+    solo.stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut solo_log)
+        .unwrap();
+    assert!(
+        st.success(),
+        "{test}: node 2 served alone did not stop cleanly: {solo_log}"
+    );
+    assert!(
+        contains_ci(&solo_log, "promoted"),
+        "{test}: node 2 served as a primary should say it was promoted: {solo_log}"
+    );
+    let (h1, h2) = (
+        file_hash(&cl.nodes[0].data()),
+        file_hash(&dir2.join("data")),
+    );
+    assert_ne!(h1, h2, "{test}: the solo write did not change node 2");
+
+    // Back together: refused both ways, nothing written.
+    cl.start_all();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        cl.check_alive();
+        let p = cl.nodes[0].stderr();
+        let s2 = cl.nodes[1].stderr();
+        if contains_ci(&p, "split brain") && contains_ci(&s2, "split brain") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{test}: the logs do not both say split brain{}",
+            cl.stderr_tails()
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+    thread::sleep(Duration::from_secs(1));
+    let j = cl.status().unwrap();
+    assert_ne!(
+        peer_state(&j, 2).as_deref(),
+        Some("in_sync"),
+        "{}",
+        brief_status(&j)
+    );
+    assert_ne!(
+        peer_state(&j, 2).as_deref(),
+        Some("syncing"),
+        "{}",
+        brief_status(&j)
+    );
+    cl.stop_all();
+    assert_eq!(file_hash(&cl.nodes[0].data()), h1, "{test}: node 1 changed");
+    assert_eq!(file_hash(&dir2.join("data")), h2, "{test}: node 2 changed");
+}
+
 /// Send `bytes` to the peer port; the secondary must close the connection
 /// within 10 s.
 fn expect_dropped(addr: &str, what: &str, bytes: &[u8]) {

@@ -17,6 +17,7 @@
 //! and docs/peer-protocol.md the wire format.
 
 pub mod bitmap;
+pub mod generation;
 pub mod wire;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -31,6 +32,7 @@ use crate::peer::frame::encode_parts;
 use crate::peer::{Config as HsConfig, Event, FrameKind, GenerationIds, Handshake, Role, Session};
 use crate::store::{Store, StoreEvent, UNKNOWN_SUM, WRITE_HEADROOM};
 use bitmap::{DirtyBitmap, BLOCK, FLAG_CLEAN, FLAG_COMPARE};
+use generation::{Generation, Verdict};
 use wire::RecordHeader;
 
 /// Store request ids issued by the mirror (resync reads, applying a peer's
@@ -278,6 +280,7 @@ struct AdminConn {
 pub struct Mirror {
     cfg: MirrorConfig,
     node_id: u32,
+    generation: Generation,
     volume_uuid: [u8; 16],
     size: u64,
     peers: Vec<Peer>,
@@ -335,6 +338,16 @@ impl Mirror {
                 cfg.secret.len(),
                 crate::peer::handshake::MIN_SECRET
             ));
+        }
+        let mut generation = Generation::load(&cfg.dir)?;
+        if cfg.role == NodeRole::Primary {
+            let fresh = u64::from_le_bytes(nonce()[..8].try_into().unwrap()) | 1;
+            let (g, what) = generation.for_primary(fresh);
+            if let Some(what) = what {
+                g.store(&cfg.dir)?;
+                eprintln!("nbdmirror: {what}");
+            }
+            generation = g;
         }
         let mut peers = Vec::new();
         for &(id, addr) in &cfg.peers {
@@ -434,6 +447,7 @@ impl Mirror {
         };
         Ok(Mirror {
             node_id: sb.node_id,
+            generation,
             volume_uuid: sb.volume_uuid,
             size: sb.size,
             tokens: 0.0,
@@ -858,7 +872,11 @@ impl Mirror {
             volume_uuid: self.volume_uuid,
             node_id: self.node_id,
             expected_peer,
-            generations: GenerationIds::default(),
+            generations: GenerationIds {
+                current: self.generation.current,
+                bitmap: 0,
+                history: [self.generation.previous, self.generation.flags as u64],
+            },
             last_applied_seq: 0,
             nonce: nonce(),
         }
@@ -1170,6 +1188,30 @@ impl Mirror {
             l.last_rx = self.t;
             match l.peer {
                 Some(i) => {
+                    let theirs = Generation {
+                        current: info.generations.current,
+                        previous: info.generations.history[0],
+                        flags: info.generations.history[1] as u32,
+                    };
+                    match generation::judge(&self.generation, &theirs, self.peers[i].node_id) {
+                        Verdict::SplitBrain(why) => {
+                            if let Some(s) = l.session.as_mut() {
+                                s.reject(crate::peer::RejectCode::SplitBrain, &why, &mut l.out);
+                            }
+                            l.close_after_send = true;
+                            self.post_send(io, link);
+                            self.fail_peer(io, store, i, why);
+                            return;
+                        }
+                        Verdict::ResyncCompare => {
+                            let f = self.peers[i].bitmap.flags() | FLAG_COMPARE;
+                            if let Err(e) = self.peers[i].bitmap.set_flags(f) {
+                                self.fail_peer(io, store, i, e);
+                                return;
+                            }
+                        }
+                        Verdict::Resync => {}
+                    }
                     let p = &mut self.peers[i];
                     p.backoff = BACKOFF_MIN;
                     p.last_error = None;
@@ -1187,6 +1229,10 @@ impl Mirror {
                     } else {
                         PeerState::InSync
                     };
+                    if p.state == PeerState::InSync && theirs.current != self.generation.current {
+                        self.announce_generation(io, i);
+                    }
+                    let p = &mut self.peers[i];
                     eprintln!(
                         "nbdmirror: peer {} ({}) connected; {}",
                         p.node_id,
@@ -1482,6 +1528,21 @@ impl Mirror {
                 self.applying.insert(rid, (link, id, true));
                 store.flush(io, rid);
             }
+            FrameKind::Generation => {
+                let g = wire::decode_u64(&payload, "Generation")?;
+                if g != self.generation.current {
+                    let next = Generation {
+                        current: g,
+                        previous: self.generation.current,
+                        flags: 0,
+                    };
+                    next.store(&self.cfg.dir)?;
+                    eprintln!(
+                        "nbdmirror: in sync with the primary: this replica now holds data generation {g:016x}"
+                    );
+                    self.generation = next;
+                }
+            }
             FrameKind::SumsRequest => {
                 let (id, first, n) =
                     wire::decode_sums_request(&payload, self.size.div_ceil(BLOCK))?;
@@ -1592,6 +1653,7 @@ impl Mirror {
                     break;
                 }
                 if p.bitmap.dirty() == 0 {
+                    self.announce_generation(io, i);
                     let p = &mut self.peers[i];
                     p.state = PeerState::InSync;
                     let secs = self
@@ -1637,6 +1699,16 @@ impl Mirror {
                 },
             );
             store.read(io, rid, s, e - s, 0);
+        }
+    }
+
+    /// Peer `i` holds exactly our data: tell it our generation (it records
+    /// it, so a later connect knows its data is ours).
+    fn announce_generation(&mut self, io: &mut dyn Io, i: usize) {
+        if let Some(link) = self.peers[i].link {
+            let g = self.generation.current.to_le_bytes();
+            self.send_frame(link, FrameKind::Generation, &[&g]);
+            self.post_send(io, link);
         }
     }
 

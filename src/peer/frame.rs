@@ -64,6 +64,8 @@ pub enum FrameKind {
     SumsRequest = 20,
     /// The checksums asked for.
     Sums = 21,
+    /// The primary's data generation, sent when a peer is in sync.
+    Generation = 22,
     /// Liveness probe (opaque payload, echoed by Pong).
     Ping = 32,
     /// Answer to a Ping.
@@ -72,7 +74,7 @@ pub enum FrameKind {
 
 impl FrameKind {
     /// Every kind, in wire order.
-    pub const ALL: [FrameKind; 12] = [
+    pub const ALL: [FrameKind; 13] = [
         FrameKind::Hello,
         FrameKind::Auth,
         FrameKind::Ready,
@@ -83,6 +85,7 @@ impl FrameKind {
         FrameKind::FlushAck,
         FrameKind::SumsRequest,
         FrameKind::Sums,
+        FrameKind::Generation,
         FrameKind::Ping,
         FrameKind::Pong,
     ];

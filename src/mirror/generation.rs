@@ -1,0 +1,242 @@
+//! Data generation ids: which history a replica's contents belong to.
+//!
+//! Owns the file `DIR/generation` of every replica and the rule that decides,
+//! at connect time, whether a peer's data may be resynced from this primary
+//! or whether the two diverged (split brain), which is never resolved
+//! silently. After DRBD's generation UUIDs, reduced to what fixed roles need:
+//!
+//! - A primary's replica has a `current` generation it created and writes
+//!   under (`FLAG_PRIMARY`). A replica that was following another primary
+//!   (a secondary) and is now served as a primary is *promoted*: it starts a
+//!   new generation and keeps the one it followed as `previous`.
+//! - A secondary adopts its primary's `current` once it is in sync, so its
+//!   data is known to be that generation's.
+//!
+//! Layout (little-endian, 40 bytes): magic `NMGEN001`, current u64, previous
+//! u64, flags u32, reserved u32, xxh3-64 of bytes 0..32. Written whole to a
+//! temporary file, synced and renamed. A missing file is generation 0 (a
+//! replica that never served or followed anyone); a damaged one is refused.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use xxhash_rust::xxh3::xxh3_64;
+
+const MAGIC: &[u8; 8] = b"NMGEN001";
+const LEN: usize = 40;
+/// This replica writes (wrote) as the primary of `current`.
+pub const FLAG_PRIMARY: u32 = 1;
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Generation {
+    pub current: u64,
+    pub previous: u64,
+    pub flags: u32,
+}
+
+fn path(dir: &Path) -> PathBuf {
+    dir.join("generation")
+}
+
+impl Generation {
+    pub fn load(dir: &Path) -> Result<Generation, String> {
+        let p = path(dir);
+        let b = match std::fs::read(&p) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Generation::default()),
+            Err(e) => return Err(format!("cannot read {}: {e}", p.display())),
+        };
+        if b.len() != LEN
+            || &b[0..8] != MAGIC
+            || xxh3_64(&b[0..32]) != u64::from_le_bytes(b[32..40].try_into().unwrap())
+        {
+            return Err(format!(
+                "{} is damaged; it says which data history this replica holds, so it is not \
+                 guessed: restore it, or re-initialise this replica and let it resync",
+                p.display()
+            ));
+        }
+        Ok(Generation {
+            current: u64::from_le_bytes(b[8..16].try_into().unwrap()),
+            previous: u64::from_le_bytes(b[16..24].try_into().unwrap()),
+            flags: u32::from_le_bytes(b[24..28].try_into().unwrap()),
+        })
+    }
+
+    pub fn store(&self, dir: &Path) -> Result<(), String> {
+        let mut b = [0u8; LEN];
+        b[0..8].copy_from_slice(MAGIC);
+        b[8..16].copy_from_slice(&self.current.to_le_bytes());
+        b[16..24].copy_from_slice(&self.previous.to_le_bytes());
+        b[24..28].copy_from_slice(&self.flags.to_le_bytes());
+        let sum = xxh3_64(&b[0..32]);
+        b[32..40].copy_from_slice(&sum.to_le_bytes());
+        let tmp = dir.join("generation.tmp");
+        let err = |e: std::io::Error| format!("cannot write {}: {e}", tmp.display());
+        let mut f = File::create(&tmp).map_err(err)?;
+        f.write_all(&b).map_err(err)?;
+        f.sync_all().map_err(err)?;
+        std::fs::rename(&tmp, path(dir)).map_err(err)?;
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| format!("cannot sync {}: {e}", dir.display()))
+    }
+
+    /// The generation a primary serves under: a fresh replica gets its first
+    /// generation, a replica that was following another primary is promoted
+    /// (a new generation after the one it followed). Returns the generation
+    /// and what happened, for the log.
+    pub fn for_primary(self, fresh: u64) -> (Generation, Option<String>) {
+        if self.current == 0 {
+            let g = Generation {
+                current: fresh,
+                previous: 0,
+                flags: FLAG_PRIMARY,
+            };
+            return (g, Some(format!("starting data generation {fresh:016x}")));
+        }
+        if self.flags & FLAG_PRIMARY == 0 {
+            let g = Generation {
+                current: fresh,
+                previous: self.current,
+                flags: FLAG_PRIMARY,
+            };
+            return (
+                g,
+                Some(format!(
+                    "this replica followed generation {:016x} as a secondary and is now served as a \
+                     primary: promoted, starting generation {fresh:016x}",
+                    self.current
+                )),
+            );
+        }
+        (self, None)
+    }
+}
+
+/// What a primary may do with a peer, judged from both generations.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Same history (or a node that never held data): resync as usual.
+    Resync,
+    /// The peer holds an older generation of our history (it followed the
+    /// primary we were promoted from): resync, comparing every block.
+    ResyncCompare,
+    /// The histories diverged: refuse, with a reason for the log.
+    SplitBrain(String),
+}
+
+pub fn judge(ours: &Generation, peer: &Generation, peer_id: u32) -> Verdict {
+    if peer.current == 0 {
+        return Verdict::Resync;
+    }
+    if peer.current == ours.current {
+        if peer.flags & FLAG_PRIMARY != 0 {
+            return Verdict::SplitBrain(format!(
+                "node {peer_id} also claims to be the primary of generation {:016x}; two primaries \
+                 wrote to one volume",
+                ours.current
+            ));
+        }
+        return Verdict::Resync;
+    }
+    if peer.current == ours.previous && peer.flags & FLAG_PRIMARY == 0 {
+        return Verdict::ResyncCompare;
+    }
+    let how = if peer.previous == ours.current || peer.flags & FLAG_PRIMARY != 0 {
+        format!(
+            "node {peer_id} was served as a primary on its own (it wrote generation {:016x}{}) and \
+             may hold writes this node never saw",
+            peer.current,
+            if peer.previous != 0 {
+                format!(" after {:016x}", peer.previous)
+            } else {
+                String::new()
+            }
+        )
+    } else {
+        format!(
+            "node {peer_id} holds data of generation {:016x}, unrelated to this node's {:016x}",
+            peer.current, ours.current
+        )
+    };
+    Verdict::SplitBrain(format!(
+        "split brain: {how}. Nothing was resynced either way. To keep this node's data, stop node \
+         {peer_id}, re-initialise its replica (`nbdmirror init --dir DIR --size SIZE --node-id \
+         {peer_id} --volume-uuid UUID`) and start it as a secondary; to keep node {peer_id}'s data, \
+         serve it as the primary and do the same to this node"
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_damage() {
+        let d = std::env::temp_dir().join(format!("nbdmirror-gen-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        assert_eq!(Generation::load(&d).unwrap(), Generation::default());
+        let g = Generation {
+            current: 7,
+            previous: 3,
+            flags: FLAG_PRIMARY,
+        };
+        g.store(&d).unwrap();
+        assert_eq!(Generation::load(&d).unwrap(), g);
+        let mut b = std::fs::read(d.join("generation")).unwrap();
+        b[9] ^= 1;
+        std::fs::write(d.join("generation"), b).unwrap();
+        assert!(Generation::load(&d).is_err());
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn rules() {
+        let fresh = Generation::default();
+        let (p, _) = fresh.for_primary(10);
+        assert_eq!(
+            p,
+            Generation {
+                current: 10,
+                previous: 0,
+                flags: FLAG_PRIMARY
+            }
+        );
+        // A restarted primary keeps its generation.
+        assert_eq!(p.for_primary(11).0, p);
+        // A secondary that followed 10 and is served as a primary is promoted.
+        let follower = Generation {
+            current: 10,
+            previous: 0,
+            flags: 0,
+        };
+        let (promoted, why) = follower.for_primary(20);
+        assert_eq!(
+            promoted,
+            Generation {
+                current: 20,
+                previous: 10,
+                flags: FLAG_PRIMARY
+            }
+        );
+        assert!(why.unwrap().contains("promoted"));
+        assert_eq!(judge(&p, &fresh, 2), Verdict::Resync);
+        assert_eq!(judge(&p, &follower, 2), Verdict::Resync);
+        // The old primary's follower meets the promoted node.
+        assert_eq!(judge(&promoted, &follower, 1), Verdict::ResyncCompare);
+        // The promoted node comes back to the old primary: split brain.
+        assert!(matches!(judge(&p, &promoted, 2), Verdict::SplitBrain(_)));
+        // Two primaries of one generation.
+        assert!(matches!(judge(&p, &p, 2), Verdict::SplitBrain(_)));
+        // Unrelated data.
+        let other = Generation {
+            current: 99,
+            previous: 0,
+            flags: 0,
+        };
+        assert!(matches!(judge(&p, &other, 2), Verdict::SplitBrain(_)));
+    }
+}
