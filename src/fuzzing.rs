@@ -136,6 +136,10 @@ pub fn peer_frames(data: &[u8]) {
         return;
     };
     let chunk = 1 + rest.first().copied().unwrap_or(0) as usize % 64;
+    if mode % 7 == 6 {
+        replication_payloads(rest);
+        return;
+    }
     match mode % 6 {
         0 => {
             let mut d = FrameDecoder::with_max_payload(64 * 1024);
@@ -226,6 +230,31 @@ pub fn peer_frames(data: &[u8]) {
                 assert_not_established(&mut r);
             }
         }
+    }
+}
+
+/// The replication payload decoders (Record, Ack/FlushAck, Flush/Ping,
+/// SumsRequest, Sums) on arbitrary bytes: refuse or decode, and what decodes
+/// re-encodes to the same bytes.
+pub fn replication_payloads(p: &[u8]) {
+    use crate::mirror::wire;
+    let disk = 1 << 30;
+    if let Ok(h) = wire::RecordHeader::decode(p, disk) {
+        assert_eq!(h.encode()[..], p[..wire::RECORD_HEADER]);
+        assert!(h.offset + h.length as u64 <= disk);
+        if h.kind == wire::KIND_WRITE {
+            assert_eq!(p.len() - wire::RECORD_HEADER, h.length as usize);
+        }
+    }
+    if let Ok((id, e)) = wire::decode_answer(p) {
+        assert_eq!(wire::encode_answer(id, e)[..], p[..]);
+    }
+    let _ = wire::decode_u64(p, "fuzz");
+    if let Ok((id, first, n)) = wire::decode_sums_request(p, disk / 4096) {
+        assert_eq!(wire::encode_sums_request(id, first, n)[..], p[..]);
+    }
+    if let Ok((id, first, sums)) = wire::decode_sums(p) {
+        assert_eq!(wire::encode_sums(id, first, &sums)[..], p[..]);
     }
 }
 
