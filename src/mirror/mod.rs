@@ -877,7 +877,8 @@ impl Mirror {
                 bitmap: 0,
                 history: [self.generation.previous, self.generation.flags as u64],
             },
-            last_applied_seq: 0,
+            // v1 carries the disk size here (see docs/peer-protocol.md).
+            last_applied_seq: self.size,
             nonce: nonce(),
         }
     }
@@ -1193,7 +1194,16 @@ impl Mirror {
                         previous: info.generations.history[0],
                         flags: info.generations.history[1] as u32,
                     };
-                    match generation::judge(&self.generation, &theirs, self.peers[i].node_id) {
+                    let verdict = if info.last_applied_seq != self.size {
+                        Verdict::SplitBrain(format!(
+                            "node {} has a {}-byte disk and this node a {}-byte one; a peer's \
+                             replica must be the same size (re-initialise it with --size {})",
+                            self.peers[i].node_id, info.last_applied_seq, self.size, self.size
+                        ))
+                    } else {
+                        generation::judge(&self.generation, &theirs, self.peers[i].node_id)
+                    };
+                    match verdict {
                         Verdict::SplitBrain(why) => {
                             if let Some(s) = l.session.as_mut() {
                                 s.reject(crate::peer::RejectCode::SplitBrain, &why, &mut l.out);

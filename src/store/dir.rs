@@ -124,8 +124,24 @@ pub fn init(
             .map_err(|e| format!("cannot create {}/{name}: {e}", path.display()))
     };
     let data = create("data")?;
-    data.set_len(size)
-        .map_err(|e| format!("cannot size the data file: {e}"))?;
+    // Reserve the disk's space too (like a thick-provisioned volume): a full
+    // host filesystem shows up here, not as ENOSPC under a client's write,
+    // and writes do not pay for block allocation (fragmented holes made
+    // sequential writes after random ones 2.5x slower). Filesystems without
+    // fallocate get a sparse file.
+    // SAFETY: fallocate on a file we own.
+    let r = unsafe { libc::fallocate(data.as_raw_fd(), 0, 0, size as i64) };
+    if r != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::ENOSPC) {
+            return Err(format!(
+                "not enough space for a {size}-byte disk in {}: {e}",
+                path.display()
+            ));
+        }
+        data.set_len(size)
+            .map_err(|e| format!("cannot size the data file: {e}"))?;
+    }
     let journal = create("journal")?;
     // Reserve the journal's space now so a full disk shows up at init, not
     // under a client's write.

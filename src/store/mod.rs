@@ -61,6 +61,9 @@ const ZERO_CHUNK: usize = 1024 * 1024;
 
 pub type ReqId = u64;
 
+/// Least time between checkpoints started early for in-place writes.
+const INPLACE_CHECKPOINT_GAP: Duration = Duration::from_millis(100);
+
 /// [`Store::block_sums`] for a block whose checksum is not settled.
 pub const UNKNOWN_SUM: u64 = u64::MAX;
 
@@ -311,6 +314,9 @@ pub struct Store {
     /// buffers cost a page fault per 4 KiB and a memset when fresh).
     pub recycled: Vec<Vec<u8>>,
     pub stats: StoreStats,
+    /// A large aligned write went through the journal because journaled
+    /// records covered its range: checkpoint early (see `write`).
+    inplace_wanted: bool,
     /// Byte ranges (offset, len) of the records recovery replayed at open:
     /// writes that may or may not have reached this node's peers before a
     /// crash, so the mirror marks them dirty for every peer.
@@ -428,6 +434,7 @@ impl Store {
             stats: StoreStats::default(),
             recovered,
             extra_sync_fds: Vec::new(),
+            inplace_wanted: false,
         })
     }
 
@@ -554,6 +561,17 @@ impl Store {
                 self.kick(io, false);
                 return;
             }
+        }
+        if self.tuning.inplace_min > 0
+            && len64 >= self.tuning.inplace_min
+            && offset.is_multiple_of(BLOCK_SIZE)
+            && len64.is_multiple_of(BLOCK_SIZE)
+        {
+            // A large write had to take the journal because journaled
+            // records still cover its range: checkpoint soon, so the next
+            // ones go in place (a sequential writer after random writes
+            // would otherwise double-write until the checkpoint interval).
+            self.inplace_wanted = true;
         }
         self.enqueue(io, req, offset, RecordKind::Write, 0, buf, at, len64, fua);
     }
@@ -1797,7 +1815,8 @@ impl Store {
             || self.draining
             || !self.backlog.is_empty()
             || self.ring.used() * 100 >= self.ring.size * self.tuning.checkpoint_percent
-            || self.last_checkpoint.elapsed() >= self.tuning.checkpoint_interval;
+            || self.last_checkpoint.elapsed() >= self.tuning.checkpoint_interval
+            || (self.inplace_wanted && self.last_checkpoint.elapsed() >= INPLACE_CHECKPOINT_GAP);
         if !due {
             return;
         }
@@ -1925,6 +1944,7 @@ impl Store {
                 self.ring.release_upto(ck.upto);
                 self.journaled_chunks.retain(|_, seq| *seq > ck.upto);
                 self.checkpointed_seq = ck.upto;
+                self.inplace_wanted = false;
                 self.stats.checkpoints += 1;
                 self.drain_backlog(io);
                 self.kick(io, false);
