@@ -203,7 +203,7 @@ pub trait Io {
 
     /// A listening TCP socket bound to `addr`.
     fn tcp_listen(&mut self, addr: std::net::SocketAddr) -> io::Result<OwnedFd> {
-        Ok(OwnedFd::from(std::net::TcpListener::bind(addr)?))
+        Ok(OwnedFd::from(crate::server::bind_tcp(addr)?))
     }
 
     /// shutdown(SHUT_RDWR): pending operations on the socket complete.

@@ -200,10 +200,36 @@ pub fn socket_activation_fds() -> Vec<RawFd> {
     (3..3 + n).collect()
 }
 
+/// Bind a TCP listener, waiting up to 10 s while the address is in use: a
+/// killed predecessor's io_uring is torn down by the kernel after the process
+/// is gone, and until then its listening socket still holds the port (seen
+/// when a node is restarted right after SIGKILL).
+pub fn bind_tcp(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut said = false;
+    loop {
+        match TcpListener::bind(addr) {
+            Err(e)
+                if e.kind() == std::io::ErrorKind::AddrInUse
+                    && std::time::Instant::now() < deadline =>
+            {
+                if !said {
+                    eprintln!(
+                        "nbdmirror: {addr} is in use; waiting up to 10 s for it to be released"
+                    );
+                    said = true;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            r => return r,
+        }
+    }
+}
+
 fn open_listener(l: &Listen) -> Result<OwnedFd, String> {
     match l {
         Listen::Tcp(addr) => {
-            let s = TcpListener::bind(addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+            let s = bind_tcp(*addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
             Ok(OwnedFd::from(s))
         }
         Listen::Unix(path) => {
