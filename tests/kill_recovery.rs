@@ -44,7 +44,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::thread;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 const DISK_SIZE: u64 = 64 * MIB;
 const JOURNAL_SIZE: &str = "8M";
@@ -77,27 +77,6 @@ impl Rng {
     fn percent(&mut self, p: u64) -> bool {
         self.below(100) < p
     }
-}
-
-/// The run's seed: `SEED` from the environment, else from the clock.
-fn test_seed(test: &str) -> u64 {
-    let seed = match std::env::var("SEED") {
-        Ok(s) => {
-            let s = s.trim();
-            let v = if let Some(h) = s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
-                u64::from_str_radix(h, 16)
-            } else {
-                s.parse::<u64>()
-            };
-            v.unwrap_or_else(|e| panic!("SEED={s:?} is not a number: {e}"))
-        }
-        Err(_) => {
-            let d = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
-            (d.as_nanos() as u64) ^ ((std::process::id() as u64) << 32)
-        }
-    };
-    eprintln!("{test}: SEED={seed} (rerun with SEED={seed})");
-    seed
 }
 
 fn mix(seed: u64, k: u64) -> u64 {

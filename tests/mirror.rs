@@ -73,7 +73,7 @@ use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Condvar, Mutex};
 use std::thread::{self, JoinHandle};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 const BLOCK: u64 = 4096;
 
@@ -97,26 +97,6 @@ impl Rng {
     fn below(&mut self, n: u64) -> u64 {
         self.next_u64() % n
     }
-}
-
-fn test_seed(test: &str) -> u64 {
-    let seed = match std::env::var("SEED") {
-        Ok(s) => {
-            let s = s.trim();
-            let v = if let Some(h) = s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
-                u64::from_str_radix(h, 16)
-            } else {
-                s.parse::<u64>()
-            };
-            v.unwrap_or_else(|e| panic!("SEED={s:?} is not a number: {e}"))
-        }
-        Err(_) => {
-            let d = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
-            (d.as_nanos() as u64) ^ ((std::process::id() as u64) << 32)
-        }
-    };
-    eprintln!("{test}: SEED={seed} (rerun with SEED={seed})");
-    seed
 }
 
 // ------------------------------------------------------------------ watchdog

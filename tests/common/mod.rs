@@ -1113,3 +1113,26 @@ impl MiniClient {
         }
     }
 }
+
+/// The run's seed: `SEED` from the environment, else from the clock.
+pub fn test_seed(test: &str) -> u64 {
+    let seed = match std::env::var("SEED") {
+        Ok(s) => {
+            let s = s.trim();
+            let v = if let Some(h) = s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+                u64::from_str_radix(h, 16)
+            } else {
+                s.parse::<u64>()
+            };
+            v.unwrap_or_else(|e| panic!("SEED={s:?} is not a number: {e}"))
+        }
+        Err(_) => {
+            let d = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap();
+            (d.as_nanos() as u64) ^ ((std::process::id() as u64) << 32)
+        }
+    };
+    eprintln!("{test}: SEED={seed} (rerun with SEED={seed})");
+    seed
+}
