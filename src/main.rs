@@ -213,23 +213,14 @@ fn admin_path(a: &AdminArgs) -> Result<PathBuf, String> {
 fn admin_call(a: &AdminArgs, line: &str) -> Result<serde_json::Value, String> {
     use std::io::{BufRead, Write};
     let path = admin_path(a)?;
-    let connect = |p: &std::path::Path| match std::os::unix::net::UnixStream::connect(p) {
-        // A path too long for sun_path: connect relative to its directory.
-        Err(e) if p.as_os_str().len() >= 100 => {
-            let (Some(dir), Some(name)) = (p.parent(), p.file_name()) else {
-                return Err(e);
-            };
-            std::env::set_current_dir(dir)?;
-            std::os::unix::net::UnixStream::connect(name)
-        }
-        r => r,
-    };
-    let mut s = connect(&path).map_err(|e| {
-        format!(
-            "cannot reach the node at {}: {e} (is `nbdmirror serve` running there?)",
-            path.display()
-        )
-    })?;
+    let mut s =
+        nbdmirror::mirror::on_unix_path(&path, |p| std::os::unix::net::UnixStream::connect(p))
+            .map_err(|e| {
+                format!(
+                    "cannot reach the node at {}: {e} (is `nbdmirror serve` running there?)",
+                    path.display()
+                )
+            })?;
     s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
         .map_err(|e| e.to_string())?;
     s.write_all(format!("{line}\n").as_bytes())

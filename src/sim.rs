@@ -516,24 +516,23 @@ impl Io for SimIo {
     ) -> io::Result<()> {
         let _ = min;
         out.append(&mut self.inline_done);
-        let mut idx: Vec<usize> = (0..self.queue.len()).filter(|&i| self.ready(i)).collect();
+        let ready: Vec<usize> = (0..self.queue.len()).filter(|&i| self.ready(i)).collect();
+        // Take them out from the back (indices stay valid), then put them in
+        // queue order and shuffle that if asked.
+        let mut batch: Vec<(u64, Op, Duration)> = ready
+            .into_iter()
+            .rev()
+            .map(|i| {
+                let (t, op) = self.queue.remove(i);
+                (t, op, self.queued_at.remove(i))
+            })
+            .collect();
+        batch.reverse();
         if self.reorder {
-            for i in (1..idx.len()).rev() {
+            for i in (1..batch.len()).rev() {
                 let j = self.rng.below(i as u64 + 1) as usize;
-                idx.swap(i, j);
+                batch.swap(i, j);
             }
-        }
-        let mut batch = Vec::new();
-        let mut sorted = idx.clone();
-        sorted.sort_unstable_by(|a, b| b.cmp(a));
-        let mut taken: HashMap<usize, (u64, Op, Duration)> = HashMap::new();
-        for i in sorted {
-            let (t, op) = self.queue.remove(i);
-            let at = self.queued_at.remove(i);
-            taken.insert(i, (t, op, at));
-        }
-        for i in idx {
-            batch.push(taken.remove(&i).unwrap());
         }
         for (token, mut op, at) in batch {
             let result = self.execute_at(&mut op, at);

@@ -229,7 +229,6 @@ struct Link {
 /// is done and `mask` (peers still to answer) is empty.
 struct MOp {
     offset: u64,
-    len: u64,
     locked: bool,
     local: Option<Result<(), i32>>,
     mask: u64,
@@ -379,12 +378,6 @@ impl Mirror {
                 flags
             };
             bm.set_flags(flags & !FLAG_CLEAN)?;
-            for &(off, len) in &store.recovered {
-                bm.set_range(off, len);
-            }
-            if !store.recovered.is_empty() {
-                bm.flush()?;
-            }
             store.extra_sync_fds.push(bm.fd());
             peers.push(Peer {
                 node_id: id,
@@ -430,7 +423,7 @@ impl Mirror {
         let admin = match &cfg.admin_socket {
             Some(p) => {
                 let _ = std::fs::remove_file(p);
-                match bind_unix(p) {
+                match on_unix_path(p, |q| UnixListener::bind(q)) {
                     Ok(l) => Some(l),
                     Err(e) => {
                         // Serving data matters more than the control socket.
@@ -630,7 +623,6 @@ impl Mirror {
             rid,
             MOp {
                 offset: 0,
-                len: 0,
                 locked: false,
                 local: None,
                 mask,
@@ -723,7 +715,6 @@ impl Mirror {
         self.locks.insert(s, (e, rid));
         let mut mask = 0u64;
         let h = hdr.encode();
-        let mut to_send = Vec::new();
         for i in 0..self.peers.len() {
             if self.peers[i].streaming() {
                 let link = self.peers[i].link.unwrap();
@@ -737,7 +728,7 @@ impl Mirror {
                     },
                 );
                 mask |= 1 << i;
-                to_send.push(link);
+                self.post_send(io, link);
             } else {
                 self.peers[i].bitmap.set_range(s, e - s);
             }
@@ -746,7 +737,6 @@ impl Mirror {
             rid,
             MOp {
                 offset: s,
-                len: e - s,
                 locked: true,
                 local: None,
                 mask,
@@ -770,9 +760,6 @@ impl Mirror {
                 ..
             } => store.write_zeroes(io, rid, offset, len, no_hole, fua),
         }
-        for l in to_send {
-            self.post_send(io, l);
-        }
     }
 
     fn try_complete(&mut self, rid: u64) -> bool {
@@ -789,7 +776,6 @@ impl Mirror {
         if op.locked && self.locks.get(&op.offset).is_some_and(|&(_, o)| o == rid) {
             self.locks.remove(&op.offset);
         }
-        let _ = op.len;
         self.answers.push((rid, r));
         true
     }
@@ -1596,6 +1582,9 @@ impl Mirror {
         self.send_frame(link, kind, &[&wire::encode_answer(id, errno)]);
         self.post_send(io, link);
         // Sessions held behind older ones may go on.
+        if !self.links.values().any(|l| l.held) {
+            return;
+        }
         let held: Vec<u64> = self
             .links
             .iter()
@@ -2009,64 +1998,51 @@ impl Mirror {
     // ----- status and the admin socket -------------------------------------
 
     pub fn status_json(&self) -> String {
-        let mut s = format!(
-            "{{\"node_id\":{},\"role\":\"{}\",\"rate_limit\":{},\"peers\":[",
-            self.node_id,
-            self.cfg.role.name(),
-            self.cfg.resync_rate
-        );
-        let mut first = true;
-        for p in &self.peers {
-            if !first {
-                s.push(',');
-            }
-            first = false;
-            let dirty = p.bitmap.dirty() * BLOCK;
-            let done = p.total.saturating_sub(dirty);
-            s.push_str(&format!(
-                "{{\"node_id\":{},\"address\":\"{}\",\"state\":\"{}\",\"dirty_bytes\":{},\
-                 \"resync_total_bytes\":{},\"resync_done_bytes\":{},\"resync_sent_bytes\":{},\
-                 \"rate_bytes_per_sec\":{:.0},\"rate_limit\":{},\"paused\":{},\"comparing\":{},\"last_error\":{}}}",
-                p.node_id,
-                p.addr,
-                p.state.name(),
-                dirty,
-                p.total.max(dirty),
-                done,
-                p.sent_bytes,
-                if p.state == PeerState::Syncing && !p.paused {
-                    p.rate
+        use serde_json::json;
+        let mut peers: Vec<serde_json::Value> = self
+            .peers
+            .iter()
+            .map(|p| {
+                let dirty = p.bitmap.dirty() * BLOCK;
+                let rate = if p.state == PeerState::Syncing && !p.paused {
+                    p.rate.round() as u64
                 } else {
-                    0.0
-                },
-                self.cfg.resync_rate,
-                p.paused,
-                p.compare.is_some(),
-                match &p.last_error {
-                    Some(e) => json_string(e),
-                    None => "null".into(),
-                }
-            ));
-        }
+                    0
+                };
+                json!({
+                    "node_id": p.node_id,
+                    "address": p.addr.to_string(),
+                    "state": p.state.name(),
+                    "dirty_bytes": dirty,
+                    "resync_total_bytes": p.total.max(dirty),
+                    "resync_done_bytes": p.total.saturating_sub(dirty),
+                    "resync_sent_bytes": p.sent_bytes,
+                    "rate_bytes_per_sec": rate,
+                    "rate_limit": self.cfg.resync_rate,
+                    "paused": p.paused,
+                    "comparing": p.compare.is_some(),
+                    "last_error": p.last_error,
+                })
+            })
+            .collect();
         if self.cfg.role == NodeRole::Secondary {
-            for l in self
-                .links
-                .values()
-                .filter(|l| l.session.is_some() && !l.closing)
-            {
-                if !first {
-                    s.push(',');
+            for l in self.links.values().filter(|l| !l.closing) {
+                if let Some(sess) = &l.session {
+                    peers.push(json!({
+                        "node_id": sess.peer.node_id,
+                        "address": l.addr,
+                        "state": "connected",
+                    }));
                 }
-                first = false;
-                s.push_str(&format!(
-                    "{{\"node_id\":{},\"address\":{},\"state\":\"connected\"}}",
-                    l.session.as_ref().unwrap().peer.node_id,
-                    json_string(&l.addr)
-                ));
             }
         }
-        s.push_str("]}");
-        s
+        json!({
+            "node_id": self.node_id,
+            "role": self.cfg.role.name(),
+            "rate_limit": self.cfg.resync_rate,
+            "peers": peers,
+        })
+        .to_string()
     }
 
     fn command(&mut self, io: &mut dyn Io, store: &mut Store, line: &str) -> String {
@@ -2140,8 +2116,8 @@ impl Mirror {
         };
         self.kick_resync(io, store);
         match result {
-            Ok(()) => "{\"ok\":true}".into(),
-            Err(e) => format!("{{\"ok\":false,\"error\":{}}}", json_string(&e)),
+            Ok(()) => serde_json::json!({ "ok": true }).to_string(),
+            Err(e) => serde_json::json!({ "ok": false, "error": e }).to_string(),
         }
     }
 
@@ -2237,37 +2213,27 @@ impl Mirror {
     }
 }
 
-/// Bind a Unix socket; a path longer than sun_path allows (108 bytes) is
-/// bound relative to its directory (start-up is single-threaded, so the
-/// brief change of working directory is safe).
-pub fn bind_unix(p: &std::path::Path) -> std::io::Result<UnixListener> {
-    match UnixListener::bind(p) {
+/// Run `f` (bind or connect) on a Unix socket path; a path longer than
+/// sun_path allows (108 bytes) is used relative to its directory instead.
+/// Only for single-threaded moments (start-up, the CLI): the working
+/// directory changes briefly.
+pub fn on_unix_path<T>(
+    p: &std::path::Path,
+    f: impl Fn(&std::path::Path) -> std::io::Result<T>,
+) -> std::io::Result<T> {
+    match f(p) {
         Err(e) if p.as_os_str().len() >= 100 => {
             let (Some(dir), Some(name)) = (p.parent(), p.file_name()) else {
                 return Err(e);
             };
             let back = std::env::current_dir()?;
             std::env::set_current_dir(dir)?;
-            let r = UnixListener::bind(name);
+            let r = f(std::path::Path::new(name));
             std::env::set_current_dir(back)?;
             r
         }
         r => r,
     }
-}
-
-fn json_string(s: &str) -> String {
-    let mut o = String::from("\"");
-    for ch in s.chars() {
-        match ch {
-            '"' => o.push_str("\\\""),
-            '\\' => o.push_str("\\\\"),
-            c if (c as u32) < 0x20 => o.push_str(&format!("\\u{:04x}", c as u32)),
-            c => o.push(c),
-        }
-    }
-    o.push('"');
-    o
 }
 
 fn peer_name(fd: RawFd) -> String {

@@ -317,10 +317,6 @@ pub struct Store {
     /// A large aligned write went through the journal because journaled
     /// records covered its range: checkpoint early (see `write`).
     inplace_wanted: bool,
-    /// Byte ranges (offset, len) of the records recovery replayed at open:
-    /// writes that may or may not have reached this node's peers before a
-    /// crash, so the mirror marks them dirty for every peer.
-    pub recovered: Vec<(u64, u64)>,
     /// Files (the peers' dirty bitmaps) that a checkpoint syncs together
     /// with the data file, before it moves the journal tail: a bit set for
     /// a write is durable before the record that replays it is released.
@@ -364,12 +360,6 @@ impl Store {
             },
         )?;
         let replayed = records.len();
-        let recovered: Vec<(u64, u64)> = records
-            .iter()
-            .filter(|r| r.header.kind != RecordKind::Void && r.header.kind != RecordKind::Wrap)
-            .map(|r| (r.header.offset, r.header.length as u64))
-            .filter(|&(_, l)| l > 0)
-            .collect();
         replay_all(io, files.data, &mut sums, sb.size, records)?;
         if replayed > 0 {
             eprintln!(
@@ -432,7 +422,6 @@ impl Store {
             newest_intent: 0,
             next_inplace_id: 0,
             stats: StoreStats::default(),
-            recovered,
             extra_sync_fds: Vec::new(),
             inplace_wanted: false,
         })

@@ -184,17 +184,19 @@ pub fn describe(cmd: &Command) -> String {
     s
 }
 
-/// Run a command with a timeout, capturing stdout and stderr. A command that
-/// outlives the timeout is killed and reported as a failure.
-pub fn run_timeout(cmd: &mut Command, timeout: Duration) -> Output {
+/// Spawn `cmd` and capture its stdout and stderr. `Err` carries what it
+/// printed if it outlived `timeout` (it is killed then).
+fn capture(cmd: &mut Command, timeout: Duration) -> Result<Output, Result<Output, String>> {
     let desc = describe(cmd);
-    eprintln!("+ {desc}");
-    let mut child = cmd
+    let mut child = match cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .unwrap_or_else(|e| panic!("spawn `{desc}`: {e}"));
+    {
+        Ok(c) => c,
+        Err(e) => return Err(Err(format!("spawn `{desc}`: {e}"))),
+    };
     let mut out = child.stdout.take().unwrap();
     let mut err = child.stderr.take().unwrap();
     let to = thread::spawn(move || {
@@ -209,28 +211,54 @@ pub fn run_timeout(cmd: &mut Command, timeout: Duration) -> Output {
     });
     let start = Instant::now();
     let status = loop {
-        if let Some(st) = child.try_wait().expect("try_wait") {
-            break st;
+        match child.try_wait() {
+            Ok(Some(st)) => break st,
+            Ok(None) => {}
+            Err(e) => return Err(Err(format!("wait for `{desc}`: {e}"))),
         }
         if start.elapsed() > timeout {
             let _ = child.kill();
-            let _ = child.wait();
-            let stdout = to.join().unwrap();
-            let stderr = te.join().unwrap();
-            panic!(
-                "`{desc}` did not finish within {:?}; killed\n--- stdout ---\n{}\n--- stderr ---\n{}",
-                timeout,
-                tail(&String::from_utf8_lossy(&stdout), 20000),
-                tail(&String::from_utf8_lossy(&stderr), 20000)
-            );
+            let st = child.wait().expect("wait after kill");
+            return Err(Ok(Output {
+                status: st,
+                stdout: to.join().unwrap(),
+                stderr: te.join().unwrap(),
+            }));
         }
-        thread::sleep(Duration::from_millis(20));
+        thread::sleep(Duration::from_millis(10));
     };
-    Output {
+    Ok(Output {
         status,
         stdout: to.join().unwrap(),
         stderr: te.join().unwrap(),
+    })
+}
+
+/// Run a command with a timeout, capturing stdout and stderr. A command that
+/// outlives the timeout is killed and reported as a failure.
+pub fn run_timeout(cmd: &mut Command, timeout: Duration) -> Output {
+    let desc = describe(cmd);
+    eprintln!("+ {desc}");
+    match capture(cmd, timeout) {
+        Ok(out) => out,
+        Err(Err(e)) => panic!("{e}"),
+        Err(Ok(out)) => panic!(
+            "`{desc}` did not finish within {:?}; killed\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            timeout,
+            tail(&String::from_utf8_lossy(&out.stdout), 20000),
+            tail(&String::from_utf8_lossy(&out.stderr), 20000)
+        ),
     }
+}
+
+/// Run a command quietly with a timeout (for status polls). Err on spawn
+/// failure or timeout (the command is killed).
+pub fn run_quiet(cmd: &mut Command, timeout: Duration) -> Result<Output, String> {
+    let desc = describe(cmd);
+    capture(cmd, timeout).map_err(|e| match e {
+        Err(e) => e,
+        Ok(_) => format!("`{desc}` did not finish within {timeout:?}"),
+    })
 }
 
 /// Run a command (default timeout 5 minutes) and assert it succeeded,
@@ -1135,4 +1163,32 @@ pub fn test_seed(test: &str) -> u64 {
     };
     eprintln!("{test}: SEED={seed} (rerun with SEED={seed})");
     seed
+}
+
+/// splitmix64: small, fast, good enough for test choices.
+#[derive(Clone)]
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed ^ 0x5DEE_CE66_D1CE_4E5B)
+    }
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    /// Uniform in 0..n (n > 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n
+    }
+    /// Uniform in lo..=hi.
+    pub fn range(&mut self, lo: u64, hi: u64) -> u64 {
+        lo + self.below(hi - lo + 1)
+    }
+    pub fn percent(&mut self, p: u64) -> bool {
+        self.below(100) < p
+    }
 }
