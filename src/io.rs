@@ -37,11 +37,12 @@ pub enum Op {
     Accept {
         fd: RawFd,
     },
-    /// Receive into `buf[at..]`.
+    /// Receive into `buf[at..end]`.
     Recv {
         fd: RawFd,
         buf: Vec<u8>,
         at: usize,
+        end: usize,
     },
     /// Send `buf[at..]`.
     Send {
@@ -276,8 +277,8 @@ impl UringIo {
                     .flags(libc::SOCK_CLOEXEC)
                     .build()
             }
-            Op::Recv { fd, buf, at } => {
-                let s = &mut buf[*at..];
+            Op::Recv { fd, buf, at, end } => {
+                let s = &mut buf[*at..*end];
                 opcode::Recv::new(types::Fd(*fd), s.as_mut_ptr(), s.len() as u32).build()
             }
             Op::Send { fd, buf, at } => {

@@ -40,6 +40,8 @@ const MAX_TOTAL_INFLIGHT_BYTES: usize = 512 << 20;
 const POOL_BUFFERS: usize = 16;
 const POOL_MAX_BUFFER: usize = (4 << 20) + 4096;
 const RECV_BUF: usize = 256 * 1024;
+/// Receive size right after a payload too large for the input buffer.
+const SMALL_RECV: usize = 4096;
 const TICK: Duration = Duration::from_millis(20);
 /// How long shutdown waits for clients to take their replies.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -113,6 +115,8 @@ struct Conn {
     parsing: bool,
     /// The client closed its side; buffered requests are still answered.
     eof: bool,
+    /// The last request's payload was received into its own buffer.
+    after_large: bool,
 }
 
 struct PendingReq {
@@ -495,6 +499,7 @@ impl Server {
             shut: false,
             parsing: false,
             eof: false,
+            after_large: false,
         };
         self.conns.insert(id, conn);
         self.queue(id, greeting);
@@ -526,6 +531,7 @@ impl Server {
         let op = if let Some(sink) = conn.sink.as_mut() {
             Op::Recv {
                 fd,
+                end: sink.buf.len(),
                 buf: std::mem::take(&mut sink.buf),
                 at: sink.filled,
             }
@@ -538,10 +544,20 @@ impl Server {
             if conn.filled == conn.inbuf.len() {
                 conn.inbuf.resize(conn.inbuf.len() * 2, 0);
             }
+            // After a large payload the next request is likely another: take
+            // just its header (and a little payload) here, so the payload
+            // lands in its own buffer instead of being copied out of inbuf.
+            let end = if conn.after_large {
+                conn.inbuf.len().min(conn.filled + SMALL_RECV)
+            } else {
+                conn.inbuf.len()
+            };
+            conn.after_large = false;
             Op::Recv {
                 fd,
                 buf: std::mem::take(&mut conn.inbuf),
                 at: conn.filled,
+                end,
             }
         };
         conn.recv_in_flight = true;
@@ -622,6 +638,7 @@ impl Server {
                     return;
                 }
                 let sink = conn.sink.take().unwrap();
+                conn.after_large = true;
                 self.start_request(id, sink.req, Some(sink.buf), true);
                 continue;
             }

@@ -886,7 +886,7 @@ impl SimNet {
                 }
                 n
             }
-            Op::Recv { fd, buf, at } => {
+            Op::Recv { fd, buf, at, end } => {
                 let Some(&id) = self.fds.get(fd) else {
                     return Some(-libc::EBADF);
                 };
@@ -901,7 +901,7 @@ impl SimNet {
                 if !deliverable {
                     return Some(-libc::EAGAIN);
                 }
-                let room = buf.len() - *at;
+                let room = *end - *at;
                 let mut n = 0;
                 while n < room && !s.inbox.is_empty() {
                     let (t, seg) = s.inbox.front().unwrap();

@@ -988,6 +988,7 @@ impl Mirror {
             tok(KIND_PEER, link << 2 | SUB_RECV),
             Op::Recv {
                 fd: l.fd.as_raw_fd(),
+                end: buf.len(),
                 buf,
                 at: 0,
             },
@@ -2155,6 +2156,7 @@ impl Mirror {
                 fd: raw,
                 buf: vec![0u8; 1024],
                 at: 0,
+                end: 1024,
             },
         );
     }
@@ -2189,6 +2191,7 @@ impl Mirror {
                 tok(KIND_ADMIN, conn_id << 1),
                 Op::Recv {
                     fd: raw,
+                    end: buf.len(),
                     buf,
                     at: 0,
                 },

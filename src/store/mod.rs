@@ -141,6 +141,9 @@ struct InPlaceWrite {
     /// Seqs of the intent records covering this write's regions; the data
     /// may be written once all are durable.
     intents: Vec<u64>,
+    /// The blocks' checksums, computed on arrival while the payload is
+    /// still in the CPU cache; they enter the table once the data is written.
+    sums: Vec<u64>,
 }
 
 /// The three files of a replica directory.
@@ -531,6 +534,12 @@ impl Store {
                 let _ = self.ensure_intent(io, next_region);
             }
             if placed_all {
+                let first = offset / BLOCK_SIZE;
+                let sums = buf[at..at + len]
+                    .chunks(BLOCK_SIZE as usize)
+                    .enumerate()
+                    .map(|(i, block)| block_checksum(first + i as u64, block))
+                    .collect();
                 let id = self.next_inplace_id;
                 self.next_inplace_id += 1;
                 self.inplace.insert(
@@ -544,6 +553,7 @@ impl Store {
                         fua,
                         state: InPlaceState::Recorded,
                         intents,
+                        sums,
                     },
                 );
                 self.start_inplace_data(io);
@@ -678,15 +688,12 @@ impl Store {
             self.events
                 .push(StoreEvent::Written(w.req, Err(map_write_errno(e))));
         } else {
-            let Op::Write { buf, end, .. } = c.op else {
+            let Op::Write { buf, .. } = c.op else {
                 unreachable!()
             };
-            // The data began at `w.at` (`start` moved on past short writes).
-            let data = &buf.as_slice()[..end];
             let first = w.offset / BLOCK_SIZE;
-            for (i, block) in data[w.at..].chunks(BLOCK_SIZE as usize).enumerate() {
-                let b = first + i as u64;
-                self.sums.set(b, block_checksum(b, block));
+            for (i, &sum) in w.sums.iter().enumerate() {
+                self.sums.set(first + i as u64, sum);
             }
             self.stats.applied_bytes += w.len;
             self.inplace_done += 1;
