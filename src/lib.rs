@@ -7,6 +7,7 @@
 //! - [`mirror`]: synchronous mirroring to peers, dirty bitmaps, resync, the admin socket.
 //! - [`peer`]: the peer protocol (frames, handshake), sans-I/O.
 //! - [`size`]: parsing of human sizes.
+//! - [`xxh3`]: xxh3-64 with the SIMD width picked at run time.
 
 pub mod fuzzing;
 pub mod io;
@@ -16,3 +17,4 @@ pub mod server;
 pub mod sim;
 pub mod size;
 pub mod store;
+pub mod xxh3;

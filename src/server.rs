@@ -908,6 +908,13 @@ impl Server {
 
     fn deliver_store_events(&mut self) {
         for b in self.store.recycled.drain(..) {
+            let b = match self.mirror.as_mut() {
+                Some(m) => match m.take_buffer(b) {
+                    Some(b) => b,
+                    None => continue,
+                },
+                None => b,
+            };
             if self.pool.len() < POOL_BUFFERS && b.capacity() <= POOL_MAX_BUFFER {
                 self.pool.push(b);
             }

@@ -212,6 +212,9 @@ struct Link {
     session: Option<Session>,
     rbuf: Option<Vec<u8>>,
     recv_busy: bool,
+    /// The receive in flight fills a large payload's own buffer (taken from
+    /// the frame decoder), not `rbuf`.
+    recv_body: bool,
     send_busy: bool,
     connect_busy: bool,
     out: Vec<u8>,
@@ -306,6 +309,9 @@ pub struct Mirror {
     t: Instant,
     /// Client requests finished: (request id, result), for the server.
     pub answers: Vec<(u64, Result<(), i32>)>,
+    /// Secondary: buffers of applied records, reused for the payloads of
+    /// large incoming records (see [`Mirror::take_buffer`]).
+    spare_payloads: Vec<Vec<u8>>,
 }
 
 fn nonce() -> [u8; 32] {
@@ -463,6 +469,7 @@ impl Mirror {
             send_queue: Vec::new(),
             t: t0,
             answers: Vec::new(),
+            spare_payloads: Vec::new(),
         })
     }
 
@@ -475,6 +482,16 @@ impl Mirror {
     }
 
     /// Client writes go through the mirror (this node is a primary with peers).
+    /// Keep `buf` (a written record's buffer, back from the store) for a
+    /// later incoming payload; gives it back if this node has no use for it.
+    pub fn take_buffer(&mut self, buf: Vec<u8>) -> Option<Vec<u8>> {
+        if self.cfg.role == NodeRole::Secondary && self.spare_payloads.len() < 8 {
+            self.spare_payloads.push(buf);
+            return None;
+        }
+        Some(buf)
+    }
+
     pub fn mirrors_writes(&self) -> bool {
         self.cfg.role == NodeRole::Primary && !self.peers.is_empty()
     }
@@ -882,6 +899,7 @@ impl Mirror {
                 session: None,
                 rbuf: Some(vec![0u8; RECV_BUF]),
                 recv_busy: false,
+                recv_body: false,
                 send_busy: false,
                 connect_busy: false,
                 out: Vec::new(),
@@ -982,8 +1000,30 @@ impl Mirror {
         if l.recv_busy || l.closing || l.held {
             return;
         }
-        let buf = l.rbuf.take().unwrap_or_else(|| vec![0u8; RECV_BUF]);
         l.recv_busy = true;
+        // The rest of a large payload is received straight into its buffer.
+        if let Some(s) = l.session.as_mut() {
+            while s.decoder.wants_spare() {
+                match self.spare_payloads.pop() {
+                    Some(b) => s.decoder.recycle(b),
+                    None => break,
+                }
+            }
+            if let Some((buf, filled)) = s.decoder.take_body_target() {
+                l.recv_body = true;
+                io.submit(
+                    tok(KIND_PEER, link << 2 | SUB_RECV),
+                    Op::Recv {
+                        fd: l.fd.as_raw_fd(),
+                        end: buf.len(),
+                        buf,
+                        at: filled,
+                    },
+                );
+                return;
+            }
+        }
+        let buf = l.rbuf.take().unwrap_or_else(|| vec![0u8; RECV_BUF]);
         io.submit(
             tok(KIND_PEER, link << 2 | SUB_RECV),
             Op::Recv {
@@ -1277,6 +1317,22 @@ impl Mirror {
         l.recv_busy = false;
         let Op::Recv { buf, .. } = c.op else {
             return;
+        };
+        let buf = if std::mem::take(&mut l.recv_body) {
+            // The receive filled a large payload's own buffer: back to the
+            // decoder; `rbuf` stands in below for the closing and error cases.
+            if let Some(s) = l.session.as_mut() {
+                s.decoder.body_received(buf, c.result.max(0) as usize);
+            }
+            if c.result > 0 && !l.closing {
+                l.last_rx = self.t;
+                self.process_frames(io, store, link);
+                self.post_recv(io, link);
+                return;
+            }
+            l.rbuf.take().unwrap_or_default()
+        } else {
+            buf
         };
         if l.closing {
             l.rbuf = Some(buf);

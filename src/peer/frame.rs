@@ -27,8 +27,6 @@
 
 use std::fmt;
 
-use xxhash_rust::xxh3::Xxh3;
-
 /// The first four bytes of every frame.
 pub const MAGIC: [u8; 4] = *b"NMPF";
 /// Version of the frame layout above. A different value is refused.
@@ -211,10 +209,7 @@ impl std::error::Error for FrameError {}
 
 /// The checksum of a frame: xxh3-64 of the first 24 header bytes, then the payload.
 pub fn checksum(header: &[u8], payload: &[u8]) -> u64 {
-    let mut h = Xxh3::new();
-    h.update(&header[..24]);
-    h.update(payload);
-    h.digest()
+    crate::xxh3::hash_parts(&[&header[..24], payload], 0)
 }
 
 /// Append one frame to `out`.
@@ -244,12 +239,19 @@ pub fn encode_parts(kind: FrameKind, seq: u64, parts: &[&[u8]], out: &mut Vec<u8
     // 8..12: flags and reserved, zero.
     h[12..20].copy_from_slice(&seq.to_le_bytes());
     h[20..24].copy_from_slice(&(len as u32).to_le_bytes());
-    let mut x = Xxh3::new();
-    x.update(&h[..24]);
-    for p in parts {
-        x.update(p);
-    }
-    h[24..32].copy_from_slice(&x.digest().to_le_bytes());
+    // The checksum covers header bytes 0..24 and then the parts.
+    let sum = match parts {
+        [] => crate::xxh3::hash_parts(&[&h[..24]], 0),
+        [a] => crate::xxh3::hash_parts(&[&h[..24], a], 0),
+        [a, b] => crate::xxh3::hash_parts(&[&h[..24], a, b], 0),
+        _ => {
+            let all: Vec<&[u8]> = std::iter::once(&h[..24])
+                .chain(parts.iter().copied())
+                .collect();
+            crate::xxh3::hash_parts(&all, 0)
+        }
+    };
+    h[24..32].copy_from_slice(&sum.to_le_bytes());
     out.reserve(HEADER_LEN + len);
     out.extend_from_slice(&h);
     for p in parts {
@@ -277,6 +279,24 @@ pub struct FrameDecoder {
     max_payload: usize,
     next_seq: u64,
     error: Option<FrameError>,
+    /// A frame with a large payload whose header has been read: its payload
+    /// bytes go straight into their own buffer, never through `buf`.
+    body: Option<Body>,
+    /// Buffers for large payloads, handed back by the caller.
+    spare: Vec<Vec<u8>>,
+}
+
+/// Payloads at least this long are collected in a buffer of their own.
+const BODY_MIN: usize = 64 * 1024;
+
+#[derive(Debug)]
+struct Body {
+    header: [u8; HEADER_LEN],
+    /// Exactly the payload's length; `filled` bytes of it have arrived.
+    payload: Vec<u8>,
+    filled: usize,
+    /// `payload` is lent out for a receive ([`FrameDecoder::take_body_target`]).
+    lent: bool,
 }
 
 impl Default for FrameDecoder {
@@ -299,6 +319,8 @@ impl FrameDecoder {
             max_payload: max.min(MAX_PAYLOAD),
             next_seq: 0,
             error: None,
+            body: None,
+            spare: Vec::new(),
         }
     }
 
@@ -321,7 +343,43 @@ impl FrameDecoder {
 
     /// Bytes received and not yet returned as frames.
     pub fn buffered(&self) -> usize {
-        self.buf.len() - self.start
+        let body = self.body.as_ref().map_or(0, |b| HEADER_LEN + b.filled);
+        self.buf.len() - self.start + body
+    }
+
+    /// Where the rest of a large payload can be received directly: the
+    /// payload buffer and how much of it is filled. Give it back with
+    /// [`body_received`](Self::body_received) before any other call.
+    pub fn take_body_target(&mut self) -> Option<(Vec<u8>, usize)> {
+        let b = self.body.as_mut()?;
+        if self.error.is_some() || b.lent || b.filled == b.payload.len() {
+            return None;
+        }
+        b.lent = true;
+        Some((std::mem::take(&mut b.payload), b.filled))
+    }
+
+    /// The buffer from [`take_body_target`](Self::take_body_target), with `n`
+    /// more bytes received into it.
+    pub fn body_received(&mut self, payload: Vec<u8>, n: usize) {
+        if let Some(b) = self.body.as_mut() {
+            b.payload = payload;
+            b.filled = (b.filled + n).min(b.payload.len());
+            b.lent = false;
+        }
+    }
+
+    /// Whether [`recycle`](Self::recycle) would keep another buffer.
+    pub fn wants_spare(&self) -> bool {
+        self.spare.len() < 2
+    }
+
+    /// Hand back a payload buffer of a frame returned earlier, to be reused
+    /// for a later large payload (spares page faults and zeroing).
+    pub fn recycle(&mut self, buf: Vec<u8>) {
+        if buf.capacity() >= BODY_MIN && self.spare.len() < 8 {
+            self.spare.push(buf);
+        }
     }
 
     /// The error that poisoned this decoder, if any.
@@ -333,6 +391,17 @@ impl FrameDecoder {
     pub fn push(&mut self, bytes: &[u8]) {
         if self.error.is_some() || bytes.is_empty() {
             return;
+        }
+        let mut bytes = bytes;
+        if let Some(b) = self.body.as_mut() {
+            debug_assert!(!b.lent, "push while the payload buffer is lent out");
+            let take = bytes.len().min(b.payload.len() - b.filled);
+            b.payload[b.filled..b.filled + take].copy_from_slice(&bytes[..take]);
+            b.filled += take;
+            bytes = &bytes[take..];
+            if bytes.is_empty() {
+                return;
+            }
         }
         if self.start > 0 && self.start == self.buf.len() {
             self.buf.clear();
@@ -368,7 +437,9 @@ impl FrameDecoder {
         if have == 0 {
             return Ok(());
         }
-        let need = if have >= HEADER_LEN {
+        let need = if let Some(b) = &self.body {
+            HEADER_LEN + b.payload.len()
+        } else if have >= HEADER_LEN {
             let h = &self.buf[self.start..];
             HEADER_LEN + u32::from_le_bytes(h[20..24].try_into().unwrap()) as usize
         } else {
@@ -378,6 +449,13 @@ impl FrameDecoder {
     }
 
     fn decode(&mut self) -> Result<Option<Frame>, FrameError> {
+        if let Some(b) = &self.body {
+            if b.lent || b.filled < b.payload.len() {
+                return Ok(None);
+            }
+            let b = self.body.take().unwrap();
+            return self.check(b.header, b.payload).map(Some);
+        }
         let avail = &self.buf[self.start..];
         // Magic, byte by byte as it arrives.
         let m = avail.len().min(4);
@@ -405,14 +483,47 @@ impl FrameDecoder {
         }
         let total = HEADER_LEN + len;
         if avail.len() < total {
+            if len >= BODY_MIN {
+                // Collect the payload in a buffer of its own: what has
+                // arrived now, the rest as it comes.
+                let mut payload = match self.spare.iter().position(|b| b.capacity() >= len) {
+                    Some(i) => self.spare.swap_remove(i),
+                    None => Vec::with_capacity(len),
+                };
+                payload.resize(len, 0);
+                let have = avail.len() - HEADER_LEN;
+                payload[..have].copy_from_slice(&avail[HEADER_LEN..]);
+                self.buf.clear();
+                self.start = 0;
+                self.body = Some(Body {
+                    header: h,
+                    payload,
+                    filled: have,
+                    lent: false,
+                });
+                return Ok(None);
+            }
             // Make room once for the rest of a frame we know is acceptable.
             let missing = total - avail.len();
             self.buf.reserve(missing);
             return Ok(None);
         }
-        let payload = &avail[HEADER_LEN..total];
+        let payload = avail[HEADER_LEN..total].to_vec();
+        self.start += total;
+        if self.start == self.buf.len() {
+            self.buf.clear();
+            self.start = 0;
+        } else if self.start >= self.buf.len() / 2 {
+            self.buf.drain(..self.start);
+            self.start = 0;
+        }
+        self.check(h, payload).map(Some)
+    }
+
+    /// The checks of a complete frame after its header's.
+    fn check(&mut self, h: [u8; HEADER_LEN], payload: Vec<u8>) -> Result<Frame, FrameError> {
         let expected = u64::from_le_bytes(h[24..32].try_into().unwrap());
-        let computed = checksum(&h, payload);
+        let computed = checksum(&h, &payload);
         let seq = u64::from_le_bytes(h[12..20].try_into().unwrap());
         let code = u16::from_le_bytes([h[6], h[7]]);
         if expected != computed {
@@ -435,17 +546,8 @@ impl FrameDecoder {
                 found: seq,
             });
         }
-        let payload = payload.to_vec();
         self.next_seq += 1;
-        self.start += total;
-        if self.start == self.buf.len() {
-            self.buf.clear();
-            self.start = 0;
-        } else if self.start >= self.buf.len() / 2 {
-            self.buf.drain(..self.start);
-            self.start = 0;
-        }
-        Ok(Some(Frame { kind, seq, payload }))
+        Ok(Frame { kind, seq, payload })
     }
 }
 
@@ -457,6 +559,68 @@ mod tests {
         let mut v = Vec::new();
         encode(kind, seq, payload, &mut v);
         v
+    }
+
+    /// Large payloads take the decoder's own-buffer path: fed in odd pieces,
+    /// partly through `push` and partly received straight into the lent
+    /// buffer, mixed with small frames, they decode exactly; a damaged one
+    /// is still caught; a stream cut inside one is reported truncated.
+    #[test]
+    fn large_payloads_received_in_place() {
+        let big: Vec<u8> = (0..300_000u32).map(|i| (i * 31 + 7) as u8).collect();
+        let mut wire = Vec::new();
+        encode(FrameKind::Record, 0, &big, &mut wire);
+        encode(FrameKind::Ping, 1, b"x", &mut wire);
+        encode(FrameKind::Record, 2, &big[..70_000], &mut wire);
+        let mut d = FrameDecoder::new();
+        let (mut at, mut step, mut frames) = (0, 1usize, Vec::new());
+        while at < wire.len() {
+            step = (step * 7 + 13) % 50_000 + 1;
+            let n = step.min(wire.len() - at);
+            match d.take_body_target() {
+                Some((mut buf, filled)) if step % 2 == 0 => {
+                    let n = n.min(buf.len() - filled);
+                    buf[filled..filled + n].copy_from_slice(&wire[at..at + n]);
+                    d.body_received(buf, n);
+                    at += n;
+                }
+                Some((buf, _)) => {
+                    d.body_received(buf, 0);
+                    d.push(&wire[at..at + n]);
+                    at += n;
+                }
+                None => {
+                    d.push(&wire[at..at + n]);
+                    at += n;
+                }
+            }
+            while let Some(f) = d.pull().unwrap() {
+                frames.push(f);
+            }
+        }
+        assert_eq!(frames.len(), 3);
+        assert_eq!(frames[0].payload, big);
+        assert_eq!(frames[1].payload, b"x");
+        assert_eq!(frames[2].payload, &big[..70_000]);
+        assert_eq!(d.buffered(), 0);
+        d.finish().unwrap();
+
+        let mut bad = Vec::new();
+        encode(FrameKind::Record, 0, &big, &mut bad);
+        bad[HEADER_LEN + 200_000] ^= 1;
+        let mut d = FrameDecoder::new();
+        d.push(&bad[..1000]);
+        assert!(d.pull().unwrap().is_none());
+        d.push(&bad[1000..]);
+        assert!(matches!(d.pull(), Err(FrameError::ChecksumMismatch { .. })));
+
+        let mut d = FrameDecoder::new();
+        d.push(&wire[..100_000]);
+        assert!(d.pull().unwrap().is_none());
+        assert!(matches!(
+            d.finish(),
+            Err(FrameError::Truncated { have: 100_000, need }) if need == HEADER_LEN + big.len()
+        ));
     }
 
     #[test]

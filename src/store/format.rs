@@ -235,7 +235,7 @@ impl RecordHeader {
 }
 
 pub fn data_hash(data: &[u8], seq: u64) -> u64 {
-    xxhash_rust::xxh3::xxh3_64_with_seed(data, seq)
+    crate::xxh3::hash_seeded(data, seq)
 }
 
 #[cfg(test)]
