@@ -1078,6 +1078,86 @@ fn fua_write_superseded_by_an_unsynced_write_survives_checkpoint_and_crash() {
     assert_eq!(after.read_sync(40960, 4096).unwrap(), p);
 }
 
+/// A large aligned write over blocks that journal records still cover is
+/// held until a checkpoint has covered them, then goes in place (not through
+/// the journal, which would keep the range journaled and the next pass of a
+/// sequential writer out of place too). Writes that overlap it and arrive
+/// while it is held wait behind it, so the newer data wins; a write
+/// elsewhere is not held. A crash after the final flush keeps it all.
+#[test]
+fn large_write_over_journaled_blocks_waits_for_a_checkpoint_then_goes_in_place() {
+    let tuning = Tuning {
+        sync_bytes: u64::MAX,
+        sync_interval: HOUR,
+        checkpoint_percent: 100,
+        checkpoint_interval: HOUR,
+        verify_reads: true,
+        inplace_min: 64 * KIB,
+    };
+    let mut rig = Rig::new(3, 4 * MIB, 4 * MIB, tuning);
+    // A small journaled write inside what the big write will cover.
+    let small = pattern(1, 8192, 4096);
+    rig.write_sync(8192, &small, false).unwrap();
+    assert_eq!(rig.st.stats.inplace_writes, 0);
+
+    let big = pattern(2, 0, 256 * KIB);
+    let later = pattern(3, 4096, 4096);
+    let elsewhere = pattern(4, 2 * MIB, 4096);
+    let (b, l, e) = (rig.fresh_id(), rig.fresh_id(), rig.fresh_id());
+    rig.st.write(
+        &mut rig.sim,
+        b,
+        0,
+        payload(&big, WRITE_HEADROOM),
+        WRITE_HEADROOM,
+        big.len(),
+        false,
+    );
+    assert_eq!(rig.st.stats.deferred_writes, 1, "the big write is held");
+    rig.st.write(
+        &mut rig.sim,
+        l,
+        4096,
+        payload(&later, WRITE_HEADROOM),
+        WRITE_HEADROOM,
+        later.len(),
+        false,
+    );
+    rig.st.write(
+        &mut rig.sim,
+        e,
+        2 * MIB,
+        payload(&elsewhere, WRITE_HEADROOM),
+        WRITE_HEADROOM,
+        elsewhere.len(),
+        false,
+    );
+    // The write elsewhere is answered without waiting for the checkpoint.
+    let checkpoints = rig.st.stats.checkpoints;
+    assert!(matches!(rig.wait_event(e), StoreEvent::Written(_, Ok(()))));
+    assert!(rig.take_event(b).is_none() && rig.take_event(l).is_none());
+    assert_eq!(rig.st.stats.checkpoints, checkpoints);
+    assert!(matches!(rig.wait_event(b), StoreEvent::Written(_, Ok(()))));
+    assert!(matches!(rig.wait_event(l), StoreEvent::Written(_, Ok(()))));
+    assert!(
+        rig.st.stats.checkpoints > checkpoints,
+        "no checkpoint released it"
+    );
+    assert_eq!(
+        rig.st.stats.inplace_writes, 1,
+        "the held write went in place"
+    );
+
+    let mut want = big.clone();
+    want[4096..8192].copy_from_slice(&later);
+    assert_eq!(rig.read_sync(0, 256 * KIB).unwrap(), want);
+    assert_eq!(rig.read_sync(2 * MIB, 4096).unwrap(), elsewhere);
+    rig.flush_sync().unwrap();
+    let mut after = rig.crash_durable_only(9).unwrap();
+    assert_eq!(after.read_sync(0, 256 * KIB).unwrap(), want);
+    assert_eq!(after.read_sync(2 * MIB, 4096).unwrap(), elsewhere);
+}
+
 /// "Test the test": the checker must notice when flushed writes are lost.
 /// A workload with syncs only on FLUSH/FUA and no checkpoint (so flushed data
 /// lives only in the journal) ends with a FLUSH; then a crash keeps the

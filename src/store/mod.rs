@@ -146,6 +146,50 @@ struct InPlaceWrite {
     sums: Vec<u64>,
 }
 
+/// A write held back until a checkpoint covers every journal record older
+/// than it, so that it can go in place instead of through the journal (see
+/// [`Store::write`]).
+#[derive(Debug)]
+struct Deferred {
+    /// Released once `checkpointed_seq >= target` (0: with the one before).
+    target: u64,
+    op: DeferredOp,
+}
+
+#[derive(Debug)]
+enum DeferredOp {
+    Write {
+        req: ReqId,
+        offset: u64,
+        buf: Vec<u8>,
+        at: usize,
+        len: usize,
+        fua: bool,
+    },
+    Zeroes {
+        req: ReqId,
+        offset: u64,
+        len: u64,
+        no_hole: bool,
+        fua: bool,
+    },
+}
+
+impl DeferredOp {
+    fn range(&self) -> (u64, u64) {
+        match *self {
+            DeferredOp::Write { offset, len, .. } => (offset, offset + len as u64),
+            DeferredOp::Zeroes { offset, len, .. } => (offset, offset + len),
+        }
+    }
+
+    fn req(&self) -> ReqId {
+        match *self {
+            DeferredOp::Write { req, .. } | DeferredOp::Zeroes { req, .. } => req,
+        }
+    }
+}
+
 /// The three files of a replica directory.
 #[derive(Clone, Copy, Debug)]
 pub struct Files {
@@ -249,6 +293,10 @@ pub struct StoreStats {
     pub checkpoints: u64,
     pub applied_bytes: u64,
     pub checksum_failures: u64,
+    /// Writes that went straight to the data file (not through the journal).
+    pub inplace_writes: u64,
+    /// Writes held back for a checkpoint so they could go in place.
+    pub deferred_writes: u64,
 }
 
 pub struct Store {
@@ -320,6 +368,8 @@ pub struct Store {
     /// A large aligned write went through the journal because journaled
     /// records covered its range: checkpoint early (see `write`).
     inplace_wanted: bool,
+    /// Writes waiting for a checkpoint, in arrival order (see [`Deferred`]).
+    deferred: VecDeque<Deferred>,
     /// Files (the peers' dirty bitmaps) that a checkpoint syncs together
     /// with the data file, before it moves the journal tail: a bit set for
     /// a write is durable before the record that replays it is released.
@@ -427,6 +477,7 @@ impl Store {
             stats: StoreStats::default(),
             extra_sync_fds: Vec::new(),
             inplace_wanted: false,
+            deferred: VecDeque::new(),
         })
     }
 
@@ -455,6 +506,7 @@ impl Store {
             && self.reads.is_empty()
             && self.overlay.is_empty()
             && self.inplace.is_empty()
+            && self.deferred.is_empty()
             && self.checkpointed_seq + 1 >= self.ring.next_seq
     }
 
@@ -484,6 +536,9 @@ impl Store {
             self.writes.remove(&p.req);
             self.events.push(StoreEvent::Written(p.req, Err(EIO)));
         }
+        for d in std::mem::take(&mut self.deferred) {
+            self.events.push(StoreEvent::Written(d.op.req(), Err(EIO)));
+        }
         // In-place writes whose data write has not started never will.
         let stuck: Vec<u64> = self
             .inplace
@@ -511,6 +566,37 @@ impl Store {
         at: usize,
         len: usize,
         fua: bool,
+    ) {
+        let len64 = len as u64;
+        if self.overlaps_deferred(offset, offset + len64) {
+            // Keep the order of overlapping writes: wait behind the held one.
+            self.deferred.push_back(Deferred {
+                target: 0,
+                op: DeferredOp::Write {
+                    req,
+                    offset,
+                    buf,
+                    at,
+                    len,
+                    fua,
+                },
+            });
+            return;
+        }
+        self.write_inner(io, req, offset, buf, at, len, fua, true);
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn write_inner(
+        &mut self,
+        io: &mut dyn Io,
+        req: ReqId,
+        offset: u64,
+        buf: Vec<u8>,
+        at: usize,
+        len: usize,
+        fua: bool,
+        may_defer: bool,
     ) {
         let len64 = len as u64;
         if self.inplace_eligible(offset, len64) {
@@ -566,13 +652,74 @@ impl Store {
             && offset.is_multiple_of(BLOCK_SIZE)
             && len64.is_multiple_of(BLOCK_SIZE)
         {
-            // A large write had to take the journal because journaled
-            // records still cover its range: checkpoint soon, so the next
-            // ones go in place (a sequential writer after random writes
-            // would otherwise double-write until the checkpoint interval).
+            // A large write cannot go in place because journal records not
+            // yet checkpointed cover its range: checkpoint soon. Journaling
+            // it would mark its range journaled again, so a sequential
+            // writer coming back round (after random writes) would go
+            // through the journal for good, each pass keeping the next
+            // from going in place. Instead hold it until a checkpoint covers
+            // every record older than it (once; a few hundred ms), then
+            // write it in place.
             self.inplace_wanted = true;
+            let target = self.ring.next_seq - 1;
+            if may_defer
+                && target > self.checkpointed_seq
+                && self.failed.is_none()
+                && self.backlog.is_empty()
+                && !self.draining
+            {
+                self.stats.deferred_writes += 1;
+                self.deferred.push_back(Deferred {
+                    target,
+                    op: DeferredOp::Write {
+                        req,
+                        offset,
+                        buf,
+                        at,
+                        len,
+                        fua,
+                    },
+                });
+                self.kick(io, false);
+                return;
+            }
         }
         self.enqueue(io, req, offset, RecordKind::Write, 0, buf, at, len64, fua);
+    }
+
+    fn overlaps_deferred(&self, start: u64, end: u64) -> bool {
+        self.deferred.iter().any(|d| {
+            let (s, e) = d.op.range();
+            s < end && start < e
+        })
+    }
+
+    /// Submit the held writes whose checkpoint has come, in order.
+    fn release_deferred(&mut self, io: &mut dyn Io) {
+        while let Some(d) = self.deferred.front() {
+            if d.target > self.checkpointed_seq && self.failed.is_none() && !self.draining {
+                self.inplace_wanted = true;
+                break;
+            }
+            let d = self.deferred.pop_front().unwrap();
+            match d.op {
+                DeferredOp::Write {
+                    req,
+                    offset,
+                    buf,
+                    at,
+                    len,
+                    fua,
+                } => self.write_inner(io, req, offset, buf, at, len, fua, false),
+                DeferredOp::Zeroes {
+                    req,
+                    offset,
+                    len,
+                    no_hole,
+                    fua,
+                } => self.write_zeroes_inner(io, req, offset, len, no_hole, fua),
+            }
+        }
     }
 
     /// The seq of `region`'s intent record, placing and writing one if the
@@ -696,6 +843,7 @@ impl Store {
                 self.sums.set(first + i as u64, sum);
             }
             self.stats.applied_bytes += w.len;
+            self.stats.inplace_writes += 1;
             self.inplace_done += 1;
             if let WriteBuf::Owned(b) = buf {
                 if self.recycled.len() < 64 {
@@ -757,6 +905,31 @@ impl Store {
 
     /// Make `[offset, offset+len)` read as zeroes (WRITE_ZEROES and TRIM).
     pub fn write_zeroes(
+        &mut self,
+        io: &mut dyn Io,
+        req: ReqId,
+        offset: u64,
+        len: u64,
+        no_hole: bool,
+        fua: bool,
+    ) {
+        if self.overlaps_deferred(offset, offset + len) {
+            self.deferred.push_back(Deferred {
+                target: 0,
+                op: DeferredOp::Zeroes {
+                    req,
+                    offset,
+                    len,
+                    no_hole,
+                    fua,
+                },
+            });
+            return;
+        }
+        self.write_zeroes_inner(io, req, offset, len, no_hole, fua);
+    }
+
+    fn write_zeroes_inner(
         &mut self,
         io: &mut dyn Io,
         req: ReqId,
@@ -1545,6 +1718,7 @@ impl Store {
     /// Ask for everything to reach the data file and a final checkpoint.
     pub fn drain(&mut self, io: &mut dyn Io) {
         self.draining = true;
+        self.release_deferred(io);
         self.kick(io, true);
     }
 
@@ -1560,7 +1734,9 @@ impl Store {
             || (self.newest_intent > self.durable_seq && self.newest_intent <= prefix)
             || self.inplace.values().any(|w| {
                 w.state == InPlaceState::Recorded && w.intents.iter().all(|&i| i <= prefix)
-            });
+            })
+            // Held writes wait for a checkpoint, which waits for this sync.
+            || !self.deferred.is_empty();
         let due = waiter_ready
             || pressure
             || self.draining
@@ -1812,7 +1988,9 @@ impl Store {
             || !self.backlog.is_empty()
             || self.ring.used() * 100 >= self.ring.size * self.tuning.checkpoint_percent
             || self.last_checkpoint.elapsed() >= self.tuning.checkpoint_interval
-            || (self.inplace_wanted && self.last_checkpoint.elapsed() >= INPLACE_CHECKPOINT_GAP);
+            || (self.inplace_wanted && self.last_checkpoint.elapsed() >= INPLACE_CHECKPOINT_GAP)
+            // Held writes wait for exactly this (each is held only once).
+            || !self.deferred.is_empty();
         if !due {
             return;
         }
@@ -1942,6 +2120,7 @@ impl Store {
                 self.checkpointed_seq = ck.upto;
                 self.inplace_wanted = false;
                 self.stats.checkpoints += 1;
+                self.release_deferred(io);
                 self.drain_backlog(io);
                 self.kick(io, false);
             }
