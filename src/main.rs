@@ -11,7 +11,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use nbdmirror::mirror::{MirrorConfig, NodeRole};
-use nbdmirror::server::{self, Listen, ServeConfig};
+use nbdmirror::server::{self, DirectWrites, Listen, ServeConfig};
 use nbdmirror::size::parse_size;
 use nbdmirror::store::{dir, Tuning};
 
@@ -99,6 +99,11 @@ enum Cmd {
         /// Control socket for `nbdmirror resync` (default DIR/admin.sock).
         #[arg(long)]
         admin_socket: Option<PathBuf>,
+        /// Large writes straight to the data file with O_DIRECT, bypassing
+        /// the page cache: auto = on a secondary (it serves no reads), off on
+        /// a primary.
+        #[arg(long, value_enum, default_value_t = DirectArg::Auto)]
+        direct_writes: DirectArg,
     },
     /// Watch and steer resynchronisation on a running node.
     Resync {
@@ -110,6 +115,13 @@ enum Cmd {
         #[arg(long)]
         dir: PathBuf,
     },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum DirectArg {
+    Auto,
+    On,
+    Off,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -415,6 +427,7 @@ fn run(cli: Cli) -> Result<(), String> {
             peer_timeout_ms,
             resync_rate,
             admin_socket,
+            direct_writes,
         } => {
             let role = match role {
                 RoleArg::Primary => NodeRole::Primary,
@@ -485,6 +498,11 @@ fn run(cli: Cli) -> Result<(), String> {
                     admin_socket: Some(admin_socket),
                     dir: path.clone(),
                 }),
+                direct_writes: match direct_writes {
+                    DirectArg::Auto => DirectWrites::Auto,
+                    DirectArg::On => DirectWrites::On,
+                    DirectArg::Off => DirectWrites::Off,
+                },
             })
         }
         Cmd::Resync { action } => resync(action),

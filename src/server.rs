@@ -77,6 +77,19 @@ pub struct ServeConfig {
     pub tuning: Tuning,
     /// Mirroring (roles, peers, secret); `None` for a single node.
     pub mirror: Option<MirrorConfig>,
+    /// Whether large writes go to the data file with O_DIRECT.
+    pub direct_writes: DirectWrites,
+}
+
+/// `serve --direct-writes`: whether in-place writes bypass the page cache
+/// (see `Store::set_direct_fd`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DirectWrites {
+    /// On for a secondary (it serves no reads, so the page cache only costs
+    /// it), off otherwise.
+    Auto,
+    On,
+    Off,
 }
 
 enum Phase {
@@ -132,6 +145,8 @@ struct PendingReq {
 pub struct Server {
     io: UringIo,
     store: Store,
+    /// The O_DIRECT descriptor of the data file the store writes through.
+    _direct: Option<std::fs::File>,
     mirror: Option<Mirror>,
     exports: Vec<ExportInfo>,
     listeners: Vec<OwnedFd>,
@@ -265,6 +280,23 @@ impl Server {
         dir::check_sizes(replica, &sb)?;
         let mut store = Store::open(&mut io, files, sb, config.tuning)
             .map_err(|e| format!("{}: recovery failed: {e}", replica.path.display()))?;
+        let secondary = config
+            .mirror
+            .as_ref()
+            .is_some_and(|m| m.role == mirror::NodeRole::Secondary);
+        let direct = match config.direct_writes {
+            DirectWrites::Off => None,
+            DirectWrites::Auto if !secondary => None,
+            want => match dir::open_direct(replica) {
+                Ok(f) => Some(f),
+                Err(e) if want == DirectWrites::Auto => {
+                    eprintln!("nbdmirror: {e}; writing through the page cache");
+                    None
+                }
+                Err(e) => return Err(e),
+            },
+        };
+        store.set_direct_fd(direct.as_ref().map(|f| f.as_raw_fd()));
         let mirror = match &config.mirror {
             Some(m) => Some(Mirror::new(m.clone(), &mut store, &mut io)?),
             None => None,
@@ -302,6 +334,7 @@ impl Server {
         Ok(Server {
             io,
             store,
+            _direct: direct,
             mirror,
             exports: vec![export],
             listeners,

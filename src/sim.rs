@@ -121,6 +121,9 @@ pub struct SimIo {
     /// Files whose writes execute at submission, as `UringIo::inline_write_fds`
     /// does for the journal (their completions are delivered by the next wait).
     pub inline_write_fds: Vec<RawFd>,
+    /// Descriptors that name another's file (an O_DIRECT descriptor of the
+    /// data file, for instance): see [`SimIo::alias_fd`].
+    aliases: HashMap<RawFd, RawFd>,
     inline_done: Vec<Completion>,
     /// Real descriptors (outside the simulation) whose fsyncs are passed
     /// through to the kernel.
@@ -136,6 +139,7 @@ impl SimIo {
             queued_at: Vec::new(),
             net: None,
             inline_write_fds: Vec::new(),
+            aliases: HashMap::new(),
             inline_done: Vec::new(),
             real_sync_fds: Vec::new(),
             rng: Rng::new(seed),
@@ -149,6 +153,17 @@ impl SimIo {
     }
 
     /// Add a file whose live and durable contents are `bytes`.
+    /// A second descriptor for `fd`'s file (as a second `open` of the same
+    /// path). Writes through it are ordinary unsynced writes to the file: the
+    /// simulated disk gives O_DIRECT no durability of its own, which is what
+    /// a drive with a volatile cache does.
+    pub fn alias_fd(&mut self, fd: RawFd) -> RawFd {
+        let alias = self.next_fd;
+        self.next_fd += 1;
+        self.aliases.insert(alias, fd);
+        alias
+    }
+
     pub fn add_file(&mut self, bytes: Vec<u8>) -> RawFd {
         let fd = self.next_fd;
         self.next_fd += 1;
@@ -381,6 +396,28 @@ impl SimIo {
 
     fn execute_inner(&mut self, op: &mut Op) -> i32 {
         self.ops_done += 1;
+        // An alias names another descriptor's file; a fault aimed at the
+        // alias itself applies first.
+        let on = match op {
+            Op::Read { .. } => FaultOn::Read,
+            Op::Fsync { .. } => FaultOn::Fsync,
+            _ => FaultOn::Write,
+        };
+        if let Op::Read { fd, .. }
+        | Op::Write { fd, .. }
+        | Op::Fsync { fd, .. }
+        | Op::Fallocate { fd, .. } = op
+        {
+            if let Some(&file) = self.aliases.get(fd) {
+                let alias = *fd;
+                *fd = file;
+                if self.faults.iter().any(|f| f.fd == Some(alias)) {
+                    if let Some(FaultEffect::Errno(e)) = self.fault_for(alias, on) {
+                        return -e;
+                    }
+                }
+            }
+        }
         match op {
             Op::Read {
                 fd,

@@ -457,6 +457,15 @@ struct Run {
     short_write_percent: u64,
     /// SIM_LOG is set: print every step.
     log: bool,
+    /// In-place writes go through a second (O_DIRECT) descriptor of `data`.
+    direct: bool,
+}
+
+/// Give the store a second descriptor of the data file for its in-place
+/// writes, as `serve --direct-writes on` does with an O_DIRECT one.
+fn use_direct_fd(rig: &mut Rig) {
+    let fd = rig.sim.alias_fd(rig.files.data);
+    rig.st.set_direct_fd(Some(fd));
 }
 
 const MAX_OUTSTANDING: usize = 12;
@@ -781,6 +790,9 @@ impl Run {
         }
         if replace {
             self.rig = rec;
+            if self.direct {
+                use_direct_fd(&mut self.rig);
+            }
             let inplace = self.model.inplace;
             self.model = Model::new(got);
             self.model.inplace = inplace;
@@ -877,6 +889,7 @@ impl Run {
             hot_percent: 0,
             short_write_percent: 0,
             log: std::env::var("SIM_LOG").is_ok(),
+            direct: false,
             rng,
         })
     }
@@ -891,10 +904,14 @@ fn run_seed(seed: u64) -> Result<(u64, u64, u64), String> {
     let lives = 1 + rng.below(3);
     let mut run = Run::new(seed, rng, size, jsize, tuning, reorder)?;
     run.short_write_percent = [0, 0, 2, 10][run.rng.below(4) as usize];
+    run.direct = run.rng.below(2) == 0;
+    if run.direct {
+        use_direct_fd(&mut run.rig);
+    }
     run.note(|| {
         format!(
-            "size {size} journal {jsize} tuning {tuning:?} lives {lives} short writes {}%",
-            run.short_write_percent
+            "size {size} journal {jsize} tuning {tuning:?} lives {lives} short writes {}% direct {}",
+            run.short_write_percent, run.direct
         )
     });
     let mut writes = 0;

@@ -93,6 +93,12 @@ fn boot(
     net.borrow_mut().up(id);
     let sb_now = nbdmirror::store::load_superblock(&mut io, files.meta).expect("superblock");
     let mut store = Store::open(&mut io, files, sb_now, tuning()).expect("recovery");
+    if id != 1 {
+        // As `serve --direct-writes auto` on a secondary: in-place writes
+        // through a second (O_DIRECT) descriptor of the data file.
+        let direct = io.alias_fd(files.data);
+        store.set_direct_fd(Some(direct));
+    }
     let mut mirror = Mirror::new(config(id, peers, &bitmaps), &mut store, &mut io).expect("mirror");
     io.real_sync_fds = store.extra_sync_fds.clone();
     mirror.start(&mut io);

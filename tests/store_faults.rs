@@ -643,3 +643,61 @@ fn checkpoint_failure_poisons_the_store_and_recovery_is_clean() {
     // Whole disk verifies.
     after.read_all().unwrap();
 }
+
+/// In-place writes through a direct (O_DIRECT) descriptor: when the
+/// filesystem refuses one (EINVAL, e.g. an alignment it does not take), the
+/// write is made through the page cache instead, the client sees success,
+/// later writes skip the direct descriptor, and a flushed write survives a
+/// crash. Another error on the direct descriptor is a real disk error and
+/// reaches the client.
+#[test]
+fn refused_direct_write_falls_back_to_the_page_cache() {
+    let tuning = Tuning {
+        inplace_min: 64 * KIB,
+        ..lazy_tuning()
+    };
+    let mut rig = Rig::new(5, 4 * MIB, 4 * MIB, tuning);
+    let direct = rig.sim.alias_fd(rig.files.data);
+    rig.st.set_direct_fd(Some(direct));
+
+    // A direct write that works.
+    let a = pattern(1, 0, 256 * KIB);
+    rig.write_sync(0, &a, false).unwrap();
+    assert_eq!(rig.st.stats.inplace_writes, 1);
+
+    // The next one is refused with EINVAL, then succeeds buffered.
+    rig.sim.faults.push(fault(
+        direct,
+        FaultOn::Write,
+        FaultEffect::Errno(libc::EINVAL),
+    ));
+    let b = pattern(2, MIB, 256 * KIB);
+    rig.write_sync(MIB, &b, true).unwrap();
+    assert!(
+        rig.st.failure().is_none(),
+        "a refused direct write is no disk failure"
+    );
+    assert_eq!(rig.st.stats.inplace_writes, 2);
+    // Direct I/O is off now: a fault on the direct descriptor is never hit.
+    rig.sim.faults.push(Fault {
+        sticky: true,
+        ..fault(direct, FaultOn::Write, FaultEffect::Errno(libc::EIO))
+    });
+    let c = pattern(3, 2 * MIB, 256 * KIB);
+    rig.write_sync(2 * MIB, &c, false).unwrap();
+    rig.flush_sync().unwrap();
+    rig.sim.faults.clear();
+    let mut after = crash(&mut rig);
+    assert_eq!(after.read_sync(0, 256 * KIB).unwrap(), a);
+    assert_eq!(after.read_sync(MIB, 256 * KIB).unwrap(), b);
+    assert_eq!(after.read_sync(2 * MIB, 256 * KIB).unwrap(), c);
+
+    // EIO on a direct write is a disk error: the client is told.
+    let mut rig = Rig::new(6, 4 * MIB, 4 * MIB, tuning);
+    let direct = rig.sim.alias_fd(rig.files.data);
+    rig.st.set_direct_fd(Some(direct));
+    rig.sim
+        .faults
+        .push(fault(direct, FaultOn::Write, FaultEffect::Errno(libc::EIO)));
+    assert_eq!(rig.write_sync(0, &a, false), Err(libc::EIO));
+}

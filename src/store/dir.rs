@@ -216,6 +216,21 @@ pub fn open(path: &Path) -> Result<ReplicaDir, String> {
     })
 }
 
+/// A second descriptor of the replica's data file, opened with O_DIRECT.
+pub fn open_direct(dir: &ReplicaDir) -> Result<File, String> {
+    use std::os::unix::fs::OpenOptionsExt;
+    OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(dir.path.join("data"))
+        .map_err(|e| {
+            format!(
+                "cannot open {}/data for direct I/O: {e}",
+                dir.path.display()
+            )
+        })
+}
+
 /// Check that the files have the sizes the superblock promises.
 pub fn check_sizes(dir: &ReplicaDir, sb: &Superblock) -> Result<(), String> {
     let len = |f: &File| f.metadata().map(|m| m.len()).unwrap_or(0);

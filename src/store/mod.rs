@@ -144,7 +144,15 @@ struct InPlaceWrite {
     /// The blocks' checksums, computed on arrival while the payload is
     /// still in the CPU cache; they enter the table once the data is written.
     sums: Vec<u64>,
+    /// Written through the O_DIRECT descriptor (from an aligned copy when
+    /// `bounced`).
+    direct: bool,
+    bounced: bool,
 }
+
+/// Memory alignment of O_DIRECT buffers (enough for every device's
+/// `dio_mem_align`; offsets and lengths of in-place writes are whole blocks).
+const DIRECT_ALIGN: usize = 4096;
 
 /// A write held back until a checkpoint covers every journal record older
 /// than it, so that it can go in place instead of through the journal (see
@@ -368,6 +376,11 @@ pub struct Store {
     /// A large aligned write went through the journal because journaled
     /// records covered its range: checkpoint early (see `write`).
     inplace_wanted: bool,
+    /// An O_DIRECT descriptor of the data file: in-place writes go through
+    /// it when set (see [`Store::set_direct_fd`]).
+    direct_fd: Option<RawFd>,
+    /// Aligned copies for in-place payloads whose memory is not aligned.
+    bounce: Vec<Vec<u8>>,
     /// Writes waiting for a checkpoint, in arrival order (see [`Deferred`]).
     deferred: VecDeque<Deferred>,
     /// Files (the peers' dirty bitmaps) that a checkpoint syncs together
@@ -477,6 +490,8 @@ impl Store {
             stats: StoreStats::default(),
             extra_sync_fds: Vec::new(),
             inplace_wanted: false,
+            direct_fd: None,
+            bounce: Vec::new(),
             deferred: VecDeque::new(),
         })
     }
@@ -640,6 +655,8 @@ impl Store {
                         state: InPlaceState::Recorded,
                         intents,
                         sums,
+                        direct: false,
+                        bounced: false,
                     },
                 );
                 self.start_inplace_data(io);
@@ -803,14 +820,38 @@ impl Store {
         for seq in ready {
             let w = self.inplace.get_mut(&seq).unwrap();
             w.state = InPlaceState::Writing;
-            let buf = std::mem::take(&mut w.buf);
-            let (at, len, offset) = (w.at, w.len as usize, w.offset);
+            let mut buf = std::mem::take(&mut w.buf);
+            let (len, offset) = (w.len as usize, w.offset);
+            let mut fd = self.files.data;
+            if let Some(direct) = self.direct_fd {
+                fd = direct;
+                w.direct = true;
+                if !(buf[w.at..].as_ptr() as usize).is_multiple_of(DIRECT_ALIGN) {
+                    // Copy into memory O_DIRECT accepts; the payload's own
+                    // buffer goes back to the caller at once.
+                    let need = len + DIRECT_ALIGN;
+                    let mut b = match self.bounce.iter().position(|b| b.len() >= need) {
+                        Some(i) => self.bounce.swap_remove(i),
+                        None => vec![0u8; need],
+                    };
+                    let pad = b.as_ptr().align_offset(DIRECT_ALIGN);
+                    b[pad..pad + len].copy_from_slice(&buf[w.at..w.at + len]);
+                    if self.recycled.len() < 64 {
+                        self.recycled.push(std::mem::replace(&mut buf, b));
+                    } else {
+                        buf = b;
+                    }
+                    w.at = pad;
+                    w.bounced = true;
+                }
+            }
+            let at = w.at;
             self.apply_epoch += 1;
             self.submit(
                 io,
                 Ctx::InPlaceData { seq },
                 Op::Write {
-                    fd: self.files.data,
+                    fd,
                     buf: WriteBuf::Owned(buf),
                     start: at,
                     end: at + len,
@@ -820,10 +861,48 @@ impl Store {
         }
     }
 
+    /// Write in-place data through `fd`, an O_DIRECT descriptor of the data
+    /// file (None: through the page cache). A node that serves no reads
+    /// (a secondary) gains: no page-cache copy, no page allocation, no
+    /// writeback stall at the next checkpoint; the drive's own speed is the
+    /// limit. FUA and FLUSH still fdatasync the data file, which flushes the
+    /// drive's cache for these writes too. If the filesystem refuses a direct
+    /// write (EINVAL), the store falls back to the page cache for good.
+    pub fn set_direct_fd(&mut self, fd: Option<RawFd>) {
+        self.direct_fd = fd;
+    }
+
     fn inplace_data_done(&mut self, io: &mut dyn Io, seq: u64, c: Completion, err: Option<i32>) {
-        let Some(w) = self.inplace.remove(&seq) else {
+        let Some(mut w) = self.inplace.remove(&seq) else {
             return;
         };
+        if err == Some(libc::EINVAL) && w.direct {
+            // The filesystem takes no O_DIRECT writes of this shape: the page
+            // cache from now on, starting with this write.
+            eprintln!(
+                "nbdmirror: WARNING: direct write to the data file refused ({}); writing through the page cache",
+                errno_str(libc::EINVAL)
+            );
+            self.direct_fd = None;
+            let Op::Write { buf, .. } = c.op else {
+                unreachable!()
+            };
+            let (at, len, offset) = (w.at, w.len as usize, w.offset);
+            w.direct = false;
+            self.inplace.insert(seq, w);
+            self.submit(
+                io,
+                Ctx::InPlaceData { seq },
+                Op::Write {
+                    fd: self.files.data,
+                    buf,
+                    start: at,
+                    end: at + len,
+                    offset,
+                },
+            );
+            return;
+        }
         self.apply_epoch += 1;
         if let Some(e) = err {
             self.poison(format!(
@@ -846,7 +925,11 @@ impl Store {
             self.stats.inplace_writes += 1;
             self.inplace_done += 1;
             if let WriteBuf::Owned(b) = buf {
-                if self.recycled.len() < 64 {
+                if w.bounced {
+                    if self.bounce.len() < 8 {
+                        self.bounce.push(b);
+                    }
+                } else if self.recycled.len() < 64 {
                     self.recycled.push(b);
                 }
             }
