@@ -150,7 +150,7 @@ pub fn peer_frames(data: &[u8]) {
                     match d.pull() {
                         Ok(Some(f)) => {
                             let mut again = Vec::new();
-                            crate::peer::encode(f.kind, f.seq, &f.payload, &mut again);
+                            crate::peer::encode(f.kind, f.seq, f.payload(), &mut again);
                             assert_eq!(again[..], rest[consumed..consumed + again.len()]);
                             consumed += again.len();
                         }

@@ -173,7 +173,7 @@ fn session_carries_on_with_frames_pipelined_behind_the_handshake() {
     let mut s_r = r.into_session().unwrap();
     let f = s_r.decoder.pull().unwrap().unwrap();
     assert_eq!(
-        (f.kind, f.seq, f.payload.len()),
+        (f.kind, f.seq, f.payload().len()),
         (FrameKind::Record, 3, 4 << 20)
     );
     // And the other way.
@@ -183,7 +183,7 @@ fn session_carries_on_with_frames_pipelined_behind_the_handshake() {
     s_i.decoder.push(&back);
     assert_eq!(s_i.decoder.pull().unwrap().unwrap().kind, FrameKind::Ack);
     let f = s_i.decoder.pull().unwrap().unwrap();
-    let rej = Reject::decode(&f.payload).unwrap();
+    let rej = Reject::decode(f.payload()).unwrap();
     assert_eq!(rej.code, RejectCode::SplitBrain);
 }
 
@@ -305,7 +305,7 @@ fn refuse(role: Role, bytes: &[u8]) -> (HandshakeError, Vec<FrameKind>, Option<R
     while let Some(f) = d.pull().unwrap() {
         kinds.push(f.kind);
         if f.kind == FrameKind::Reject {
-            rej = Some(Reject::decode(&f.payload).unwrap());
+            rej = Some(Reject::decode(f.payload()).unwrap());
         }
     }
     (reason.clone(), kinds, rej)
@@ -634,7 +634,7 @@ fn replayed_auth_fails_in_a_new_session() {
     d.push(&sr.wire);
     let _ = d.pull().unwrap();
     let auth_r = d.pull().unwrap().unwrap();
-    r3.receive(&frame(FrameKind::Auth, 1, &auth_r.payload));
+    r3.receive(&frame(FrameKind::Auth, 1, auth_r.payload()));
     drain(&mut r3, &mut sr3);
     assert_eq!(sr3.rejected(), Some((&HandshakeError::BadSecret, false)));
 }
@@ -721,7 +721,7 @@ proptest! {
         for (seq, (f, (k, p))) in got.iter().zip(&frames).enumerate() {
             prop_assert_eq!(f.kind, FrameKind::ALL[*k]);
             prop_assert_eq!(f.seq, seq as u64);
-            prop_assert_eq!(&f.payload, p);
+            prop_assert_eq!(f.payload(), p);
         }
     }
 }

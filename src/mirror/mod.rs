@@ -1213,6 +1213,13 @@ impl Mirror {
             let l = self.links.get_mut(&link).unwrap();
             let hs = l.hs.take().unwrap();
             l.session = hs.into_session();
+            if l.peer.is_none() {
+                // Secondary: place each large record so that its data (after
+                // the record header) is aligned, for O_DIRECT writes.
+                if let Some(s) = l.session.as_mut() {
+                    s.decoder.align_large_payloads(wire::RECORD_HEADER);
+                }
+            }
             l.last_rx = self.t;
             match l.peer {
                 Some(i) => {
@@ -1394,9 +1401,13 @@ impl Mirror {
                     return;
                 }
             };
+            let kind = f.kind;
             let r = match l.peer {
-                Some(i) => self.primary_frame(io, store, i, f.kind, f.payload),
-                None => self.secondary_frame(io, store, link, f.kind, f.payload),
+                Some(i) => self.primary_frame(io, store, i, kind, f.payload()),
+                None => {
+                    let (buf, at) = f.into_buf();
+                    self.secondary_frame(io, store, link, kind, buf, at)
+                }
             };
             if let Err(why) = r {
                 self.link_failed(io, store, link, why);
@@ -1456,7 +1467,7 @@ impl Mirror {
         store: &mut Store,
         i: usize,
         kind: FrameKind,
-        payload: Vec<u8>,
+        payload: &[u8],
     ) -> Result<(), String> {
         match kind {
             FrameKind::Ack => {
@@ -1541,11 +1552,13 @@ impl Mirror {
         store: &mut Store,
         link: u64,
         kind: FrameKind,
-        payload: Vec<u8>,
+        buf: Vec<u8>,
+        at: usize,
     ) -> Result<(), String> {
+        let payload = &buf[at..];
         match kind {
             FrameKind::Record => {
-                let h = RecordHeader::decode(&payload, self.size)?;
+                let h = RecordHeader::decode(payload, self.size)?;
                 let rid = MIRROR_RID | self.next_mrid;
                 self.next_mrid += 1;
                 self.applying.insert(rid, (link, h.id, false));
@@ -1557,8 +1570,8 @@ impl Mirror {
                             io,
                             rid,
                             h.offset,
-                            payload,
-                            wire::RECORD_HEADER,
+                            buf,
+                            at + wire::RECORD_HEADER,
                             h.length as usize,
                             fua,
                         )

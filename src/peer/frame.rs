@@ -110,8 +110,25 @@ impl fmt::Display for FrameKind {
 pub struct Frame {
     pub kind: FrameKind,
     pub seq: u64,
-    pub payload: Vec<u8>,
+    /// The payload is `buf[at..]` (`at` > 0 only for a large payload placed
+    /// for alignment, see [`FrameDecoder::align_large_payloads`]).
+    buf: Vec<u8>,
+    at: usize,
 }
+
+impl Frame {
+    pub fn payload(&self) -> &[u8] {
+        &self.buf[self.at..]
+    }
+
+    /// The buffer holding the payload and the payload's start in it.
+    pub fn into_buf(self) -> (Vec<u8>, usize) {
+        (self.buf, self.at)
+    }
+}
+
+/// Memory alignment [`FrameDecoder::align_large_payloads`] gives.
+pub const PAYLOAD_ALIGN: usize = 4096;
 
 /// Why a byte stream is not a valid frame stream. Every one of these means
 /// the connection must be dropped.
@@ -284,6 +301,9 @@ pub struct FrameDecoder {
     body: Option<Body>,
     /// Buffers for large payloads, handed back by the caller.
     spare: Vec<Vec<u8>>,
+    /// Place large payloads so that their byte at this offset is aligned
+    /// to [`PAYLOAD_ALIGN`] in memory.
+    align_at: Option<usize>,
 }
 
 /// Payloads at least this long are collected in a buffer of their own.
@@ -292,8 +312,9 @@ const BODY_MIN: usize = 64 * 1024;
 #[derive(Debug)]
 struct Body {
     header: [u8; HEADER_LEN],
-    /// Exactly the payload's length; `filled` bytes of it have arrived.
-    payload: Vec<u8>,
+    /// The payload is `buf[at..]`; `buf[at..filled]` has arrived.
+    buf: Vec<u8>,
+    at: usize,
     filled: usize,
     /// `payload` is lent out for a receive ([`FrameDecoder::take_body_target`]).
     lent: bool,
@@ -321,6 +342,7 @@ impl FrameDecoder {
             error: None,
             body: None,
             spare: Vec::new(),
+            align_at: None,
         }
     }
 
@@ -343,28 +365,39 @@ impl FrameDecoder {
 
     /// Bytes received and not yet returned as frames.
     pub fn buffered(&self) -> usize {
-        let body = self.body.as_ref().map_or(0, |b| HEADER_LEN + b.filled);
+        let body = self
+            .body
+            .as_ref()
+            .map_or(0, |b| HEADER_LEN + b.filled - b.at);
         self.buf.len() - self.start + body
     }
 
     /// Where the rest of a large payload can be received directly: the
     /// payload buffer and how much of it is filled. Give it back with
     /// [`body_received`](Self::body_received) before any other call.
+    /// The bytes to receive go to `buf[filled..]` (to its end).
     pub fn take_body_target(&mut self) -> Option<(Vec<u8>, usize)> {
         let b = self.body.as_mut()?;
-        if self.error.is_some() || b.lent || b.filled == b.payload.len() {
+        if self.error.is_some() || b.lent || b.filled == b.buf.len() {
             return None;
         }
         b.lent = true;
-        Some((std::mem::take(&mut b.payload), b.filled))
+        Some((std::mem::take(&mut b.buf), b.filled))
+    }
+
+    /// Place each large payload (collected in a buffer of its own) so that
+    /// its byte at `offset` lies at a [`PAYLOAD_ALIGN`]-aligned address: a
+    /// record's data can then be written with O_DIRECT without a copy.
+    pub fn align_large_payloads(&mut self, offset: usize) {
+        self.align_at = Some(offset);
     }
 
     /// The buffer from [`take_body_target`](Self::take_body_target), with `n`
     /// more bytes received into it.
     pub fn body_received(&mut self, payload: Vec<u8>, n: usize) {
         if let Some(b) = self.body.as_mut() {
-            b.payload = payload;
-            b.filled = (b.filled + n).min(b.payload.len());
+            b.buf = payload;
+            b.filled = (b.filled + n).min(b.buf.len());
             b.lent = false;
         }
     }
@@ -395,8 +428,8 @@ impl FrameDecoder {
         let mut bytes = bytes;
         if let Some(b) = self.body.as_mut() {
             debug_assert!(!b.lent, "push while the payload buffer is lent out");
-            let take = bytes.len().min(b.payload.len() - b.filled);
-            b.payload[b.filled..b.filled + take].copy_from_slice(&bytes[..take]);
+            let take = bytes.len().min(b.buf.len() - b.filled);
+            b.buf[b.filled..b.filled + take].copy_from_slice(&bytes[..take]);
             b.filled += take;
             bytes = &bytes[take..];
             if bytes.is_empty() {
@@ -438,7 +471,7 @@ impl FrameDecoder {
             return Ok(());
         }
         let need = if let Some(b) = &self.body {
-            HEADER_LEN + b.payload.len()
+            HEADER_LEN + b.buf.len() - b.at
         } else if have >= HEADER_LEN {
             let h = &self.buf[self.start..];
             HEADER_LEN + u32::from_le_bytes(h[20..24].try_into().unwrap()) as usize
@@ -450,11 +483,11 @@ impl FrameDecoder {
 
     fn decode(&mut self) -> Result<Option<Frame>, FrameError> {
         if let Some(b) = &self.body {
-            if b.lent || b.filled < b.payload.len() {
+            if b.lent || b.filled < b.buf.len() {
                 return Ok(None);
             }
             let b = self.body.take().unwrap();
-            return self.check(b.header, b.payload).map(Some);
+            return self.check(b.header, b.buf, b.at).map(Some);
         }
         let avail = &self.buf[self.start..];
         // Magic, byte by byte as it arrives.
@@ -482,26 +515,41 @@ impl FrameDecoder {
             });
         }
         let total = HEADER_LEN + len;
-        if avail.len() < total {
+        if avail.len() < total || (len >= BODY_MIN && self.align_at.is_some()) {
             if len >= BODY_MIN {
                 // Collect the payload in a buffer of its own: what has
                 // arrived now, the rest as it comes.
-                let mut payload = match self.spare.iter().position(|b| b.capacity() >= len) {
+                let room = len + self.align_at.map_or(0, |_| PAYLOAD_ALIGN);
+                let mut buf = match self.spare.iter().position(|b| b.capacity() >= room) {
                     Some(i) => self.spare.swap_remove(i),
-                    None => Vec::with_capacity(len),
+                    None => Vec::with_capacity(room),
                 };
-                payload.resize(len, 0);
-                let have = avail.len() - HEADER_LEN;
-                payload[..have].copy_from_slice(&avail[HEADER_LEN..]);
-                self.buf.clear();
-                self.start = 0;
+                let at = match self.align_at {
+                    Some(off) => {
+                        let addr = buf.as_ptr() as usize + off;
+                        (PAYLOAD_ALIGN - addr % PAYLOAD_ALIGN) % PAYLOAD_ALIGN
+                    }
+                    None => 0,
+                };
+                // Recycled buffers are reused as they are (their old bytes
+                // are overwritten); only growth is zeroed.
+                buf.resize(at + len, 0);
+                let have = (avail.len() - HEADER_LEN).min(len);
+                buf[at..at + have].copy_from_slice(&avail[HEADER_LEN..HEADER_LEN + have]);
+                self.start += HEADER_LEN + have;
+                if self.start == self.buf.len() {
+                    self.buf.clear();
+                    self.start = 0;
+                }
                 self.body = Some(Body {
                     header: h,
-                    payload,
-                    filled: have,
+                    buf,
+                    at,
+                    filled: at + have,
                     lent: false,
                 });
-                return Ok(None);
+                // Complete already (all of it was buffered): check it now.
+                return self.decode();
             }
             // Make room once for the rest of a frame we know is acceptable.
             let missing = total - avail.len();
@@ -517,13 +565,13 @@ impl FrameDecoder {
             self.buf.drain(..self.start);
             self.start = 0;
         }
-        self.check(h, payload).map(Some)
+        self.check(h, payload, 0).map(Some)
     }
 
-    /// The checks of a complete frame after its header's.
-    fn check(&mut self, h: [u8; HEADER_LEN], payload: Vec<u8>) -> Result<Frame, FrameError> {
+    /// The checks of a complete frame (payload `buf[at..]`) after its header's.
+    fn check(&mut self, h: [u8; HEADER_LEN], buf: Vec<u8>, at: usize) -> Result<Frame, FrameError> {
         let expected = u64::from_le_bytes(h[24..32].try_into().unwrap());
-        let computed = checksum(&h, &payload);
+        let computed = checksum(&h, &buf[at..]);
         let seq = u64::from_le_bytes(h[12..20].try_into().unwrap());
         let code = u16::from_le_bytes([h[6], h[7]]);
         if expected != computed {
@@ -547,7 +595,7 @@ impl FrameDecoder {
             });
         }
         self.next_seq += 1;
-        Ok(Frame { kind, seq, payload })
+        Ok(Frame { kind, seq, buf, at })
     }
 }
 
@@ -572,38 +620,59 @@ mod tests {
         encode(FrameKind::Record, 0, &big, &mut wire);
         encode(FrameKind::Ping, 1, b"x", &mut wire);
         encode(FrameKind::Record, 2, &big[..70_000], &mut wire);
-        let mut d = FrameDecoder::new();
-        let (mut at, mut step, mut frames) = (0, 1usize, Vec::new());
-        while at < wire.len() {
-            step = (step * 7 + 13) % 50_000 + 1;
-            let n = step.min(wire.len() - at);
-            match d.take_body_target() {
-                Some((mut buf, filled)) if step % 2 == 0 => {
-                    let n = n.min(buf.len() - filled);
-                    buf[filled..filled + n].copy_from_slice(&wire[at..at + n]);
-                    d.body_received(buf, n);
-                    at += n;
+        for align in [None, Some(64)] {
+            let mut d = FrameDecoder::new();
+            if let Some(off) = align {
+                d.align_large_payloads(off);
+            }
+            let (mut at, mut step, mut frames) = (0, 1usize, Vec::new());
+            while at < wire.len() {
+                step = (step * 7 + 13) % 50_000 + 1;
+                let n = step.min(wire.len() - at);
+                match d.take_body_target() {
+                    Some((mut buf, filled)) if step % 2 == 0 => {
+                        let n = n.min(buf.len() - filled);
+                        buf[filled..filled + n].copy_from_slice(&wire[at..at + n]);
+                        d.body_received(buf, n);
+                        at += n;
+                    }
+                    Some((buf, _)) => {
+                        d.body_received(buf, 0);
+                        d.push(&wire[at..at + n]);
+                        at += n;
+                    }
+                    None => {
+                        d.push(&wire[at..at + n]);
+                        at += n;
+                    }
                 }
-                Some((buf, _)) => {
-                    d.body_received(buf, 0);
-                    d.push(&wire[at..at + n]);
-                    at += n;
-                }
-                None => {
-                    d.push(&wire[at..at + n]);
-                    at += n;
+                while let Some(f) = d.pull().unwrap() {
+                    frames.push(f);
                 }
             }
-            while let Some(f) = d.pull().unwrap() {
-                frames.push(f);
+            assert_eq!(frames.len(), 3);
+            assert_eq!(frames[0].payload(), big);
+            assert_eq!(frames[1].payload(), b"x");
+            assert_eq!(frames[2].payload(), &big[..70_000]);
+            assert_eq!(d.buffered(), 0);
+            d.finish().unwrap();
+            if let Some(off) = align {
+                // Large payloads are placed so that byte `off` is aligned.
+                for f in [&frames[0], &frames[2]] {
+                    let p = f.payload().as_ptr() as usize + off;
+                    assert_eq!(p % PAYLOAD_ALIGN, 0);
+                }
+                // A recycled buffer is reused, still aligned.
+                let (buf, _) = frames.swap_remove(0).into_buf();
+                d.recycle(buf);
+                let mut again = Vec::new();
+                encode(FrameKind::Record, 3, &big, &mut again);
+                d.push(&again);
+                let f = d.pull().unwrap().unwrap();
+                assert_eq!(f.payload(), big);
+                assert_eq!((f.payload().as_ptr() as usize + off) % PAYLOAD_ALIGN, 0);
             }
         }
-        assert_eq!(frames.len(), 3);
-        assert_eq!(frames[0].payload, big);
-        assert_eq!(frames[1].payload, b"x");
-        assert_eq!(frames[2].payload, &big[..70_000]);
-        assert_eq!(d.buffered(), 0);
-        d.finish().unwrap();
 
         let mut bad = Vec::new();
         encode(FrameKind::Record, 0, &big, &mut bad);
@@ -631,7 +700,10 @@ mod tests {
         }
         for (i, k) in FrameKind::ALL.into_iter().enumerate() {
             let f = d.pull().unwrap().unwrap();
-            assert_eq!((f.kind, f.seq, f.payload), (k, i as u64, vec![i as u8; 5]));
+            assert_eq!(
+                (f.kind, f.seq, f.payload()),
+                (k, i as u64, &[i as u8; 5][..])
+            );
         }
         assert_eq!(d.pull().unwrap(), None);
         assert_eq!(d.buffered(), 0);

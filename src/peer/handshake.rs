@@ -438,7 +438,7 @@ impl Handshake {
             match self.decoder.pull() {
                 Ok(None) => break,
                 Ok(Some(f)) => {
-                    if let Err(e) = self.handle(f.kind, &f.payload) {
+                    if let Err(e) = self.handle(f.kind, f.payload()) {
                         self.fail(e);
                     }
                 }
