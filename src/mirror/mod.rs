@@ -1471,7 +1471,7 @@ impl Mirror {
     ) -> Result<(), String> {
         match kind {
             FrameKind::Ack => {
-                let (id, errno) = wire::decode_answer(&payload)?;
+                let (id, errno) = wire::decode_answer(payload)?;
                 if errno != 0 {
                     return Err(format!("peer failed a write: {}", errno_str(errno as i32)));
                 }
@@ -1501,7 +1501,7 @@ impl Mirror {
                 }
             }
             FrameKind::FlushAck => {
-                let (id, errno) = wire::decode_answer(&payload)?;
+                let (id, errno) = wire::decode_answer(payload)?;
                 if errno != 0 {
                     return Err(format!("peer failed a flush: {}", errno_str(errno as i32)));
                 }
@@ -1527,14 +1527,14 @@ impl Mirror {
                     _ => return Err(format!("FlushAck for unknown flush {id}")),
                 }
             }
-            FrameKind::Sums => self.sums_arrived(io, store, i, &payload)?,
+            FrameKind::Sums => self.sums_arrived(io, store, i, payload)?,
             FrameKind::Pong => {}
             FrameKind::Ping => {
                 let link = self.peers[i].link.unwrap();
-                self.send_frame(link, FrameKind::Pong, &[&payload]);
+                self.send_frame(link, FrameKind::Pong, &[payload]);
             }
             FrameKind::Reject => {
-                let r = crate::peer::messages::Reject::decode(&payload)
+                let r = crate::peer::messages::Reject::decode(payload)
                     .map(|r| r.message)
                     .unwrap_or_else(|_| "(unreadable reason)".into());
                 return Err(format!("the peer ended the session: {r}"));
@@ -1588,14 +1588,14 @@ impl Mirror {
                 }
             }
             FrameKind::Flush => {
-                let id = wire::decode_u64(&payload, "Flush")?;
+                let id = wire::decode_u64(payload, "Flush")?;
                 let rid = MIRROR_RID | self.next_mrid;
                 self.next_mrid += 1;
                 self.applying.insert(rid, (link, id, true));
                 store.flush(io, rid);
             }
             FrameKind::Generation => {
-                let g = wire::decode_u64(&payload, "Generation")?;
+                let g = wire::decode_u64(payload, "Generation")?;
                 if g != self.generation.current {
                     let next = Generation {
                         current: g,
@@ -1610,8 +1610,7 @@ impl Mirror {
                 }
             }
             FrameKind::SumsRequest => {
-                let (id, first, n) =
-                    wire::decode_sums_request(&payload, self.size.div_ceil(BLOCK))?;
+                let (id, first, n) = wire::decode_sums_request(payload, self.size.div_ceil(BLOCK))?;
                 let sums = store.block_sums(first, n as u64);
                 self.send_frame(
                     link,
@@ -1620,12 +1619,12 @@ impl Mirror {
                 );
             }
             FrameKind::Ping => {
-                wire::decode_u64(&payload, "Ping")?;
-                self.send_frame(link, FrameKind::Pong, &[&payload]);
+                wire::decode_u64(payload, "Ping")?;
+                self.send_frame(link, FrameKind::Pong, &[payload]);
             }
             FrameKind::Pong => {}
             FrameKind::Reject => {
-                let r = crate::peer::messages::Reject::decode(&payload)
+                let r = crate::peer::messages::Reject::decode(payload)
                     .map(|r| r.message)
                     .unwrap_or_else(|_| "(unreadable reason)".into());
                 return Err(format!("the primary ended the session: {r}"));
