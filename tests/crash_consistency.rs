@@ -1175,6 +1175,58 @@ fn large_write_over_journaled_blocks_waits_for_a_checkpoint_then_goes_in_place()
     assert_eq!(after.read_sync(2 * MIB, 4096).unwrap(), elsewhere);
 }
 
+/// A held write is released even while in-place writes into the same 16 MiB
+/// region keep streaming (two always in flight): they must not keep reusing
+/// an intent the checkpoint cannot pass, which would hold the write for as
+/// long as the stream lasts. (Found in review: it took ~10 000 other writes.)
+#[test]
+fn held_write_is_released_under_a_stream_of_in_place_writes() {
+    let tuning = Tuning {
+        sync_bytes: u64::MAX,
+        sync_interval: HOUR,
+        checkpoint_percent: 100,
+        checkpoint_interval: HOUR,
+        verify_reads: true,
+        inplace_min: 64 * KIB,
+    };
+    let mut rig = Rig::new(5, 32 * MIB, 4 * MIB, tuning);
+    // A journaled write in chunk 0, then in-place writes to chunks 1..15.
+    rig.write_sync(8192, &pattern(1, 8192, 4096), false)
+        .unwrap();
+    let big = pattern(3, 0, 256 * KIB);
+    let held = rig.fresh_id();
+    let (mut inflight, mut k) = (Vec::new(), 0u64);
+    for step in 0..2000 {
+        while inflight.len() < 2 {
+            k += 1;
+            let off = (1 + k % 15) * MIB;
+            let id = rig.fresh_id();
+            let d = pattern(100 + k, off, 256 * KIB);
+            let buf = payload(&d, WRITE_HEADROOM);
+            rig.st
+                .write(&mut rig.sim, id, off, buf, WRITE_HEADROOM, d.len(), false);
+            inflight.push(id);
+        }
+        if step == 10 {
+            let buf = payload(&big, WRITE_HEADROOM);
+            rig.st
+                .write(&mut rig.sim, held, 0, buf, WRITE_HEADROOM, big.len(), false);
+            assert_eq!(rig.st.stats.deferred_writes, 1);
+        }
+        if rig.sim.pending() == 0 {
+            rig.st.tick(&mut rig.sim);
+        }
+        rig.step(1);
+        inflight.retain(|&id| rig.take_event(id).is_none());
+        if let Some(e) = rig.take_event(held) {
+            assert!(matches!(e, StoreEvent::Written(_, Ok(()))));
+            assert_eq!(rig.read_sync(0, 256 * KIB).unwrap(), big);
+            return;
+        }
+    }
+    panic!("the held write was not released within 2000 steps ({k} other writes)");
+}
+
 /// "Test the test": the checker must notice when flushed writes are lost.
 /// A workload with syncs only on FLUSH/FUA and no checkpoint (so flushed data
 /// lives only in the journal) ends with a FLUSH; then a crash keeps the

@@ -685,6 +685,13 @@ impl Store {
                 && self.backlog.is_empty()
                 && !self.draining
             {
+                // In-place writes elsewhere keep reusing their regions'
+                // intents, and the tail may not pass an intent whose write
+                // is in flight: a steady stream of them would keep every
+                // checkpoint short of `target` for good. Intents up to
+                // `target` serve no new writes; new ones get fresh intents,
+                // and the old ones drain with their writes.
+                self.intents.retain(|_, seq| *seq > target);
                 self.stats.deferred_writes += 1;
                 self.deferred.push_back(Deferred {
                     target,
@@ -870,6 +877,11 @@ impl Store {
     /// write (EINVAL), the store falls back to the page cache for good.
     pub fn set_direct_fd(&mut self, fd: Option<RawFd>) {
         self.direct_fd = fd;
+    }
+
+    /// Writes at least this long (block-aligned) may go in place.
+    pub fn inplace_min(&self) -> u64 {
+        self.tuning.inplace_min
     }
 
     fn inplace_data_done(&mut self, io: &mut dyn Io, seq: u64, c: Completion, err: Option<i32>) {
@@ -1279,6 +1291,7 @@ impl Store {
             .map(|f| (f.start, f.end))
             .chain(self.backlog.iter().map(|w| (w.offset, w.offset + w.len)))
             .chain(self.inplace.values().map(|w| (w.offset, w.offset + w.len)))
+            .chain(self.deferred.iter().map(|d| d.op.range()))
             .collect();
         busy.retain(|&(s, e)| e > first * BLOCK_SIZE && s < end * BLOCK_SIZE);
         (first..end)
