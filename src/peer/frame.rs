@@ -244,6 +244,21 @@ pub fn encode(kind: FrameKind, seq: u64, payload: &[u8], out: &mut Vec<u8>) {
 /// # Panics
 /// As [`encode`].
 pub fn encode_parts(kind: FrameKind, seq: u64, parts: &[&[u8]], out: &mut Vec<u8>) {
+    let h = encode_header(kind, seq, parts);
+    let len: usize = parts.iter().map(|p| p.len()).sum();
+    out.reserve(HEADER_LEN + len);
+    out.extend_from_slice(&h);
+    for p in parts {
+        out.extend_from_slice(p);
+    }
+}
+
+/// The header of a frame whose payload is the concatenation of `parts`
+/// (for a sender that transmits the payload from its own buffers).
+///
+/// # Panics
+/// As [`encode`].
+pub fn encode_header(kind: FrameKind, seq: u64, parts: &[&[u8]]) -> [u8; HEADER_LEN] {
     let len: usize = parts.iter().map(|p| p.len()).sum();
     assert!(
         len <= MAX_PAYLOAD,
@@ -269,11 +284,7 @@ pub fn encode_parts(kind: FrameKind, seq: u64, parts: &[&[u8]], out: &mut Vec<u8
         }
     };
     h[24..32].copy_from_slice(&sum.to_le_bytes());
-    out.reserve(HEADER_LEN + len);
-    out.extend_from_slice(&h);
-    for p in parts {
-        out.extend_from_slice(p);
-    }
+    h
 }
 
 /// Incremental frame decoder: [`push`](Self::push) received bytes, then
@@ -301,9 +312,9 @@ pub struct FrameDecoder {
     body: Option<Body>,
     /// Buffers for large payloads, handed back by the caller.
     spare: Vec<Vec<u8>>,
-    /// Place large payloads so that their byte at this offset is aligned
-    /// to [`PAYLOAD_ALIGN`] in memory.
-    align_at: Option<usize>,
+    /// Place payloads of at least `.1` bytes so that their byte at offset
+    /// `.0` is aligned to [`PAYLOAD_ALIGN`] in memory.
+    align_at: Option<(usize, usize)>,
 }
 
 /// Payloads at least this long are collected in a buffer of their own.
@@ -385,11 +396,12 @@ impl FrameDecoder {
         Some((std::mem::take(&mut b.buf), b.filled))
     }
 
-    /// Place each large payload (collected in a buffer of its own) so that
-    /// its byte at `offset` lies at a [`PAYLOAD_ALIGN`]-aligned address: a
-    /// record's data can then be written with O_DIRECT without a copy.
-    pub fn align_large_payloads(&mut self, offset: usize) {
-        self.align_at = Some(offset);
+    /// Place each payload of at least `min_len` bytes (and 64 KiB; those
+    /// are collected in a buffer of their own) so that its byte at `offset`
+    /// lies at a [`PAYLOAD_ALIGN`]-aligned address: a record's data can then
+    /// be written with O_DIRECT without a copy.
+    pub fn align_large_payloads(&mut self, offset: usize, min_len: usize) {
+        self.align_at = Some((offset, min_len));
     }
 
     /// The buffer from [`take_body_target`](Self::take_body_target), with `n`
@@ -515,16 +527,20 @@ impl FrameDecoder {
             });
         }
         let total = HEADER_LEN + len;
-        if avail.len() < total || (len >= BODY_MIN && self.align_at.is_some()) {
+        let align = self
+            .align_at
+            .filter(|&(_, min)| len >= min)
+            .map(|(off, _)| off);
+        if avail.len() < total || (len >= BODY_MIN && align.is_some()) {
             if len >= BODY_MIN {
                 // Collect the payload in a buffer of its own: what has
                 // arrived now, the rest as it comes.
-                let room = len + self.align_at.map_or(0, |_| PAYLOAD_ALIGN);
+                let room = len + align.map_or(0, |_| PAYLOAD_ALIGN);
                 let mut buf = match self.spare.iter().position(|b| b.capacity() >= room) {
                     Some(i) => self.spare.swap_remove(i),
                     None => Vec::with_capacity(room),
                 };
-                let at = match self.align_at {
+                let at = match align {
                     Some(off) => {
                         let addr = buf.as_ptr() as usize + off;
                         (PAYLOAD_ALIGN - addr % PAYLOAD_ALIGN) % PAYLOAD_ALIGN
@@ -623,7 +639,7 @@ mod tests {
         for align in [None, Some(64)] {
             let mut d = FrameDecoder::new();
             if let Some(off) = align {
-                d.align_large_payloads(off);
+                d.align_large_payloads(off, 0);
             }
             let (mut at, mut step, mut frames) = (0, 1usize, Vec::new());
             while at < wire.len() {
