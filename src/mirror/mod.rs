@@ -28,7 +28,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use crate::io::{Completion, Io, Op};
-use crate::peer::frame::{encode_header, encode_parts};
+use crate::peer::frame::encode_parts;
 use crate::peer::{Config as HsConfig, Event, FrameKind, GenerationIds, Handshake, Role, Session};
 use crate::store::{Store, StoreEvent, UNKNOWN_SUM, WRITE_HEADROOM};
 use bitmap::{DirtyBitmap, BLOCK, FLAG_CLEAN, FLAG_COMPARE};
@@ -219,11 +219,6 @@ struct Link {
     connect_busy: bool,
     out: Vec<u8>,
     spare: Vec<u8>,
-    /// Large payloads sent from their own buffers, each after the first
-    /// `pos` bytes of `out` (positions shift as `out` is sent).
-    out_big: VecDeque<(usize, Vec<u8>)>,
-    /// The send in flight carries the front of `out_big`.
-    sending_big: bool,
     closing: bool,
     close_after_send: bool,
     opened: Instant,
@@ -909,8 +904,6 @@ impl Mirror {
                 connect_busy: false,
                 out: Vec::new(),
                 spare: Vec::new(),
-                out_big: VecDeque::new(),
-                sending_big: false,
                 closing: false,
                 close_after_send: false,
                 opened: self.t,
@@ -959,22 +952,6 @@ impl Mirror {
         s.next_send_seq += 1;
     }
 
-    /// As [`send_frame`](Self::send_frame) for a payload of `head` then
-    /// `data`, sending `data` from its own buffer instead of copying it.
-    fn send_frame_owned(&mut self, link: u64, kind: FrameKind, head: &[u8], data: Vec<u8>) {
-        let Some(l) = self.links.get_mut(&link) else {
-            return;
-        };
-        let Some(s) = l.session.as_mut() else {
-            return;
-        };
-        let h = encode_header(kind, s.next_send_seq, &[head, &data]);
-        s.next_send_seq += 1;
-        l.out.extend_from_slice(&h);
-        l.out.extend_from_slice(head);
-        l.out_big.push_back((l.out.len(), data));
-    }
-
     /// Queue a link for sending: frames produced while one batch of
     /// completions is handled go out together in one send per link
     /// ([`Mirror::flush_sends`], called by the loop after each batch).
@@ -998,32 +975,12 @@ impl Mirror {
         let Some(l) = self.links.get_mut(&link) else {
             return;
         };
-        if l.send_busy
-            || (l.out.is_empty() && l.out_big.is_empty())
-            || (l.closing && !l.close_after_send)
-        {
+        if l.send_busy || l.out.is_empty() || (l.closing && !l.close_after_send) {
             return;
         }
-        let buf = match l.out_big.front() {
-            Some(&(0, _)) => {
-                l.sending_big = true;
-                l.out_big.pop_front().unwrap().1
-            }
-            Some(&(pos, _)) => {
-                // The bytes up to the next large payload.
-                let rest = l.out.split_off(pos);
-                for (p, _) in l.out_big.iter_mut() {
-                    *p -= pos;
-                }
-                std::mem::replace(&mut l.out, rest)
-            }
-            None => {
-                let mut buf = std::mem::take(&mut l.spare);
-                buf.clear();
-                std::mem::swap(&mut buf, &mut l.out);
-                buf
-            }
-        };
+        let mut buf = std::mem::take(&mut l.spare);
+        buf.clear();
+        std::mem::swap(&mut buf, &mut l.out);
         l.send_busy = true;
         l.last_tx = self.t;
         io.submit(
@@ -1083,7 +1040,7 @@ impl Mirror {
             return;
         };
         l.closing = true;
-        if l.close_after_send && (l.send_busy || !l.out.is_empty() || !l.out_big.is_empty()) {
+        if l.close_after_send && (l.send_busy || !l.out.is_empty()) {
             // A Reject is on its way out; `sent` closes after it.
             return;
         }
@@ -1473,11 +1430,8 @@ impl Mirror {
         };
         if c.result <= 0 {
             l.send_busy = false;
-            if !std::mem::take(&mut l.sending_big) {
-                l.spare = buf;
-            }
+            l.spare = buf;
             l.out.clear();
-            l.out_big.clear();
             if l.close_after_send {
                 l.close_after_send = false;
                 self.close_link(io, link);
@@ -1496,10 +1450,8 @@ impl Mirror {
             return;
         }
         l.send_busy = false;
-        if !std::mem::take(&mut l.sending_big) {
-            l.spare = buf;
-        }
-        if l.out.is_empty() && l.out_big.is_empty() && l.close_after_send {
+        l.spare = buf;
+        if l.out.is_empty() && l.close_after_send {
             l.close_after_send = false;
             self.close_link(io, link);
             return;
@@ -1965,15 +1917,10 @@ impl Mirror {
                     },
                     flags: wire::FLAG_RESYNC | if zero { wire::FLAG_NO_HOLE } else { 0 },
                 };
-                let n = buf.len() as u64;
-                if zero {
-                    self.send_frame(link, FrameKind::Record, &[&hdr.encode()]);
-                } else {
-                    // Sent from the read buffer itself: no copy into `out`.
-                    self.send_frame_owned(link, FrameKind::Record, &hdr.encode(), buf);
-                }
+                let data: &[u8] = if zero { &[] } else { &buf };
+                self.send_frame(link, FrameKind::Record, &[&hdr.encode(), data]);
                 let p = &mut self.peers[i];
-                p.sent_bytes += n;
+                p.sent_bytes += buf.len() as u64;
                 p.outstanding.insert(
                     rid,
                     Out::Resync {

@@ -244,21 +244,6 @@ pub fn encode(kind: FrameKind, seq: u64, payload: &[u8], out: &mut Vec<u8>) {
 /// # Panics
 /// As [`encode`].
 pub fn encode_parts(kind: FrameKind, seq: u64, parts: &[&[u8]], out: &mut Vec<u8>) {
-    let h = encode_header(kind, seq, parts);
-    let len: usize = parts.iter().map(|p| p.len()).sum();
-    out.reserve(HEADER_LEN + len);
-    out.extend_from_slice(&h);
-    for p in parts {
-        out.extend_from_slice(p);
-    }
-}
-
-/// The header of a frame whose payload is the concatenation of `parts`
-/// (for a sender that transmits the payload from its own buffers).
-///
-/// # Panics
-/// As [`encode`].
-pub fn encode_header(kind: FrameKind, seq: u64, parts: &[&[u8]]) -> [u8; HEADER_LEN] {
     let len: usize = parts.iter().map(|p| p.len()).sum();
     assert!(
         len <= MAX_PAYLOAD,
@@ -284,7 +269,11 @@ pub fn encode_header(kind: FrameKind, seq: u64, parts: &[&[u8]]) -> [u8; HEADER_
         }
     };
     h[24..32].copy_from_slice(&sum.to_le_bytes());
-    h
+    out.reserve(HEADER_LEN + len);
+    out.extend_from_slice(&h);
+    for p in parts {
+        out.extend_from_slice(p);
+    }
 }
 
 /// Incremental frame decoder: [`push`](Self::push) received bytes, then
