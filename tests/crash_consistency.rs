@@ -1095,12 +1095,14 @@ fn fua_write_superseded_by_an_unsynced_write_survives_checkpoint_and_crash() {
     assert_eq!(after.read_sync(40960, 4096).unwrap(), p);
 }
 
-/// A large aligned write over blocks that journal records still cover is
-/// held until a checkpoint has covered them, then goes in place (not through
-/// the journal, which would keep the range journaled and the next pass of a
-/// sequential writer out of place too). Writes that overlap it and arrive
-/// while it is held wait behind it, so the newer data wins; a write
-/// elsewhere is not held. A crash after the final flush keeps it all.
+/// A large aligned write over blocks whose newest journal record (not yet
+/// checkpointed) came from another large write is held until a checkpoint
+/// has covered them, then goes in place (journaling it would keep the range
+/// journaled and the next pass of a sequential writer out of place too).
+/// Over a small journaled write it takes the journal, as before. Writes that
+/// overlap a held one and arrive meanwhile wait behind it, so the newer data
+/// wins; a write elsewhere is not held. A crash after the final flush keeps
+/// it all.
 #[test]
 fn large_write_over_journaled_blocks_waits_for_a_checkpoint_then_goes_in_place() {
     let tuning = Tuning {
@@ -1112,11 +1114,16 @@ fn large_write_over_journaled_blocks_waits_for_a_checkpoint_then_goes_in_place()
         inplace_min: 64 * KIB,
     };
     let mut rig = Rig::new(3, 4 * MIB, 4 * MIB, tuning);
-    // A small journaled write inside what the big write will cover.
+    // A small journaled write, then a large one over it: the large one
+    // takes the journal (small random writes are not waited for).
     let small = pattern(1, 8192, 4096);
     rig.write_sync(8192, &small, false).unwrap();
+    let first = pattern(5, 0, 256 * KIB);
+    rig.write_sync(0, &first, false).unwrap();
     assert_eq!(rig.st.stats.inplace_writes, 0);
+    assert_eq!(rig.st.stats.deferred_writes, 0);
 
+    // The next large write over it is held.
     let big = pattern(2, 0, 256 * KIB);
     let later = pattern(3, 4096, 4096);
     let elsewhere = pattern(4, 2 * MIB, 4096);
@@ -1190,9 +1197,11 @@ fn held_write_is_released_under_a_stream_of_in_place_writes() {
         inplace_min: 64 * KIB,
     };
     let mut rig = Rig::new(5, 32 * MIB, 4 * MIB, tuning);
-    // A journaled write in chunk 0, then in-place writes to chunks 1..15.
+    // A large journaled write in chunk 0 (it went to the journal because of
+    // a small one), then in-place writes to chunks 1..15.
     rig.write_sync(8192, &pattern(1, 8192, 4096), false)
         .unwrap();
+    rig.write_sync(0, &pattern(2, 0, 256 * KIB), false).unwrap();
     let big = pattern(3, 0, 256 * KIB);
     let held = rig.fresh_id();
     let (mut inflight, mut k) = (Vec::new(), 0u64);

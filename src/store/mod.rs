@@ -365,10 +365,11 @@ pub struct Store {
     newest_intent: u64,
     next_inplace_id: u64,
     /// 1 MiB chunks touched by journal records the last checkpoint has not
-    /// released, with the newest such record's seq. An in-place write may not
-    /// touch them: after a crash, replay would need the older record's bytes
-    /// *under* the newer in-place data, which is not knowable.
-    journaled_chunks: HashMap<u64, u64>,
+    /// released, with the newest such record's seq and whether it came from
+    /// a large write (one that could have gone in place). An in-place write
+    /// may not touch them: after a crash, replay would need the older
+    /// record's bytes *under* the newer in-place data, which is not knowable.
+    journaled_chunks: HashMap<u64, (u64, bool)>,
     /// Payload buffers the store is done with, for the caller to reuse (large
     /// buffers cost a page fault per 4 KiB and a memset when fresh).
     pub recycled: Vec<Vec<u8>>,
@@ -680,6 +681,7 @@ impl Store {
             self.inplace_wanted = true;
             let target = self.ring.next_seq - 1;
             if may_defer
+                && self.blocked_by_large_records(offset, offset + len64)
                 && target > self.checkpointed_seq
                 && self.failed.is_none()
                 && self.backlog.is_empty()
@@ -709,6 +711,25 @@ impl Store {
             }
         }
         self.enqueue(io, req, offset, RecordKind::Write, 0, buf, at, len64, fua);
+    }
+
+    /// Whether journal records cover `[start, end)` and the newest in each
+    /// covered chunk came from a large write. That is the self-sustaining
+    /// case holding is for (a sequential writer meeting its own journaled
+    /// writes); a range that small random writes keep journaling is left to
+    /// the journal, or every large write among them would wait for a
+    /// checkpoint (a mix of 80% 4 KiB and 20% 1 MiB random writes lost 7%
+    /// throughput and tripled its p99.5 when held).
+    fn blocked_by_large_records(&self, start: u64, end: u64) -> bool {
+        let mut any = false;
+        for c in start / JOURNALED_CHUNK..end.div_ceil(JOURNALED_CHUNK) {
+            match self.journaled_chunks.get(&c) {
+                Some(&(_, true)) => any = true,
+                Some(&(_, false)) => return false,
+                None => {}
+            }
+        }
+        any
     }
 
     fn overlaps_deferred(&self, start: u64, end: u64) -> bool {
@@ -1147,8 +1168,11 @@ impl Store {
                 data_hash: hash,
             }
             .encode_into(&mut record);
+            let large = p.kind == RecordKind::Write
+                && self.tuning.inplace_min > 0
+                && p.len >= self.tuning.inplace_min;
             for c in p.offset / JOURNALED_CHUNK..(p.offset + chunk).div_ceil(JOURNALED_CHUNK) {
-                self.journaled_chunks.insert(c, seq);
+                self.journaled_chunks.insert(c, (seq, large));
             }
             let w = self.writes.get_mut(&p.req).expect("write request state");
             w.chunks_left += 1;
@@ -2212,7 +2236,7 @@ impl Store {
                 let ck = self.checkpoint.take().unwrap();
                 self.sb = ck.sb;
                 self.ring.release_upto(ck.upto);
-                self.journaled_chunks.retain(|_, seq| *seq > ck.upto);
+                self.journaled_chunks.retain(|_, (seq, _)| *seq > ck.upto);
                 self.checkpointed_seq = ck.upto;
                 self.inplace_wanted = false;
                 self.stats.checkpoints += 1;
