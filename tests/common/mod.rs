@@ -479,6 +479,8 @@ pub struct Export {
     pub path: PathBuf,
     /// where server logs go
     pub log_dir: PathBuf,
+    /// Extra `nbdmirror serve` arguments (ignored by the other servers).
+    pub serve_args: Vec<String>,
 }
 
 impl Export {
@@ -533,6 +535,7 @@ impl Export {
             size,
             path,
             log_dir,
+            serve_args: Vec::new(),
         }
     }
 
@@ -569,7 +572,8 @@ impl Server {
                     .arg("--dir")
                     .arg(&export.path)
                     .arg("--listen")
-                    .arg(format!("127.0.0.1:{port}"));
+                    .arg(format!("127.0.0.1:{port}"))
+                    .args(&export.serve_args);
                 c
             }
             ServerKind::Nbdkit => {
