@@ -41,7 +41,9 @@ done
 for f in /bin/busybox /usr/sbin/nbd-client /usr/sbin/mke2fs /usr/sbin/e2fsck; do
     [ -x "$f" ] || { echo "$0: $f not found (run tools/install-deps.sh)" >&2; exit 1; }
 done
-/bin/busybox --list | grep -qx insmod || { echo "$0: /bin/busybox is not busybox-static" >&2; exit 1; }
+# (Not `| grep -q`: with pipefail, grep quitting at the first match can kill
+# busybox with SIGPIPE and fail the pipeline; CI saw it once.)
+/bin/busybox --list | grep -x insmod >/dev/null || { echo "$0: /bin/busybox is not busybox-static" >&2; exit 1; }
 
 # Serialise preparation between concurrent runs (different ports).
 exec 9>"$CACHE/.lock"
