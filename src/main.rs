@@ -102,8 +102,8 @@ enum Cmd {
         /// Large writes straight to the data file with O_DIRECT, bypassing
         /// the page cache: auto = on a secondary (it serves no reads), off on
         /// a primary.
-        #[arg(long, value_enum, default_value_t = DirectArg::Auto)]
-        direct_writes: DirectArg,
+        #[arg(long, value_enum, default_value_t = DirectWrites::Auto)]
+        direct_writes: DirectWrites,
     },
     /// Watch and steer resynchronisation on a running node.
     Resync {
@@ -115,13 +115,6 @@ enum Cmd {
         #[arg(long)]
         dir: PathBuf,
     },
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-enum DirectArg {
-    Auto,
-    On,
-    Off,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -498,11 +491,7 @@ fn run(cli: Cli) -> Result<(), String> {
                     admin_socket: Some(admin_socket),
                     dir: path.clone(),
                 }),
-                direct_writes: match direct_writes {
-                    DirectArg::Auto => DirectWrites::Auto,
-                    DirectArg::On => DirectWrites::On,
-                    DirectArg::Off => DirectWrites::Off,
-                },
+                direct_writes,
             })
         }
         Cmd::Resync { action } => resync(action),

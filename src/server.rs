@@ -83,7 +83,7 @@ pub struct ServeConfig {
 
 /// `serve --direct-writes`: whether in-place writes bypass the page cache
 /// (see `Store::set_direct_fd`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum DirectWrites {
     /// On for a secondary (it serves no reads, so the page cache only costs
     /// it), off otherwise.

@@ -293,6 +293,21 @@ fn nbdcopy_round_trip_256mib_is_identical() {
 
 /// Run fio with JSON output; assert exit 0 and no job error. Returns the
 /// parsed report.
+/// fio's nbd engine against `uri` with crc32c verification of every block
+/// (a fixed random sequence, so a later `--verify_only` run checks the same
+/// blocks), plus `opts`.
+fn fio_verify_args(uri: &str, opts: &[&str]) -> Vec<String> {
+    let mut v = vec![
+        "--ioengine=nbd".to_string(),
+        format!("--uri={uri}"),
+        "--verify=crc32c".to_string(),
+        "--verify_fatal=1".to_string(),
+        "--randrepeat=1".to_string(),
+    ];
+    v.extend(opts.iter().map(|s| s.to_string()));
+    v
+}
+
 fn fio_json(args: &[String]) -> Json {
     let mut cmd = Command::new(tool("fio"));
     cmd.args(args).arg("--output-format=json");
@@ -341,25 +356,21 @@ fn fio_random_writes_qd32_verify_crc32c() {
     else {
         return;
     };
-    let common: Vec<String> = [
-        "--name=randwrite-qd32",
-        "--ioengine=nbd",
-        &format!("--uri={}", srv.uri()),
-        "--rw=randwrite",
-        "--bs=4k",
-        "--iodepth=32",
-        "--size=64m",
-        "--verify=crc32c",
-        "--verify_fatal=1",
-        "--randrepeat=1",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let args = |uri: &str, extra: &str| {
+        fio_verify_args(
+            uri,
+            &[
+                "--name=randwrite-qd32",
+                "--rw=randwrite",
+                "--bs=4k",
+                "--iodepth=32",
+                "--size=64m",
+                extra,
+            ],
+        )
+    };
     // Write pass, which also reads back and verifies every block.
-    let mut a = common.clone();
-    a.push("--do_verify=1".into());
-    let j = fio_json(&a);
+    let j = fio_json(&args(&srv.uri(), "--do_verify=1"));
     assert_eq!(fio_bytes(&j, "write"), vec![64 * MIB], "bytes written");
     assert_eq!(
         fio_bytes(&j, "read"),
@@ -367,9 +378,7 @@ fn fio_random_writes_qd32_verify_crc32c() {
         "bytes verified in the write pass"
     );
     // Separate verify-only pass on a new connection.
-    let mut b = common.clone();
-    b.push("--verify_only".into());
-    let j = fio_json(&b);
+    let j = fio_json(&args(&srv.uri(), "--verify_only"));
     assert_eq!(
         fio_bytes(&j, "read"),
         vec![64 * MIB],
@@ -382,10 +391,7 @@ fn fio_random_writes_qd32_verify_crc32c() {
         assert!(st.success(), "exit status after SIGTERM: {st}");
     }
     let srv2 = export.serve();
-    let mut b = common.clone();
-    b[2] = format!("--uri={}", srv2.uri());
-    b.push("--verify_only".into());
-    let j = fio_json(&b);
+    let j = fio_json(&args(&srv2.uri(), "--verify_only"));
     assert_eq!(
         fio_bytes(&j, "read"),
         vec![64 * MIB],
@@ -403,23 +409,18 @@ fn fio_flushed_random_writes_survive_sigkill() {
     else {
         return;
     };
-    let args = |uri: &str, extra: &str| -> Vec<String> {
-        [
-            "--name=killme",
-            "--ioengine=nbd",
-            &format!("--uri={uri}"),
-            "--rw=randwrite",
-            "--bsrange=512-64k",
-            "--iodepth=32",
-            "--size=80m",
-            "--verify=crc32c",
-            "--verify_fatal=1",
-            "--randrepeat=1",
-            extra,
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
+    let args = |uri: &str, extra: &str| {
+        fio_verify_args(
+            uri,
+            &[
+                "--name=killme",
+                "--rw=randwrite",
+                "--bsrange=512-64k",
+                "--iodepth=32",
+                "--size=80m",
+                extra,
+            ],
+        )
     };
     let j = fio_json(&args(&srv.uri(), "--end_fsync=1"));
     assert_eq!(fio_bytes(&j, "write"), vec![80 * MIB], "bytes written");
@@ -441,21 +442,10 @@ fn fio_mixed_sizes_verify() {
         return;
     };
     let uri = srv.uri();
-    let args = |extra: &[&str]| -> Vec<String> {
-        let mut v: Vec<String> = [
-            "--ioengine=nbd",
-            &format!("--uri={uri}"),
-            "--rw=randwrite",
-            "--bsrange=512-128k",
-            "--verify=crc32c",
-            "--verify_fatal=1",
-            "--randrepeat=1",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        v.extend(extra.iter().map(|s| s.to_string()));
-        v
+    let args = |extra: &[&str]| {
+        let mut opts = vec!["--rw=randwrite", "--bsrange=512-128k"];
+        opts.extend_from_slice(extra);
+        fio_verify_args(&uri, &opts)
     };
     // One connection, mixed request sizes (unaligned to 4k).
     let j = fio_json(&args(&[
@@ -812,26 +802,20 @@ fn direct_writes_verify_and_survive_restart() {
     }
     export.serve_args = vec!["--direct-writes".into(), "on".into()];
     let mut srv = export.serve();
-    let args = |uri: &str, extra: &[&str]| -> Vec<String> {
-        let mut v: Vec<String> = [
-            "--ioengine=nbd",
-            &format!("--uri={uri}"),
-            "--name=direct",
-            "--rw=randwrite",
-            "--bsrange=4k-1m",
-            "--iodepth=16",
-            "--size=64m",
-            "--verify=crc32c",
-            "--verify_fatal=1",
-            "--randrepeat=1",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        v.extend(extra.iter().map(|s| s.to_string()));
-        v
+    let args = |uri: &str, extra: &str| {
+        fio_verify_args(
+            uri,
+            &[
+                "--name=direct",
+                "--rw=randwrite",
+                "--bsrange=4k-1m",
+                "--iodepth=16",
+                "--size=64m",
+                extra,
+            ],
+        )
     };
-    let j = fio_json(&args(&srv.uri(), &["--do_verify=1"]));
+    let j = fio_json(&args(&srv.uri(), "--do_verify=1"));
     assert_eq!(fio_bytes(&j, "write"), vec![64 * MIB], "bytes written");
 
     // The server holds an O_DIRECT descriptor of DIR/data.
@@ -863,7 +847,7 @@ fn direct_writes_verify_and_survive_restart() {
     assert!(status.success(), "SIGTERM: {status}\n{}", srv.stderr());
     export.serve_args.clear();
     let srv = export.serve();
-    let j = fio_json(&args(&srv.uri(), &["--verify_only"]));
+    let j = fio_json(&args(&srv.uri(), "--verify_only"));
     assert_eq!(
         fio_bytes(&j, "read"),
         vec![64 * MIB],

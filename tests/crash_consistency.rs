@@ -1095,6 +1095,19 @@ fn fua_write_superseded_by_an_unsynced_write_survives_checkpoint_and_crash() {
     assert_eq!(after.read_sync(40960, 4096).unwrap(), p);
 }
 
+/// For the held-write tests: no sync or checkpoint unless something asks for
+/// one; writes of 64 KiB and up may go in place.
+fn holding_tuning() -> Tuning {
+    Tuning {
+        sync_bytes: u64::MAX,
+        sync_interval: HOUR,
+        checkpoint_percent: 100,
+        checkpoint_interval: HOUR,
+        verify_reads: true,
+        inplace_min: 64 * KIB,
+    }
+}
+
 /// A large aligned write over blocks whose newest journal record (not yet
 /// checkpointed) came from another large write is held until a checkpoint
 /// has covered them, then goes in place (journaling it would keep the range
@@ -1105,14 +1118,7 @@ fn fua_write_superseded_by_an_unsynced_write_survives_checkpoint_and_crash() {
 /// it all.
 #[test]
 fn large_write_over_journaled_blocks_waits_for_a_checkpoint_then_goes_in_place() {
-    let tuning = Tuning {
-        sync_bytes: u64::MAX,
-        sync_interval: HOUR,
-        checkpoint_percent: 100,
-        checkpoint_interval: HOUR,
-        verify_reads: true,
-        inplace_min: 64 * KIB,
-    };
+    let tuning = holding_tuning();
     let mut rig = Rig::new(3, 4 * MIB, 4 * MIB, tuning);
     // A small journaled write, then a large one over it: the large one
     // takes the journal (small random writes are not waited for).
@@ -1188,14 +1194,7 @@ fn large_write_over_journaled_blocks_waits_for_a_checkpoint_then_goes_in_place()
 /// long as the stream lasts. (Found in review: it took ~10 000 other writes.)
 #[test]
 fn held_write_is_released_under_a_stream_of_in_place_writes() {
-    let tuning = Tuning {
-        sync_bytes: u64::MAX,
-        sync_interval: HOUR,
-        checkpoint_percent: 100,
-        checkpoint_interval: HOUR,
-        verify_reads: true,
-        inplace_min: 64 * KIB,
-    };
+    let tuning = holding_tuning();
     let mut rig = Rig::new(5, 32 * MIB, 4 * MIB, tuning);
     // A large journaled write in chunk 0 (it went to the journal because of
     // a small one), then in-place writes to chunks 1..15.
