@@ -149,8 +149,8 @@ def _run_setup_cmd(cmd: list[str]) -> str:
     return r.stdout
 
 
-def _nbdmirror_setup(ctx: Ctx) -> list[list[str]]:
-    d = _nbdmirror_dir(ctx)
+def _nbdmirror_setup(ctx: Ctx, name: str = "nbdmirror") -> list[list[str]]:
+    d = os.path.join(ctx.workdir, name)
     shutil.rmtree(d, ignore_errors=True)
     # init is expected to create DIR itself; we do not pre-create it.
     cmd = [_nbdmirror_bin(ctx), "init", "--dir", d, "--size", str(ctx.size)]
@@ -162,6 +162,17 @@ def _nbdmirror_setup(ctx: Ctx) -> list[list[str]]:
 def _nbdmirror_cmd(ctx: Ctx, port: int, aux: list[Aux]) -> list[str]:
     return ([_nbdmirror_bin(ctx), "serve", "--dir", _nbdmirror_dir(ctx),
              "--listen", f"{HOST}:{port}"] + shlex.split(ctx.args.nbdmirror_args))
+
+
+def _pinned_cpu() -> int:
+    """The CPU nbdmirror-pinned's loop gets: the last one this process may use."""
+    return max(os.sched_getaffinity(0))
+
+
+def _nbdmirror_pinned_cmd(ctx: Ctx, port: int, aux: list[Aux]) -> list[str]:
+    return ([_nbdmirror_bin(ctx), "serve", "--dir", os.path.join(ctx.workdir, "nbdmirror-pinned"),
+             "--listen", f"{HOST}:{port}", "--cpu", str(_pinned_cpu())]
+            + shlex.split(ctx.args.nbdmirror_args))
 
 
 def _nbdkit_cmd(ctx: Ctx, port: int, aux: list[Aux]) -> list[str]:
@@ -402,6 +413,13 @@ SERVERS: dict[str, ServerSpec] = {
         "nbdmirror", _nbdmirror_cmd, setup=_nbdmirror_setup,
         available=_nbdmirror_available,
         notes=lambda ctx: ("own data file in DIR (initialised once per run with `nbdmirror init`); "
+                           f"extra serve args: {ctx.args.nbdmirror_args!r}")),
+    "nbdmirror-pinned": ServerSpec(
+        "nbdmirror-pinned", _nbdmirror_pinned_cmd,
+        setup=lambda ctx: _nbdmirror_setup(ctx, "nbdmirror-pinned"),
+        available=_nbdmirror_available,
+        notes=lambda ctx: (f"as nbdmirror, with `serve --cpu {_pinned_cpu()}` (the event loop and its "
+                           "io-wq workers on one CPU; fio is left the others); "
                            f"extra serve args: {ctx.args.nbdmirror_args!r}")),
     "nbdkit": ServerSpec(
         "nbdkit", _nbdkit_cmd, available=_which_or_reason("nbdkit"),
@@ -1037,8 +1055,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     jobs = [j for j in JOBS if j.name in job_names]  # keep table order
     if args.subject is not None:
         subjects = [s.strip() for s in args.subject.split(",") if s.strip()]
-    elif "nbdmirror" in server_names:
-        subjects = ["nbdmirror"]
+    elif "nbdmirror" in server_names or "nbdmirror-pinned" in server_names:
+        subjects = [s for s in ("nbdmirror", "nbdmirror-pinned") if s in server_names]
     else:
         subjects = [s for s in server_names if s.startswith("nbdmirror")]
     missing = [s for s in subjects if s not in server_names]

@@ -104,6 +104,11 @@ enum Cmd {
         /// a primary.
         #[arg(long, value_enum, default_value_t = DirectWrites::Auto)]
         direct_writes: DirectWrites,
+        /// Pin the event loop thread and its kernel I/O workers to this CPU
+        /// (default: not pinned). Keeps the node's work off the cores its
+        /// clients run on; see docs/design.md, "Placement".
+        #[arg(long, value_name = "CPU")]
+        cpu: Option<usize>,
     },
     /// Watch and steer resynchronisation on a running node.
     Resync {
@@ -421,6 +426,7 @@ fn run(cli: Cli) -> Result<(), String> {
             resync_rate,
             admin_socket,
             direct_writes,
+            cpu,
         } => {
             let role = match role {
                 RoleArg::Primary => NodeRole::Primary,
@@ -492,6 +498,7 @@ fn run(cli: Cli) -> Result<(), String> {
                     dir: path.clone(),
                 }),
                 direct_writes,
+                cpu,
             })
         }
         Cmd::Resync { action } => resync(action),

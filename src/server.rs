@@ -79,6 +79,8 @@ pub struct ServeConfig {
     pub mirror: Option<MirrorConfig>,
     /// Whether large writes go to the data file with O_DIRECT.
     pub direct_writes: DirectWrites,
+    /// `serve --cpu`: the CPU the loop and its io-wq workers are pinned to.
+    pub cpu: Option<usize>,
 }
 
 /// `serve --direct-writes`: whether in-place writes bypass the page cache
@@ -272,6 +274,11 @@ fn open_listener(l: &Listen) -> Result<OwnedFd, String> {
 impl Server {
     pub fn new(config: ServeConfig, replica: &dir::ReplicaDir) -> Result<Server, String> {
         let mut io = UringIo::new(1024).map_err(|e| format!("cannot set up io_uring: {e}"))?;
+        if let Some(cpu) = config.cpu {
+            io.pin_to_cpu(cpu)
+                .map_err(|e| format!("--cpu {cpu}: {e}"))?;
+            eprintln!("nbdmirror: event loop and its io-wq workers pinned to CPU {cpu}");
+        }
         let files = replica.files();
         // Journal appends are on the reply path: do them inline (see io.rs).
         io.inline_write_fds.push(files.journal);

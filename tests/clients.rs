@@ -855,6 +855,102 @@ fn direct_writes_verify_and_survive_restart() {
     );
 }
 
+/// The CPUs this process may use, from /proc/self/status.
+fn allowed_cpus() -> Vec<usize> {
+    let status = fs::read_to_string("/proc/self/status").unwrap();
+    let list = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .unwrap()
+        .trim()
+        .to_string();
+    let mut cpus = Vec::new();
+    for part in list.split(',') {
+        match part.split_once('-') {
+            Some((a, b)) => cpus.extend(a.parse::<usize>().unwrap()..=b.parse().unwrap()),
+            None => cpus.push(part.parse().unwrap()),
+        }
+    }
+    cpus
+}
+
+/// `serve --cpu N`: the loop and every io-wq worker it starts run on CPU N
+/// only, and real I/O through them verifies; a CPU the process may not use is
+/// refused at start with a message naming the option.
+#[test]
+fn cpu_option_pins_the_loop_and_its_workers() {
+    let test = "cpu_option_pins_the_loop_and_its_workers";
+    if !require_server(test) || !require_tools(test, &["fio"]) {
+        return;
+    }
+    let tmp = TempDir::new(test);
+    let mut export = Export::create(&tmp, 64 * MIB);
+    if !export.kind.is_nbdmirror() {
+        eprintln!(
+            "{test}: an nbdmirror option; skipped for {}",
+            export.kind.name()
+        );
+        return;
+    }
+    let cpus = allowed_cpus();
+    let cpu = *cpus.last().unwrap();
+
+    // Refused: a CPU outside the allowed set, and one past any cpu_set_t.
+    let outside = (0..1024).find(|c| !cpus.contains(c)).unwrap();
+    for bad in [outside, 100_000] {
+        let out = run_timeout(
+            Command::new(NBDMIRROR_BIN)
+                .args(["serve", "--dir"])
+                .arg(&export.path)
+                .args(["--listen", &format!("127.0.0.1:{}", free_port())])
+                .args(["--cpu", &bad.to_string()]),
+            Duration::from_secs(30),
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "--cpu {bad} accepted: {stderr}");
+        assert!(
+            stderr.contains(&format!("--cpu {bad}")),
+            "--cpu {bad}: unclear error: {stderr}"
+        );
+    }
+
+    export.serve_args = vec!["--cpu".into(), cpu.to_string()];
+    let srv = export.serve();
+    // Large writes go in place through io-wq; 4k ones through the journal.
+    let j = fio_json(&fio_verify_args(
+        &srv.uri(),
+        &[
+            "--name=pinned",
+            "--rw=randwrite",
+            "--bsrange=4k-1m",
+            "--iodepth=16",
+            "--size=48m",
+            "--do_verify=1",
+        ],
+    ));
+    assert_eq!(fio_bytes(&j, "write"), vec![48 * MIB], "bytes written");
+    let pid = srv.pid();
+    let mut tasks = Vec::new();
+    for e in fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let e = e.unwrap();
+        let comm = fs::read_to_string(e.path().join("comm")).unwrap_or_default();
+        let status = fs::read_to_string(e.path().join("status")).unwrap_or_default();
+        let allowed = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+            .map(|v| v.trim().to_string())
+            .unwrap_or_default();
+        tasks.push((comm.trim().to_string(), allowed));
+    }
+    assert!(
+        tasks.iter().any(|(c, _)| c.starts_with("iou-wrk")),
+        "no io-wq worker after in-place writes: {tasks:?}"
+    );
+    for (comm, allowed) in &tasks {
+        assert_eq!(allowed, &cpu.to_string(), "{comm} not pinned: {tasks:?}");
+    }
+}
+
 #[test]
 fn data_survives_clean_restart() {
     let test = "data_survives_clean_restart";
