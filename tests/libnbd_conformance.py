@@ -288,6 +288,21 @@ def commands(uri, structured, extended):
         h.trim(65536, base, nbd.CMD_FLAG_FUA if caps["fua"] else 0)
         ok(True, "[%s] trim with FUA" % label)
 
+    # --- FUA on commands that do not write: "the server MUST accept all
+    # commands with this bit set (even by ignoring the bit)"; clients are
+    # known to send it. libnbd's strict mode would refuse it client-side.
+    if caps["fua"] and hasattr(h, "set_strict_mode"):
+        strict = h.get_strict_mode()
+        h.set_strict_mode(strict & ~getattr(nbd, "STRICT_FLAGS", 0))
+        h.pwrite(d[:4096], base)
+        ok(h.pread(4096, base, nbd.CMD_FLAG_FUA) == d[:4096], "[%s] pread with FUA accepted" % label)
+        h.flush(nbd.CMD_FLAG_FUA)
+        ok(True, "[%s] flush with FUA accepted" % label)
+        if caps["cache"]:
+            h.cache(4096, base, nbd.CMD_FLAG_FUA)
+            ok(True, "[%s] cache with FUA accepted" % label)
+        h.set_strict_mode(strict)
+
     # --- structured reads and block status
     if structured:
         h.pwrite(d, base)

@@ -145,7 +145,15 @@ impl RequestRules {
             CMD_BLOCK_STATUS => Command::BlockStatus,
             _ => return reject(EINVAL, 0),
         };
-        let allowed = match command {
+        // FUA is valid on every command once SEND_FUA is advertised: the
+        // server "MUST accept all commands with this bit set (even by
+        // ignoring the bit)"; clients are known to set it on reads.
+        let fua = if self.flags & TFLAG_SEND_FUA != 0 {
+            CMD_FLAG_FUA
+        } else {
+            0
+        };
+        let allowed = fua | match command {
             Command::Read => {
                 if self.structured {
                     CMD_FLAG_DF
@@ -153,10 +161,9 @@ impl RequestRules {
                     0
                 }
             }
-            Command::Write | Command::Trim => CMD_FLAG_FUA,
+            Command::Write | Command::Trim => 0,
             Command::WriteZeroes => {
-                CMD_FLAG_FUA
-                    | CMD_FLAG_NO_HOLE
+                CMD_FLAG_NO_HOLE
                     | if self.flags & TFLAG_SEND_FAST_ZERO != 0 {
                         CMD_FLAG_FAST_ZERO
                     } else {
@@ -183,7 +190,6 @@ impl RequestRules {
             Command::Flush => TFLAG_SEND_FLUSH,
             Command::Trim => TFLAG_SEND_TRIM,
             Command::WriteZeroes => TFLAG_SEND_WRITE_ZEROES,
-            Command::Write if flags & CMD_FLAG_FUA != 0 => TFLAG_SEND_FUA,
             _ => 0,
         };
         if self.flags & needs != needs {

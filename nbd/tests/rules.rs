@@ -472,10 +472,6 @@ fn unknown_or_misplaced_flags_are_einval() {
         (EINVAL, 0)
     );
     assert_eq!(
-        error_of(r.decode(&req(CMD_FLAG_FUA, CMD_READ, 0, 1))),
-        (EINVAL, 0)
-    );
-    assert_eq!(
         error_of(r.decode(&req(CMD_FLAG_NO_HOLE, CMD_WRITE, 0, 8))),
         (EINVAL, 8)
     );
@@ -501,6 +497,41 @@ fn unknown_or_misplaced_flags_are_einval() {
         error_of(r.decode(&req(CMD_FLAG_PAYLOAD_LEN, CMD_WRITE, 0, 8))),
         (EINVAL, 8)
     );
+}
+
+/// "This flag is valid for all commands, provided NBD_FLAG_SEND_FUA has been
+/// negotiated, in which case the server MUST accept all commands with this
+/// bit set (even by ignoring the bit)." Without SEND_FUA it is EINVAL.
+#[test]
+fn fua_is_accepted_on_every_command_when_advertised() {
+    let r = rules(true, true);
+    assert!(r.flags & TFLAG_SEND_FUA != 0, "export(0) advertises FUA");
+    for kind in [
+        CMD_READ,
+        CMD_WRITE,
+        CMD_FLUSH,
+        CMD_TRIM,
+        CMD_CACHE,
+        CMD_WRITE_ZEROES,
+        CMD_BLOCK_STATUS,
+    ] {
+        let len = if kind == CMD_WRITE { 8 } else { 4096 };
+        match r.decode(&req(CMD_FLAG_FUA, kind, 0, len)) {
+            Decoded::Request(q) => assert_eq!(q.flags, CMD_FLAG_FUA, "command {kind}"),
+            other => panic!("FUA on command {kind}: {other:?}"),
+        }
+    }
+    let mut no_fua = rules(true, true);
+    no_fua.flags &= !TFLAG_SEND_FUA;
+    for kind in [CMD_READ, CMD_WRITE, CMD_FLUSH, CMD_TRIM] {
+        let len = if kind == CMD_WRITE { 8 } else { 4096 };
+        let discard = if kind == CMD_WRITE { 8 } else { 0 };
+        assert_eq!(
+            error_of(no_fua.decode(&req(CMD_FLAG_FUA, kind, 0, len))),
+            (EINVAL, discard),
+            "FUA without SEND_FUA on command {kind}"
+        );
+    }
 }
 
 #[test]
