@@ -286,6 +286,10 @@ impl Handshake {
                 self.meta_context(option, data, out);
                 None
             }
+            OPT_STARTTLS if !data.is_empty() => {
+                option_error(out, option, REP_ERR_INVALID, "STARTTLS carries no data");
+                None
+            }
             OPT_STARTTLS => {
                 option_error(
                     out,
@@ -411,7 +415,9 @@ impl Handshake {
         };
         if matches {
             let mut p = Vec::new();
-            put_u32(&mut p, BASE_ALLOCATION_ID);
+            // LIST: "the server SHOULD set [the id] to zero"; SET: the id
+            // block status replies will carry.
+            put_u32(&mut p, if set { BASE_ALLOCATION_ID } else { 0 });
             p.extend_from_slice(BASE_ALLOCATION.as_bytes());
             option_reply(out, option, REP_META_CONTEXT, &p);
             if set {

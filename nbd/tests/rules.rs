@@ -314,6 +314,8 @@ fn list_meta_context_returns_base_allocation_for_empty_and_wildcard_queries() {
         h.feed(&opt(OPT_LIST_META_CONTEXT, &meta_req("disk", q)), &mut out);
         let r = replies(&out);
         assert_eq!(r[0].1, REP_META_CONTEXT, "query {q:?}");
+        // "For NBD_OPT_LIST_META_CONTEXT the server SHOULD set [the id] to zero."
+        assert_eq!(&r[0].2[..4], &[0, 0, 0, 0], "query {q:?}: context id");
         assert_eq!(&r[0].2[4..], BASE_ALLOCATION.as_bytes());
         assert_eq!(r[1].1, REP_ACK);
     }
@@ -373,6 +375,17 @@ fn starttls_is_refused_by_policy_not_tls_reqd() {
     let mut out = Vec::new();
     h.feed(&opt(OPT_STARTTLS, b""), &mut out);
     assert_eq!(replies(&out)[0].1, REP_ERR_POLICY);
+}
+
+#[test]
+fn starttls_with_data_is_invalid_and_the_next_option_works() {
+    let mut h = started();
+    let mut out = Vec::new();
+    h.feed(&opt(OPT_STARTTLS, b"junk"), &mut out);
+    assert_eq!(replies(&out)[0].1, REP_ERR_INVALID);
+    out.clear();
+    h.feed(&opt(OPT_STRUCTURED_REPLY, b""), &mut out);
+    assert_eq!(replies(&out)[0].1, REP_ACK);
 }
 
 // ----- transmission ---------------------------------------------------------
