@@ -311,13 +311,17 @@ impl Server {
         let read_only = mirror
             .as_ref()
             .is_some_and(|m| m.role() == mirror::NodeRole::Secondary);
-        let flags = if read_only { TFLAG_READ_ONLY } else { 0 }
+        // A read-only export offers no command that writes (as `nbdkit -r`);
+        // FUA stays, since it is valid on every command.
+        let writes = if read_only {
+            TFLAG_READ_ONLY
+        } else {
+            TFLAG_SEND_TRIM | TFLAG_SEND_WRITE_ZEROES | TFLAG_SEND_FAST_ZERO
+        };
+        let flags = writes
             | TFLAG_HAS_FLAGS
             | TFLAG_SEND_FLUSH
             | TFLAG_SEND_FUA
-            | TFLAG_SEND_TRIM
-            | TFLAG_SEND_WRITE_ZEROES
-            | TFLAG_SEND_FAST_ZERO
             | TFLAG_SEND_DF
             | TFLAG_CAN_MULTI_CONN
             | TFLAG_SEND_CACHE;

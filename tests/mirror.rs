@@ -1349,6 +1349,65 @@ fn two_nodes_basic() {
     cl.assert_replicas_identical();
 }
 
+/// A secondary started with `--listen` serves NBD read-only: nbdinfo shows
+/// no command that writes (as `nbdkit -r`), a WRITE gets EPERM and changes
+/// nothing, and reads return what the primary wrote.
+#[test]
+fn secondary_serves_read_only_nbd() {
+    let test = "secondary_serves_read_only_nbd";
+    if !require_tools(test, &["nbdinfo"]) {
+        return;
+    }
+    let _wd = Watchdog::new(test, Duration::from_secs(120));
+    let seed = test_seed(test);
+    let mut cl = Cluster::new(test, seed, Opts::new(16 * MIB, 2));
+    let port = free_port();
+    cl.nodes[1]
+        .args
+        .extend(["--listen".to_string(), format!("127.0.0.1:{port}")]);
+    cl.start_all();
+    cl.wait_in_sync(Duration::from_secs(20));
+    let data = random_bytes(seed, 256 * 1024);
+    let mut p = MiniClient::connect(&cl.nodes[0].nbd_addr(), "disk").unwrap();
+    assert_eq!(
+        p.write(MIB, &data, 1).unwrap(),
+        0,
+        "FUA write on the primary"
+    );
+    p.disconnect();
+
+    let addr = format!("127.0.0.1:{port}");
+    let out = run_ok(Command::new(tool("nbdinfo")).args(["--json", &format!("nbd://{addr}/")]));
+    let j = Json::parse(&stdout_str(&out)).expect("nbdinfo --json");
+    let e = &j.at("exports").as_array()[0];
+    eprintln!("{e:?}");
+    assert_eq!(e.at("is_read_only").as_bool(), Some(true), "is_read_only");
+    for cap in ["can_trim", "can_zero", "can_fast_zero"] {
+        if let Some(v) = e.get(cap) {
+            assert_eq!(v.as_bool(), Some(false), "{cap} on a read-only export");
+        }
+    }
+    let mut c = MiniClient::connect(&addr, "disk").unwrap();
+    assert_eq!(
+        c.read(MIB, data.len() as u32).unwrap(),
+        data,
+        "the primary's write"
+    );
+    assert_eq!(
+        c.write(MIB, &vec![0xEE; 4096], 0).unwrap(),
+        libc::EPERM as u32,
+        "WRITE to a secondary"
+    );
+    assert_eq!(
+        c.read(MIB, 4096).unwrap(),
+        data[..4096],
+        "after the refused write"
+    );
+    c.disconnect();
+    cl.stop_all();
+    cl.assert_replicas_identical();
+}
+
 // ------------------------------------------------------------------ 2. overlapping writes
 
 /// 3 nodes; fio with 4 jobs (4 NBD connections) writing the same 16 MiB

@@ -153,26 +153,27 @@ impl RequestRules {
         } else {
             0
         };
-        let allowed = fua | match command {
-            Command::Read => {
-                if self.structured {
-                    CMD_FLAG_DF
-                } else {
-                    0
-                }
-            }
-            Command::Write | Command::Trim => 0,
-            Command::WriteZeroes => {
-                CMD_FLAG_NO_HOLE
-                    | if self.flags & TFLAG_SEND_FAST_ZERO != 0 {
-                        CMD_FLAG_FAST_ZERO
+        let allowed = fua
+            | match command {
+                Command::Read => {
+                    if self.structured {
+                        CMD_FLAG_DF
                     } else {
                         0
                     }
-            }
-            Command::BlockStatus => CMD_FLAG_REQ_ONE,
-            Command::Flush | Command::Cache | Command::Disconnect => 0,
-        };
+                }
+                Command::Write | Command::Trim => 0,
+                Command::WriteZeroes => {
+                    CMD_FLAG_NO_HOLE
+                        | if self.flags & TFLAG_SEND_FAST_ZERO != 0 {
+                            CMD_FLAG_FAST_ZERO
+                        } else {
+                            0
+                        }
+                }
+                Command::BlockStatus => CMD_FLAG_REQ_ONE,
+                Command::Flush | Command::Cache | Command::Disconnect => 0,
+            };
         if command == Command::Disconnect {
             // DISC never gets a reply, whatever its flags.
             return Decoded::Request(Request {
