@@ -502,7 +502,7 @@ impl SimIo {
                 let Some(f) = self.files.get_mut(fd) else {
                     return -libc::EBADF;
                 };
-                if *mode & libc::FALLOC_FL_PUNCH_HOLE != 0 {
+                if *mode & (libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE) != 0 {
                     let end = (*offset + *len).min(f.live.len() as u64);
                     if *offset < end {
                         let zeros = vec![0u8; (end - *offset) as usize];

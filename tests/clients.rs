@@ -855,6 +855,90 @@ fn direct_writes_verify_and_survive_restart() {
     );
 }
 
+/// Bytes the filesystem has allocated to `path` (st_blocks).
+fn allocated_bytes(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    fs::metadata(path).unwrap().blocks() * 512
+}
+
+/// WRITE_ZEROES with NO_HOLE: "the area MUST be fully provisioned". The
+/// zeroed range reads back as zeroes and the backing file keeps its space
+/// once the server has written it out (for nbdmirror: a clean stop, which
+/// applies the journal). Without NO_HOLE nbdmirror punches a hole, which
+/// shows the check can see the difference.
+#[test]
+fn write_zeroes_with_no_hole_keeps_the_space_allocated() {
+    let test = "write_zeroes_with_no_hole_keeps_the_space_allocated";
+    let Some((_tmp, export, mut srv)) = setup(test, 32 * MIB, &[]) else {
+        return;
+    };
+    let file = if export.kind.is_nbdmirror() {
+        export.path.join("data")
+    } else {
+        export.path.clone()
+    };
+    const NBD_CMD_WRITE_ZEROES: u16 = 6;
+    const NBD_CMD_FLAG_NO_HOLE: u16 = 1 << 1;
+    let mut c = MiniClient::connect(&srv.addr(), srv.export_name()).unwrap();
+    let data = random_bytes(test_seed(test), 8 * MIB as usize);
+    assert_eq!(c.write(0, &data, 0).unwrap(), 0);
+    assert_eq!(c.flush().unwrap(), 0);
+    let zero = |c: &mut MiniClient, offset: u64, flags: u16| {
+        let cookie = c
+            .send_request(flags, NBD_CMD_WRITE_ZEROES, offset, 4 * MIB as u32, &[])
+            .unwrap();
+        let (got, err) = c.recv_reply().unwrap();
+        assert_eq!((got, err), (cookie, 0), "WRITE_ZEROES flags {flags}");
+    };
+    zero(&mut c, 0, NBD_CMD_FLAG_NO_HOLE);
+    let nbdmirror = export.kind.is_nbdmirror();
+    if nbdmirror {
+        zero(&mut c, 4 * MIB, 0);
+    }
+    assert_eq!(c.flush().unwrap(), 0);
+    assert_eq!(
+        c.read(0, 4 * MIB as u32).unwrap(),
+        vec![0u8; 4 * MIB as usize]
+    );
+    c.disconnect();
+    let before = allocated_bytes(&file);
+    let status = srv.terminate();
+    assert!(status.success(), "SIGTERM: {status}\n{}", srv.stderr());
+    let after = allocated_bytes(&file);
+    eprintln!(
+        "{test}: {} allocated: {before} while serving, {after} after a clean stop",
+        file.display()
+    );
+    assert!(
+        after >= 32 * MIB - (if nbdmirror { 4 * MIB } else { 0 }),
+        "allocation {after} of {}",
+        32 * MIB
+    );
+    if nbdmirror {
+        // Exactly the range zeroed without NO_HOLE became a hole.
+        assert_eq!(
+            after,
+            28 * MIB,
+            "only the plain WRITE_ZEROES punched a hole"
+        );
+    }
+    let srv = export.serve();
+    let mut c = MiniClient::connect(&srv.addr(), srv.export_name()).unwrap();
+    let half = 4 * MIB as usize;
+    assert_eq!(
+        c.read(0, half as u32).unwrap(),
+        vec![0u8; half],
+        "NO_HOLE range"
+    );
+    let want: &[u8] = if nbdmirror {
+        &[0u8; 4 << 20]
+    } else {
+        &data[half..]
+    };
+    assert_eq!(c.read(4 * MIB, half as u32).unwrap(), want, "second range");
+    c.disconnect();
+}
+
 /// The CPUs this process may use, from /proc/self/status.
 fn allowed_cpus() -> Vec<usize> {
     let status = fs::read_to_string("/proc/self/status").unwrap();

@@ -153,6 +153,11 @@ struct InPlaceWrite {
     piece_error: Option<i32>,
 }
 
+/// Zero record flag: WRITE_ZEROES with NO_HOLE; the range must stay
+/// allocated, so it is zeroed with FALLOC_FL_ZERO_RANGE instead of a punched
+/// hole (docs/format.md).
+pub const ZERO_FLAG_NO_HOLE: u16 = 1;
+
 /// Largest write the store sends to the data file through the page cache;
 /// longer ones go as several, split at multiples of this offset. The kernel
 /// sizes a page-cache folio by the write that creates it, and ext4 walks
@@ -160,6 +165,16 @@ struct InPlaceWrite {
 /// each 4 KiB write into the same range cost about 15 us more on this
 /// machine (docs/design.md, "Page-cache pieces").
 pub const PAGE_CACHE_PIECE: u64 = 64 * 1024;
+
+/// The fallocate mode that zeroes a range: a punched hole, or with
+/// `provision` (NO_HOLE) zeroed blocks that stay allocated.
+fn zero_mode(provision: bool) -> i32 {
+    if provision {
+        libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
+    } else {
+        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
+    }
+}
 
 /// `[offset, offset + len)` cut at multiples of [`PAGE_CACHE_PIECE`]:
 /// (offset, len) of each piece, in order.
@@ -1121,7 +1136,7 @@ impl Store {
         no_hole: bool,
         fua: bool,
     ) {
-        let flags = if no_hole { 1 } else { 0 };
+        let flags = if no_hole { ZERO_FLAG_NO_HOLE } else { 0 };
         self.enqueue(
             io,
             req,
@@ -1251,7 +1266,9 @@ impl Store {
                     at: RECORD_HEADER_LEN,
                 }
             } else {
-                Content::Zero
+                Content::Zero {
+                    provision: p.flags & ZERO_FLAG_NO_HOLE != 0,
+                }
             };
             self.in_flight.insert(
                 seq,
@@ -2019,13 +2036,13 @@ impl Store {
                         });
                     }
                 }
-                Content::Zero => {
+                Content::Zero { provision } => {
                     for b in full_first..full_end {
                         batch.sums.push((b, 0));
                     }
                     ops.push(Op::Fallocate {
                         fd: self.files.data,
-                        mode: libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                        mode: zero_mode(*provision),
                         offset: fs,
                         len: fe - fs,
                     });
@@ -2428,7 +2445,7 @@ fn replay(
         RecordKind::Zero => {
             let c = io.run(Op::Fallocate {
                 fd: data,
-                mode: libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                mode: zero_mode(h.flags & ZERO_FLAG_NO_HOLE != 0),
                 offset: h.offset,
                 len: h.length as u64,
             });

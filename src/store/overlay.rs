@@ -12,11 +12,10 @@ use std::sync::Arc;
 #[derive(Clone, Debug)]
 pub enum Content {
     /// Bytes start at `buf[at]` for the extent's start.
-    Data {
-        buf: Arc<Vec<u8>>,
-        at: usize,
-    },
-    Zero,
+    Data { buf: Arc<Vec<u8>>, at: usize },
+    /// Zeroes; `provision`: the client asked for the space to stay
+    /// allocated (WRITE_ZEROES with NO_HOLE), so no hole may be punched.
+    Zero { provision: bool },
 }
 
 impl Content {
@@ -26,7 +25,9 @@ impl Content {
                 buf: buf.clone(),
                 at: at + by as usize,
             },
-            Content::Zero => Content::Zero,
+            Content::Zero { provision } => Content::Zero {
+                provision: *provision,
+            },
         }
     }
 
@@ -37,7 +38,7 @@ impl Content {
                 let s = at + skip as usize;
                 out.copy_from_slice(&buf[s..s + out.len()]);
             }
-            Content::Zero => out.fill(0),
+            Content::Zero { .. } => out.fill(0),
         }
     }
 }
@@ -243,7 +244,7 @@ mod tests {
                 let (s, l, v) = writes[i];
                 let e = (s + l).min(size as u64);
                 let buf = Arc::new(vec![v; (e - s) as usize]);
-                let content = if v == 0 { Content::Zero } else { Content::Data { buf, at: 0 } };
+                let content = if v == 0 { Content::Zero { provision: i % 2 == 0 } } else { Content::Data { buf, at: 0 } };
                 o.insert(s, e, i as u64 + 1, content);
             }
             let base = vec![0u8; size];

@@ -1105,6 +1105,18 @@ impl MiniClient {
         self.request(flags, NBD_CMD_WRITE, offset, data.len() as u32, data)
     }
 
+    /// Send any request without waiting for its reply; returns the cookie.
+    pub fn send_request(
+        &mut self,
+        flags: u16,
+        ty: u16,
+        offset: u64,
+        len: u32,
+        payload: &[u8],
+    ) -> io::Result<u64> {
+        self.request(flags, ty, offset, len, payload)
+    }
+
     /// Send raw bytes (e.g. half a request).
     pub fn send_raw(&mut self, bytes: &[u8]) -> io::Result<()> {
         self.s.write_all(bytes)
