@@ -43,6 +43,9 @@ const RECV_BUF: usize = 256 * 1024;
 /// Receive size right after a payload too large for the input buffer.
 const SMALL_RECV: usize = 4096;
 const TICK: Duration = Duration::from_millis(20);
+/// How long, after a shutdown signal, requests that arrive are answered
+/// with ESHUTDOWN (the spec's soft disconnect) before connections close.
+const REFUSE_WINDOW: Duration = Duration::from_secs(2);
 /// How long shutdown waits for clients to take their replies.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// Most extents in one BLOCK_STATUS reply.
@@ -132,6 +135,9 @@ struct Conn {
     eof: bool,
     /// The last request's payload was received into its own buffer.
     after_large: bool,
+    /// Shutting down: new requests get ESHUTDOWN until the client leaves
+    /// or [`REFUSE_WINDOW`] ends.
+    refusing: bool,
 }
 
 struct PendingReq {
@@ -459,6 +465,18 @@ impl Server {
         let Some(since) = self.shutdown_since else {
             return;
         };
+        if since.elapsed() >= REFUSE_WINDOW {
+            let ids: Vec<u64> = self.conns.keys().copied().collect();
+            for id in ids {
+                if let Some(conn) = self.conns.get_mut(&id) {
+                    if conn.refusing {
+                        conn.refusing = false;
+                        conn.reading_done = true;
+                    }
+                }
+                self.maybe_close(id);
+            }
+        }
         if since.elapsed() < SHUTDOWN_GRACE || self.conns.is_empty() {
             return;
         }
@@ -493,8 +511,17 @@ impl Server {
         let ids: Vec<u64> = self.conns.keys().copied().collect();
         for id in ids {
             if let Some(conn) = self.conns.get_mut(&id) {
-                conn.reading_done = true;
+                // In transmission, requests already sent (pipelined) or still
+                // coming get an ESHUTDOWN reply rather than silence; a client
+                // still in the handshake is closed.
+                if matches!(conn.phase, Phase::Transmission(_)) && !conn.reading_done {
+                    conn.refusing = true;
+                } else {
+                    conn.reading_done = true;
+                }
             }
+            self.process_input(id);
+            self.post_recv(id);
             self.maybe_close(id);
         }
     }
@@ -544,6 +571,7 @@ impl Server {
             parsing: false,
             eof: false,
             after_large: false,
+            refusing: false,
         };
         self.conns.insert(id, conn);
         self.queue(id, greeting);
@@ -772,6 +800,23 @@ impl Server {
                                 tx::error_reply(&mut out, structured, cookie, error, &msg);
                                 self.queue(id, out);
                             }
+                        }
+                        Decoded::Request(req)
+                            if conn.refusing && req.command != Command::Disconnect =>
+                        {
+                            conn.start += REQUEST_HEADER_LEN;
+                            if req.command == Command::Write {
+                                conn.discard = req.length as u64;
+                            }
+                            let mut out = Vec::new();
+                            tx::error_reply(
+                                &mut out,
+                                structured,
+                                req.cookie,
+                                ESHUTDOWN,
+                                "the server is shutting down",
+                            );
+                            self.queue(id, out);
                         }
                         Decoded::Request(req) => {
                             conn.start += REQUEST_HEADER_LEN;

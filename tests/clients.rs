@@ -1142,9 +1142,11 @@ fn data_survives_clean_restart() {
     }
 }
 
-/// nbdmirror's SIGTERM contract: requests already received are finished
-/// (answered; success or ESHUTDOWN), the data of every successful write is
-/// durable, and the process exits 0 even with idle and half-sent clients.
+/// nbdmirror's SIGTERM contract: requests already received are finished,
+/// every request sent before the connection closes is answered (success, or
+/// ESHUTDOWN for those arriving after the signal: the spec's soft
+/// disconnect), the data of every successful write is durable, and the
+/// process exits 0 even with idle and half-sent clients.
 #[test]
 fn sigterm_answers_in_flight_writes_then_exits_zero() {
     let test = "sigterm_answers_in_flight_writes_then_exits_zero";
@@ -1189,10 +1191,20 @@ fn sigterm_answers_in_flight_writes_then_exits_zero() {
         sent.insert(c, (i * 64 * KIB, data));
     }
     send_signal(srv.pid(), "TERM");
+    // A request sent after the signal: the spec's soft disconnect answers it
+    // with ESHUTDOWN instead of dropping it.
+    std::thread::sleep(Duration::from_millis(300));
+    let late_data = random_bytes(0x1A7E, 4096);
+    let late = busy.send_write(50 * MIB, &late_data, 0).unwrap();
+    sent.insert(late, (50 * MIB, late_data));
+    let mut late_err = None;
     let mut ok = Vec::new();
     let mut shut = 0;
     // Until the server closes the connection:
     while let Ok((cookie, err)) = busy.recv_reply() {
+        if cookie == late {
+            late_err = Some(err);
+        }
         let (off, data) = sent
             .remove(&cookie)
             .unwrap_or_else(|| panic!("reply for unknown cookie {cookie}"));
@@ -1209,6 +1221,12 @@ fn sigterm_answers_in_flight_writes_then_exits_zero() {
         ok.len(),
         sent.len()
     );
+    assert!(
+        sent.is_empty(),
+        "{} pipelined requests got no reply before the server closed",
+        sent.len()
+    );
+    assert_eq!(late_err, Some(108), "a WRITE sent after SIGTERM: ESHUTDOWN");
     let status = srv.terminate_timeout(Duration::from_secs(30));
     assert!(
         status.success(),
