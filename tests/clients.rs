@@ -1718,6 +1718,47 @@ fn serves_via_systemd_socket_activation() {
     assert_files_equal(&input, &output);
 }
 
+/// `init` of a disk larger than the filesystem's free space fails at once
+/// with a message giving both sizes, and leaves nothing behind: no files in a
+/// directory that existed, no directory it would have created. (Before, it
+/// ran fallocate until ENOSPC and left the partly allocated data file,
+/// 55 GB here, filling the disk.)
+#[test]
+fn init_larger_than_the_free_space_fails_fast_and_leaves_nothing() {
+    let test = "init_larger_than_the_free_space_fails_fast_and_leaves_nothing";
+    if !ServerKind::from_env().is_nbdmirror() {
+        eprintln!("{test}: SKIP (nbdmirror's own init)");
+        return;
+    }
+    let tmp = TempDir::new(test);
+    let existing = tmp.join("existing");
+    fs::create_dir(&existing).unwrap();
+    let fresh = tmp.join("fresh").join("replica");
+    for dir in [&existing, &fresh] {
+        let started = std::time::Instant::now();
+        let out = run_timeout(
+            Command::new(NBDMIRROR_BIN)
+                .args(["init", "--dir"])
+                .arg(dir)
+                .args(["--size", "4096T"]),
+            Duration::from_secs(60),
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "init of 4096T succeeded: {stderr}");
+        assert!(
+            stderr.contains("not enough space") && stderr.contains("free"),
+            "unclear error: {stderr}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "init took {:?} to refuse",
+            started.elapsed()
+        );
+    }
+    assert_eq!(fs::read_dir(&existing).unwrap().count(), 0, "files left");
+    assert!(!fresh.exists(), "{} left behind", fresh.display());
+}
+
 // ------------------------------------------------- refusing damaged replicas
 
 fn file_digests(dir: &Path) -> Vec<(String, u64)> {

@@ -52,6 +52,19 @@ fn lock(path: &Path) -> Result<File, String> {
     Ok(f)
 }
 
+/// Bytes an unprivileged writer may still allocate on `path`'s filesystem.
+fn free_bytes(path: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    // SAFETY: a zeroed statvfs is a valid out-parameter.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a NUL-terminated path and `st` a valid statvfs.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return None;
+    }
+    Some((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
+}
+
 fn random_uuid() -> [u8; 16] {
     let mut u = [0u8; 16];
     if let Ok(mut f) = File::open("/dev/urandom") {
@@ -107,6 +120,7 @@ pub fn init(
             "journal size {journal_size} must be at least {MIN_JOURNAL} bytes and a multiple of {RECORD_ALIGN}"
         ));
     }
+    let existed = path.exists();
     std::fs::create_dir_all(path).map_err(|e| format!("cannot create {}: {e}", path.display()))?;
     if path.join("meta").exists() {
         return Err(format!(
@@ -115,6 +129,41 @@ pub fn init(
         ));
     }
     let _lock = lock(path)?;
+    let result = init_files(path, size, journal_size, node_id, volume_uuid);
+    if result.is_err() {
+        // Leave nothing behind: a half-made replica (or a data file that
+        // took the space fallocate managed to get) helps nobody.
+        for name in ["data", "journal", "meta.tmp", "lock"] {
+            let _ = std::fs::remove_file(path.join(name));
+        }
+        if !existed {
+            let _ = std::fs::remove_dir(path);
+        }
+    }
+    result
+}
+
+/// The files of a new replica directory (`init` has made and locked it).
+fn init_files(
+    path: &Path,
+    size: u64,
+    journal_size: u64,
+    node_id: u32,
+    volume_uuid: Option<[u8; 16]>,
+) -> Result<Superblock, String> {
+    let table = (size / BLOCK_SIZE) * 8;
+    let needed = size
+        .saturating_add(journal_size)
+        .saturating_add(CHECKSUM_TABLE_OFFSET + table);
+    if let Some(free) = free_bytes(path) {
+        if needed > free {
+            return Err(format!(
+                "not enough space for a {size}-byte disk in {}: it needs {needed} bytes \
+                 (data, journal and checksums) and the filesystem has {free} free",
+                path.display()
+            ));
+        }
+    }
     let create = |name: &str| {
         OpenOptions::new()
             .create_new(true)
@@ -160,7 +209,6 @@ pub fn init(
         .write(true)
         .open(&meta_tmp)
         .map_err(|e| format!("cannot create {}: {e}", meta_tmp.display()))?;
-    let table = (size / BLOCK_SIZE) * 8;
     meta.set_len(CHECKSUM_TABLE_OFFSET + table)
         .map_err(|e| format!("cannot size the metadata file: {e}"))?;
     let sb = Superblock {
