@@ -440,6 +440,21 @@ fn run(cli: Cli) -> Result<(), String> {
                     "a secondary needs --peer-listen HOST:PORT for the replication stream".into(),
                 );
             }
+            if role == NodeRole::Primary && peer_listen.is_some() {
+                return Err(
+                    "--peer-listen is for a secondary: add --role secondary (a primary serves \
+                     the disk and connects to its peers with --peer)"
+                        .into(),
+                );
+            }
+            let mut ids = std::collections::HashSet::new();
+            for (id, addr) in &peer {
+                if !ids.insert(*id) {
+                    return Err(format!(
+                        "--peer {id}={addr}: node {id} is given more than once; one --peer per node"
+                    ));
+                }
+            }
             let mirrored = !peer.is_empty() || peer_listen.is_some();
             let secret = match (&secret_file, mirrored) {
                 (Some(f), _) => read_secret(f)?,
@@ -456,6 +471,14 @@ fn run(cli: Cli) -> Result<(), String> {
                     Some(size) => {
                         dir::init(&path, size, default_journal(size), 1, None)?;
                         eprintln!("nbdmirror: created a {size}-byte replica in {}", path.display());
+                    }
+                    None if path.join("data").exists() || path.join("journal").exists() => {
+                        return Err(format!(
+                            "{} has a data or journal file but no meta file: the replica is damaged \
+                             or was never finished; refusing to serve it (restore meta, or move the \
+                             directory away and run `nbdmirror init`)",
+                            path.display()
+                        ))
                     }
                     None => {
                         return Err(format!(

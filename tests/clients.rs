@@ -1759,6 +1759,99 @@ fn init_larger_than_the_free_space_fails_fast_and_leaves_nothing() {
     assert!(!fresh.exists(), "{} left behind", fresh.display());
 }
 
+/// Command lines that cannot be right are refused before anything is
+/// touched: `--peer-listen` without `--role secondary` (it used to promote
+/// the node and serve read-write), the same peer id twice, and a replica
+/// directory that lost its meta file (init must not overwrite its data,
+/// serve must not advise init).
+#[test]
+fn serve_refuses_contradictory_options_and_a_replica_without_meta() {
+    let test = "serve_refuses_contradictory_options_and_a_replica_without_meta";
+    if !ServerKind::from_env().is_nbdmirror() {
+        eprintln!("{test}: SKIP (nbdmirror's own command line)");
+        return;
+    }
+    let tmp = TempDir::new(test);
+    let dir = tmp.join("replica");
+    run_ok(
+        Command::new(NBDMIRROR_BIN)
+            .args(["init", "--dir"])
+            .arg(&dir)
+            .args(["--size", "4M"]),
+    );
+    let secret = tmp.join("secret");
+    fs::write(&secret, "0123456789abcdef0123456789abcdef\n").unwrap();
+    let port = || format!("127.0.0.1:{}", free_port());
+    let refused = |args: &[String], want: &str| {
+        let out = run_timeout(
+            Command::new(NBDMIRROR_BIN)
+                .args(["serve", "--dir"])
+                .arg(&dir)
+                .args(args),
+            Duration::from_secs(30),
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} accepted:\n{stderr}");
+        assert!(
+            stderr.contains(want),
+            "{args:?}: want {want:?} in:\n{stderr}"
+        );
+    };
+    let before = file_digests(&dir);
+    let s = secret.display().to_string();
+    refused(
+        &[
+            "--peer-listen".into(),
+            port(),
+            "--listen".into(),
+            port(),
+            "--secret-file".into(),
+            s.clone(),
+        ],
+        "--role secondary",
+    );
+    refused(
+        &[
+            "--listen".into(),
+            port(),
+            "--peer".into(),
+            format!("2={}", port()),
+            "--peer".into(),
+            format!("2={}", port()),
+            "--secret-file".into(),
+            s,
+        ],
+        "more than once",
+    );
+    assert_eq!(
+        file_digests(&dir),
+        before,
+        "a refused serve changed the replica"
+    );
+
+    fs::remove_file(dir.join("meta")).unwrap();
+    let data = fs::read(dir.join("data")).unwrap();
+    refused(&["--listen".into(), port()], "no meta file");
+    refused(
+        &["--listen".into(), port(), "--size".into(), "4M".into()],
+        "refusing to overwrite",
+    );
+    let out = run_timeout(
+        Command::new(NBDMIRROR_BIN)
+            .args(["init", "--dir"])
+            .arg(&dir)
+            .args(["--size", "4M"]),
+        Duration::from_secs(30),
+    );
+    assert!(!out.status.success(), "init over a data file succeeded");
+    assert_eq!(
+        fs::read(dir.join("data")).unwrap(),
+        data,
+        "data file touched"
+    );
+    assert!(dir.join("journal").exists(), "journal removed");
+}
+
 // ------------------------------------------------- refusing damaged replicas
 
 fn file_digests(dir: &Path) -> Vec<(String, u64)> {

@@ -128,12 +128,27 @@ pub fn init(
             path.display()
         ));
     }
+    for name in ["data", "journal"] {
+        if path.join(name).exists() {
+            return Err(format!(
+                "{} already has a {name} file (a damaged or half-made replica?); refusing to \
+                 overwrite it (move it away first if you mean to)",
+                path.display()
+            ));
+        }
+    }
+    let had_lock = path.join("lock").exists();
     let _lock = lock(path)?;
     let result = init_files(path, size, journal_size, node_id, volume_uuid);
     if result.is_err() {
-        // Leave nothing behind: a half-made replica (or a data file that
-        // took the space fallocate managed to get) helps nobody.
-        for name in ["data", "journal", "meta.tmp", "lock"] {
+        // Leave nothing behind that this call made: a half-made replica (or
+        // a data file holding the space fallocate managed to get) helps
+        // nobody. Files that were there before are not touched.
+        let mut made = vec!["data", "journal", "meta.tmp"];
+        if !had_lock {
+            made.push("lock");
+        }
+        for name in made {
             let _ = std::fs::remove_file(path.join(name));
         }
         if !existed {
