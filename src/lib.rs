@@ -9,6 +9,17 @@
 //! - [`size`]: parsing of human sizes.
 //! - [`xxh3`]: xxh3-64 with the SIMD width picked at run time.
 
+/// `eprintln!` that never panics: a log line that cannot be written (stderr
+/// a closed pipe, a full disk) is dropped. A storage server must not die, or
+/// skip its clean shutdown, because `tee` went away.
+#[macro_export]
+macro_rules! elog {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 pub mod fuzzing;
 pub mod io;
 pub mod mirror;

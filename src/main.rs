@@ -184,6 +184,37 @@ enum ResyncCmd {
     },
 }
 
+/// `println!` for command output: a reader that went away (`| head`) ends
+/// the command quietly; any other failure to write (a full disk) is an
+/// error and exit status 1, never a panic.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let r = writeln!(std::io::stdout(), $($arg)*);
+        output_written(r);
+    }};
+}
+
+/// `print!` (no newline) for command output, as [`out!`].
+macro_rules! out_raw {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let mut o = std::io::stdout();
+        let r = write!(o, $($arg)*).and_then(|_| o.flush());
+        output_written(r);
+    }};
+}
+
+fn output_written(r: std::io::Result<()>) {
+    if let Err(e) = r {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        nbdmirror::elog!("nbdmirror: cannot write the output: {e}");
+        std::process::exit(1);
+    }
+}
+
 fn parse_peer(s: &str) -> Result<(u32, SocketAddr), String> {
     let (id, addr) = s
         .split_once('=')
@@ -335,10 +366,10 @@ fn resync(action: ResyncCmd) -> Result<(), String> {
         ResyncCmd::Status { admin, json, watch } => loop {
             let v = admin_call(&admin, "status")?;
             if json {
-                println!("{v}");
+                out!("{v}");
             } else {
                 for l in render_status(&v) {
-                    println!("{l}");
+                    out!("{l}");
                 }
             }
             let all_in_sync = v["peers"].as_array().is_none_or(|ps| {
@@ -351,27 +382,27 @@ fn resync(action: ResyncCmd) -> Result<(), String> {
             std::thread::sleep(std::time::Duration::from_secs(1));
             if !json && std::io::stdout().is_terminal() {
                 let n = render_status(&v).len();
-                print!("\x1b[{n}A\x1b[J");
+                out_raw!("\x1b[{n}A\x1b[J");
             }
         },
         ResyncCmd::Start { admin, peer, full } => {
             admin_call(&admin, &sel(if full { "full" } else { "start" }, peer))?;
-            println!("resync started");
+            out!("resync started");
             Ok(())
         }
         ResyncCmd::Pause { admin, peer } => {
             admin_call(&admin, &sel("pause", peer))?;
-            println!("resync paused");
+            out!("resync paused");
             Ok(())
         }
         ResyncCmd::Resume { admin, peer } => {
             admin_call(&admin, &sel("resume", peer))?;
-            println!("resync resumed");
+            out!("resync resumed");
             Ok(())
         }
         ResyncCmd::Rate { rate, admin } => {
             admin_call(&admin, &format!("rate {rate}"))?;
-            println!(
+            out!(
                 "resync rate set to {}",
                 if rate == 0 {
                     "unlimited".to_string()
@@ -400,7 +431,7 @@ fn run(cli: Cli) -> Result<(), String> {
             let j = journal_size.unwrap_or_else(|| default_journal(size));
             let uuid = volume_uuid.as_deref().map(dir::parse_uuid).transpose()?;
             let sb = dir::init(&path, size, j, node_id, uuid)?;
-            println!(
+            out!(
                 "initialised {}: volume {}, {} bytes, journal {} bytes",
                 path.display(),
                 dir::format_uuid(&sb.volume_uuid),
@@ -470,7 +501,7 @@ fn run(cli: Cli) -> Result<(), String> {
                 match size {
                     Some(size) => {
                         dir::init(&path, size, default_journal(size), 1, None)?;
-                        eprintln!("nbdmirror: created a {size}-byte replica in {}", path.display());
+                        nbdmirror::elog!("nbdmirror: created a {size}-byte replica in {}", path.display());
                     }
                     None if path.join("data").exists() || path.join("journal").exists() => {
                         return Err(format!(
@@ -529,19 +560,22 @@ fn run(cli: Cli) -> Result<(), String> {
             let replica = dir::open(&path)?;
             let mut io = nbdmirror::io::UringIo::new(8).map_err(|e| format!("io_uring: {e}"))?;
             let sb = nbdmirror::store::load_superblock(&mut io, replica.files().meta)?;
-            println!("volume      {}", dir::format_uuid(&sb.volume_uuid));
-            println!("node id     {}", sb.node_id);
-            println!("format      {}", sb.version);
-            println!("size        {}", sb.size);
-            println!(
+            out!("volume      {}", dir::format_uuid(&sb.volume_uuid));
+            out!("node id     {}", sb.node_id);
+            out!("format      {}", sb.version);
+            out!("size        {}", sb.size);
+            out!(
                 "journal     {} bytes, tail at {} (seq {}), epoch {}",
-                sb.journal_size, sb.tail_pos, sb.tail_seq, sb.epoch
+                sb.journal_size,
+                sb.tail_pos,
+                sb.tail_seq,
+                sb.epoch
             );
             match nbdmirror::mirror::generation::Generation::load(&path) {
                 Ok(g) if g.current == 0 => {
-                    println!("generation  none yet (never served or synced)")
+                    out!("generation  none yet (never served or synced)")
                 }
-                Ok(g) => println!(
+                Ok(g) => out!(
                     "generation  {:016x}{}{}",
                     g.current,
                     if g.previous != 0 {
@@ -555,7 +589,7 @@ fn run(cli: Cli) -> Result<(), String> {
                         ", followed as a secondary"
                     }
                 ),
-                Err(e) => println!("generation  {e}"),
+                Err(e) => out!("generation  {e}"),
             }
             Ok(())
         }
@@ -567,7 +601,7 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("nbdmirror: error: {e}");
+            nbdmirror::elog!("nbdmirror: error: {e}");
             ExitCode::FAILURE
         }
     }

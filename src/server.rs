@@ -241,7 +241,7 @@ pub fn bind_tcp(addr: SocketAddr) -> std::io::Result<TcpListener> {
                     && std::time::Instant::now() < deadline =>
             {
                 if !said {
-                    eprintln!(
+                    crate::elog!(
                         "nbdmirror: {addr} is in use; waiting up to 10 s for it to be released"
                     );
                     said = true;
@@ -283,7 +283,7 @@ impl Server {
         if let Some(cpu) = config.cpu {
             io.pin_to_cpu(cpu)
                 .map_err(|e| format!("--cpu {cpu}: {e}"))?;
-            eprintln!("nbdmirror: event loop and its io-wq workers pinned to CPU {cpu}");
+            crate::elog!("nbdmirror: event loop and its io-wq workers pinned to CPU {cpu}");
         }
         let files = replica.files();
         // Journal appends are on the reply path: do them inline (see io.rs).
@@ -303,7 +303,7 @@ impl Server {
             want => match dir::open_direct(replica) {
                 Ok(f) => Some(f),
                 Err(e) if want == DirectWrites::Auto => {
-                    eprintln!("nbdmirror: {e}; writing through the page cache");
+                    crate::elog!("nbdmirror: {e}; writing through the page cache");
                     None
                 }
                 Err(e) => return Err(e),
@@ -419,7 +419,7 @@ impl Server {
         if let Some(why) = self.store.failure() {
             return Err(format!("stopped after a storage failure: {why}"));
         }
-        eprintln!("nbdmirror: clean shutdown; journal checkpointed");
+        crate::elog!("nbdmirror: clean shutdown; journal checkpointed");
         Ok(())
     }
 
@@ -441,7 +441,7 @@ impl Server {
             KIND_CONN_RECV => self.received(id, c),
             KIND_CONN_SEND => self.sent(id, c),
             KIND_SIGNAL if c.result > 0 && !self.shutting_down => {
-                eprintln!(
+                crate::elog!(
                     "nbdmirror: signal received; finishing in-flight requests and shutting down"
                 );
                 self.begin_shutdown();
@@ -484,7 +484,7 @@ impl Server {
         for id in ids {
             if let Some(conn) = self.conns.get_mut(&id) {
                 if !conn.abort {
-                    eprintln!("nbdmirror: connection {id}: not reading its replies; dropping it to shut down");
+                    crate::elog!("nbdmirror: connection {id}: not reading its replies; dropping it to shut down");
                 }
                 conn.abort = true;
                 conn.reading_done = true;
@@ -538,7 +538,7 @@ impl Server {
         self.io
             .submit(token(KIND_LISTENER, idx as u64), Op::Accept { fd: lfd });
         if c.result < 0 {
-            eprintln!(
+            crate::elog!(
                 "nbdmirror: accept failed: {}",
                 std::io::Error::from_raw_os_error(-c.result)
             );
@@ -742,11 +742,11 @@ impl Server {
                             match end {
                                 HandshakeEnd::Aborted => {}
                                 HandshakeEnd::ProtocolViolation(why) => {
-                                    eprintln!("nbdmirror: connection {id}: closing: {why}");
+                                    crate::elog!("nbdmirror: connection {id}: closing: {why}");
                                     conn.abort = true;
                                 }
                                 HandshakeEnd::UnknownExport(name) => {
-                                    eprintln!("nbdmirror: connection {id}: unknown export {name:?}; closing");
+                                    crate::elog!("nbdmirror: connection {id}: unknown export {name:?}; closing");
                                     conn.abort = true;
                                 }
                             }
@@ -778,7 +778,7 @@ impl Server {
                             return;
                         }
                         Decoded::Fatal(why) => {
-                            eprintln!(
+                            crate::elog!(
                                 "nbdmirror: connection {id}: protocol error: {why}; disconnecting"
                             );
                             conn.reading_done = true;
@@ -1253,7 +1253,7 @@ pub fn serve(config: ServeConfig) -> Result<(), String> {
         let peers: Vec<String> = m.peers.iter().map(|(id, a)| format!("{id}={a}")).collect();
         where_.push(format!("mirroring to peers {}", peers.join(", ")));
     }
-    eprintln!(
+    crate::elog!(
         "nbdmirror: serving {} ({} bytes) on {}",
         config.dir.display(),
         server.store.size(),

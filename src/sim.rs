@@ -389,7 +389,7 @@ impl SimIo {
                 } => format!("fallocate fd {fd} mode {mode} {offset}+{len}"),
                 other => format!("{other:?}"),
             };
-            eprintln!("sim: op {}: {what} -> {r}", self.ops_done);
+            crate::elog!("sim: op {}: {what} -> {r}", self.ops_done);
         }
         r
     }

@@ -1852,6 +1852,83 @@ fn serve_refuses_contradictory_options_and_a_replica_without_meta() {
     assert!(dir.join("journal").exists(), "journal removed");
 }
 
+/// Output that cannot be written is never a panic: `info | head` ends
+/// quietly, `info > /dev/full` is exit status 1 with a message, and a server
+/// whose stderr is unwritable still shuts down cleanly (exit 0) on SIGTERM.
+#[test]
+fn unwritable_stdout_or_stderr_is_not_a_panic() {
+    let test = "unwritable_stdout_or_stderr_is_not_a_panic";
+    if !ServerKind::from_env().is_nbdmirror() {
+        eprintln!("{test}: SKIP (nbdmirror's own command line)");
+        return;
+    }
+    let tmp = TempDir::new(test);
+    let dir = tmp.join("replica");
+    run_ok(
+        Command::new(NBDMIRROR_BIN)
+            .args(["init", "--dir"])
+            .arg(&dir)
+            .args(["--size", "4M"]),
+    );
+    let out = run_timeout(
+        Command::new("sh").arg("-c").arg(format!(
+            "'{}' info --dir '{}' | head -c 1 >/dev/null",
+            NBDMIRROR_BIN,
+            dir.display()
+        )),
+        Duration::from_secs(30),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "info | head: {stderr}");
+    let full = || {
+        fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/full")
+            .unwrap()
+    };
+    let out = run_timeout(
+        Command::new("sh").arg("-c").arg(format!(
+            "'{}' info --dir '{}' >/dev/full",
+            NBDMIRROR_BIN,
+            dir.display()
+        )),
+        Duration::from_secs(30),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "info > /dev/full: {stderr}");
+    assert!(
+        stderr.contains("cannot write the output") && !stderr.contains("panicked"),
+        "{stderr}"
+    );
+
+    let port = free_port();
+    let mut child = Command::new(NBDMIRROR_BIN)
+        .args(["serve", "--dir"])
+        .arg(&dir)
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .stderr(full())
+        .spawn()
+        .unwrap();
+    let addr = format!("127.0.0.1:{port}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let c = loop {
+        match MiniClient::connect(&addr, "") {
+            Ok(c) => break c,
+            Err(_) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(50))
+            }
+            Err(e) => panic!("server with stderr on /dev/full never answered: {e}"),
+        }
+    };
+    c.disconnect();
+    send_signal(child.id(), "TERM");
+    let status = child.wait().unwrap();
+    assert!(
+        status.success(),
+        "SIGTERM with stderr on /dev/full: {status}"
+    );
+}
+
 // ------------------------------------------------- refusing damaged replicas
 
 fn file_digests(dir: &Path) -> Vec<(String, u64)> {

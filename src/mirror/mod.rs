@@ -350,7 +350,7 @@ impl Mirror {
             let (g, what) = generation.for_primary(fresh);
             if let Some(what) = what {
                 g.store(&cfg.dir)?;
-                eprintln!("nbdmirror: {what}");
+                crate::elog!("nbdmirror: {what}");
             }
             generation = g;
         }
@@ -365,12 +365,12 @@ impl Mirror {
                 DirtyBitmap::open_or_create(&cfg.dir, &sb.volume_uuid, id, sb.size)?;
             let flags = bm.flags();
             if created {
-                eprintln!(
+                crate::elog!(
                     "nbdmirror: peer {id} ({addr}) is new to this node: its blocks are compared by \
                      checksum and every block that differs is copied"
                 );
             } else if flags & FLAG_CLEAN == 0 && flags & FLAG_COMPARE == 0 {
-                eprintln!(
+                crate::elog!(
                     "nbdmirror: this node did not shut down cleanly: peer {id}'s blocks are compared \
                      by checksum to find writes it may hold that this node lost"
                 );
@@ -433,7 +433,7 @@ impl Mirror {
                     Ok(l) => Some(l),
                     Err(e) => {
                         // Serving data matters more than the control socket.
-                        eprintln!(
+                        crate::elog!(
                             "nbdmirror: WARNING: cannot create admin socket {}: {e}; \
                              `nbdmirror resync` will not reach this node (use --admin-socket)",
                             p.display()
@@ -551,7 +551,7 @@ impl Mirror {
         for p in &mut self.peers {
             let f = p.bitmap.flags() | FLAG_CLEAN;
             if let Err(e) = p.bitmap.set_flags(f) {
-                eprintln!("nbdmirror: {e}");
+                crate::elog!("nbdmirror: {e}");
             }
         }
         if let Some(p) = &self.cfg.admin_socket {
@@ -823,12 +823,12 @@ impl Mirror {
     fn fail_peer(&mut self, io: &mut dyn Io, store: &mut Store, i: usize, why: String) {
         let p = &mut self.peers[i];
         if p.state == PeerState::Syncing || p.state == PeerState::InSync {
-            eprintln!(
+            crate::elog!(
                 "nbdmirror: peer {} ({}) disconnected: {why}; writes continue and are recorded in its bitmap",
                 p.node_id, p.addr
             );
         } else if p.last_error.as_deref() != Some(why.as_str()) {
-            eprintln!("nbdmirror: peer {} ({}): {why}", p.node_id, p.addr);
+            crate::elog!("nbdmirror: peer {} ({}): {why}", p.node_id, p.addr);
         }
         p.last_error = Some(why);
         p.state = PeerState::Disconnected;
@@ -1071,9 +1071,9 @@ impl Mirror {
             Some(i) if self.peers[i].link == Some(link) => self.fail_peer(io, store, i, why),
             _ => {
                 if l.session.is_some() {
-                    eprintln!("nbdmirror: replication link from {} closed: {why}", l.addr);
+                    crate::elog!("nbdmirror: replication link from {} closed: {why}", l.addr);
                 } else {
-                    eprintln!("nbdmirror: peer connection from {}: {why}", l.addr);
+                    crate::elog!("nbdmirror: peer connection from {}: {why}", l.addr);
                 }
                 self.close_link(io, link);
             }
@@ -1113,7 +1113,7 @@ impl Mirror {
             io.submit(tok(KIND_PEER_LISTEN, 0), Op::Accept { fd: l.as_raw_fd() });
         }
         if c.result < 0 {
-            eprintln!("nbdmirror: peer accept failed: {}", errno_str(-c.result));
+            crate::elog!("nbdmirror: peer accept failed: {}", errno_str(-c.result));
             return;
         }
         // SAFETY: fresh descriptor from accept.
@@ -1124,7 +1124,7 @@ impl Mirror {
         match Handshake::new(Role::Responder, self.hs_config(None)) {
             Ok(h) => self.links.get_mut(&id).unwrap().hs = Some(Box::new(h)),
             Err(e) => {
-                eprintln!("nbdmirror: cannot start a peer handshake: {e}");
+                crate::elog!("nbdmirror: cannot start a peer handshake: {e}");
                 self.close_link(io, id);
                 return;
             }
@@ -1202,7 +1202,7 @@ impl Mirror {
                     self.fail_peer(io, store, i, why);
                 }
                 _ => {
-                    eprintln!("nbdmirror: peer connection from {}: {why}", l.addr);
+                    crate::elog!("nbdmirror: peer connection from {}: {why}", l.addr);
                     l.close_after_send = true;
                     self.close_link(io, link);
                 }
@@ -1281,7 +1281,7 @@ impl Mirror {
                         self.announce_generation(io, i);
                     }
                     let p = &mut self.peers[i];
-                    eprintln!(
+                    crate::elog!(
                         "nbdmirror: peer {} ({}) connected; {}",
                         p.node_id,
                         p.addr,
@@ -1296,9 +1296,10 @@ impl Mirror {
                     self.kick_resync(io, store);
                 }
                 None => {
-                    eprintln!(
+                    crate::elog!(
                         "nbdmirror: primary node {} connected from {}",
-                        info.node_id, l.addr
+                        info.node_id,
+                        l.addr
                     );
                     // One primary session at a time: older ones end, and this
                     // one waits until their records are applied, so no old
@@ -1310,7 +1311,7 @@ impl Mirror {
                         .map(|(&k, _)| k)
                         .collect();
                     for o in others {
-                        eprintln!("nbdmirror: closing the older replication session");
+                        crate::elog!("nbdmirror: closing the older replication session");
                         self.close_link(io, o);
                     }
                     let busy = self.applying.values().any(|&(l2, _, _)| l2 != link);
@@ -1607,7 +1608,7 @@ impl Mirror {
                         flags: 0,
                     };
                     next.store(&self.cfg.dir)?;
-                    eprintln!(
+                    crate::elog!(
                         "nbdmirror: in sync with the primary: this replica now holds data generation {g:016x}"
                     );
                     self.generation = next;
@@ -1732,7 +1733,7 @@ impl Mirror {
                         .t
                         .saturating_duration_since(p.resync_started)
                         .as_secs_f64();
-                    eprintln!(
+                    crate::elog!(
                         "nbdmirror: peer {} ({}) is in sync: resync took {secs:.2} s ({} bytes resent since start)",
                         p.node_id, p.addr, p.sent_bytes
                     );
@@ -1850,7 +1851,7 @@ impl Mirror {
             p.total = p.bitmap.dirty() * BLOCK;
             let f = p.bitmap.flags() & !FLAG_COMPARE;
             p.bitmap.set_flags(f)?;
-            eprintln!(
+            crate::elog!(
                 "nbdmirror: peer {} ({}): checksums compared, {} more blocks differ; {} bytes to copy",
                 p.node_id,
                 p.addr,
@@ -1942,7 +1943,7 @@ impl Mirror {
                     rr.first + rr.n,
                     errno_str(e)
                 );
-                eprintln!("nbdmirror: peer {}: {why}", p.node_id);
+                crate::elog!("nbdmirror: peer {}: {why}", p.node_id);
                 p.last_error = Some(why);
             }
             Err(_) => {}

@@ -471,7 +471,7 @@ impl Store {
         let replayed = records.len();
         replay_all(io, files.data, &mut sums, sb.size, records)?;
         if replayed > 0 {
-            eprintln!(
+            crate::elog!(
                 "nbdmirror: recovery replayed {replayed} journal records (stopped: {})",
                 end.reason
             );
@@ -577,7 +577,7 @@ impl Store {
 
     fn poison(&mut self, why: String) {
         if self.failed.is_none() {
-            eprintln!(
+            crate::elog!(
                 "nbdmirror: ERROR: {why}; refusing further writes and flushes until restarted"
             );
             self.failed = Some(why);
@@ -989,7 +989,7 @@ impl Store {
         if err == Some(libc::EINVAL) && w.direct {
             // The filesystem takes no O_DIRECT writes of this shape: the page
             // cache from now on, starting with this write.
-            eprintln!(
+            crate::elog!(
                 "nbdmirror: WARNING: direct write to the data file refused ({}); writing through the page cache",
                 errno_str(libc::EINVAL)
             );
@@ -1582,7 +1582,7 @@ impl Store {
                 return;
             }
             self.stats.checksum_failures += 1;
-            eprintln!(
+            crate::elog!(
                 "nbdmirror: ERROR: block {block} (offset {}) failed checksum verification; returning EIO",
                 block * BLOCK_SIZE
             );
@@ -1752,7 +1752,10 @@ impl Store {
                         if r.parts_left == 0 {
                             self.reads.remove(&read);
                             self.read_pieces.remove(&read);
-                            eprintln!("nbdmirror: ERROR: reading the data file: {}", errno_str(e));
+                            crate::elog!(
+                                "nbdmirror: ERROR: reading the data file: {}",
+                                errno_str(e)
+                            );
                             self.events.push(StoreEvent::Read(read, Err(e)));
                         }
                     }
@@ -1830,7 +1833,7 @@ impl Store {
                 }
             }
             Some(e) => {
-                eprintln!(
+                crate::elog!(
                     "nbdmirror: ERROR: journal write of record {seq} failed: {}",
                     errno_str(e)
                 );
@@ -2083,7 +2086,7 @@ impl Store {
         let was_corrupt = !self.sums.verify(block, &buf);
         if was_corrupt {
             self.stats.checksum_failures += 1;
-            eprintln!(
+            crate::elog!(
                 "nbdmirror: ERROR: block {block} (offset {}) failed checksum verification before a partial \
                  write; it stays marked corrupt (reads return EIO) until the whole block is rewritten",
                 block * BLOCK_SIZE
@@ -2406,7 +2409,7 @@ fn replay_all(
         }
     }
     if changed > 0 {
-        eprintln!(
+        crate::elog!(
             "nbdmirror: recovery re-checksummed {changed} blocks in {} in-place write regions whose \
              contents changed after their last checksum (unflushed writes cut short by the crash; \
              corruption in those regions at crash time cannot be told apart)",
