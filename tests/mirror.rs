@@ -1349,6 +1349,96 @@ fn two_nodes_basic() {
     cl.assert_replicas_identical();
 }
 
+/// A second primary for the same volume (here a copy of the primary's
+/// directory, which passes every identity check) must not take over a
+/// secondary whose primary is alive: it is refused with a logged reason, the
+/// real primary's session is never dropped, and nothing the rogue writes
+/// reaches the secondary. Before, the secondary closed the older session for
+/// the newcomer, took its writes, and the real primary came back "in sync"
+/// with replicas that differed.
+#[test]
+fn second_primary_is_refused_while_the_first_is_alive() {
+    let test = "second_primary_is_refused_while_the_first_is_alive";
+    let _wd = Watchdog::new(test, Duration::from_secs(120));
+    let seed = test_seed(test);
+    let mut cl = Cluster::new(test, seed, Opts::new(16 * MIB, 2));
+    cl.start_all();
+    cl.wait_in_sync(Duration::from_secs(20));
+    let good = random_bytes(seed, 64 * 1024);
+    let mut p = MiniClient::connect(&cl.nodes[0].nbd_addr(), "disk").unwrap();
+    assert_eq!(p.write(MIB, &good, 1).unwrap(), 0);
+
+    // The rogue: a copy of the primary's directory, same node id, volume,
+    // generation and secret, pointed at the same secondary.
+    let rogue_dir = cl.tmp.join("rogue");
+    fs::create_dir(&rogue_dir).unwrap();
+    for f in ["data", "journal", "meta", "generation"] {
+        let from = cl.nodes[0].dir.join(f);
+        if from.exists() {
+            fs::copy(&from, rogue_dir.join(f)).unwrap();
+        }
+    }
+    for e in fs::read_dir(&cl.nodes[0].dir).unwrap() {
+        let name = e.unwrap().file_name().to_string_lossy().to_string();
+        if name.starts_with("peer-") {
+            fs::copy(cl.nodes[0].dir.join(&name), rogue_dir.join(&name)).unwrap();
+        }
+    }
+    let rogue_port = free_port();
+    let rogue_log = cl.tmp.join("rogue.stderr");
+    let mut rogue = Command::new(NBDMIRROR_BIN)
+        .args(["serve", "--dir"])
+        .arg(&rogue_dir)
+        .args(["--listen", &format!("127.0.0.1:{rogue_port}")])
+        .args(["--peer", &format!("2=127.0.0.1:{}", cl.nodes[1].port)])
+        .arg("--secret-file")
+        .arg(&cl.secret)
+        .stderr(File::create(&rogue_log).unwrap())
+        .spawn()
+        .unwrap();
+    let rogue_addr = format!("127.0.0.1:{rogue_port}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut r = loop {
+        match MiniClient::connect(&rogue_addr, "disk") {
+            Ok(c) => break c,
+            Err(_) if Instant::now() < deadline => thread::sleep(Duration::from_millis(50)),
+            Err(e) => panic!("rogue never served: {e}"),
+        }
+    };
+    // Let it try (and retry) the secondary while the real primary writes.
+    let evil = vec![0xEE; 64 * 1024];
+    assert_eq!(r.write(MIB, &evil, 1).unwrap(), 0, "the rogue's own write");
+    r.disconnect();
+    for k in 0..20u64 {
+        let d = random_bytes(seed ^ k, 4096);
+        assert_eq!(p.write(2 * MIB + k * 4096, &d, 0).unwrap(), 0);
+        thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(p.flush().unwrap(), 0);
+    p.disconnect();
+    send_signal(rogue.id(), "TERM");
+    let _ = rogue.wait();
+    let rlog = fs::read_to_string(&rogue_log).unwrap_or_default();
+    let slog = cl.nodes[1].stderr();
+    assert!(
+        slog.contains("refusing primary node 1"),
+        "the secondary did not refuse the rogue:\n{slog}\n--- rogue ---\n{rlog}"
+    );
+    assert!(
+        !slog.contains("closing the older replication session"),
+        "the secondary dropped the live primary:\n{slog}"
+    );
+    let j = cl.wait_in_sync(Duration::from_secs(20));
+    eprintln!("{}", brief_status(&j));
+    cl.stop_all();
+    cl.assert_replicas_identical();
+    let mut got = vec![0u8; good.len()];
+    let mut f = File::open(cl.nodes[1].data()).unwrap();
+    std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(MIB)).unwrap();
+    f.read_exact(&mut got).unwrap();
+    assert!(got == good, "the secondary holds the rogue's write");
+}
+
 /// A secondary started with `--listen` serves NBD read-only: nbdinfo shows
 /// no command that writes (as `nbdkit -r`), a WRITE gets EPERM and changes
 /// nothing, and reads return what the primary wrote.

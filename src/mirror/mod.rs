@@ -1301,9 +1301,47 @@ impl Mirror {
                         info.node_id,
                         l.addr
                     );
-                    // One primary session at a time: older ones end, and this
-                    // one waits until their records are applied, so no old
-                    // record lands over a newer one.
+                    // One primary at a time. A session that is still alive
+                    // (heard from within the peer timeout; a live primary
+                    // pings four times per timeout) keeps the secondary: the
+                    // newcomer is refused, and none of its frames is looked
+                    // at. A second primary (a copied node directory, a
+                    // misconfigured node) must not take over the stream, or
+                    // the secondary would hold writes its own primary never
+                    // saw while both claim to be in sync.
+                    let newcomer = l.addr.clone();
+                    let (t, timeout) = (self.t, self.cfg.timeout);
+                    let live = self
+                        .links
+                        .iter()
+                        .find(|(&k, o)| {
+                            k != link
+                                && o.session.is_some()
+                                && !o.closing
+                                && t.saturating_duration_since(o.last_rx) <= timeout
+                        })
+                        .map(|(_, o)| (o.addr.clone(), t.saturating_duration_since(o.last_rx)));
+                    if let Some((addr, quiet)) = live {
+                        let why = format!(
+                            "refusing primary node {} from {newcomer}: the session with the \
+                             primary at {addr} is alive (heard from {} ms ago); one primary at a \
+                             time (a primary that reconnects gets in once its old session times \
+                             out)",
+                            info.node_id,
+                            quiet.as_millis()
+                        );
+                        crate::elog!("nbdmirror: {why}");
+                        let l = self.links.get_mut(&link).unwrap();
+                        if let Some(s) = l.session.as_mut() {
+                            s.reject(crate::peer::RejectCode::Busy, &why, &mut l.out);
+                        }
+                        l.close_after_send = true;
+                        self.post_send(io, link);
+                        return;
+                    }
+                    // Older sessions that went quiet end, and this one waits
+                    // until their records are applied, so no old record
+                    // lands over a newer one.
                     let others: Vec<u64> = self
                         .links
                         .iter()

@@ -102,6 +102,9 @@ pub enum RejectCode {
     Malformed,
     /// Both nodes wrote independently; reserved for the resync policy.
     SplitBrain,
+    /// A secondary already streams from another primary whose session is
+    /// alive; one primary at a time.
+    Busy,
     /// A code this build does not know (from a newer peer).
     Other(u16),
 }
@@ -115,6 +118,7 @@ impl RejectCode {
             RejectCode::VersionMismatch => 4,
             RejectCode::Malformed => 5,
             RejectCode::SplitBrain => 6,
+            RejectCode::Busy => 7,
             RejectCode::Other(c) => c,
         }
     }
@@ -127,6 +131,7 @@ impl RejectCode {
             4 => RejectCode::VersionMismatch,
             5 => RejectCode::Malformed,
             6 => RejectCode::SplitBrain,
+            7 => RejectCode::Busy,
             c => RejectCode::Other(c),
         }
     }
@@ -141,6 +146,7 @@ impl fmt::Display for RejectCode {
             RejectCode::VersionMismatch => f.write_str("version mismatch"),
             RejectCode::Malformed => f.write_str("malformed"),
             RejectCode::SplitBrain => f.write_str("split brain"),
+            RejectCode::Busy => f.write_str("another primary holds the session"),
             RejectCode::Other(c) => write!(f, "code {c}"),
         }
     }
