@@ -228,10 +228,26 @@ fn parse_peer(s: &str) -> Result<(u32, SocketAddr), String> {
 }
 
 fn read_secret(path: &std::path::Path) -> Result<Vec<u8>, String> {
-    let mut s = std::fs::read(path)
+    use std::io::Read;
+    // A secret is short; reading at most a little more than the largest
+    // sensible one keeps `--secret-file /dev/zero` from eating the memory.
+    const MAX_SECRET: u64 = 4096;
+    let mut s = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(MAX_SECRET + 1).read_to_end(&mut s))
         .map_err(|e| format!("cannot read secret file {}: {e}", path.display()))?;
-    while s.last().is_some_and(|&b| b == b'\n' || b == b'\r') {
+    if s.len() as u64 > MAX_SECRET {
+        return Err(format!(
+            "secret file {} is longer than {MAX_SECRET} bytes; is it the right file?",
+            path.display()
+        ));
+    }
+    // One trailing newline (an editor's or echo's) is not part of it.
+    if s.last() == Some(&b'\n') {
         s.pop();
+        if s.last() == Some(&b'\r') {
+            s.pop();
+        }
     }
     if s.len() < 16 {
         return Err(format!(

@@ -46,6 +46,9 @@ const TICK: Duration = Duration::from_millis(20);
 /// How long, after a shutdown signal, requests that arrive are answered
 /// with ESHUTDOWN (the spec's soft disconnect) before connections close.
 const REFUSE_WINDOW: Duration = Duration::from_secs(2);
+/// How long a client may take from connecting to finishing the handshake
+/// (qemu-nbd's default `--handshake-limit`).
+const HANDSHAKE_LIMIT: Duration = Duration::from_secs(10);
 /// How long shutdown waits for clients to take their replies.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// Most extents in one BLOCK_STATUS reply.
@@ -138,6 +141,8 @@ struct Conn {
     /// Shutting down: new requests get ESHUTDOWN until the client leaves
     /// or [`REFUSE_WINDOW`] ends.
     refusing: bool,
+    /// When it was accepted (for the handshake time limit).
+    opened: std::time::Instant,
 }
 
 struct PendingReq {
@@ -285,6 +290,12 @@ impl Server {
                 .map_err(|e| format!("--cpu {cpu}: {e}"))?;
             crate::elog!("nbdmirror: event loop and its io-wq workers pinned to CPU {cpu}");
         }
+        // Listen first: a port that cannot be had is refused before recovery
+        // touches the replica (it bumps the epoch in the superblock).
+        let mut listeners = Vec::new();
+        for l in &config.listen {
+            listeners.push(open_listener(l)?);
+        }
         let files = replica.files();
         // Journal appends are on the reply path: do them inline (see io.rs).
         io.inline_write_fds.push(files.journal);
@@ -343,10 +354,6 @@ impl Server {
             preferred_block: 4096,
             max_block: MAX_PAYLOAD,
         };
-        let mut listeners = Vec::new();
-        for l in &config.listen {
-            listeners.push(open_listener(l)?);
-        }
         let signal_fd = block_signals()?;
         Ok(Server {
             io,
@@ -452,9 +459,39 @@ impl Server {
                     m.tick(&mut self.io, &mut self.store);
                 }
                 self.enforce_shutdown_deadline();
+                self.enforce_handshake_limit();
                 self.io.submit(token(KIND_TICK, 0), Op::timeout(TICK));
             }
             _ => {}
+        }
+    }
+
+    /// A client that connects and never finishes the handshake (sends
+    /// nothing, or half an option) is closed after [`HANDSHAKE_LIMIT`], as
+    /// qemu-nbd does, instead of holding a connection for ever.
+    fn enforce_handshake_limit(&mut self) {
+        let stale: Vec<u64> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| {
+                matches!(c.phase, Phase::Handshake(_))
+                    && !c.reading_done
+                    && c.opened.elapsed() > HANDSHAKE_LIMIT
+            })
+            .map(|(&id, _)| id)
+            .collect();
+        for id in stale {
+            crate::elog!(
+                "nbdmirror: connection {id}: handshake not finished within {} s; closing",
+                HANDSHAKE_LIMIT.as_secs()
+            );
+            if let Some(conn) = self.conns.get_mut(&id) {
+                conn.reading_done = true;
+                conn.abort = true;
+                // SAFETY: shutdown on a socket we own; wakes a pending receive.
+                unsafe { libc::shutdown(conn.fd.as_raw_fd(), libc::SHUT_RDWR) };
+            }
+            self.maybe_close(id);
         }
     }
 
@@ -572,6 +609,7 @@ impl Server {
             eof: false,
             after_large: false,
             refusing: false,
+            opened: std::time::Instant::now(),
         };
         self.conns.insert(id, conn);
         self.queue(id, greeting);

@@ -1823,6 +1823,12 @@ fn serve_refuses_contradictory_options_and_a_replica_without_meta() {
         ],
         "more than once",
     );
+    // A port that stays taken: refused before recovery touches the replica
+    // (it used to bump the epoch in the superblock first).
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken_addr = taken.local_addr().unwrap().to_string();
+    refused(&["--listen".into(), taken_addr], "");
+    drop(taken);
     assert_eq!(
         file_digests(&dir),
         before,
@@ -1850,6 +1856,41 @@ fn serve_refuses_contradictory_options_and_a_replica_without_meta() {
         "data file touched"
     );
     assert!(dir.join("journal").exists(), "journal removed");
+}
+
+/// A client that connects and never finishes the handshake is closed after
+/// the handshake limit (10 s, as qemu-nbd's default), not held for ever;
+/// a client that arrives meanwhile is served.
+#[test]
+fn stalled_handshake_is_closed() {
+    let test = "stalled_handshake_is_closed";
+    let Some((_tmp, _export, srv)) = setup(test, 4 * MIB, &[]) else {
+        return;
+    };
+    if srv.kind == ServerKind::Nbdkit {
+        eprintln!("{test}: SKIP (nbdkit has no handshake limit by default)");
+        return;
+    }
+    use std::io::Read;
+    let mut idle = std::net::TcpStream::connect(srv.addr()).unwrap();
+    idle.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut c = MiniClient::connect(&srv.addr(), srv.export_name()).unwrap();
+    assert_eq!(c.write(0, &[7u8; 4096], 0).unwrap(), 0);
+    c.disconnect();
+    let started = std::time::Instant::now();
+    let mut buf = [0u8; 256];
+    loop {
+        match idle.read(&mut buf) {
+            Ok(0) => break,
+            Ok(_) => continue, // the greeting
+            Err(e) => panic!(
+                "stalled handshake still open after {:?}: {e}",
+                started.elapsed()
+            ),
+        }
+    }
+    eprintln!("{test}: closed after {:?}", started.elapsed());
 }
 
 /// Output that cannot be written is never a panic: `info | head` ends
