@@ -1253,6 +1253,62 @@ fn sigterm_answers_in_flight_writes_then_exits_zero() {
     c.disconnect();
 }
 
+/// A journal damaged in the middle (not torn at its end): recovery stops
+/// at the bad record, reports loudly that intact records follow it (flushed
+/// writes may be lost), and leaves every block readable: the blocks of the
+/// records it could not replay read as the data file holds them, instead of
+/// failing every read with EIO for good.
+#[test]
+fn journal_damaged_in_the_middle_is_reported_and_leaves_no_eio() {
+    use nbdmirror::store::format::RecordHeader;
+    let test = "journal_damaged_in_the_middle_is_reported_and_leaves_no_eio";
+    if !ServerKind::from_env().is_nbdmirror() {
+        eprintln!("{test}: SKIP (nbdmirror's own journal)");
+        return;
+    }
+    let tmp = TempDir::new(test);
+    let mut export = Export::create(&tmp, 16 * MIB);
+    export.serve_args = vec!["--checkpoint-interval-ms".into(), "600000".into()];
+    let mut srv = export.serve();
+    let name = srv.export_name();
+    let mut c = MiniClient::connect(&srv.addr(), name).unwrap();
+    let n = 40u64;
+    for i in 0..n {
+        let d = random_bytes(0xDA ^ i, 64 * KIB as usize);
+        assert_eq!(c.write(i * 64 * KIB, &d, 0).unwrap(), 0);
+    }
+    assert_eq!(c.flush().unwrap(), 0);
+    drop(c);
+    srv.kill();
+    // Flip a byte in the data of the 10th record (the journal starts at 0).
+    let span = RecordHeader::span_for(64 * KIB as usize) as u64;
+    let journal = export.path.join("journal");
+    let mut bytes = fs::read(&journal).unwrap();
+    let at = (10 * span + 1000) as usize;
+    bytes[at] ^= 0x55;
+    fs::write(&journal, &bytes).unwrap();
+
+    let mut srv = export.serve();
+    let mut c = MiniClient::connect(&srv.addr(), name).unwrap();
+    for i in 0..n {
+        let got = c.read(i * 64 * KIB, 64 * KIB as u32);
+        assert!(got.is_ok(), "64 KiB piece {i} after recovery: {got:?}");
+    }
+    // What the journal held intact up to the damage is there.
+    for i in 0..10 {
+        let want = random_bytes(0xDA ^ i, 64 * KIB as usize);
+        assert!(
+            c.read(i * 64 * KIB, 64 * KIB as u32).unwrap() == want,
+            "piece {i}"
+        );
+    }
+    c.disconnect();
+    let status = srv.terminate();
+    let log = srv.stderr();
+    assert!(status.success(), "{status}\n{log}");
+    assert!(log.contains("the journal is damaged"), "no report:\n{log}");
+}
+
 /// Data acknowledged by FLUSH (or written with FUA) survives SIGKILL.
 #[test]
 fn flushed_data_survives_sigkill() {

@@ -10,7 +10,9 @@
 use std::collections::VecDeque;
 use std::os::fd::RawFd;
 
-use super::format::{data_hash, RecordHeader, RecordKind, RECORD_ALIGN, RECORD_HEADER_LEN};
+use super::format::{
+    data_hash, RecordHeader, RecordKind, RECORD_ALIGN, RECORD_HEADER_LEN, RECORD_MAGIC,
+};
 use crate::io::{Io, Op};
 
 #[derive(Debug, Clone)]
@@ -302,6 +304,100 @@ pub fn scan(
 
 pub fn errno_str(errno: i32) -> String {
     std::io::Error::from_raw_os_error(errno).to_string()
+}
+
+/// A record of the same epoch found after the point where the recovery
+/// scan stopped: a sign the journal is damaged in the middle, not torn at
+/// its end.
+#[derive(Debug, Clone, Copy)]
+pub struct Stranded {
+    pub seq: u64,
+    pub kind: RecordKind,
+    pub offset: u64,
+    pub length: u64,
+}
+
+/// After `scan` stopped at `stop.pos` expecting `stop.next_seq`, look at the
+/// rest of the ring (one lap, 1 MiB reads) for intact records of `epoch`
+/// with a higher sequence number. A crash leaves none (or, with writeback
+/// reordering, a few unflushed ones right behind the tear); damage in the
+/// middle of the journal leaves every record after it.
+pub fn stranded(
+    io: &mut dyn Io,
+    fd: RawFd,
+    size: u64,
+    stop: &ScanEnd,
+    epoch: u32,
+) -> Result<Vec<Stranded>, String> {
+    const CHUNK: u64 = 1 << 20;
+    let mut found = Vec::new();
+    let mut done = 0u64;
+    let mut pos = stop.pos % size.max(1);
+    while done < size {
+        let n = CHUNK.min(size - pos).min(size - done);
+        let c = io.run(Op::Read {
+            fd,
+            buf: vec![0u8; n as usize],
+            at: 0,
+            offset: pos,
+        });
+        if c.result < 0 {
+            return Err(format!(
+                "reading the journal at {pos}: {}",
+                errno_str(-c.result)
+            ));
+        }
+        let Op::Read { buf, .. } = c.op else {
+            unreachable!()
+        };
+        let got = (c.result as usize).min(buf.len());
+        let mut at = 0usize;
+        while at + RECORD_HEADER_LEN <= got {
+            if &buf[at..at + 4] == RECORD_MAGIC {
+                if let Ok(h) = RecordHeader::decode(&buf[at..at + RECORD_HEADER_LEN]) {
+                    if h.epoch == epoch
+                        && h.seq > stop.next_seq
+                        && verify_data(io, fd, pos + at as u64, &h)?
+                    {
+                        found.push(Stranded {
+                            seq: h.seq,
+                            kind: h.kind,
+                            offset: h.offset,
+                            length: h.length as u64,
+                        });
+                    }
+                }
+            }
+            at += RECORD_ALIGN as usize;
+        }
+        done += n;
+        pos = (pos + n) % size;
+    }
+    found.sort_by_key(|r| r.seq);
+    found.dedup_by_key(|r| r.seq);
+    Ok(found)
+}
+
+/// Whether a Write record's data at `pos` matches its header's hash (other
+/// kinds carry no data).
+fn verify_data(io: &mut dyn Io, fd: RawFd, pos: u64, h: &RecordHeader) -> Result<bool, String> {
+    if h.kind != RecordKind::Write {
+        return Ok(true);
+    }
+    let len = h.length as usize;
+    let c = io.run(Op::Read {
+        fd,
+        buf: vec![0u8; len],
+        at: 0,
+        offset: pos + RECORD_HEADER_LEN as u64,
+    });
+    if c.result < 0 {
+        return Ok(false);
+    }
+    let Op::Read { buf, .. } = c.op else {
+        unreachable!()
+    };
+    Ok(c.result as usize == len && data_hash(&buf, h.seq) == h.data_hash)
 }
 
 #[cfg(test)]

@@ -469,11 +469,39 @@ impl Store {
             },
         )?;
         let replayed = records.len();
-        replay_all(io, files.data, &mut sums, sb.size, records)?;
+        // Intact records of this epoch after the stop: the journal is
+        // damaged in the middle (a crash tears only its end). They cannot be
+        // replayed in order; the data file may already hold them (applied
+        // before the crash), so their blocks' checksums are rebuilt from it
+        // rather than left to fail every read, and the loss is reported.
+        let stranded = journal::stranded(io, files.journal, sb.journal_size, &end, sb.epoch)?;
+        let extra: Vec<(u64, u64)> = stranded
+            .iter()
+            .filter(|r| r.kind != RecordKind::Wrap && r.kind != RecordKind::Void)
+            .map(|r| (r.offset.min(sb.size), (r.offset + r.length).min(sb.size)))
+            .filter(|(s, e)| s < e)
+            .collect();
+        replay_all(io, files.data, &mut sums, sb.size, records, &extra)?;
         if replayed > 0 {
             crate::elog!(
                 "nbdmirror: recovery replayed {replayed} journal records (stopped: {})",
                 end.reason
+            );
+        }
+        if let (Some(first), Some(last)) = (stranded.first(), stranded.last()) {
+            crate::elog!(
+                "nbdmirror: ERROR: the journal is damaged: recovery stopped at record {} ({}), but \
+                 {} intact records of the same run follow it (seq {}..{}). They cannot be replayed \
+                 in order and are dropped, so writes the client saw flushed may be lost. Their \
+                 blocks now read as whatever the data file holds (their data if it was applied \
+                 before the crash, older data otherwise). Check the disk under {}; a mirrored \
+                 node gets them back from its peers by a checksum resync.",
+                end.next_seq,
+                end.reason,
+                stranded.len(),
+                first.seq,
+                last.seq,
+                "the replica directory"
             );
         }
         let mut sb = sb;
@@ -2358,8 +2386,9 @@ fn replay_all(
     sums: &mut ChecksumTable,
     size: u64,
     records: Vec<journal::Recovered>,
+    extra: &[(u64, u64)],
 ) -> Result<(), String> {
-    let inplace: Vec<(u64, u64, u64)> = records
+    let mut inplace: Vec<(u64, u64, u64)> = records
         .iter()
         .filter(|r| r.header.kind == RecordKind::InPlace)
         .map(|r| {
@@ -2370,6 +2399,9 @@ fn replay_all(
             )
         })
         .collect();
+    // Ranges of records that could not be replayed (see `Store::open`):
+    // their checksums follow the data file too.
+    inplace.extend(extra.iter().map(|&(s, e)| (0, s, e)));
     for rec in &records {
         let h = rec.header;
         if h.kind == RecordKind::InPlace {
