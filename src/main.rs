@@ -314,7 +314,22 @@ fn human(n: f64) -> String {
 }
 
 /// One line per peer: state, a bar, percent, rate and ETA.
-fn render_status(v: &serde_json::Value) -> Vec<String> {
+/// Columns of the terminal on stdout, if it is one.
+fn term_cols() -> Option<usize> {
+    use std::io::IsTerminal;
+    if !std::io::stdout().is_terminal() {
+        return None;
+    }
+    // SAFETY: TIOCGWINSZ fills a winsize; a zeroed one is a valid buffer.
+    let mut ws: libc::winsize = unsafe { std::mem::zeroed() };
+    let r = unsafe { libc::ioctl(libc::STDOUT_FILENO, libc::TIOCGWINSZ, &mut ws) };
+    Some(if r == 0 && ws.ws_col >= 20 { ws.ws_col as usize } else { 80 })
+}
+
+/// Status lines. On a terminal (`cols`), the progress bar gets a line of its
+/// own, sized to fit, and no line is longer than the terminal is wide, so
+/// `--watch` can redraw them in place.
+fn render_status(v: &serde_json::Value, cols: Option<usize>) -> Vec<String> {
     let mut lines = vec![format!(
         "node {} ({})",
         v["node_id"],
@@ -340,8 +355,6 @@ fn render_status(v: &serde_json::Value) -> Vec<String> {
             } else {
                 0.0
             };
-            let width = 30;
-            let filled = (frac * width as f64).round() as usize;
             let rate = p["rate_bytes_per_sec"].as_f64().unwrap_or(0.0);
             let eta = if rate > 0.0 {
                 let s = (dirty / rate) as u64;
@@ -349,17 +362,33 @@ fn render_status(v: &serde_json::Value) -> Vec<String> {
             } else {
                 "--:--:--".into()
             };
-            line.push_str(&format!(
-                " [{}{}] {:5.1}%  {} of {}  {}/s  ETA {eta}",
-                "#".repeat(filled),
-                "-".repeat(width - filled),
+            let mut text = format!(
+                " {:5.1}%  {} of {}  {}/s  ETA {eta}",
                 frac * 100.0,
                 human(done),
                 human(total),
                 human(rate),
-            ));
+            );
             if p["paused"].as_bool() == Some(true) {
-                line.push_str("  (paused)");
+                text.push_str("  (paused)");
+            }
+            let indent = if cols.is_some() { 4 } else { 1 };
+            let width = match cols {
+                Some(c) => c.saturating_sub(indent + 2 + text.len() + 1).clamp(10, 30),
+                None => 30,
+            };
+            let filled = (frac * width as f64).round() as usize;
+            let bar = format!(
+                "[{}{}]{text}",
+                "#".repeat(filled),
+                "-".repeat(width - filled)
+            );
+            if cols.is_some() {
+                lines.push(line);
+                line = format!("{}{bar}", " ".repeat(indent));
+            } else {
+                line.push(' ');
+                line.push_str(&bar);
             }
         }
         if let Some(e) = p["last_error"].as_str() {
@@ -368,6 +397,13 @@ fn render_status(v: &serde_json::Value) -> Vec<String> {
             }
         }
         lines.push(line);
+    }
+    if let Some(c) = cols {
+        for l in lines.iter_mut() {
+            if let Some((cut, _)) = l.char_indices().nth(c.saturating_sub(1)) {
+                l.truncate(cut);
+            }
+        }
     }
     lines
 }
@@ -381,10 +417,11 @@ fn resync(action: ResyncCmd) -> Result<(), String> {
     match action {
         ResyncCmd::Status { admin, json, watch } => loop {
             let v = admin_call(&admin, "status")?;
+            let cols = term_cols();
             if json {
                 out!("{v}");
             } else {
-                for l in render_status(&v) {
+                for l in render_status(&v, cols) {
                     out!("{l}");
                 }
             }
@@ -397,7 +434,7 @@ fn resync(action: ResyncCmd) -> Result<(), String> {
             }
             std::thread::sleep(std::time::Duration::from_secs(1));
             if !json && std::io::stdout().is_terminal() {
-                let n = render_status(&v).len();
+                let n = render_status(&v, cols).len();
                 out_raw!("\x1b[{n}A\x1b[J");
             }
         },
