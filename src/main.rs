@@ -323,7 +323,11 @@ fn term_cols() -> Option<usize> {
     // SAFETY: TIOCGWINSZ fills a winsize; a zeroed one is a valid buffer.
     let mut ws: libc::winsize = unsafe { std::mem::zeroed() };
     let r = unsafe { libc::ioctl(libc::STDOUT_FILENO, libc::TIOCGWINSZ, &mut ws) };
-    Some(if r == 0 && ws.ws_col >= 20 { ws.ws_col as usize } else { 80 })
+    Some(if r == 0 && ws.ws_col >= 20 {
+        ws.ws_col as usize
+    } else {
+        80
+    })
 }
 
 /// Status lines. On a terminal (`cols`), the progress bar gets a line of its

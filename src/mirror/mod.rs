@@ -1337,6 +1337,9 @@ impl Mirror {
                         }
                         l.close_after_send = true;
                         self.post_send(io, link);
+                        // Closing from now on: nothing more is received or
+                        // processed on this link; the Reject still goes out.
+                        self.close_link(io, link);
                         return;
                     }
                     // Older sessions that went quiet end, and this one waits
