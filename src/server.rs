@@ -296,6 +296,15 @@ impl Server {
         for l in &config.listen {
             listeners.push(open_listener(l)?);
         }
+        // The same for the peer port, and a generation file that cannot be
+        // read is refused here too, before recovery writes anything.
+        let mut peer_listener = None;
+        if let Some(m) = &config.mirror {
+            mirror::generation::Generation::load(&m.dir)?;
+            if let Some(a) = m.peer_listen {
+                peer_listener = Some(mirror::bind_peer_listener(&mut io, a)?);
+            }
+        }
         let files = replica.files();
         // Journal appends are on the reply path: do them inline (see io.rs).
         io.inline_write_fds.push(files.journal);
@@ -322,7 +331,12 @@ impl Server {
         };
         store.set_direct_fd(direct.as_ref().map(|f| f.as_raw_fd()));
         let mirror = match &config.mirror {
-            Some(m) => Some(Mirror::new(m.clone(), &mut store, &mut io)?),
+            Some(m) => Some(Mirror::with_listener(
+                m.clone(),
+                &mut store,
+                &mut io,
+                peer_listener.take(),
+            )?),
             None => None,
         };
         let read_only = mirror

@@ -1292,7 +1292,11 @@ fn journal_damaged_in_the_middle_is_reported_and_leaves_no_eio() {
     let mut c = MiniClient::connect(&srv.addr(), name).unwrap();
     for i in 0..n {
         let got = c.read(i * 64 * KIB, 64 * KIB as u32);
-        assert!(got.is_ok(), "64 KiB piece {i} after recovery: {got:?}");
+        assert!(
+            got.is_ok(),
+            "64 KiB piece {i} after recovery: {got:?}\n{}",
+            srv.stderr()
+        );
     }
     // What the journal held intact up to the damage is there.
     for i in 0..10 {
@@ -1883,8 +1887,34 @@ fn serve_refuses_contradictory_options_and_a_replica_without_meta() {
     // (it used to bump the epoch in the superblock first).
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let taken_addr = taken.local_addr().unwrap().to_string();
-    refused(&["--listen".into(), taken_addr], "");
+    refused(&["--listen".into(), taken_addr.clone()], "");
+    // The same for a secondary's peer port, and for a generation file that
+    // cannot be read.
+    refused(
+        &[
+            "--role".into(),
+            "secondary".into(),
+            "--peer-listen".into(),
+            taken_addr,
+            "--secret-file".into(),
+            secret.display().to_string(),
+        ],
+        "cannot listen for peers",
+    );
     drop(taken);
+    fs::write(dir.join("generation"), b"not a generation file").unwrap();
+    refused(
+        &[
+            "--listen".into(),
+            port(),
+            "--peer".into(),
+            format!("2={}", port()),
+            "--secret-file".into(),
+            secret.display().to_string(),
+        ],
+        "generation",
+    );
+    fs::remove_file(dir.join("generation")).unwrap();
     assert_eq!(
         file_digests(&dir),
         before,

@@ -330,11 +330,28 @@ fn errno_str(e: i32) -> String {
     std::io::Error::from_raw_os_error(e).to_string()
 }
 
+/// The socket a secondary accepts its primary on.
+pub fn bind_peer_listener(io: &mut dyn Io, a: SocketAddr) -> Result<OwnedFd, String> {
+    io.tcp_listen(a)
+        .map_err(|e| format!("cannot listen for peers on {a}: {e}"))
+}
+
 impl Mirror {
     /// Set up the mirror for `store`: open (or create) every peer's bitmap,
     /// mark what recovery replayed as dirty for every peer, bind the peer
     /// listener and the admin socket.
     pub fn new(cfg: MirrorConfig, store: &mut Store, io: &mut dyn Io) -> Result<Mirror, String> {
+        Self::with_listener(cfg, store, io, None)
+    }
+
+    /// As [`Mirror::new`], with the peer listener already bound (the server
+    /// binds it before recovery, so a busy port changes nothing on disk).
+    pub fn with_listener(
+        cfg: MirrorConfig,
+        store: &mut Store,
+        io: &mut dyn Io,
+        listener: Option<OwnedFd>,
+    ) -> Result<Mirror, String> {
         let sb = store.superblock().clone();
         let t0 = io.now();
         if cfg.secret.len() < crate::peer::handshake::MIN_SECRET && !cfg.secret.is_empty() {
@@ -417,14 +434,10 @@ impl Mirror {
         if peers.len() > 63 {
             return Err("at most 63 peers".into());
         }
-        let listener = match cfg.peer_listen {
-            Some(a) => {
-                let l = io
-                    .tcp_listen(a)
-                    .map_err(|e| format!("cannot listen for peers on {a}: {e}"))?;
-                Some(l)
-            }
-            None => None,
+        let listener = match (listener, cfg.peer_listen) {
+            (Some(l), _) => Some(l),
+            (None, Some(a)) => Some(bind_peer_listener(io, a)?),
+            (None, None) => None,
         };
         let admin = match &cfg.admin_socket {
             Some(p) => {

@@ -315,11 +315,14 @@ pub struct Stranded {
     pub kind: RecordKind,
     pub offset: u64,
     pub length: u64,
+    /// Its data verified too (the record at the stop itself may not).
+    pub intact: bool,
 }
 
 /// After `scan` stopped at `stop.pos` expecting `stop.next_seq`, look at the
-/// rest of the ring (one lap, 1 MiB reads) for intact records of `epoch`
-/// with a higher sequence number. A crash leaves none (or, with writeback
+/// rest of the ring (one lap, 1 MiB reads) for records of `epoch` with a
+/// valid header from that sequence number on: the record at the stop (if
+/// its header survived) and any later ones. A crash leaves none (or, with writeback
 /// reordering, a few unflushed ones right behind the tear); damage in the
 /// middle of the journal leaves every record after it.
 pub fn stranded(
@@ -355,15 +358,14 @@ pub fn stranded(
         while at + RECORD_HEADER_LEN <= got {
             if &buf[at..at + 4] == RECORD_MAGIC {
                 if let Ok(h) = RecordHeader::decode(&buf[at..at + RECORD_HEADER_LEN]) {
-                    if h.epoch == epoch
-                        && h.seq > stop.next_seq
-                        && verify_data(io, fd, pos + at as u64, &h)?
-                    {
+                    if h.epoch == epoch && h.seq >= stop.next_seq {
+                        let intact = verify_data(io, fd, pos + at as u64, &h)?;
                         found.push(Stranded {
                             seq: h.seq,
                             kind: h.kind,
                             offset: h.offset,
                             length: h.length as u64,
+                            intact,
                         });
                     }
                 }

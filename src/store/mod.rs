@@ -469,11 +469,12 @@ impl Store {
             },
         )?;
         let replayed = records.len();
-        // Intact records of this epoch after the stop: the journal is
-        // damaged in the middle (a crash tears only its end). They cannot be
-        // replayed in order; the data file may already hold them (applied
-        // before the crash), so their blocks' checksums are rebuilt from it
-        // rather than left to fail every read, and the loss is reported.
+        // Records of this epoch from the stop on that were not replayed (the
+        // one at the stop, if its header survived, and any later ones). The
+        // data file may already hold them (applied before the crash), so
+        // their blocks' checksums are rebuilt from it rather than left to
+        // fail every read. Intact ones after the stop mean the journal is
+        // damaged in the middle (a crash tears only its end): reported.
         let stranded = journal::stranded(io, files.journal, sb.journal_size, &end, sb.epoch)?;
         let extra: Vec<(u64, u64)> = stranded
             .iter()
@@ -488,7 +489,11 @@ impl Store {
                 end.reason
             );
         }
-        if let (Some(first), Some(last)) = (stranded.first(), stranded.last()) {
+        let later: Vec<&journal::Stranded> = stranded
+            .iter()
+            .filter(|r| r.intact && r.seq > end.next_seq)
+            .collect();
+        if let (Some(first), Some(last)) = (later.first(), later.last()) {
             crate::elog!(
                 "nbdmirror: ERROR: the journal is damaged: recovery stopped at record {} ({}), but \
                  {} intact records of the same run follow it (seq {}..{}). They cannot be replayed \
@@ -498,7 +503,7 @@ impl Store {
                  node gets them back from its peers by a checksum resync.",
                 end.next_seq,
                 end.reason,
-                stranded.len(),
+                later.len(),
                 first.seq,
                 last.seq,
                 "the replica directory"
