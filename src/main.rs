@@ -444,7 +444,27 @@ fn resync(action: ResyncCmd) -> Result<(), String> {
         },
         ResyncCmd::Start { admin, peer, full } => {
             admin_call(&admin, &sel(if full { "full" } else { "start" }, peer))?;
-            out!("resync started");
+            // Say so when a peer cannot be resynced right now.
+            let v = admin_call(&admin, "status")?;
+            let mut waiting = Vec::new();
+            for p in v["peers"].as_array().cloned().unwrap_or_default() {
+                let id = p["node_id"].as_u64();
+                if peer.is_some_and(|want| Some(want as u64) != id) {
+                    continue;
+                }
+                let state = p["state"].as_str().unwrap_or("?").to_string();
+                if state != "syncing" && state != "in_sync" {
+                    waiting.push(format!("peer {} is {state}", id.unwrap_or(0)));
+                }
+            }
+            if waiting.is_empty() {
+                out!("resync started");
+            } else {
+                out!(
+                    "resync requested; {}: it runs once the peer is connected (reconnecting now)",
+                    waiting.join(", ")
+                );
+            }
             Ok(())
         }
         ResyncCmd::Pause { admin, peer } => {

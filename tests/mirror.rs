@@ -1349,6 +1349,47 @@ fn two_nodes_basic() {
     cl.assert_replicas_identical();
 }
 
+/// The resync tool says what it did: `start` while the peer is down says
+/// the resync waits for it (it used to say "resync started"), and `rate` on
+/// a node without peers is refused like `start` and `pause` are.
+#[test]
+fn resync_tool_says_when_the_peer_is_down_and_refuses_rate_without_peers() {
+    let test = "resync_tool_says_when_the_peer_is_down_and_refuses_rate_without_peers";
+    let _wd = Watchdog::new(test, Duration::from_secs(120));
+    let seed = test_seed(test);
+    let mut cl = Cluster::new(test, seed, Opts::new(16 * MIB, 2));
+    cl.start_all();
+    cl.wait_in_sync(Duration::from_secs(20));
+    let d1 = cl.nodes[0].dir.display().to_string();
+    let d2 = cl.nodes[1].dir.display().to_string();
+    let out = resync_cmd(&["start", "--dir", &d1]);
+    assert!(out.contains("resync started"), "peer connected: {out}");
+    cl.nodes[1].terminate();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let out = loop {
+        let out = resync_cmd(&["start", "--dir", &d1]);
+        if out.contains("resync requested") || Instant::now() > deadline {
+            break out;
+        }
+        thread::sleep(Duration::from_millis(200));
+    };
+    assert!(
+        out.contains("resync requested") && out.contains("peer 2 is"),
+        "peer down: {out}"
+    );
+    cl.nodes[1].start();
+    let out = run_timeout(
+        Command::new(NBDMIRROR_BIN).args(["resync", "rate", "1M", "--dir", &d2]),
+        Duration::from_secs(15),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "rate on a secondary accepted");
+    assert!(stderr.contains("no peers"), "{stderr}");
+    cl.wait_in_sync(Duration::from_secs(20));
+    cl.stop_all();
+    cl.assert_replicas_identical();
+}
+
 /// A second primary for the same volume (here a copy of the primary's
 /// directory, which passes every identity check) must not take over a
 /// secondary whose primary is alive: it is refused with a logged reason, the

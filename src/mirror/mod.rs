@@ -2228,6 +2228,9 @@ impl Mirror {
                     }
                 }
             }
+            Some("rate") if self.peers.is_empty() => {
+                Err("this node has no peers to resync (it is not a primary with --peer)".into())
+            }
             Some("rate") => match words.get(1).map(|w| crate::size::parse_size(w)) {
                 Some(Ok(r)) => {
                     self.cfg.resync_rate = r;
