@@ -793,11 +793,7 @@ fn direct_writes_verify_and_survive_restart() {
     }
     let tmp = TempDir::new(test);
     let mut export = Export::create(&tmp, 96 * MIB);
-    if !export.kind.is_nbdmirror() {
-        eprintln!(
-            "{test}: an nbdmirror option; skipped for {}",
-            export.kind.name()
-        );
+    if !nbdmirror_only(test, "an nbdmirror option") {
         return;
     }
     export.serve_args = vec!["--direct-writes".into(), "on".into()];
@@ -885,7 +881,7 @@ fn write_zeroes_with_no_hole_keeps_the_space_allocated() {
     assert_eq!(c.flush().unwrap(), 0);
     let zero = |c: &mut MiniClient, offset: u64, flags: u16| {
         let cookie = c
-            .send_request(flags, NBD_CMD_WRITE_ZEROES, offset, 4 * MIB as u32, &[])
+            .request(flags, NBD_CMD_WRITE_ZEROES, offset, 4 * MIB as u32, &[])
             .unwrap();
         let (got, err) = c.recv_reply().unwrap();
         assert_eq!((got, err), (cookie, 0), "WRITE_ZEROES flags {flags}");
@@ -969,11 +965,7 @@ fn cpu_option_pins_the_loop_and_its_workers() {
     }
     let tmp = TempDir::new(test);
     let mut export = Export::create(&tmp, 64 * MIB);
-    if !export.kind.is_nbdmirror() {
-        eprintln!(
-            "{test}: an nbdmirror option; skipped for {}",
-            export.kind.name()
-        );
+    if !nbdmirror_only(test, "an nbdmirror option") {
         return;
     }
     let cpus = allowed_cpus();
@@ -1262,8 +1254,7 @@ fn sigterm_answers_in_flight_writes_then_exits_zero() {
 fn journal_damaged_in_the_middle_is_reported_and_leaves_no_eio() {
     use nbdmirror::store::format::RecordHeader;
     let test = "journal_damaged_in_the_middle_is_reported_and_leaves_no_eio";
-    if !ServerKind::from_env().is_nbdmirror() {
-        eprintln!("{test}: SKIP (nbdmirror's own journal)");
+    if !nbdmirror_only(test, "nbdmirror's own journal") {
         return;
     }
     let tmp = TempDir::new(test);
@@ -1741,8 +1732,7 @@ fn serves_on_a_unix_socket() {
 #[test]
 fn serves_via_systemd_socket_activation() {
     let test = "serves_via_systemd_socket_activation";
-    if !ServerKind::from_env().is_nbdmirror() {
-        eprintln!("{test}: SKIP (nbdmirror's own activation path)");
+    if !nbdmirror_only(test, "nbdmirror's own activation path") {
         return;
     }
     if !require_tools(test, &["nbdcopy"]) {
@@ -1786,8 +1776,7 @@ fn serves_via_systemd_socket_activation() {
 #[test]
 fn init_larger_than_the_free_space_fails_fast_and_leaves_nothing() {
     let test = "init_larger_than_the_free_space_fails_fast_and_leaves_nothing";
-    if !ServerKind::from_env().is_nbdmirror() {
-        eprintln!("{test}: SKIP (nbdmirror's own init)");
+    if !nbdmirror_only(test, "nbdmirror's own init") {
         return;
     }
     let tmp = TempDir::new(test);
@@ -1827,8 +1816,7 @@ fn init_larger_than_the_free_space_fails_fast_and_leaves_nothing() {
 #[test]
 fn serve_refuses_contradictory_options_and_a_replica_without_meta() {
     let test = "serve_refuses_contradictory_options_and_a_replica_without_meta";
-    if !ServerKind::from_env().is_nbdmirror() {
-        eprintln!("{test}: SKIP (nbdmirror's own command line)");
+    if !nbdmirror_only(test, "nbdmirror's own command line") {
         return;
     }
     let tmp = TempDir::new(test);
@@ -1985,8 +1973,7 @@ fn stalled_handshake_is_closed() {
 #[test]
 fn unwritable_stdout_or_stderr_is_not_a_panic() {
     let test = "unwritable_stdout_or_stderr_is_not_a_panic";
-    if !ServerKind::from_env().is_nbdmirror() {
-        eprintln!("{test}: SKIP (nbdmirror's own command line)");
+    if !nbdmirror_only(test, "nbdmirror's own command line") {
         return;
     }
     let tmp = TempDir::new(test);
@@ -2072,8 +2059,7 @@ fn file_digests(dir: &Path) -> Vec<(String, u64)> {
 fn serve_refuses_damaged_or_newer_replica_and_writes_nothing() {
     use nbdmirror::store::format::{Superblock, FORMAT_VERSION, SUPERBLOCK_SLOT};
     let test = "serve_refuses_damaged_or_newer_replica_and_writes_nothing";
-    if !ServerKind::from_env().is_nbdmirror() {
-        eprintln!("{test}: SKIP (nbdmirror's own on-disk format)");
+    if !nbdmirror_only(test, "nbdmirror's own on-disk format") {
         return;
     }
     let tmp = TempDir::new(test);

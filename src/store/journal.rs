@@ -215,27 +215,13 @@ pub fn scan(
                 reason: "scanned the whole ring".into(),
             });
         }
-        let c = io.run(Op::Read {
-            fd,
-            buf: vec![0u8; RECORD_HEADER_LEN],
-            at: 0,
-            offset: pos,
-        });
+        let (buf, got) = read_at(io, fd, pos, RECORD_HEADER_LEN)?;
         let stop = |reason: String| ScanEnd {
             pos,
             next_seq: seq,
             reason,
         };
-        if c.result < 0 {
-            return Err(format!(
-                "reading the journal at {pos}: {}",
-                errno_str(-c.result)
-            ));
-        }
-        let Op::Read { buf, .. } = c.op else {
-            unreachable!()
-        };
-        if (c.result as usize) < RECORD_HEADER_LEN {
+        if got < RECORD_HEADER_LEN {
             return Ok(stop("short read at end of journal".into()));
         }
         let h = match RecordHeader::decode(&buf) {
@@ -255,34 +241,12 @@ pub fn scan(
         }
         match h.kind {
             RecordKind::Write => {
-                let len = h.length as usize;
-                let c = io.run(Op::Read {
-                    fd,
-                    buf: vec![0u8; len],
-                    at: 0,
-                    offset: pos + RECORD_HEADER_LEN as u64,
-                });
-                if c.result < 0 {
-                    return Err(format!(
-                        "reading the journal at {pos}: {}",
-                        errno_str(-c.result)
-                    ));
-                }
-                let Op::Read { buf, .. } = c.op else {
-                    unreachable!()
-                };
-                if (c.result as usize) < len || data_hash(&buf, h.seq) != h.data_hash {
+                let Some(data) = record_data(io, fd, pos, &h)? else {
                     return Ok(stop(format!(
                         "record {seq} at {pos} is torn (data checksum mismatch)"
                     )));
-                }
-                each(
-                    io,
-                    Recovered {
-                        header: h,
-                        data: buf,
-                    },
-                )?;
+                };
+                each(io, Recovered { header: h, data })?;
             }
             RecordKind::Zero | RecordKind::InPlace => each(
                 io,
@@ -338,28 +302,19 @@ pub fn stranded(
     let mut pos = stop.pos % size.max(1);
     while done < size {
         let n = CHUNK.min(size - pos).min(size - done);
-        let c = io.run(Op::Read {
-            fd,
-            buf: vec![0u8; n as usize],
-            at: 0,
-            offset: pos,
-        });
-        if c.result < 0 {
-            return Err(format!(
-                "reading the journal at {pos}: {}",
-                errno_str(-c.result)
-            ));
-        }
-        let Op::Read { buf, .. } = c.op else {
-            unreachable!()
-        };
-        let got = (c.result as usize).min(buf.len());
+        let (buf, got) = read_at(io, fd, pos, n as usize)?;
+        let got = got.min(buf.len());
         let mut at = 0usize;
         while at + RECORD_HEADER_LEN <= got {
             if &buf[at..at + 4] == RECORD_MAGIC {
                 if let Ok(h) = RecordHeader::decode(&buf[at..at + RECORD_HEADER_LEN]) {
                     if h.epoch == epoch && h.seq >= stop.next_seq {
-                        let intact = verify_data(io, fd, pos + at as u64, &h)?;
+                        // A read error here only means "not intact".
+                        let intact = h.kind != RecordKind::Write
+                            || record_data(io, fd, pos + at as u64, &h)
+                                .ok()
+                                .flatten()
+                                .is_some();
                         found.push(Stranded {
                             seq: h.seq,
                             kind: h.kind,
@@ -380,26 +335,38 @@ pub fn stranded(
     Ok(found)
 }
 
-/// Whether a Write record's data at `pos` matches its header's hash (other
-/// kinds carry no data).
-fn verify_data(io: &mut dyn Io, fd: RawFd, pos: u64, h: &RecordHeader) -> Result<bool, String> {
-    if h.kind != RecordKind::Write {
-        return Ok(true);
-    }
-    let len = h.length as usize;
+/// Read `len` bytes of the journal at `pos`: the buffer and how many bytes
+/// the read returned.
+fn read_at(io: &mut dyn Io, fd: RawFd, pos: u64, len: usize) -> Result<(Vec<u8>, usize), String> {
     let c = io.run(Op::Read {
         fd,
         buf: vec![0u8; len],
         at: 0,
-        offset: pos + RECORD_HEADER_LEN as u64,
+        offset: pos,
     });
     if c.result < 0 {
-        return Ok(false);
+        return Err(format!(
+            "reading the journal at {pos}: {}",
+            errno_str(-c.result)
+        ));
     }
     let Op::Read { buf, .. } = c.op else {
         unreachable!()
     };
-    Ok(c.result as usize == len && data_hash(&buf, h.seq) == h.data_hash)
+    Ok((buf, c.result as usize))
+}
+
+/// The data of the Write record whose header (`h`) is at `pos`, if all of
+/// it is there and matches the header's hash.
+fn record_data(
+    io: &mut dyn Io,
+    fd: RawFd,
+    pos: u64,
+    h: &RecordHeader,
+) -> Result<Option<Vec<u8>>, String> {
+    let len = h.length as usize;
+    let (buf, got) = read_at(io, fd, pos + RECORD_HEADER_LEN as u64, len)?;
+    Ok((got >= len && data_hash(&buf, h.seq) == h.data_hash).then_some(buf))
 }
 
 #[cfg(test)]

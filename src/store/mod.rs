@@ -968,10 +968,9 @@ impl Store {
                 );
                 continue;
             }
-            let pieces: Vec<(u64, u64)> = page_cache_pieces(offset, len as u64).collect();
-            w.pieces_left = pieces.len();
+            w.pieces_left = page_cache_pieces(offset, len as u64).count();
             let buf = Arc::new(buf);
-            for (off, n) in pieces {
+            for (off, n) in page_cache_pieces(offset, len as u64) {
                 let start = at + (off - offset) as usize;
                 self.submit(
                     io,

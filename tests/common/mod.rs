@@ -452,6 +452,16 @@ impl ServerKind {
 }
 
 /// Check that the server under test can be run at all (tools present).
+/// Whether the server under test is nbdmirror; if not, says that `test`
+/// is skipped because it tests `what` (something only nbdmirror has).
+pub fn nbdmirror_only(test: &str, what: &str) -> bool {
+    let kind = ServerKind::from_env();
+    if !kind.is_nbdmirror() {
+        eprintln!("SKIP {test}: {what} (server under test: {})", kind.name());
+    }
+    kind.is_nbdmirror()
+}
+
 pub fn require_server(test: &str) -> bool {
     require_tools(test, ServerKind::from_env().tools())
 }
@@ -1036,7 +1046,8 @@ impl MiniClient {
         })
     }
 
-    fn request(
+    /// Send any request without waiting for its reply; returns the cookie.
+    pub fn request(
         &mut self,
         flags: u16,
         ty: u16,
@@ -1103,18 +1114,6 @@ impl MiniClient {
     /// Send a WRITE without waiting for its reply; returns the cookie.
     pub fn send_write(&mut self, offset: u64, data: &[u8], flags: u16) -> io::Result<u64> {
         self.request(flags, NBD_CMD_WRITE, offset, data.len() as u32, data)
-    }
-
-    /// Send any request without waiting for its reply; returns the cookie.
-    pub fn send_request(
-        &mut self,
-        flags: u16,
-        ty: u16,
-        offset: u64,
-        len: u32,
-        payload: &[u8],
-    ) -> io::Result<u64> {
-        self.request(flags, ty, offset, len, payload)
     }
 
     /// Send raw bytes (e.g. half a request).
