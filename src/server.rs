@@ -299,11 +299,13 @@ impl Server {
         // The same for the peer port, and a generation file that cannot be
         // read is refused here too, before recovery writes anything.
         let mut peer_listener = None;
+        let mut admin = None;
         if let Some(m) = &config.mirror {
             mirror::generation::Generation::load(&m.dir)?;
             if let Some(a) = m.peer_listen {
                 peer_listener = Some(mirror::bind_peer_listener(&mut io, a)?);
             }
+            admin = Some(mirror::bind_admin_socket(m.admin_socket.as_deref()));
         }
         let files = replica.files();
         // Journal appends are on the reply path: do them inline (see io.rs).
@@ -336,6 +338,7 @@ impl Server {
                 &mut store,
                 &mut io,
                 peer_listener.take(),
+                admin.take(),
             )?),
             None => None,
         };

@@ -1480,6 +1480,115 @@ fn second_primary_is_refused_while_the_first_is_alive() {
     assert!(got == good, "the secondary holds the rogue's write");
 }
 
+/// Copy the files of a replica directory (not its lock or admin socket).
+fn copy_replica(from: &Path, to: &Path) {
+    fs::create_dir_all(to).unwrap();
+    for e in fs::read_dir(from).unwrap() {
+        let name = e.unwrap().file_name().to_string_lossy().to_string();
+        if ["data", "journal", "meta", "generation"].contains(&name.as_str())
+            || (name.starts_with("peer-") && name.ends_with(".bitmap"))
+        {
+            fs::copy(from.join(&name), to.join(&name)).unwrap();
+        }
+    }
+}
+
+/// Blocks the primary's dirty bitmap cannot know about: (1) a copy of the
+/// primary's directory (same identity and generation: a clone, or a restored
+/// snapshot) serves while the primary is down and writes to the secondary;
+/// (2) the secondary is re-initialised under the same node id. Either way
+/// the primary's next session sees that the secondary's session token is
+/// not the one it gave it, compares checksums and copies what differs. The
+/// old code took the peer as in sync both times and left the replicas
+/// different.
+#[test]
+fn writes_the_primary_never_saw_are_found_by_the_session_check() {
+    let test = "writes_the_primary_never_saw_are_found_by_the_session_check";
+    let _wd = Watchdog::new(test, Duration::from_secs(180));
+    let seed = test_seed(test);
+    let mut cl = Cluster::new(test, seed, Opts::new(16 * MIB, 2));
+    cl.start_all();
+    cl.wait_in_sync(Duration::from_secs(20));
+    let good = random_bytes(seed, 64 * 1024);
+    let mut p = MiniClient::connect(&cl.nodes[0].nbd_addr(), "disk").unwrap();
+    assert_eq!(p.write(MIB, &good, 1).unwrap(), 0);
+    assert_eq!(p.flush().unwrap(), 0);
+    p.disconnect();
+    cl.wait_in_sync(Duration::from_secs(20));
+    cl.nodes[0].terminate();
+
+    // (1) The copy serves while the primary is away.
+    let copy_dir = cl.tmp.join("copy");
+    copy_replica(&cl.nodes[0].dir, &copy_dir);
+    let copy_port = free_port();
+    let copy_log = cl.tmp.join("copy.stderr");
+    let mut copy = Command::new(NBDMIRROR_BIN)
+        .args(["serve", "--dir"])
+        .arg(&copy_dir)
+        .args(["--listen", &format!("127.0.0.1:{copy_port}")])
+        .args(["--peer", &format!("2=127.0.0.1:{}", cl.nodes[1].port)])
+        .arg("--secret-file")
+        .arg(&cl.secret)
+        .stderr(File::create(&copy_log).unwrap())
+        .spawn()
+        .unwrap();
+    let copy_loc = copy_dir.join("admin.sock");
+    let copy_loc = copy_loc.to_str().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let j = status_json(&["--admin-socket", copy_loc]);
+        if j.is_ok_and(|j| peer_state(&j, 2).as_deref() == Some("in_sync")) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the copy never got in sync with node 2:\n{}",
+            fs::read_to_string(&copy_log).unwrap_or_default()
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    let mut c = MiniClient::connect(&format!("127.0.0.1:{copy_port}"), "disk").unwrap();
+    let evil = vec![0xEE; 64 * 1024];
+    assert_eq!(c.write(MIB, &evil, 1).unwrap(), 0, "the copy's own write");
+    assert_eq!(
+        c.write(5 * MIB, &evil, 1).unwrap(),
+        0,
+        "the copy's own write"
+    );
+    assert_eq!(c.flush().unwrap(), 0);
+    c.disconnect();
+    send_signal(copy.id(), "TERM");
+    let _ = copy.wait();
+
+    cl.nodes[0].start();
+    let j = cl.wait_in_sync(Duration::from_secs(30));
+    eprintln!("{}", brief_status(&j));
+    let plog = cl.nodes[0].stderr();
+    assert!(
+        plog.contains("did not start"),
+        "the primary did not notice the foreign session:\n{plog}"
+    );
+    cl.stop_all();
+    cl.assert_replicas_identical();
+
+    // (2) The secondary is re-initialised (same node id and volume).
+    fs::remove_dir_all(&cl.nodes[1].dir).unwrap();
+    init_replica(&cl.nodes[1].dir, 16 * MIB, 2, Some(&cl.uuid));
+    cl.start_all();
+    let j = cl.wait_in_sync(Duration::from_secs(30));
+    eprintln!("{}", brief_status(&j));
+    cl.stop_all();
+    cl.assert_replicas_identical();
+    let mut got = vec![0u8; good.len()];
+    let mut f = File::open(cl.nodes[1].data()).unwrap();
+    std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(MIB)).unwrap();
+    f.read_exact(&mut got).unwrap();
+    assert!(
+        got == good,
+        "the secondary does not hold the primary's data"
+    );
+}
+
 /// A secondary started with `--listen` serves NBD read-only: nbdinfo shows
 /// no command that writes (as `nbdkit -r`), a WRITE gets EPERM and changes
 /// nothing, and reads return what the primary wrote.

@@ -343,7 +343,7 @@ fn version_mismatch_is_rejected() {
 
     // A responder answering with a version the initiator did not offer.
     let hello_r = Hello {
-        version: 2,
+        version: PROTOCOL_VERSION + 1,
         role: Role::Responder,
         nonce: [9; 32],
     }
@@ -353,12 +353,12 @@ fn version_mismatch_is_rejected() {
         e,
         HandshakeError::VersionMismatch {
             ours: PROTOCOL_VERSION,
-            theirs: 2
+            theirs: PROTOCOL_VERSION + 1
         }
     );
     assert_eq!(kinds, [FrameKind::Hello, FrameKind::Reject]);
 
-    // A newer initiator offering version 7 is answered with version 1.
+    // A newer initiator offering version 7 is answered with ours.
     let mut r = Handshake::new(Role::Responder, cfg(2, 2)).unwrap();
     let hello7 = Hello {
         version: 7,
@@ -370,7 +370,10 @@ fn version_mismatch_is_rejected() {
     let Some(Event::Send(b)) = r.poll_event() else {
         panic!()
     };
-    assert_eq!(Hello::decode(&b[HEADER_LEN..]).unwrap().version, 1);
+    assert_eq!(
+        Hello::decode(&b[HEADER_LEN..]).unwrap().version,
+        PROTOCOL_VERSION
+    );
 }
 
 #[test]
@@ -421,7 +424,7 @@ fn garbage_on_the_peer_port_is_refused_with_bad_magic() {
 #[test]
 fn protocol_violations_are_malformed() {
     let hello_i = Hello {
-        version: 1,
+        version: PROTOCOL_VERSION,
         role: Role::Initiator,
         nonce: [9; 32],
     }
@@ -448,7 +451,7 @@ fn protocol_violations_are_malformed() {
                 FrameKind::Hello,
                 0,
                 &Hello {
-                    version: 1,
+                    version: PROTOCOL_VERSION,
                     role: Role::Responder,
                     nonce: [9; 32],
                 }
@@ -462,7 +465,7 @@ fn protocol_violations_are_malformed() {
                 FrameKind::Hello,
                 0,
                 &Hello {
-                    version: 1,
+                    version: PROTOCOL_VERSION,
                     role: Role::Initiator,
                     nonce: [2; 32],
                 }
@@ -493,7 +496,7 @@ fn protocol_violations_are_malformed() {
 #[test]
 fn truncated_frames_wait_then_eof_ends_the_handshake() {
     let hello_i = Hello {
-        version: 1,
+        version: PROTOCOL_VERSION,
         role: Role::Initiator,
         nonce: [9; 32],
     }

@@ -11,7 +11,8 @@
 //!
 //! Layout (little-endian): a 4096-byte header — magic `NMBITMAP`, version
 //! u32 = 1, block size u32, volume uuid [16], peer node id u32, flags u32,
-//! block count u64 — then the bits, bit `b % 8` of byte `b / 8` for block
+//! block count u64, session u64 (the token of the last replication session
+//! this primary started with the peer; 0: none yet) — then the bits, bit `b % 8` of byte `b / 8` for block
 //! `b`. Flags: [`FLAG_CLEAN`] (the primary shut down cleanly; cleared while
 //! it runs) and [`FLAG_COMPARE`] (the bits are not known to be complete: the
 //! replicas' checksums must be compared first). A missing file means the
@@ -28,6 +29,7 @@ const MAGIC: &[u8; 8] = b"NMBITMAP";
 const VERSION: u32 = 1;
 const HEADER: usize = 4096;
 const FLAGS_AT: usize = 36;
+const SESSION_AT: usize = 48;
 /// The primary stopped cleanly with this bitmap up to date.
 pub const FLAG_CLEAN: u32 = 1;
 /// Compare checksums with the peer before trusting the bits.
@@ -150,6 +152,17 @@ impl DirtyBitmap {
     /// Set the header flags and write them back at once.
     pub fn set_flags(&mut self, flags: u32) -> Result<(), String> {
         self.map[FLAGS_AT..FLAGS_AT + 4].copy_from_slice(&flags.to_le_bytes());
+        self.flush()
+    }
+
+    /// The token of the last session this primary started with the peer.
+    pub fn session(&self) -> u64 {
+        u64::from_le_bytes(self.map[SESSION_AT..SESSION_AT + 8].try_into().unwrap())
+    }
+
+    /// Record (durably) the token of a session being started.
+    pub fn set_session(&mut self, token: u64) -> Result<(), String> {
+        self.map[SESSION_AT..SESSION_AT + 8].copy_from_slice(&token.to_le_bytes());
         self.flush()
     }
 

@@ -12,10 +12,18 @@
 //! - A secondary adopts its primary's `current` once it is in sync, so its
 //!   data is known to be that generation's.
 //!
-//! Layout (little-endian, 40 bytes): magic `NMGEN001`, current u64, previous
-//! u64, flags u32, reserved u32, xxh3-64 of bytes 0..32. Written whole to a
-//! temporary file, synced and renamed. A missing file is generation 0 (a
-//! replica that never served or followed anyone); a damaged one is refused.
+//! - A secondary also records the *session* token of the last primary
+//!   session it accepted records in (the primary keeps the token it gave
+//!   each peer in that peer's bitmap). A mismatch at connect means someone
+//!   else wrote to the peer since, e.g. a copy of the primary's directory
+//!   serving while the primary was away: the primary compares checksums.
+//!
+//! Layout (little-endian, 48 bytes): magic `NMGEN002`, current u64, previous
+//! u64, flags u32, reserved u32, session u64, xxh3-64 of bytes 0..40. The
+//! first format (`NMGEN001`, 40 bytes, no session, checksum at 32..40) is
+//! still read (session 0). Written whole to a temporary file, synced and
+//! renamed. A missing file is generation 0 (a replica that never served or
+//! followed anyone); a damaged one is refused.
 
 use std::fs::File;
 use std::io::Write;
@@ -23,8 +31,10 @@ use std::path::{Path, PathBuf};
 
 use xxhash_rust::xxh3::xxh3_64;
 
-const MAGIC: &[u8; 8] = b"NMGEN001";
-const LEN: usize = 40;
+const MAGIC_V1: &[u8; 8] = b"NMGEN001";
+const LEN_V1: usize = 40;
+const MAGIC: &[u8; 8] = b"NMGEN002";
+const LEN: usize = 48;
 /// This replica writes (wrote) as the primary of `current`.
 pub const FLAG_PRIMARY: u32 = 1;
 
@@ -33,6 +43,8 @@ pub struct Generation {
     pub current: u64,
     pub previous: u64,
     pub flags: u32,
+    /// The last primary session this replica accepted records in (0: none).
+    pub session: u64,
 }
 
 fn path(dir: &Path) -> PathBuf {
@@ -47,10 +59,13 @@ impl Generation {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Generation::default()),
             Err(e) => return Err(format!("cannot read {}: {e}", p.display())),
         };
-        if b.len() != LEN
-            || &b[0..8] != MAGIC
-            || xxh3_64(&b[0..32]) != u64::from_le_bytes(b[32..40].try_into().unwrap())
-        {
+        let u64_at = |at: usize| u64::from_le_bytes(b[at..at + 8].try_into().unwrap());
+        let intact = match b.len() {
+            LEN_V1 => &b[0..8] == MAGIC_V1 && xxh3_64(&b[0..32]) == u64_at(32),
+            LEN => &b[0..8] == MAGIC && xxh3_64(&b[0..40]) == u64_at(40),
+            _ => false,
+        };
+        if !intact {
             return Err(format!(
                 "{} is damaged; it says which data history this replica holds, so it is not \
                  guessed: restore it, or re-initialise this replica and let it resync",
@@ -61,6 +76,7 @@ impl Generation {
             current: u64::from_le_bytes(b[8..16].try_into().unwrap()),
             previous: u64::from_le_bytes(b[16..24].try_into().unwrap()),
             flags: u32::from_le_bytes(b[24..28].try_into().unwrap()),
+            session: if b.len() == LEN { u64_at(32) } else { 0 },
         })
     }
 
@@ -70,8 +86,9 @@ impl Generation {
         b[8..16].copy_from_slice(&self.current.to_le_bytes());
         b[16..24].copy_from_slice(&self.previous.to_le_bytes());
         b[24..28].copy_from_slice(&self.flags.to_le_bytes());
-        let sum = xxh3_64(&b[0..32]);
-        b[32..40].copy_from_slice(&sum.to_le_bytes());
+        b[32..40].copy_from_slice(&self.session.to_le_bytes());
+        let sum = xxh3_64(&b[0..40]);
+        b[40..48].copy_from_slice(&sum.to_le_bytes());
         let tmp = dir.join("generation.tmp");
         let err = |e: std::io::Error| format!("cannot write {}: {e}", tmp.display());
         let mut f = File::create(&tmp).map_err(err)?;
@@ -93,6 +110,7 @@ impl Generation {
                 current: fresh,
                 previous: 0,
                 flags: FLAG_PRIMARY,
+                session: 0,
             };
             return (g, Some(format!("starting data generation {fresh:016x}")));
         }
@@ -101,6 +119,7 @@ impl Generation {
                 current: fresh,
                 previous: self.current,
                 flags: FLAG_PRIMARY,
+                session: 0,
             };
             return (
                 g,
@@ -183,9 +202,21 @@ mod tests {
             current: 7,
             previous: 3,
             flags: FLAG_PRIMARY,
+            session: 0x5e55,
         };
         g.store(&d).unwrap();
         assert_eq!(Generation::load(&d).unwrap(), g);
+        // The first format (no session) still loads.
+        let mut v1 = vec![0u8; LEN_V1];
+        v1[0..8].copy_from_slice(MAGIC_V1);
+        v1[8..16].copy_from_slice(&7u64.to_le_bytes());
+        v1[24..28].copy_from_slice(&FLAG_PRIMARY.to_le_bytes());
+        let sum = xxh3_64(&v1[0..32]);
+        v1[32..40].copy_from_slice(&sum.to_le_bytes());
+        std::fs::write(d.join("generation"), &v1).unwrap();
+        let old = Generation::load(&d).unwrap();
+        assert_eq!((old.current, old.flags, old.session), (7, FLAG_PRIMARY, 0));
+        g.store(&d).unwrap();
         let mut b = std::fs::read(d.join("generation")).unwrap();
         b[9] ^= 1;
         std::fs::write(d.join("generation"), b).unwrap();
@@ -202,7 +233,8 @@ mod tests {
             Generation {
                 current: 10,
                 previous: 0,
-                flags: FLAG_PRIMARY
+                flags: FLAG_PRIMARY,
+                session: 0
             }
         );
         // A restarted primary keeps its generation.
@@ -212,6 +244,7 @@ mod tests {
             current: 10,
             previous: 0,
             flags: 0,
+            session: 0,
         };
         let (promoted, why) = follower.for_primary(20);
         assert_eq!(
@@ -219,7 +252,8 @@ mod tests {
             Generation {
                 current: 20,
                 previous: 10,
-                flags: FLAG_PRIMARY
+                flags: FLAG_PRIMARY,
+                session: 0
             }
         );
         assert!(why.unwrap().contains("promoted"));
@@ -236,6 +270,7 @@ mod tests {
             current: 99,
             previous: 0,
             flags: 0,
+            session: 0,
         };
         assert!(matches!(judge(&p, &other, 2), Verdict::SplitBrain(_)));
     }

@@ -331,6 +331,25 @@ fn errno_str(e: i32) -> String {
 }
 
 /// The socket a secondary accepts its primary on.
+/// The admin socket at `p` (a stale one is replaced: the caller holds the
+/// replica directory's lock). A failure is logged, not fatal: serving data
+/// matters more than the control socket.
+pub fn bind_admin_socket(p: Option<&std::path::Path>) -> Option<UnixListener> {
+    let p = p?;
+    let _ = std::fs::remove_file(p);
+    match on_unix_path(p, |q| UnixListener::bind(q)) {
+        Ok(l) => Some(l),
+        Err(e) => {
+            crate::elog!(
+                "nbdmirror: WARNING: cannot create admin socket {}: {e}; \
+                 `nbdmirror resync` will not reach this node (use --admin-socket)",
+                p.display()
+            );
+            None
+        }
+    }
+}
+
 pub fn bind_peer_listener(io: &mut dyn Io, a: SocketAddr) -> Result<OwnedFd, String> {
     io.tcp_listen(a)
         .map_err(|e| format!("cannot listen for peers on {a}: {e}"))
@@ -341,16 +360,20 @@ impl Mirror {
     /// mark what recovery replayed as dirty for every peer, bind the peer
     /// listener and the admin socket.
     pub fn new(cfg: MirrorConfig, store: &mut Store, io: &mut dyn Io) -> Result<Mirror, String> {
-        Self::with_listener(cfg, store, io, None)
+        Self::with_listener(cfg, store, io, None, None)
     }
 
-    /// As [`Mirror::new`], with the peer listener already bound (the server
-    /// binds it before recovery, so a busy port changes nothing on disk).
+    /// As [`Mirror::new`], with the peer listener and the admin socket
+    /// already bound when given (the server binds them before recovery, so
+    /// a busy port changes nothing on disk and the tool can reach a node as
+    /// soon as it listens). `admin`: `Some(bound or failed)`, or `None` to
+    /// bind it here.
     pub fn with_listener(
         cfg: MirrorConfig,
         store: &mut Store,
         io: &mut dyn Io,
         listener: Option<OwnedFd>,
+        admin: Option<Option<UnixListener>>,
     ) -> Result<Mirror, String> {
         let sb = store.superblock().clone();
         let t0 = io.now();
@@ -439,23 +462,9 @@ impl Mirror {
             (None, Some(a)) => Some(bind_peer_listener(io, a)?),
             (None, None) => None,
         };
-        let admin = match &cfg.admin_socket {
-            Some(p) => {
-                let _ = std::fs::remove_file(p);
-                match on_unix_path(p, |q| UnixListener::bind(q)) {
-                    Ok(l) => Some(l),
-                    Err(e) => {
-                        // Serving data matters more than the control socket.
-                        crate::elog!(
-                            "nbdmirror: WARNING: cannot create admin socket {}: {e}; \
-                             `nbdmirror resync` will not reach this node (use --admin-socket)",
-                            p.display()
-                        );
-                        None
-                    }
-                }
-            }
-            None => None,
+        let admin = match admin {
+            Some(a) => a,
+            None => bind_admin_socket(cfg.admin_socket.as_deref()),
         };
         Ok(Mirror {
             node_id: sb.node_id,
@@ -890,7 +899,8 @@ impl Mirror {
             expected_peer,
             generations: GenerationIds {
                 current: self.generation.current,
-                bitmap: 0,
+                // A secondary's session (see FrameKind::Session); 0 on a primary.
+                bitmap: self.generation.session,
                 history: [self.generation.previous, self.generation.flags as u64],
             },
             // v1 carries the disk size here (see docs/peer-protocol.md).
@@ -1244,6 +1254,7 @@ impl Mirror {
                         current: info.generations.current,
                         previous: info.generations.history[0],
                         flags: info.generations.history[1] as u32,
+                        session: info.generations.bitmap,
                     };
                     let verdict = if info.last_applied_seq != self.size {
                         Verdict::SplitBrain(format!(
@@ -1272,6 +1283,10 @@ impl Mirror {
                             }
                         }
                         Verdict::Resync => {}
+                    }
+                    if let Err(e) = self.start_session(io, i, link, theirs.session) {
+                        self.fail_peer(io, store, i, e);
+                        return;
                     }
                     let p = &mut self.peers[i];
                     p.backoff = BACKOFF_MIN;
@@ -1660,11 +1675,26 @@ impl Mirror {
                         current: g,
                         previous: self.generation.current,
                         flags: 0,
+                        session: self.generation.session,
                     };
                     next.store(&self.cfg.dir)?;
                     crate::elog!(
                         "nbdmirror: in sync with the primary: this replica now holds data generation {g:016x}"
                     );
+                    self.generation = next;
+                }
+            }
+            FrameKind::Session => {
+                // Durable before any record of the session is applied (frames
+                // are handled in order), so the token a restarted secondary
+                // reports never names a session whose writes it lacks.
+                let token = wire::decode_u64(payload, "Session")?;
+                if token != self.generation.session {
+                    let next = Generation {
+                        session: token,
+                        ..self.generation
+                    };
+                    next.store(&self.cfg.dir)?;
                     self.generation = next;
                 }
             }
@@ -1827,6 +1857,41 @@ impl Mirror {
             );
             store.read(io, rid, s, e - s, 0);
         }
+    }
+
+    /// Start a replication session with peer `i` on `link`, before any
+    /// record goes out. `theirs` is the session token the peer reported:
+    /// the one it last accepted records in. If that is not the token this
+    /// node gave it last time, another primary wrote to it since (one with
+    /// this node's identity, or the generation check would have refused
+    /// it: a copy of this replica directory that served while this node was
+    /// away), or it lost what it had (re-initialised): the dirty bitmap
+    /// does not cover those blocks, so every checksum is compared. Then a
+    /// fresh token is recorded here (durably) and sent.
+    fn start_session(
+        &mut self,
+        io: &mut dyn Io,
+        i: usize,
+        link: u64,
+        theirs: u64,
+    ) -> Result<(), String> {
+        let p = &mut self.peers[i];
+        let ours = p.bitmap.session();
+        if ours != 0 && theirs != ours && p.bitmap.flags() & FLAG_COMPARE == 0 {
+            crate::elog!(
+                "nbdmirror: peer {} ({}) last took writes in a session this node did not start                  (its session {theirs:016x}, ours {ours:016x}): another primary with this node's                  identity (a copy of this replica directory?) wrote to it, or it was                  re-initialised; comparing checksums",
+                p.node_id,
+                p.addr
+            );
+            let f = p.bitmap.flags() | FLAG_COMPARE;
+            p.bitmap.set_flags(f)?;
+        }
+        let n = nonce();
+        let token = u64::from_le_bytes(n[..8].try_into().unwrap()) | 1;
+        p.bitmap.set_session(token)?;
+        self.send_frame(link, FrameKind::Session, &[&token.to_le_bytes()]);
+        self.post_send(io, link);
+        Ok(())
     }
 
     /// Peer `i` holds exactly our data: tell it our generation (it records

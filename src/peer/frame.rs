@@ -64,6 +64,9 @@ pub enum FrameKind {
     Sums = 21,
     /// The primary's data generation, sent when a peer is in sync.
     Generation = 22,
+    /// The primary's token for the replication session it starts (sent
+    /// first after Ready); the secondary records it.
+    Session = 23,
     /// Liveness probe (opaque payload, echoed by Pong).
     Ping = 32,
     /// Answer to a Ping.
@@ -72,7 +75,7 @@ pub enum FrameKind {
 
 impl FrameKind {
     /// Every kind, in wire order.
-    pub const ALL: [FrameKind; 13] = [
+    pub const ALL: [FrameKind; 14] = [
         FrameKind::Hello,
         FrameKind::Auth,
         FrameKind::Ready,
@@ -84,6 +87,7 @@ impl FrameKind {
         FrameKind::SumsRequest,
         FrameKind::Sums,
         FrameKind::Generation,
+        FrameKind::Session,
         FrameKind::Ping,
         FrameKind::Pong,
     ];

@@ -564,7 +564,6 @@ impl Handshake {
         let h = Hello::decode(payload).map_err(HandshakeError::Message)?;
         // Version: the responder answers with the lower of the offered
         // version and its own; the initiator accepts an answer it speaks.
-        // Version 1 speaks only version 1.
         let supported = match self.role {
             Role::Responder => h.version >= PROTOCOL_VERSION,
             Role::Initiator => h.version == PROTOCOL_VERSION,

@@ -13,7 +13,8 @@ use std::fmt;
 use super::frame::FrameKind;
 
 /// Version of the peer protocol's messages (carried in Hello).
-pub const PROTOCOL_VERSION: u16 = 1;
+/// 2: the Session frame, and `gen_bitmap` carries a secondary's session.
+pub const PROTOCOL_VERSION: u16 = 2;
 /// Bytes of a Hello payload.
 pub const HELLO_LEN: usize = 36;
 /// Bytes of an identity (the part of Auth before the MAC).
