@@ -26,6 +26,7 @@ import argparse
 import atexit
 import datetime
 import json
+import mmap
 import os
 import platform
 import re
@@ -483,12 +484,42 @@ def run_throughput(args, root: str, secret: str, rep: int) -> dict:
         r1, r2 = vol.stop_all()
         res["stop_rc"] = [r1, r2]
         verify(vol, res, size)
+        res["disk_gib_s"] = disk_probe(root, size)
+        if res["disk_gib_s"]:
+            log(f"  disk probe: {size / MIB:.0f} MiB O_DIRECT + fdatasync at "
+                f"{res['disk_gib_s']:.2f} GiB/s")
     finally:
         vol.stop_all()
         res["commands"] = vol.commands
         if not args.keep:
             vol.remove()
     return res
+
+
+def disk_probe(root: str, size: int, chunk: int = 4 * MIB) -> Optional[float]:
+    """GiB/s of writing `size` bytes of random data with O_DIRECT, then fdatasync, into a new
+    file in `root`: what the disk takes at the moment. A resync is done only once its bytes are
+    durable on the secondary (which writes large records with O_DIRECT), so on loopback this is
+    its ceiling. None where O_DIRECT is refused (tmpfs)."""
+    path = os.path.join(root, "diskprobe")
+    buf = mmap.mmap(-1, chunk)  # page-aligned, as O_DIRECT needs
+    buf.write(os.urandom(chunk))
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o600)
+    except OSError:
+        return None
+    try:
+        t0 = time.monotonic()
+        done = 0
+        while done < size:
+            done += os.pwrite(fd, buf, done)
+        os.fdatasync(fd)
+        return size / GIB / (time.monotonic() - t0)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+        os.unlink(path)
 
 
 def verify(vol: Volume, res: dict, size: int) -> None:
@@ -789,6 +820,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         "resync_gib_s_wall": med(good_t, "resync_gib_s_wall"),
         "own_s": med(good_t, "own_s"), "wall_s": med(good_t, "wall_s"),
         "link_s": med(good_t, "link_s"),
+        "disk_gib_s": med([r for r in good_t if r.get("disk_gib_s")], "disk_gib_s"),
         "idle_iops": statistics.median([r["idle"]["iops"] for r in good_i]) if good_i else None,
         "during_iops": statistics.median([r["during"]["iops"] for r in good_i]) if good_i else None,
         "iops_ratio": med(good_i, "iops_ratio"),
@@ -811,13 +843,20 @@ def main(argv: Optional[list[str]] = None) -> int:
                          nb._f(r.get("wall_s"), "{:.2f}"), nb._f(r.get("resync_gib_s_wall"), "{:.2f}"),
                          nb._f(r.get("primary_cpu_pct")), nb._f(r.get("secondary_cpu_pct")),
                          nb._f(r.get("other_cpu_pct")),
-                         {True: "yes", False: "NO"}.get(r.get("identical"), "-")])
+                         {True: "yes", False: "NO"}.get(r.get("identical"), "-"),
+                         nb._f(r.get("disk_gib_s"), "{:.2f}")])
         rows.append(["median", "", nb._f(medians["link_s"], "{:.2f}"),
                      nb._f(medians["own_s"], "{:.2f}"), nb._f(medians["resync_gib_s_own"], "{:.2f}"),
                      nb._f(medians["wall_s"], "{:.2f}"), nb._f(medians["resync_gib_s_wall"], "{:.2f}"),
-                     "", "", "", ""])
+                     "", "", "", "", nb._f(medians["disk_gib_s"], "{:.2f}")])
         print(table(["rep", "dirty MiB", "link up s", "own s", "own GiB/s", "wall s",
-                     "wall GiB/s", "prim CPU%", "sec CPU%", "other CPU%", "identical"], rows))
+                     "wall GiB/s", "prim CPU%", "sec CPU%", "other CPU%", "identical",
+                     "disk GiB/s"], rows))
+        if medians["disk_gib_s"] and medians["resync_gib_s_own"]:
+            print(f"disk GiB/s = the same bytes written with O_DIRECT + fdatasync by this script "
+                  f"right after each rep: the disk's pace, and a durable resync's ceiling. "
+                  f"Resync (own) / disk: "
+                  f"{medians['resync_gib_s_own'] / medians['disk_gib_s']:.2f}x")
     if "iops" in tests:
         print(f"\nclient IOPS during a resync capped at {args.rate}: fio randwrite 4k QD32, "
               f"{args.runtime}s (+{nb.RAMP_TIME}s ramp), disk {nb.fmt_size(disk_i)}, "

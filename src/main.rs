@@ -39,8 +39,8 @@ enum Cmd {
         /// Journal ring size (default: size/8, between 16 MiB and 1 GiB).
         #[arg(long, value_parser = parse_size)]
         journal_size: Option<u64>,
-        /// This node's id within its volume.
-        #[arg(long, default_value_t = 1)]
+        /// This node's id within its volume (1 or more; each node its own).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
         node_id: u32,
         /// Join an existing volume (its uuid, as `init` or `info` printed it)
         /// instead of creating a new one.
@@ -219,7 +219,11 @@ fn parse_peer(s: &str) -> Result<(u32, SocketAddr), String> {
     let (id, addr) = s
         .split_once('=')
         .ok_or_else(|| format!("{s:?}: expected ID=HOST:PORT, e.g. 2=10.0.0.2:10810"))?;
-    let id: u32 = id.parse().map_err(|_| format!("{id:?} is not a node id"))?;
+    let id: u32 = id
+        .parse()
+        .ok()
+        .filter(|&n| n > 0)
+        .ok_or_else(|| format!("{id:?} is not a node id (a number, 1 or more)"))?;
     let addr = std::net::ToSocketAddrs::to_socket_addrs(addr)
         .map_err(|e| format!("{addr:?}: {e}"))?
         .next()

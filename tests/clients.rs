@@ -1808,6 +1808,60 @@ fn init_larger_than_the_free_space_fails_fast_and_leaves_nothing() {
     assert!(!fresh.exists(), "{} left behind", fresh.display());
 }
 
+/// `init` arguments no volume can have are refused with a message naming
+/// the problem, and create nothing: node id 0, the nil volume uuid, a size
+/// that is not a whole number of bytes. A fractional size that is whole
+/// ("1.5M") is taken.
+#[test]
+fn init_refuses_impossible_identities_and_sizes() {
+    let test = "init_refuses_impossible_identities_and_sizes";
+    if !nbdmirror_only(test, "nbdmirror's own init") {
+        return;
+    }
+    let tmp = TempDir::new(test);
+    let dir = tmp.join("replica");
+    let cases: [(&[&str], &str); 4] = [
+        (&["--size", "16M", "--node-id", "0"], "0 is not in 1.."),
+        (
+            &[
+                "--size",
+                "16M",
+                "--volume-uuid",
+                "00000000-0000-0000-0000-000000000000",
+            ],
+            "nil uuid",
+        ),
+        (&["--size", "1.1k"], "not a whole number of bytes"),
+        (&["--size", "1.5Q"], "unknown size suffix"),
+    ];
+    for (args, expect) in cases {
+        let out = run_timeout(
+            Command::new(NBDMIRROR_BIN)
+                .args(["init", "--dir"])
+                .arg(&dir)
+                .args(args),
+            Duration::from_secs(30),
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "init {args:?} succeeded");
+        assert!(stderr.contains(expect), "init {args:?}: {stderr}");
+        assert!(!dir.exists(), "init {args:?} left {}", dir.display());
+    }
+    let out = run_timeout(
+        Command::new(NBDMIRROR_BIN)
+            .args(["init", "--dir"])
+            .arg(&dir)
+            .args(["--size", "16.5M", "--journal-size", "16M"]),
+        Duration::from_secs(30),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(fs::metadata(dir.join("data")).unwrap().len(), 33 << 19);
+}
+
 /// Command lines that cannot be right are refused before anything is
 /// touched: `--peer-listen` without `--role secondary` (it used to promote
 /// the node and serve read-write), the same peer id twice, and a replica

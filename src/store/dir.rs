@@ -85,7 +85,6 @@ pub fn format_uuid(u: &[u8; 16]) -> String {
     )
 }
 
-/// Create a new replica directory for a disk of `size` bytes.
 /// Parse a volume uuid as printed by [`format_uuid`] (dashes optional).
 pub fn parse_uuid(s: &str) -> Result<[u8; 16], String> {
     let hex: String = s.chars().filter(|&c| c != '-').collect();
@@ -97,6 +96,12 @@ pub fn parse_uuid(s: &str) -> Result<[u8; 16], String> {
     let mut u = [0u8; 16];
     for (i, b) in u.iter_mut().enumerate() {
         *b = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap();
+    }
+    if u == [0; 16] {
+        return Err(format!(
+            "{s:?} is the nil uuid, which no volume has; give the uuid `nbdmirror init` or \
+             `nbdmirror info` printed for the volume"
+        ));
     }
     Ok(u)
 }
