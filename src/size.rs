@@ -45,7 +45,7 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     // frac / 10^digits of `mult`, exactly.
     let den = 10u128.pow(frac.len() as u32);
     let num = frac.parse::<u128>().unwrap_or(0) * mult as u128;
-    if num % den != 0 {
+    if !num.is_multiple_of(den) {
         return Err(format!(
             "{s:?} is not a whole number of bytes; give it in a smaller unit"
         ));
