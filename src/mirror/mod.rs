@@ -28,7 +28,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use crate::io::{Completion, Io, Op};
-use crate::peer::frame::encode_parts;
+use crate::peer::frame::{encode_in_place, encode_parts, HEADER_LEN};
 use crate::peer::{Config as HsConfig, Event, FrameKind, GenerationIds, Handshake, Role, Session};
 use crate::store::{Store, StoreEvent, UNKNOWN_SUM, WRITE_HEADROOM};
 use bitmap::{DirtyBitmap, BLOCK, FLAG_CLEAN, FLAG_COMPARE};
@@ -53,6 +53,8 @@ const SUB_SEND: u64 = 2;
 const RECV_BUF: usize = 1 << 20;
 /// Resync reads and sends at most this much at once.
 const RESYNC_BATCH_BLOCKS: u64 = 256;
+/// Room left in front of a resync read for the frame and record headers.
+const RESYNC_HEAD: usize = HEADER_LEN + wire::RECORD_HEADER;
 /// Resync bytes sent but not yet acknowledged, per peer.
 const RESYNC_WINDOW: u64 = 16 << 20;
 /// Acknowledged resync bytes after which a Flush is sent (bits are cleared
@@ -217,6 +219,11 @@ struct Link {
     recv_body: bool,
     send_busy: bool,
     connect_busy: bool,
+    /// Frames waiting to be sent, oldest first: closed batches of small
+    /// frames and large frames in buffers of their own (see
+    /// [`Mirror::send_frame_owned`]), all older than `out`.
+    segs: VecDeque<Vec<u8>>,
+    /// The batch small frames are appended to (the newest frames).
     out: Vec<u8>,
     spare: Vec<u8>,
     closing: bool,
@@ -324,6 +331,17 @@ fn nonce() -> [u8; 32] {
         n[0] = 1;
     }
     n
+}
+
+/// Whether `b` is all zero bytes (a word at a time, 128 bytes per step).
+fn is_zero(b: &[u8]) -> bool {
+    // SAFETY: every bit pattern is a valid u64.
+    let (head, words, tail) = unsafe { b.align_to::<u64>() };
+    head.iter().all(|&x| x == 0)
+        && tail.iter().all(|&x| x == 0)
+        && words
+            .chunks(16)
+            .all(|c| c.iter().fold(0, |a, &x| a | x) == 0)
 }
 
 fn errno_str(e: i32) -> String {
@@ -925,6 +943,7 @@ impl Mirror {
                 recv_body: false,
                 send_busy: false,
                 connect_busy: false,
+                segs: VecDeque::new(),
                 out: Vec::new(),
                 spare: Vec::new(),
                 closing: false,
@@ -975,6 +994,27 @@ impl Mirror {
         s.next_send_seq += 1;
     }
 
+    /// Send a frame whose payload is already in `buf[HEADER_LEN..]` as it
+    /// is, without copying it into the send batch (resync records: 1 MiB
+    /// read straight into a buffer with room for the headers).
+    fn send_frame_owned(&mut self, link: u64, kind: FrameKind, mut buf: Vec<u8>) {
+        let Some(l) = self.links.get_mut(&link) else {
+            return;
+        };
+        let Some(s) = l.session.as_mut() else {
+            return;
+        };
+        encode_in_place(kind, s.next_send_seq, &mut buf);
+        s.next_send_seq += 1;
+        if !l.out.is_empty() {
+            let mut fresh = std::mem::take(&mut l.spare);
+            fresh.clear();
+            let older = std::mem::replace(&mut l.out, fresh);
+            l.segs.push_back(older);
+        }
+        l.segs.push_back(buf);
+    }
+
     /// Queue a link for sending: frames produced while one batch of
     /// completions is handled go out together in one send per link
     /// ([`Mirror::flush_sends`], called by the loop after each batch).
@@ -998,12 +1038,21 @@ impl Mirror {
         let Some(l) = self.links.get_mut(&link) else {
             return;
         };
-        if l.send_busy || l.out.is_empty() || (l.closing && !l.close_after_send) {
+        if l.send_busy
+            || (l.out.is_empty() && l.segs.is_empty())
+            || (l.closing && !l.close_after_send)
+        {
             return;
         }
-        let mut buf = std::mem::take(&mut l.spare);
-        buf.clear();
-        std::mem::swap(&mut buf, &mut l.out);
+        let buf = match l.segs.pop_front() {
+            Some(b) => b,
+            None => {
+                let mut buf = std::mem::take(&mut l.spare);
+                buf.clear();
+                std::mem::swap(&mut buf, &mut l.out);
+                buf
+            }
+        };
         l.send_busy = true;
         l.last_tx = self.t;
         io.submit(
@@ -1063,7 +1112,7 @@ impl Mirror {
             return;
         };
         l.closing = true;
-        if l.close_after_send && (l.send_busy || !l.out.is_empty()) {
+        if l.close_after_send && (l.send_busy || !l.out.is_empty() || !l.segs.is_empty()) {
             // A Reject is on its way out; `sent` closes after it.
             return;
         }
@@ -1502,6 +1551,7 @@ impl Mirror {
             l.send_busy = false;
             l.spare = buf;
             l.out.clear();
+            l.segs.clear();
             if l.close_after_send {
                 l.close_after_send = false;
                 self.close_link(io, link);
@@ -1520,8 +1570,11 @@ impl Mirror {
             return;
         }
         l.send_busy = false;
-        l.spare = buf;
-        if l.out.is_empty() && l.close_after_send {
+        // A large frame's own buffer is not kept as the spare batch buffer.
+        if buf.capacity() <= RECV_BUF || l.spare.capacity() == 0 {
+            l.spare = buf;
+        }
+        if l.out.is_empty() && l.segs.is_empty() && l.close_after_send {
             l.close_after_send = false;
             self.close_link(io, link);
             return;
@@ -1855,7 +1908,7 @@ impl Mirror {
                     n,
                 },
             );
-            store.read(io, rid, s, e - s, 0);
+            store.read(io, rid, s, e - s, RESYNC_HEAD);
         }
     }
 
@@ -2023,13 +2076,14 @@ impl Mirror {
         let i = rr.peer;
         let live = self.peers[i].epoch == rr.epoch && self.peers[i].streaming();
         match r {
-            Ok(buf) if live => {
+            Ok(mut buf) if live => {
                 let link = self.peers[i].link.unwrap();
-                let zero = buf.iter().all(|&b| b == 0);
+                let len = buf.len() - RESYNC_HEAD;
+                let zero = is_zero(&buf[RESYNC_HEAD..]);
                 let hdr = RecordHeader {
                     id: rid,
                     offset: s,
-                    length: buf.len() as u32,
+                    length: len as u32,
                     kind: if zero {
                         wire::KIND_ZERO
                     } else {
@@ -2037,10 +2091,14 @@ impl Mirror {
                     },
                     flags: wire::FLAG_RESYNC | if zero { wire::FLAG_NO_HOLE } else { 0 },
                 };
-                let data: &[u8] = if zero { &[] } else { &buf };
-                self.send_frame(link, FrameKind::Record, &[&hdr.encode(), data]);
+                if zero {
+                    self.send_frame(link, FrameKind::Record, &[&hdr.encode()]);
+                } else {
+                    buf[HEADER_LEN..RESYNC_HEAD].copy_from_slice(&hdr.encode());
+                    self.send_frame_owned(link, FrameKind::Record, buf);
+                }
                 let p = &mut self.peers[i];
-                p.sent_bytes += buf.len() as u64;
+                p.sent_bytes += len as u64;
                 p.outstanding.insert(
                     rid,
                     Out::Resync {
@@ -2454,6 +2512,27 @@ fn peer_name(fd: RawFd) -> String {
                 format!("[{ip}]:{}", u16::from_be(a.sin6_port))
             }
             _ => "a local socket".into(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_zero;
+
+    #[test]
+    fn is_zero_checks_every_byte_at_any_alignment() {
+        let mut b = vec![0u8; 4096 + 64];
+        for start in 0..9 {
+            for len in [0, 1, 7, 8, 127, 128, 129, 4096] {
+                let s = &mut b[start..start + len];
+                assert!(is_zero(s));
+                for k in 0..len {
+                    s[k] = 1;
+                    assert!(!is_zero(s), "start {start} len {len} byte {k}");
+                    s[k] = 0;
+                }
+            }
         }
     }
 }

@@ -248,6 +248,29 @@ pub fn encode(kind: FrameKind, seq: u64, payload: &[u8], out: &mut Vec<u8>) {
 /// # Panics
 /// As [`encode`].
 pub fn encode_parts(kind: FrameKind, seq: u64, parts: &[&[u8]], out: &mut Vec<u8>) {
+    let h = header(kind, seq, parts);
+    let len: usize = parts.iter().map(|p| p.len()).sum();
+    out.reserve(HEADER_LEN + len);
+    out.extend_from_slice(&h);
+    for p in parts {
+        out.extend_from_slice(p);
+    }
+}
+
+/// Make `buf` one frame: its payload is already at `buf[HEADER_LEN..]`, and
+/// the header is written into `buf[..HEADER_LEN]`. For a large payload read
+/// straight into a buffer with room for the header, so it is sent as it is
+/// instead of being copied into a send buffer.
+///
+/// # Panics
+/// If `buf` is shorter than a header, or as [`encode`].
+pub fn encode_in_place(kind: FrameKind, seq: u64, buf: &mut [u8]) {
+    let (h, payload) = buf.split_at_mut(HEADER_LEN);
+    h.copy_from_slice(&header(kind, seq, &[payload]));
+}
+
+/// The header of a frame whose payload is the concatenation of `parts`.
+fn header(kind: FrameKind, seq: u64, parts: &[&[u8]]) -> [u8; HEADER_LEN] {
     let len: usize = parts.iter().map(|p| p.len()).sum();
     assert!(
         len <= MAX_PAYLOAD,
@@ -273,11 +296,7 @@ pub fn encode_parts(kind: FrameKind, seq: u64, parts: &[&[u8]], out: &mut Vec<u8
         }
     };
     h[24..32].copy_from_slice(&sum.to_le_bytes());
-    out.reserve(HEADER_LEN + len);
-    out.extend_from_slice(&h);
-    for p in parts {
-        out.extend_from_slice(p);
-    }
+    h
 }
 
 /// Incremental frame decoder: [`push`](Self::push) received bytes, then
