@@ -289,7 +289,13 @@ fn admin_call(a: &AdminArgs, line: &str) -> Result<serde_json::Value, String> {
     let mut reply = String::new();
     std::io::BufReader::new(s)
         .read_line(&mut reply)
-        .map_err(|e| format!("no answer from {}: {e}", path.display()))?;
+        .map_err(|e| {
+            format!(
+                "no answer from {} within 10 s: {e} (a node answers once it has recovered its \
+                 journal at start; try again, and see its log)",
+                path.display()
+            )
+        })?;
     let v: serde_json::Value = serde_json::from_str(reply.trim())
         .map_err(|e| format!("unreadable answer from {}: {e}", path.display()))?;
     if v.get("ok") == Some(&serde_json::Value::Bool(false)) {

@@ -191,6 +191,9 @@ struct Peer {
     /// requests in flight (id -> first block, count).
     compare: Option<Compare>,
     compared_diff: u64,
+    /// The token of the session just started, recorded in the bitmap once
+    /// the peer answers anything (it has stored the token by then).
+    pending_session: Option<u64>,
     resync_started: Instant,
     /// Dirty bytes when the current resync began.
     total: u64,
@@ -463,6 +466,7 @@ impl Mirror {
                 unflushed_counter: 0,
                 compare: None,
                 compared_diff: 0,
+                pending_session: None,
                 resync_started: t0,
                 flush_in_flight: false,
                 last_resync_flush: t0,
@@ -880,6 +884,7 @@ impl Mirror {
         p.acked_bytes = 0;
         p.flush_in_flight = false;
         p.compare = None;
+        p.pending_session = None;
         for (_, off, len) in p.unflushed.drain(..) {
             p.bitmap.set_range(off, len);
         }
@@ -1596,6 +1601,13 @@ impl Mirror {
         kind: FrameKind,
         payload: &[u8],
     ) -> Result<(), String> {
+        if kind != FrameKind::Reject {
+            // The peer handles frames in order and stores the session token
+            // before the next one: any answer means it has it.
+            if let Some(token) = self.peers[i].pending_session.take() {
+                self.peers[i].bitmap.set_session(token)?;
+            }
+        }
         match kind {
             FrameKind::Ack => {
                 let (id, errno) = wire::decode_answer(payload)?;
@@ -1920,7 +1932,9 @@ impl Mirror {
     /// it: a copy of this replica directory that served while this node was
     /// away), or it lost what it had (re-initialised): the dirty bitmap
     /// does not cover those blocks, so every checksum is compared. Then a
-    /// fresh token is recorded here (durably) and sent.
+    /// fresh token is sent; it is recorded here (durably) only once the
+    /// peer answers, when it has stored it too: a session the peer refused
+    /// (Busy) or lost before taking it must not look foreign next time.
     fn start_session(
         &mut self,
         io: &mut dyn Io,
@@ -1930,9 +1944,12 @@ impl Mirror {
     ) -> Result<(), String> {
         let p = &mut self.peers[i];
         let ours = p.bitmap.session();
-        if ours != 0 && theirs != ours && p.bitmap.flags() & FLAG_COMPARE == 0 {
+        if theirs != ours && p.bitmap.flags() & FLAG_COMPARE == 0 {
             crate::elog!(
-                "nbdmirror: peer {} ({}) last took writes in a session this node did not start                  (its session {theirs:016x}, ours {ours:016x}): another primary with this node's                  identity (a copy of this replica directory?) wrote to it, or it was                  re-initialised; comparing checksums",
+                "nbdmirror: peer {} ({}) last took writes in a session this node did not start \
+                 (its session {theirs:016x}, ours {ours:016x}): another primary with this node's \
+                 identity (a copy of this replica directory?) wrote to it, or it was \
+                 re-initialised; comparing checksums",
                 p.node_id,
                 p.addr
             );
@@ -1941,7 +1958,7 @@ impl Mirror {
         }
         let n = nonce();
         let token = u64::from_le_bytes(n[..8].try_into().unwrap()) | 1;
-        p.bitmap.set_session(token)?;
+        p.pending_session = Some(token);
         self.send_frame(link, FrameKind::Session, &[&token.to_le_bytes()]);
         self.post_send(io, link);
         Ok(())
