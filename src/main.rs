@@ -55,9 +55,10 @@ enum Cmd {
         /// Create the replica with this size first if the directory holds none.
         #[arg(long, value_parser = parse_size)]
         size: Option<u64>,
-        /// TCP address to listen on (repeatable). Default 127.0.0.1:10809
+        /// TCP address to listen on, HOST:PORT (repeatable; a host name is
+        /// resolved, its first address used). Default 127.0.0.1:10809
         /// unless --unix is given or systemd passed sockets.
-        #[arg(long)]
+        #[arg(long, value_parser = parse_addr)]
         listen: Vec<SocketAddr>,
         /// Unix socket path to listen on.
         #[arg(long)]
@@ -82,8 +83,8 @@ enum Cmd {
         /// (primary, repeatable) A secondary to mirror every write to: ID=HOST:PORT.
         #[arg(long, value_parser = parse_peer)]
         peer: Vec<(u32, SocketAddr)>,
-        /// (secondary) Address to accept the replication stream on.
-        #[arg(long)]
+        /// (secondary) Address to accept the replication stream on, HOST:PORT.
+        #[arg(long, value_parser = parse_addr)]
         peer_listen: Option<SocketAddr>,
         /// File holding the volume's shared secret (at least 16 bytes; a
         /// trailing newline is ignored). Needed with --peer or --peer-listen.
@@ -224,11 +225,22 @@ fn parse_peer(s: &str) -> Result<(u32, SocketAddr), String> {
         .ok()
         .filter(|&n| n > 0)
         .ok_or_else(|| format!("{id:?} is not a node id (a number, 1 or more)"))?;
-    let addr = std::net::ToSocketAddrs::to_socket_addrs(addr)
-        .map_err(|e| format!("{addr:?}: {e}"))?
+    Ok((id, parse_addr(addr)?))
+}
+
+/// HOST:PORT (an IP address or a name, resolved here; `[v6]:PORT` for IPv6)
+/// to the first address it resolves to.
+fn parse_addr(s: &str) -> Result<SocketAddr, String> {
+    if let Ok(a) = s.parse() {
+        return Ok(a);
+    }
+    if !s.contains(':') {
+        return Err(format!("{s:?}: expected HOST:PORT, e.g. 127.0.0.1:10809"));
+    }
+    std::net::ToSocketAddrs::to_socket_addrs(s)
+        .map_err(|e| format!("{s:?}: {e}"))?
         .next()
-        .ok_or_else(|| format!("{addr:?} resolves to no address"))?;
-    Ok((id, addr))
+        .ok_or_else(|| format!("{s:?} resolves to no address"))
 }
 
 fn read_secret(path: &std::path::Path) -> Result<Vec<u8>, String> {

@@ -1862,6 +1862,67 @@ fn init_refuses_impossible_identities_and_sizes() {
     assert_eq!(fs::metadata(dir.join("data")).unwrap().len(), 33 << 19);
 }
 
+/// `--listen` takes a host name as nbdkit and qemu-nbd do (`localhost:PORT`
+/// serves on what the name resolves to, as the log line says), and a value
+/// without a port is refused with an example.
+#[test]
+fn listen_accepts_a_host_name() {
+    let test = "listen_accepts_a_host_name";
+    if !nbdmirror_only(test, "nbdmirror's own options") {
+        return;
+    }
+    let tmp = TempDir::new(test);
+    let dir = tmp.join("replica");
+    run_ok(
+        Command::new(NBDMIRROR_BIN)
+            .args(["init", "--dir"])
+            .arg(&dir)
+            .args(["--size", "16M", "--journal-size", "16M"]),
+    );
+    let out = run_timeout(
+        Command::new(NBDMIRROR_BIN)
+            .args(["serve", "--dir"])
+            .arg(&dir)
+            .args(["--listen", "127.0.0.1"]),
+        Duration::from_secs(10),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "a listen address without a port was taken"
+    );
+    assert!(stderr.contains("expected HOST:PORT"), "{stderr}");
+
+    let port = free_port();
+    let log = tmp.join("serve.stderr");
+    let mut child = Command::new(NBDMIRROR_BIN)
+        .args(["serve", "--dir"])
+        .arg(&dir)
+        .args(["--listen", &format!("localhost:{port}")])
+        .stderr(fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let addr = loop {
+        let text = fs::read_to_string(&log).unwrap_or_default();
+        if let Some(rest) = text.split("on nbd://").nth(1) {
+            break rest.split('/').next().unwrap().to_string();
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("serve --listen localhost:{port} did not start:\n{text}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(addr.ends_with(&format!(":{port}")), "{addr}");
+    let mut c = MiniClient::connect(&addr, "disk").unwrap();
+    assert_eq!(c.write(0, &[7u8; 4096], 0).unwrap(), 0);
+    assert_eq!(c.read(0, 4096).unwrap(), vec![7u8; 4096]);
+    c.disconnect();
+    send_signal(child.id(), "TERM");
+    assert!(child.wait().unwrap().success());
+}
+
 /// Command lines that cannot be right are refused before anything is
 /// touched: `--peer-listen` without `--role secondary` (it used to promote
 /// the node and serve read-write), the same peer id twice, and a replica
