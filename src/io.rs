@@ -489,20 +489,10 @@ impl UringIo {
 
 impl Io for UringIo {
     fn submit(&mut self, token: u64, op: Op) {
-        if !self.inline_write_fds.is_empty() {
-            if let Op::Write {
-                fd,
-                buf,
-                start,
-                end,
-                offset,
-            } = &op
-            {
-                if self.inline_write_fds.contains(fd) {
-                    let _ = (buf, start, end, offset);
-                    self.inline.push((token, op));
-                    return;
-                }
+        if let Op::Write { fd, .. } = &op {
+            if self.inline_write_fds.contains(fd) {
+                self.inline.push((token, op));
+                return;
             }
         }
         let idx = match self.free.pop() {

@@ -20,6 +20,13 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
+/// `nbdmirror init --dir DIR ARGS...`, to run.
+fn init_cmd(dir: &Path, args: &[&str]) -> Command {
+    let mut c = Command::new(NBDMIRROR_BIN);
+    c.args(["init", "--dir"]).arg(dir).args(args);
+    c
+}
+
 /// Start a server on a fresh export of `size` bytes, after checking that the
 /// server and the listed client tools are present.
 fn setup(test: &str, size: u64, tools: &[&str]) -> Option<(TempDir, Export, Server)> {
@@ -1740,12 +1747,7 @@ fn serves_via_systemd_socket_activation() {
     }
     let tmp = TempDir::new(test);
     let replica = tmp.join("replica");
-    run_ok(
-        Command::new(NBDMIRROR_BIN)
-            .args(["init", "--dir"])
-            .arg(&replica)
-            .args(["--size", "8M"]),
-    );
+    run_ok(&mut init_cmd(&replica, &["--size", "8M"]));
     let input = tmp.join("in.img");
     write_random_file(&input, 8 * MIB, 41, &[]);
     let server = |cmd: &mut Command| {
@@ -1786,10 +1788,7 @@ fn init_larger_than_the_free_space_fails_fast_and_leaves_nothing() {
     for dir in [&existing, &fresh] {
         let started = std::time::Instant::now();
         let out = run_timeout(
-            Command::new(NBDMIRROR_BIN)
-                .args(["init", "--dir"])
-                .arg(dir)
-                .args(["--size", "4096T"]),
+            &mut init_cmd(dir, &["--size", "4096T"]),
             Duration::from_secs(60),
         );
         let stderr = String::from_utf8_lossy(&out.stderr);
@@ -1835,23 +1834,14 @@ fn init_refuses_impossible_identities_and_sizes() {
         (&["--size", "1.5Q"], "unknown size suffix"),
     ];
     for (args, expect) in cases {
-        let out = run_timeout(
-            Command::new(NBDMIRROR_BIN)
-                .args(["init", "--dir"])
-                .arg(&dir)
-                .args(args),
-            Duration::from_secs(30),
-        );
+        let out = run_timeout(&mut init_cmd(&dir, args), Duration::from_secs(30));
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "init {args:?} succeeded");
         assert!(stderr.contains(expect), "init {args:?}: {stderr}");
         assert!(!dir.exists(), "init {args:?} left {}", dir.display());
     }
     let out = run_timeout(
-        Command::new(NBDMIRROR_BIN)
-            .args(["init", "--dir"])
-            .arg(&dir)
-            .args(["--size", "16.5M", "--journal-size", "16M"]),
+        &mut init_cmd(&dir, &["--size", "16.5M", "--journal-size", "16M"]),
         Duration::from_secs(30),
     );
     assert!(
@@ -1873,12 +1863,10 @@ fn listen_accepts_a_host_name() {
     }
     let tmp = TempDir::new(test);
     let dir = tmp.join("replica");
-    run_ok(
-        Command::new(NBDMIRROR_BIN)
-            .args(["init", "--dir"])
-            .arg(&dir)
-            .args(["--size", "16M", "--journal-size", "16M"]),
-    );
+    run_ok(&mut init_cmd(
+        &dir,
+        &["--size", "16M", "--journal-size", "16M"],
+    ));
     let out = run_timeout(
         Command::new(NBDMIRROR_BIN)
             .args(["serve", "--dir"])
@@ -1936,12 +1924,7 @@ fn serve_refuses_contradictory_options_and_a_replica_without_meta() {
     }
     let tmp = TempDir::new(test);
     let dir = tmp.join("replica");
-    run_ok(
-        Command::new(NBDMIRROR_BIN)
-            .args(["init", "--dir"])
-            .arg(&dir)
-            .args(["--size", "4M"]),
-    );
+    run_ok(&mut init_cmd(&dir, &["--size", "4M"]));
     let secret = tmp.join("secret");
     fs::write(&secret, "0123456789abcdef0123456789abcdef\n").unwrap();
     let port = || format!("127.0.0.1:{}", free_port());
@@ -2032,10 +2015,7 @@ fn serve_refuses_contradictory_options_and_a_replica_without_meta() {
         "refusing to overwrite",
     );
     let out = run_timeout(
-        Command::new(NBDMIRROR_BIN)
-            .args(["init", "--dir"])
-            .arg(&dir)
-            .args(["--size", "4M"]),
+        &mut init_cmd(&dir, &["--size", "4M"]),
         Duration::from_secs(30),
     );
     assert!(!out.status.success(), "init over a data file succeeded");
@@ -2093,12 +2073,7 @@ fn unwritable_stdout_or_stderr_is_not_a_panic() {
     }
     let tmp = TempDir::new(test);
     let dir = tmp.join("replica");
-    run_ok(
-        Command::new(NBDMIRROR_BIN)
-            .args(["init", "--dir"])
-            .arg(&dir)
-            .args(["--size", "4M"]),
-    );
+    run_ok(&mut init_cmd(&dir, &["--size", "4M"]));
     let out = run_timeout(
         Command::new("sh").arg("-c").arg(format!(
             "'{}' info --dir '{}' | head -c 1 >/dev/null",
@@ -2180,12 +2155,7 @@ fn serve_refuses_damaged_or_newer_replica_and_writes_nothing() {
     let tmp = TempDir::new(test);
     for case in ["damaged", "newer"] {
         let dir = tmp.join(case);
-        run_ok(
-            Command::new(NBDMIRROR_BIN)
-                .args(["init", "--dir"])
-                .arg(&dir)
-                .args(["--size", "4M"]),
-        );
+        run_ok(&mut init_cmd(&dir, &["--size", "4M"]));
         let meta = dir.join("meta");
         let mut bytes = fs::read(&meta).unwrap();
         let slot = SUPERBLOCK_SLOT as usize;

@@ -462,6 +462,14 @@ impl Cluster {
         Self::with_secondary_host(test, seed, o, "127.0.0.1", &[])
     }
 
+    /// A 16 MiB primary and one secondary, started and in sync.
+    fn in_sync_pair(test: &str, seed: u64) -> Cluster {
+        let mut cl = Cluster::new(test, seed, Opts::new(16 * MIB, 2));
+        cl.start_all();
+        cl.wait_in_sync(Duration::from_secs(20));
+        cl
+    }
+
     /// As `new`, with the secondaries listening on `host` and started with
     /// command prefix `prefix` (for a network namespace).
     fn with_secondary_host(
@@ -1357,9 +1365,7 @@ fn resync_tool_says_when_the_peer_is_down_and_refuses_rate_without_peers() {
     let test = "resync_tool_says_when_the_peer_is_down_and_refuses_rate_without_peers";
     let _wd = Watchdog::new(test, Duration::from_secs(120));
     let seed = test_seed(test);
-    let mut cl = Cluster::new(test, seed, Opts::new(16 * MIB, 2));
-    cl.start_all();
-    cl.wait_in_sync(Duration::from_secs(20));
+    let mut cl = Cluster::in_sync_pair(test, seed);
     let d1 = cl.nodes[0].dir.display().to_string();
     let d2 = cl.nodes[1].dir.display().to_string();
     let out = resync_cmd(&["start", "--dir", &d1]);
@@ -1402,9 +1408,7 @@ fn second_primary_is_refused_while_the_first_is_alive() {
     let test = "second_primary_is_refused_while_the_first_is_alive";
     let _wd = Watchdog::new(test, Duration::from_secs(120));
     let seed = test_seed(test);
-    let mut cl = Cluster::new(test, seed, Opts::new(16 * MIB, 2));
-    cl.start_all();
-    cl.wait_in_sync(Duration::from_secs(20));
+    let mut cl = Cluster::in_sync_pair(test, seed);
     let good = random_bytes(seed, 64 * 1024);
     let mut p = MiniClient::connect(&cl.nodes[0].nbd_addr(), "disk").unwrap();
     assert_eq!(p.write(MIB, &good, 1).unwrap(), 0);
@@ -1506,9 +1510,7 @@ fn writes_the_primary_never_saw_are_found_by_the_session_check() {
     let test = "writes_the_primary_never_saw_are_found_by_the_session_check";
     let _wd = Watchdog::new(test, Duration::from_secs(180));
     let seed = test_seed(test);
-    let mut cl = Cluster::new(test, seed, Opts::new(16 * MIB, 2));
-    cl.start_all();
-    cl.wait_in_sync(Duration::from_secs(20));
+    let mut cl = Cluster::in_sync_pair(test, seed);
     let good = random_bytes(seed, 64 * 1024);
     let mut p = MiniClient::connect(&cl.nodes[0].nbd_addr(), "disk").unwrap();
     assert_eq!(p.write(MIB, &good, 1).unwrap(), 0);

@@ -336,17 +336,6 @@ fn nonce() -> [u8; 32] {
     n
 }
 
-/// Whether `b` is all zero bytes (a word at a time, 128 bytes per step).
-fn is_zero(b: &[u8]) -> bool {
-    // SAFETY: every bit pattern is a valid u64.
-    let (head, words, tail) = unsafe { b.align_to::<u64>() };
-    head.iter().all(|&x| x == 0)
-        && tail.iter().all(|&x| x == 0)
-        && words
-            .chunks(16)
-            .all(|c| c.iter().fold(0, |a, &x| a | x) == 0)
-}
-
 fn errno_str(e: i32) -> String {
     std::io::Error::from_raw_os_error(e).to_string()
 }
@@ -2096,7 +2085,7 @@ impl Mirror {
             Ok(mut buf) if live => {
                 let link = self.peers[i].link.unwrap();
                 let len = buf.len() - RESYNC_HEAD;
-                let zero = is_zero(&buf[RESYNC_HEAD..]);
+                let zero = crate::store::checksum::is_zero(&buf[RESYNC_HEAD..]);
                 let hdr = RecordHeader {
                     id: rid,
                     offset: s,
@@ -2529,27 +2518,6 @@ fn peer_name(fd: RawFd) -> String {
                 format!("[{ip}]:{}", u16::from_be(a.sin6_port))
             }
             _ => "a local socket".into(),
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::is_zero;
-
-    #[test]
-    fn is_zero_checks_every_byte_at_any_alignment() {
-        let mut b = vec![0u8; 4096 + 64];
-        for start in 0..9 {
-            for len in [0, 1, 7, 8, 127, 128, 129, 4096] {
-                let s = &mut b[start..start + len];
-                assert!(is_zero(s));
-                for k in 0..len {
-                    s[k] = 1;
-                    assert!(!is_zero(s), "start {start} len {len} byte {k}");
-                    s[k] = 0;
-                }
-            }
         }
     }
 }
