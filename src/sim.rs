@@ -515,6 +515,7 @@ impl SimIo {
                 0
             }
             Op::Timeout { .. } => -libc::ETIME,
+            Op::DropCache { .. } => 0,
             Op::Accept { .. } | Op::Recv { .. } | Op::Send { .. } | Op::Connect { .. } => {
                 -libc::EOPNOTSUPP
             }
@@ -531,6 +532,15 @@ fn write_into(img: &mut Vec<u8>, at: usize, data: &[u8]) {
 
 impl Io for SimIo {
     fn submit(&mut self, token: u64, mut op: Op) {
+        if let Op::DropCache { .. } = op {
+            // The simulated disk has no page cache: nothing to drop.
+            self.inline_done.push(Completion {
+                token,
+                result: 0,
+                op,
+            });
+            return;
+        }
         if let Op::Write { fd, .. } = &op {
             if self.inline_write_fds.contains(fd) {
                 let result = self.execute(&mut op);

@@ -47,6 +47,12 @@ pub const INTENT_REGION: u64 = 16 << 20;
 /// Granularity of the map of journaled regions that in-place writes avoid.
 const JOURNALED_CHUNK: u64 = 1 << 20;
 
+/// Granularity of the map of large page-cache folios (`Store::large_folios`).
+const FOLIO_CHUNK: u64 = 1 << 20;
+/// At most this many chunks are remembered (1 TiB of the disk); past that,
+/// large writes are not tracked and small writes after them cost more.
+const MAX_FOLIO_CHUNKS: usize = 1 << 20;
+
 /// Tokens with this bit set belong to the store.
 pub const STORE_TOKEN: u64 = 1 << 62;
 /// Largest payload one journal record carries; bigger writes are split.
@@ -283,6 +289,7 @@ enum Ctx {
     ApplyWrite,
     DataRead { read: ReqId, part: usize },
     InPlaceData { seq: u64 },
+    DropCache,
     DataSync { count: u64 },
     Checkpoint,
 }
@@ -354,6 +361,8 @@ enum CkptPhase {
 }
 
 struct Checkpoint {
+    /// Its place in start order (`Store::checkpoints_started`).
+    number: u64,
     upto: u64,
     tail: (u64, u64),
     phase: CkptPhase,
@@ -373,6 +382,9 @@ pub struct StoreStats {
     pub inplace_writes: u64,
     /// Writes held back for a checkpoint so they could go in place.
     pub deferred_writes: u64,
+    /// 1 MiB chunks of the data file whose large cached folios were dropped
+    /// before a small write (see `Store::large_folios`).
+    pub cache_drops: u64,
 }
 
 pub struct Store {
@@ -438,6 +450,22 @@ pub struct Store {
     /// may not touch them: after a crash, replay would need the older
     /// record's bytes *under* the newer in-place data, which is not knowable.
     journaled_chunks: HashMap<u64, (u64, bool)>,
+    /// 1 MiB chunks of `data` where a page-cache write longer than a block
+    /// finished, with the number of checkpoints started by then. The kernel
+    /// sizes a folio by the write that creates it (up to 64 KiB here, see
+    /// `PAGE_CACHE_PIECE`), and a small write later dirties the whole
+    /// folio: 4 KiB random writes after a sequential pass made a primary
+    /// write back 1.3 GB/s for 130 MB/s of client data (docs/design.md,
+    /// "Large folios"). Before the first small write into such a chunk,
+    /// once a checkpoint has synced the large write (its pages are clean),
+    /// the chunk's cached pages are dropped, so small writes make small
+    /// folios again. Reads that never write keep the cache. A folio dirtied
+    /// before the drop stays, so the drop is repeated once more after the
+    /// next checkpoint (the second number: drops left).
+    large_folios: HashMap<u64, (u64, u8)>,
+    /// Checkpoints started, and the number of the last one that finished.
+    checkpoints_started: u64,
+    checkpoint_synced: u64,
     /// Payload buffers the store is done with, for the caller to reuse (large
     /// buffers cost a page fault per 4 KiB and a memset when fresh).
     pub recycled: Vec<Vec<u8>>,
@@ -586,6 +614,9 @@ impl Store {
             data_synced: 0,
             data_sync_in_flight: false,
             journaled_chunks: HashMap::new(),
+            large_folios: HashMap::new(),
+            checkpoints_started: 0,
+            checkpoint_synced: 0,
             recycled: Vec::new(),
             intents: HashMap::new(),
             newest_intent: 0,
@@ -1094,6 +1125,9 @@ impl Store {
             self.stats.applied_bytes += w.len;
             self.stats.inplace_writes += 1;
             self.inplace_done += 1;
+            if !w.direct {
+                self.mark_large_folios(w.offset, w.offset + w.len);
+            }
             let owned = match buf {
                 WriteBuf::Owned(b) => Some(b),
                 WriteBuf::Shared(a) => Arc::try_unwrap(a).ok(),
@@ -1125,6 +1159,48 @@ impl Store {
             self.start_read(io, req);
         }
         self.kick(io, false);
+    }
+
+    /// A page-cache write of `[start, end)` longer than a block finished:
+    /// it may have left large folios (see `large_folios`).
+    fn mark_large_folios(&mut self, start: u64, end: u64) {
+        let mark = self.checkpoints_started;
+        for c in start / FOLIO_CHUNK..end.div_ceil(FOLIO_CHUNK) {
+            if self.large_folios.len() >= MAX_FOLIO_CHUNKS && !self.large_folios.contains_key(&c) {
+                return;
+            }
+            self.large_folios.insert(c, (mark, 2));
+        }
+    }
+
+    /// A small write into `[start, end)` is about to go through the page
+    /// cache: for every chunk there with large folios whose write a finished
+    /// checkpoint has synced, queue a drop of its cached pages (clean pages
+    /// go; a page dirtied since is only written back, and stays).
+    fn drop_large_folios(&mut self, start: u64, end: u64, out: &mut Vec<Op>) {
+        if self.large_folios.is_empty() {
+            return;
+        }
+        for c in start / FOLIO_CHUNK..end.div_ceil(FOLIO_CHUNK) {
+            match self.large_folios.get(&c) {
+                Some(&(mark, left)) if self.checkpoint_synced > mark => {
+                    if left > 1 {
+                        self.large_folios
+                            .insert(c, (self.checkpoints_started, left - 1));
+                    } else {
+                        self.large_folios.remove(&c);
+                    }
+                }
+                _ => continue,
+            }
+            self.stats.cache_drops += 1;
+            let offset = c * FOLIO_CHUNK;
+            out.push(Op::DropCache {
+                fd: self.files.data,
+                offset,
+                len: FOLIO_CHUNK.min(self.sb.size.saturating_sub(offset)),
+            });
+        }
     }
 
     /// Answer the waiters whose journal and data-file conditions now hold.
@@ -1878,6 +1954,8 @@ impl Store {
                 self.apply_op_done(io, err)
             }
             Ctx::Checkpoint => self.checkpoint_op_done(io, err),
+            // A hint; whether it worked changes no data.
+            Ctx::DropCache => {}
         }
     }
 
@@ -2055,8 +2133,12 @@ impl Store {
             ..Default::default()
         };
         let mut ops: Vec<Op> = Vec::new();
+        let mut drops: Vec<Op> = Vec::new();
         for p in &pieces {
             batch.pieces.push((p.start, p.end));
+            if p.end - p.start < PAGE_CACHE_PIECE && matches!(p.content, Content::Data { .. }) {
+                self.drop_large_folios(p.start, p.end, &mut drops);
+            }
             let first = p.start / BLOCK_SIZE;
             let end_block = p.end.div_ceil(BLOCK_SIZE);
             self.applying
@@ -2114,6 +2196,10 @@ impl Store {
         let rmw_blocks: Vec<u64> = batch.rmw.keys().copied().collect();
         batch.ops_left = ops.len() + rmw_blocks.len();
         self.apply = Some(batch);
+        // Before the writes: the backend drops at submission.
+        for op in drops {
+            self.submit(io, Ctx::DropCache, op);
+        }
         for op in ops {
             self.submit(io, Ctx::ApplyWrite, op);
         }
@@ -2234,6 +2320,9 @@ impl Store {
             }
             for (s, e) in batch.pieces {
                 self.overlay.remove_upto(s, e, batch.upto);
+                if e - s > BLOCK_SIZE {
+                    self.mark_large_folios(s, e);
+                }
             }
             self.applied_seq = batch.upto;
             self.applied_needs_durable = self.applied_needs_durable.max(batch.newest);
@@ -2282,7 +2371,9 @@ impl Store {
         self.intents.retain(|_, seq| *seq > upto);
         let tail = self.ring.tail_after(upto);
         let pages = self.sums.take_dirty_pages();
+        self.checkpoints_started += 1;
         self.checkpoint = Some(Checkpoint {
+            number: self.checkpoints_started,
             upto,
             tail,
             phase: CkptPhase::SyncData,
@@ -2387,6 +2478,7 @@ impl Store {
                 self.ring.release_upto(ck.upto);
                 self.journaled_chunks.retain(|_, (seq, _)| *seq > ck.upto);
                 self.checkpointed_seq = ck.upto;
+                self.checkpoint_synced = ck.number;
                 self.inplace_wanted = false;
                 self.stats.checkpoints += 1;
                 self.release_deferred(io);

@@ -1,0 +1,89 @@
+//! The store's page-cache hygiene on simulated I/O: a small write into a
+//! region that a large write left in the page cache (as large folios) first
+//! drops that region's cached pages, but only once a checkpoint has synced
+//! the large write, at most twice per large write, and never for regions
+//! that only small writes touched. The drop is a hint: every byte reads back
+//! as written, also after a crash.
+
+mod sim_common;
+
+use nbdmirror::store::Tuning;
+use sim_common::*;
+
+const CHUNK: u64 = 1 << 20;
+
+fn tuning(eager: bool) -> Tuning {
+    let base = if eager { eager_tuning() } else { lazy_tuning() };
+    Tuning {
+        inplace_min: 256 * 1024,
+        ..base
+    }
+}
+
+/// Write, flush, and let every sync, apply and checkpoint run.
+fn write_settled(rig: &mut Rig, model: &mut [u8], id: u64, off: u64, len: u64) {
+    let data = pattern(id, off, len);
+    rig.write_sync(off, &data, false).unwrap();
+    rig.flush_sync().unwrap();
+    for _ in 0..4 {
+        rig.st.tick(&mut rig.sim);
+        rig.pump();
+    }
+    model[off as usize..(off + len) as usize].copy_from_slice(&data);
+}
+
+#[test]
+fn small_writes_after_a_large_one_drop_its_cached_pages_twice() {
+    let size = 8 * CHUNK;
+    let mut rig = Rig::new(7, size, 4 * CHUNK, tuning(true));
+    let mut model = vec![0u8; size as usize];
+    // Two chunks written in place, one sequential pass.
+    write_settled(&mut rig, &mut model, 1, 0, 2 * CHUNK);
+    assert!(
+        rig.st.stats.inplace_writes >= 1,
+        "the large write went in place"
+    );
+    assert_eq!(rig.st.stats.cache_drops, 0, "no small write yet");
+
+    // A chunk nothing large touched: no drop.
+    write_settled(&mut rig, &mut model, 2, 5 * CHUNK + 4096, 4096);
+    assert_eq!(rig.st.stats.cache_drops, 0);
+
+    // First small write into chunk 0: dropped once; the next small write
+    // after another checkpoint drops it the second time; then never again.
+    write_settled(&mut rig, &mut model, 3, 8192, 4096);
+    assert_eq!(rig.st.stats.cache_drops, 1);
+    write_settled(&mut rig, &mut model, 4, 65536, 4096);
+    assert_eq!(rig.st.stats.cache_drops, 2);
+    write_settled(&mut rig, &mut model, 5, 128 * 1024, 4096);
+    assert_eq!(rig.st.stats.cache_drops, 2, "two drops per large write");
+
+    // Chunk 1 has its own count.
+    write_settled(&mut rig, &mut model, 6, CHUNK + 4096, 4096);
+    assert_eq!(rig.st.stats.cache_drops, 3);
+
+    // A new large write over chunk 0 starts over.
+    write_settled(&mut rig, &mut model, 7, 0, CHUNK);
+    write_settled(&mut rig, &mut model, 8, 12288, 4096);
+    assert_eq!(rig.st.stats.cache_drops, 4);
+
+    assert_eq!(rig.read_all().unwrap(), model, "reads after the drops");
+    let mut back = rig.crash_durable_only(3).unwrap();
+    assert_eq!(back.read_all().unwrap(), model, "after a crash");
+}
+
+#[test]
+fn no_drop_before_a_checkpoint_has_synced_the_large_write() {
+    let size = 4 * CHUNK;
+    // No checkpoint ever runs by itself.
+    let mut rig = Rig::new(8, size, 4 * CHUNK, tuning(false));
+    let mut model = vec![0u8; size as usize];
+    write_settled(&mut rig, &mut model, 1, 0, CHUNK);
+    write_settled(&mut rig, &mut model, 2, 4096, 4096);
+    write_settled(&mut rig, &mut model, 3, 8192, 4096);
+    assert_eq!(
+        rig.st.stats.cache_drops, 0,
+        "the large write's pages may still be dirty: dropping would only write them back"
+    );
+    assert_eq!(rig.read_all().unwrap(), model);
+}
