@@ -51,6 +51,8 @@ const SUB_RECV: u64 = 1;
 const SUB_SEND: u64 = 2;
 
 const RECV_BUF: usize = 1 << 20;
+/// The receive after a large payload (see `Link::after_body`).
+const SMALL_RECV: usize = 4096;
 /// Resync reads and sends at most this much at once.
 const RESYNC_BATCH_BLOCKS: u64 = 256;
 /// Room left in front of a resync read for the frame and record headers.
@@ -220,6 +222,12 @@ struct Link {
     /// The receive in flight fills a large payload's own buffer (taken from
     /// the frame decoder), not `rbuf`.
     recv_body: bool,
+    /// A large payload was just received into its own buffer: the next
+    /// frame is likely another, so the next receive into `rbuf` takes only
+    /// its header and a little payload; the rest lands in its own buffer
+    /// instead of being copied out of `rbuf` (6% of a secondary's CPU
+    /// during 1 MiB sequential writes).
+    after_body: bool,
     send_busy: bool,
     connect_busy: bool,
     /// Frames waiting to be sent, oldest first: closed batches of small
@@ -935,6 +943,7 @@ impl Mirror {
                 rbuf: Some(vec![0u8; RECV_BUF]),
                 recv_busy: false,
                 recv_body: false,
+                after_body: false,
                 send_busy: false,
                 connect_busy: false,
                 segs: VecDeque::new(),
@@ -1090,11 +1099,16 @@ impl Mirror {
             }
         }
         let buf = l.rbuf.take().unwrap_or_else(|| vec![0u8; RECV_BUF]);
+        let end = if std::mem::take(&mut l.after_body) {
+            SMALL_RECV.min(buf.len())
+        } else {
+            buf.len()
+        };
         io.submit(
             tok(KIND_PEER, link << 2 | SUB_RECV),
             Op::Recv {
                 fd: l.fd.as_raw_fd(),
-                end: buf.len(),
+                end,
                 buf,
                 at: 0,
             },
@@ -1450,6 +1464,7 @@ impl Mirror {
             }
             if c.result > 0 && !l.closing {
                 l.last_rx = self.t;
+                l.after_body = true;
                 self.process_frames(io, store, link);
                 self.post_recv(io, link);
                 return;
