@@ -1235,12 +1235,6 @@ def main(argv: Optional[list[str]] = None) -> int:
                                 server_info[name]["prefill_s"] = d["_wall_s"]
                                 server_info[name]["prefill_command"] = shlex.join(cmd)
                                 log(f"  prefill done in {d['_wall_s']:.1f}s")
-                                # The prefill leaves up to --size of dirty page cache (every
-                                # server's files are buffered); its writeback must not land in
-                                # the first measured job of this server only.
-                                t_sync = time.monotonic()
-                                os.sync()
-                                log(f"  sync after the prefill: {time.monotonic() - t_sync:.1f}s")
                             except Exception as e:  # noqa: BLE001
                                 log(f"  prefill failed: {e}")
                                 job_errors[(job.name, name)] = f"prefill failed: {e}"
