@@ -262,7 +262,14 @@ pub struct UringIo {
     /// another core without stalling the loop. The completion is delivered
     /// through `wait` either way, so callers cannot tell the difference.
     pub inline_write_fds: Vec<RawFd>,
+    /// Before `wait` blocks, poll the ring for completions this long (zero:
+    /// block at once). The caller sets it per wait (see `server`, "poll").
+    pub spin: Duration,
 }
+
+/// io_uring_enter flag: reap completions (and, with DEFER_TASKRUN, run the
+/// deferred work that posts them).
+const IORING_ENTER_GETEVENTS: u32 = 1;
 
 impl UringIo {
     pub fn new(entries: u32) -> io::Result<UringIo> {
@@ -281,6 +288,7 @@ impl UringIo {
             inline: Vec::new(),
             ready: Vec::new(),
             inline_write_fds: Vec::new(),
+            spin: Duration::ZERO,
         })
     }
 
@@ -571,7 +579,33 @@ impl Io for UringIo {
         let inline = self.ready.len();
         out.append(&mut self.ready);
         let ready = self.ring.completion().len() + inline;
-        let want = min.saturating_sub(ready);
+        let mut want = min.saturating_sub(ready);
+        if want > 0 && !self.spin.is_zero() {
+            // Poll before sleeping: a halted vCPU (or a deep C-state) takes
+            // tens of microseconds to wake, longer than a client at queue
+            // depth 1 takes to send its next request.
+            let t0 = std::time::Instant::now();
+            let _ = self.ring.submit();
+            loop {
+                // SAFETY: a plain io_uring_enter with no argument.
+                let _ = unsafe {
+                    self.ring.submitter().enter::<libc::sigset_t>(
+                        0,
+                        0,
+                        IORING_ENTER_GETEVENTS,
+                        None,
+                    )
+                };
+                if !self.ring.completion().is_empty() {
+                    want = 0;
+                    break;
+                }
+                if t0.elapsed() >= self.spin {
+                    break;
+                }
+                std::hint::spin_loop();
+            }
+        }
         let res = match timeout {
             Some(d) if want > 0 => {
                 let ts = types::Timespec::new()

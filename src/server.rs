@@ -87,7 +87,20 @@ pub struct ServeConfig {
     pub direct_writes: DirectWrites,
     /// `serve --cpu`: the CPU the loop and its io-wq workers are pinned to.
     pub cpu: Option<usize>,
+    /// `serve --poll-us`: how long the loop polls before it sleeps while
+    /// few requests are in flight (see [`POLL_MAX_INFLIGHT`]).
+    pub poll: Duration,
 }
+
+/// The loop polls (`ServeConfig::poll`) only while at most this many client
+/// requests are in flight: a latency-bound client (one request at a time)
+/// sends its next one within microseconds, while at higher queue depths
+/// there is work to do anyway and polling would only take CPU from the
+/// client and the kernel's workers.
+pub const POLL_MAX_INFLIGHT: usize = 2;
+/// ... and only this soon after the last client or peer completion, so an
+/// idle node sleeps.
+const POLL_WINDOW: Duration = Duration::from_millis(1);
 
 /// `serve --direct-writes`: whether in-place writes bypass the page cache
 /// (see `Store::set_direct_fd`).
@@ -157,6 +170,11 @@ struct PendingReq {
 
 pub struct Server {
     io: UringIo,
+    /// See [`ServeConfig::poll`]; zero on a secondary (no client waits on
+    /// it directly, and at queue depth 1 the primary's poll is what counts).
+    poll: Duration,
+    /// When the last completion other than the tick arrived.
+    last_active: std::time::Instant,
     store: Store,
     /// The O_DIRECT descriptor of the data file the store writes through.
     _direct: Option<std::fs::File>,
@@ -372,8 +390,15 @@ impl Server {
             max_block: MAX_PAYLOAD,
         };
         let signal_fd = block_signals()?;
+        let poll = if secondary {
+            Duration::ZERO
+        } else {
+            config.poll
+        };
         Ok(Server {
             io,
+            poll,
+            last_active: std::time::Instant::now(),
             store,
             _direct: direct,
             mirror,
@@ -416,9 +441,20 @@ impl Server {
         let mut completions = Vec::with_capacity(256);
         loop {
             completions.clear();
+            self.io.spin = if !self.poll.is_zero()
+                && self.pending.len() <= POLL_MAX_INFLIGHT
+                && self.last_active.elapsed() < POLL_WINDOW
+            {
+                self.poll
+            } else {
+                Duration::ZERO
+            };
             self.io
                 .wait(1, None, &mut completions)
                 .map_err(|e| format!("io_uring wait failed: {e}"))?;
+            if completions.iter().any(|c| c.token != token(KIND_TICK, 0)) {
+                self.last_active = std::time::Instant::now();
+            }
             for c in completions.drain(..) {
                 self.dispatch(c);
             }

@@ -871,7 +871,13 @@ fn direct_writes_verify_and_survive_restart() {
     if !nbdmirror_only(test, "an nbdmirror option") {
         return;
     }
-    export.serve_args = vec!["--direct-writes".into(), "on".into()];
+    // With the event loop never polling before it sleeps (`--poll-us 0`).
+    export.serve_args = vec![
+        "--direct-writes".into(),
+        "on".into(),
+        "--poll-us".into(),
+        "0".into(),
+    ];
     let mut srv = export.serve();
     let args = |uri: &str, extra: &str| {
         fio_verify_args(
