@@ -788,12 +788,10 @@ fn ext4_on_nbdfuse_loop_device_fsck_clean() {
 
 // ------------------------------------------------------------------ restart
 
-/// `serve --direct-writes on` on a single node: large writes go to the data
-/// file through an O_DIRECT descriptor (checked in /proc), fio's verify
-/// reads them back through the page cache, and after a clean restart
-/// (default options) every block still verifies.
-/// Bytes the process has caused to be written to storage (`/proc/PID/io`):
-/// its own fdatasyncs' writeback included, the kernel flusher's not.
+/// `write_bytes` of `/proc/PID/io`: for buffered writes the kernel charges
+/// the process when it dirties page-cache pages, a whole folio at a time,
+/// so a 4 KiB write into a 64 KiB folio counts 64 KiB (the write-back it
+/// will cause); O_DIRECT writes count as issued.
 fn disk_write_bytes(pid: u32) -> u64 {
     let io = fs::read_to_string(format!("/proc/{pid}/io")).expect("/proc/PID/io");
     io.lines()
@@ -805,9 +803,9 @@ fn disk_write_bytes(pid: u32) -> u64 {
 /// 4 KiB random writes over data that 1 MiB writes put there cost the disk
 /// about what they write (journal and data file): the large page-cache folios
 /// the sequential pass left are dropped before the first small writes into
-/// them (docs/design.md, "Large folios"). Without that, every checkpoint
-/// wrote back a whole 64 KiB folio for each 4 KiB write in it: about 700 MiB
-/// for the 64 MiB written here.
+/// them (docs/design.md, "Large folios"). Without that, each 4 KiB write
+/// into a clean 64 KiB folio dirtied (and the next checkpoint wrote back)
+/// the whole folio: about 700 MiB for the 64 MiB written here.
 #[test]
 fn small_writes_after_large_ones_do_not_amplify_writeback() {
     let test = "small_writes_after_large_ones_do_not_amplify_writeback";
@@ -846,7 +844,7 @@ fn small_writes_after_large_ones_do_not_amplify_writeback() {
         "--io_size=64m",
     ]);
     assert_eq!(fio_bytes(&j, "write"), vec![64 * MIB]);
-    // The checkpoints after them write the data file back.
+    // Let the last journaled writes reach the data file.
     std::thread::sleep(Duration::from_millis(1500));
     let written = disk_write_bytes(pid) - before;
     eprintln!(
@@ -860,6 +858,10 @@ fn small_writes_after_large_ones_do_not_amplify_writeback() {
     );
 }
 
+/// `serve --direct-writes on` on a single node: large writes go to the data
+/// file through an O_DIRECT descriptor (checked in /proc), fio's verify
+/// reads them back through the page cache, and after a clean restart
+/// (default options) every block still verifies.
 #[test]
 fn direct_writes_verify_and_survive_restart() {
     let test = "direct_writes_verify_and_survive_restart";

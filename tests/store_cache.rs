@@ -87,3 +87,28 @@ fn no_drop_before_a_checkpoint_has_synced_the_large_write() {
     );
     assert_eq!(rig.read_all().unwrap(), model);
 }
+
+#[test]
+fn zeroing_and_mid_sized_writes_leave_no_mark() {
+    let size = 8 * CHUNK;
+    let mut rig = Rig::new(9, size, 4 * CHUNK, tuning(true));
+    let mut model = vec![0u8; size as usize];
+    // WRITE_ZEROES/TRIM is applied with fallocate: it makes no folios.
+    rig.zero_sync(0, 2 * CHUNK, false).unwrap();
+    rig.flush_sync().unwrap();
+    for _ in 0..4 {
+        rig.st.tick(&mut rig.sim);
+        rig.pump();
+    }
+    write_settled(&mut rig, &mut model, 1, 4096, 4096);
+    write_settled(&mut rig, &mut model, 2, CHUNK + 4096, 4096);
+    assert_eq!(rig.st.stats.cache_drops, 0, "after zeroing");
+    // Journaled 16 KiB writes (smaller than a page-cache piece) neither
+    // leave a mark nor, written again and again, drop their chunk each time.
+    for i in 0..4u64 {
+        write_settled(&mut rig, &mut model, 10 + i, 4 * CHUNK + i * 16384, 16384);
+        write_settled(&mut rig, &mut model, 20 + i, 4 * CHUNK + 65536 + i * 4096, 4096);
+    }
+    assert_eq!(rig.st.stats.cache_drops, 0, "after 16 KiB writes");
+    assert_eq!(rig.read_all().unwrap(), model);
+}

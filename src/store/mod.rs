@@ -342,6 +342,9 @@ struct ApplyBatch {
     sums: Vec<(u64, u64)>,
     /// Pieces to drop from the overlay when the batch lands.
     pieces: Vec<(u64, u64)>,
+    /// Data pieces of at least a page-cache piece: they leave large folios
+    /// (see `Store::large_folios`).
+    large: Vec<(u64, u64)>,
     /// Blocks needing read-modify-write: block -> pieces touching it.
     rmw: HashMap<u64, Vec<Piece>>,
     failed: Option<i32>,
@@ -450,8 +453,9 @@ pub struct Store {
     /// may not touch them: after a crash, replay would need the older
     /// record's bytes *under* the newer in-place data, which is not knowable.
     journaled_chunks: HashMap<u64, (u64, bool)>,
-    /// 1 MiB chunks of `data` where a page-cache write longer than a block
-    /// finished, with the number of checkpoints started by then. The kernel
+    /// 1 MiB chunks of `data` where a page-cache write of data of at least
+    /// `PAGE_CACHE_PIECE` finished (zeroing makes no folios), with the
+    /// number of checkpoints started by then. The kernel
     /// sizes a folio by the write that creates it (up to 64 KiB here, see
     /// `PAGE_CACHE_PIECE`), and a small write later dirties the whole
     /// folio: 4 KiB random writes after a sequential pass made a primary
@@ -1161,7 +1165,7 @@ impl Store {
         self.kick(io, false);
     }
 
-    /// A page-cache write of `[start, end)` longer than a block finished:
+    /// A page-cache write of `[start, end)` of at least a piece finished:
     /// it may have left large folios (see `large_folios`).
     fn mark_large_folios(&mut self, start: u64, end: u64) {
         let mark = self.checkpoints_started;
@@ -2136,8 +2140,15 @@ impl Store {
         let mut drops: Vec<Op> = Vec::new();
         for p in &pieces {
             batch.pieces.push((p.start, p.end));
-            if p.end - p.start < PAGE_CACHE_PIECE && matches!(p.content, Content::Data { .. }) {
-                self.drop_large_folios(p.start, p.end, &mut drops);
+            if matches!(p.content, Content::Data { .. }) {
+                // Small writes drop large folios; only large ones leave
+                // them (a steady stream of 8-32 KiB writes must not drop
+                // and re-mark its chunks at every checkpoint).
+                if p.end - p.start < PAGE_CACHE_PIECE {
+                    self.drop_large_folios(p.start, p.end, &mut drops);
+                } else {
+                    batch.large.push((p.start, p.end));
+                }
             }
             let first = p.start / BLOCK_SIZE;
             let end_block = p.end.div_ceil(BLOCK_SIZE);
@@ -2320,9 +2331,9 @@ impl Store {
             }
             for (s, e) in batch.pieces {
                 self.overlay.remove_upto(s, e, batch.upto);
-                if e - s > BLOCK_SIZE {
-                    self.mark_large_folios(s, e);
-                }
+            }
+            for (s, e) in batch.large {
+                self.mark_large_folios(s, e);
             }
             self.applied_seq = batch.upto;
             self.applied_needs_durable = self.applied_needs_durable.max(batch.newest);
