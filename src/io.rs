@@ -90,8 +90,9 @@ pub enum Op {
     },
     /// posix_fadvise(POSIX_FADV_DONTNEED) over `[offset, offset+len)`: drop
     /// the clean cached pages of that range. A hint: data never changes.
-    /// The io_uring backend does it at submission, so it happens before
-    /// any op submitted after it.
+    /// It runs on the ring (an io-wq worker: it may start write-back and
+    /// wait for every CPU's page lists), so a caller that wants it done
+    /// before a write waits for its completion.
     DropCache {
         fd: RawFd,
         offset: u64,
@@ -379,7 +380,13 @@ impl UringIo {
                 .offset(*offset)
                 .mode(*mode)
                 .build(),
-            Op::DropCache { .. } => unreachable!("cache drops never reach the ring"),
+            Op::DropCache { fd, offset, len } => opcode::Fadvise::new(
+                types::Fd(*fd),
+                *len as libc::off_t,
+                libc::POSIX_FADV_DONTNEED,
+            )
+            .offset(*offset)
+            .build(),
             Op::Timeout { ts } => opcode::Timeout::new(&**ts as *const types::Timespec).build(),
             Op::Connect { fd, addr, .. } => opcode::Connect::new(
                 types::Fd(*fd),
@@ -512,18 +519,6 @@ impl Io for UringIo {
                 self.inline.push((token, op));
                 return;
             }
-        }
-        if let Op::DropCache { fd, offset, len } = op {
-            // SAFETY: posix_fadvise(2) on a descriptor the caller owns.
-            let r = unsafe {
-                libc::posix_fadvise(fd, offset as i64, len as i64, libc::POSIX_FADV_DONTNEED)
-            };
-            self.ready.push(Completion {
-                token,
-                result: -r,
-                op,
-            });
-            return;
         }
         let idx = match self.free.pop() {
             Some(i) => i,

@@ -107,7 +107,13 @@ fn zeroing_and_mid_sized_writes_leave_no_mark() {
     // leave a mark nor, written again and again, drop their chunk each time.
     for i in 0..4u64 {
         write_settled(&mut rig, &mut model, 10 + i, 4 * CHUNK + i * 16384, 16384);
-        write_settled(&mut rig, &mut model, 20 + i, 4 * CHUNK + 65536 + i * 4096, 4096);
+        write_settled(
+            &mut rig,
+            &mut model,
+            20 + i,
+            4 * CHUNK + 65536 + i * 4096,
+            4096,
+        );
     }
     assert_eq!(rig.st.stats.cache_drops, 0, "after 16 KiB writes");
     assert_eq!(rig.read_all().unwrap(), model);

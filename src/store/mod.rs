@@ -345,6 +345,9 @@ struct ApplyBatch {
     /// Data pieces of at least a page-cache piece: they leave large folios
     /// (see `Store::large_folios`).
     large: Vec<(u64, u64)>,
+    /// Cache drops in flight, and the batch's writes that wait for them.
+    drops_left: usize,
+    held: Vec<Op>,
     /// Blocks needing read-modify-write: block -> pieces touching it.
     rmw: HashMap<u64, Vec<Piece>>,
     failed: Option<i32>,
@@ -1165,6 +1168,23 @@ impl Store {
         self.kick(io, false);
     }
 
+    /// A cache drop of the apply batch finished: once all have, its writes go.
+    fn drop_done(&mut self, io: &mut dyn Io) {
+        let Some(batch) = self.apply.as_mut() else {
+            return;
+        };
+        if batch.drops_left == 0 {
+            return;
+        }
+        batch.drops_left -= 1;
+        if batch.drops_left > 0 {
+            return;
+        }
+        for op in std::mem::take(&mut batch.held) {
+            self.submit(io, Ctx::ApplyWrite, op);
+        }
+    }
+
     /// A page-cache write of `[start, end)` of at least a piece finished:
     /// it may have left large folios (see `large_folios`).
     fn mark_large_folios(&mut self, start: u64, end: u64) {
@@ -1958,8 +1978,8 @@ impl Store {
                 self.apply_op_done(io, err)
             }
             Ctx::Checkpoint => self.checkpoint_op_done(io, err),
-            // A hint; whether it worked changes no data.
-            Ctx::DropCache => {}
+            // A hint: whether it worked changes no data.
+            Ctx::DropCache => self.drop_done(io),
         }
     }
 
@@ -2207,9 +2227,16 @@ impl Store {
         let rmw_blocks: Vec<u64> = batch.rmw.keys().copied().collect();
         batch.ops_left = ops.len() + rmw_blocks.len();
         self.apply = Some(batch);
-        // Before the writes: the backend drops at submission.
-        for op in drops {
-            self.submit(io, Ctx::DropCache, op);
+        if !drops.is_empty() {
+            // The writes wait for the drops (a write first would dirty a
+            // page of a large folio, which the drop then cannot remove).
+            let batch = self.apply.as_mut().unwrap();
+            batch.drops_left = drops.len();
+            batch.held = ops;
+            for op in drops {
+                self.submit(io, Ctx::DropCache, op);
+            }
+            ops = Vec::new();
         }
         for op in ops {
             self.submit(io, Ctx::ApplyWrite, op);
