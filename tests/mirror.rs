@@ -1416,32 +1416,8 @@ fn second_primary_is_refused_while_the_first_is_alive() {
     // The rogue: a copy of the primary's directory, same node id, volume,
     // generation and secret, pointed at the same secondary.
     let rogue_dir = cl.tmp.join("rogue");
-    fs::create_dir(&rogue_dir).unwrap();
-    for f in ["data", "journal", "meta", "generation"] {
-        let from = cl.nodes[0].dir.join(f);
-        if from.exists() {
-            fs::copy(&from, rogue_dir.join(f)).unwrap();
-        }
-    }
-    for e in fs::read_dir(&cl.nodes[0].dir).unwrap() {
-        let name = e.unwrap().file_name().to_string_lossy().to_string();
-        if name.starts_with("peer-") {
-            fs::copy(cl.nodes[0].dir.join(&name), rogue_dir.join(&name)).unwrap();
-        }
-    }
-    let rogue_port = free_port();
-    let rogue_log = cl.tmp.join("rogue.stderr");
-    let mut rogue = Command::new(NBDMIRROR_BIN)
-        .args(["serve", "--dir"])
-        .arg(&rogue_dir)
-        .args(["--listen", &format!("127.0.0.1:{rogue_port}")])
-        .args(["--peer", &format!("2=127.0.0.1:{}", cl.nodes[1].port)])
-        .arg("--secret-file")
-        .arg(&cl.secret)
-        .stderr(File::create(&rogue_log).unwrap())
-        .spawn()
-        .unwrap();
-    let rogue_addr = format!("127.0.0.1:{rogue_port}");
+    copy_replica(&cl.nodes[0].dir, &rogue_dir);
+    let (mut rogue, rogue_addr, rogue_log) = spawn_copy_primary(&cl, &rogue_dir, "rogue");
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut r = loop {
         match MiniClient::connect(&rogue_addr, "disk") {
@@ -1477,11 +1453,38 @@ fn second_primary_is_refused_while_the_first_is_alive() {
     eprintln!("{}", brief_status(&j));
     cl.stop_all();
     cl.assert_replicas_identical();
-    let mut got = vec![0u8; good.len()];
+    assert!(
+        secondary_bytes(&cl, MIB, good.len()) == good,
+        "the secondary holds the rogue's write"
+    );
+}
+
+/// Start a second primary on `dir` (a copy of node 1's directory: same
+/// identity, generation and secret), aimed at node 2: the process, its NBD
+/// address and its log file.
+fn spawn_copy_primary(cl: &Cluster, dir: &Path, name: &str) -> (Child, String, PathBuf) {
+    let port = free_port();
+    let log = cl.tmp.join(format!("{name}.stderr"));
+    let child = Command::new(NBDMIRROR_BIN)
+        .args(["serve", "--dir"])
+        .arg(dir)
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .args(["--peer", &format!("2=127.0.0.1:{}", cl.nodes[1].port)])
+        .arg("--secret-file")
+        .arg(&cl.secret)
+        .stderr(File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    (child, format!("127.0.0.1:{port}"), log)
+}
+
+/// `len` bytes of node 2's data file at `offset`.
+fn secondary_bytes(cl: &Cluster, offset: u64, len: usize) -> Vec<u8> {
+    let mut got = vec![0u8; len];
     let mut f = File::open(cl.nodes[1].data()).unwrap();
-    std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(MIB)).unwrap();
+    std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(offset)).unwrap();
     f.read_exact(&mut got).unwrap();
-    assert!(got == good, "the secondary holds the rogue's write");
+    got
 }
 
 /// Copy the files of a replica directory (not its lock or admin socket).
@@ -1522,18 +1525,7 @@ fn writes_the_primary_never_saw_are_found_by_the_session_check() {
     // (1) The copy serves while the primary is away.
     let copy_dir = cl.tmp.join("copy");
     copy_replica(&cl.nodes[0].dir, &copy_dir);
-    let copy_port = free_port();
-    let copy_log = cl.tmp.join("copy.stderr");
-    let mut copy = Command::new(NBDMIRROR_BIN)
-        .args(["serve", "--dir"])
-        .arg(&copy_dir)
-        .args(["--listen", &format!("127.0.0.1:{copy_port}")])
-        .args(["--peer", &format!("2=127.0.0.1:{}", cl.nodes[1].port)])
-        .arg("--secret-file")
-        .arg(&cl.secret)
-        .stderr(File::create(&copy_log).unwrap())
-        .spawn()
-        .unwrap();
+    let (mut copy, copy_addr, copy_log) = spawn_copy_primary(&cl, &copy_dir, "copy");
     let copy_loc = copy_dir.join("admin.sock");
     let copy_loc = copy_loc.to_str().unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -1549,7 +1541,7 @@ fn writes_the_primary_never_saw_are_found_by_the_session_check() {
         );
         thread::sleep(Duration::from_millis(50));
     }
-    let mut c = MiniClient::connect(&format!("127.0.0.1:{copy_port}"), "disk").unwrap();
+    let mut c = MiniClient::connect(&copy_addr, "disk").unwrap();
     let evil = vec![0xEE; 64 * 1024];
     assert_eq!(c.write(MIB, &evil, 1).unwrap(), 0, "the copy's own write");
     assert_eq!(
@@ -1581,12 +1573,8 @@ fn writes_the_primary_never_saw_are_found_by_the_session_check() {
     eprintln!("{}", brief_status(&j));
     cl.stop_all();
     cl.assert_replicas_identical();
-    let mut got = vec![0u8; good.len()];
-    let mut f = File::open(cl.nodes[1].data()).unwrap();
-    std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(MIB)).unwrap();
-    f.read_exact(&mut got).unwrap();
     assert!(
-        got == good,
+        secondary_bytes(&cl, MIB, good.len()) == good,
         "the secondary does not hold the primary's data"
     );
 }

@@ -73,8 +73,8 @@ impl Generation {
             ));
         }
         Ok(Generation {
-            current: u64::from_le_bytes(b[8..16].try_into().unwrap()),
-            previous: u64::from_le_bytes(b[16..24].try_into().unwrap()),
+            current: u64_at(8),
+            previous: u64_at(16),
             flags: u32::from_le_bytes(b[24..28].try_into().unwrap()),
             session: if b.len() == LEN { u64_at(32) } else { 0 },
         })

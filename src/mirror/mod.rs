@@ -348,7 +348,6 @@ fn errno_str(e: i32) -> String {
     std::io::Error::from_raw_os_error(e).to_string()
 }
 
-/// The socket a secondary accepts its primary on.
 /// The admin socket at `p` (a stale one is replaced: the caller holds the
 /// replica directory's lock). A failure is logged, not fatal: serving data
 /// matters more than the control socket.
@@ -368,6 +367,7 @@ pub fn bind_admin_socket(p: Option<&std::path::Path>) -> Option<UnixListener> {
     }
 }
 
+/// The socket a secondary accepts its primary on.
 pub fn bind_peer_listener(io: &mut dyn Io, a: SocketAddr) -> Result<OwnedFd, String> {
     io.tcp_listen(a)
         .map_err(|e| format!("cannot listen for peers on {a}: {e}"))

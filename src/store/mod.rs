@@ -367,8 +367,6 @@ enum CkptPhase {
 }
 
 struct Checkpoint {
-    /// Its place in start order (`Store::checkpoints_started`).
-    number: u64,
     upto: u64,
     tail: (u64, u64),
     phase: CkptPhase,
@@ -457,8 +455,8 @@ pub struct Store {
     /// record's bytes *under* the newer in-place data, which is not knowable.
     journaled_chunks: HashMap<u64, (u64, bool)>,
     /// 1 MiB chunks of `data` where a page-cache write of data of at least
-    /// `PAGE_CACHE_PIECE` finished (zeroing makes no folios), with the
-    /// number of checkpoints started by then. The kernel
+    /// `PAGE_CACHE_PIECE` finished (zeroing makes no folios), with
+    /// `checkpoints_begun()` at that moment. The kernel
     /// sizes a folio by the write that creates it (up to 64 KiB here, see
     /// `PAGE_CACHE_PIECE`), and a small write later dirties the whole
     /// folio: 4 KiB random writes after a sequential pass made a primary
@@ -470,9 +468,6 @@ pub struct Store {
     /// before the drop stays, so the drop is repeated once more after the
     /// next checkpoint (the second number: drops left).
     large_folios: HashMap<u64, (u64, u8)>,
-    /// Checkpoints started, and the number of the last one that finished.
-    checkpoints_started: u64,
-    checkpoint_synced: u64,
     /// Payload buffers the store is done with, for the caller to reuse (large
     /// buffers cost a page fault per 4 KiB and a memset when fresh).
     pub recycled: Vec<Vec<u8>>,
@@ -622,8 +617,6 @@ impl Store {
             data_sync_in_flight: false,
             journaled_chunks: HashMap::new(),
             large_folios: HashMap::new(),
-            checkpoints_started: 0,
-            checkpoint_synced: 0,
             recycled: Vec::new(),
             intents: HashMap::new(),
             newest_intent: 0,
@@ -1185,10 +1178,18 @@ impl Store {
         }
     }
 
+    /// Checkpoints started so far. They run one at a time, so this is the
+    /// finished ones (`stats.checkpoints`) plus the one running: a write
+    /// that finished when this was `n` is synced once more than `n` have
+    /// finished.
+    fn checkpoints_begun(&self) -> u64 {
+        self.stats.checkpoints + u64::from(self.checkpoint.is_some())
+    }
+
     /// A page-cache write of `[start, end)` of at least a piece finished:
     /// it may have left large folios (see `large_folios`).
     fn mark_large_folios(&mut self, start: u64, end: u64) {
-        let mark = self.checkpoints_started;
+        let mark = self.checkpoints_begun();
         for c in start / FOLIO_CHUNK..end.div_ceil(FOLIO_CHUNK) {
             if self.large_folios.len() >= MAX_FOLIO_CHUNKS && !self.large_folios.contains_key(&c) {
                 return;
@@ -1207,10 +1208,10 @@ impl Store {
         }
         for c in start / FOLIO_CHUNK..end.div_ceil(FOLIO_CHUNK) {
             match self.large_folios.get(&c) {
-                Some(&(mark, left)) if self.checkpoint_synced > mark => {
+                Some(&(mark, left)) if self.stats.checkpoints > mark => {
                     if left > 1 {
-                        self.large_folios
-                            .insert(c, (self.checkpoints_started, left - 1));
+                        let again = self.checkpoints_begun();
+                        self.large_folios.insert(c, (again, left - 1));
                     } else {
                         self.large_folios.remove(&c);
                     }
@@ -2409,9 +2410,7 @@ impl Store {
         self.intents.retain(|_, seq| *seq > upto);
         let tail = self.ring.tail_after(upto);
         let pages = self.sums.take_dirty_pages();
-        self.checkpoints_started += 1;
         self.checkpoint = Some(Checkpoint {
-            number: self.checkpoints_started,
             upto,
             tail,
             phase: CkptPhase::SyncData,
@@ -2516,7 +2515,6 @@ impl Store {
                 self.ring.release_upto(ck.upto);
                 self.journaled_chunks.retain(|_, (seq, _)| *seq > ck.upto);
                 self.checkpointed_seq = ck.upto;
-                self.checkpoint_synced = ck.number;
                 self.inplace_wanted = false;
                 self.stats.checkpoints += 1;
                 self.release_deferred(io);
