@@ -430,6 +430,21 @@ fn render_status(v: &serde_json::Value, cols: Option<usize>) -> Vec<String> {
         }
         lines.push(line);
     }
+    let store = &v["store"];
+    if let Some(size) = store["journal_bytes"].as_f64().filter(|s| *s > 0.0) {
+        let used = store["journal_used_bytes"].as_f64().unwrap_or(0.0);
+        let mut line = format!(
+            "  journal {:.0}% of {} used, {} checkpoints, {} in-place writes",
+            used / size * 100.0,
+            human(size),
+            store["checkpoints"],
+            store["inplace_writes"],
+        );
+        if let Some(e) = store["failed"].as_str() {
+            line.push_str(&format!("  STORE FAILED: {e}"));
+        }
+        lines.push(line);
+    }
     if let Some(c) = cols {
         for l in lines.iter_mut() {
             if let Some((cut, _)) = l.char_indices().nth(c.saturating_sub(1)) {

@@ -751,6 +751,32 @@ fn check_status_schema(j: &Json) {
             "last_error is neither null nor a string in {p:?}"
         );
     }
+    let st = j.at("store");
+    for k in [
+        "size_bytes",
+        "journal_bytes",
+        "journal_used_bytes",
+        "journal_syncs",
+        "checkpoints",
+        "applied_bytes",
+        "inplace_writes",
+        "deferred_writes",
+        "cache_drops",
+        "checksum_failures",
+    ] {
+        assert!(
+            st.at(k).as_f64().is_some_and(|v| v >= 0.0),
+            "store field {k} is not a number >= 0 in {st:?}"
+        );
+    }
+    assert!(
+        st.at("journal_used_bytes").as_f64() <= st.at("journal_bytes").as_f64(),
+        "journal fuller than its size: {st:?}"
+    );
+    assert!(
+        matches!(st.at("failed"), Json::Null),
+        "the store reports a failure: {st:?}"
+    );
 }
 
 fn peer(j: &Json, id: u32) -> Option<&Json> {
@@ -2662,6 +2688,21 @@ fn resync_tool() {
     w.finish();
     cl.node(2).start();
     cl.wait_in_sync(Duration::from_secs(30));
+    // The store's counters moved with the writes, and the human status
+    // shows the journal.
+    let j = cl.status().unwrap();
+    let st = j.at("store");
+    assert!(
+        st.at("applied_bytes").as_f64() >= Some((32 * MIB) as f64)
+            && st.at("journal_syncs").as_f64() > Some(0.0)
+            && st.at("size_bytes").as_f64() == Some(size as f64),
+        "store counters after 32 MiB of writes: {st:?}"
+    );
+    let human = resync_cmd(&["status", "--dir", &d1]);
+    assert!(
+        contains_ci(&human, "journal") && human.contains("checkpoints"),
+        "human status does not show the journal: {human:?}"
+    );
 
     // Something to resync at a capped rate.
     cl.node(2).terminate();

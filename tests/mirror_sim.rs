@@ -436,7 +436,7 @@ impl Sim {
                 waited < 120_000,
                 "seed {}: the replicas did not converge within 120 s of virtual time: {}",
                 self.seed,
-                n.mirror.status_json()
+                n.mirror.status_json(Some(&n.store))
             );
         }
         for k in 0..3 {

@@ -2269,7 +2269,9 @@ impl Mirror {
 
     // ----- status and the admin socket -------------------------------------
 
-    pub fn status_json(&self) -> String {
+    /// The node's state for `nbdmirror resync status --json`: its peers
+    /// and, given the store, the store's counters.
+    pub fn status_json(&self, store: Option<&Store>) -> String {
         use serde_json::json;
         let mut peers: Vec<serde_json::Value> = self
             .peers
@@ -2313,6 +2315,7 @@ impl Mirror {
             "role": self.cfg.role.name(),
             "rate_limit": self.cfg.resync_rate,
             "peers": peers,
+            "store": store.map(Store::status_json),
         })
         .to_string()
     }
@@ -2330,7 +2333,7 @@ impl Mirror {
             }
         };
         let result: Result<(), String> = match words.first().copied() {
-            Some("status") => return self.status_json(),
+            Some("status") => return self.status_json(Some(store)),
             Some(cmd @ ("pause" | "resume" | "start" | "full")) => {
                 match peer_sel(words.get(1)) {
                     Err(e) => Err(e),

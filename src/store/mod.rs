@@ -1178,6 +1178,25 @@ impl Store {
         }
     }
 
+    /// What `nbdmirror resync status --json` shows of the store: journal
+    /// fill and the counters of [`StoreStats`].
+    pub fn status_json(&self) -> serde_json::Value {
+        let st = &self.stats;
+        serde_json::json!({
+            "size_bytes": self.sb.size,
+            "journal_bytes": self.ring.size,
+            "journal_used_bytes": self.ring.used(),
+            "journal_syncs": st.journal_syncs,
+            "checkpoints": st.checkpoints,
+            "applied_bytes": st.applied_bytes,
+            "inplace_writes": st.inplace_writes,
+            "deferred_writes": st.deferred_writes,
+            "cache_drops": st.cache_drops,
+            "checksum_failures": st.checksum_failures,
+            "failed": self.failed,
+        })
+    }
+
     /// Checkpoints started so far. They run one at a time, so this is the
     /// finished ones (`stats.checkpoints`) plus the one running: a write
     /// that finished when this was `n` is synced once more than `n` have
