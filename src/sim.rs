@@ -128,6 +128,9 @@ pub struct SimIo {
     /// Real descriptors (outside the simulation) whose fsyncs are passed
     /// through to the kernel.
     pub real_sync_fds: Vec<RawFd>,
+    /// Every cache drop executed, as (offset, len): there is no page cache
+    /// to drop, but tests check what the store asked for.
+    pub cache_drops: Vec<(u64, u64)>,
     next_fd: RawFd,
 }
 
@@ -142,6 +145,7 @@ impl SimIo {
             aliases: HashMap::new(),
             inline_done: Vec::new(),
             real_sync_fds: Vec::new(),
+            cache_drops: Vec::new(),
             rng: Rng::new(seed),
             reorder: true,
             faults: Vec::new(),
@@ -395,9 +399,10 @@ impl SimIo {
     }
 
     fn execute_inner(&mut self, op: &mut Op) -> i32 {
-        if let Op::DropCache { .. } = op {
+        if let Op::DropCache { offset, len, .. } = op {
             // No page cache to drop. Not counted as an op, and no fault
             // aimed at the file's writes applies to it.
+            self.cache_drops.push((*offset, *len));
             return 0;
         }
         self.ops_done += 1;

@@ -1,8 +1,8 @@
 //! The store's page-cache hygiene on simulated I/O: a small write into a
-//! region that a large write left in the page cache (as large folios) first
-//! drops that region's cached pages, but only once a checkpoint has synced
-//! the large write, at most twice per large write, and never for regions
-//! that only small writes touched. The drop is a hint: every byte reads back
+//! 64 KiB piece that a large write left in the page cache (as large folios)
+//! first drops that piece's cached pages (not its neighbours'), but only
+//! once a checkpoint has synced the large write, at most twice per large
+//! write, and never for pieces that only small writes touched. The drop is a hint: every byte reads back
 //! as written, also after a crash.
 
 mod sim_common;
@@ -11,6 +11,8 @@ use nbdmirror::store::Tuning;
 use sim_common::*;
 
 const CHUNK: u64 = 1 << 20;
+/// The store's page-cache piece: a folio never spans two.
+const PIECE: u64 = nbdmirror::store::PAGE_CACHE_PIECE;
 
 fn tuning(eager: bool) -> Tuning {
     let base = if eager { eager_tuning() } else { lazy_tuning() };
@@ -49,23 +51,45 @@ fn small_writes_after_a_large_one_drop_its_cached_pages_twice() {
     write_settled(&mut rig, &mut model, 2, 5 * CHUNK + 4096, 4096);
     assert_eq!(rig.st.stats.cache_drops, 0);
 
-    // First small write into chunk 0: dropped once; the next small write
-    // after another checkpoint drops it the second time; then never again.
+    // First small write into piece 0: that piece (and nothing more of the
+    // chunk) is dropped; the next small write there after another
+    // checkpoint drops it the second time; then never again.
     write_settled(&mut rig, &mut model, 3, 8192, 4096);
     assert_eq!(rig.st.stats.cache_drops, 1);
-    write_settled(&mut rig, &mut model, 4, 65536, 4096);
+    assert_eq!(rig.sim.cache_drops, vec![(0, PIECE)], "only the piece");
+    write_settled(&mut rig, &mut model, 4, 12288, 4096);
     assert_eq!(rig.st.stats.cache_drops, 2);
-    write_settled(&mut rig, &mut model, 5, 128 * 1024, 4096);
-    assert_eq!(rig.st.stats.cache_drops, 2, "two drops per large write");
+    write_settled(&mut rig, &mut model, 5, 16384, 4096);
+    assert_eq!(rig.st.stats.cache_drops, 2, "two drops per piece");
 
-    // Chunk 1 has its own count.
-    write_settled(&mut rig, &mut model, 6, CHUNK + 4096, 4096);
+    // The next piece of the same chunk has its own count.
+    write_settled(&mut rig, &mut model, 6, PIECE + 4096, 4096);
     assert_eq!(rig.st.stats.cache_drops, 3);
+    assert_eq!(rig.sim.cache_drops.last(), Some(&(PIECE, PIECE)));
+
+    // A small write across two untouched pieces drops both, in one call.
+    write_settled(&mut rig, &mut model, 7, 3 * PIECE - 4096, 8192);
+    assert_eq!(rig.st.stats.cache_drops, 5);
+    assert_eq!(rig.sim.cache_drops.last(), Some(&(2 * PIECE, 2 * PIECE)));
+
+    // Chunk 1 has its own pieces.
+    write_settled(&mut rig, &mut model, 8, CHUNK + 4096, 4096);
+    assert_eq!(rig.st.stats.cache_drops, 6);
+    assert_eq!(rig.sim.cache_drops.last(), Some(&(CHUNK, PIECE)));
 
     // A new large write over chunk 0 starts over.
-    write_settled(&mut rig, &mut model, 7, 0, CHUNK);
-    write_settled(&mut rig, &mut model, 8, 12288, 4096);
-    assert_eq!(rig.st.stats.cache_drops, 4);
+    write_settled(&mut rig, &mut model, 9, 0, CHUNK);
+    write_settled(&mut rig, &mut model, 10, 20480, 4096);
+    assert_eq!(rig.st.stats.cache_drops, 7);
+    assert_eq!(rig.sim.cache_drops.last(), Some(&(0, PIECE)));
+    assert!(
+        rig.sim
+            .cache_drops
+            .iter()
+            .all(|&(o, l)| o % PIECE == 0 && l % PIECE == 0 && o + l <= size),
+        "every drop covers whole pieces inside the disk: {:?}",
+        rig.sim.cache_drops
+    );
 
     assert_eq!(rig.read_all().unwrap(), model, "reads after the drops");
     let mut back = rig.crash_durable_only(3).unwrap();

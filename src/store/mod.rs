@@ -47,11 +47,42 @@ pub const INTENT_REGION: u64 = 16 << 20;
 /// Granularity of the map of journaled regions that in-place writes avoid.
 const JOURNALED_CHUNK: u64 = 1 << 20;
 
-/// Granularity of the map of large page-cache folios (`Store::large_folios`).
+/// Entries of the map of large page-cache folios (`Store::large_folios`)
+/// cover this much of the disk each, as 16 pieces of `PAGE_CACHE_PIECE`.
 const FOLIO_CHUNK: u64 = 1 << 20;
+const _: () = assert!(
+    FOLIO_CHUNK / PAGE_CACHE_PIECE == 16,
+    "FolioChunk masks are u16"
+);
 /// At most this many chunks are remembered (1 TiB of the disk); past that,
 /// large writes are not tracked and small writes after them cost more.
 const MAX_FOLIO_CHUNKS: usize = 1 << 20;
+
+/// One 1 MiB chunk of `Store::large_folios`: which of its 64 KiB pieces may
+/// hold large folios, as bit masks (bit i: piece i).
+#[derive(Debug, Clone, Copy, Default)]
+struct FolioChunk {
+    /// `checkpoints_begun()` when a large write into the chunk last finished.
+    mark: u64,
+    /// Pieces a large write left, not dropped since.
+    first: u16,
+    /// `checkpoints_begun()` at the last first drop in the chunk.
+    second_mark: u64,
+    /// Pieces dropped once, due for the second drop.
+    second: u16,
+}
+
+/// The pieces of `chunk` that `[start, end)` touches, as a `FolioChunk` mask.
+fn piece_mask(chunk: u64, start: u64, end: u64) -> u16 {
+    let base = chunk * FOLIO_CHUNK;
+    let lo = start.max(base) - base;
+    let hi = end.min(base + FOLIO_CHUNK) - base;
+    if lo >= hi {
+        return 0;
+    }
+    let (a, b) = (lo / PAGE_CACHE_PIECE, hi.div_ceil(PAGE_CACHE_PIECE));
+    (((1u32 << b) - (1u32 << a)) & 0xffff) as u16
+}
 
 /// Tokens with this bit set belong to the store.
 pub const STORE_TOKEN: u64 = 1 << 62;
@@ -386,8 +417,8 @@ pub struct StoreStats {
     pub inplace_writes: u64,
     /// Writes held back for a checkpoint so they could go in place.
     pub deferred_writes: u64,
-    /// 1 MiB chunks of the data file whose large cached folios were dropped
-    /// before a small write (see `Store::large_folios`).
+    /// 64 KiB pieces of the data file whose large cached folios were
+    /// dropped before a small write (see `Store::large_folios`).
     pub cache_drops: u64,
 }
 
@@ -454,20 +485,21 @@ pub struct Store {
     /// may not touch them: after a crash, replay would need the older
     /// record's bytes *under* the newer in-place data, which is not knowable.
     journaled_chunks: HashMap<u64, (u64, bool)>,
-    /// 1 MiB chunks of `data` where a page-cache write of data of at least
-    /// `PAGE_CACHE_PIECE` finished (zeroing makes no folios), with
-    /// `checkpoints_begun()` at that moment. The kernel
+    /// The 64 KiB pieces of `data` where a page-cache write of data of at
+    /// least `PAGE_CACHE_PIECE` finished (zeroing makes no folios), kept per
+    /// 1 MiB chunk with `checkpoints_begun()` at that moment. The kernel
     /// sizes a folio by the write that creates it (up to 64 KiB here, see
     /// `PAGE_CACHE_PIECE`), and a small write later dirties the whole
     /// folio: 4 KiB random writes after a sequential pass made a primary
     /// write back 1.3 GB/s for 130 MB/s of client data (docs/design.md,
-    /// "Large folios"). Before the first small write into such a chunk,
+    /// "Large folios"). Before the first small write into such a piece,
     /// once a checkpoint has synced the large write (its pages are clean),
-    /// the chunk's cached pages are dropped, so small writes make small
-    /// folios again. Reads that never write keep the cache. A folio dirtied
-    /// before the drop stays, so the drop is repeated once more after the
-    /// next checkpoint (the second number: drops left).
-    large_folios: HashMap<u64, (u64, u8)>,
+    /// the piece's cached pages are dropped, so small writes make small
+    /// folios again. Only the piece goes (a folio never spans two): the
+    /// rest of the chunk stays cached, and reads that never write keep the
+    /// cache. A folio dirtied before the drop stays, so the drop is
+    /// repeated once more after the next checkpoint (`FolioChunk::second`).
+    large_folios: HashMap<u64, FolioChunk>,
     /// Payload buffers the store is done with, for the caller to reuse (large
     /// buffers cost a page fault per 4 KiB and a memset when fresh).
     pub recycled: Vec<Vec<u8>>,
@@ -1213,37 +1245,59 @@ impl Store {
             if self.large_folios.len() >= MAX_FOLIO_CHUNKS && !self.large_folios.contains_key(&c) {
                 return;
             }
-            self.large_folios.insert(c, (mark, 2));
+            let m = piece_mask(c, start, end);
+            let e = self.large_folios.entry(c).or_default();
+            e.mark = mark;
+            e.first |= m;
+            e.second &= !m;
         }
     }
 
     /// A small write into `[start, end)` is about to go through the page
-    /// cache: for every chunk there with large folios whose write a finished
+    /// cache: for every piece there with large folios whose write a finished
     /// checkpoint has synced, queue a drop of its cached pages (clean pages
     /// go; a page dirtied since is only written back, and stays).
     fn drop_large_folios(&mut self, start: u64, end: u64, out: &mut Vec<Op>) {
         if self.large_folios.is_empty() {
             return;
         }
+        let (done, begun) = (self.stats.checkpoints, self.checkpoints_begun());
         for c in start / FOLIO_CHUNK..end.div_ceil(FOLIO_CHUNK) {
-            match self.large_folios.get(&c) {
-                Some(&(mark, left)) if self.stats.checkpoints > mark => {
-                    if left > 1 {
-                        let again = self.checkpoints_begun();
-                        self.large_folios.insert(c, (again, left - 1));
-                    } else {
-                        self.large_folios.remove(&c);
-                    }
-                }
-                _ => continue,
+            let Some(e) = self.large_folios.get_mut(&c) else {
+                continue;
+            };
+            let m = piece_mask(c, start, end);
+            let once = if done > e.mark { e.first & m } else { 0 };
+            let twice = if done > e.second_mark {
+                e.second & m & !once
+            } else {
+                0
+            };
+            if once | twice == 0 {
+                continue;
             }
-            self.stats.cache_drops += 1;
-            let offset = c * FOLIO_CHUNK;
-            out.push(Op::DropCache {
-                fd: self.files.data,
-                offset,
-                len: FOLIO_CHUNK.min(self.sb.size.saturating_sub(offset)),
-            });
+            e.first &= !once;
+            e.second = (e.second & !twice) | once;
+            if once != 0 {
+                e.second_mark = begun;
+            }
+            if e.first == 0 && e.second == 0 {
+                self.large_folios.remove(&c);
+            }
+            // One drop per run of adjacent pieces.
+            let mut bits = once | twice;
+            while bits != 0 {
+                let a = u64::from(bits.trailing_zeros());
+                let run = u64::from((bits >> a).trailing_ones());
+                bits &= !(((1u32 << (a + run)) - (1u32 << a)) as u16);
+                let offset = c * FOLIO_CHUNK + a * PAGE_CACHE_PIECE;
+                self.stats.cache_drops += run;
+                out.push(Op::DropCache {
+                    fd: self.files.data,
+                    offset,
+                    len: (run * PAGE_CACHE_PIECE).min(self.sb.size.saturating_sub(offset)),
+                });
+            }
         }
     }
 
