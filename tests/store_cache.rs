@@ -7,7 +7,7 @@
 
 mod sim_common;
 
-use nbdmirror::store::Tuning;
+use nbdmirror::store::{Tuning, WRITE_HEADROOM};
 use sim_common::*;
 
 const CHUNK: u64 = 1 << 20;
@@ -94,6 +94,45 @@ fn small_writes_after_a_large_one_drop_its_cached_pages_twice() {
     assert_eq!(rig.read_all().unwrap(), model, "reads after the drops");
     let mut back = rig.crash_durable_only(3).unwrap();
     assert_eq!(back.read_all().unwrap(), model, "after a crash");
+}
+
+/// Two small writes applied together: the first drops piece 0 for the
+/// first time, the second is piece 2's second drop, which is due (a
+/// checkpoint has passed since piece 2's first drop). Piece 0's drop must
+/// not push piece 2's back to the next checkpoint.
+#[test]
+fn one_pieces_first_drop_does_not_delay_anothers_second() {
+    let size = 4 * CHUNK;
+    let mut rig = Rig::new(10, size, 4 * CHUNK, tuning(true));
+    rig.sim.reorder = false;
+    let mut model = vec![0u8; size as usize];
+    write_settled(&mut rig, &mut model, 1, 0, CHUNK);
+    write_settled(&mut rig, &mut model, 2, 2 * PIECE + 4096, 4096);
+    assert_eq!(rig.sim.cache_drops, vec![(2 * PIECE, PIECE)]);
+    // Both records in one journal write, one sync, one apply batch.
+    let (a, b) = (4096u64, 2 * PIECE + 8192);
+    for (id, off) in [(3u64, a), (4, b)] {
+        let data = pattern(id, off, 4096);
+        let rid = rig.fresh_id();
+        rig.st.write(
+            &mut rig.sim,
+            rid,
+            off,
+            payload(&data, WRITE_HEADROOM),
+            WRITE_HEADROOM,
+            4096,
+            false,
+        );
+        model[off as usize..off as usize + 4096].copy_from_slice(&data);
+    }
+    rig.flush_sync().unwrap();
+    rig.pump();
+    assert_eq!(
+        rig.sim.cache_drops,
+        vec![(2 * PIECE, PIECE), (0, PIECE), (2 * PIECE, PIECE)],
+        "piece 0's first drop and piece 2's second, in one batch"
+    );
+    assert_eq!(rig.read_all().unwrap(), model);
 }
 
 #[test]

@@ -68,8 +68,12 @@ struct FolioChunk {
     first: u16,
     /// `checkpoints_begun()` at the last first drop in the chunk.
     second_mark: u64,
-    /// Pieces dropped once, due for the second drop.
+    /// Pieces dropped once, waiting for a checkpoint after `second_mark`.
     second: u16,
+    /// Pieces dropped once whose second drop is due (moved from `second`
+    /// before a later first drop moves `second_mark` on, so that one
+    /// piece's first drop does not hold back another's second).
+    second_due: u16,
 }
 
 /// The pieces of `chunk` that `[start, end)` touches, as a `FolioChunk` mask.
@@ -1243,13 +1247,14 @@ impl Store {
         let mark = self.checkpoints_begun();
         for c in start / FOLIO_CHUNK..end.div_ceil(FOLIO_CHUNK) {
             if self.large_folios.len() >= MAX_FOLIO_CHUNKS && !self.large_folios.contains_key(&c) {
-                return;
+                continue;
             }
             let m = piece_mask(c, start, end);
             let e = self.large_folios.entry(c).or_default();
             e.mark = mark;
             e.first |= m;
             e.second &= !m;
+            e.second_due &= !m;
         }
     }
 
@@ -1266,22 +1271,23 @@ impl Store {
             let Some(e) = self.large_folios.get_mut(&c) else {
                 continue;
             };
+            if done > e.second_mark {
+                e.second_due |= e.second;
+                e.second = 0;
+            }
             let m = piece_mask(c, start, end);
             let once = if done > e.mark { e.first & m } else { 0 };
-            let twice = if done > e.second_mark {
-                e.second & m & !once
-            } else {
-                0
-            };
+            let twice = e.second_due & m;
             if once | twice == 0 {
                 continue;
             }
             e.first &= !once;
-            e.second = (e.second & !twice) | once;
+            e.second_due &= !twice;
             if once != 0 {
+                e.second |= once;
                 e.second_mark = begun;
             }
-            if e.first == 0 && e.second == 0 {
+            if e.first | e.second | e.second_due == 0 {
                 self.large_folios.remove(&c);
             }
             // One drop per run of adjacent pieces.
@@ -1291,11 +1297,17 @@ impl Store {
                 let run = u64::from((bits >> a).trailing_ones());
                 bits &= !(((1u32 << (a + run)) - (1u32 << a)) as u16);
                 let offset = c * FOLIO_CHUNK + a * PAGE_CACHE_PIECE;
+                let len = (run * PAGE_CACHE_PIECE).min(self.sb.size.saturating_sub(offset));
+                if len == 0 {
+                    // Past the end (cannot happen: marks come from writes
+                    // inside the disk); fadvise would read 0 as "to EOF".
+                    continue;
+                }
                 self.stats.cache_drops += run;
                 out.push(Op::DropCache {
                     fd: self.files.data,
                     offset,
-                    len: (run * PAGE_CACHE_PIECE).min(self.sb.size.saturating_sub(offset)),
+                    len,
                 });
             }
         }
