@@ -762,6 +762,7 @@ fn check_status_schema(j: &Json) {
         "inplace_writes",
         "deferred_writes",
         "cache_drops",
+        "prewrite_drops",
         "checksum_failures",
     ] {
         assert!(

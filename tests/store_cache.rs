@@ -46,6 +46,12 @@ fn small_writes_after_a_large_one_drop_its_cached_pages_twice() {
         "the large write went in place"
     );
     assert_eq!(rig.st.stats.cache_drops, 0, "no small write yet");
+    assert_eq!(
+        rig.sim.cache_drops,
+        vec![(0, CHUNK), (CHUNK, CHUNK)],
+        "the large write first dropped what it replaces"
+    );
+    rig.sim.cache_drops.clear();
 
     // A chunk nothing large touched: no drop.
     write_settled(&mut rig, &mut model, 2, 5 * CHUNK + 4096, 4096);
@@ -107,6 +113,7 @@ fn one_pieces_first_drop_does_not_delay_anothers_second() {
     rig.sim.reorder = false;
     let mut model = vec![0u8; size as usize];
     write_settled(&mut rig, &mut model, 1, 0, CHUNK);
+    rig.sim.cache_drops.clear();
     write_settled(&mut rig, &mut model, 2, 2 * PIECE + 4096, 4096);
     assert_eq!(rig.sim.cache_drops, vec![(2 * PIECE, PIECE)]);
     // Both records in one journal write, one sync, one apply batch.
@@ -133,6 +140,45 @@ fn one_pieces_first_drop_does_not_delay_anothers_second() {
         "piece 0's first drop and piece 2's second, in one batch"
     );
     assert_eq!(rig.read_all().unwrap(), model);
+}
+
+/// A large write about to go through the page cache first drops the cache
+/// of the whole pieces it covers that hold no large write's folios (never
+/// written, or dropped and then filled by small writes), so it writes into
+/// an empty range instead of over 4 KiB folios; pieces whose large folios
+/// are still there, and edge pieces it covers only in part, are left alone.
+#[test]
+fn large_writes_first_drop_pieces_without_large_folios() {
+    let size = 4 * CHUNK;
+    let mut rig = Rig::new(11, size, 4 * CHUNK, tuning(true));
+    rig.sim.reorder = false;
+    let mut model = vec![0u8; size as usize];
+    // First write of chunk 0: every piece dropped first (nothing cached).
+    write_settled(&mut rig, &mut model, 1, 0, CHUNK);
+    assert_eq!(rig.sim.cache_drops, vec![(0, CHUNK)]);
+    assert_eq!(rig.st.stats.prewrite_drops, 16);
+    // Again: the pieces hold its folios now; nothing to drop.
+    write_settled(&mut rig, &mut model, 2, 0, CHUNK);
+    assert_eq!(rig.sim.cache_drops.len(), 1);
+    // A small write drops piece 1 (small folios from now on)...
+    write_settled(&mut rig, &mut model, 3, PIECE + 4096, 4096);
+    assert_eq!(rig.sim.cache_drops.last(), Some(&(PIECE, PIECE)));
+    // ...so the next large write over it drops piece 1 first, and only it.
+    let n = rig.sim.cache_drops.len();
+    write_settled(&mut rig, &mut model, 4, 0, CHUNK);
+    assert_eq!(rig.sim.cache_drops[n..], [(PIECE, PIECE)]);
+    // Unaligned to pieces: only the pieces covered whole (3 to 6 of chunk
+    // 1), not the edges the write touches in part.
+    let n = rig.sim.cache_drops.len();
+    write_settled(&mut rig, &mut model, 5, CHUNK + 2 * PIECE + 4096, 5 * PIECE);
+    assert_eq!(rig.sim.cache_drops[n..], [(CHUNK + 3 * PIECE, 4 * PIECE)]);
+    assert_eq!(
+        rig.st.stats.inplace_writes, 4,
+        "the four large writes went in place"
+    );
+    assert_eq!(rig.read_all().unwrap(), model);
+    let mut back = rig.crash_durable_only(4).unwrap();
+    assert_eq!(back.read_all().unwrap(), model, "after a crash");
 }
 
 #[test]
