@@ -38,6 +38,7 @@ fn write_settled(rig: &mut Rig, model: &mut [u8], id: u64, off: u64, len: u64) {
 fn small_writes_after_a_large_one_drop_its_cached_pages_twice() {
     let size = 8 * CHUNK;
     let mut rig = Rig::new(7, size, 4 * CHUNK, tuning(true));
+    rig.sim.reorder = false;
     let mut model = vec![0u8; size as usize];
     // Two chunks written in place, one sequential pass.
     write_settled(&mut rig, &mut model, 1, 0, 2 * CHUNK);

@@ -744,7 +744,10 @@ impl Store {
         for d in std::mem::take(&mut self.deferred) {
             self.events.push(StoreEvent::Written(d.op.req(), Err(EIO)));
         }
-        // In-place writes whose data write has not started never will.
+        // In-place writes whose data write has not started never will. (A
+        // write waiting for its cache drops is already Writing: its pieces
+        // go when the drops finish and fail or land like those in flight;
+        // the client gets EIO either way.)
         let stuck: Vec<u64> = self
             .inplace
             .iter()
@@ -1142,8 +1145,16 @@ impl Store {
     /// partly covers are left alone (their other blocks may be read).
     fn prewrite_drops(&mut self, start: u64, end: u64) -> Vec<Op> {
         let mut out = Vec::new();
+        let full = self.large_folios.len() >= MAX_FOLIO_CHUNKS;
         for c in start / FOLIO_CHUNK..end.div_ceil(FOLIO_CHUNK) {
-            let marked = self.large_folios.get(&c).map_or(0, |e| e.first);
+            let marked = match self.large_folios.get(&c) {
+                Some(e) => e.first,
+                // Past what the map can hold nothing is known: the pieces
+                // may hold this very write's predecessor's dirty pages, and
+                // DONTNEED would write them back only to be overwritten.
+                None if full => continue,
+                None => 0,
+            };
             let need = full_piece_mask(c, start, end) & !marked;
             self.stats.prewrite_drops += u64::from(need.count_ones());
             self.push_piece_drops(c, need, &mut out);
