@@ -182,6 +182,29 @@ fn large_writes_first_drop_pieces_without_large_folios() {
     assert_eq!(back.read_all().unwrap(), model, "after a crash");
 }
 
+/// A disk whose size is no multiple of a piece: the last piece's drop
+/// stops at the end of the disk (a zero or longer length would reach past
+/// it; fadvise reads 0 as "to the end of the file"), and a large write
+/// does not drop the part-piece at the end before it writes.
+#[test]
+fn drops_stop_at_the_end_of_the_disk() {
+    let tail = 5 * 4096;
+    let size = 2 * CHUNK + tail;
+    let mut rig = Rig::new(12, size, 4 * CHUNK, tuning(true));
+    rig.sim.reorder = false;
+    let mut model = vec![0u8; size as usize];
+    write_settled(&mut rig, &mut model, 1, CHUNK, CHUNK + tail);
+    assert_eq!(rig.st.stats.inplace_writes, 1, "the large write went in place");
+    assert_eq!(
+        rig.sim.cache_drops,
+        vec![(CHUNK, CHUNK)],
+        "only whole pieces are dropped before the write"
+    );
+    write_settled(&mut rig, &mut model, 2, 2 * CHUNK + 4096, 4096);
+    assert_eq!(rig.sim.cache_drops.last(), Some(&(2 * CHUNK, tail)));
+    assert_eq!(rig.read_all().unwrap(), model);
+}
+
 #[test]
 fn no_drop_before_a_checkpoint_has_synced_the_large_write() {
     let size = 4 * CHUNK;
