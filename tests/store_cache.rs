@@ -194,7 +194,10 @@ fn drops_stop_at_the_end_of_the_disk() {
     rig.sim.reorder = false;
     let mut model = vec![0u8; size as usize];
     write_settled(&mut rig, &mut model, 1, CHUNK, CHUNK + tail);
-    assert_eq!(rig.st.stats.inplace_writes, 1, "the large write went in place");
+    assert_eq!(
+        rig.st.stats.inplace_writes, 1,
+        "the large write went in place"
+    );
     assert_eq!(
         rig.sim.cache_drops,
         vec![(CHUNK, CHUNK)],
