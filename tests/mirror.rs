@@ -732,19 +732,18 @@ fn check_status_schema(j: &Json) {
             ["connecting", "disconnected", "syncing", "in_sync"].contains(&st),
             "peer state {st:?} is not one of connecting/disconnected/syncing/in_sync: {p:?}"
         );
-        for k in [
-            "dirty_bytes",
-            "resync_total_bytes",
-            "resync_done_bytes",
-            "resync_sent_bytes",
-            "rate_bytes_per_sec",
-            "rate_limit",
-        ] {
-            assert!(
-                p.at(k).as_f64().is_some_and(|v| v >= 0.0),
-                "peer field {k} is not a number >= 0 in {p:?}"
-            );
-        }
+        assert_counts(
+            p,
+            "peer",
+            &[
+                "dirty_bytes",
+                "resync_total_bytes",
+                "resync_done_bytes",
+                "resync_sent_bytes",
+                "rate_bytes_per_sec",
+                "rate_limit",
+            ],
+        );
         assert!(p.at("paused").as_bool().is_some(), "paused in {p:?}");
         assert!(
             matches!(p.at("last_error"), Json::Null | Json::Str(_)),
@@ -752,24 +751,23 @@ fn check_status_schema(j: &Json) {
         );
     }
     let st = j.at("store");
-    for k in [
-        "size_bytes",
-        "journal_bytes",
-        "journal_used_bytes",
-        "journal_syncs",
-        "checkpoints",
-        "applied_bytes",
-        "inplace_writes",
-        "deferred_writes",
-        "cache_drops",
-        "prewrite_drops",
-        "checksum_failures",
-    ] {
-        assert!(
-            st.at(k).as_f64().is_some_and(|v| v >= 0.0),
-            "store field {k} is not a number >= 0 in {st:?}"
-        );
-    }
+    assert_counts(
+        st,
+        "store",
+        &[
+            "size_bytes",
+            "journal_bytes",
+            "journal_used_bytes",
+            "journal_syncs",
+            "checkpoints",
+            "applied_bytes",
+            "inplace_writes",
+            "deferred_writes",
+            "cache_drops",
+            "prewrite_drops",
+            "checksum_failures",
+        ],
+    );
     assert!(
         st.at("journal_used_bytes").as_f64() <= st.at("journal_bytes").as_f64(),
         "journal fuller than its size: {st:?}"
@@ -778,6 +776,16 @@ fn check_status_schema(j: &Json) {
         matches!(st.at("failed"), Json::Null),
         "the store reports a failure: {st:?}"
     );
+}
+
+/// Every field `keys` of status object `o` (a `what`) is a number >= 0.
+fn assert_counts(o: &Json, what: &str, keys: &[&str]) {
+    for k in keys {
+        assert!(
+            o.at(k).as_f64().is_some_and(|v| v >= 0.0),
+            "{what} field {k} is not a number >= 0 in {o:?}"
+        );
+    }
 }
 
 fn peer(j: &Json, id: u32) -> Option<&Json> {

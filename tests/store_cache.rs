@@ -22,6 +22,12 @@ fn tuning(eager: bool) -> Tuning {
     }
 }
 
+/// A fresh replica of `size` bytes (4 MiB journal) and its model, all zero.
+fn new_rig(seed: u64, size: u64, eager: bool) -> (Rig, Vec<u8>) {
+    let rig = Rig::new(seed, size, 4 * CHUNK, tuning(eager));
+    (rig, vec![0u8; size as usize])
+}
+
 /// Write, flush, and let every sync, apply and checkpoint run.
 fn write_settled(rig: &mut Rig, model: &mut [u8], id: u64, off: u64, len: u64) {
     let data = pattern(id, off, len);
@@ -37,9 +43,8 @@ fn write_settled(rig: &mut Rig, model: &mut [u8], id: u64, off: u64, len: u64) {
 #[test]
 fn small_writes_after_a_large_one_drop_its_cached_pages_twice() {
     let size = 8 * CHUNK;
-    let mut rig = Rig::new(7, size, 4 * CHUNK, tuning(true));
+    let (mut rig, mut model) = new_rig(7, size, true);
     rig.sim.reorder = false;
-    let mut model = vec![0u8; size as usize];
     // Two chunks written in place, one sequential pass.
     write_settled(&mut rig, &mut model, 1, 0, 2 * CHUNK);
     assert!(
@@ -110,9 +115,8 @@ fn small_writes_after_a_large_one_drop_its_cached_pages_twice() {
 #[test]
 fn one_pieces_first_drop_does_not_delay_anothers_second() {
     let size = 4 * CHUNK;
-    let mut rig = Rig::new(10, size, 4 * CHUNK, tuning(true));
+    let (mut rig, mut model) = new_rig(10, size, true);
     rig.sim.reorder = false;
-    let mut model = vec![0u8; size as usize];
     write_settled(&mut rig, &mut model, 1, 0, CHUNK);
     rig.sim.cache_drops.clear();
     write_settled(&mut rig, &mut model, 2, 2 * PIECE + 4096, 4096);
@@ -151,9 +155,8 @@ fn one_pieces_first_drop_does_not_delay_anothers_second() {
 #[test]
 fn large_writes_first_drop_pieces_without_large_folios() {
     let size = 4 * CHUNK;
-    let mut rig = Rig::new(11, size, 4 * CHUNK, tuning(true));
+    let (mut rig, mut model) = new_rig(11, size, true);
     rig.sim.reorder = false;
-    let mut model = vec![0u8; size as usize];
     // First write of chunk 0: every piece dropped first (nothing cached).
     write_settled(&mut rig, &mut model, 1, 0, CHUNK);
     assert_eq!(rig.sim.cache_drops, vec![(0, CHUNK)]);
@@ -190,9 +193,8 @@ fn large_writes_first_drop_pieces_without_large_folios() {
 fn drops_stop_at_the_end_of_the_disk() {
     let tail = 5 * 4096;
     let size = 2 * CHUNK + tail;
-    let mut rig = Rig::new(12, size, 4 * CHUNK, tuning(true));
+    let (mut rig, mut model) = new_rig(12, size, true);
     rig.sim.reorder = false;
-    let mut model = vec![0u8; size as usize];
     write_settled(&mut rig, &mut model, 1, CHUNK, CHUNK + tail);
     assert_eq!(
         rig.st.stats.inplace_writes, 1,
@@ -212,8 +214,7 @@ fn drops_stop_at_the_end_of_the_disk() {
 fn no_drop_before_a_checkpoint_has_synced_the_large_write() {
     let size = 4 * CHUNK;
     // No checkpoint ever runs by itself.
-    let mut rig = Rig::new(8, size, 4 * CHUNK, tuning(false));
-    let mut model = vec![0u8; size as usize];
+    let (mut rig, mut model) = new_rig(8, size, false);
     write_settled(&mut rig, &mut model, 1, 0, CHUNK);
     write_settled(&mut rig, &mut model, 2, 4096, 4096);
     write_settled(&mut rig, &mut model, 3, 8192, 4096);
@@ -227,8 +228,7 @@ fn no_drop_before_a_checkpoint_has_synced_the_large_write() {
 #[test]
 fn zeroing_and_mid_sized_writes_leave_no_mark() {
     let size = 8 * CHUNK;
-    let mut rig = Rig::new(9, size, 4 * CHUNK, tuning(true));
-    let mut model = vec![0u8; size as usize];
+    let (mut rig, mut model) = new_rig(9, size, true);
     // WRITE_ZEROES/TRIM is applied with fallocate: it makes no folios.
     rig.zero_sync(0, 2 * CHUNK, false).unwrap();
     rig.flush_sync().unwrap();

@@ -76,28 +76,44 @@ struct FolioChunk {
     second_due: u16,
 }
 
-/// The pieces of `chunk` that `[start, end)` covers whole, as a mask.
-fn full_piece_mask(chunk: u64, start: u64, end: u64) -> u16 {
+/// The pieces of `chunk` that `[start, end)` touches (`whole`: covers
+/// whole), as a `FolioChunk` mask.
+fn piece_mask(chunk: u64, start: u64, end: u64, whole: bool) -> u16 {
     let base = chunk * FOLIO_CHUNK;
     let lo = start.max(base) - base;
     let hi = end.min(base + FOLIO_CHUNK) - base;
-    let (a, b) = (lo.div_ceil(PAGE_CACHE_PIECE), hi / PAGE_CACHE_PIECE);
-    if a >= b {
+    let (a, b) = if whole {
+        (lo.div_ceil(PAGE_CACHE_PIECE), hi / PAGE_CACHE_PIECE)
+    } else {
+        (lo / PAGE_CACHE_PIECE, hi.div_ceil(PAGE_CACHE_PIECE))
+    };
+    if lo >= hi || a >= b {
         return 0;
     }
     (((1u32 << b) - (1u32 << a)) & 0xffff) as u16
 }
 
-/// The pieces of `chunk` that `[start, end)` touches, as a `FolioChunk` mask.
-fn piece_mask(chunk: u64, start: u64, end: u64) -> u16 {
-    let base = chunk * FOLIO_CHUNK;
-    let lo = start.max(base) - base;
-    let hi = end.min(base + FOLIO_CHUNK) - base;
-    if lo >= hi {
-        return 0;
+/// Writes held until the cache drops that clear their range have finished
+/// (a write first would fill the range again before the drop empties it).
+#[derive(Debug, Default)]
+struct AfterDrops {
+    drops_left: usize,
+    writes: Vec<Op>,
+}
+
+impl AfterDrops {
+    /// One of the drops finished: the writes to submit now (all of them
+    /// once no drop is left, else none).
+    fn drop_done(&mut self) -> Vec<Op> {
+        if self.drops_left == 0 {
+            return Vec::new();
+        }
+        self.drops_left -= 1;
+        if self.drops_left > 0 {
+            return Vec::new();
+        }
+        std::mem::take(&mut self.writes)
     }
-    let (a, b) = (lo / PAGE_CACHE_PIECE, hi.div_ceil(PAGE_CACHE_PIECE));
-    (((1u32 << b) - (1u32 << a)) & 0xffff) as u16
 }
 
 /// Tokens with this bit set belong to the store.
@@ -204,10 +220,9 @@ struct InPlaceWrite {
     /// Page-cache pieces still being written, and the first error one got.
     pieces_left: usize,
     piece_error: Option<i32>,
-    /// Cache drops to finish before the pieces in `held` are submitted
-    /// (see `Store::prewrite_drops`).
-    drops_left: usize,
-    held: Vec<Op>,
+    /// Its pieces while cache drops clear their range first (see
+    /// `Store::prewrite_drops`).
+    held: AfterDrops,
 }
 
 /// Zero record flag: WRITE_ZEROES with NO_HOLE; the range must stay
@@ -331,7 +346,7 @@ pub struct Files {
     pub meta: RawFd,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone, Copy)]
 enum Ctx {
     JournalWrite { seq: u64 },
     JournalVoid { seq: u64 },
@@ -341,7 +356,7 @@ enum Ctx {
     DataRead { read: ReqId, part: usize },
     InPlaceData { seq: u64 },
     InPlaceDrop { seq: u64 },
-    DropCache,
+    ApplyDrop,
     DataSync { count: u64 },
     Checkpoint,
 }
@@ -397,9 +412,8 @@ struct ApplyBatch {
     /// Data pieces of at least a page-cache piece: they leave large folios
     /// (see `Store::large_folios`).
     large: Vec<(u64, u64)>,
-    /// Cache drops in flight, and the batch's writes that wait for them.
-    drops_left: usize,
-    held: Vec<Op>,
+    /// The batch's writes while cache drops clear large folios first.
+    held: AfterDrops,
     /// Blocks needing read-modify-write: block -> pieces touching it.
     rmw: HashMap<u64, Vec<Piece>>,
     failed: Option<i32>,
@@ -852,8 +866,7 @@ impl Store {
                         bounced: false,
                         pieces_left: 0,
                         piece_error: None,
-                        drops_left: 0,
-                        held: Vec::new(),
+                        held: AfterDrops::default(),
                     },
                 );
                 self.start_inplace_data(io);
@@ -1102,19 +1115,41 @@ impl Store {
                 })
                 .collect();
             let drops = self.prewrite_drops(offset, offset + len as u64);
-            if drops.is_empty() {
-                for op in ops {
-                    self.submit(io, Ctx::InPlaceData { seq }, op);
-                }
-                continue;
-            }
-            let w = self.inplace.get_mut(&seq).unwrap();
-            w.drops_left = drops.len();
-            w.held = ops;
-            for op in drops {
-                self.submit(io, Ctx::InPlaceDrop { seq }, op);
-            }
+            let held = self.submit_after_drops(
+                io,
+                drops,
+                Ctx::InPlaceDrop { seq },
+                ops,
+                Ctx::InPlaceData { seq },
+            );
+            self.inplace.get_mut(&seq).unwrap().held = held;
         }
+    }
+
+    /// Submit `writes` (as `ctx`) now, or, when there are `drops`, submit
+    /// those (as `drop_ctx`) and return the writes held until they finish.
+    fn submit_after_drops(
+        &mut self,
+        io: &mut dyn Io,
+        drops: Vec<Op>,
+        drop_ctx: Ctx,
+        writes: Vec<Op>,
+        ctx: Ctx,
+    ) -> AfterDrops {
+        if drops.is_empty() {
+            for op in writes {
+                self.submit(io, ctx, op);
+            }
+            return AfterDrops::default();
+        }
+        let held = AfterDrops {
+            drops_left: drops.len(),
+            writes,
+        };
+        for op in drops {
+            self.submit(io, drop_ctx, op);
+        }
+        held
     }
 
     /// A cache drop before in-place write `seq` finished (its result is a
@@ -1123,11 +1158,7 @@ impl Store {
         let Some(w) = self.inplace.get_mut(&seq) else {
             return;
         };
-        w.drops_left -= 1;
-        if w.drops_left > 0 {
-            return;
-        }
-        for op in std::mem::take(&mut w.held) {
+        for op in w.held.drop_done() {
             self.submit(io, Ctx::InPlaceData { seq }, op);
         }
     }
@@ -1155,7 +1186,7 @@ impl Store {
                 None if full => continue,
                 None => 0,
             };
-            let need = full_piece_mask(c, start, end) & !marked;
+            let need = piece_mask(c, start, end, true) & !marked;
             self.stats.prewrite_drops += u64::from(need.count_ones());
             self.push_piece_drops(c, need, &mut out);
         }
@@ -1300,18 +1331,11 @@ impl Store {
     }
 
     /// A cache drop of the apply batch finished: once all have, its writes go.
-    fn drop_done(&mut self, io: &mut dyn Io) {
+    fn apply_drop_done(&mut self, io: &mut dyn Io) {
         let Some(batch) = self.apply.as_mut() else {
             return;
         };
-        if batch.drops_left == 0 {
-            return;
-        }
-        batch.drops_left -= 1;
-        if batch.drops_left > 0 {
-            return;
-        }
-        for op in std::mem::take(&mut batch.held) {
+        for op in batch.held.drop_done() {
             self.submit(io, Ctx::ApplyWrite, op);
         }
     }
@@ -1352,7 +1376,7 @@ impl Store {
             if self.large_folios.len() >= MAX_FOLIO_CHUNKS && !self.large_folios.contains_key(&c) {
                 continue;
             }
-            let m = piece_mask(c, start, end);
+            let m = piece_mask(c, start, end, false);
             let e = self.large_folios.entry(c).or_default();
             e.mark = mark;
             e.first |= m;
@@ -1378,7 +1402,7 @@ impl Store {
                 e.second_due |= e.second;
                 e.second = 0;
             }
-            let m = piece_mask(c, start, end);
+            let m = piece_mask(c, start, end, false);
             let once = if done > e.mark { e.first & m } else { 0 };
             let twice = e.second_due & m;
             if once | twice == 0 {
@@ -2151,7 +2175,7 @@ impl Store {
             }
             Ctx::Checkpoint => self.checkpoint_op_done(io, err),
             // A hint: whether it worked changes no data.
-            Ctx::DropCache => self.drop_done(io),
+            Ctx::ApplyDrop => self.apply_drop_done(io),
         }
     }
 
@@ -2399,20 +2423,10 @@ impl Store {
         let rmw_blocks: Vec<u64> = batch.rmw.keys().copied().collect();
         batch.ops_left = ops.len() + rmw_blocks.len();
         self.apply = Some(batch);
-        if !drops.is_empty() {
-            // The writes wait for the drops (a write first would dirty a
-            // page of a large folio, which the drop then cannot remove).
-            let batch = self.apply.as_mut().unwrap();
-            batch.drops_left = drops.len();
-            batch.held = ops;
-            for op in drops {
-                self.submit(io, Ctx::DropCache, op);
-            }
-            ops = Vec::new();
-        }
-        for op in ops {
-            self.submit(io, Ctx::ApplyWrite, op);
-        }
+        // The writes wait for the drops (a write first would dirty a page of
+        // a large folio, which the drop then cannot remove).
+        let held = self.submit_after_drops(io, drops, Ctx::ApplyDrop, ops, Ctx::ApplyWrite);
+        self.apply.as_mut().unwrap().held = held;
         for block in rmw_blocks {
             self.submit(
                 io,
