@@ -131,6 +131,10 @@ pub struct SimIo {
     /// Every cache drop executed, as (offset, len): there is no page cache
     /// to drop, but tests check what the store asked for.
     pub cache_drops: Vec<(u64, u64)>,
+    /// What `cached_bytes` reports: per descriptor, the byte ranges to
+    /// count as in the page cache. Descriptors not here report `None`
+    /// (cannot tell), as a kernel without cachestat(2) would.
+    pub page_cache: HashMap<RawFd, Vec<(u64, u64)>>,
     next_fd: RawFd,
 }
 
@@ -146,6 +150,7 @@ impl SimIo {
             inline_done: Vec::new(),
             real_sync_fds: Vec::new(),
             cache_drops: Vec::new(),
+            page_cache: HashMap::new(),
             rng: Rng::new(seed),
             reorder: true,
             faults: Vec::new(),
@@ -541,6 +546,17 @@ fn write_into(img: &mut Vec<u8>, at: usize, data: &[u8]) {
 }
 
 impl Io for SimIo {
+    fn cached_bytes(&mut self, fd: RawFd, offset: u64, len: u64) -> Option<u64> {
+        let end = offset.saturating_add(len);
+        let ranges = self.page_cache.get(&fd)?;
+        Some(
+            ranges
+                .iter()
+                .map(|&(s, e)| e.min(end).saturating_sub(s.max(offset)))
+                .sum(),
+        )
+    }
+
     fn submit(&mut self, token: u64, mut op: Op) {
         if let Op::Write { fd, .. } = &op {
             if self.inline_write_fds.contains(fd) {

@@ -254,3 +254,61 @@ fn zeroing_and_mid_sized_writes_leave_no_mark() {
     assert_eq!(rig.st.stats.cache_drops, 0, "after 16 KiB writes");
     assert_eq!(rig.read_all().unwrap(), model);
 }
+
+#[test]
+fn pieces_cached_when_the_store_opens_are_dropped_once_before_small_writes() {
+    let size = 4 * CHUNK + 3 * PIECE + 4096;
+    let (mut rig, mut model) = new_rig(13, size, true);
+    rig.sim.reorder = false;
+    write_settled(&mut rig, &mut model, 1, 0, 2 * CHUNK);
+    rig.drain();
+    // A restart: an earlier run's folios are still cached (this run's map
+    // is empty). Chunk 0 wholly, chunk 1's pieces 0 and 1 wholly and
+    // piece 2 in part, and the last, partial piece of the disk.
+    let data = rig.files.data;
+    rig.sim
+        .page_cache
+        .insert(data, vec![(0, CHUNK + 2 * PIECE + 4096), (4 * CHUNK, size)]);
+    rig.st = recover(&mut rig.sim, rig.files, rig.tuning).unwrap();
+    rig.sim.cache_drops.clear();
+    assert_eq!(rig.st.stats.cache_drops, 0);
+
+    // The first small write into a cached piece drops it, at once (the
+    // open synced the data file: its pages are clean)...
+    write_settled(&mut rig, &mut model, 2, 5 * PIECE + 4096, 4096);
+    assert_eq!(rig.sim.cache_drops, vec![(5 * PIECE, PIECE)]);
+    // ...and only once.
+    write_settled(&mut rig, &mut model, 3, 5 * PIECE + 8192, 4096);
+    write_settled(&mut rig, &mut model, 4, 5 * PIECE, 4096);
+    assert_eq!(rig.sim.cache_drops.len(), 1);
+    // Chunk 1: pieces 0 and 1 were wholly cached, piece 2 only in part.
+    write_settled(&mut rig, &mut model, 5, CHUNK + PIECE + 512, 1024);
+    write_settled(&mut rig, &mut model, 6, CHUNK + 2 * PIECE, 4096);
+    assert_eq!(rig.sim.cache_drops[1..], [(CHUNK + PIECE, PIECE)]);
+    // Nothing cached in chunk 3; the disk's partial last piece is never
+    // dropped (a drop stops at whole pieces), and the whole ones before it are.
+    write_settled(&mut rig, &mut model, 7, 3 * CHUNK + 4096, 4096);
+    write_settled(&mut rig, &mut model, 8, 4 * CHUNK + 3 * PIECE, 4096);
+    assert_eq!(rig.sim.cache_drops.len(), 2);
+    write_settled(&mut rig, &mut model, 9, 4 * CHUNK + PIECE, 4096);
+    assert_eq!(rig.sim.cache_drops[2..], [(4 * CHUNK + PIECE, PIECE)]);
+    assert_eq!(rig.st.stats.cache_drops, 3);
+
+    // A large write over cached pieces drops them first (they may hold
+    // small folios), then marks them as its own.
+    let n = rig.sim.cache_drops.len();
+    write_settled(&mut rig, &mut model, 10, 0, CHUNK);
+    assert_eq!(rig.sim.cache_drops[n..], [(0, CHUNK)]);
+
+    // A backend that cannot tell what is cached: nothing marked.
+    rig.drain();
+    rig.sim.page_cache.clear();
+    rig.st = recover(&mut rig.sim, rig.files, rig.tuning).unwrap();
+    rig.sim.cache_drops.clear();
+    write_settled(&mut rig, &mut model, 11, CHUNK + 4096, 4096);
+    assert!(rig.sim.cache_drops.is_empty());
+
+    assert_eq!(rig.read_all().unwrap(), model);
+    let mut back = rig.crash_durable_only(5).unwrap();
+    assert_eq!(back.read_all().unwrap(), model, "after a crash");
+}

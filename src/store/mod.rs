@@ -93,6 +93,69 @@ fn piece_mask(chunk: u64, start: u64, end: u64, whole: bool) -> u16 {
     (((1u32 << b) - (1u32 << a)) & 0xffff) as u16
 }
 
+/// The pieces of the data file wholly in the page cache as the store opens,
+/// as `large_folios` entries. An earlier run's large writes (or readahead)
+/// may have left them as large folios that this run's map knows nothing of,
+/// and the first small writes into them would then make write-back write
+/// whole folios (after a restart of a 1-peer mirror, the primary wrote 14.3
+/// GB to disk during 12 s of 4 KiB random writes, against 4.1 GB before
+/// it). Recovery has just synced the data file, so the pages are clean and
+/// one drop before the first small write into each piece is enough: the
+/// pieces start as `second_due`. A large write that replaces them drops
+/// them first as for any piece not marked `first`. Nothing is marked when
+/// the backend cannot tell what is cached.
+///
+/// The search asks how much of a range is cached (cachestat(2) walks the
+/// range's cached pages): a range with nothing cached is skipped, a range
+/// wholly cached is marked whole, any other is split in 16 down to pieces.
+/// A fully cached disk costs one walk of its pages; the worst case (every
+/// piece partly cached) five.
+fn cached_pieces(io: &mut dyn Io, fd: RawFd, size: u64) -> HashMap<u64, FolioChunk> {
+    let mut map = HashMap::new();
+    let whole = size / PAGE_CACHE_PIECE * PAGE_CACHE_PIECE;
+    let mut todo: Vec<(u64, u64)> = Vec::new();
+    // Largest ranges first; pushed in reverse so they are visited in order.
+    let mut w = whole;
+    while w > 0 {
+        let s = (w - 1) / (1 << 30) * (1 << 30);
+        todo.push((s, w));
+        w = s;
+    }
+    while let Some((s, e)) = todo.pop() {
+        if map.len() >= MAX_FOLIO_CHUNKS {
+            break;
+        }
+        let n = match io.cached_bytes(fd, s, e - s) {
+            None => return HashMap::new(),
+            Some(n) => n,
+        };
+        if n == 0 {
+            continue;
+        }
+        if n >= e - s {
+            for c in s / FOLIO_CHUNK..e.div_ceil(FOLIO_CHUNK) {
+                if map.len() >= MAX_FOLIO_CHUNKS && !map.contains_key(&c) {
+                    break;
+                }
+                let entry: &mut FolioChunk = map.entry(c).or_default();
+                entry.second_due |= piece_mask(c, s, e, true);
+            }
+            continue;
+        }
+        if e - s <= PAGE_CACHE_PIECE {
+            continue;
+        }
+        let part = (e - s).div_ceil(16).div_ceil(PAGE_CACHE_PIECE) * PAGE_CACHE_PIECE;
+        let mut at = e;
+        while at > s {
+            let from = s + (at - s - 1) / part * part;
+            todo.push((from, at));
+            at = from;
+        }
+    }
+    map
+}
+
 /// Writes held until the cache drops that clear their range have finished
 /// (a write first would fill the range again before the drop empties it).
 #[derive(Debug, Default)]
@@ -650,6 +713,7 @@ impl Store {
         renew_journal(io, files.journal, sb.journal_size);
         let ring = JournalRing::new(sb.journal_size, sb.tail_pos, sb.tail_seq);
         let last = sb.tail_seq - 1;
+        let large_folios = cached_pieces(io, files.data, sb.size);
         Ok(Store {
             files,
             sb,
@@ -686,7 +750,7 @@ impl Store {
             data_synced: 0,
             data_sync_in_flight: false,
             journaled_chunks: HashMap::new(),
-            large_folios: HashMap::new(),
+            large_folios,
             recycled: Vec::new(),
             intents: HashMap::new(),
             newest_intent: 0,
