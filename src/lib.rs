@@ -6,6 +6,7 @@
 //! - [`server`]: the NBD front end and event loop.
 //! - [`mirror`]: synchronous mirroring to peers, dirty bitmaps, resync, the admin socket.
 //! - [`peer`]: the peer protocol (frames, handshake), sans-I/O.
+//! - [`config`]: the volume config file (every node's settings in one TOML file).
 //! - [`size`]: parsing of human sizes.
 //! - [`xxh3`]: xxh3-64 with the SIMD width picked at run time.
 
@@ -20,6 +21,7 @@ macro_rules! elog {
     }};
 }
 
+pub mod config;
 pub mod fuzzing;
 pub mod io;
 pub mod mirror;

@@ -26,32 +26,38 @@ struct Cli {
     command: Cmd,
 }
 
+// Parsed once at start; the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Cmd {
     /// Create a replica directory for a new disk.
     Init {
         /// Replica directory (created if missing; must not hold a replica).
-        #[arg(long)]
-        dir: PathBuf,
+        #[arg(long, required_unless_present = "config")]
+        dir: Option<PathBuf>,
         /// Disk size: bytes or with a K/M/G/T suffix (binary units), a multiple of 4 KiB.
-        #[arg(long, value_parser = parse_size)]
-        size: u64,
+        #[arg(long, value_parser = parse_size, required_unless_present = "config")]
+        size: Option<u64>,
         /// Journal ring size (default: size/8, between 16 MiB and 1 GiB).
         #[arg(long, value_parser = parse_size)]
         journal_size: Option<u64>,
-        /// This node's id within its volume (1 or more; each node its own).
-        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
-        node_id: u32,
+        /// This node's id within its volume (1 or more; each node its own; default 1).
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+        node_id: Option<u32>,
         /// Join an existing volume (its uuid, as `init` or `info` printed it)
         /// instead of creating a new one.
         #[arg(long)]
         volume_uuid: Option<String>,
+        #[command(flatten)]
+        config: ConfigArgs,
     },
     /// Serve a replica directory over NBD.
     Serve {
         /// Replica directory.
-        #[arg(long)]
-        dir: PathBuf,
+        #[arg(long, required_unless_present = "config")]
+        dir: Option<PathBuf>,
+        #[command(flatten)]
+        config: ConfigArgs,
         /// Create the replica with this size first if the directory holds none.
         #[arg(long, value_parser = parse_size)]
         size: Option<u64>,
@@ -63,9 +69,9 @@ enum Cmd {
         /// Unix socket path to listen on.
         #[arg(long)]
         unix: Option<PathBuf>,
-        /// Export name (the default export "" also selects it).
-        #[arg(long, default_value = "disk")]
-        export_name: String,
+        /// Export name (the default export "" also selects it). Default "disk".
+        #[arg(long)]
+        export_name: Option<String>,
         /// Do not verify block checksums on reads.
         #[arg(long)]
         no_verify_reads: bool,
@@ -77,9 +83,10 @@ enum Cmd {
         #[arg(long, default_value_t = 200)]
         sync_interval_ms: u64,
         /// primary: serves NBD and mirrors to its peers; secondary: accepts
-        /// the replication stream and serves no NBD writes.
-        #[arg(long, value_enum, default_value_t = RoleArg::Primary)]
-        role: RoleArg,
+        /// the replication stream and serves no NBD writes. Default: primary,
+        /// or with --config what its `primary` says for this node.
+        #[arg(long, value_enum)]
+        role: Option<RoleArg>,
         /// (primary, repeatable) A secondary to mirror every write to: ID=HOST:PORT.
         #[arg(long, value_parser = parse_peer)]
         peer: Vec<(u32, SocketAddr)>,
@@ -92,11 +99,13 @@ enum Cmd {
         secret_file: Option<PathBuf>,
         /// A peer that does not answer within this many ms is disconnected
         /// (client I/O goes on; what it misses is recorded in its bitmap).
-        #[arg(long, default_value_t = 3000)]
-        peer_timeout_ms: u64,
-        /// Resync rate cap in bytes per second (K/M/G suffixes); 0 = unlimited.
-        #[arg(long, value_parser = parse_size, default_value = "0")]
-        resync_rate: u64,
+        /// Default 3000.
+        #[arg(long)]
+        peer_timeout_ms: Option<u64>,
+        /// Resync rate cap in bytes per second (K/M/G suffixes); 0 = unlimited
+        /// (the default).
+        #[arg(long, value_parser = parse_size)]
+        resync_rate: Option<u64>,
         /// Control socket for `nbdmirror resync` (default DIR/admin.sock).
         #[arg(long)]
         admin_socket: Option<PathBuf>,
@@ -124,9 +133,36 @@ enum Cmd {
     },
     /// Print a replica directory's superblock.
     Info {
-        #[arg(long)]
-        dir: PathBuf,
+        #[arg(long, required_unless_present = "config")]
+        dir: Option<PathBuf>,
+        #[command(flatten)]
+        config: ConfigArgs,
     },
+}
+
+/// A node of a volume described by a config file (docs/config.md).
+#[derive(clap::Args, Clone, Default)]
+struct ConfigArgs {
+    /// The volume's config file (TOML, the same on every node; see
+    /// docs/config.md). With --node it stands for --dir and the volume's
+    /// settings; options given on the command line win over the file.
+    #[arg(long, requires = "node", conflicts_with = "dir")]
+    config: Option<PathBuf>,
+    /// Which node of the config file this is.
+    #[arg(long, requires = "config")]
+    node: Option<u32>,
+}
+
+impl ConfigArgs {
+    /// The config and this node's entry, when --config was given.
+    fn load(&self) -> Result<Option<(VolumeConfig, NodeConfig)>, String> {
+        let (Some(path), Some(id)) = (&self.config, self.node) else {
+            return Ok(None);
+        };
+        let c = VolumeConfig::load(path)?;
+        let n = c.node(id)?.clone();
+        Ok(Some((c, n)))
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -143,6 +179,8 @@ struct AdminArgs {
     /// The node's admin socket, if not DIR/admin.sock.
     #[arg(long)]
     admin_socket: Option<PathBuf>,
+    #[command(flatten)]
+    config: ConfigArgs,
 }
 
 #[derive(Subcommand)]
@@ -222,6 +260,8 @@ fn output_written(r: std::io::Result<()>) {
     }
 }
 
+use nbdmirror::config::{parse_addr, NodeConfig, VolumeConfig};
+
 fn parse_peer(s: &str) -> Result<(u32, SocketAddr), String> {
     let (id, addr) = s
         .split_once('=')
@@ -232,21 +272,6 @@ fn parse_peer(s: &str) -> Result<(u32, SocketAddr), String> {
         .filter(|&n| n > 0)
         .ok_or_else(|| format!("{id:?} is not a node id (a number, 1 or more)"))?;
     Ok((id, parse_addr(addr)?))
-}
-
-/// HOST:PORT (an IP address or a name, resolved here; `[v6]:PORT` for IPv6)
-/// to the first address it resolves to.
-fn parse_addr(s: &str) -> Result<SocketAddr, String> {
-    if let Ok(a) = s.parse() {
-        return Ok(a);
-    }
-    if !s.contains(':') {
-        return Err(format!("{s:?}: expected HOST:PORT, e.g. 127.0.0.1:10809"));
-    }
-    std::net::ToSocketAddrs::to_socket_addrs(s)
-        .map_err(|e| format!("{s:?}: {e}"))?
-        .next()
-        .ok_or_else(|| format!("{s:?} resolves to no address"))
 }
 
 fn read_secret(path: &std::path::Path) -> Result<Vec<u8>, String> {
@@ -282,11 +307,71 @@ fn read_secret(path: &std::path::Path) -> Result<Vec<u8>, String> {
 }
 
 fn admin_path(a: &AdminArgs) -> Result<PathBuf, String> {
+    if let Some((_, n)) = a.config.load()? {
+        if a.dir.is_some() {
+            return Err("--config --node names the node; leave out --dir".into());
+        }
+        return Ok(a
+            .admin_socket
+            .clone()
+            .or(n.admin_socket)
+            .unwrap_or_else(|| n.dir.join("admin.sock")));
+    }
     match (&a.admin_socket, &a.dir) {
         (Some(p), _) => Ok(p.clone()),
         (None, Some(d)) => Ok(d.join("admin.sock")),
-        (None, None) => Err("say which node: --dir DIR or --admin-socket PATH".into()),
+        (None, None) => {
+            Err("say which node: --dir DIR, --admin-socket PATH or --config FILE --node N".into())
+        }
     }
+}
+
+/// Refuse a replica directory that is not the one the config file
+/// describes for this node (another node's, another volume's, or a
+/// different size): a wrong --node or dir must not serve or mirror the
+/// wrong disk. Nothing is written.
+fn check_config_identity(c: &VolumeConfig, n: &NodeConfig) -> Result<(), String> {
+    if !n.dir.join("meta").exists() {
+        return Err(format!(
+            "{} holds no replica yet; create it with `nbdmirror init --config {} --node {}`",
+            n.dir.display(),
+            c.path.display(),
+            n.id
+        ));
+    }
+    let replica = dir::open(&n.dir)?;
+    let mut io = nbdmirror::io::UringIo::new(8).map_err(|e| format!("io_uring: {e}"))?;
+    let sb = nbdmirror::store::load_superblock(&mut io, replica.files().meta)?;
+    let mut wrong = Vec::new();
+    if sb.node_id != n.id {
+        wrong.push(format!("it is node {}, not node {}", sb.node_id, n.id));
+    }
+    if let Some(u) = c.uuid {
+        if sb.volume_uuid != u {
+            wrong.push(format!(
+                "it belongs to volume {}, not {}",
+                dir::format_uuid(&sb.volume_uuid),
+                dir::format_uuid(&u)
+            ));
+        }
+    }
+    if sb.size != c.size {
+        wrong.push(format!(
+            "its disk is {} bytes, the config says {}",
+            sb.size, c.size
+        ));
+    }
+    if wrong.is_empty() {
+        return Ok(());
+    }
+    Err(format!(
+        "{} is not node {} of the volume in {}: {}; refusing to use it (wrong --node, or the \
+         wrong dir in the config?)",
+        n.dir.display(),
+        n.id,
+        c.path.display(),
+        wrong.join("; ")
+    ))
 }
 
 fn admin_call(a: &AdminArgs, line: &str) -> Result<serde_json::Value, String> {
@@ -547,9 +632,43 @@ fn run(cli: Cli) -> Result<(), String> {
             journal_size,
             node_id,
             volume_uuid,
+            config,
         } => {
+            let (path, size, journal_size, node_id, uuid) = match config.load()? {
+                Some((c, n)) => {
+                    if size.is_some() || node_id.is_some() || volume_uuid.is_some() {
+                        return Err(
+                            "with --config, the size, node id and volume uuid come from \
+                                    the config file; leave out --size, --node-id and --volume-uuid"
+                                .into(),
+                        );
+                    }
+                    let Some(uuid) = c.uuid else {
+                        return Err(format!(
+                            "config file {} has no volume uuid, and every node of the volume \
+                             must be initialised with the same one: add\n  uuid = \"{}\"\nunder \
+                             [volume] (a fresh one), then run this again",
+                            c.path.display(),
+                            dir::format_uuid(&dir::random_uuid())
+                        ));
+                    };
+                    (
+                        n.dir,
+                        c.size,
+                        journal_size.or(c.journal_size),
+                        n.id,
+                        Some(uuid),
+                    )
+                }
+                None => (
+                    path.expect("clap requires --dir"),
+                    size.expect("clap requires --size"),
+                    journal_size,
+                    node_id.unwrap_or(1),
+                    volume_uuid.as_deref().map(dir::parse_uuid).transpose()?,
+                ),
+            };
             let j = journal_size.unwrap_or_else(|| default_journal(size));
-            let uuid = volume_uuid.as_deref().map(dir::parse_uuid).transpose()?;
             let sb = dir::init(&path, size, j, node_id, uuid)?;
             out!(
                 "initialised {}: volume {}, {} bytes, journal {} bytes",
@@ -562,6 +681,7 @@ fn run(cli: Cli) -> Result<(), String> {
         }
         Cmd::Serve {
             dir: path,
+            config,
             size,
             listen,
             unix,
@@ -580,6 +700,84 @@ fn run(cli: Cli) -> Result<(), String> {
             cpu,
             poll_us,
         } => {
+            let cfg = config.load()?;
+            let (path, role, peer, peer_listen, secret_file, peer_timeout_ms, resync_rate) =
+                match &cfg {
+                    Some((c, n)) => {
+                        if size.is_some()
+                            || !peer.is_empty()
+                            || peer_listen.is_some()
+                            || secret_file.is_some()
+                        {
+                            return Err("with --config, the peers, the secret and the size come \
+                                        from the config file; leave out --size, --peer, \
+                                        --peer-listen and --secret-file"
+                                .into());
+                        }
+                        check_config_identity(c, n)?;
+                        let role = role.unwrap_or(if n.id == c.primary {
+                            RoleArg::Primary
+                        } else {
+                            RoleArg::Secondary
+                        });
+                        let (peers, listen_at) = match role {
+                            RoleArg::Primary => (c.peers_of(n.id), None),
+                            RoleArg::Secondary => match n.peer_address {
+                                Some(a) => (Vec::new(), Some(a)),
+                                None => {
+                                    return Err(format!(
+                                        "config file {}: node {} has no peer-address to accept \
+                                         the replication stream on as a secondary",
+                                        c.path.display(),
+                                        n.id
+                                    ))
+                                }
+                            },
+                        };
+                        (
+                            n.dir.clone(),
+                            role,
+                            peers,
+                            listen_at,
+                            c.secret_file.clone(),
+                            peer_timeout_ms.or(c.peer_timeout_ms),
+                            resync_rate.or(c.resync_rate),
+                        )
+                    }
+                    None => (
+                        path.expect("clap requires --dir"),
+                        role.unwrap_or(RoleArg::Primary),
+                        peer,
+                        peer_listen,
+                        secret_file,
+                        peer_timeout_ms,
+                        resync_rate,
+                    ),
+                };
+            let peer_timeout_ms = peer_timeout_ms.unwrap_or(3000);
+            let resync_rate = resync_rate.unwrap_or(0);
+            let (listen, unix, export_name, admin_socket) = match &cfg {
+                // The config's NBD addresses are the primary's: a secondary
+                // on the same host must not take them.
+                Some((_, n)) if role == RoleArg::Primary => (
+                    if listen.is_empty() {
+                        n.nbd_listen.clone()
+                    } else {
+                        listen
+                    },
+                    unix.or(n.unix.clone()),
+                    export_name.or(n.export_name.clone()),
+                    admin_socket.or(n.admin_socket.clone()),
+                ),
+                Some((_, n)) => (
+                    listen,
+                    unix,
+                    export_name.or(n.export_name.clone()),
+                    admin_socket.or(n.admin_socket.clone()),
+                ),
+                None => (listen, unix, export_name, admin_socket),
+            };
+            let export_name = export_name.unwrap_or_else(|| "disk".to_string());
             let role = match role {
                 RoleArg::Primary => NodeRole::Primary,
                 RoleArg::Secondary => NodeRole::Secondary,
@@ -678,7 +876,11 @@ fn run(cli: Cli) -> Result<(), String> {
             })
         }
         Cmd::Resync { action } => resync(action),
-        Cmd::Info { dir: path } => {
+        Cmd::Info { dir: path, config } => {
+            let path = match config.load()? {
+                Some((_, n)) => n.dir,
+                None => path.expect("clap requires --dir"),
+            };
             let replica = dir::open(&path)?;
             let mut io = nbdmirror::io::UringIo::new(8).map_err(|e| format!("io_uring: {e}"))?;
             let sb = nbdmirror::store::load_superblock(&mut io, replica.files().meta)?;

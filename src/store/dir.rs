@@ -65,7 +65,8 @@ fn free_bytes(path: &Path) -> Option<u64> {
     Some((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
 }
 
-fn random_uuid() -> [u8; 16] {
+/// A fresh random volume uuid.
+pub fn random_uuid() -> [u8; 16] {
     let mut u = [0u8; 16];
     if let Ok(mut f) = File::open("/dev/urandom") {
         let _ = f.read_exact(&mut u);

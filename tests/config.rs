@@ -1,0 +1,338 @@
+//! The volume config file with real processes: a 2-node volume set up and
+//! served from one config file (`init`, `serve`, `resync status`, `info`
+//! with `--config F --node N`), a real client writing through it, the
+//! replicas identical; and bad input: a corrupt
+//! or contradictory config, or a config that does not match the replica
+//! directory, is refused with a message naming the problem, and changes
+//! nothing on disk.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const MIB: u64 = 1 << 20;
+
+struct Vol {
+    tmp: TempDir,
+    cfg: PathBuf,
+    nbd: u16,
+    peer1: u16,
+    peer2: u16,
+}
+
+impl Vol {
+    /// A 2-node volume config (node 1 primary) in a fresh temp dir, with a
+    /// secret file, both replicas initialised from it.
+    fn new(tag: &str, size: &str) -> Vol {
+        let tmp = TempDir::new(tag);
+        fs::write(tmp.join("secret"), "a-secret-of-more-than-16-bytes\n").unwrap();
+        let v = Vol {
+            cfg: tmp.join("vol.toml"),
+            tmp,
+            nbd: free_port(),
+            peer1: free_port(),
+            peer2: free_port(),
+        };
+        let text = v.text(size, "9a6f403c-d704-c609-8133-fb4123f98c24");
+        fs::write(&v.cfg, text).unwrap();
+        for n in ["1", "2"] {
+            let out = nbdmirror(&["init", "--config", v.cfg_str(), "--node", n]);
+            assert!(out.0, "init node {n}: {}", out.2);
+            assert!(out.1.contains("initialised"), "{}", out.1);
+        }
+        v
+    }
+
+    fn text(&self, size: &str, uuid: &str) -> String {
+        format!(
+            "# a test volume\n\
+             [volume]\n\
+             uuid = \"{uuid}\"\n\
+             size = \"{size}\"\n\
+             secret-file = \"secret\"\n\
+             primary = 1\n\
+             peer-timeout-ms = 2000\n\
+             \n\
+             [[node]]\n\
+             id = 1\n\
+             dir = \"n1\"\n\
+             nbd-listen = \"127.0.0.1:{}\"\n\
+             peer-address = \"127.0.0.1:{}\"\n\
+             \n\
+             [[node]]\n\
+             id = 2\n\
+             dir = \"n2\"\n\
+             nbd-listen = \"127.0.0.1:{}\"\n\
+             peer-address = \"127.0.0.1:{}\"\n",
+            self.nbd, self.peer1, self.nbd, self.peer2
+        )
+    }
+
+    fn cfg_str(&self) -> &str {
+        self.cfg.to_str().unwrap()
+    }
+
+    fn serve(&self, node: &str, extra: &[&str]) -> Child {
+        let log = fs::File::create(self.tmp.join(format!("node{node}.log"))).unwrap();
+        Command::new(NBDMIRROR_BIN)
+            .args(["serve", "--config", self.cfg_str(), "--node", node])
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap()
+    }
+
+    fn log(&self, node: &str) -> String {
+        fs::read_to_string(self.tmp.join(format!("node{node}.log"))).unwrap_or_default()
+    }
+
+    fn status(&self, node: &str) -> Option<Json> {
+        let out = nbdmirror(&[
+            "resync",
+            "status",
+            "--config",
+            self.cfg_str(),
+            "--node",
+            node,
+            "--json",
+        ]);
+        out.0.then(|| Json::parse(out.1.trim()).ok()).flatten()
+    }
+
+    /// Wait until `node` reports its peer in sync with nothing dirty.
+    fn wait_in_sync(&self, node: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(j) = self.status(node) {
+                let peers = j.at("peers").as_array();
+                if !peers.is_empty()
+                    && peers.iter().all(|p| {
+                        p.at("state").as_str() == Some("in_sync")
+                            && p.at("dirty_bytes").as_u64() == Some(0)
+                    })
+                {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node {node} not in sync after {timeout:?}; status {:?}\nlogs:\n{}\n{}",
+                self.status(node).map(|j| format!("{j:?}")),
+                self.log("1"),
+                self.log("2")
+            );
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// Run nbdmirror with `args`: (success, stdout, stderr).
+fn nbdmirror(args: &[&str]) -> (bool, String, String) {
+    let out = run_timeout(
+        Command::new(NBDMIRROR_BIN).args(args),
+        Duration::from_secs(30),
+    );
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn stop(mut c: Child) {
+    send_signal(c.id(), "TERM");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if let Some(st) = c.try_wait().unwrap() {
+            assert!(st.success(), "node exited with {st}");
+            return;
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    let _ = c.kill();
+    panic!("node did not stop within 20 s of SIGTERM");
+}
+
+fn wait_port(port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "nothing listens on {port}");
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Every file under `dir` with its bytes (for "nothing changed").
+fn snapshot(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
+    let mut out = BTreeMap::new();
+    if let Ok(rd) = fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.extend(snapshot(&p));
+            } else if let Ok(b) = fs::read(&p) {
+                out.insert(p, b);
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn a_volume_set_up_and_served_from_its_config_file() {
+    let test = "a_volume_set_up_and_served_from_its_config_file";
+    if !require_tools(test, &["nbdcopy"]) {
+        return;
+    }
+    let v = Vol::new("config-volume", "32M");
+    let n2 = v.serve("2", &[]);
+    thread::sleep(Duration::from_millis(200));
+    let n1 = v.serve("1", &[]);
+    wait_port(v.nbd);
+    v.wait_in_sync("1", Duration::from_secs(20));
+
+    // The status names the roles the config gave.
+    let s1 = v.status("1").unwrap();
+    assert_eq!(s1.at("role").as_str(), Some("primary"));
+    let peers = s1.at("peers").as_array();
+    assert_eq!(peers.len(), 1);
+    assert_eq!(peers[0].at("node_id").as_u64(), Some(2));
+    assert_eq!(
+        v.status("2").unwrap().at("role").as_str(),
+        Some("secondary")
+    );
+
+    // A real client writes through the primary.
+    let src = v.tmp.join("src.img");
+    write_random_file(&src, 32 * MIB, 7, &[(MIB, 2 * MIB)]);
+    let uri = format!("nbd://127.0.0.1:{}/", v.nbd);
+    run_ok_timeout(
+        Command::new(tool("nbdcopy")).args([src.to_str().unwrap(), &uri]),
+        Duration::from_secs(60),
+    );
+    v.wait_in_sync("1", Duration::from_secs(20));
+    stop(n1);
+    stop(n2);
+    assert_files_equal(&src, &v.tmp.join("n1/data"));
+    assert_files_equal(&src, &v.tmp.join("n2/data"));
+
+    // `info` finds the node's directory through the config.
+    let info = nbdmirror(&["info", "--config", v.cfg_str(), "--node", "2"]);
+    assert!(info.0, "{}", info.2);
+    assert!(
+        info.1.contains("9a6f403c-d704-c609-8133-fb4123f98c24") && info.1.contains("node id     2"),
+        "{}",
+        info.1
+    );
+}
+
+#[test]
+fn bad_configs_are_refused_with_a_reason_and_change_nothing() {
+    let v = Vol::new("config-bad", "16M");
+    let good = fs::read_to_string(&v.cfg).unwrap();
+    let before = snapshot(v.tmp.path());
+    let bad = v.tmp.join("bad.toml");
+    // (what to replace, with what, what the error must say)
+    let cases: Vec<(&str, String, &str)> = vec![
+        ("[volume]", "[volume".into(), "line"),
+        ("size = \"16M\"", "size = \"16Q\"".into(), "size"),
+        (
+            "size = \"16M\"",
+            "size = \"32M\"".into(),
+            "its disk is 16777216 bytes",
+        ),
+        ("primary = 1", "primary = 3".into(), "primary = 3"),
+        (
+            "peer-timeout-ms",
+            "peer-timeout".into(),
+            "unknown field `peer-timeout`",
+        ),
+        (
+            "secret-file = \"secret\"\n",
+            String::new(),
+            "secret-file is missing",
+        ),
+        (
+            "secret-file = \"secret\"",
+            "secret-file = \"nope\"".into(),
+            "nope",
+        ),
+        ("id = 2", "id = 1".into(), "described twice"),
+        (
+            "9a6f403c-d704-c609-8133-fb4123f98c24",
+            "0a6f403c-d704-c609-8133-fb4123f98c24".into(),
+            "belongs to volume 9a6f403c",
+        ),
+        (
+            "dir = \"n2\"",
+            "dir = \"n1\"".into(),
+            "also the dir of another node",
+        ),
+        (
+            "dir = \"n1\"",
+            "dir = \"n2\"".into(),
+            "also the dir of another node",
+        ),
+        (&good[..], "\u{0}\u{1}garbage\u{ff}".into(), "line"),
+    ];
+    for (from, to, want) in &cases {
+        assert!(good.contains(from), "{from}");
+        fs::write(&bad, good.replacen(from, to, 1)).unwrap();
+        for node in ["1", "2"] {
+            let (ok, _, err) =
+                nbdmirror(&["serve", "--config", bad.to_str().unwrap(), "--node", node]);
+            assert!(!ok, "{from:?} -> {to:?}: node {node} was served");
+            assert!(
+                err.contains(want) && !err.contains("panicked"),
+                "{from:?} -> {to:?}: node {node}'s error does not say {want:?}: {err}"
+            );
+        }
+    }
+    // Not a file at all, and a node the file does not have.
+    let (ok, _, err) = nbdmirror(&["serve", "--config", "/nonexistent.toml", "--node", "1"]);
+    assert!(
+        !ok && err.contains("cannot read config file /nonexistent.toml"),
+        "{err}"
+    );
+    let (ok, _, err) = nbdmirror(&["serve", "--config", v.cfg_str(), "--node", "5"]);
+    assert!(!ok && err.contains("no node 5 (nodes: 1, 2)"), "{err}");
+    // A config and a --dir, or a --node without a config.
+    let (ok, _, err) = nbdmirror(&[
+        "serve",
+        "--config",
+        v.cfg_str(),
+        "--node",
+        "1",
+        "--dir",
+        "x",
+    ]);
+    assert!(!ok && err.contains("cannot be used with"), "{err}");
+    // init of a node that exists refuses to overwrite it.
+    let (ok, _, err) = nbdmirror(&["init", "--config", v.cfg_str(), "--node", "1"]);
+    assert!(!ok && err.contains("already holds a replica"), "{err}");
+    // init without a uuid in the file suggests one and makes nothing.
+    let no_uuid = good.replacen("uuid = \"9a6f403c-d704-c609-8133-fb4123f98c24\"\n", "", 1);
+    fs::write(&bad, no_uuid.replace("\"n1\"", "\"n3\"")).unwrap();
+    let (ok, _, err) = nbdmirror(&["init", "--config", bad.to_str().unwrap(), "--node", "1"]);
+    assert!(
+        !ok && err.contains("has no volume uuid") && err.contains("uuid = \""),
+        "{err}"
+    );
+    assert!(
+        !v.tmp.join("n3").exists(),
+        "init without a uuid made a directory"
+    );
+    fs::remove_file(&bad).unwrap();
+    assert!(
+        snapshot(v.tmp.path()) == before,
+        "a refused config changed files under {}",
+        v.tmp.path().display()
+    );
+}
