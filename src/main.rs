@@ -907,7 +907,9 @@ fn run(cli: Cli) -> Result<(), String> {
                     } else {
                         String::new()
                     },
-                    if g.flags & nbdmirror::mirror::generation::FLAG_PRIMARY != 0 {
+                    if g.flags & nbdmirror::mirror::generation::FLAG_HANDED_OVER != 0 {
+                        ", written as a primary, handed over to its peers at a clean shutdown"
+                    } else if g.flags & nbdmirror::mirror::generation::FLAG_PRIMARY != 0 {
                         ", written as a primary"
                     } else {
                         ", followed as a secondary"

@@ -474,7 +474,7 @@ impl Server {
             }
         }
         if let Some(m) = self.mirror.as_mut() {
-            m.finish(&mut self.io);
+            m.finish(&mut self.io, self.store.failure().is_none());
         }
         if let Some(why) = self.store.failure() {
             return Err(format!("stopped after a storage failure: {why}"));

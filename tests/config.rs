@@ -1,7 +1,7 @@
 //! The volume config file with real processes: a 2-node volume set up and
 //! served from one config file (`init`, `serve`, `resync status`, `info`
 //! with `--config F --node N`), a real client writing through it, the
-//! replicas identical; and bad input: a corrupt
+//! replicas identical; a planned switchover (`--role`) and back; and bad input: a corrupt
 //! or contradictory config, or a config that does not match the replica
 //! directory, is refused with a message naming the problem, and changes
 //! nothing on disk.
@@ -231,6 +231,44 @@ fn a_volume_set_up_and_served_from_its_config_file() {
         "{}",
         info.1
     );
+    // Node 1 stopped cleanly with its peer in sync: handed over.
+    let info1 = nbdmirror(&["info", "--config", v.cfg_str(), "--node", "1"]);
+    assert!(info1.1.contains("handed over"), "{}", info1.1);
+
+    // A planned switchover, the file unchanged: node 2 is promoted with
+    // --role and mirrors to node 1, which takes the stream at its peer
+    // address and is taken back (not refused as split brain).
+    let n1 = v.serve("1", &["--role", "secondary"]);
+    thread::sleep(Duration::from_millis(200));
+    let n2 = v.serve("2", &["--role", "primary"]);
+    wait_port(v.nbd);
+    v.wait_in_sync("2", Duration::from_secs(20));
+    assert!(v.log("2").contains("promoted"), "{}", v.log("2"));
+    let mut c = MiniClient::connect(&format!("127.0.0.1:{}", v.nbd), "disk").unwrap();
+    let data = random_bytes(9, 64 * 1024);
+    assert_eq!(c.write(3 * MIB, &data, 1).unwrap(), 0);
+    assert_eq!(c.read(3 * MIB, 64 * 1024).unwrap(), data);
+    drop(c);
+    v.wait_in_sync("2", Duration::from_secs(20));
+    stop(n2);
+    stop(n1);
+    assert!(!v.log("1").contains("split brain"), "{}", v.log("1"));
+    assert_files_equal(&v.tmp.join("n1/data"), &v.tmp.join("n2/data"));
+    let d1 = fs::read(v.tmp.join("n1/data")).unwrap();
+    assert!(
+        d1[3 * MIB as usize..][..64 * 1024] == data[..],
+        "node 1 lacks node 2's write"
+    );
+
+    // And back: node 1 primary again (node 2 handed over in turn).
+    let n2 = v.serve("2", &[]);
+    thread::sleep(Duration::from_millis(200));
+    let n1 = v.serve("1", &[]);
+    wait_port(v.nbd);
+    v.wait_in_sync("1", Duration::from_secs(20));
+    stop(n1);
+    stop(n2);
+    assert_files_equal(&v.tmp.join("n1/data"), &v.tmp.join("n2/data"));
 }
 
 #[test]

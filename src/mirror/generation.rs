@@ -11,6 +11,11 @@
 //!   new generation and keeps the one it followed as `previous`.
 //! - A secondary adopts its primary's `current` once it is in sync, so its
 //!   data is known to be that generation's.
+//! - A primary that stops cleanly with every peer in sync marks its
+//!   generation *handed over* (`FLAG_HANDED_OVER`): it wrote nothing its
+//!   peers lack, so a peer promoted after that may take it back as a
+//!   secondary (comparing every block) instead of calling it split brain.
+//!   The mark is cleared before the replica serves as a primary again.
 //!
 //! - A secondary also records the *session* token of the last primary
 //!   session it accepted records in (the primary keeps the token it gave
@@ -37,6 +42,12 @@ const MAGIC: &[u8; 8] = b"NMGEN002";
 const LEN: usize = 48;
 /// This replica writes (wrote) as the primary of `current`.
 pub const FLAG_PRIMARY: u32 = 1;
+/// With `FLAG_PRIMARY`: the primary stopped cleanly with every peer in sync
+/// and nothing dirty, so its data is exactly what its peers hold: a peer
+/// promoted after that may take it back as a follower of `current` (a
+/// planned switchover). Cleared, durably, before it serves as a primary
+/// again.
+pub const FLAG_HANDED_OVER: u32 = 2;
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Generation {
@@ -130,7 +141,32 @@ impl Generation {
                 )),
             );
         }
+        if self.flags & FLAG_HANDED_OVER != 0 {
+            let g = Generation {
+                flags: self.flags & !FLAG_HANDED_OVER,
+                ..self
+            };
+            return (
+                g,
+                Some(format!(
+                    "serving generation {:016x} as its primary again (it was handed over to the \
+                     peers at the last shutdown)",
+                    self.current
+                )),
+            );
+        }
         (self, None)
+    }
+
+    /// A clean shutdown with every peer in sync: the generation marked as
+    /// handed over (see `FLAG_HANDED_OVER`), if it is a primary's.
+    pub fn handed_over(self) -> Option<Generation> {
+        (self.flags & FLAG_PRIMARY != 0 && self.flags & FLAG_HANDED_OVER == 0).then_some(
+            Generation {
+                flags: self.flags | FLAG_HANDED_OVER,
+                ..self
+            },
+        )
     }
 }
 
@@ -160,7 +196,11 @@ pub fn judge(ours: &Generation, peer: &Generation, peer_id: u32) -> Verdict {
         }
         return Verdict::Resync;
     }
-    if peer.current == ours.previous && peer.flags & FLAG_PRIMARY == 0 {
+    if peer.current == ours.previous
+        && (peer.flags & FLAG_PRIMARY == 0 || peer.flags & FLAG_HANDED_OVER != 0)
+    {
+        // A follower of the generation we were promoted from, or its
+        // primary after a clean handover: an older state of our history.
         return Verdict::ResyncCompare;
     }
     let how = if peer.previous == ours.current || peer.flags & FLAG_PRIMARY != 0 {
@@ -265,6 +305,27 @@ mod tests {
         assert!(matches!(judge(&p, &promoted, 2), Verdict::SplitBrain(_)));
         // Two primaries of one generation.
         assert!(matches!(judge(&p, &p, 2), Verdict::SplitBrain(_)));
+        // A planned switchover: the old primary stopped cleanly in sync
+        // (handed over), its follower was promoted; the old primary comes
+        // back as a secondary and is taken back, comparing every block.
+        let handed = p.handed_over().unwrap();
+        assert_eq!(handed.flags, FLAG_PRIMARY | FLAG_HANDED_OVER);
+        assert_eq!(handed.handed_over(), None);
+        assert_eq!(judge(&promoted, &handed, 1), Verdict::ResyncCompare);
+        // Served as a primary again, it clears the mark first: after that
+        // it may have written, and meeting the promoted node is split brain.
+        let (again, why) = handed.for_primary(30);
+        assert_eq!(again, p);
+        assert!(why.unwrap().contains("again"));
+        assert!(matches!(
+            judge(&promoted, &again, 1),
+            Verdict::SplitBrain(_)
+        ));
+        // Handed over is still a primary's generation to its own follower's
+        // peers: two primaries of one generation stay refused.
+        assert!(matches!(judge(&p, &handed, 2), Verdict::SplitBrain(_)));
+        // A follower never hands over.
+        assert_eq!(follower.handed_over(), None);
         // Unrelated data.
         let other = Generation {
             current: 99,

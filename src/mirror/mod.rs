@@ -583,8 +583,34 @@ impl Mirror {
         }
     }
 
-    /// Last step of a clean shutdown: links closed, bitmaps on disk.
-    pub fn finish(&mut self, io: &mut dyn Io) {
+    /// Last step of a clean shutdown: links closed, bitmaps on disk. A
+    /// primary whose store is healthy and whose every peer is in sync, with
+    /// nothing dirty or unanswered, marks its generation handed over
+    /// (`generation::FLAG_HANDED_OVER`): a peer promoted after this may take
+    /// it back as a secondary.
+    pub fn finish(&mut self, io: &mut dyn Io, store_ok: bool) {
+        if self.cfg.role == NodeRole::Primary
+            && store_ok
+            && !self.peers.is_empty()
+            && self.quiet()
+            && self.peers.iter().all(|p| {
+                p.state == PeerState::InSync && p.bitmap.dirty() == 0 && p.outstanding.is_empty()
+            })
+        {
+            if let Some(g) = self.generation.handed_over() {
+                match g.store(&self.cfg.dir) {
+                    Ok(()) => {
+                        self.generation = g;
+                        crate::elog!(
+                            "nbdmirror: every peer is in sync: generation {:016x} handed over (a \
+                             peer promoted now takes this node back as a secondary)",
+                            g.current
+                        );
+                    }
+                    Err(e) => crate::elog!("nbdmirror: {e}"),
+                }
+            }
+        }
         let ids: Vec<u64> = self.links.keys().copied().collect();
         for id in ids {
             self.close_link(io, id);
