@@ -158,6 +158,9 @@ struct Conn {
     opened: std::time::Instant,
 }
 
+/// Read repairs a client read may go through before it fails with EIO.
+const MAX_READ_REPAIRS: u8 = 8;
+
 struct PendingReq {
     conn: u64,
     cookie: u64,
@@ -166,6 +169,8 @@ struct PendingReq {
     structured: bool,
     /// Bytes of memory budget this request holds.
     cost: usize,
+    /// Read repairs tried for it (see `Server::reply_read`).
+    repairs: u8,
 }
 
 pub struct Server {
@@ -993,6 +998,7 @@ impl Server {
                 offset: req.offset,
                 structured,
                 cost,
+                repairs: 0,
             },
         );
         let io = &mut self.io;
@@ -1165,6 +1171,26 @@ impl Server {
     }
 
     fn reply_read(&mut self, rid: u64, r: Result<Vec<u8>, i32>) {
+        // Blocks that failed their checksums: a mirrored primary repairs
+        // them from an in-sync peer and reads again (a few times at most, for
+        // a read whose bad blocks need more than one request); otherwise,
+        // or when that fails, the client gets EIO, never the bad data.
+        if r.is_err() {
+            let corrupt = self.store.take_corrupt(rid);
+            if let (Some(c), Some(m), Some(p)) =
+                (corrupt, self.mirror.as_mut(), self.pending.get_mut(&rid))
+            {
+                if p.repairs < MAX_READ_REPAIRS {
+                    p.repairs += 1;
+                    if m.repair_read(&mut self.io, &mut self.store, rid, c) {
+                        return;
+                    }
+                    crate::elog!(
+                        "nbdmirror: no peer in sync to repair the blocks from; the read fails with EIO"
+                    );
+                }
+            }
+        }
         let Some(p) = self.pending.remove(&rid) else {
             return;
         };

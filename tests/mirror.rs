@@ -766,6 +766,7 @@ fn check_status_schema(j: &Json) {
             "cache_drops",
             "prewrite_drops",
             "checksum_failures",
+            "repaired_blocks",
         ],
     );
     assert!(
@@ -3375,6 +3376,99 @@ fn pieces_cached_before_a_restart_are_dropped_before_small_writes() {
         assert!(got == chunk, "MiB {i} reads back wrong");
     }
     drop(c);
+    cl.stop_all();
+    cl.assert_replicas_identical();
+}
+
+/// Read repair: blocks of the primary's data file that no longer match
+/// their checksums (bit rot, a stray write) are read from the in-sync
+/// secondary, checked against the primary's checksum table, written back,
+/// and the client gets the right data: nbdcopy reads the whole disk back
+/// intact, the primary's data file holds the good blocks again, and
+/// `status` counts them. A block bad on both replicas is EIO for its reads
+/// only (never the bad bytes), and the server goes on serving.
+#[test]
+fn corrupt_blocks_on_the_primary_are_repaired_from_the_secondary() {
+    let test = "corrupt_blocks_on_the_primary_are_repaired_from_the_secondary";
+    if !require_tools(test, &["nbdcopy"]) {
+        return;
+    }
+    let _wd = Watchdog::new(test, Duration::from_secs(120));
+    let seed = test_seed(test);
+    let size = 16 * MIB;
+    let mut cl = Cluster::new(test, seed, Opts::new(size, 2));
+    cl.start_all();
+    cl.wait_in_sync(Duration::from_secs(20));
+    let src = cl.tmp.join("src.img");
+    write_random_file(&src, size, seed, &[]);
+    run_ok_timeout(
+        Command::new(tool("nbdcopy")).args([src.to_str().unwrap(), &cl.uri()]),
+        Duration::from_secs(60),
+    );
+    cl.wait_in_sync(Duration::from_secs(20));
+    // A clean stop applies everything to the data files.
+    cl.stop_all();
+
+    // Rot on the primary: one block, and a run of three elsewhere.
+    let garbage = random_bytes(seed ^ 0xbad, 4 * 4096);
+    let corrupt = |path: &std::path::Path, off: u64, bytes: &[u8]| {
+        use std::os::unix::fs::FileExt;
+        let f = fs::OpenOptions::new().write(true).open(path).unwrap();
+        f.write_all_at(bytes, off).unwrap();
+        f.sync_all().unwrap();
+    };
+    let p_data = cl.nodes[0].data();
+    corrupt(&p_data, 5 * MIB + 8192, &garbage[..4096]);
+    corrupt(&p_data, 9 * MIB, &garbage[4096..]);
+    cl.start_all();
+    cl.wait_in_sync(Duration::from_secs(20));
+
+    let back = cl.tmp.join("back.img");
+    run_ok_timeout(
+        Command::new(tool("nbdcopy")).args([&cl.uri(), back.to_str().unwrap()]),
+        Duration::from_secs(60),
+    );
+    assert_files_equal(&src, &back);
+    let want = fs::read(&src).unwrap();
+    let got = fs::read(&p_data).unwrap();
+    for off in [5 * MIB + 8192, 9 * MIB] {
+        let o = off as usize;
+        assert!(
+            got[o..o + 4096] == want[o..o + 4096],
+            "the primary's data file still holds the bad block at {off}"
+        );
+    }
+    let d1 = cl.nodes[0].dir.display().to_string();
+    let st = status_json(&["--dir", &d1]).unwrap();
+    assert_eq!(
+        st.at("store").at("repaired_blocks").as_u64(),
+        Some(4),
+        "{st:?}"
+    );
+    let log = cl.nodes[0].stderr();
+    assert!(contains_ci(&log, "repaired"), "{log}");
+
+    // The same block bad on both replicas: EIO, not garbage, and only for
+    // reads of that block.
+    cl.stop_all();
+    let off = 12 * MIB;
+    corrupt(&p_data, off, &garbage[..4096]);
+    corrupt(&cl.nodes[1].data(), off, &garbage[..4096]);
+    cl.start_all();
+    cl.wait_in_sync(Duration::from_secs(20));
+    let mut c = MiniClient::connect(&cl.nbd_addr(), "disk").unwrap();
+    let r = c.read(off - 4096, 3 * 4096);
+    assert!(
+        r.is_err(),
+        "a block bad on every replica read back without an error"
+    );
+    drop(c);
+    let mut c = MiniClient::connect(&cl.nbd_addr(), "disk").unwrap();
+    let o = (off - 4096) as usize;
+    assert_eq!(c.read(off - 4096, 4096).unwrap(), want[o..o + 4096]);
+    assert_eq!(c.read(off + 4096, 4096).unwrap(), want[o + 8192..o + 12288]);
+    drop(c);
+    cl.check_alive();
     cl.stop_all();
     cl.assert_replicas_identical();
 }

@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 use crate::io::{Completion, Io, Op};
 use crate::peer::frame::{encode_in_place, encode_parts, HEADER_LEN};
 use crate::peer::{Config as HsConfig, Event, FrameKind, GenerationIds, Handshake, Role, Session};
-use crate::store::{Store, StoreEvent, UNKNOWN_SUM, WRITE_HEADROOM};
+use crate::store::{CorruptRead, Store, StoreEvent, UNKNOWN_SUM, WRITE_HEADROOM};
 use bitmap::{DirtyBitmap, BLOCK, FLAG_CLEAN, FLAG_COMPARE};
 use generation::{Generation, Verdict};
 use wire::RecordHeader;
@@ -148,16 +148,42 @@ enum Out {
         n: u64,
         since: Instant,
     },
+    /// A BlockRequest of a read repair (see [`Repair`]).
+    Repair {
+        since: Instant,
+    },
 }
 
 impl Out {
     fn since(&self) -> Instant {
         match self {
-            Out::Write { since, .. } | Out::Flush { since, .. } | Out::Resync { since, .. } => {
-                *since
-            }
+            Out::Write { since, .. }
+            | Out::Flush { since, .. }
+            | Out::Resync { since, .. }
+            | Out::Repair { since } => *since,
         }
     }
+}
+
+/// A read repair on the primary: a client read found blocks of the data
+/// file that fail their checksums; an in-sync peer's copy of them is asked
+/// for (`asked`), checked against this node's checksum table and written
+/// over them (`!asked`), then the client's read runs again. The blocks'
+/// range is locked like a write's meanwhile, so no client write can land
+/// between the peer's read and the rewrite.
+#[derive(Debug)]
+struct Repair {
+    client: u64,
+    read: CorruptRead,
+    peer: usize,
+    /// The blocks asked for.
+    first: u64,
+    n: u64,
+    /// Waiting for the peer's data (else for the rewrites).
+    asked: bool,
+    /// Rewrites not yet answered, and whether one failed.
+    writes_left: u64,
+    failed: bool,
 }
 
 /// A checksum compare in progress: the next block to ask about, and the
@@ -312,6 +338,11 @@ pub struct Mirror {
     next_admin: u64,
     /// Ranges being written or resynced, disjoint: start -> (end, owner).
     locks: BTreeMap<u64, (u64, u64)>,
+    /// Read repairs in progress (primary), by the id of their BlockRequest.
+    repairs: HashMap<u64, Repair>,
+    /// Store reads of blocks a primary asked for (secondary): read id ->
+    /// (link, the request's id).
+    peer_reads: HashMap<u64, (u64, u64)>,
     parked: VecDeque<Parked>,
     ops: HashMap<u64, MOp>,
     next_mrid: u64,
@@ -501,6 +532,8 @@ impl Mirror {
             admin_conns: HashMap::new(),
             next_admin: 0,
             locks: BTreeMap::new(),
+            repairs: HashMap::new(),
+            peer_reads: HashMap::new(),
             parked: VecDeque::new(),
             ops: HashMap::new(),
             next_mrid: 0,
@@ -565,6 +598,8 @@ impl Mirror {
             && self.parked.is_empty()
             && self.resync_reads.is_empty()
             && self.applying.is_empty()
+            && self.repairs.is_empty()
+            && self.peer_reads.is_empty()
     }
 
     pub fn begin_shutdown(&mut self, io: &mut dyn Io) {
@@ -869,6 +904,10 @@ impl Mirror {
         self.t = io.now();
         match ev {
             StoreEvent::Written(rid, r) | StoreEvent::Flushed(rid, r) => {
+                if self.repairs.contains_key(&rid) {
+                    self.repair_written(io, store, rid, r);
+                    return;
+                }
                 if rid & MIRROR_RID != 0 {
                     self.applied(io, store, rid, r);
                     return;
@@ -881,7 +920,228 @@ impl Mirror {
                     self.kick_resync(io, store);
                 }
             }
-            StoreEvent::Read(rid, r) => self.resync_read_done(io, store, rid, r),
+            StoreEvent::Read(rid, r) => {
+                // Blocks that failed verification are reported by the
+                // store for whoever asked; these reads do not repair.
+                store.take_corrupt(rid);
+                if let Some((link, id)) = self.peer_reads.remove(&rid) {
+                    self.peer_read_done(link, id, r);
+                } else {
+                    self.resync_read_done(io, store, rid, r);
+                }
+            }
+        }
+    }
+
+    // ----- read repair ------------------------------------------------------
+
+    /// A client read (`client`) failed because blocks of the data file did
+    /// not verify: repair them from an in-sync peer and read again (the
+    /// store answers the read as usual). False when there is nothing to
+    /// repair from (not a primary, no peer in sync): the caller answers EIO.
+    pub fn repair_read(
+        &mut self,
+        io: &mut dyn Io,
+        store: &mut Store,
+        client: u64,
+        read: CorruptRead,
+    ) -> bool {
+        self.t = io.now();
+        if self.cfg.role != NodeRole::Primary || self.shutting_down {
+            return false;
+        }
+        let Some(i) = (0..self.peers.len())
+            .find(|&i| self.peers[i].state == PeerState::InSync && self.peers[i].link.is_some())
+        else {
+            return false;
+        };
+        let Some((&first, &last)) = read.blocks.first().zip(read.blocks.last()) else {
+            return false;
+        };
+        // The first run of bad blocks that fits one request; a read with
+        // bad blocks further apart is repaired a request at a time.
+        let n = (last - first + 1).min(wire::MAX_REPAIR_BLOCKS as u64);
+        let (s, e) = (first * BLOCK, (first + n) * BLOCK);
+        if self.locked(s, e) {
+            // A write to these blocks is in flight: it changes them (and
+            // their checksums); read again once it is done.
+            store.read(io, client, read.offset, read.len, read.head);
+            return true;
+        }
+        let id = MIRROR_RID | self.next_mrid;
+        self.next_mrid += 1;
+        let p = &mut self.peers[i];
+        let link = p.link.unwrap();
+        p.outstanding.insert(id, Out::Repair { since: self.t });
+        crate::elog!(
+            "nbdmirror: asking peer {} ({}) for its copy of blocks {first}..{} to repair them",
+            p.node_id,
+            p.addr,
+            first + n
+        );
+        self.locks.insert(s, (e, id));
+        self.repairs.insert(
+            id,
+            Repair {
+                client,
+                read,
+                peer: i,
+                first,
+                n,
+                asked: true,
+                writes_left: 0,
+                failed: false,
+            },
+        );
+        self.send_frame(
+            link,
+            FrameKind::BlockRequest,
+            &[&wire::encode_block_request(id, first, n as u32)],
+        );
+        self.post_send(io, link);
+        true
+    }
+
+    /// A BlockData frame from peer `i`.
+    fn repair_data(
+        &mut self,
+        io: &mut dyn Io,
+        store: &mut Store,
+        i: usize,
+        payload: &[u8],
+    ) -> Result<(), String> {
+        let (id, errno, data) = wire::decode_block_data(payload)?;
+        match self.peers[i].outstanding.remove(&id) {
+            Some(Out::Repair { .. }) => {}
+            _ => return Err(format!("BlockData for unknown request {id}")),
+        }
+        let Some(r) = self.repairs.get_mut(&id) else {
+            return Err(format!("BlockData for unknown request {id}"));
+        };
+        let node = self.peers[i].node_id;
+        if errno == 0 && data.len() as u64 != r.n * BLOCK {
+            return Err(format!(
+                "BlockData carries {} bytes for {} blocks",
+                data.len(),
+                r.n
+            ));
+        }
+        if errno != 0 {
+            crate::elog!(
+                "nbdmirror: peer {node} could not read blocks {}..{} either ({}); the client's \
+                 read fails with EIO",
+                r.first,
+                r.first + r.n,
+                errno_str(errno as i32)
+            );
+            self.finish_repair(io, store, id, false);
+            return Ok(());
+        }
+        r.asked = false;
+        // Only the blocks that failed are rewritten, run by run; the ones
+        // between them verified here and may be newer than the peer's.
+        let bad: Vec<u64> = r
+            .read
+            .blocks
+            .iter()
+            .copied()
+            .filter(|&b| b < r.first + r.n)
+            .collect();
+        let first = r.first;
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        for b in bad {
+            match runs.last_mut() {
+                Some((s, n)) if *s + *n == b => *n += 1,
+                _ => runs.push((b, 1)),
+            }
+        }
+        // One store write per run; the repair finishes when the last one
+        // is answered.
+        r.writes_left = runs.len() as u64;
+        for (b, k) in runs {
+            let at = ((b - first) * BLOCK) as usize;
+            let bytes = data[at..at + (k * BLOCK) as usize].to_vec();
+            store.repair(io, id, b * BLOCK, bytes);
+        }
+        Ok(())
+    }
+
+    /// A store rewrite of a repair finished.
+    fn repair_written(&mut self, io: &mut dyn Io, store: &mut Store, id: u64, r: Result<(), i32>) {
+        let Some(rep) = self.repairs.get_mut(&id) else {
+            return;
+        };
+        if let Err(e) = r {
+            crate::elog!(
+                "nbdmirror: repairing blocks {}..{} from peer {} failed: {} (EAGAIN: a write to \
+                 them is in flight; EILSEQ: the peer's copy does not match this node's checksums \
+                 either); the client's read fails with EIO",
+                rep.read.blocks[0],
+                rep.read.blocks.last().unwrap() + 1,
+                self.peers[rep.peer].node_id,
+                errno_str(e)
+            );
+            rep.failed = true;
+        }
+        rep.writes_left -= 1;
+        if rep.writes_left > 0 {
+            return;
+        }
+        let ok = !rep.failed;
+        if ok {
+            let k = rep
+                .read
+                .blocks
+                .iter()
+                .filter(|&&b| b < rep.first + rep.n)
+                .count();
+            crate::elog!(
+                "nbdmirror: repaired {k} block{} in blocks {}..{} from peer {}'s copy",
+                if k == 1 { "" } else { "s" },
+                rep.first,
+                rep.first + rep.n,
+                self.peers[rep.peer].node_id
+            );
+        }
+        self.finish_repair(io, store, id, ok);
+    }
+
+    /// End repair `id`: unlock its blocks, then read again (`ok`) or answer
+    /// the client EIO.
+    fn finish_repair(&mut self, io: &mut dyn Io, store: &mut Store, id: u64, ok: bool) {
+        let Some(r) = self.repairs.remove(&id) else {
+            return;
+        };
+        let s = r.first * BLOCK;
+        if self.locks.get(&s).is_some_and(|&(_, o)| o == id) {
+            self.locks.remove(&s);
+        }
+        if ok {
+            store.read(io, r.client, r.read.offset, r.read.len, r.read.head);
+        } else {
+            self.answers.push((r.client, Err(libc::EIO)));
+        }
+        self.unpark(io, store);
+    }
+
+    /// A BlockRequest's store read finished (secondary): send the data.
+    fn peer_read_done(&mut self, link: u64, id: u64, r: Result<Vec<u8>, i32>) {
+        let hdr_len = wire::BLOCK_DATA_HEADER;
+        match r {
+            Ok(mut buf) => {
+                buf[..hdr_len].copy_from_slice(&wire::encode_block_data_header(id, 0));
+                self.send_frame(link, FrameKind::BlockData, &[&buf]);
+            }
+            Err(e) => {
+                self.send_frame(
+                    link,
+                    FrameKind::BlockData,
+                    &[&wire::encode_block_data_header(id, e as u32)],
+                );
+            }
+        }
+        if !self.send_queue.contains(&link) {
+            self.send_queue.push(link);
         }
     }
 
@@ -919,7 +1179,7 @@ impl Mirror {
                     check.push(id);
                 }
                 Out::Flush { .. } => check.push(id),
-                Out::Resync { .. } => {}
+                Out::Resync { .. } | Out::Repair { .. } => {}
             }
         }
         let link = p.link.take();
@@ -928,6 +1188,17 @@ impl Mirror {
                 op.mask &= !(1u64 << i);
             }
             self.try_complete(id);
+        }
+        // Repairs waiting for this peer's data read again: another peer
+        // may be in sync, and if not the read fails as before.
+        let waiting: Vec<u64> = self
+            .repairs
+            .iter()
+            .filter(|(_, r)| r.peer == i && r.asked)
+            .map(|(&id, _)| id)
+            .collect();
+        for id in waiting {
+            self.finish_repair(io, store, id, true);
         }
         if let Some(l) = link {
             self.close_link(io, l);
@@ -1697,6 +1968,7 @@ impl Mirror {
                 }
             }
             FrameKind::Sums => self.sums_arrived(io, store, i, payload)?,
+            FrameKind::BlockData => self.repair_data(io, store, i, payload)?,
             FrameKind::Pong => {}
             FrameKind::Ping => {
                 let link = self.peers[i].link.unwrap();
@@ -1801,6 +2073,15 @@ impl Mirror {
                     FrameKind::Sums,
                     &[&wire::encode_sums(id, first, &sums)],
                 );
+            }
+            FrameKind::BlockRequest => {
+                let (id, first, n) =
+                    wire::decode_block_request(payload, self.size.div_ceil(BLOCK))?;
+                let rid = MIRROR_RID | self.next_mrid;
+                self.next_mrid += 1;
+                self.peer_reads.insert(rid, (link, id));
+                let (s, e) = (first * BLOCK, ((first + n as u64) * BLOCK).min(self.size));
+                store.read(io, rid, s, e - s, wire::BLOCK_DATA_HEADER);
             }
             FrameKind::Ping => {
                 wire::decode_u64(payload, "Ping")?;

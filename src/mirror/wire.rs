@@ -1,5 +1,5 @@
 //! Payloads of the replication frames (Record, Ack, Flush, FlushAck, Ping,
-//! Pong) exchanged after the peer handshake. docs/peer-protocol.md
+//! Pong, SumsRequest, Sums, BlockRequest, BlockData) exchanged after the peer handshake. docs/peer-protocol.md
 //! ("Replication") is the specification.
 //!
 //! Owns: encoding and strict decoding of those payloads. A payload that does
@@ -171,6 +171,66 @@ pub fn decode_sums(p: &[u8]) -> Result<(u64, u64, Vec<u64>), String> {
     Ok((id, first, sums))
 }
 
+/// Most blocks one BlockRequest may ask for (1 MiB).
+pub const MAX_REPAIR_BLOCKS: u32 = 256;
+
+/// BlockRequest: `id u64, first block u64, count u32`, as SumsRequest.
+pub fn encode_block_request(id: u64, first: u64, n: u32) -> [u8; 20] {
+    encode_sums_request(id, first, n)
+}
+
+pub fn decode_block_request(p: &[u8], blocks: u64) -> Result<(u64, u64, u32), String> {
+    if p.len() != 20 {
+        return Err(format!(
+            "BlockRequest payload of {} bytes, expected 20",
+            p.len()
+        ));
+    }
+    let (id, first, n) = (
+        u64::from_le_bytes(p[0..8].try_into().unwrap()),
+        u64::from_le_bytes(p[8..16].try_into().unwrap()),
+        u32::from_le_bytes(p[16..20].try_into().unwrap()),
+    );
+    if n == 0 || n > MAX_REPAIR_BLOCKS || first.checked_add(n as u64).is_none_or(|e| e > blocks) {
+        return Err(format!(
+            "BlockRequest for blocks {first}..+{n} outside the disk (or over {MAX_REPAIR_BLOCKS})"
+        ));
+    }
+    Ok((id, first, n))
+}
+
+/// BlockData header: `id u64, errno u32, reserved u32 = 0`; with errno 0
+/// the data of the blocks asked for follows, else nothing.
+pub const BLOCK_DATA_HEADER: usize = 16;
+
+pub fn encode_block_data_header(id: u64, errno: u32) -> [u8; BLOCK_DATA_HEADER] {
+    let mut b = [0u8; BLOCK_DATA_HEADER];
+    b[0..8].copy_from_slice(&id.to_le_bytes());
+    b[8..12].copy_from_slice(&errno.to_le_bytes());
+    b
+}
+
+/// (id, errno, data) of a BlockData payload; the caller checks the data's
+/// length against what it asked for.
+pub fn decode_block_data(p: &[u8]) -> Result<(u64, u32, &[u8]), String> {
+    if p.len() < BLOCK_DATA_HEADER {
+        return Err(format!(
+            "BlockData payload of {} bytes is too short",
+            p.len()
+        ));
+    }
+    let id = u64::from_le_bytes(p[0..8].try_into().unwrap());
+    let errno = u32::from_le_bytes(p[8..12].try_into().unwrap());
+    if p[12..16] != [0; 4] {
+        return Err("BlockData has nonzero reserved bytes".into());
+    }
+    let data = &p[BLOCK_DATA_HEADER..];
+    if errno != 0 && !data.is_empty() {
+        return Err("BlockData with an error carries data".into());
+    }
+    Ok((id, errno, data))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -211,5 +271,21 @@ mod tests {
         let s = encode_sums(4, 10, &[1, 2, u64::MAX]);
         assert_eq!(decode_sums(&s), Ok((4, 10, vec![1, 2, u64::MAX])));
         assert!(decode_sums(&s[..s.len() - 1]).is_err());
+        let r = encode_block_request(6, 10, 5);
+        assert_eq!(decode_block_request(&r, 15), Ok((6, 10, 5)));
+        assert!(decode_block_request(&r, 14).is_err());
+        assert!(decode_block_request(&encode_block_request(6, 0, 257), 1000).is_err());
+        let mut d = encode_block_data_header(6, 0).to_vec();
+        d.extend_from_slice(&[7; 4096]);
+        assert_eq!(decode_block_data(&d), Ok((6, 0, &[7u8; 4096][..])));
+        assert_eq!(
+            decode_block_data(&encode_block_data_header(6, 5)),
+            Ok((6, 5, &[][..]))
+        );
+        let mut e = encode_block_data_header(6, 5).to_vec();
+        e.push(1);
+        assert!(decode_block_data(&e).is_err());
+        d[13] = 1;
+        assert!(decode_block_data(&d).is_err());
     }
 }

@@ -67,6 +67,10 @@ pub enum FrameKind {
     /// The primary's token for the replication session it starts (sent
     /// first after Ready); the secondary records it.
     Session = 23,
+    /// Ask for the data of a range of blocks (read repair, version 3).
+    BlockRequest = 24,
+    /// The data asked for, or why it cannot be had.
+    BlockData = 25,
     /// Liveness probe (opaque payload, echoed by Pong).
     Ping = 32,
     /// Answer to a Ping.
@@ -75,7 +79,7 @@ pub enum FrameKind {
 
 impl FrameKind {
     /// Every kind, in wire order.
-    pub const ALL: [FrameKind; 14] = [
+    pub const ALL: [FrameKind; 16] = [
         FrameKind::Hello,
         FrameKind::Auth,
         FrameKind::Ready,
@@ -88,6 +92,8 @@ impl FrameKind {
         FrameKind::Sums,
         FrameKind::Generation,
         FrameKind::Session,
+        FrameKind::BlockRequest,
+        FrameKind::BlockData,
         FrameKind::Ping,
         FrameKind::Pong,
     ];

@@ -14,7 +14,8 @@ use super::frame::FrameKind;
 
 /// Version of the peer protocol's messages (carried in Hello).
 /// 2: the Session frame, and `gen_bitmap` carries a secondary's session.
-pub const PROTOCOL_VERSION: u16 = 2;
+/// 3: BlockRequest and BlockData (read repair).
+pub const PROTOCOL_VERSION: u16 = 3;
 /// Bytes of a Hello payload.
 pub const HELLO_LEN: usize = 36;
 /// Bytes of an identity (the part of Auth before the MAC).

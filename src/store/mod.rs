@@ -422,7 +422,22 @@ enum Ctx {
     ApplyDrop,
     DataSync { count: u64 },
     Checkpoint,
+    Repair { req: ReqId, blocks: u64 },
 }
+
+/// A read that failed because blocks of the data file did not verify
+/// against their checksums (see [`Store::take_corrupt`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CorruptRead {
+    pub offset: u64,
+    pub len: u64,
+    pub head: usize,
+    /// The blocks that failed, in order.
+    pub blocks: Vec<u64>,
+}
+
+/// At most this many failed reads are remembered for `take_corrupt`.
+const MAX_CORRUPT_READS: usize = 4096;
 
 struct WriteReq {
     chunks_left: usize,
@@ -521,6 +536,9 @@ pub struct StoreStats {
     /// 64 KiB pieces of the data file whose cache was dropped before a
     /// large in-place write (see `Store::prewrite_drops`).
     pub prewrite_drops: u64,
+    /// Blocks that failed verification and were rewritten from a peer's
+    /// copy (see `Store::repair`).
+    pub repaired_blocks: u64,
 }
 
 pub struct Store {
@@ -601,6 +619,8 @@ pub struct Store {
     /// cache. A folio dirtied before the drop stays, so the drop is
     /// repeated once more after the next checkpoint (`FolioChunk::second`).
     large_folios: HashMap<u64, FolioChunk>,
+    /// Reads that failed verification, until their owner takes them.
+    corrupt: HashMap<ReqId, CorruptRead>,
     /// Payload buffers the store is done with, for the caller to reuse (large
     /// buffers cost a page fault per 4 KiB and a memset when fresh).
     pub recycled: Vec<Vec<u8>>,
@@ -751,6 +771,7 @@ impl Store {
             data_sync_in_flight: false,
             journaled_chunks: HashMap::new(),
             large_folios,
+            corrupt: HashMap::new(),
             recycled: Vec::new(),
             intents: HashMap::new(),
             newest_intent: 0,
@@ -1420,6 +1441,7 @@ impl Store {
             "cache_drops": st.cache_drops,
             "prewrite_drops": st.prewrite_drops,
             "checksum_failures": st.checksum_failures,
+            "repaired_blocks": st.repaired_blocks,
             "failed": self.failed,
         })
     }
@@ -1789,6 +1811,63 @@ impl Store {
     }
 
     /// Read `[offset, offset+len)` into a buffer with `head` spare bytes in front.
+    /// Why read `req` just failed with EIO, if its blocks failed
+    /// verification: the read's range and the blocks that did not verify.
+    /// Whoever handles the read's event takes it (a mirrored primary
+    /// repairs the blocks from a peer, then reads again).
+    pub fn take_corrupt(&mut self, req: ReqId) -> Option<CorruptRead> {
+        self.corrupt.remove(&req)
+    }
+
+    /// Rewrite blocks of the data file that failed verification with
+    /// `data`, another replica's copy of the blocks from `offset` (whole
+    /// blocks). The checksum table already says what each block must hold,
+    /// so nothing is written unless every block is settled (no write to it
+    /// in flight, in the journal or being applied: EAGAIN) and `data`
+    /// matches its checksum (EILSEQ); the table is not changed. Answered
+    /// by `StoreEvent::Written(req, ..)`.
+    pub fn repair(&mut self, io: &mut dyn Io, req: ReqId, offset: u64, data: Vec<u8>) {
+        let n = data.len() as u64 / BLOCK_SIZE;
+        let first = offset / BLOCK_SIZE;
+        let refuse = if self.failed.is_some() {
+            Some(EIO)
+        } else if !offset.is_multiple_of(BLOCK_SIZE)
+            || n == 0
+            || data.len() as u64 != n * BLOCK_SIZE
+            || offset + data.len() as u64 > self.sb.size
+        {
+            Some(libc::EINVAL)
+        } else if self.block_sums(first, n).contains(&UNKNOWN_SUM) {
+            Some(libc::EAGAIN)
+        } else if data
+            .chunks(BLOCK_SIZE as usize)
+            .enumerate()
+            .any(|(i, block)| !self.sums.verify(first + i as u64, block))
+        {
+            Some(libc::EILSEQ)
+        } else {
+            None
+        };
+        if let Some(e) = refuse {
+            self.events.push(StoreEvent::Written(req, Err(e)));
+            return;
+        }
+        // A read racing with the rewrite verifies again rather than fails.
+        self.apply_epoch += 1;
+        let len = data.len();
+        self.submit(
+            io,
+            Ctx::Repair { req, blocks: n },
+            Op::Write {
+                fd: self.files.data,
+                buf: WriteBuf::Owned(data),
+                start: 0,
+                end: len,
+                offset,
+            },
+        );
+    }
+
     pub fn read(&mut self, io: &mut dyn Io, req: ReqId, offset: u64, len: u64, head: usize) {
         let out = vec![0u8; head + len as usize];
         let r = ReadReq {
@@ -1947,25 +2026,28 @@ impl Store {
         let covered = self.read_pieces.remove(&req).unwrap_or_default();
         let mut r = self.reads.remove(&req).unwrap();
         let (start, end) = (r.start, r.start + r.len);
-        let mut bad = None;
+        let mut bad: Vec<u64> = Vec::new();
         let verify = self.tuning.verify_reads;
-        let first_bad = |file_start: u64, data: &[u8]| {
-            data.chunks(BLOCK_SIZE as usize)
-                .enumerate()
-                .map(|(i, block)| (file_start / BLOCK_SIZE + i as u64, block))
-                .find(|(b, block)| !self.sums.verify(*b, block))
-                .map(|(b, _)| b)
+        let sums = &self.sums;
+        let find_bad = |file_start: u64, data: &[u8], bad: &mut Vec<u64>| {
+            bad.extend(
+                data.chunks(BLOCK_SIZE as usize)
+                    .enumerate()
+                    .map(|(i, block)| (file_start / BLOCK_SIZE + i as u64, block))
+                    .filter(|(b, block)| !sums.verify(*b, block))
+                    .map(|(b, _)| b),
+            )
         };
         for part in &r.parts {
             if part.direct {
                 if verify {
-                    bad = bad.or_else(|| first_bad(part.file_start, &r.out[r.head..]));
+                    find_bad(part.file_start, &r.out[r.head..], &mut bad);
                 }
                 continue;
             }
             let buf = part.buf.as_ref().unwrap();
             if verify {
-                bad = bad.or_else(|| first_bad(part.file_start, buf));
+                find_bad(part.file_start, buf, &mut bad);
             }
             // Copy the requested bytes not provided by the overlay.
             let ps = part.file_start;
@@ -1989,7 +2071,7 @@ impl Store {
                 }
             }
         }
-        if let Some(block) = bad {
+        if let Some(&block) = bad.first() {
             if r.epoch != self.apply_epoch && r.retries < 10_000 {
                 // An apply batch or in-place write changed blocks under us:
                 // read again. Only a mismatch with no such change is an error
@@ -1999,10 +2081,27 @@ impl Store {
                 self.start_read(io, req);
                 return;
             }
-            self.stats.checksum_failures += 1;
+            self.stats.checksum_failures += bad.len() as u64;
             crate::elog!(
-                "nbdmirror: ERROR: block {block} (offset {}) failed checksum verification; returning EIO",
-                block * BLOCK_SIZE
+                "nbdmirror: ERROR: block {block} (offset {}){} failed checksum verification",
+                block * BLOCK_SIZE,
+                if bad.len() > 1 {
+                    format!(" and {} more blocks of the same read", bad.len() - 1)
+                } else {
+                    String::new()
+                }
+            );
+            if self.corrupt.len() >= MAX_CORRUPT_READS {
+                self.corrupt.clear();
+            }
+            self.corrupt.insert(
+                req,
+                CorruptRead {
+                    offset: start,
+                    len: r.len,
+                    head: r.head,
+                    blocks: bad,
+                },
             );
             self.events.push(StoreEvent::Read(req, Err(EIO)));
             return;
@@ -2158,6 +2257,17 @@ impl Store {
                     self.start_inplace_data(io);
                 }
                 self.kick(io, false);
+            }
+            Ctx::Repair { req, blocks } => {
+                self.apply_epoch += 1;
+                let r = match err {
+                    Some(e) => Err(e),
+                    None => {
+                        self.stats.repaired_blocks += blocks;
+                        Ok(())
+                    }
+                };
+                self.events.push(StoreEvent::Written(req, r));
             }
             Ctx::DataRead { read, part } => {
                 let Op::Read { buf, at, .. } = c.op else {
