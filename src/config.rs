@@ -37,6 +37,9 @@ use serde::Deserialize;
 
 use crate::size::parse_size;
 
+/// Most nodes a volume may have (a primary mirrors to at most 63 peers).
+pub const MAX_NODES: usize = 64;
+
 /// A size: a number of bytes, or a string with a K/M/G/T suffix.
 #[derive(Deserialize)]
 #[serde(untagged)]
@@ -176,7 +179,18 @@ impl VolumeConfig {
 
     /// Parse and check config text; relative paths are taken from `base`.
     pub fn parse(text: &str, base: &Path) -> Result<VolumeConfig, String> {
-        let raw: RawConfig = toml::from_str(text).map_err(|e| e.to_string().trim().to_string())?;
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+            e.to_string()
+                .trim()
+                .replace(
+                    "data did not match any variant of untagged enum RawSize",
+                    "expected a number of bytes or a size such as \"10G\"",
+                )
+                .replace(
+                    "data did not match any variant of untagged enum RawAddrs",
+                    "expected \"HOST:PORT\" or a list of them",
+                )
+        })?;
         let v = raw.volume;
         let rel = |p: &Path| {
             if p.is_absolute() {
@@ -211,6 +225,12 @@ impl VolumeConfig {
         if raw.node.is_empty() {
             return Err("no [[node]] sections: a volume has at least one node".into());
         }
+        if raw.node.len() > MAX_NODES {
+            return Err(format!(
+                "{} [[node]] sections: a volume has at most {MAX_NODES} nodes (a primary and 63 peers)",
+                raw.node.len()
+            ));
+        }
         let mut nodes = Vec::new();
         let mut ids = HashSet::new();
         let mut dirs = HashSet::new();
@@ -236,6 +256,12 @@ impl VolumeConfig {
                 .transpose()
                 .map_err(|e| format!("{at}: peer-address {e}"))?;
             if let Some(a) = peer_address {
+                if a.ip().is_unspecified() || a.port() == 0 {
+                    return Err(format!(
+                        "{at}: peer-address {a}: the primary connects to it, so it needs a \
+                         real address and port"
+                    ));
+                }
                 if !peer_addrs.insert(a) {
                     return Err(format!(
                         "{at}: peer-address {a} is another node's too; each node needs its own"
@@ -258,6 +284,11 @@ impl VolumeConfig {
             .map(|s| parse_addr(s))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| format!("{at}: nbd-listen {e}"))?;
+            if let Some(a) = nbd_listen.iter().find(|a| a.port() == 0) {
+                return Err(format!(
+                    "{at}: nbd-listen {a}: port 0 is no port a client can find"
+                ));
+            }
             nodes.push(NodeConfig {
                 id: n.id,
                 dir,
@@ -283,11 +314,28 @@ impl VolumeConfig {
             );
         }
         for n in &nodes {
-            if n.id != v.primary && n.peer_address.is_none() {
+            if nodes.len() > 1 && n.peer_address.is_none() {
                 return Err(format!(
-                    "[[node]] id = {}: peer-address is missing; a secondary accepts the \
-                     replication stream there, and the primary connects to it",
+                    "[[node]] id = {}: peer-address is missing; every node of a mirrored volume \
+                     needs one: a secondary accepts the replication stream there, and the \
+                     primary connects to it (any node may become a secondary)",
                     n.id
+                ));
+            }
+            if let Some(a) = n.nbd_listen.iter().find(|a| peer_addrs.contains(a)) {
+                return Err(format!(
+                    "[[node]] id = {}: nbd-listen {a} is also a peer-address",
+                    n.id
+                ));
+            }
+        }
+        let secret_file = v.secret_file.as_deref().map(rel);
+        if let Some(f) = &secret_file {
+            if !f.is_file() {
+                return Err(format!(
+                    "[volume] secret-file {}: no such file (create it on every node, e.g. \
+                     `head -c 32 /dev/urandom | base64 > FILE`)",
+                    f.display()
                 ));
             }
         }
@@ -296,7 +344,7 @@ impl VolumeConfig {
             uuid,
             size,
             journal_size,
-            secret_file: v.secret_file.as_deref().map(rel),
+            secret_file,
             primary: v.primary,
             peer_timeout_ms: v.peer_timeout_ms,
             resync_rate,
@@ -356,8 +404,16 @@ dir = "/abs/b"
 peer-address = "127.0.0.1:10810"
 "#;
 
+    /// A directory holding the secret file `s` the configs name.
+    fn base() -> PathBuf {
+        let d = std::env::temp_dir().join(format!("nbdm-config-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join("s"), "a-secret-of-more-than-16-bytes").unwrap();
+        d
+    }
+
     fn parse(t: &str) -> Result<VolumeConfig, String> {
-        VolumeConfig::parse(t, Path::new("/etc/vol"))
+        VolumeConfig::parse(t, &base())
     }
 
     #[test]
@@ -365,8 +421,8 @@ peer-address = "127.0.0.1:10810"
         let c = parse(GOOD).unwrap();
         assert_eq!(c.size, 1 << 30);
         assert_eq!(c.primary, 1);
-        assert_eq!(c.secret_file.as_deref(), Some(Path::new("/etc/vol/s")));
-        assert_eq!(c.node(1).unwrap().dir, Path::new("/etc/vol/a"));
+        assert_eq!(c.secret_file, Some(base().join("s")));
+        assert_eq!(c.node(1).unwrap().dir, base().join("a"));
         assert_eq!(c.node(2).unwrap().dir, Path::new("/abs/b"));
         assert_eq!(
             c.node(1).unwrap().nbd_listen,
@@ -401,6 +457,34 @@ peer-address = "127.0.0.1:10810"
                 "uuid",
             ),
             ("[volume]", "[volume\n", "line"),
+            (
+                "peer-address = \"127.0.0.1:10811\"",
+                "",
+                "peer-address is missing",
+            ),
+            ("127.0.0.1:10810", "0.0.0.0:10810", "real address"),
+            ("127.0.0.1:10810", "127.0.0.1:0", "real address"),
+            (
+                "nbd-listen = \"127.0.0.1:10809\"",
+                "nbd-listen = \"127.0.0.1:10810\"",
+                "also a peer-address",
+            ),
+            (
+                "nbd-listen = \"127.0.0.1:10809\"",
+                "nbd-listen = \"127.0.0.1:0\"",
+                "port 0",
+            ),
+            (
+                "nbd-listen = \"127.0.0.1:10809\"",
+                "nbd-listen = 5",
+                "HOST:PORT",
+            ),
+            ("size = \"1G\"", "size = -4096", "size such as"),
+            (
+                "secret-file = \"s\"",
+                "secret-file = \"nope\"",
+                "no such file",
+            ),
             ("127.0.0.1:10810", "127.0.0.1:10811", "another node's too"),
             (
                 "nbd-listen = \"127.0.0.1:10809\"",

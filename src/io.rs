@@ -454,8 +454,12 @@ fn pwrite_one(fd: RawFd, offset: u64, s: &[u8]) -> i64 {
     }
 }
 
-/// cachestat(2) (Linux 6.5; the number is the same on every architecture).
-const SYS_CACHESTAT: libc::c_long = 451;
+/// cachestat(2) (Linux 6.5): 451 in the common syscall table; the few
+/// architectures that number it otherwise report "cannot tell".
+#[cfg(not(any(target_arch = "mips", target_arch = "mips64", target_arch = "sparc64")))]
+const SYS_CACHESTAT: Option<libc::c_long> = Some(451);
+#[cfg(any(target_arch = "mips", target_arch = "mips64", target_arch = "sparc64"))]
+const SYS_CACHESTAT: Option<libc::c_long> = None;
 
 #[repr(C)]
 struct CachestatRange {
@@ -480,13 +484,14 @@ fn cachestat_bytes(fd: RawFd, offset: u64, len: u64) -> Option<u64> {
         // cachestat reads a zero length as "to the end of the file".
         return Some(0);
     }
+    let nr = SYS_CACHESTAT?;
     let range = CachestatRange { off: offset, len };
     let mut cs = Cachestat::default();
     // SAFETY: both pointers refer to live, correctly laid out structs for
     // the whole call; the kernel writes only `cs`.
     let r = unsafe {
         libc::syscall(
-            SYS_CACHESTAT,
+            nr,
             fd,
             &range as *const CachestatRange,
             &mut cs as *mut Cachestat,

@@ -326,6 +326,29 @@ fn admin_path(a: &AdminArgs) -> Result<PathBuf, String> {
     }
 }
 
+/// The config names this node the primary, but its replica follows
+/// another primary (it was a secondary, or was taken back as one after a
+/// switchover): serving it as a primary would promote it, and if the file
+/// is simply stale (someone else was promoted with `--role primary`) two
+/// primaries would serve the volume. A promotion is the operator's explicit
+/// choice: `--role primary`.
+fn refuse_implicit_promotion(c: &VolumeConfig, n: &NodeConfig) -> Result<(), String> {
+    use nbdmirror::mirror::generation::{Generation, FLAG_PRIMARY};
+    let g = Generation::load(&n.dir)?;
+    if g.current == 0 || g.flags & FLAG_PRIMARY != 0 {
+        return Ok(());
+    }
+    Err(format!(
+        "the config file {} names node {} the primary, but its replica follows generation \
+         {:016x} as a secondary of another primary; serving it as the primary would promote it. \
+         If that is what you want, make sure no other node serves as the primary and start it \
+         with --role primary; otherwise set `primary` in the config to the node that serves",
+        c.path.display(),
+        n.id,
+        g.current
+    ))
+}
+
 /// Refuse a replica directory that is not the one the config file
 /// describes for this node (another node's, another volume's, or a
 /// different size): a wrong --node or dir must not serve or mirror the
@@ -652,6 +675,10 @@ fn run(cli: Cli) -> Result<(), String> {
                             dir::format_uuid(&dir::random_uuid())
                         ));
                     };
+                    // The secret is checked now, not at the first serve.
+                    if let Some(f) = &c.secret_file {
+                        read_secret(f)?;
+                    }
                     (
                         n.dir,
                         c.size,
@@ -714,12 +741,18 @@ fn run(cli: Cli) -> Result<(), String> {
                                         --peer-listen and --secret-file"
                                 .into());
                         }
+                        if let Some(f) = &c.secret_file {
+                            read_secret(f)?;
+                        }
                         check_config_identity(c, n)?;
-                        let role = role.unwrap_or(if n.id == c.primary {
-                            RoleArg::Primary
-                        } else {
-                            RoleArg::Secondary
-                        });
+                        let role = match role {
+                            Some(r) => r,
+                            None if n.id == c.primary => {
+                                refuse_implicit_promotion(c, n)?;
+                                RoleArg::Primary
+                            }
+                            None => RoleArg::Secondary,
+                        };
                         let (peers, listen_at) = match role {
                             RoleArg::Primary => (c.peers_of(n.id), None),
                             RoleArg::Secondary => match n.peer_address {

@@ -474,12 +474,19 @@ impl Server {
                 self.store.drain(&mut self.io);
                 self.deliver_store_events();
                 if self.store.is_quiet() || self.store.failure().is_some() {
+                    let ok = self.store.failure().is_none();
+                    if let Some(m) = self.mirror.as_mut() {
+                        if m.start_handover(&mut self.io, ok) {
+                            m.flush_sends(&mut self.io);
+                            continue;
+                        }
+                    }
                     break;
                 }
             }
         }
         if let Some(m) = self.mirror.as_mut() {
-            m.finish(&mut self.io, self.store.failure().is_none());
+            m.finish(&mut self.io);
         }
         if let Some(why) = self.store.failure() {
             return Err(format!("stopped after a storage failure: {why}"));

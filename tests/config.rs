@@ -260,10 +260,15 @@ fn a_volume_set_up_and_served_from_its_config_file() {
         "node 1 lacks node 2's write"
     );
 
-    // And back: node 1 primary again (node 2 handed over in turn).
+    // And back. The file still names node 1 the primary, but node 1's
+    // replica now follows node 2: started as the file says, it would be
+    // promoted (and with a stale file, two primaries would serve), so that
+    // takes an explicit --role primary.
+    let (ok, _, err) = nbdmirror(&["serve", "--config", v.cfg_str(), "--node", "1"]);
+    assert!(!ok && err.contains("--role primary"), "{err}");
     let n2 = v.serve("2", &[]);
     thread::sleep(Duration::from_millis(200));
-    let n1 = v.serve("1", &[]);
+    let n1 = v.serve("1", &["--role", "primary"]);
     wait_port(v.nbd);
     v.wait_in_sync("1", Duration::from_secs(20));
     stop(n1);

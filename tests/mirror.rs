@@ -1587,7 +1587,12 @@ fn writes_the_primary_never_saw_are_found_by_the_session_check() {
     );
     assert_eq!(c.flush().unwrap(), 0);
     c.disconnect();
-    send_signal(copy.id(), "TERM");
+    // Killed, not stopped: a clean stop would hand over a new generation
+    // to node 2, and the returning primary would then see a primary that
+    // served on its own after it (split brain, refused: safe too). Killed,
+    // the copy leaves node 2 on the primary's own generation, and only the
+    // session token tells.
+    send_signal(copy.id(), "KILL");
     let _ = copy.wait();
 
     cl.nodes[0].start();

@@ -11,11 +11,14 @@
 //!   new generation and keeps the one it followed as `previous`.
 //! - A secondary adopts its primary's `current` once it is in sync, so its
 //!   data is known to be that generation's.
-//! - A primary that stops cleanly with every peer in sync marks its
-//!   generation *handed over* (`FLAG_HANDED_OVER`): it wrote nothing its
-//!   peers lack, so a peer promoted after that may take it back as a
-//!   secondary (comparing every block) instead of calling it split brain.
-//!   The mark is cleared before the replica serves as a primary again.
+//! - A primary that stops cleanly with every peer in sync *hands over*:
+//!   it moves to a fresh generation, has every peer adopt it and flush,
+//!   then marks it `FLAG_HANDED_OVER`. It wrote nothing those peers lack,
+//!   so one of them, promoted, may take it back as a secondary (comparing
+//!   every block) instead of calling it split brain; a node that was not
+//!   in sync then holds an older generation and is still refused. The mark
+//!   is cleared before the replica serves as a primary again, and a
+//!   secondary drops its primary flag before it takes a session's records.
 //!
 //! - A secondary also records the *session* token of the last primary
 //!   session it accepted records in (the primary keeps the token it gave
@@ -39,6 +42,10 @@ use xxhash_rust::xxh3::xxh3_64;
 const MAGIC_V1: &[u8; 8] = b"NMGEN001";
 const LEN_V1: usize = 40;
 const MAGIC: &[u8; 8] = b"NMGEN002";
+/// The same layout, written while `FLAG_HANDED_OVER` is set, so that a
+/// binary that does not know the flag refuses the file instead of serving
+/// as the primary of a generation it handed over (and keeping the mark).
+const MAGIC_HANDED_OVER: &[u8; 8] = b"NMGEN003";
 const LEN: usize = 48;
 /// This replica writes (wrote) as the primary of `current`.
 pub const FLAG_PRIMARY: u32 = 1;
@@ -73,7 +80,10 @@ impl Generation {
         let u64_at = |at: usize| u64::from_le_bytes(b[at..at + 8].try_into().unwrap());
         let intact = match b.len() {
             LEN_V1 => &b[0..8] == MAGIC_V1 && xxh3_64(&b[0..32]) == u64_at(32),
-            LEN => &b[0..8] == MAGIC && xxh3_64(&b[0..40]) == u64_at(40),
+            LEN => {
+                (&b[0..8] == MAGIC || &b[0..8] == MAGIC_HANDED_OVER)
+                    && xxh3_64(&b[0..40]) == u64_at(40)
+            }
             _ => false,
         };
         if !intact {
@@ -93,7 +103,11 @@ impl Generation {
 
     pub fn store(&self, dir: &Path) -> Result<(), String> {
         let mut b = [0u8; LEN];
-        b[0..8].copy_from_slice(MAGIC);
+        b[0..8].copy_from_slice(if self.flags & FLAG_HANDED_OVER != 0 {
+            MAGIC_HANDED_OVER
+        } else {
+            MAGIC
+        });
         b[8..16].copy_from_slice(&self.current.to_le_bytes());
         b[16..24].copy_from_slice(&self.previous.to_le_bytes());
         b[24..28].copy_from_slice(&self.flags.to_le_bytes());
@@ -158,15 +172,26 @@ impl Generation {
         (self, None)
     }
 
-    /// A clean shutdown with every peer in sync: the generation marked as
-    /// handed over (see `FLAG_HANDED_OVER`), if it is a primary's.
-    pub fn handed_over(self) -> Option<Generation> {
-        (self.flags & FLAG_PRIMARY != 0 && self.flags & FLAG_HANDED_OVER == 0).then_some(
-            Generation {
-                flags: self.flags | FLAG_HANDED_OVER,
-                ..self
-            },
-        )
+    /// The first step of a handover at a clean shutdown (see
+    /// `FLAG_HANDED_OVER`): a primary's generation moves on to `fresh`
+    /// (stored before the peers are told), so that only the peers that
+    /// are in sync at the handover, and adopt `fresh`, hold it. None when
+    /// this is not a primary's generation.
+    pub fn handover_start(self, fresh: u64) -> Option<Generation> {
+        (self.flags & FLAG_PRIMARY != 0).then_some(Generation {
+            current: fresh,
+            previous: self.current,
+            flags: FLAG_PRIMARY,
+            session: self.session,
+        })
+    }
+
+    /// The last step: every peer has adopted the generation and flushed.
+    pub fn handed_over(self) -> Generation {
+        Generation {
+            flags: self.flags | FLAG_HANDED_OVER,
+            ..self
+        }
     }
 }
 
@@ -305,27 +330,60 @@ mod tests {
         assert!(matches!(judge(&p, &promoted, 2), Verdict::SplitBrain(_)));
         // Two primaries of one generation.
         assert!(matches!(judge(&p, &p, 2), Verdict::SplitBrain(_)));
-        // A planned switchover: the old primary stopped cleanly in sync
-        // (handed over), its follower was promoted; the old primary comes
-        // back as a secondary and is taken back, comparing every block.
-        let handed = p.handed_over().unwrap();
+        // A planned switchover. The handover moves the generation on
+        // (10 -> 15); the peers in sync adopt 15, one of them is promoted
+        // (25 after 15) and takes the old primary back, comparing blocks.
+        let moved = p.handover_start(15).unwrap();
+        assert_eq!(
+            (moved.current, moved.previous, moved.flags),
+            (15, 10, FLAG_PRIMARY)
+        );
+        let handed = moved.handed_over();
         assert_eq!(handed.flags, FLAG_PRIMARY | FLAG_HANDED_OVER);
-        assert_eq!(handed.handed_over(), None);
-        assert_eq!(judge(&promoted, &handed, 1), Verdict::ResyncCompare);
+        let follower15 = Generation {
+            current: 15,
+            previous: 10,
+            flags: 0,
+            session: 0,
+        };
+        let (promoted15, _) = follower15.for_primary(25);
+        assert_eq!(judge(&promoted15, &handed, 1), Verdict::ResyncCompare);
+        // A stale follower of 10 (not in sync at the handover), promoted,
+        // must not take the old primary back: it lacks the newest writes.
+        assert!(matches!(
+            judge(&promoted, &handed, 1),
+            Verdict::SplitBrain(_)
+        ));
+        // A handover that stopped after the first step (a peer failed):
+        // the primary serves 15, the peers hold 10 or 15.
+        assert_eq!(judge(&moved, &follower15, 2), Verdict::Resync);
+        assert_eq!(judge(&moved, &follower, 2), Verdict::ResyncCompare);
         // Served as a primary again, it clears the mark first: after that
         // it may have written, and meeting the promoted node is split brain.
         let (again, why) = handed.for_primary(30);
-        assert_eq!(again, p);
+        assert_eq!(again, moved);
         assert!(why.unwrap().contains("again"));
         assert!(matches!(
-            judge(&promoted, &again, 1),
+            judge(&promoted15, &again, 1),
             Verdict::SplitBrain(_)
         ));
-        // Handed over is still a primary's generation to its own follower's
-        // peers: two primaries of one generation stay refused.
-        assert!(matches!(judge(&p, &handed, 2), Verdict::SplitBrain(_)));
+        // Handed over is still a primary's generation: two primaries of one
+        // generation stay refused.
+        assert!(matches!(judge(&moved, &handed, 2), Verdict::SplitBrain(_)));
         // A follower never hands over.
-        assert_eq!(follower.handed_over(), None);
+        assert_eq!(follower.handover_start(16), None);
+        // The mark is written under a magic older binaries refuse.
+        let d = std::env::temp_dir().join(format!("nbdm-gen-ho-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        handed.store(&d).unwrap();
+        assert_eq!(
+            &std::fs::read(d.join("generation")).unwrap()[..8],
+            MAGIC_HANDED_OVER
+        );
+        assert_eq!(Generation::load(&d).unwrap(), handed);
+        again.store(&d).unwrap();
+        assert_eq!(&std::fs::read(d.join("generation")).unwrap()[..8], MAGIC);
+        std::fs::remove_dir_all(&d).unwrap();
         // Unrelated data.
         let other = Generation {
             current: 99,

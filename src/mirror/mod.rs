@@ -165,6 +165,18 @@ impl Out {
     }
 }
 
+/// The handover of a primary's generation at a clean shutdown (see
+/// `generation::FLAG_HANDED_OVER` and [`Mirror::start_handover`]).
+#[derive(Debug)]
+enum Handover {
+    Idle,
+    /// Generation and Flush frames sent: flush id -> peer index.
+    Waiting(HashMap<u64, usize>),
+    /// Finished: every peer adopted the generation and flushed (true), or
+    /// not attempted or failed (false).
+    Done(bool),
+}
+
 /// A read repair on the primary: a client read found blocks of the data
 /// file that fail their checksums; an in-sync peer's copy of them is asked
 /// for (`asked`), checked against this node's checksum table and written
@@ -340,6 +352,7 @@ pub struct Mirror {
     locks: BTreeMap<u64, (u64, u64)>,
     /// Read repairs in progress (primary), by the id of their BlockRequest.
     repairs: HashMap<u64, Repair>,
+    handover: Handover,
     /// Store reads of blocks a primary asked for (secondary): read id ->
     /// (link, the request's id).
     peer_reads: HashMap<u64, (u64, u64)>,
@@ -534,6 +547,7 @@ impl Mirror {
             locks: BTreeMap::new(),
             repairs: HashMap::new(),
             peer_reads: HashMap::new(),
+            handover: Handover::Idle,
             parked: VecDeque::new(),
             ops: HashMap::new(),
             next_mrid: 0,
@@ -600,6 +614,7 @@ impl Mirror {
             && self.applying.is_empty()
             && self.repairs.is_empty()
             && self.peer_reads.is_empty()
+            && !matches!(self.handover, Handover::Waiting(_))
     }
 
     pub fn begin_shutdown(&mut self, io: &mut dyn Io) {
@@ -618,32 +633,84 @@ impl Mirror {
         }
     }
 
-    /// Last step of a clean shutdown: links closed, bitmaps on disk. A
-    /// primary whose store is healthy and whose every peer is in sync, with
-    /// nothing dirty or unanswered, marks its generation handed over
-    /// (`generation::FLAG_HANDED_OVER`): a peer promoted after this may take
-    /// it back as a secondary.
-    pub fn finish(&mut self, io: &mut dyn Io, store_ok: bool) {
-        if self.cfg.role == NodeRole::Primary
+    /// At a clean shutdown, once the store is quiet: a primary whose store
+    /// is healthy and whose every peer is in sync, with nothing dirty,
+    /// unanswered or unflushed, hands its generation over. It moves to a
+    /// fresh generation (stored first), sends it to every peer with a
+    /// Flush after it, and when every FlushAck is in (each peer has stored
+    /// the generation and made every acknowledged write durable),
+    /// `finish` marks it handed over. True when frames went out: the
+    /// caller keeps running the loop until the mirror is quiet again. A
+    /// peer that fails meanwhile leaves the handover undone (the primary
+    /// keeps the fresh generation; its peers hold it or the one before,
+    /// both ordinary cases at the next connect).
+    pub fn start_handover(&mut self, io: &mut dyn Io, store_ok: bool) -> bool {
+        if !matches!(self.handover, Handover::Idle) {
+            return false;
+        }
+        self.handover = Handover::Done(false);
+        let ready = self.cfg.role == NodeRole::Primary
             && store_ok
             && !self.peers.is_empty()
             && self.quiet()
             && self.peers.iter().all(|p| {
-                p.state == PeerState::InSync && p.bitmap.dirty() == 0 && p.outstanding.is_empty()
-            })
-        {
-            if let Some(g) = self.generation.handed_over() {
-                match g.store(&self.cfg.dir) {
-                    Ok(()) => {
-                        self.generation = g;
-                        crate::elog!(
-                            "nbdmirror: every peer is in sync: generation {:016x} handed over (a \
-                             peer promoted now takes this node back as a secondary)",
-                            g.current
-                        );
-                    }
-                    Err(e) => crate::elog!("nbdmirror: {e}"),
+                p.state == PeerState::InSync
+                    && p.link.is_some()
+                    && p.bitmap.dirty() == 0
+                    && p.outstanding.is_empty()
+                    && p.pending_session.is_none()
+            });
+        if !ready {
+            return false;
+        }
+        let fresh = u64::from_le_bytes(nonce()[..8].try_into().unwrap()) | 1;
+        let Some(g) = self.generation.handover_start(fresh) else {
+            return false;
+        };
+        if let Err(e) = g.store(&self.cfg.dir) {
+            crate::elog!("nbdmirror: not handing over: {e}");
+            return false;
+        }
+        self.generation = g;
+        self.t = io.now();
+        let mut waiting = HashMap::new();
+        for i in 0..self.peers.len() {
+            let link = self.peers[i].link.unwrap();
+            self.send_frame(link, FrameKind::Generation, &[&fresh.to_le_bytes()]);
+            let id = MIRROR_RID | self.next_mrid;
+            self.next_mrid += 1;
+            self.send_frame(link, FrameKind::Flush, &[&id.to_le_bytes()]);
+            let p = &mut self.peers[i];
+            p.outstanding.insert(
+                id,
+                Out::Flush {
+                    since: self.t,
+                    batches: Vec::new(),
+                    upto: p.unflushed_counter,
+                },
+            );
+            waiting.insert(id, i);
+            self.post_send(io, link);
+        }
+        self.handover = Handover::Waiting(waiting);
+        true
+    }
+
+    /// Last step of a clean shutdown: links closed, bitmaps on disk, and a
+    /// finished handover recorded (`generation::FLAG_HANDED_OVER`).
+    pub fn finish(&mut self, io: &mut dyn Io) {
+        if matches!(self.handover, Handover::Done(true)) {
+            let g = self.generation.handed_over();
+            match g.store(&self.cfg.dir) {
+                Ok(()) => {
+                    self.generation = g;
+                    crate::elog!(
+                        "nbdmirror: every peer is in sync and flushed: generation {:016x} handed \
+                         over (a peer promoted now takes this node back as a secondary)",
+                        g.current
+                    );
                 }
+                Err(e) => crate::elog!("nbdmirror: {e}"),
             }
         }
         let ids: Vec<u64> = self.links.keys().copied().collect();
@@ -1188,6 +1255,11 @@ impl Mirror {
                 op.mask &= !(1u64 << i);
             }
             self.try_complete(id);
+        }
+        if let Handover::Waiting(w) = &self.handover {
+            if w.values().any(|&p| p == i) {
+                self.handover = Handover::Done(false);
+            }
         }
         // Repairs waiting for this peer's data read again: another peer
         // may be in sync, and if not the read fails as before.
@@ -1956,6 +2028,11 @@ impl Mirror {
                             for (first, n) in batches {
                                 p.bitmap.clear_blocks(first, n);
                             }
+                            if let Handover::Waiting(w) = &mut self.handover {
+                                if w.remove(&id).is_some() && w.is_empty() {
+                                    self.handover = Handover::Done(true);
+                                }
+                            }
                             self.kick_resync(io, store);
                         } else {
                             if let Some(op) = self.ops.get_mut(&id) {
@@ -2056,12 +2133,27 @@ impl Mirror {
                 // are handled in order), so the token a restarted secondary
                 // reports never names a session whose writes it lacks.
                 let token = wire::decode_u64(payload, "Session")?;
-                if token != self.generation.session {
+                // A replica last written as a primary (handed over) that
+                // now takes another primary's records is no longer that
+                // generation's primary: if it were served as a primary
+                // again after a partial resync, it must be promoted to a
+                // new generation, not carry on the old one.
+                let flags = self.generation.flags
+                    & !(generation::FLAG_PRIMARY | generation::FLAG_HANDED_OVER);
+                if token != self.generation.session || flags != self.generation.flags {
                     let next = Generation {
                         session: token,
+                        flags,
                         ..self.generation
                     };
                     next.store(&self.cfg.dir)?;
+                    if flags != self.generation.flags {
+                        crate::elog!(
+                            "nbdmirror: this replica, last written as the primary of generation \
+                             {:016x}, now follows another primary",
+                            self.generation.current
+                        );
+                    }
                     self.generation = next;
                 }
             }

@@ -129,7 +129,9 @@ fn cached_pieces(io: &mut dyn Io, fd: RawFd, size: u64) -> HashMap<u64, FolioChu
             None => return HashMap::new(),
             Some(n) => n,
         };
-        if n == 0 {
+        // Less than a piece cached holds no whole cached piece (a disk
+        // read at random leaves scattered pages: skip them cheaply).
+        if n < PAGE_CACHE_PIECE {
             continue;
         }
         if n >= e - s {
