@@ -329,16 +329,9 @@ impl VolumeConfig {
                 ));
             }
         }
+        // The secret file itself is read (and checked) by `init` and
+        // `serve`, not here: `info` and `resync` need no secret.
         let secret_file = v.secret_file.as_deref().map(rel);
-        if let Some(f) = &secret_file {
-            if !f.is_file() {
-                return Err(format!(
-                    "[volume] secret-file {}: no such file (create it on every node, e.g. \
-                     `head -c 32 /dev/urandom | base64 > FILE`)",
-                    f.display()
-                ));
-            }
-        }
         Ok(VolumeConfig {
             path: PathBuf::new(),
             uuid,
@@ -480,11 +473,6 @@ peer-address = "127.0.0.1:10810"
                 "HOST:PORT",
             ),
             ("size = \"1G\"", "size = -4096", "size such as"),
-            (
-                "secret-file = \"s\"",
-                "secret-file = \"nope\"",
-                "no such file",
-            ),
             ("127.0.0.1:10810", "127.0.0.1:10811", "another node's too"),
             (
                 "nbd-listen = \"127.0.0.1:10809\"",

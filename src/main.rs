@@ -131,6 +131,15 @@ enum Cmd {
         #[command(subcommand)]
         action: ResyncCmd,
     },
+    /// Stop a primary so that a secondary can take over: it finishes its
+    /// requests, makes every peer durable and hands its data generation over
+    /// (docs/mirroring.md, "Generations and split brain"), then exits.
+    /// Then start a secondary with `--role primary`, and this node as its
+    /// secondary.
+    Switchover {
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
     /// Print a replica directory's superblock.
     Info {
         #[arg(long, required_unless_present = "config")]
@@ -326,6 +335,59 @@ fn admin_path(a: &AdminArgs) -> Result<PathBuf, String> {
     }
 }
 
+/// `nbdmirror switchover`: ask the primary to hand over and stop, wait for
+/// it to exit, and say whether the handover was done.
+fn switchover(admin: &AdminArgs) -> Result<(), String> {
+    let dir = match admin.config.load()? {
+        Some((_, n)) => Some(n.dir),
+        None => admin.dir.clone(),
+    };
+    admin_call(admin, "switchover")?;
+    out!("switchover: the primary is stopping and handing over to its peers...");
+    let path = admin_path(admin)?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while nbdmirror::mirror::on_unix_path(&path, |p| std::os::unix::net::UnixStream::connect(p))
+        .is_ok()
+    {
+        if std::time::Instant::now() > deadline {
+            return Err(format!(
+                "the node at {} has not stopped within 120 s; see its log",
+                path.display()
+            ));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let Some(dir) = dir else {
+        out!("the node stopped; its log says whether it handed over");
+        return Ok(());
+    };
+    // The process may still be finishing after its socket went away.
+    let lock_wait = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let g = loop {
+        match dir::open(&dir) {
+            Ok(_) => break nbdmirror::mirror::generation::Generation::load(&dir)?,
+            Err(_) if std::time::Instant::now() < lock_wait => {
+                std::thread::sleep(std::time::Duration::from_millis(100))
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    if g.flags & nbdmirror::mirror::generation::FLAG_HANDED_OVER != 0 {
+        out!(
+            "handed over generation {:016x}: start a secondary with --role primary, then this \
+             node as its secondary (--role secondary)",
+            g.current
+        );
+        Ok(())
+    } else {
+        Err(
+            "the node stopped WITHOUT handing over (a peer fell out of sync; see its log): \
+             a secondary promoted now meets it as split brain"
+                .into(),
+        )
+    }
+}
+
 /// The config names this node the primary, but its replica follows
 /// another primary (it was a secondary, or was taken back as one after a
 /// switchover): serving it as a primary would promote it, and if the file
@@ -333,8 +395,19 @@ fn admin_path(a: &AdminArgs) -> Result<PathBuf, String> {
 /// primaries would serve the volume. A promotion is the operator's explicit
 /// choice: `--role primary`.
 fn refuse_implicit_promotion(c: &VolumeConfig, n: &NodeConfig) -> Result<(), String> {
-    use nbdmirror::mirror::generation::{Generation, FLAG_PRIMARY};
+    use nbdmirror::mirror::generation::{Generation, FLAG_HANDED_OVER, FLAG_PRIMARY};
     let g = Generation::load(&n.dir)?;
+    if g.flags & FLAG_HANDED_OVER != 0 {
+        return Err(format!(
+            "the config file {} names node {} the primary, but it handed generation {:016x} \
+             over at its last stop (`nbdmirror switchover`): another node may serve as the \
+             primary now. Start it as that node's secondary (--role secondary), or, if no other \
+             node was promoted, as the primary again with --role primary",
+            c.path.display(),
+            n.id,
+            g.current
+        ));
+    }
     if g.current == 0 || g.flags & FLAG_PRIMARY != 0 {
         return Ok(());
     }
@@ -909,6 +982,7 @@ fn run(cli: Cli) -> Result<(), String> {
             })
         }
         Cmd::Resync { action } => resync(action),
+        Cmd::Switchover { admin } => switchover(&admin),
         Cmd::Info { dir: path, config } => {
             let path = match config.load()? {
                 Some((_, n)) => n.dir,

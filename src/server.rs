@@ -523,6 +523,17 @@ impl Server {
                 if let Some(m) = self.mirror.as_mut() {
                     m.tick(&mut self.io, &mut self.store);
                 }
+                if !self.shutting_down
+                    && self
+                        .mirror
+                        .as_ref()
+                        .is_some_and(|m| m.switchover_requested())
+                {
+                    crate::elog!(
+                        "nbdmirror: switchover asked for; finishing in-flight requests, handing over to the peers and shutting down"
+                    );
+                    self.begin_shutdown();
+                }
                 self.enforce_shutdown_deadline();
                 self.enforce_handshake_limit();
                 self.io.submit(token(KIND_TICK, 0), Op::timeout(TICK));
@@ -1189,7 +1200,7 @@ impl Server {
             {
                 if p.repairs < MAX_READ_REPAIRS {
                     p.repairs += 1;
-                    if m.repair_read(&mut self.io, &mut self.store, rid, c) {
+                    if m.repair_read(&mut self.io, rid, c) {
                         return;
                     }
                     crate::elog!(

@@ -218,6 +218,13 @@ fn a_volume_set_up_and_served_from_its_config_file() {
         Duration::from_secs(60),
     );
     v.wait_in_sync("1", Duration::from_secs(20));
+    // A planned switchover: node 1 hands over to node 2 and stops.
+    let (ok, out, err) = nbdmirror(&["switchover", "--config", v.cfg_str(), "--node", "1"]);
+    assert!(
+        ok && out.contains("handed over"),
+        "{out}\n{err}\n{}",
+        v.log("1")
+    );
     stop(n1);
     stop(n2);
     assert_files_equal(&src, &v.tmp.join("n1/data"));
@@ -231,13 +238,18 @@ fn a_volume_set_up_and_served_from_its_config_file() {
         "{}",
         info.1
     );
-    // Node 1 stopped cleanly with its peer in sync: handed over.
     let info1 = nbdmirror(&["info", "--config", v.cfg_str(), "--node", "1"]);
     assert!(info1.1.contains("handed over"), "{}", info1.1);
+    // The file still names node 1 the primary; started as it says, node 1
+    // would serve next to a promoted node 2: refused, with the way out.
+    let (ok, _, err) = nbdmirror(&["serve", "--config", v.cfg_str(), "--node", "1"]);
+    assert!(
+        !ok && err.contains("handed") && err.contains("--role"),
+        "{err}"
+    );
 
-    // A planned switchover, the file unchanged: node 2 is promoted with
-    // --role and mirrors to node 1, which takes the stream at its peer
-    // address and is taken back (not refused as split brain).
+    // Node 2 is promoted with --role and mirrors to node 1, which takes the
+    // stream at its peer address and is taken back (not split brain).
     let n1 = v.serve("1", &["--role", "secondary"]);
     thread::sleep(Duration::from_millis(200));
     let n2 = v.serve("2", &["--role", "primary"]);
@@ -250,6 +262,12 @@ fn a_volume_set_up_and_served_from_its_config_file() {
     assert_eq!(c.read(3 * MIB, 64 * 1024).unwrap(), data);
     drop(c);
     v.wait_in_sync("2", Duration::from_secs(20));
+    let (ok, out, err) = nbdmirror(&["switchover", "--config", v.cfg_str(), "--node", "2"]);
+    assert!(
+        ok && out.contains("handed over"),
+        "{out}\n{err}\n{}",
+        v.log("2")
+    );
     stop(n2);
     stop(n1);
     assert!(!v.log("1").contains("split brain"), "{}", v.log("1"));

