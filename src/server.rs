@@ -1204,7 +1204,8 @@ impl Server {
                         return;
                     }
                     crate::elog!(
-                        "nbdmirror: no peer in sync to repair the blocks from; the read fails with EIO"
+                        "nbdmirror: no peer to repair the blocks from (none in sync, or shutting \
+                         down); the read fails with EIO"
                     );
                 }
             }

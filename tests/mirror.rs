@@ -3494,3 +3494,53 @@ fn corrupt_blocks_on_the_primary_are_repaired_from_the_secondary() {
     cl.stop_all();
     cl.assert_replicas_identical();
 }
+
+/// Read repair with two secondaries: the first one asked holds a bad copy
+/// of the block too, so the primary asks the other, whose copy matches its
+/// checksums, and the client gets the right data.
+#[test]
+fn read_repair_asks_the_next_peer_when_the_first_copy_is_bad_too() {
+    let test = "read_repair_asks_the_next_peer_when_the_first_copy_is_bad_too";
+    let _wd = Watchdog::new(test, Duration::from_secs(120));
+    let seed = test_seed(test);
+    let size = 16 * MIB;
+    let mut cl = Cluster::new(test, seed, Opts::new(size, 3));
+    cl.start_all();
+    cl.wait_in_sync(Duration::from_secs(20));
+    let data = random_bytes(seed, MIB as usize);
+    let mut c = MiniClient::connect(&cl.nbd_addr(), "disk").unwrap();
+    assert_eq!(c.write(4 * MIB, &data, 1).unwrap(), 0);
+    drop(c);
+    cl.wait_in_sync(Duration::from_secs(20));
+    cl.stop_all();
+    let garbage = random_bytes(seed ^ 0xbad, 4096);
+    for node in [0, 1] {
+        use std::os::unix::fs::FileExt;
+        let f = fs::OpenOptions::new()
+            .write(true)
+            .open(cl.nodes[node].data())
+            .unwrap();
+        f.write_all_at(&garbage, 4 * MIB + 12288).unwrap();
+        f.sync_all().unwrap();
+    }
+    cl.start_all();
+    cl.wait_in_sync(Duration::from_secs(20));
+    let mut c = MiniClient::connect(&cl.nbd_addr(), "disk").unwrap();
+    assert!(
+        c.read(4 * MIB, MIB as u32).unwrap() == data,
+        "the read did not return the good copy{}",
+        cl.stderr_tails()
+    );
+    drop(c);
+    let log = cl.nodes[0].stderr();
+    assert!(
+        contains_ci(&log, "could not read") && contains_ci(&log, "repaired 1 block"),
+        "{log}"
+    );
+    cl.stop_all();
+    // Node 2's own copy is still bad (nothing repairs a secondary yet); the
+    // primary and node 3 hold the good one.
+    let p = fs::read(cl.nodes[0].data()).unwrap();
+    let n3 = fs::read(cl.nodes[2].data()).unwrap();
+    assert!(p == n3, "primary and node 3 differ after the repair");
+}

@@ -204,9 +204,11 @@ struct Repair {
     n: u64,
     /// Waiting for the peer's data (else for the rewrites).
     asked: bool,
-    /// Rewrites not yet answered, and whether one failed.
+    /// Rewrites not yet answered, and the first error one got.
     writes_left: u64,
-    failed: bool,
+    failed: Option<i32>,
+    /// Peers asked so far (a peer whose copy is bad too is not asked twice).
+    tried: Vec<usize>,
 }
 
 /// A checksum compare in progress: the next block to ask about, and the
@@ -1090,14 +1092,42 @@ impl Mirror {
         }
         let first = read.blocks[0];
         let n = (e - s) / BLOCK;
-        let Some(i) = (0..self.peers.len())
-            .find(|&i| self.peers[i].state == PeerState::InSync && self.peers[i].link.is_some())
-        else {
-            self.answers.push((client, Err(libc::EIO)));
-            return;
-        };
         let id = MIRROR_RID | self.next_mrid;
         self.next_mrid += 1;
+        self.locks.insert(s, (e, id));
+        self.repairs.insert(
+            id,
+            Repair {
+                client,
+                read,
+                peer: 0,
+                first,
+                n,
+                asked: true,
+                writes_left: 0,
+                failed: None,
+                tried: Vec::new(),
+            },
+        );
+        if !self.ask_next_peer(io, id) {
+            self.finish_repair_with(id, Err(libc::EIO));
+        }
+    }
+
+    /// Send repair `id`'s BlockRequest to an in-sync peer not asked yet.
+    /// False when there is none.
+    fn ask_next_peer(&mut self, io: &mut dyn Io, id: u64) -> bool {
+        let Some(r) = self.repairs.get(&id) else {
+            return false;
+        };
+        let Some(i) = (0..self.peers.len()).find(|&i| {
+            self.peers[i].state == PeerState::InSync
+                && self.peers[i].link.is_some()
+                && !r.tried.contains(&i)
+        }) else {
+            return false;
+        };
+        let (first, n) = (r.first, r.n);
         let p = &mut self.peers[i];
         let link = p.link.unwrap();
         p.outstanding.insert(id, Out::Repair { since: self.t });
@@ -1107,26 +1137,18 @@ impl Mirror {
             p.addr,
             first + n
         );
-        self.locks.insert(s, (e, id));
-        self.repairs.insert(
-            id,
-            Repair {
-                client,
-                read,
-                peer: i,
-                first,
-                n,
-                asked: true,
-                writes_left: 0,
-                failed: false,
-            },
-        );
+        let r = self.repairs.get_mut(&id).unwrap();
+        r.peer = i;
+        r.tried.push(i);
+        r.asked = true;
+        r.failed = None;
         self.send_frame(
             link,
             FrameKind::BlockRequest,
             &[&wire::encode_block_request(id, first, n as u32)],
         );
         self.post_send(io, link);
+        true
     }
 
     /// A BlockData frame from peer `i`.
@@ -1155,13 +1177,15 @@ impl Mirror {
         }
         if errno != 0 {
             crate::elog!(
-                "nbdmirror: peer {node} could not read blocks {}..{} either ({}); the client's \
-                 read fails with EIO",
+                "nbdmirror: peer {node} could not read blocks {}..{} either ({})",
                 r.first,
                 r.first + r.n,
                 errno_str(errno as i32)
             );
-            self.finish_repair(io, store, id, false);
+            if !self.ask_next_peer(io, id) {
+                crate::elog!("nbdmirror: no other peer to ask; the client's read fails with EIO");
+                self.finish_repair(io, store, id, false);
+            }
             return Ok(());
         }
         r.asked = false;
@@ -1199,38 +1223,54 @@ impl Mirror {
             return;
         };
         if let Err(e) = r {
-            crate::elog!(
-                "nbdmirror: repairing blocks {}..{} from peer {} failed: {} (EAGAIN: a write to \
-                 them is in flight; EILSEQ: the peer's copy does not match this node's checksums \
-                 either); the client's read fails with EIO",
-                rep.read.blocks[0],
-                rep.read.blocks.last().unwrap() + 1,
-                self.peers[rep.peer].node_id,
-                errno_str(e)
-            );
-            rep.failed = true;
+            rep.failed = rep.failed.or(Some(e));
         }
         rep.writes_left -= 1;
         if rep.writes_left > 0 {
             return;
         }
-        let ok = !rep.failed;
-        if ok {
-            let k = rep
-                .read
-                .blocks
-                .iter()
-                .filter(|&&b| b < rep.first + rep.n)
-                .count();
-            crate::elog!(
-                "nbdmirror: repaired {k} block{} in blocks {}..{} from peer {}'s copy",
-                if k == 1 { "" } else { "s" },
-                rep.first,
-                rep.first + rep.n,
-                self.peers[rep.peer].node_id
-            );
+        if let Some(e) = rep.failed {
+            let node = self.peers[rep.peer].node_id;
+            let (first, end) = (rep.first, rep.first + rep.n);
+            match e {
+                // A write reached the blocks meanwhile (only a journal or
+                // apply state the lock does not cover): read again.
+                libc::EAGAIN => self.finish_repair(io, store, id, true),
+                libc::EILSEQ => {
+                    crate::elog!(
+                        "nbdmirror: peer {node}'s copy of blocks {first}..{end} does not match \
+                         this node's checksums (a block rewritten in part since it went bad \
+                         cannot be repaired); asking another peer if there is one"
+                    );
+                    if !self.ask_next_peer(io, id) {
+                        self.finish_repair(io, store, id, false);
+                    }
+                }
+                _ => {
+                    crate::elog!(
+                        "nbdmirror: rewriting blocks {first}..{end} from peer {node}'s copy \
+                         failed: {}; the client's read fails with EIO",
+                        errno_str(e)
+                    );
+                    self.finish_repair(io, store, id, false);
+                }
+            }
+            return;
         }
-        self.finish_repair(io, store, id, ok);
+        let k = rep
+            .read
+            .blocks
+            .iter()
+            .filter(|&&b| b < rep.first + rep.n)
+            .count();
+        crate::elog!(
+            "nbdmirror: repaired {k} block{} in blocks {}..{} from peer {}'s copy",
+            if k == 1 { "" } else { "s" },
+            rep.first,
+            rep.first + rep.n,
+            self.peers[rep.peer].node_id
+        );
+        self.finish_repair(io, store, id, true);
     }
 
     /// End repair `id`: unlock its blocks, then read again (`ok`) or answer
@@ -1249,6 +1289,20 @@ impl Mirror {
             self.answers.push((r.client, Err(libc::EIO)));
         }
         self.unpark(io, store);
+        self.kick_resync(io, store);
+    }
+
+    /// End repair `id` that never got going (no peer to ask): unlock and
+    /// answer.
+    fn finish_repair_with(&mut self, id: u64, r: Result<(), i32>) {
+        let Some(rep) = self.repairs.remove(&id) else {
+            return;
+        };
+        let s = rep.first * BLOCK;
+        if self.locks.get(&s).is_some_and(|&(_, o)| o == id) {
+            self.locks.remove(&s);
+        }
+        self.answers.push((rep.client, r));
     }
 
     /// A BlockRequest's store read finished (secondary): send the data.
