@@ -19,6 +19,16 @@ use common::*;
 
 const MIB: u64 = 1 << 20;
 
+/// A running node, killed if the test ends (or fails) without stopping it.
+struct Node(Child);
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 struct Vol {
     tmp: TempDir,
     cfg: PathBuf,
@@ -79,15 +89,21 @@ impl Vol {
         self.cfg.to_str().unwrap()
     }
 
-    fn serve(&self, node: &str, extra: &[&str]) -> Child {
-        let log = fs::File::create(self.tmp.join(format!("node{node}.log"))).unwrap();
-        Command::new(NBDMIRROR_BIN)
-            .args(["serve", "--config", self.cfg_str(), "--node", node])
-            .args(extra)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap()
+    fn serve(&self, node: &str, extra: &[&str]) -> Node {
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.tmp.join(format!("node{node}.log")))
+            .unwrap();
+        Node(
+            Command::new(NBDMIRROR_BIN)
+                .args(["serve", "--config", self.cfg_str(), "--node", node])
+                .args(extra)
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .unwrap(),
+        )
     }
 
     fn log(&self, node: &str) -> String {
@@ -147,8 +163,11 @@ fn nbdmirror(args: &[&str]) -> (bool, String, String) {
     )
 }
 
-fn stop(mut c: Child) {
-    send_signal(c.id(), "TERM");
+fn stop(mut n: Node) {
+    let c = &mut n.0;
+    if c.try_wait().unwrap().is_none() {
+        send_signal(c.id(), "TERM");
+    }
     let deadline = Instant::now() + Duration::from_secs(20);
     while Instant::now() < deadline {
         if let Some(st) = c.try_wait().unwrap() {
@@ -157,7 +176,6 @@ fn stop(mut c: Child) {
         }
         thread::sleep(Duration::from_millis(50));
     }
-    let _ = c.kill();
     panic!("node did not stop within 20 s of SIGTERM");
 }
 
