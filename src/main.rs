@@ -625,6 +625,15 @@ fn render_status(v: &serde_json::Value, cols: Option<usize>) -> Vec<String> {
             line.push_str(&format!("  STORE FAILED: {e}"));
         }
         lines.push(line);
+        // Silent corruption found by reads: worth a line of its own.
+        let bad = store["checksum_failures"].as_u64().unwrap_or(0);
+        if bad > 0 {
+            lines.push(format!(
+                "  CHECKSUM FAILURES: {bad} block reads failed verification, {} blocks repaired \
+                 from a peer (see the node's log)",
+                store["repaired_blocks"].as_u64().unwrap_or(0)
+            ));
+        }
     }
     if let Some(c) = cols {
         for l in lines.iter_mut() {

@@ -3469,6 +3469,11 @@ fn corrupt_blocks_on_the_primary_are_repaired_from_the_secondary() {
     );
     let log = cl.nodes[0].stderr();
     assert!(contains_ci(&log, "repaired"), "{log}");
+    let human = resync_cmd(&["status", "--dir", &d1]);
+    assert!(
+        human.contains("CHECKSUM FAILURES") && human.contains("5 blocks repaired"),
+        "{human}"
+    );
 
     // The same block bad on both replicas: EIO, not garbage, and only for
     // reads of that block.
