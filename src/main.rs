@@ -344,14 +344,30 @@ fn switchover(admin: &AdminArgs) -> Result<(), String> {
     };
     admin_call(admin, "switchover")?;
     out!("switchover: the primary is stopping and handing over to its peers...");
+    // The node removes its admin socket as the very last step of a clean
+    // stop, after it has recorded the handover (the socket stops taking
+    // connections as soon as the shutdown begins, which says nothing).
     let path = admin_path(admin)?;
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
-    while nbdmirror::mirror::on_unix_path(&path, |p| std::os::unix::net::UnixStream::connect(p))
-        .is_ok()
-    {
+    let start = std::time::Instant::now();
+    let deadline = start + std::time::Duration::from_secs(300);
+    while path.exists() {
+        // A node still taking connections seconds later has not begun to
+        // stop: it called the switchover off (a peer fell out of sync).
+        if start.elapsed() > std::time::Duration::from_secs(3)
+            && nbdmirror::mirror::on_unix_path(&path, |p| {
+                std::os::unix::net::UnixStream::connect(p)
+            })
+            .is_ok()
+        {
+            return Err(
+                "the switchover was called off (a peer fell out of sync; see the node's log): \
+                 the node goes on serving as the primary"
+                    .into(),
+            );
+        }
         if std::time::Instant::now() > deadline {
             return Err(format!(
-                "the node at {} has not stopped within 120 s; see its log",
+                "the node at {} has not finished stopping within 300 s; see its log",
                 path.display()
             ));
         }
@@ -361,17 +377,7 @@ fn switchover(admin: &AdminArgs) -> Result<(), String> {
         out!("the node stopped; its log says whether it handed over");
         return Ok(());
     };
-    // The process may still be finishing after its socket went away.
-    let lock_wait = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    let g = loop {
-        match dir::open(&dir) {
-            Ok(_) => break nbdmirror::mirror::generation::Generation::load(&dir)?,
-            Err(_) if std::time::Instant::now() < lock_wait => {
-                std::thread::sleep(std::time::Duration::from_millis(100))
-            }
-            Err(e) => return Err(e),
-        }
-    };
+    let g = nbdmirror::mirror::generation::Generation::load(&dir)?;
     if g.flags & nbdmirror::mirror::generation::FLAG_HANDED_OVER != 0 {
         out!(
             "handed over generation {:016x}: start a secondary with --role primary, then this \
@@ -381,8 +387,8 @@ fn switchover(admin: &AdminArgs) -> Result<(), String> {
         Ok(())
     } else {
         Err(
-            "the node stopped WITHOUT handing over (a peer fell out of sync; see its log): \
-             a secondary promoted now meets it as split brain"
+            "the node stopped WITHOUT handing over (its log says why): a secondary promoted \
+             now meets it as split brain; start it again as the primary"
                 .into(),
         )
     }

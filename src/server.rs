@@ -526,7 +526,7 @@ impl Server {
                 if !self.shutting_down
                     && self
                         .mirror
-                        .as_ref()
+                        .as_mut()
                         .is_some_and(|m| m.switchover_requested())
                 {
                     crate::elog!(
@@ -1199,9 +1199,13 @@ impl Server {
                 (corrupt, self.mirror.as_mut(), self.pending.get_mut(&rid))
             {
                 if p.repairs < MAX_READ_REPAIRS {
-                    p.repairs += 1;
-                    if m.repair_read(&mut self.io, rid, c) {
-                        return;
+                    match m.repair_read(&mut self.io, rid, c) {
+                        mirror::RepairStart::Started => {
+                            p.repairs += 1;
+                            return;
+                        }
+                        mirror::RepairStart::Waiting => return,
+                        mirror::RepairStart::No => {}
                     }
                     crate::elog!(
                         "nbdmirror: no peer to repair the blocks from (none in sync, or shutting \

@@ -409,6 +409,20 @@ fn bad_configs_are_refused_with_a_reason_and_change_nothing() {
         "init without a uuid made a directory"
     );
     fs::remove_file(&bad).unwrap();
+    // A directory with an earlier replica's history left in it (its meta,
+    // data and journal moved away, as init's own refusal suggests).
+    let old = v.tmp.join("old");
+    fs::create_dir_all(&old).unwrap();
+    fs::copy(v.tmp.join("n1/generation"), old.join("generation")).ok();
+    fs::write(old.join("generation"), b"x").unwrap();
+    fs::write(old.join("peer-2.bitmap"), b"x").unwrap();
+    let (ok, _, err) = nbdmirror(&["init", "--dir", old.to_str().unwrap(), "--size", "16M"]);
+    assert!(
+        !ok && err.contains("generation") && err.contains("peer-2.bitmap"),
+        "{err}"
+    );
+    assert!(!old.join("meta").exists());
+    fs::remove_dir_all(&old).unwrap();
     assert!(
         snapshot(v.tmp.path()) == before,
         "a refused config changed files under {}",

@@ -165,6 +165,14 @@ impl Out {
     }
 }
 
+/// What [`Mirror::repair_read`] did with a read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RepairStart {
+    Started,
+    Waiting,
+    No,
+}
+
 /// Read repairs in flight at once (each holds up to 1 MiB at the peer).
 const MAX_REPAIRS: usize = 16;
 
@@ -656,9 +664,23 @@ impl Mirror {
     }
 
     /// A `switchover` was asked for on the admin socket: the caller stops
-    /// the node as on SIGTERM.
-    pub fn switchover_requested(&self) -> bool {
-        self.switchover
+    /// the node as on SIGTERM. Checked again here: a peer that fell out of
+    /// sync since the command calls it off (logged) rather than stop the
+    /// primary for a handover that cannot happen.
+    pub fn switchover_requested(&mut self) -> bool {
+        if !self.switchover {
+            return false;
+        }
+        if let Some(p) = self.peers.iter().find(|p| p.state != PeerState::InSync) {
+            crate::elog!(
+                "nbdmirror: switchover called off: peer {} is {} now; this node goes on serving",
+                p.node_id,
+                p.state.name()
+            );
+            self.switchover = false;
+            return false;
+        }
+        true
     }
 
     /// After `switchover`, once the store is quiet: a primary whose store
@@ -690,7 +712,15 @@ impl Mirror {
                         .values()
                         .any(|o| !matches!(o, Out::Flush { .. }))
             })
-            .map(|p| format!("peer {} ({})", p.node_id, p.state.name()))
+            .map(|p| {
+                format!(
+                    "peer {} ({}, {} dirty blocks, {} requests out)",
+                    p.node_id,
+                    p.state.name(),
+                    p.bitmap.dirty(),
+                    p.outstanding.len()
+                )
+            })
             .collect();
         if !store_ok || !self.quiet() || !lagging.is_empty() {
             crate::elog!(
@@ -883,12 +913,15 @@ impl Mirror {
 
     fn unpark(&mut self, io: &mut dyn Io, store: &mut Store) {
         // Reads waiting on a lock (or a repair slot) read again once it is
-        // free: whatever held it may have rewritten the blocks.
+        // free: whatever held it may have rewritten the blocks. No more
+        // are let go than there are free slots, or all would come back.
+        let mut slots = MAX_REPAIRS.saturating_sub(self.repairs.len());
         for (client, read) in std::mem::take(&mut self.repair_waiting) {
             let (s, e) = repair_range(&read);
-            if self.locked(s, e) || self.repairs.len() >= MAX_REPAIRS {
+            if self.locked(s, e) || slots == 0 {
                 self.repair_waiting.push((client, read));
             } else {
+                slots -= 1;
                 store.read(io, client, read.offset, read.len, read.head);
             }
         }
@@ -1057,25 +1090,30 @@ impl Mirror {
 
     /// A client read (`client`) failed because blocks of the data file did
     /// not verify: repair them from an in-sync peer and read again (the
-    /// store answers the read as usual). False when there is nothing to
-    /// repair from (not a primary, no peer in sync): the caller answers EIO.
-    pub fn repair_read(&mut self, io: &mut dyn Io, client: u64, read: CorruptRead) -> bool {
+    /// store answers the read as usual). `Started`, or `Waiting` when its
+    /// blocks are locked or every repair slot is taken (it is read again
+    /// later; that is no attempt of its own); `No` when there is nothing
+    /// to repair from (not a primary, no peer in sync): the caller answers
+    /// EIO.
+    pub fn repair_read(&mut self, io: &mut dyn Io, client: u64, read: CorruptRead) -> RepairStart {
         self.t = io.now();
-        if self.cfg.role != NodeRole::Primary || self.shutting_down {
-            return false;
+        if self.cfg.role != NodeRole::Primary || self.shutting_down || read.blocks.is_empty() {
+            return RepairStart::No;
         }
         if !self
             .peers
             .iter()
             .any(|p| p.state == PeerState::InSync && p.link.is_some())
         {
-            return false;
+            return RepairStart::No;
         }
-        if read.blocks.is_empty() {
-            return false;
-        }
+        let waiting = self.repair_waiting.len();
         self.start_repair(io, client, read);
-        true
+        if self.repair_waiting.len() > waiting {
+            RepairStart::Waiting
+        } else {
+            RepairStart::Started
+        }
     }
 
     /// Start repairing the first run of bad blocks of `read` (a read whose

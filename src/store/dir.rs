@@ -143,6 +143,29 @@ pub fn init(
             ));
         }
     }
+    // What an earlier replica here knew about its history and its peers
+    // would be taken for this new, empty one's: a stale generation and
+    // session token could make a primary count it as in sync.
+    let leftovers: Vec<String> = std::fs::read_dir(path)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| {
+                    n == "generation"
+                        || n == "generation.tmp"
+                        || (n.starts_with("peer-") && n.ends_with(".bitmap"))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    if !leftovers.is_empty() {
+        return Err(format!(
+            "{} still holds {} from an earlier replica; a new replica must not inherit its \
+             history: remove them (or use an empty directory)",
+            path.display(),
+            leftovers.join(", ")
+        ));
+    }
     let had_lock = path.join("lock").exists();
     let _lock = lock(path)?;
     let result = init_files(path, size, journal_size, node_id, volume_uuid);
