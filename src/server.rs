@@ -1208,8 +1208,8 @@ impl Server {
                         mirror::RepairStart::No => {}
                     }
                     crate::elog!(
-                        "nbdmirror: no peer to repair the blocks from (none in sync, or shutting \
-                         down); the read fails with EIO"
+                        "nbdmirror: no peer in sync to repair the blocks from; the read fails \
+                         with EIO"
                     );
                 }
             }

@@ -1498,7 +1498,31 @@ fn second_primary_is_refused_while_the_first_is_alive() {
 /// Start a second primary on `dir` (a copy of node 1's directory: same
 /// identity, generation and secret), aimed at node 2: the process, its NBD
 /// address and its log file.
-fn spawn_copy_primary(cl: &Cluster, dir: &Path, name: &str) -> (Child, String, PathBuf) {
+/// A child process killed when dropped (a failing test must not leave a
+/// server behind).
+struct KillOnDrop(Child);
+
+impl std::ops::Deref for KillOnDrop {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for KillOnDrop {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn_copy_primary(cl: &Cluster, dir: &Path, name: &str) -> (KillOnDrop, String, PathBuf) {
     let port = free_port();
     let log = cl.tmp.join(format!("{name}.stderr"));
     let child = Command::new(NBDMIRROR_BIN)
@@ -1511,7 +1535,7 @@ fn spawn_copy_primary(cl: &Cluster, dir: &Path, name: &str) -> (Child, String, P
         .stderr(File::create(&log).unwrap())
         .spawn()
         .unwrap();
-    (child, format!("127.0.0.1:{port}"), log)
+    (KillOnDrop(child), format!("127.0.0.1:{port}"), log)
 }
 
 /// `len` bytes of node 2's data file at `offset`.

@@ -1097,7 +1097,9 @@ impl Mirror {
     /// EIO.
     pub fn repair_read(&mut self, io: &mut dyn Io, client: u64, read: CorruptRead) -> RepairStart {
         self.t = io.now();
-        if self.cfg.role != NodeRole::Primary || self.shutting_down || read.blocks.is_empty() {
+        // Also while shutting down: the peers stay connected until the end,
+        // and a repair in flight keeps the mirror from being quiet.
+        if self.cfg.role != NodeRole::Primary || read.blocks.is_empty() {
             return RepairStart::No;
         }
         if !self
