@@ -728,3 +728,38 @@ proptest! {
         }
     }
 }
+
+/// A node of the previous protocol version (2) and one of this version
+/// agree on version 2 either way round (a volume is upgraded a node at a
+/// time); a version-3 pair runs at 3. The session's version is what the
+/// mirror checks before asking a peer for blocks (read repair is v3).
+#[test]
+fn mixed_versions_agree_on_the_lower_one() {
+    use nbdmirror::peer::messages::MIN_PROTOCOL_VERSION;
+    for (vi, vr, want) in [
+        (PROTOCOL_VERSION, PROTOCOL_VERSION, PROTOCOL_VERSION),
+        (MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, MIN_PROTOCOL_VERSION),
+        (PROTOCOL_VERSION, MIN_PROTOCOL_VERSION, MIN_PROTOCOL_VERSION),
+    ] {
+        let mut i = Handshake::with_version(Role::Initiator, cfg(1, 1), vi).unwrap();
+        let mut r = Handshake::with_version(Role::Responder, cfg(2, 2), vr).unwrap();
+        let (si, sr) = run(&mut i, &mut r, 4096);
+        let vi_got = si.events.iter().find_map(|e| match e {
+            Event::Established(p) => Some(p.version),
+            _ => None,
+        });
+        let vr_got = sr.events.iter().find_map(|e| match e {
+            Event::Established(p) => Some(p.version),
+            _ => None,
+        });
+        assert_eq!(
+            (vi_got, vr_got),
+            (Some(want), Some(want)),
+            "{vi} with {vr}: {:?} {:?}",
+            si.events,
+            sr.events
+        );
+    }
+    // Below the oldest version this build speaks: refused.
+    assert!(Handshake::with_version(Role::Initiator, cfg(1, 1), MIN_PROTOCOL_VERSION - 1).is_err());
+}

@@ -173,6 +173,9 @@ pub enum RepairStart {
     No,
 }
 
+/// The peer protocol version that has BlockRequest/BlockData.
+const REPAIR_VERSION: u16 = 3;
+
 /// Read repairs in flight at once (each holds up to 1 MiB at the peer).
 const MAX_REPAIRS: usize = 16;
 
@@ -225,6 +228,8 @@ type Compare = (u64, HashMap<u64, (u64, u64)>);
 
 struct Peer {
     node_id: u32,
+    /// The protocol version of its current session (read repair needs 3).
+    version: u16,
     addr: SocketAddr,
     link: Option<u64>,
     state: PeerState,
@@ -535,6 +540,7 @@ impl Mirror {
                 compare: None,
                 compared_diff: 0,
                 pending_session: None,
+                version: crate::peer::messages::PROTOCOL_VERSION,
                 resync_started: t0,
                 flush_in_flight: false,
                 last_resync_flush: t0,
@@ -1102,11 +1108,9 @@ impl Mirror {
         if self.cfg.role != NodeRole::Primary || read.blocks.is_empty() {
             return RepairStart::No;
         }
-        if !self
-            .peers
-            .iter()
-            .any(|p| p.state == PeerState::InSync && p.link.is_some())
-        {
+        if !self.peers.iter().any(|p| {
+            p.state == PeerState::InSync && p.link.is_some() && p.version >= REPAIR_VERSION
+        }) {
             return RepairStart::No;
         }
         let waiting = self.repair_waiting.len();
@@ -1163,6 +1167,7 @@ impl Mirror {
         let Some(i) = (0..self.peers.len()).find(|&i| {
             self.peers[i].state == PeerState::InSync
                 && self.peers[i].link.is_some()
+                && self.peers[i].version >= REPAIR_VERSION
                 && !r.tried.contains(&i)
         }) else {
             return false;
@@ -1830,6 +1835,19 @@ impl Mirror {
             l.last_rx = self.t;
             match l.peer {
                 Some(i) => {
+                    if info.version != self.peers[i].version {
+                        crate::elog!(
+                            "nbdmirror: peer {} speaks peer protocol version {}{}",
+                            self.peers[i].node_id,
+                            info.version,
+                            if info.version < REPAIR_VERSION {
+                                ": no read repair from it until it is upgraded"
+                            } else {
+                                ""
+                            }
+                        );
+                    }
+                    self.peers[i].version = info.version;
                     let theirs = Generation {
                         current: info.generations.current,
                         previous: info.generations.history[0],

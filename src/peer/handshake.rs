@@ -41,7 +41,7 @@ use sha2::Sha256;
 use super::frame::{encode, FrameDecoder, FrameError, FrameKind, MAX_PAYLOAD};
 use super::messages::{
     decode_ready, Auth, GenerationIds, Hello, Identity, MessageError, Reject, RejectCode, Role,
-    MAC_LEN, MAX_REJECT_MESSAGE, PROTOCOL_VERSION,
+    MAC_LEN, MAX_REJECT_MESSAGE, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
 };
 
 type HmacSha256 = Hmac<Sha256>;
@@ -89,6 +89,8 @@ impl fmt::Debug for Config {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PeerInfo {
     pub node_id: u32,
+    /// The protocol version the session runs at (see `MIN_PROTOCOL_VERSION`).
+    pub version: u16,
     pub generations: GenerationIds,
     pub last_applied_seq: u64,
 }
@@ -361,6 +363,8 @@ pub struct Handshake {
     auth_i: Vec<u8>,
     peer: Option<PeerInfo>,
     events: VecDeque<Event>,
+    /// The version the session runs at: ours until the Hellos settle it.
+    version: u16,
 }
 
 impl fmt::Debug for Handshake {
@@ -376,6 +380,23 @@ impl fmt::Debug for Handshake {
 impl Handshake {
     /// Start a handshake. An initiator queues its Hello at once.
     pub fn new(role: Role, cfg: Config) -> Result<Handshake, HandshakeError> {
+        Self::with_version(role, cfg, PROTOCOL_VERSION)
+    }
+
+    /// A handshake that speaks at most protocol `version` (at least
+    /// `MIN_PROTOCOL_VERSION`): what a node of that version would do. For
+    /// tests of mixed versions.
+    pub fn with_version(
+        role: Role,
+        cfg: Config,
+        version: u16,
+    ) -> Result<Handshake, HandshakeError> {
+        if !(MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&version) {
+            return Err(HandshakeError::VersionMismatch {
+                ours: PROTOCOL_VERSION,
+                theirs: version,
+            });
+        }
         if cfg.secret.len() < MIN_SECRET {
             return Err(HandshakeError::WeakSecret {
                 len: cfg.secret.len(),
@@ -395,6 +416,7 @@ impl Handshake {
             auth_i: Vec::new(),
             peer: None,
             events: VecDeque::new(),
+            version,
         };
         if role == Role::Initiator {
             h.hello_i = h.my_hello();
@@ -489,7 +511,7 @@ impl Handshake {
 
     fn my_hello(&self) -> Vec<u8> {
         Hello {
-            version: PROTOCOL_VERSION,
+            version: self.version,
             role: self.role,
             nonce: self.cfg.nonce,
         }
@@ -565,8 +587,8 @@ impl Handshake {
         // Version: the responder answers with the lower of the offered
         // version and its own; the initiator accepts an answer it speaks.
         let supported = match self.role {
-            Role::Responder => h.version >= PROTOCOL_VERSION,
-            Role::Initiator => h.version == PROTOCOL_VERSION,
+            Role::Responder => h.version >= MIN_PROTOCOL_VERSION,
+            Role::Initiator => (MIN_PROTOCOL_VERSION..=self.version).contains(&h.version),
         };
         if !supported {
             return Err(HandshakeError::VersionMismatch {
@@ -580,6 +602,9 @@ impl Handshake {
         if h.nonce == self.cfg.nonce {
             return Err(HandshakeError::Reflected);
         }
+        // Both Hellos are in the transcript the MACs cover, so a version
+        // cannot be lowered on the way without the handshake failing.
+        self.version = h.version.min(self.version);
         match self.role {
             Role::Responder => {
                 self.hello_i = payload.to_vec();
@@ -628,6 +653,7 @@ impl Handshake {
         self.check_identity(&a.identity)?;
         self.peer = Some(PeerInfo {
             node_id: a.identity.node_id,
+            version: self.version,
             generations: a.identity.generations,
             last_applied_seq: a.identity.last_applied_seq,
         });

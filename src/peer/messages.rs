@@ -16,6 +16,10 @@ use super::frame::FrameKind;
 /// 2: the Session frame, and `gen_bitmap` carries a secondary's session.
 /// 3: BlockRequest and BlockData (read repair).
 pub const PROTOCOL_VERSION: u16 = 3;
+/// The oldest version this node still speaks: a session runs at the lower
+/// of the two nodes' versions, so a volume can be upgraded a node at a
+/// time (a version-2 session has no read repair).
+pub const MIN_PROTOCOL_VERSION: u16 = 2;
 /// Bytes of a Hello payload.
 pub const HELLO_LEN: usize = 36;
 /// Bytes of an identity (the part of Auth before the MAC).
