@@ -119,6 +119,24 @@ pub struct VolumeConfig {
     pub nodes: Vec<NodeConfig>,
 }
 
+/// The bytes of a small file (`what`, for messages: "config file"), at most
+/// `max` of them: a wrong path (a disk image, `/dev/zero`) is refused
+/// rather than read whole.
+pub fn read_bounded(path: &Path, max: u64, what: &str) -> Result<Vec<u8>, String> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(max + 1).read_to_end(&mut bytes))
+        .map_err(|e| format!("cannot read {what} {}: {e}", path.display()))?;
+    if bytes.len() as u64 > max {
+        return Err(format!(
+            "{what} {} is longer than {max} bytes; is it the right file?",
+            path.display()
+        ));
+    }
+    Ok(bytes)
+}
+
 /// HOST:PORT (an IP address or a name, resolved here; `[v6]:PORT` for
 /// IPv6) to the first address it resolves to.
 pub fn parse_addr(s: &str) -> Result<SocketAddr, String> {
@@ -144,20 +162,7 @@ fn size_of(v: &RawSize, what: &str) -> Result<u64, String> {
 impl VolumeConfig {
     /// Read and check the config file at `path`.
     pub fn load(path: &Path) -> Result<VolumeConfig, String> {
-        use std::io::Read;
-        // A config is small; a bound keeps a wrong path (a disk image, a
-        // device) from being read whole.
-        const MAX_CONFIG: u64 = 1 << 20;
-        let mut bytes = Vec::new();
-        std::fs::File::open(path)
-            .and_then(|f| f.take(MAX_CONFIG + 1).read_to_end(&mut bytes))
-            .map_err(|e| format!("cannot read config file {}: {e}", path.display()))?;
-        if bytes.len() as u64 > MAX_CONFIG {
-            return Err(format!(
-                "config file {} is larger than {MAX_CONFIG} bytes; is it the right file?",
-                path.display()
-            ));
-        }
+        let bytes = read_bounded(path, 1 << 20, "config file")?;
         let text = String::from_utf8(bytes).map_err(|e| {
             format!(
                 "config file {} is not UTF-8 text (bad byte at offset {}); is it the right file?",

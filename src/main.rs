@@ -284,20 +284,9 @@ fn parse_peer(s: &str) -> Result<(u32, SocketAddr), String> {
 }
 
 fn read_secret(path: &std::path::Path) -> Result<Vec<u8>, String> {
-    use std::io::Read;
     // A secret is short; reading at most a little more than the largest
     // sensible one keeps `--secret-file /dev/zero` from eating the memory.
-    const MAX_SECRET: u64 = 4096;
-    let mut s = Vec::new();
-    std::fs::File::open(path)
-        .and_then(|f| f.take(MAX_SECRET + 1).read_to_end(&mut s))
-        .map_err(|e| format!("cannot read secret file {}: {e}", path.display()))?;
-    if s.len() as u64 > MAX_SECRET {
-        return Err(format!(
-            "secret file {} is longer than {MAX_SECRET} bytes; is it the right file?",
-            path.display()
-        ));
-    }
+    let mut s = nbdmirror::config::read_bounded(path, 4096, "secret file")?;
     // One trailing newline (an editor's or echo's) is not part of it.
     if s.last() == Some(&b'\n') {
         s.pop();
@@ -316,19 +305,25 @@ fn read_secret(path: &std::path::Path) -> Result<Vec<u8>, String> {
 }
 
 fn admin_path(a: &AdminArgs) -> Result<PathBuf, String> {
+    admin_target(a).map(|(sock, _)| sock)
+}
+
+/// The node's admin socket, and its replica directory when known.
+fn admin_target(a: &AdminArgs) -> Result<(PathBuf, Option<PathBuf>), String> {
     if let Some((_, n)) = a.config.load()? {
         if a.dir.is_some() {
             return Err("--config --node names the node; leave out --dir".into());
         }
-        return Ok(a
+        let sock = a
             .admin_socket
             .clone()
             .or(n.admin_socket)
-            .unwrap_or_else(|| n.dir.join("admin.sock")));
+            .unwrap_or_else(|| n.dir.join("admin.sock"));
+        return Ok((sock, Some(n.dir)));
     }
     match (&a.admin_socket, &a.dir) {
-        (Some(p), _) => Ok(p.clone()),
-        (None, Some(d)) => Ok(d.join("admin.sock")),
+        (Some(p), d) => Ok((p.clone(), d.clone())),
+        (None, Some(d)) => Ok((d.join("admin.sock"), Some(d.clone()))),
         (None, None) => {
             Err("say which node: --dir DIR, --admin-socket PATH or --config FILE --node N".into())
         }
@@ -338,16 +333,12 @@ fn admin_path(a: &AdminArgs) -> Result<PathBuf, String> {
 /// `nbdmirror switchover`: ask the primary to hand over and stop, wait for
 /// it to exit, and say whether the handover was done.
 fn switchover(admin: &AdminArgs) -> Result<(), String> {
-    let dir = match admin.config.load()? {
-        Some((_, n)) => Some(n.dir),
-        None => admin.dir.clone(),
-    };
+    let (path, dir) = admin_target(admin)?;
     admin_call(admin, "switchover")?;
     out!("switchover: the primary is stopping and handing over to its peers...");
     // The node removes its admin socket as the very last step of a clean
     // stop, after it has recorded the handover (the socket stops taking
     // connections as soon as the shutdown begins, which says nothing).
-    let path = admin_path(admin)?;
     let start = std::time::Instant::now();
     let deadline = start + std::time::Duration::from_secs(300);
     while path.exists() {

@@ -896,6 +896,13 @@ impl Mirror {
         store.flush(io, rid);
     }
 
+    /// Release the range lock starting at `s` if `owner` holds it.
+    fn unlock(&mut self, s: u64, owner: u64) {
+        if self.locks.get(&s).is_some_and(|&(_, o)| o == owner) {
+            self.locks.remove(&s);
+        }
+    }
+
     fn locked(&self, s: u64, e: u64) -> bool {
         self.locks
             .range(..e)
@@ -1051,8 +1058,8 @@ impl Mirror {
             return false;
         }
         let op = self.ops.remove(&rid).unwrap();
-        if op.locked && self.locks.get(&op.offset).is_some_and(|&(_, o)| o == rid) {
-            self.locks.remove(&op.offset);
+        if op.locked {
+            self.unlock(op.offset, rid);
         }
         self.answers.push((rid, r));
         true
@@ -1084,7 +1091,7 @@ impl Mirror {
                 // store for whoever asked; these reads do not repair.
                 store.take_corrupt(rid);
                 if let Some((link, id)) = self.peer_reads.remove(&rid) {
-                    self.peer_read_done(link, id, r);
+                    self.peer_read_done(io, link, id, r);
                 } else {
                     self.resync_read_done(io, store, rid, r);
                 }
@@ -1154,7 +1161,10 @@ impl Mirror {
             },
         );
         if !self.ask_next_peer(io, id) {
-            self.finish_repair_with(id, Err(libc::EIO));
+            // No peer left since `repair_read` looked (not reached today).
+            if let Some(r) = self.take_repair(id) {
+                self.answers.push((r.client, Err(libc::EIO)));
+            }
         }
     }
 
@@ -1321,13 +1331,9 @@ impl Mirror {
     /// End repair `id`: unlock its blocks, then read again (`ok`) or answer
     /// the client EIO.
     fn finish_repair(&mut self, io: &mut dyn Io, store: &mut Store, id: u64, ok: bool) {
-        let Some(r) = self.repairs.remove(&id) else {
+        let Some(r) = self.take_repair(id) else {
             return;
         };
-        let s = r.first * BLOCK;
-        if self.locks.get(&s).is_some_and(|&(_, o)| o == id) {
-            self.locks.remove(&s);
-        }
         if ok {
             store.read(io, r.client, r.read.offset, r.read.len, r.read.head);
         } else {
@@ -1337,21 +1343,15 @@ impl Mirror {
         self.kick_resync(io, store);
     }
 
-    /// End repair `id` that never got going (no peer to ask): unlock and
-    /// answer.
-    fn finish_repair_with(&mut self, id: u64, r: Result<(), i32>) {
-        let Some(rep) = self.repairs.remove(&id) else {
-            return;
-        };
-        let s = rep.first * BLOCK;
-        if self.locks.get(&s).is_some_and(|&(_, o)| o == id) {
-            self.locks.remove(&s);
-        }
-        self.answers.push((rep.client, r));
+    /// Forget repair `id` and release its blocks' lock.
+    fn take_repair(&mut self, id: u64) -> Option<Repair> {
+        let r = self.repairs.remove(&id)?;
+        self.unlock(r.first * BLOCK, id);
+        Some(r)
     }
 
     /// A BlockRequest's store read finished (secondary): send the data.
-    fn peer_read_done(&mut self, link: u64, id: u64, r: Result<Vec<u8>, i32>) {
+    fn peer_read_done(&mut self, io: &mut dyn Io, link: u64, id: u64, r: Result<Vec<u8>, i32>) {
         let hdr_len = wire::BLOCK_DATA_HEADER;
         match r {
             Ok(mut buf) => {
@@ -1366,9 +1366,7 @@ impl Mirror {
                 );
             }
         }
-        if !self.send_queue.contains(&link) {
-            self.send_queue.push(link);
-        }
+        self.post_send(io, link);
     }
 
     // ----- peer failure -----------------------------------------------------
@@ -2684,9 +2682,7 @@ impl Mirror {
             return;
         };
         let s = rr.first * BLOCK;
-        if self.locks.get(&s).is_some_and(|&(_, o)| o == rid) {
-            self.locks.remove(&s);
-        }
+        self.unlock(s, rid);
         let i = rr.peer;
         let live = self.peers[i].epoch == rr.epoch && self.peers[i].streaming();
         match r {

@@ -123,18 +123,26 @@ pub fn encode_sums_request(id: u64, first: u64, n: u32) -> [u8; 20] {
 }
 
 pub fn decode_sums_request(p: &[u8], blocks: u64) -> Result<(u64, u64, u32), String> {
+    decode_range_request(p, blocks, MAX_SUMS, "SumsRequest")
+}
+
+/// `id u64, first block u64, count u32` for 1..=`max` blocks inside a disk
+/// of `blocks` blocks (SumsRequest, BlockRequest).
+fn decode_range_request(
+    p: &[u8],
+    blocks: u64,
+    max: u32,
+    what: &str,
+) -> Result<(u64, u64, u32), String> {
     if p.len() != 20 {
-        return Err(format!(
-            "SumsRequest payload of {} bytes, expected 20",
-            p.len()
-        ));
+        return Err(format!("{what} payload of {} bytes, expected 20", p.len()));
     }
     let id = u64::from_le_bytes(p[0..8].try_into().unwrap());
     let first = u64::from_le_bytes(p[8..16].try_into().unwrap());
     let n = u32::from_le_bytes(p[16..20].try_into().unwrap());
-    if n == 0 || n > MAX_SUMS || first.checked_add(n as u64).is_none_or(|e| e > blocks) {
+    if n == 0 || n > max || first.checked_add(n as u64).is_none_or(|e| e > blocks) {
         return Err(format!(
-            "SumsRequest for blocks {first}..+{n} outside the disk"
+            "{what} for blocks {first}..+{n} outside the disk (or over {max})"
         ));
     }
     Ok((id, first, n))
@@ -180,23 +188,7 @@ pub fn encode_block_request(id: u64, first: u64, n: u32) -> [u8; 20] {
 }
 
 pub fn decode_block_request(p: &[u8], blocks: u64) -> Result<(u64, u64, u32), String> {
-    if p.len() != 20 {
-        return Err(format!(
-            "BlockRequest payload of {} bytes, expected 20",
-            p.len()
-        ));
-    }
-    let (id, first, n) = (
-        u64::from_le_bytes(p[0..8].try_into().unwrap()),
-        u64::from_le_bytes(p[8..16].try_into().unwrap()),
-        u32::from_le_bytes(p[16..20].try_into().unwrap()),
-    );
-    if n == 0 || n > MAX_REPAIR_BLOCKS || first.checked_add(n as u64).is_none_or(|e| e > blocks) {
-        return Err(format!(
-            "BlockRequest for blocks {first}..+{n} outside the disk (or over {MAX_REPAIR_BLOCKS})"
-        ));
-    }
-    Ok((id, first, n))
+    decode_range_request(p, blocks, MAX_REPAIR_BLOCKS, "BlockRequest")
 }
 
 /// BlockData header: `id u64, errno u32, reserved u32 = 0`; with errno 0
