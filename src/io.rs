@@ -271,6 +271,22 @@ pub struct UringIo {
     /// another core without stalling the loop. The completion is delivered
     /// through `wait` either way, so callers cannot tell the difference.
     pub inline_write_fds: Vec<RawFd>,
+    /// Files whose writes run inline too, but each as its own pwrite(2)
+    /// (never merged with its neighbours: the store sizes these writes to
+    /// one page-cache piece, and a merged write would make larger folios,
+    /// see docs/design.md "Large folios"), and only while they are quick.
+    /// One that takes longer than [`INLINE_STALL`] (the kernel made the
+    /// writer wait: dirty-page throttling, write-back of the folio) sends
+    /// writes to these files through the ring for [`INLINE_BACKOFF`], so a
+    /// slow disk stalls io-wq workers instead of the loop and every client
+    /// with it. See `Store::set_inline_data_fd`.
+    pub inline_piece_fds: Vec<RawFd>,
+    /// Until when writes to `inline_piece_fds` go through the ring.
+    inline_backoff_until: Option<std::time::Instant>,
+    /// How often an inline piece write was slow (for tests and probes).
+    pub inline_stalls: u64,
+    /// What counts as slow ([`INLINE_STALL`]; tests lower it).
+    pub inline_stall: Duration,
     /// Before `wait` blocks, poll the ring for completions this long (zero:
     /// block at once). The caller sets it per wait (see `server`, "poll").
     pub spin: Duration,
@@ -297,6 +313,10 @@ impl UringIo {
             inline: Vec::new(),
             ready: Vec::new(),
             inline_write_fds: Vec::new(),
+            inline_piece_fds: Vec::new(),
+            inline_backoff_until: None,
+            inline_stalls: 0,
+            inline_stall: INLINE_STALL,
             spin: Duration::ZERO,
         })
     }
@@ -509,7 +529,26 @@ fn cachestat_bytes(fd: RawFd, offset: u64, len: u64) -> Option<u64> {
 /// At most this many writes go in one pwritev (IOV_MAX on Linux).
 const MAX_IOV: usize = 1024;
 
+/// An inline write to `UringIo::inline_piece_fds` slower than this (a 64
+/// KiB copy into the page cache takes about 10 us) means the kernel made
+/// the loop wait ...
+pub const INLINE_STALL: Duration = Duration::from_millis(2);
+/// ... and such writes then go through the ring for this long.
+pub const INLINE_BACKOFF: Duration = Duration::from_secs(1);
+
 impl UringIo {
+    /// Whether writes to `inline_piece_fds` go through the ring for now.
+    pub fn inline_backing_off(&mut self) -> bool {
+        match self.inline_backoff_until {
+            Some(t) if std::time::Instant::now() < t => true,
+            Some(_) => {
+                self.inline_backoff_until = None;
+                false
+            }
+            None => false,
+        }
+    }
+
     /// Run the queued inline writes. A run of writes to one file, each
     /// starting where the one before ended (journal records appended in a
     /// loop turn), goes as one pwritev: one syscall and one pass through
@@ -526,6 +565,17 @@ impl UringIo {
         let mut i = 0;
         while i < ops.len() {
             let (fd, first, s) = inline_write(&ops[i].1);
+            if self.inline_piece_fds.contains(&fd) {
+                let t0 = std::time::Instant::now();
+                results.push(pwrite_one(fd, first, s));
+                let t1 = std::time::Instant::now();
+                if t1 - t0 >= self.inline_stall {
+                    self.inline_stalls += 1;
+                    self.inline_backoff_until = Some(t1 + INLINE_BACKOFF);
+                }
+                i += 1;
+                continue;
+            }
             let mut next = first + s.len() as u64;
             let mut j = i + 1;
             while j < ops.len() && j - i < MAX_IOV {
@@ -579,7 +629,9 @@ impl Io for UringIo {
 
     fn submit(&mut self, token: u64, op: Op) {
         if let Op::Write { fd, .. } = &op {
-            if self.inline_write_fds.contains(fd) {
+            if self.inline_write_fds.contains(fd)
+                || (self.inline_piece_fds.contains(fd) && !self.inline_backing_off())
+            {
                 self.inline.push((token, op));
                 return;
             }
@@ -761,6 +813,44 @@ mod tests {
         io.submit(6, write(rfd, 1, b"y"));
         let done = wait_all(&mut io, 2);
         assert!(done.iter().all(|c| c.result == -libc::EBADF), "{done:?}");
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
+    fn slow_inline_piece_writes_send_the_next_ones_to_the_ring() {
+        let path = std::env::temp_dir().join(format!("nbdm-io-piece-{}", std::process::id()));
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        let fd = f.as_raw_fd();
+        let mut io = UringIo::new(8).unwrap();
+        io.inline_piece_fds.push(fd);
+        // Adjacent piece writes run inline, each on its own.
+        io.submit(1, write(fd, 0, b"aaaa"));
+        io.submit(2, write(fd, 4, b"bbbb"));
+        assert_eq!(io.inline.len(), 2);
+        let done = wait_all(&mut io, 2);
+        let got: Vec<(u64, i32)> = done.iter().map(|c| (c.token, c.result)).collect();
+        assert_eq!(got, vec![(1, 4), (2, 4)]);
+        assert_eq!(io.inline_stalls, 0);
+        assert!(!io.inline_backing_off());
+        // Every write counts as slow now: the first one still runs inline,
+        // the next go through the ring, with the same results.
+        io.inline_stall = Duration::ZERO;
+        io.submit(3, write(fd, 8, b"cccc"));
+        let done = wait_all(&mut io, 1);
+        assert_eq!((done[0].token, done[0].result), (3, 4));
+        assert_eq!(io.inline_stalls, 1);
+        assert!(io.inline_backing_off());
+        io.submit(4, write(fd, 12, b"dddd"));
+        assert!(io.inline.is_empty(), "went inline while backing off");
+        let done = wait_all(&mut io, 1);
+        assert_eq!((done[0].token, done[0].result), (4, 4));
+        assert_eq!(std::fs::read(&path).unwrap(), b"aaaabbbbccccdddd");
         std::fs::remove_file(&path).unwrap();
     }
 }

@@ -183,6 +183,9 @@ pub struct Server {
     store: Store,
     /// The O_DIRECT descriptor of the data file the store writes through.
     _direct: Option<std::fs::File>,
+    /// The data file's descriptor for page-cache writes run on the loop
+    /// (see `Store::set_inline_data_fd`).
+    _inline_data: Option<OwnedFd>,
     mirror: Option<Mirror>,
     exports: Vec<ExportInfo>,
     listeners: Vec<OwnedFd>,
@@ -355,6 +358,20 @@ impl Server {
             },
         };
         store.set_direct_fd(direct.as_ref().map(|f| f.as_raw_fd()));
+        // In-place writes through the page cache: most of their copying on
+        // the loop (Store::set_inline_data_fd). Without a second descriptor
+        // (dup failing: out of descriptors) all of it stays on the workers.
+        let inline_data = match direct {
+            Some(_) => None,
+            // SAFETY: `files.data` is open for as long as the store lives.
+            None => unsafe { std::os::fd::BorrowedFd::borrow_raw(files.data) }
+                .try_clone_to_owned()
+                .ok(),
+        };
+        if let Some(f) = &inline_data {
+            io.inline_piece_fds.push(f.as_raw_fd());
+            store.set_inline_data_fd(Some(f.as_raw_fd()));
+        }
         let mirror = match &config.mirror {
             Some(m) => Some(Mirror::with_listener(
                 m.clone(),
@@ -406,6 +423,7 @@ impl Server {
             last_active: std::time::Instant::now(),
             store,
             _direct: direct,
+            _inline_data: inline_data,
             mirror,
             exports: vec![export],
             listeners,

@@ -459,6 +459,9 @@ struct Run {
     log: bool,
     /// In-place writes go through a second (O_DIRECT) descriptor of `data`.
     direct: bool,
+    /// Or most of their pieces through a second descriptor whose writes
+    /// run at submission, as the loop's inline writes do in `serve`.
+    inline: bool,
 }
 
 /// Give the store a second descriptor of the data file for its in-place
@@ -466,6 +469,14 @@ struct Run {
 fn use_direct_fd(rig: &mut Rig) {
     let fd = rig.sim.alias_fd(rig.files.data);
     rig.st.set_direct_fd(Some(fd));
+}
+
+/// Give the store a second descriptor of the data file whose writes run at
+/// submission, as `serve` does for the page-cache pieces of in-place writes.
+fn use_inline_fd(rig: &mut Rig) {
+    let fd = rig.sim.alias_fd(rig.files.data);
+    rig.sim.inline_write_fds.push(fd);
+    rig.st.set_inline_data_fd(Some(fd));
 }
 
 const MAX_OUTSTANDING: usize = 12;
@@ -793,6 +804,9 @@ impl Run {
             if self.direct {
                 use_direct_fd(&mut self.rig);
             }
+            if self.inline {
+                use_inline_fd(&mut self.rig);
+            }
             let inplace = self.model.inplace;
             self.model = Model::new(got);
             self.model.inplace = inplace;
@@ -890,6 +904,7 @@ impl Run {
             short_write_percent: 0,
             log: std::env::var("SIM_LOG").is_ok(),
             direct: false,
+            inline: false,
             rng,
         })
     }
@@ -907,11 +922,16 @@ fn run_seed(seed: u64) -> Result<(u64, u64, u64), String> {
     run.direct = run.rng.below(2) == 0;
     if run.direct {
         use_direct_fd(&mut run.rig);
+    } else {
+        run.inline = run.rng.below(2) == 0;
+        if run.inline {
+            use_inline_fd(&mut run.rig);
+        }
     }
     run.note(|| {
         format!(
-            "size {size} journal {jsize} tuning {tuning:?} lives {lives} short writes {}% direct {}",
-            run.short_write_percent, run.direct
+            "size {size} journal {jsize} tuning {tuning:?} lives {lives} short writes {}% direct {} inline {}",
+            run.short_write_percent, run.direct, run.inline
         )
     });
     let mut writes = 0;
