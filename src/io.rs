@@ -266,13 +266,13 @@ pub struct UringIo {
     /// instead of through the ring. ext4 cannot do buffered writes
     /// without blocking, so io_uring hands each one to an io-wq worker thread:
     /// two context switches per write, which costs more than the copy into the
-    /// page cache for small latency-critical writes (the journal). Background
-    /// writes (applying to the data file) stay on the ring so they run on
-    /// another core without stalling the loop. The completion is delivered
+    /// page cache for small latency-critical writes (the journal). Adjacent
+    /// writes of one batch go as one pwritev. The completion is delivered
     /// through `wait` either way, so callers cannot tell the difference.
     pub inline_write_fds: Vec<RawFd>,
-    /// Files whose writes run inline too, but each as its own pwrite(2)
-    /// (never merged with its neighbours: the store sizes these writes to
+    /// Files whose writes run inline too (the data file: applying the
+    /// journal, in-place pieces), but each as its own pwrite(2) (never
+    /// merged with its neighbours: the store sizes these writes to at most
     /// one page-cache piece, and a merged write would make larger folios,
     /// see docs/design.md "Large folios"), and only while they are quick.
     /// One that takes longer than [`INLINE_STALL`] (the kernel made the
@@ -280,7 +280,8 @@ pub struct UringIo {
     /// writes to these files through the ring for [`INLINE_BACKOFF`], so a
     /// slow disk stalls io-wq workers instead of the loop and every client
     /// with it (the first such write of a batch stalls the loop; the rest of
-    /// the batch goes to the ring too). See `Store::set_inline_data_fd`.
+    /// the batch goes to the ring too). See docs/design.md, "Data-file
+    /// writes on the loop".
     pub inline_piece_fds: Vec<RawFd>,
     /// Until when writes to `inline_piece_fds` go through the ring.
     inline_backoff_until: Option<std::time::Instant>,

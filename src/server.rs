@@ -183,9 +183,9 @@ pub struct Server {
     store: Store,
     /// The O_DIRECT descriptor of the data file the store writes through.
     _direct: Option<std::fs::File>,
-    /// The data file's descriptor for page-cache writes run on the loop
-    /// (see `Store::set_inline_data_fd`).
-    _inline_data: Option<OwnedFd>,
+    /// The data file's descriptor for page-cache writes left to the ring's
+    /// workers (see `Store::set_worker_data_fd`).
+    _worker_data: Option<OwnedFd>,
     mirror: Option<Mirror>,
     exports: Vec<ExportInfo>,
     listeners: Vec<OwnedFd>,
@@ -358,20 +358,22 @@ impl Server {
             },
         };
         store.set_direct_fd(direct.as_ref().map(|f| f.as_raw_fd()));
-        // In-place writes through the page cache: most of their copying on
-        // the loop (Store::set_inline_data_fd). Without a second descriptor
-        // (dup failing: out of descriptors) all of it stays on the workers.
-        let inline_data = match direct {
+        // Data-file writes (applying the journal, in-place pieces) run on
+        // the loop, except one in-place piece in four, which goes to the
+        // workers through a second descriptor so that another CPU shares
+        // the copying (docs/design.md, "Data-file writes on the loop").
+        // Without that descriptor (dup failing: out of descriptors) every
+        // piece runs on the loop; with O_DIRECT in-place writes none is
+        // needed.
+        io.inline_piece_fds.push(files.data);
+        let worker_data = match direct {
             Some(_) => None,
             // SAFETY: `files.data` is open for as long as the store lives.
             None => unsafe { std::os::fd::BorrowedFd::borrow_raw(files.data) }
                 .try_clone_to_owned()
                 .ok(),
         };
-        if let Some(f) = &inline_data {
-            io.inline_piece_fds.push(f.as_raw_fd());
-            store.set_inline_data_fd(Some(f.as_raw_fd()));
-        }
+        store.set_worker_data_fd(worker_data.as_ref().map(|f| f.as_raw_fd()));
         let mirror = match &config.mirror {
             Some(m) => Some(Mirror::with_listener(
                 m.clone(),
@@ -423,7 +425,7 @@ impl Server {
             last_active: std::time::Instant::now(),
             store,
             _direct: direct,
-            _inline_data: inline_data,
+            _worker_data: worker_data,
             mirror,
             exports: vec![export],
             listeners,

@@ -459,8 +459,8 @@ struct Run {
     log: bool,
     /// In-place writes go through a second (O_DIRECT) descriptor of `data`.
     direct: bool,
-    /// Or most of their pieces through a second descriptor whose writes
-    /// run at submission, as the loop's inline writes do in `serve`.
+    /// Or the data file's writes run at submission (as `serve` runs them
+    /// on the loop), but for one in-place piece in four.
     inline: bool,
 }
 
@@ -471,12 +471,13 @@ fn use_direct_fd(rig: &mut Rig) {
     rig.st.set_direct_fd(Some(fd));
 }
 
-/// Give the store a second descriptor of the data file whose writes run at
-/// submission, as `serve` does for the page-cache pieces of in-place writes.
+/// Run the data file's writes at submission, as `serve` has the loop do,
+/// with a second descriptor for the in-place pieces left to the workers.
 fn use_inline_fd(rig: &mut Rig) {
-    let fd = rig.sim.alias_fd(rig.files.data);
-    rig.sim.inline_write_fds.push(fd);
-    rig.st.set_inline_data_fd(Some(fd));
+    let data = rig.files.data;
+    rig.sim.inline_write_fds.push(data);
+    let fd = rig.sim.alias_fd(data);
+    rig.st.set_worker_data_fd(Some(fd));
 }
 
 const MAX_OUTSTANDING: usize = 12;

@@ -89,7 +89,8 @@ fn boot(
     peers: &[u32],
 ) -> Node {
     io.attach(net.clone(), id);
-    io.inline_write_fds = vec![files.journal];
+    // As `serve`: the journal's and the data file's writes run on the loop.
+    io.inline_write_fds = vec![files.journal, files.data];
     net.borrow_mut().up(id);
     let sb_now = nbdmirror::store::load_superblock(&mut io, files.meta).expect("superblock");
     let mut store = Store::open(&mut io, files, sb_now, tuning()).expect("recovery");
@@ -98,6 +99,10 @@ fn boot(
         // through a second (O_DIRECT) descriptor of the data file.
         let direct = io.alias_fd(files.data);
         store.set_direct_fd(Some(direct));
+    } else {
+        // ... and one in-place piece in four goes to the workers.
+        let worker = io.alias_fd(files.data);
+        store.set_worker_data_fd(Some(worker));
     }
     let mut mirror = Mirror::new(config(id, peers, &bitmaps), &mut store, &mut io).expect("mirror");
     io.real_sync_fds = store.extra_sync_fds.clone();

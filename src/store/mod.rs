@@ -290,12 +290,13 @@ struct InPlaceWrite {
     held: AfterDrops,
 }
 
-/// With an inline data descriptor, the last of every this many page-cache
-/// pieces of an in-place write goes to the ring's workers, the others to
-/// the loop (`Store::set_inline_data_fd`). Single node, fio 1 MiB writes
-/// at QD8 on this 2-core VM: all on the workers 2.4-2.5 GiB/s, all on the
-/// loop 2.7-2.8, 3 of 4 on the loop 2.9-3.1.
-pub const INLINE_PIECES_OF: usize = 4;
+/// With a worker descriptor, the last of every this many page-cache pieces
+/// of an in-place write goes through it to the ring's workers, the others
+/// through the data file's own descriptor, which `serve` has the loop write
+/// (`Store::set_worker_data_fd`). Single node, fio 1 MiB writes at QD8 on
+/// this 2-core VM: all on the workers 2.4-2.5 GiB/s, all on the loop
+/// 2.7-2.8, 3 of 4 on the loop 2.9-3.1.
+pub const WORKER_PIECE_EVERY: usize = 4;
 
 /// Zero record flag: WRITE_ZEROES with NO_HOLE; the range must stay
 /// allocated, so it is zeroed with FALLOC_FL_ZERO_RANGE instead of a punched
@@ -640,9 +641,9 @@ pub struct Store {
     /// An O_DIRECT descriptor of the data file: in-place writes go through
     /// it when set (see [`Store::set_direct_fd`]).
     direct_fd: Option<RawFd>,
-    /// A descriptor of the data file whose writes the I/O backend runs on
-    /// the loop (see [`Store::set_inline_data_fd`]).
-    inline_data_fd: Option<RawFd>,
+    /// A second descriptor of the data file whose writes go to the ring's
+    /// workers (see [`Store::set_worker_data_fd`]).
+    worker_data_fd: Option<RawFd>,
     /// Aligned copies for in-place payloads whose memory is not aligned.
     bounce: Vec<Vec<u8>>,
     /// Writes waiting for a checkpoint, in arrival order (see [`Deferred`]).
@@ -792,7 +793,7 @@ impl Store {
             extra_sync_fds: Vec::new(),
             inplace_wanted: false,
             direct_fd: None,
-            inline_data_fd: None,
+            worker_data_fd: None,
             bounce: Vec::new(),
             deferred: VecDeque::new(),
         })
@@ -1200,15 +1201,14 @@ impl Store {
             }
             w.pieces_left = page_cache_pieces(offset, len as u64).count();
             let buf = Arc::new(buf);
-            let inline_fd = self.inline_data_fd;
+            let worker_fd = self.worker_data_fd;
             let ops: Vec<Op> = page_cache_pieces(offset, len as u64)
                 .enumerate()
                 .map(|(i, (off, n))| {
                     let start = at + (off - offset) as usize;
-                    let fd = match inline_fd {
-                        Some(_) if i % INLINE_PIECES_OF == INLINE_PIECES_OF - 1 => fd,
-                        Some(f) => f,
-                        None => fd,
+                    let fd = match worker_fd {
+                        Some(w) if i % WORKER_PIECE_EVERY == WORKER_PIECE_EVERY - 1 => w,
+                        _ => fd,
                     };
                     Op::Write {
                         fd,
@@ -1330,16 +1330,16 @@ impl Store {
         self.direct_fd = fd;
     }
 
-    /// Write most page-cache pieces of in-place writes through `fd`, a
-    /// second descriptor of the data file whose writes the I/O backend runs
-    /// on the loop itself (`UringIo::inline_piece_fds`); the rest, one
-    /// piece in [`INLINE_PIECES_OF`], still go to the ring's workers. The
-    /// copy into the page cache is the largest cost of a large write: on
-    /// the loop it reads a payload still in that CPU's cache and wakes no
-    /// worker, and the workers' share lands on another CPU, so the two
-    /// split the copying (docs/design.md, "Large writes on the loop").
-    pub fn set_inline_data_fd(&mut self, fd: Option<RawFd>) {
-        self.inline_data_fd = fd;
+    /// Write one page-cache piece in [`WORKER_PIECE_EVERY`] of each in-place
+    /// write through `fd`, a second descriptor of the data file whose writes
+    /// go to the ring's workers, while the I/O backend runs the data file's
+    /// own writes on the loop (`UringIo::inline_piece_fds`). The copy into
+    /// the page cache is the largest cost of a large write: on the loop it
+    /// reads a payload still in that CPU's cache and wakes no worker, and
+    /// the workers' share lands on another CPU, so the two split the
+    /// copying (docs/design.md, "Data-file writes on the loop").
+    pub fn set_worker_data_fd(&mut self, fd: Option<RawFd>) {
+        self.worker_data_fd = fd;
     }
 
     /// Writes at least this long (block-aligned) may go in place.
