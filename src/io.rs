@@ -272,9 +272,11 @@ pub struct UringIo {
     pub inline_write_fds: Vec<RawFd>,
     /// Files whose writes run inline too (the data file: applying the
     /// journal, in-place pieces), but each as its own pwrite(2) (never
-    /// merged with its neighbours: the store sizes these writes to at most
-    /// one page-cache piece, and a merged write would make larger folios,
-    /// see docs/design.md "Large folios"), and only while they are quick.
+    /// merged with its neighbours: the store sizes its page-cache writes to
+    /// at most one piece, and a merged write would make larger folios, see
+    /// docs/design.md "Large folios"), only those of at most
+    /// [`INLINE_PIECE_MAX`], at most [`INLINE_BATCH_BUDGET`] of them per
+    /// `wait`, and only while they are quick.
     /// One that takes longer than [`INLINE_STALL`] (the kernel made the
     /// writer wait: dirty-page throttling, write-back of the folio) sends
     /// writes to these files through the ring for [`INLINE_BACKOFF`], so a
@@ -289,6 +291,8 @@ pub struct UringIo {
     pub inline_stalls: u64,
     /// What counts as slow ([`INLINE_STALL`]; tests lower it).
     pub inline_stall: Duration,
+    /// [`INLINE_BATCH_BUDGET`] (tests change it).
+    pub inline_batch_budget: Duration,
     /// Before `wait` blocks, poll the ring for completions this long (zero:
     /// block at once). The caller sets it per wait (see `server`, "poll").
     pub spin: Duration,
@@ -319,6 +323,7 @@ impl UringIo {
             inline_backoff_until: None,
             inline_stalls: 0,
             inline_stall: INLINE_STALL,
+            inline_batch_budget: INLINE_BATCH_BUDGET,
             spin: Duration::ZERO,
         })
     }
@@ -456,6 +461,14 @@ fn inline_write(op: &Op) -> (RawFd, u64, &[u8]) {
     }
 }
 
+/// Bytes a write op writes (0 for other ops).
+fn op_len(op: &Op) -> usize {
+    match op {
+        Op::Write { start, end, .. } => end - start,
+        _ => 0,
+    }
+}
+
 /// pwrite(2) of `s` at `offset`: bytes written or -errno.
 fn pwrite_one(fd: RawFd, offset: u64, s: &[u8]) -> i64 {
     // SAFETY: `s` is a live, initialised slice for the whole call.
@@ -537,6 +550,17 @@ const MAX_IOV: usize = 1024;
 pub const INLINE_STALL: Duration = Duration::from_millis(2);
 /// ... and such writes then go through the ring for this long.
 pub const INLINE_BACKOFF: Duration = Duration::from_secs(1);
+/// Writes to `UringIo::inline_piece_fds` longer than this go through the
+/// ring: the store's page-cache writes are pieces of at most 64 KiB
+/// (`store::PAGE_CACHE_PIECE`), and the rare longer ones (repairs, zeroes
+/// written out where the filesystem cannot zero a range) would hold the
+/// loop for the whole copy.
+pub const INLINE_PIECE_MAX: usize = 64 << 10;
+/// Once one `wait` has spent this long on inline piece writes, the rest of
+/// its batch goes through the ring: a batch of many quick writes (applying
+/// tens of MiB of journal) would otherwise hold the loop for milliseconds
+/// without any single write tripping [`INLINE_STALL`].
+pub const INLINE_BATCH_BUDGET: Duration = Duration::from_millis(1);
 
 impl UringIo {
     /// Hand `op` to the kernel through the ring.
@@ -611,13 +635,15 @@ impl UringIo {
         // None: a piece write handed to the ring instead (backing off).
         let mut results: Vec<Option<i64>> = Vec::with_capacity(ops.len());
         let mut iov: Vec<libc::iovec> = Vec::new();
+        let start = std::time::Instant::now();
         let mut i = 0;
         while i < ops.len() {
             let (fd, first, s) = inline_write(&ops[i].1);
             if self.inline_piece_fds.contains(&fd) {
                 // After a slow one, the rest of the batch goes to the ring
-                // too: at most one stalled piece write per back-off.
-                if self.inline_backing_off() {
+                // too: at most one stalled piece write per back-off. So does
+                // what is left of a long batch.
+                if self.inline_backing_off() || start.elapsed() >= self.inline_batch_budget {
                     results.push(None);
                 } else {
                     let t0 = std::time::Instant::now();
@@ -689,7 +715,9 @@ impl Io for UringIo {
     fn submit(&mut self, token: u64, op: Op) {
         if let Op::Write { fd, .. } = &op {
             if self.inline_write_fds.contains(fd)
-                || (self.inline_piece_fds.contains(fd) && !self.inline_backing_off())
+                || (self.inline_piece_fds.contains(fd)
+                    && op_len(&op) <= INLINE_PIECE_MAX
+                    && !self.inline_backing_off())
             {
                 self.inline.push((token, op));
                 return;
@@ -831,6 +859,41 @@ mod tests {
         io.submit(6, write(rfd, 1, b"y"));
         let done = wait_all(&mut io, 2);
         assert!(done.iter().all(|c| c.result == -libc::EBADF), "{done:?}");
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
+    fn long_piece_writes_and_long_batches_go_to_the_ring() {
+        let path = std::env::temp_dir().join(format!("nbdm-io-long-{}", std::process::id()));
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        let fd = f.as_raw_fd();
+        let mut io = UringIo::new(8).unwrap();
+        io.inline_piece_fds.push(fd);
+        io.inline_stall = Duration::from_secs(3600);
+        // Longer than a piece: the ring.
+        let big = vec![7u8; INLINE_PIECE_MAX + 4096];
+        io.submit(1, write(fd, 0, &big));
+        assert!(io.inline.is_empty(), "a long write went inline");
+        let done = wait_all(&mut io, 1);
+        assert_eq!(done[0].result, big.len() as i32);
+        // A batch over its budget: queued inline, handed to the ring.
+        io.inline_batch_budget = Duration::ZERO;
+        io.submit(2, write(fd, 0, b"aaaa"));
+        io.submit(3, write(fd, 4, b"bbbb"));
+        assert_eq!(io.inline.len(), 2);
+        let done = wait_all(&mut io, 2);
+        let got: Vec<(u64, i32)> = done.iter().map(|c| (c.token, c.result)).collect();
+        assert_eq!(got, vec![(2, 4), (3, 4)]);
+        assert!(!io.inline_backing_off(), "a long batch is no stall");
+        let data = std::fs::read(&path).unwrap();
+        assert_eq!(&data[..8], b"aaaabbbb");
+        assert_eq!(data.len(), big.len());
         std::fs::remove_file(&path).unwrap();
     }
 

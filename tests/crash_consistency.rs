@@ -469,6 +469,9 @@ struct Run {
 fn use_direct_fd(rig: &mut Rig) {
     let fd = rig.sim.alias_fd(rig.files.data);
     rig.st.set_direct_fd(Some(fd));
+    // As `serve`: the data file's own writes (applies) run on the loop.
+    let data = rig.files.data;
+    rig.sim.inline_write_fds.push(data);
 }
 
 /// Run the data file's writes at submission, as `serve` has the loop do,

@@ -89,11 +89,12 @@ fn boot(
     peers: &[u32],
 ) -> Node {
     io.attach(net.clone(), id);
-    // As `serve`: the journal's and the data file's writes run on the loop.
-    io.inline_write_fds = vec![files.journal, files.data];
+    io.inline_write_fds = vec![files.journal];
     net.borrow_mut().up(id);
     let sb_now = nbdmirror::store::load_superblock(&mut io, files.meta).expect("superblock");
     let mut store = Store::open(&mut io, files, sb_now, tuning()).expect("recovery");
+    // As `serve`: after recovery, the data file's writes run on the loop too.
+    io.inline_write_fds.push(files.data);
     if id != 1 {
         // As `serve --direct-writes auto` on a secondary: in-place writes
         // through a second (O_DIRECT) descriptor of the data file.
