@@ -824,9 +824,9 @@ mod tests {
         out
     }
 
-    #[test]
-    fn inline_writes_are_coalesced_and_each_gets_its_own_result() {
-        let path = std::env::temp_dir().join(format!("nbdm-io-{}", std::process::id()));
+    /// An empty file in the temp dir, open for reading and writing.
+    fn scratch_file(name: &str) -> (std::path::PathBuf, std::fs::File) {
+        let path = std::env::temp_dir().join(format!("{name}-{}", std::process::id()));
         let f = std::fs::OpenOptions::new()
             .create(true)
             .truncate(true)
@@ -834,6 +834,12 @@ mod tests {
             .write(true)
             .open(&path)
             .unwrap();
+        (path, f)
+    }
+
+    #[test]
+    fn inline_writes_are_coalesced_and_each_gets_its_own_result() {
+        let (path, f) = scratch_file("nbdm-io");
         let fd = f.as_raw_fd();
         let mut io = UringIo::new(8).unwrap();
         io.inline_write_fds.push(fd);
@@ -864,14 +870,7 @@ mod tests {
 
     #[test]
     fn long_piece_writes_and_long_batches_go_to_the_ring() {
-        let path = std::env::temp_dir().join(format!("nbdm-io-long-{}", std::process::id()));
-        let f = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(true)
-            .read(true)
-            .write(true)
-            .open(&path)
-            .unwrap();
+        let (path, f) = scratch_file("nbdm-io-long");
         let fd = f.as_raw_fd();
         let mut io = UringIo::new(8).unwrap();
         io.inline_piece_fds.push(fd);
@@ -899,14 +898,7 @@ mod tests {
 
     #[test]
     fn slow_inline_piece_writes_send_the_next_ones_to_the_ring() {
-        let path = std::env::temp_dir().join(format!("nbdm-io-piece-{}", std::process::id()));
-        let f = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(true)
-            .read(true)
-            .write(true)
-            .open(&path)
-            .unwrap();
+        let (path, f) = scratch_file("nbdm-io-piece");
         let fd = f.as_raw_fd();
         let mut io = UringIo::new(8).unwrap();
         io.inline_piece_fds.push(fd);
