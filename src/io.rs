@@ -223,6 +223,12 @@ pub trait Io {
         unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
     }
 
+    /// Inline data-file writes so far that made the loop wait (see
+    /// `UringIo::inline_piece_fds`); 0 for backends that never wait.
+    fn loop_write_stalls(&self) -> u64 {
+        0
+    }
+
     /// How many bytes of `[offset, offset+len)` of file `fd` are in the
     /// page cache, or `None` when the backend cannot tell (the simulated
     /// disk has no page cache; kernels before 6.5 lack cachestat(2)). A
@@ -708,6 +714,10 @@ impl UringIo {
 }
 
 impl Io for UringIo {
+    fn loop_write_stalls(&self) -> u64 {
+        self.inline_stalls
+    }
+
     fn cached_bytes(&mut self, fd: RawFd, offset: u64, len: u64) -> Option<u64> {
         cachestat_bytes(fd, offset, len)
     }

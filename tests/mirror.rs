@@ -767,6 +767,7 @@ fn check_status_schema(j: &Json) {
             "prewrite_drops",
             "checksum_failures",
             "repaired_blocks",
+            "loop_write_stalls",
         ],
     );
     assert!(

@@ -2922,7 +2922,10 @@ impl Mirror {
             }
         };
         let result: Result<(), String> = match words.first().copied() {
-            Some("status") => return self.status_json(Some(store)),
+            Some("status") => {
+                store.stats.loop_write_stalls = io.loop_write_stalls();
+                return self.status_json(Some(store));
+            }
             Some(cmd @ ("pause" | "resume" | "start" | "full")) => {
                 match peer_sel(words.get(1)) {
                     Err(e) => Err(e),

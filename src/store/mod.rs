@@ -549,6 +549,11 @@ pub struct StoreStats {
     /// Blocks that failed verification and were rewritten from a peer's
     /// copy (see `Store::repair`).
     pub repaired_blocks: u64,
+    /// Data-file writes run on the loop that made it wait longer than
+    /// `io::INLINE_STALL` (each sends such writes to the workers for a
+    /// while; docs/design.md "Data-file writes on the loop"). Counted by
+    /// the I/O backend; copied here for the status.
+    pub loop_write_stalls: u64,
 }
 
 pub struct Store {
@@ -1474,6 +1479,7 @@ impl Store {
             "prewrite_drops": st.prewrite_drops,
             "checksum_failures": st.checksum_failures,
             "repaired_blocks": st.repaired_blocks,
+            "loop_write_stalls": st.loop_write_stalls,
             "failed": self.failed,
         })
     }
