@@ -641,28 +641,38 @@ impl UringIo {
         // None: a piece write handed to the ring instead (backing off).
         let mut results: Vec<Option<i64>> = Vec::with_capacity(ops.len());
         let mut iov: Vec<libc::iovec> = Vec::new();
-        let start = std::time::Instant::now();
+        // Piece writes are timed with one clock read each (the end of one
+        // is the start of the next, unless other writes came between);
+        // a batch without piece writes reads no clock at all.
+        let mut pieces_start: Option<std::time::Instant> = None;
+        let mut now: Option<std::time::Instant> = None;
         let mut i = 0;
         while i < ops.len() {
             let (fd, first, s) = inline_write(&ops[i].1);
             if self.inline_piece_fds.contains(&fd) {
+                let t = now.unwrap_or_else(std::time::Instant::now);
+                let since = *pieces_start.get_or_insert(t);
                 // After a slow one, the rest of the batch goes to the ring
                 // too: at most one stalled piece write per back-off. So does
                 // what is left of a long batch.
-                if self.inline_backing_off() || start.elapsed() >= self.inline_batch_budget {
+                if self.inline_backoff_until.is_some_and(|until| t < until)
+                    || t - since >= self.inline_batch_budget
+                {
                     results.push(None);
+                    now = Some(t);
                 } else {
-                    let t0 = std::time::Instant::now();
                     results.push(Some(pwrite_one(fd, first, s)));
-                    let t1 = std::time::Instant::now();
-                    if t1 - t0 >= self.inline_stall {
+                    let end = std::time::Instant::now();
+                    if end - t >= self.inline_stall {
                         self.inline_stalls += 1;
-                        self.inline_backoff_until = Some(t1 + INLINE_BACKOFF);
+                        self.inline_backoff_until = Some(end + INLINE_BACKOFF);
                     }
+                    now = Some(end);
                 }
                 i += 1;
                 continue;
             }
+            now = None;
             let mut next = first + s.len() as u64;
             let mut j = i + 1;
             while j < ops.len() && j - i < MAX_IOV {

@@ -442,7 +442,7 @@ impl Sim {
                 waited < 120_000,
                 "seed {}: the replicas did not converge within 120 s of virtual time: {}",
                 self.seed,
-                n.mirror.status_json(Some(&n.store))
+                n.mirror.status_json(Some(&n.store), &n.io)
             );
         }
         for k in 0..3 {

@@ -1352,11 +1352,13 @@ impl Mirror {
 
     /// A BlockRequest's store read finished (secondary): send the data.
     fn peer_read_done(&mut self, io: &mut dyn Io, link: u64, id: u64, r: Result<Vec<u8>, i32>) {
-        let hdr_len = wire::BLOCK_DATA_HEADER;
         match r {
             Ok(mut buf) => {
-                buf[..hdr_len].copy_from_slice(&wire::encode_block_data_header(id, 0));
-                self.send_frame(link, FrameKind::BlockData, &[&buf]);
+                // Sent from the buffer it was read into, as resync records
+                // are: no copy of up to 1 MiB into the send queue.
+                buf[HEADER_LEN..HEADER_LEN + wire::BLOCK_DATA_HEADER]
+                    .copy_from_slice(&wire::encode_block_data_header(id, 0));
+                self.send_frame_owned(link, FrameKind::BlockData, buf);
             }
             Err(e) => {
                 self.send_frame(
@@ -2365,7 +2367,9 @@ impl Mirror {
                 self.next_mrid += 1;
                 self.peer_reads.insert(rid, (link, id));
                 let (s, e) = (first * BLOCK, ((first + n as u64) * BLOCK).min(self.size));
-                store.read(io, rid, s, e - s, wire::BLOCK_DATA_HEADER);
+                // Room for the frame and BlockData headers in front: the
+                // buffer goes out as it is (peer_read_done).
+                store.read(io, rid, s, e - s, HEADER_LEN + wire::BLOCK_DATA_HEADER);
             }
             FrameKind::Ping => {
                 wire::decode_u64(payload, "Ping")?;
@@ -2860,7 +2864,7 @@ impl Mirror {
 
     /// The node's state for `nbdmirror resync status --json`: its peers
     /// and, given the store, the store's counters.
-    pub fn status_json(&self, store: Option<&Store>) -> String {
+    pub fn status_json(&self, store: Option<&Store>, io: &dyn Io) -> String {
         use serde_json::json;
         let mut peers: Vec<serde_json::Value> = self
             .peers
@@ -2904,7 +2908,7 @@ impl Mirror {
             "role": self.cfg.role.name(),
             "rate_limit": self.cfg.resync_rate,
             "peers": peers,
-            "store": store.map(Store::status_json),
+            "store": store.map(|s| s.status_json(io)),
         })
         .to_string()
     }
@@ -2922,10 +2926,7 @@ impl Mirror {
             }
         };
         let result: Result<(), String> = match words.first().copied() {
-            Some("status") => {
-                store.stats.loop_write_stalls = io.loop_write_stalls();
-                return self.status_json(Some(store));
-            }
+            Some("status") => return self.status_json(Some(store), io),
             Some(cmd @ ("pause" | "resume" | "start" | "full")) => {
                 match peer_sel(words.get(1)) {
                     Err(e) => Err(e),

@@ -549,11 +549,6 @@ pub struct StoreStats {
     /// Blocks that failed verification and were rewritten from a peer's
     /// copy (see `Store::repair`).
     pub repaired_blocks: u64,
-    /// Data-file writes run on the loop that made it wait longer than
-    /// `io::INLINE_STALL` (each sends such writes to the workers for a
-    /// while; docs/design.md "Data-file writes on the loop"). Counted by
-    /// the I/O backend; copied here for the status.
-    pub loop_write_stalls: u64,
 }
 
 pub struct Store {
@@ -1463,8 +1458,9 @@ impl Store {
     }
 
     /// What `nbdmirror resync status --json` shows of the store: journal
-    /// fill and the counters of [`StoreStats`].
-    pub fn status_json(&self) -> serde_json::Value {
+    /// fill, the counters of [`StoreStats`], and how often the backend's
+    /// data-file writes on the loop made it wait (`Io::loop_write_stalls`).
+    pub fn status_json(&self, io: &dyn Io) -> serde_json::Value {
         let st = &self.stats;
         serde_json::json!({
             "size_bytes": self.sb.size,
@@ -1479,7 +1475,7 @@ impl Store {
             "prewrite_drops": st.prewrite_drops,
             "checksum_failures": st.checksum_failures,
             "repaired_blocks": st.repaired_blocks,
-            "loop_write_stalls": st.loop_write_stalls,
+            "loop_write_stalls": io.loop_write_stalls(),
             "failed": self.failed,
         })
     }
