@@ -181,6 +181,41 @@ def _nbdkit_cmd(ctx: Ctx, port: int, aux: list[Aux]) -> list[str]:
     return ["nbdkit", "-f", "-i", HOST, "-p", str(port), "file", ctx.backing_file]
 
 
+# --- nbdkit-xxh3: nbdkit file plus the checksum work nbdmirror must do (an xxh3-64 per 4 KiB
+# block on every write, verified on every read), as a filter built from
+# benches/ceiling/nbdkit-xxh3-filter.c.  Not a competitor: the fair upper bound for the
+# "with checksums on" targets (benches/README.md, "Tenth session").
+
+XXH3_FILTER_SRC = os.path.join(REPO_ROOT, "benches", "ceiling", "nbdkit-xxh3-filter.c")
+
+
+def _xxh3_filter_so(ctx: Ctx) -> str:
+    return os.path.join(ctx.workdir, "nbdkit-xxh3-filter.so")
+
+
+def _xxh3_available(ctx: Ctx) -> Optional[str]:
+    for prog in ("nbdkit", "cc"):
+        if not shutil.which(prog):
+            return f"{prog} not found on PATH"
+    for header, pkg in (("/usr/include/nbdkit-filter.h", "nbdkit-plugin-dev"),
+                        ("/usr/include/xxhash.h", "libxxhash-dev")):
+        if not os.path.exists(header):
+            return f"{header} missing (apt-get install {pkg})"
+    return None
+
+
+def _xxh3_setup(ctx: Ctx) -> list[list[str]]:
+    cmd = ["cc", "-O2", "-march=native", "-fPIC", "-shared", "-o", _xxh3_filter_so(ctx),
+           XXH3_FILTER_SRC]
+    _run_setup_cmd(cmd)
+    return [cmd]
+
+
+def _nbdkit_xxh3_cmd(ctx: Ctx, port: int, aux: list[Aux]) -> list[str]:
+    return ["nbdkit", "-f", "-i", HOST, "-p", str(port), f"--filter={_xxh3_filter_so(ctx)}",
+            "file", ctx.backing_file]
+
+
 def _qemu_flags(ctx: Ctx) -> list[str]:
     """The qemu-nbd flags every qemu-nbd in the harness gets."""
     return ["-t", "-e", "8", "--cache=writeback", f"--aio={ctx.args.qemu_aio}"]
@@ -425,6 +460,12 @@ SERVERS: dict[str, ServerSpec] = {
         "nbdkit", _nbdkit_cmd, available=_which_or_reason("nbdkit"),
         notes=lambda ctx: ("file plugin, default thread model (parallel, 16 threads), "
                            "page cache (cache=default), FLUSH=fdatasync")),
+    "nbdkit-xxh3": ServerSpec(
+        "nbdkit-xxh3", _nbdkit_xxh3_cmd, setup=_xxh3_setup, available=_xxh3_available,
+        notes=lambda ctx: ("as nbdkit, plus a filter doing nbdmirror's checksum work (xxh3-64 "
+                           "per 4 KiB block on write, verified on read; "
+                           "benches/ceiling/nbdkit-xxh3-filter.c): the upper bound for a server "
+                           "that must checksum")),
     "qemu-nbd": ServerSpec(
         "qemu-nbd", _qemu_cmd, available=_which_or_reason("qemu-nbd"),
         notes=lambda ctx: (f"raw, --cache=writeback (page cache, FLUSH=fdatasync), "
