@@ -6,9 +6,12 @@
 # Expects an NBD server already listening on 127.0.0.1:HOST_PORT on the host.
 # Boots a small qemu guest (TCG, Debian cloud kernel + busybox initramfs) that
 # reaches the host's loopback as 10.0.2.2 and, through /dev/nbd0:
-#   nbd-client connect, mkfs.ext4, mount, write files + md5sums, sync, umount,
-#   nbd-client disconnect + reconnect (so every read goes to the server),
-#   mount, verify md5sums, umount, e2fsck -fn (must be clean), disconnect.
+#   nbd-client connect with VMTEST_CONNS connections (the kernel spreads
+#   requests over them, and a FLUSH sent on one must cover writes done on the
+#   others: what the server's CAN_MULTI_CONN promises), mkfs.ext4, mount,
+#   write files + md5sums, sync, umount, nbd-client disconnect + reconnect
+#   with one connection (so every read goes to the server), mount, verify
+#   md5sums, umount, e2fsck -fn (must be clean), disconnect.
 # The guest prints "VMTEST: PASS" or "VMTEST: FAIL <step>"; this script exits 0
 # only on PASS. The kernel and initramfs are cached under <repo>/.cache/vm/.
 #
@@ -16,6 +19,8 @@
 #   VMTEST_TIMEOUT  seconds before the guest is killed (default 300)
 #   VMTEST_LOG      console log file (default <repo>/.cache/vm/console-PORT.log)
 #   VMTEST_MIB      MiB of random data written by the guest (default 24)
+#   VMTEST_CONNS    connections of the first nbd-client connect (default 4;
+#                   the guest checks that many are established)
 # Needs (see tools/install-deps.sh): qemu-system-x86, busybox-static, cpio,
 # nbd-client, e2fsprogs, and apt access to fetch the kernel package once.
 set -euo pipefail
@@ -32,6 +37,8 @@ CACHE=$ROOT/.cache/vm
 TIMEOUT=${VMTEST_TIMEOUT:-300}
 LOG=${VMTEST_LOG:-$CACHE/console-$PORT.log}
 MIB=${VMTEST_MIB:-24}
+CONNS=${VMTEST_CONNS:-4}
+case $CONNS in '' | *[!0-9]* | 0) echo "$0: VMTEST_CONNS must be a positive number" >&2; exit 2 ;; esac
 MODULES="virtio virtio_ring virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci failover net_failover virtio_net nbd"
 
 mkdir -p "$CACHE/kernel"
@@ -144,15 +151,16 @@ fail() {
     poweroff -f
 }
 
-PORT=; NAME=; MIB=24
+PORT=; NAME=; MIB=24; CONNS=1
 for arg in $(cat /proc/cmdline); do
     case $arg in
         vmtest.port=*) PORT=${arg#vmtest.port=} ;;
         vmtest.name=*) NAME=${arg#vmtest.name=} ;;
         vmtest.mib=*) MIB=${arg#vmtest.mib=} ;;
+        vmtest.conns=*) CONNS=${arg#vmtest.conns=} ;;
     esac
 done
-echo "VMTEST: start port=$PORT name='$NAME' mib=$MIB kernel=$(uname -r)"
+echo "VMTEST: start port=$PORT name='$NAME' mib=$MIB conns=$CONNS kernel=$(uname -r)"
 
 step modules
 for m in $(cat /lib/modules/order); do
@@ -165,11 +173,12 @@ ip link set eth0 up || fail network
 ip addr add 10.0.2.15/24 dev eth0 || fail network
 ip route add default via 10.0.2.2 || fail network
 
+# connect N: attach /dev/nbd0 over N connections.
 connect() {
     if [ -n "$NAME" ]; then
-        nbd-client 10.0.2.2 "$PORT" /dev/nbd0 -N "$NAME"
+        nbd-client 10.0.2.2 "$PORT" /dev/nbd0 -N "$NAME" -C "$1"
     else
-        nbd-client 10.0.2.2 "$PORT" /dev/nbd0
+        nbd-client 10.0.2.2 "$PORT" /dev/nbd0 -C "$1"
     fi || return 1
     i=0
     while [ "$(cat /sys/block/nbd0/size 2>/dev/null || echo 0)" = 0 ]; do
@@ -180,7 +189,12 @@ connect() {
 }
 
 step nbd-client
-connect || fail nbd-client
+connect "$CONNS" || fail nbd-client
+# Established TCP connections to the server (state 01 in /proc/net/tcp).
+hexport=$(printf '%04X' "$PORT")
+est=$(grep -c "0202000A:$hexport 01" /proc/net/tcp || true)
+echo "VMTEST: $est connection(s) to the server"
+[ "$est" = "$CONNS" ] || fail "connections ($est, wanted $CONNS)"
 
 step mkfs
 mkfs.ext4 -F -q /dev/nbd0 || fail mkfs
@@ -212,7 +226,7 @@ step reconnect
 nbd-client -d /dev/nbd0 || fail disconnect-1
 sleep 0.5
 echo 3 >/proc/sys/vm/drop_caches
-connect || fail reconnect
+connect 1 || fail reconnect
 
 step verify
 mount -t ext4 /dev/nbd0 /mnt || fail remount
@@ -242,7 +256,7 @@ set +e
 timeout "$TIMEOUT" qemu-system-x86_64 \
     -accel tcg -m 512 -nographic -no-reboot \
     -kernel "$VMLINUZ" -initrd "$INITRD" \
-    -append "console=ttyS0 quiet panic=-1 vmtest.port=$PORT vmtest.name=$NAME vmtest.mib=$MIB" \
+    -append "console=ttyS0 quiet panic=-1 vmtest.port=$PORT vmtest.name=$NAME vmtest.mib=$MIB vmtest.conns=$CONNS" \
     -netdev user,id=n0 -device virtio-net-pci,netdev=n0,romfile= \
     </dev/null 2>&1 | tr -d '\r' >"$LOG"
 rc=${PIPESTATUS[0]}
