@@ -135,6 +135,10 @@ struct Conn {
     recv_in_flight: bool,
     sink: Option<PayloadSink>,
     discard: u64,
+    /// The error reply of a rejected WRITE, sent once its payload has been
+    /// read and discarded: a client still sending the payload (libnbd) takes
+    /// a reply to a command it has not finished sending as a protocol error.
+    after_discard: Option<Vec<u8>>,
     outq: Vec<Vec<u8>>,
     out_bytes: usize,
     send_in_flight: bool,
@@ -189,6 +193,9 @@ pub struct Server {
     mirror: Option<Mirror>,
     exports: Vec<ExportInfo>,
     listeners: Vec<OwnedFd>,
+    /// The Unix sockets this server created, with the (device, inode) each
+    /// had: removed at exit if the path still names that socket.
+    unix_sockets: Vec<(PathBuf, (u64, u64))>,
     conns: HashMap<u64, Conn>,
     next_conn: u64,
     pending: HashMap<u64, PendingReq>,
@@ -262,11 +269,27 @@ pub fn socket_activation_fds() -> Vec<RawFd> {
 /// killed predecessor's io_uring is torn down by the kernel after the process
 /// is gone, and until then its listening socket still holds the port (seen
 /// when a node is restarted right after SIGKILL).
+/// Pending connections a listener queues (the kernel caps it at
+/// `net.core.somaxconn`). std's 128 made a burst of a thousand connects take
+/// seconds: SYNs beyond the queue are dropped and retried after a second.
+const LISTEN_BACKLOG: i32 = 4096;
+
+/// Raise the accept queue of a bound listener to [`LISTEN_BACKLOG`].
+fn deepen_backlog(fd: RawFd) {
+    // SAFETY: listen(2) again on a listening socket we own only changes
+    // its backlog.
+    unsafe { libc::listen(fd, LISTEN_BACKLOG) };
+}
+
 pub fn bind_tcp(addr: SocketAddr) -> std::io::Result<TcpListener> {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     let mut said = false;
     loop {
         match TcpListener::bind(addr) {
+            Ok(l) => {
+                deepen_backlog(l.as_raw_fd());
+                return Ok(l);
+            }
             Err(e)
                 if e.kind() == std::io::ErrorKind::AddrInUse
                     && std::time::Instant::now() < deadline =>
@@ -299,6 +322,7 @@ fn open_listener(l: &Listen) -> Result<OwnedFd, String> {
             }
             let s = UnixListener::bind(path)
                 .map_err(|e| format!("cannot listen on {}: {e}", path.display()))?;
+            deepen_backlog(s.as_raw_fd());
             Ok(OwnedFd::from(s))
         }
         Listen::Fd(fd) => {
@@ -319,8 +343,15 @@ impl Server {
         // Listen first: a port that cannot be had is refused before recovery
         // touches the replica (it bumps the epoch in the superblock).
         let mut listeners = Vec::new();
+        let mut unix_sockets = Vec::new();
         for l in &config.listen {
             listeners.push(open_listener(l)?);
+            if let Listen::Unix(path) = l {
+                use std::os::unix::fs::MetadataExt;
+                if let Ok(m) = std::fs::symlink_metadata(path) {
+                    unix_sockets.push((path.clone(), (m.dev(), m.ino())));
+                }
+            }
         }
         // The same for the peer port, and a generation file that cannot be
         // read is refused here too, before recovery writes anything.
@@ -429,6 +460,7 @@ impl Server {
             mirror,
             exports: vec![export],
             listeners,
+            unix_sockets,
             conns: HashMap::new(),
             next_conn: 1,
             pending: HashMap::new(),
@@ -508,11 +540,26 @@ impl Server {
         if let Some(m) = self.mirror.as_mut() {
             m.finish(&mut self.io);
         }
+        self.remove_unix_sockets();
         if let Some(why) = self.store.failure() {
             return Err(format!("stopped after a storage failure: {why}"));
         }
         crate::elog!("nbdmirror: clean shutdown; journal checkpointed");
         Ok(())
+    }
+
+    /// Remove the Unix sockets this server created, unless a path now
+    /// names something else (another server started on it since).
+    fn remove_unix_sockets(&mut self) {
+        use std::os::unix::fs::MetadataExt;
+        for (path, id) in self.unix_sockets.drain(..) {
+            match std::fs::symlink_metadata(&path) {
+                Ok(m) if (m.dev(), m.ino()) == id => {
+                    let _ = std::fs::remove_file(&path);
+                }
+                _ => {}
+            }
+        }
     }
 
     fn dispatch(&mut self, c: Completion) {
@@ -693,6 +740,7 @@ impl Server {
             recv_in_flight: false,
             sink: None,
             discard: 0,
+            after_discard: None,
             outq: Vec::new(),
             out_bytes: 0,
             send_in_flight: false,
@@ -856,6 +904,9 @@ impl Server {
                 if conn.discard > 0 {
                     return;
                 }
+                if let Some(out) = conn.after_discard.take() {
+                    self.queue(id, out);
+                }
                 continue;
             }
             match &mut conn.phase {
@@ -932,16 +983,17 @@ impl Server {
                                 let mut out = Vec::new();
                                 let msg = format!("request type {command} rejected");
                                 tx::error_reply(&mut out, structured, cookie, error, &msg);
-                                self.queue(id, out);
+                                if discard > 0 {
+                                    conn.after_discard = Some(out);
+                                } else {
+                                    self.queue(id, out);
+                                }
                             }
                         }
                         Decoded::Request(req)
                             if conn.refusing && req.command != Command::Disconnect =>
                         {
                             conn.start += REQUEST_HEADER_LEN;
-                            if req.command == Command::Write {
-                                conn.discard = req.length as u64;
-                            }
                             let mut out = Vec::new();
                             tx::error_reply(
                                 &mut out,
@@ -950,7 +1002,12 @@ impl Server {
                                 ESHUTDOWN,
                                 "the server is shutting down",
                             );
-                            self.queue(id, out);
+                            if req.command == Command::Write && req.length > 0 {
+                                conn.discard = req.length as u64;
+                                conn.after_discard = Some(out);
+                            } else {
+                                self.queue(id, out);
+                            }
                         }
                         Decoded::Request(req) => {
                             conn.start += REQUEST_HEADER_LEN;
@@ -965,7 +1022,18 @@ impl Server {
                                     // Recycled buffers hold old payload bytes, which the
                                     // new payload overwrites: no zeroing, no page faults.
                                     Some(i) => self.pool.swap_remove(i),
-                                    None => Vec::with_capacity(span.max(want)),
+                                    // A fresh one comes zeroed from the allocator
+                                    // (large ones as untouched pages), so memory is
+                                    // only used as the payload arrives: a client that
+                                    // sends a 32 MiB WRITE header and stalls costs a
+                                    // page, not 32 MiB (40 such connections took the
+                                    // server from 244 MB to 1.4 GB when this buffer
+                                    // was zero-filled by hand).
+                                    None => {
+                                        let mut b = vec![0u8; span.max(want)];
+                                        b.truncate(want);
+                                        b
+                                    }
                                 };
                                 if buf.len() >= want {
                                     buf.truncate(want);

@@ -81,6 +81,9 @@ pub const BASE_ALLOCATION_ID: u32 = 1;
 pub struct Handshake {
     exports: Vec<ExportInfo>,
     state: State,
+    /// The client set C_FIXED_NEWSTYLE. Without it only EXPORT_NAME is
+    /// understood (plain newstyle has no option replies to fall back on).
+    fixed: bool,
     no_zeroes: bool,
     structured: bool,
     /// Export name the meta context selection was made for, if any.
@@ -106,6 +109,7 @@ impl Handshake {
         Handshake {
             exports,
             state: State::ClientFlags,
+            fixed: false,
             no_zeroes: false,
             structured: false,
             meta_export: None,
@@ -138,6 +142,7 @@ impl Handshake {
                         );
                     }
                     self.no_zeroes = flags & CLIENT_NO_ZEROES != 0;
+                    self.fixed = flags & CLIENT_FIXED_NEWSTYLE != 0;
                     self.state = State::Options;
                 }
                 State::Discard { option, remaining } => {
@@ -164,6 +169,30 @@ impl Handshake {
                             used,
                             HandshakeStatus::End(HandshakeEnd::ProtocolViolation(format!(
                                 "bad option magic {magic:#x}"
+                            ))),
+                        );
+                    }
+                    if !self.fixed && option != OPT_EXPORT_NAME {
+                        // A plain-newstyle client cannot read an option
+                        // reply: close, as for any option the server cannot
+                        // answer in that mode.
+                        self.state = State::Finished;
+                        return (
+                            used,
+                            HandshakeStatus::End(HandshakeEnd::ProtocolViolation(format!(
+                                "option {option} from a client without fixed newstyle"
+                            ))),
+                        );
+                    }
+                    if len > MAX_OPTION_LEN && option == OPT_EXPORT_NAME {
+                        // EXPORT_NAME has no error reply: a name no export
+                        // can have ends the session at once.
+                        used += 16;
+                        self.state = State::Finished;
+                        return (
+                            used,
+                            HandshakeStatus::End(HandshakeEnd::UnknownExport(format!(
+                                "<a name of {len} bytes>"
                             ))),
                         );
                     }

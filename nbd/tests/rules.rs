@@ -167,6 +167,43 @@ fn oversized_option_is_discarded_and_answered_too_big() {
 }
 
 #[test]
+fn oversized_export_name_closes_without_an_option_reply() {
+    let mut h = started();
+    let input = opt(OPT_EXPORT_NAME, &vec![b'a'; MAX_OPTION_LEN as usize + 1]);
+    let mut out = Vec::new();
+    let (_, st) = h.feed(&input, &mut out);
+    assert!(matches!(
+        st,
+        HandshakeStatus::End(HandshakeEnd::UnknownExport(_))
+    ));
+    // EXPORT_NAME has no replies: a client would read one as the size.
+    assert!(out.is_empty());
+}
+
+#[test]
+fn plain_newstyle_client_may_only_send_export_name() {
+    for option in [OPT_LIST, OPT_GO, OPT_STRUCTURED_REPLY, 0x4242] {
+        let mut h = Handshake::new(vec![export(4096)]);
+        let mut out = Vec::new();
+        let (used, st) = h.feed(&0u32.to_be_bytes(), &mut out);
+        assert_eq!((used, st), (4, HandshakeStatus::Continue));
+        let (_, st) = h.feed(&opt(option, b""), &mut out);
+        assert!(
+            matches!(st, HandshakeStatus::End(HandshakeEnd::ProtocolViolation(_))),
+            "option {option}: {st:?}"
+        );
+        assert!(out.is_empty(), "option {option} got a reply");
+    }
+    // EXPORT_NAME still works, with the 124 bytes of padding.
+    let mut h = Handshake::new(vec![export(4096)]);
+    let mut out = Vec::new();
+    h.feed(&0u32.to_be_bytes(), &mut out);
+    let (_, st) = h.feed(&opt(OPT_EXPORT_NAME, b"disk"), &mut out);
+    assert!(matches!(st, HandshakeStatus::Done(_)));
+    assert_eq!(out.len(), 8 + 2 + 124);
+}
+
+#[test]
 fn abort_is_acked_and_ends_the_handshake() {
     let mut h = started();
     let mut out = Vec::new();
