@@ -34,7 +34,13 @@ const MAX_QUEUED_REPLY_BYTES: usize = 64 << 20;
 /// Payload bytes (write data received, read data to send) one connection may
 /// hold in flight before we stop reading from it.
 const MAX_CONN_INFLIGHT_BYTES: usize = 128 << 20;
-/// The same budget for the whole server: bounds memory whatever clients do.
+/// The same budget for the whole server. Once it is spent, a connection
+/// with a request in flight reads no more until memory frees; one without
+/// may still start one request, so no client is locked out by others. That
+/// leaves one maximum-size payload per connection outside the budget: a
+/// payload's memory is only touched as it arrives, so a client that stalls
+/// after a WRITE header costs little, but one that sends all but the last
+/// byte of 32 MiB and stalls holds them (nbdkit has the same exposure).
 const MAX_TOTAL_INFLIGHT_BYTES: usize = 512 << 20;
 /// Recycled payload buffers kept for reuse, and the largest one kept.
 const POOL_BUFFERS: usize = 16;
