@@ -376,6 +376,14 @@ impl Server {
         let sb = store::load_superblock(&mut io, files.meta)
             .map_err(|e| format!("{}: {e}; refusing to serve it", replica.path.display()))?;
         dir::check_sizes(replica, &sb)?;
+        if let Some(m) = config
+            .mirror
+            .as_ref()
+            .filter(|m| m.role == mirror::NodeRole::Primary)
+        {
+            // Before recovery writes anything.
+            mirror::refuse_left_out_peers(m, sb.node_id)?;
+        }
         let mut store = Store::open(&mut io, files, sb, config.tuning)
             .map_err(|e| format!("{}: recovery failed: {e}", replica.path.display()))?;
         let secondary = config

@@ -1394,6 +1394,97 @@ fn two_nodes_basic() {
     cl.assert_replicas_identical();
 }
 
+/// A primary started without a peer it mirrored before is refused before it
+/// writes anything: the peer's dirty bitmap in its directory says the peer
+/// belongs to the volume. Served like that (a tester's run, 3 nodes, peer 3
+/// left off the command line), the writes peer 3 missed were recorded
+/// nowhere, and when it was listed again its unchanged session passed it
+/// as in sync: 100 MB of its data differed from the primary's for good.
+#[test]
+fn primary_started_without_a_known_peer_is_refused() {
+    let test = "primary_started_without_a_known_peer_is_refused";
+    let _wd = Watchdog::new(test, Duration::from_secs(120));
+    let seed = test_seed(test);
+    let mut cl = Cluster::new(test, seed, Opts::new(64 * MIB, 2));
+    cl.start_all();
+    cl.wait_in_sync(Duration::from_secs(20));
+    cl.primary().terminate();
+    let (dir, port) = (cl.primary().dir.clone(), cl.primary().port);
+    let hashes = |d: &Path| -> Vec<(String, u64)> {
+        let mut v: Vec<(String, u64)> = fs::read_dir(d)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.path().is_file())
+            .map(|e| {
+                (
+                    e.file_name().to_string_lossy().into_owned(),
+                    file_hash(&e.path()),
+                )
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    let before = hashes(&dir);
+    let out = run_timeout(
+        Command::new(NBDMIRROR_BIN)
+            .arg("serve")
+            .arg("--dir")
+            .arg(&dir)
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{port}")),
+        Duration::from_secs(30),
+    );
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    eprintln!("{err}");
+    assert!(!out.status.success(), "a primary without its peer 2 served");
+    assert!(
+        err.contains("peer-2.bitmap") && err.contains("not in the") && err.contains("--peer 2="),
+        "the refusal names the peer, its bitmap and the fix: {err}"
+    );
+    assert_eq!(
+        hashes(&dir),
+        before,
+        "the refused start changed the replica"
+    );
+    // With the peer listed again it serves, and the peer is in sync.
+    cl.primary().start();
+    cl.wait_in_sync(Duration::from_secs(20));
+    // The other way out, as the message says: forget node 2 (remove its
+    // bitmap), serve alone and write, then list it again: it is compared
+    // as a new peer and gets the writes it missed.
+    cl.primary().terminate();
+    fs::remove_file(dir.join("peer-2.bitmap")).unwrap();
+    let mut alone = Command::new(NBDMIRROR_BIN);
+    alone
+        .arg("serve")
+        .arg("--dir")
+        .arg(&dir)
+        .arg("--listen")
+        .arg(format!("127.0.0.1:{port}"))
+        .stderr(Stdio::null());
+    let mut child = alone.spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !tcp_listening(child.id(), port) {
+        assert!(
+            Instant::now() < deadline,
+            "the primary alone does not listen"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+    let mut c = MiniClient::connect(&format!("127.0.0.1:{port}"), "disk").unwrap();
+    let data = random_bytes(seed, 1 << 20);
+    assert_eq!(c.write(4 * MIB, &data, 0).unwrap(), 0);
+    assert_eq!(c.flush().unwrap(), 0);
+    c.disconnect();
+    send_signal(child.id(), "TERM");
+    assert!(child.wait().unwrap().success());
+    cl.primary().start();
+    cl.wait_in_sync(Duration::from_secs(30));
+    cl.stop_all();
+    cl.assert_replicas_identical();
+}
+
 /// The resync tool says what it did: `start` while the peer is down says
 /// the resync waits for it (it used to say "resync started"), and `rate` on
 /// a node without peers is refused like `start` and `pause` are.

@@ -443,6 +443,56 @@ pub fn bind_admin_socket(p: Option<&std::path::Path>) -> Option<UnixListener> {
     }
 }
 
+/// A primary must record every write a peer it mirrored before misses:
+/// the peer's dirty bitmap is what brings it back. Started without that
+/// peer in its list, it would record nothing for it, and when the peer came
+/// back its unchanged session would pass as in sync, missing every write
+/// made meanwhile. So a `peer-N.bitmap` in the directory for a node not in
+/// the list refuses the start; removing the file forgets the node (if it
+/// returns, it is compared by checksum as a new peer).
+pub fn refuse_left_out_peers(cfg: &MirrorConfig, own_id: u32) -> Result<(), String> {
+    let Ok(entries) = std::fs::read_dir(&cfg.dir) else {
+        return Ok(());
+    };
+    let mut left_out: Vec<u32> = entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            name.strip_prefix("peer-")?
+                .strip_suffix(".bitmap")?
+                .parse::<u32>()
+                .ok()
+        })
+        .filter(|&id| id != own_id && !cfg.peers.iter().any(|&(p, _)| p == id))
+        .collect();
+    left_out.sort_unstable();
+    let Some(&id) = left_out.first() else {
+        return Ok(());
+    };
+    let path = cfg.dir.join(format!("peer-{id}.bitmap"));
+    Err(format!(
+        "node {id} was mirrored from this replica (its dirty bitmap is {}) but is not in the \
+         peer list: served like this, the writes node {id} misses would be recorded nowhere \
+         and it would later be taken back as in sync without them. Add it (--peer {id}=ADDR, \
+         or its [[node]] in the config file); if node {id} has left the volume for good, \
+         remove {} first (should it return, it is then compared by checksum as a new peer){}",
+        path.display(),
+        path.display(),
+        if left_out.len() > 1 {
+            format!(
+                "; the same holds for node(s) {}",
+                left_out[1..]
+                    .iter()
+                    .map(|n| n.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        } else {
+            String::new()
+        }
+    ))
+}
+
 /// The socket a secondary accepts its primary on.
 pub fn bind_peer_listener(io: &mut dyn Io, a: SocketAddr) -> Result<OwnedFd, String> {
     io.tcp_listen(a)
@@ -477,6 +527,10 @@ impl Mirror {
                 cfg.secret.len(),
                 crate::peer::handshake::MIN_SECRET
             ));
+        }
+        if cfg.role == NodeRole::Primary {
+            // Before anything is written (a new generation, bitmaps).
+            refuse_left_out_peers(&cfg, sb.node_id)?;
         }
         let mut generation = Generation::load(&cfg.dir)?;
         if cfg.role == NodeRole::Primary {
