@@ -102,8 +102,8 @@ enum Cmd {
         /// Default 3000.
         #[arg(long)]
         peer_timeout_ms: Option<u64>,
-        /// Resync rate cap in bytes per second (K/M/G suffixes); 0 = unlimited
-        /// (the default).
+        /// Resync rate cap in bytes per second, for each peer (K/M/G
+        /// suffixes); 0 = unlimited (the default).
         #[arg(long, value_parser = parse_size)]
         resync_rate: Option<u64>,
         /// Control socket for `nbdmirror resync` (default DIR/admin.sock).

@@ -2265,6 +2265,51 @@ fn link_cut_netns() {
     drop(ns);
 }
 
+/// Under `--resync-rate` each peer has its own token bucket, and a peer with
+/// nothing to copy is in sync at once: 3 nodes, node 2 down while 24 MiB
+/// are written, then the primary restarts after a crash (every peer is
+/// compared) with a 1 MiB/s cap. Node 3 differs in nothing and must be
+/// in_sync within seconds while node 2 still resyncs. With one bucket for
+/// all peers, node 2 took every token and node 3 stayed `syncing` with 0
+/// bytes to copy until node 2 was done, and `switchover` refused meanwhile.
+#[test]
+fn rate_capped_resync_does_not_hold_back_a_peer_with_nothing_to_copy() {
+    let test = "rate_capped_resync_does_not_hold_back_a_peer_with_nothing_to_copy";
+    let _wd = Watchdog::new(test, Duration::from_secs(180));
+    let seed = test_seed(test);
+    let mut cl = Cluster::new(test, seed, Opts::new(64 * MIB, 3));
+    cl.start_all();
+    cl.wait_in_sync(Duration::from_secs(30));
+    cl.node(2).kill();
+    let mut c = MiniClient::connect(&cl.nbd_addr(), "disk").unwrap();
+    for k in 0..24u64 {
+        let data = random_bytes(seed ^ k, MIB as usize);
+        assert_eq!(c.write(k * MIB, &data, 0).unwrap(), 0);
+    }
+    assert_eq!(c.flush().unwrap(), 0);
+    c.disconnect();
+    cl.primary().kill();
+    cl.primary().args.extend(strs(&["--resync-rate", "1M"]));
+    cl.primary().start();
+    cl.node(2).start();
+    let j = cl.wait_status(
+        "peer 3 in_sync while peer 2 resyncs at 1 MiB/s",
+        Duration::from_secs(10),
+        |j| peer_state(j, 3).as_deref() == Some("in_sync"),
+    );
+    assert_ne!(
+        peer_state(&j, 2).as_deref(),
+        Some("in_sync"),
+        "peer 2 cannot have caught up on 24 MiB at 1 MiB/s yet: {}",
+        brief_status(&j)
+    );
+    let d1 = cl.nodes[0].dir.display().to_string();
+    resync_cmd(&["rate", "0", "--dir", &d1]);
+    cl.wait_in_sync(Duration::from_secs(60));
+    cl.stop_all();
+    cl.assert_replicas_identical();
+}
+
 // ------------------------------------------------------------------ 6. primary killed during resync
 
 /// 64 MiB of distinct data written while the secondary is down; resync at

@@ -266,6 +266,9 @@ struct Peer {
     sent_bytes: u64,
     rate_mark: (Instant, u64),
     rate: f64,
+    /// Resync token bucket (bytes; `--resync-rate` per peer): refilled by
+    /// `tick`, spent by `resync_peer`.
+    tokens: f64,
 }
 
 impl Peer {
@@ -394,7 +397,6 @@ pub struct Mirror {
     resync_reads: HashMap<u64, ResyncRead>,
     /// Secondary: store request -> (link, message id, is a flush).
     applying: HashMap<u64, (u64, u64, bool)>,
-    tokens: f64,
     last_refill: Instant,
     shutting_down: bool,
     send_queue: Vec<u64>,
@@ -601,6 +603,7 @@ impl Mirror {
                 total: 0,
                 sent_bytes: 0,
                 rate_mark: (t0, 0),
+                tokens: 0.0,
                 rate: 0.0,
             });
         }
@@ -621,7 +624,6 @@ impl Mirror {
             generation,
             volume_uuid: sb.volume_uuid,
             size: sb.size,
-            tokens: 0.0,
             last_refill: t0,
             cfg,
             peers,
@@ -2495,14 +2497,16 @@ impl Mirror {
             if p.paused || p.resync_inflight >= RESYNC_WINDOW {
                 break;
             }
-            if self.cfg.resync_rate > 0 && self.tokens <= 0.0 {
-                break;
-            }
             let run = p.bitmap.next_run(p.cursor, RESYNC_BATCH_BLOCKS);
             let run = match run {
                 Some((first, n)) if first >= p.cursor => Some((first, n)),
                 _ => None,
             };
+            // The rate cap holds back sending, not the end of a pass: a
+            // peer with nothing (left) to copy is declared in sync at once.
+            if run.is_some() && self.cfg.resync_rate > 0 && p.tokens <= 0.0 {
+                break;
+            }
             let Some((first, n)) = run else {
                 // End of a pass: once everything sent is durable, either
                 // start another pass over what is still dirty or finish.
@@ -2562,7 +2566,7 @@ impl Mirror {
             p.cursor = first + n;
             p.resync_inflight += n * BLOCK;
             if self.cfg.resync_rate > 0 {
-                self.tokens -= (n * BLOCK) as f64;
+                p.tokens -= (n * BLOCK) as f64;
             }
             self.resync_reads.insert(
                 rid,
@@ -2806,7 +2810,10 @@ impl Mirror {
         self.last_refill = t;
         if self.cfg.resync_rate > 0 {
             let cap = (self.cfg.resync_rate as f64 / 5.0).max((RESYNC_BATCH_BLOCKS * BLOCK) as f64);
-            self.tokens = (self.tokens + dt * self.cfg.resync_rate as f64).min(cap);
+            let add = dt * self.cfg.resync_rate as f64;
+            for p in &mut self.peers {
+                p.tokens = (p.tokens + add).min(cap);
+            }
         }
         let timeout = self.cfg.timeout;
         // Links: handshake deadlines, liveness, pings.
