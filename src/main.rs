@@ -385,6 +385,43 @@ fn switchover(admin: &AdminArgs) -> Result<(), String> {
     }
 }
 
+/// `serve --dir DIR` without `--role` serves as the primary (the default),
+/// which for a replica that follows another primary, or handed its
+/// generation over at its last stop, is a promotion: if the other primary
+/// still serves, that is split brain, which only a re-initialisation of one
+/// side resolves. As with a config file, a promotion must be asked for
+/// with `--role primary`.
+fn refuse_implicit_promotion_of_dir(dir: &std::path::Path) -> Result<(), String> {
+    use nbdmirror::mirror::generation::{Generation, FLAG_HANDED_OVER, FLAG_PRIMARY};
+    if !dir.join("generation").exists() {
+        return Ok(());
+    }
+    let g = Generation::load(dir)?;
+    if g.flags & FLAG_HANDED_OVER != 0 {
+        return Err(format!(
+            "{} handed generation {:016x} over at its last stop (`nbdmirror switchover`): \
+             another node may serve as the primary now, and serving this one as a primary \
+             too would split the volume. Start it as that node's secondary (--role secondary \
+             --peer-listen ADDR), or, if no other node was promoted, as the primary again with \
+             --role primary",
+            dir.display(),
+            g.current
+        ));
+    }
+    if g.current == 0 || g.flags & FLAG_PRIMARY != 0 {
+        return Ok(());
+    }
+    Err(format!(
+        "{} is a secondary's replica (it follows generation {:016x} of another primary); \
+         `serve` without --role would serve it as a primary and so promote it, and if the other \
+         primary still serves, the two would split the volume for good. Start it as a \
+         secondary again (--role secondary --peer-listen ADDR), or, to promote it, make sure no \
+         other node serves as the primary and pass --role primary",
+        dir.display(),
+        g.current
+    ))
+}
+
 /// The config names this node the primary, but its replica follows
 /// another primary (it was a secondary, or was taken back as one after a
 /// switchover): serving it as a primary would promote it, and if the file
@@ -857,8 +894,16 @@ fn run(cli: Cli) -> Result<(), String> {
                         )
                     }
                     None => (
-                        path.expect("clap requires --dir"),
-                        role.unwrap_or(RoleArg::Primary),
+                        path.clone().expect("clap requires --dir"),
+                        match role {
+                            Some(r) => r,
+                            None => {
+                                refuse_implicit_promotion_of_dir(
+                                    path.as_deref().expect("clap requires --dir"),
+                                )?;
+                                RoleArg::Primary
+                            }
+                        },
                         peer,
                         peer_listen,
                         secret_file,

@@ -2620,11 +2620,33 @@ fn split_brain_is_refused() {
     cl.stop_all();
     cl.assert_replicas_identical();
 
-    // Node 2 on its own, as a primary, takes a write.
+    // Served without --role (primary by default), a secondary's replica is
+    // not promoted by accident: refused, nothing changed.
     let dir2 = cl.node(2).dir.clone();
     let port = free_port();
+    let gen_before = fs::read(dir2.join("generation")).unwrap();
+    let out = run_timeout(
+        Command::new(NBDMIRROR_BIN)
+            .args(["serve", "--dir"])
+            .arg(&dir2)
+            .args(["--listen", &format!("127.0.0.1:{port}")]),
+        Duration::from_secs(30),
+    );
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        !out.status.success() && err.contains("--role primary") && err.contains("--role secondary"),
+        "{test}: a secondary's replica served without --role: {}\n{err}",
+        out.status
+    );
+    assert_eq!(
+        fs::read(dir2.join("generation")).unwrap(),
+        gen_before,
+        "{test}: the refused start changed node 2's generation"
+    );
+
+    // Node 2 on its own, promoted (--role primary), takes a write.
     let mut solo = Command::new(NBDMIRROR_BIN)
-        .args(["serve", "--dir"])
+        .args(["serve", "--role", "primary", "--dir"])
         .arg(&dir2)
         .args(["--listen", &format!("127.0.0.1:{port}")])
         .stderr(Stdio::piped())
