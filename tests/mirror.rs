@@ -1573,6 +1573,15 @@ fn second_primary_is_refused_while_the_first_is_alive() {
         slog.contains("refusing primary node 1"),
         "the secondary did not refuse the rogue:\n{slog}\n--- rogue ---\n{rlog}"
     );
+    // Refused sessions back off (100 ms doubling): a handful of attempts in
+    // the rogue's few seconds, not one every 100 ms (the backoff used to be
+    // reset by each session start, before the secondary's refusal).
+    let refusals = slog.matches("refusing primary node 1").count();
+    eprintln!("the secondary refused the rogue {refusals} times");
+    assert!(
+        refusals <= 8,
+        "the rogue retried {refusals} times in a few seconds: no backoff after Busy\n{slog}"
+    );
     assert!(
         !slog.contains("closing the older replication session"),
         "the secondary dropped the live primary:\n{slog}"

@@ -1942,8 +1942,11 @@ impl Mirror {
                         self.fail_peer(io, store, i, e);
                         return;
                     }
+                    // The reconnect backoff is reset when the peer answers
+                    // in this session (`primary_frame`), not here: a peer
+                    // that refuses the session (Busy: it follows another
+                    // primary) would otherwise be retried every 100 ms.
                     let p = &mut self.peers[i];
-                    p.backoff = BACKOFF_MIN;
                     p.last_error = None;
                     p.cursor = 0;
                     p.total = p.bitmap.dirty() * BLOCK;
@@ -2207,6 +2210,7 @@ impl Mirror {
             // before the next one: any answer means it has it.
             if let Some(token) = self.peers[i].pending_session.take() {
                 self.peers[i].bitmap.set_session(token)?;
+                self.peers[i].backoff = BACKOFF_MIN;
             }
         }
         match kind {
