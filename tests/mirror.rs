@@ -2732,6 +2732,41 @@ fn split_brain_is_refused() {
     cl.stop_all();
     assert_eq!(file_hash(&cl.nodes[0].data()), h1, "{test}: node 1 changed");
     assert_eq!(file_hash(&dir2.join("data")), h2, "{test}: node 2 changed");
+
+    // The advice works as printed: keep node 1's data by moving node 2's
+    // directory away and running the init command the log gives (size and
+    // uuid filled in, DIR to be replaced), then starting node 2 again.
+    let plog = cl.nodes[0].stderr();
+    let at = plog
+        .find("nbdmirror init --dir DIR")
+        .unwrap_or_else(|| panic!("{test}: no init command in the advice:\n{plog}"));
+    let cmd = &plog[at..];
+    let cmd = &cmd[..cmd.find('`').expect("the command ends with a backquote")];
+    assert!(
+        !cmd.contains("SIZE") && !cmd.contains("UUID"),
+        "{test}: the advice leaves placeholders: {cmd}"
+    );
+    fs::rename(&dir2, cl.tmp.join("n2-split-brain")).unwrap();
+    let args: Vec<String> = cmd
+        .split_whitespace()
+        .skip(1)
+        .map(|a| {
+            if a == "DIR" {
+                dir2.display().to_string()
+            } else {
+                a.to_string()
+            }
+        })
+        .collect();
+    run_ok_timeout(
+        Command::new(NBDMIRROR_BIN).args(&args),
+        Duration::from_secs(30),
+    );
+    cl.start_all();
+    cl.wait_in_sync(Duration::from_secs(60));
+    cl.stop_all();
+    cl.assert_replicas_identical();
+    assert_eq!(file_hash(&cl.nodes[0].data()), h1, "{test}: node 1 changed");
 }
 
 /// Send `bytes` to the peer port; the secondary must close the connection

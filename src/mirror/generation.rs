@@ -247,9 +247,10 @@ pub fn judge(ours: &Generation, peer: &Generation, peer_id: u32) -> Verdict {
     };
     Verdict::SplitBrain(format!(
         "split brain: {how}. Nothing was resynced either way. To keep this node's data, stop node \
-         {peer_id}, re-initialise its replica (`nbdmirror init --dir DIR --size SIZE --node-id \
-         {peer_id} --volume-uuid UUID`) and start it as a secondary; to keep node {peer_id}'s data, \
-         serve it as the primary and do the same to this node"
+         {peer_id}, move its replica directory DIR away (init refuses a directory that holds a \
+         replica), re-initialise it (`nbdmirror init --dir DIR --size SIZE --node-id {peer_id} \
+         --volume-uuid UUID`) and start it as a secondary; to keep node {peer_id}'s data, serve it \
+         as the primary (--role primary) and do the same to this node"
     ))
 }
 

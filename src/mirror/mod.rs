@@ -1917,7 +1917,20 @@ impl Mirror {
                             self.peers[i].node_id, info.last_applied_seq, self.size, self.size
                         ))
                     } else {
-                        generation::judge(&self.generation, &theirs, self.peers[i].node_id)
+                        match generation::judge(&self.generation, &theirs, self.peers[i].node_id) {
+                            // The advice can name this volume's size and uuid.
+                            Verdict::SplitBrain(why) => Verdict::SplitBrain(
+                                why.replace("--size SIZE", &format!("--size {}", self.size))
+                                    .replace(
+                                        "--volume-uuid UUID",
+                                        &format!(
+                                            "--volume-uuid {}",
+                                            crate::store::dir::format_uuid(&self.volume_uuid)
+                                        ),
+                                    ),
+                            ),
+                            v => v,
+                        }
                     };
                     match verdict {
                         Verdict::SplitBrain(why) => {
