@@ -1039,9 +1039,23 @@ fn run(cli: Cli) -> Result<(), String> {
                 Some((_, n)) => n.dir,
                 None => path.expect("clap requires --dir"),
             };
-            let replica = dir::open(&path)?;
+            // info only reads: a replica a running node holds (locked) is
+            // shown too, as a snapshot.
+            let replica = match dir::open(&path) {
+                Ok(r) => Some(r),
+                Err(e) if e.contains("in use by another nbdmirror process") => None,
+                Err(e) => return Err(e),
+            };
+            let meta = std::fs::File::open(path.join("meta"))
+                .map_err(|e| format!("cannot open {}/meta: {e}", path.display()))?;
             let mut io = nbdmirror::io::UringIo::new(8).map_err(|e| format!("io_uring: {e}"))?;
-            let sb = nbdmirror::store::load_superblock(&mut io, replica.files().meta)?;
+            let sb = nbdmirror::store::load_superblock(&mut io, {
+                use std::os::fd::AsRawFd;
+                meta.as_raw_fd()
+            })?;
+            if replica.is_none() {
+                out!("(a running nbdmirror serves this replica: what follows is a snapshot)");
+            }
             out!("volume      {}", dir::format_uuid(&sb.volume_uuid));
             out!("node id     {}", sb.node_id);
             out!("format      {}", sb.version);

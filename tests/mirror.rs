@@ -1363,6 +1363,19 @@ fn two_nodes_basic() {
     eprintln!(
         "resync_sent_bytes right after the first connect: {sent0} (a fresh volume needs no resync)"
     );
+    // `info` reads a running node's replica too (a snapshot, said so).
+    let out = run_ok_timeout(
+        Command::new(NBDMIRROR_BIN)
+            .arg("info")
+            .arg("--dir")
+            .arg(&cl.nodes[0].dir),
+        Duration::from_secs(15),
+    );
+    let info = stdout_str(&out);
+    assert!(
+        info.contains("snapshot") && info.contains("written as a primary"),
+        "info on the running primary: {info}"
+    );
 
     let args = {
         let mut v = strs(&[
