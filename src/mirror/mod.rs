@@ -265,6 +265,9 @@ struct Peer {
     total: u64,
     sent_bytes: u64,
     rate_mark: (Instant, u64),
+    /// Start of the window `rate` is measured over: stretched while nothing
+    /// is sent (see `tick`).
+    rate_window: (Instant, u64),
     rate: f64,
     /// Resync token bucket (bytes; `--resync-rate` per peer): refilled by
     /// `tick`, spent by `resync_peer`.
@@ -603,6 +606,7 @@ impl Mirror {
                 total: 0,
                 sent_bytes: 0,
                 rate_mark: (t0, 0),
+                rate_window: (t0, 0),
                 tokens: 0.0,
                 rate: 0.0,
             });
@@ -1966,6 +1970,7 @@ impl Mirror {
                     p.resync_started = self.t;
                     p.rate = 0.0;
                     p.rate_mark = (self.t, p.sent_bytes);
+                    p.rate_window = (self.t, p.sent_bytes);
                     p.compared_diff = 0;
                     if p.bitmap.flags() & FLAG_COMPARE != 0 {
                         p.compare = Some((0, HashMap::new()));
@@ -2908,16 +2913,29 @@ impl Mirror {
                 // The rate shown is this resync's, measured while it runs.
                 p.rate = 0.0;
                 p.rate_mark = (t, p.sent_bytes);
+                p.rate_window = (t, p.sent_bytes);
             }
             let el = t.saturating_duration_since(p.rate_mark.0);
             if el >= Duration::from_secs(1) {
-                let bytes = p.sent_bytes - p.rate_mark.1;
-                let inst = bytes as f64 / el.as_secs_f64();
-                p.rate = if p.rate == 0.0 {
-                    inst
-                } else {
-                    0.5 * p.rate + 0.5 * inst
-                };
+                // Under a low cap resync sends a batch (up to 1 MiB) every
+                // few seconds: a window with nothing sent is stretched until
+                // something is (up to 30 s), so the rate is the average over
+                // whole bursts, and it is smoothed with a 5 s time constant.
+                // A 1 s window halved each second swung between 0.5 MiB/s
+                // and 16 KiB/s at a 100 KiB/s cap (ETA 34 min, then 18 h).
+                let wel = t.saturating_duration_since(p.rate_window.0);
+                let wbytes = p.sent_bytes - p.rate_window.1;
+                if wbytes > 0 || wel >= Duration::from_secs(30) {
+                    let secs = wel.as_secs_f64().max(el.as_secs_f64());
+                    let inst = wbytes as f64 / secs;
+                    let alpha = 1.0 - (-secs / 5.0).exp();
+                    p.rate = if p.rate == 0.0 {
+                        inst
+                    } else {
+                        p.rate + alpha * (inst - p.rate)
+                    };
+                    p.rate_window = (t, p.sent_bytes);
+                }
                 p.rate_mark = (t, p.sent_bytes);
                 let _ = p.bitmap.flush_async();
             }
@@ -3017,6 +3035,7 @@ impl Mirror {
                             hit = true;
                             p.rate = 0.0;
                             p.rate_mark = (now, p.sent_bytes);
+                            p.rate_window = (now, p.sent_bytes);
                             match cmd {
                                 "pause" => p.paused = true,
                                 "resume" => p.paused = false,
@@ -3079,6 +3098,7 @@ impl Mirror {
                     for p in self.peers.iter_mut() {
                         p.rate = 0.0;
                         p.rate_mark = (now, p.sent_bytes);
+                        p.rate_window = (now, p.sent_bytes);
                     }
                     Ok(())
                 }
