@@ -385,41 +385,25 @@ fn switchover(admin: &AdminArgs) -> Result<(), String> {
     }
 }
 
-/// `serve --dir DIR` without `--role` serves as the primary (the default),
-/// which for a replica that follows another primary, or handed its
-/// generation over at its last stop, is a promotion: if the other primary
-/// still serves, that is split brain, which only a re-initialisation of one
-/// side resolves. As with a config file, a promotion must be asked for
-/// with `--role primary`.
-fn refuse_implicit_promotion_of_dir(dir: &std::path::Path) -> Result<(), String> {
+/// Why serving `dir` as a primary without an explicit `--role primary`
+/// would be a promotion: it handed its generation over at its last stop, or
+/// it follows another primary's generation. None for a replica that is a
+/// primary's (or new).
+enum Follows {
+    HandedOver(u64),
+    Primary(u64),
+}
+
+fn follows(dir: &std::path::Path) -> Result<Option<Follows>, String> {
     use nbdmirror::mirror::generation::{Generation, FLAG_HANDED_OVER, FLAG_PRIMARY};
-    if !dir.join("generation").exists() {
-        return Ok(());
-    }
     let g = Generation::load(dir)?;
-    if g.flags & FLAG_HANDED_OVER != 0 {
-        return Err(format!(
-            "{} handed generation {:016x} over at its last stop (`nbdmirror switchover`): \
-             another node may serve as the primary now, and serving this one as a primary \
-             too would split the volume. Start it as that node's secondary (--role secondary \
-             --peer-listen ADDR), or, if no other node was promoted, as the primary again with \
-             --role primary",
-            dir.display(),
-            g.current
-        ));
-    }
-    if g.current == 0 || g.flags & FLAG_PRIMARY != 0 {
-        return Ok(());
-    }
-    Err(format!(
-        "{} is a secondary's replica (it follows generation {:016x} of another primary); \
-         `serve` without --role would serve it as a primary and so promote it, and if the other \
-         primary still serves, the two would split the volume for good. Start it as a \
-         secondary again (--role secondary --peer-listen ADDR), or, to promote it, make sure no \
-         other node serves as the primary and pass --role primary",
-        dir.display(),
-        g.current
-    ))
+    Ok(if g.flags & FLAG_HANDED_OVER != 0 {
+        Some(Follows::HandedOver(g.current))
+    } else if g.current == 0 || g.flags & FLAG_PRIMARY != 0 {
+        None
+    } else {
+        Some(Follows::Primary(g.current))
+    })
 }
 
 /// The config names this node the primary, but its replica follows
@@ -429,31 +413,53 @@ fn refuse_implicit_promotion_of_dir(dir: &std::path::Path) -> Result<(), String>
 /// primaries would serve the volume. A promotion is the operator's explicit
 /// choice: `--role primary`.
 fn refuse_implicit_promotion(c: &VolumeConfig, n: &NodeConfig) -> Result<(), String> {
-    use nbdmirror::mirror::generation::{Generation, FLAG_HANDED_OVER, FLAG_PRIMARY};
-    let g = Generation::load(&n.dir)?;
-    if g.flags & FLAG_HANDED_OVER != 0 {
-        return Err(format!(
-            "the config file {} names node {} the primary, but it handed generation {:016x} \
+    match follows(&n.dir)? {
+        None => Ok(()),
+        Some(Follows::HandedOver(g)) => Err(format!(
+            "the config file {} names node {} the primary, but it handed generation {g:016x} \
              over at its last stop (`nbdmirror switchover`): another node may serve as the \
              primary now. Start it as that node's secondary (--role secondary), or, if no other \
              node was promoted, as the primary again with --role primary",
             c.path.display(),
             n.id,
-            g.current
-        ));
+        )),
+        Some(Follows::Primary(g)) => Err(format!(
+            "the config file {} names node {} the primary, but its replica follows generation \
+             {g:016x} as a secondary of another primary; serving it as the primary would promote \
+             it. If that is what you want, make sure no other node serves as the primary and \
+             start it with --role primary; otherwise set `primary` in the config to the node \
+             that serves",
+            c.path.display(),
+            n.id,
+        )),
     }
-    if g.current == 0 || g.flags & FLAG_PRIMARY != 0 {
-        return Ok(());
+}
+
+/// `serve --dir DIR` without `--role` serves as the primary (the default):
+/// the same refusal as [`refuse_implicit_promotion`], without a config
+/// file. Otherwise a mistyped command promotes a secondary's replica at
+/// once, and if the other primary still serves, only a re-initialisation
+/// of one side reconciles them.
+fn refuse_implicit_promotion_of_dir(dir: &std::path::Path) -> Result<(), String> {
+    match follows(dir)? {
+        None => Ok(()),
+        Some(Follows::HandedOver(g)) => Err(format!(
+            "{} handed generation {g:016x} over at its last stop (`nbdmirror switchover`): \
+             another node may serve as the primary now, and serving this one as a primary \
+             too would split the volume. Start it as that node's secondary (--role secondary \
+             --peer-listen ADDR), or, if no other node was promoted, as the primary again with \
+             --role primary",
+            dir.display(),
+        )),
+        Some(Follows::Primary(g)) => Err(format!(
+            "{} is a secondary's replica (it follows generation {g:016x} of another primary); \
+             `serve` without --role would serve it as a primary and so promote it, and if the \
+             other primary still serves, the two would split the volume for good. Start it as a \
+             secondary again (--role secondary --peer-listen ADDR), or, to promote it, make sure \
+             no other node serves as the primary and pass --role primary",
+            dir.display(),
+        )),
     }
-    Err(format!(
-        "the config file {} names node {} the primary, but its replica follows generation \
-         {:016x} as a secondary of another primary; serving it as the primary would promote it. \
-         If that is what you want, make sure no other node serves as the primary and start it \
-         with --role primary; otherwise set `primary` in the config to the node that serves",
-        c.path.display(),
-        n.id,
-        g.current
-    ))
 }
 
 /// Refuse a replica directory that is not the one the config file
@@ -1039,21 +1045,15 @@ fn run(cli: Cli) -> Result<(), String> {
                 Some((_, n)) => n.dir,
                 None => path.expect("clap requires --dir"),
             };
-            // info only reads: a replica a running node holds (locked) is
-            // shown too, as a snapshot.
-            let replica = match dir::open(&path) {
-                Ok(r) => Some(r),
-                Err(e) if e.contains("in use by another nbdmirror process") => None,
-                Err(e) => return Err(e),
-            };
-            let meta = std::fs::File::open(path.join("meta"))
-                .map_err(|e| format!("cannot open {}/meta: {e}", path.display()))?;
+            // info only reads: no lock, so a replica a running node holds
+            // is shown too, as a snapshot.
+            let (meta, running) = dir::open_meta_read_only(&path)?;
             let mut io = nbdmirror::io::UringIo::new(8).map_err(|e| format!("io_uring: {e}"))?;
             let sb = nbdmirror::store::load_superblock(&mut io, {
                 use std::os::fd::AsRawFd;
                 meta.as_raw_fd()
             })?;
-            if replica.is_none() {
+            if running {
                 out!("(a running nbdmirror serves this replica: what follows is a snapshot)");
             }
             out!("volume      {}", dir::format_uuid(&sb.volume_uuid));

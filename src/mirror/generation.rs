@@ -246,12 +246,21 @@ pub fn judge(ours: &Generation, peer: &Generation, peer_id: u32) -> Verdict {
         )
     };
     Verdict::SplitBrain(format!(
-        "split brain: {how}. Nothing was resynced either way. To keep this node's data, stop node \
-         {peer_id}, move its replica directory DIR away (init refuses a directory that holds a \
-         replica), re-initialise it (`nbdmirror init --dir DIR --size SIZE --node-id {peer_id} \
-         --volume-uuid UUID`) and start it as a secondary; to keep node {peer_id}'s data, serve it \
-         as the primary (--role primary) and do the same to this node"
+        "split brain: {how}. Nothing was resynced either way"
     ))
+}
+
+/// What the operator can do about split brain with node `peer_id` of a
+/// volume of `size` bytes with uuid `uuid` (the caller appends it to the
+/// verdict: [`judge`] knows the histories, not the volume).
+pub fn split_brain_advice(peer_id: u32, size: u64, uuid: &str) -> String {
+    format!(
+        "To keep this node's data, stop node {peer_id}, move its replica directory DIR away \
+         (init refuses a directory that holds a replica), re-initialise it (`nbdmirror init \
+         --dir DIR --size {size} --node-id {peer_id} --volume-uuid {uuid}`) and start it as a \
+         secondary; to keep node {peer_id}'s data, serve it as the primary (--role primary) and \
+         do the same to this node"
+    )
 }
 
 #[cfg(test)]

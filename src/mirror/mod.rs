@@ -454,7 +454,8 @@ pub fn bind_admin_socket(p: Option<&std::path::Path>) -> Option<UnixListener> {
 /// back its unchanged session would pass as in sync, missing every write
 /// made meanwhile. So a `peer-N.bitmap` in the directory for a node not in
 /// the list refuses the start; removing the file forgets the node (if it
-/// returns, it is compared by checksum as a new peer).
+/// returns, it is compared by checksum as a new peer). `serve` calls it
+/// before recovery, so a refused start writes nothing.
 pub fn refuse_left_out_peers(cfg: &MirrorConfig, own_id: u32) -> Result<(), String> {
     let Ok(entries) = std::fs::read_dir(&cfg.dir) else {
         return Ok(());
@@ -532,10 +533,6 @@ impl Mirror {
                 cfg.secret.len(),
                 crate::peer::handshake::MIN_SECRET
             ));
-        }
-        if cfg.role == NodeRole::Primary {
-            // Before anything is written (a new generation, bitmaps).
-            refuse_left_out_peers(&cfg, sb.node_id)?;
         }
         let mut generation = Generation::load(&cfg.dir)?;
         if cfg.role == NodeRole::Primary {
@@ -1922,17 +1919,14 @@ impl Mirror {
                         ))
                     } else {
                         match generation::judge(&self.generation, &theirs, self.peers[i].node_id) {
-                            // The advice can name this volume's size and uuid.
-                            Verdict::SplitBrain(why) => Verdict::SplitBrain(
-                                why.replace("--size SIZE", &format!("--size {}", self.size))
-                                    .replace(
-                                        "--volume-uuid UUID",
-                                        &format!(
-                                            "--volume-uuid {}",
-                                            crate::store::dir::format_uuid(&self.volume_uuid)
-                                        ),
-                                    ),
-                            ),
+                            Verdict::SplitBrain(why) => Verdict::SplitBrain(format!(
+                                "{why}. {}",
+                                generation::split_brain_advice(
+                                    self.peers[i].node_id,
+                                    self.size,
+                                    &crate::store::dir::format_uuid(&self.volume_uuid),
+                                )
+                            )),
                             v => v,
                         }
                     };

@@ -282,8 +282,8 @@ fn init_files(
     Ok(sb)
 }
 
-/// Open and lock an existing replica directory.
-pub fn open(path: &Path) -> Result<ReplicaDir, String> {
+/// Refuse a path that holds no replica.
+fn require_replica(path: &Path) -> Result<(), String> {
     if !path.join("meta").exists() {
         return Err(format!(
             "{} is not a replica directory (no meta file); create one with `nbdmirror init --dir {} --size SIZE`",
@@ -291,6 +291,12 @@ pub fn open(path: &Path) -> Result<ReplicaDir, String> {
             path.display()
         ));
     }
+    Ok(())
+}
+
+/// Open and lock an existing replica directory.
+pub fn open(path: &Path) -> Result<ReplicaDir, String> {
+    require_replica(path)?;
     let lock = lock(path)?;
     let open = |name: &str| {
         OpenOptions::new()
@@ -306,6 +312,20 @@ pub fn open(path: &Path) -> Result<ReplicaDir, String> {
         meta: open("meta")?,
         _lock: lock,
     })
+}
+
+/// The replica's `meta` file, read-only and without taking the lock (for
+/// `info`, which only reads), and whether a running nbdmirror holds the
+/// replica (then what is read is a snapshot).
+pub fn open_meta_read_only(path: &Path) -> Result<(File, bool), String> {
+    require_replica(path)?;
+    let meta = File::open(path.join("meta"))
+        .map_err(|e| format!("cannot open {}/meta: {e}", path.display()))?;
+    let in_use = File::open(path.join("lock")).is_ok_and(|f| {
+        // SAFETY: flock on a descriptor we own; dropped (released) at once.
+        unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) != 0 }
+    });
+    Ok((meta, in_use))
 }
 
 /// A second descriptor of the replica's data file, opened with O_DIRECT.
