@@ -125,6 +125,12 @@ enum Cmd {
         /// sooner on a VM); 0 = never poll. Not on a secondary.
         #[arg(long, value_name = "MICROSECONDS", default_value_t = 30)]
         poll_us: u64,
+        /// Promote (serve as the primary) a replica that was partway
+        /// through a resync when it stopped. Its blocks are a mix of old and
+        /// new data and every peer will be made to match it: only for when
+        /// it is the last copy left (`nbdmirror info` shows the state).
+        #[arg(long)]
+        force_inconsistent: bool,
     },
     /// Watch and steer resynchronisation on a running node.
     Resync {
@@ -584,9 +590,14 @@ fn term_cols() -> Option<usize> {
 /// `--watch` can redraw them in place.
 fn render_status(v: &serde_json::Value, cols: Option<usize>) -> Vec<String> {
     let mut lines = vec![format!(
-        "node {} ({})",
+        "node {} ({}){}",
         v["node_id"],
-        v["role"].as_str().unwrap_or("?")
+        v["role"].as_str().unwrap_or("?"),
+        if v["inconsistent"].as_bool() == Some(true) {
+            ", INCONSISTENT: partway through a resync from its primary"
+        } else {
+            ""
+        }
     )];
     let peers = v["peers"].as_array().cloned().unwrap_or_default();
     if peers.is_empty() {
@@ -602,7 +613,15 @@ fn render_status(v: &serde_json::Value, cols: Option<usize>) -> Vec<String> {
         let total = p["resync_total_bytes"].as_f64().unwrap_or(0.0);
         let done = p["resync_done_bytes"].as_f64().unwrap_or(0.0);
         let dirty = p["dirty_bytes"].as_f64().unwrap_or(0.0);
-        if state == "syncing" || (state != "in_sync" && dirty > 0.0) {
+        match p["in_sync"].as_bool() {
+            Some(true) => line.push_str(", in sync"),
+            Some(false) => line.push_str(", receiving resync data"),
+            None => {}
+        }
+        if state != "syncing" && state != "in_sync" && dirty > 0.0 {
+            line.push_str(&format!("  {} to resync", human(dirty)));
+        }
+        if state == "syncing" {
             let frac = if total > 0.0 {
                 (done / total).clamp(0.0, 1.0)
             } else {
@@ -848,6 +867,7 @@ fn run(cli: Cli) -> Result<(), String> {
             direct_writes,
             cpu,
             poll_us,
+            force_inconsistent,
         } => {
             let cfg = config.load()?;
             let (path, role, peer, peer_listen, secret_file, peer_timeout_ms, resync_rate) =
@@ -1032,6 +1052,7 @@ fn run(cli: Cli) -> Result<(), String> {
                     resync_rate,
                     admin_socket: Some(admin_socket),
                     dir: path.clone(),
+                    force_inconsistent,
                 }),
                 direct_writes,
                 cpu,
@@ -1083,6 +1104,9 @@ fn run(cli: Cli) -> Result<(), String> {
                         ", written as a primary, handed over to its peers at a clean shutdown"
                     } else if g.flags & nbdmirror::mirror::generation::FLAG_PRIMARY != 0 {
                         ", written as a primary"
+                    } else if g.flags & nbdmirror::mirror::generation::FLAG_INCONSISTENT != 0 {
+                        ", followed as a secondary; INCONSISTENT: partway through a resync \
+                         from its primary (not promoted without --force-inconsistent)"
                     } else {
                         ", followed as a secondary"
                     }

@@ -364,7 +364,11 @@ impl Server {
         let mut peer_listener = None;
         let mut admin = None;
         if let Some(m) = &config.mirror {
-            mirror::generation::Generation::load(&m.dir)?;
+            let g = mirror::generation::Generation::load(&m.dir)?;
+            if m.role == mirror::NodeRole::Primary {
+                g.refuse_inconsistent_promotion(m.force_inconsistent)
+                    .map_err(|e| format!("{}: {e}", m.dir.display()))?;
+            }
             if let Some(a) = m.peer_listen {
                 peer_listener = Some(mirror::bind_peer_listener(&mut io, a)?);
             }

@@ -2782,6 +2782,142 @@ fn split_brain_is_refused() {
     assert_eq!(file_hash(&cl.nodes[0].data()), h1, "{test}: node 1 changed");
 }
 
+/// A secondary that dies partway through a resync holds a mix of old and
+/// new blocks. Promoted, it would copy that mix over a node that held
+/// every acknowledged write (a tester lost 34 MiB that way): it refuses,
+/// `info` says why, and the node that was in sync is promoted instead and
+/// brings it back.
+#[test]
+fn half_resynced_secondary_is_not_promoted() {
+    let test = "half_resynced_secondary_is_not_promoted";
+    let _wd = Watchdog::new(test, Duration::from_secs(180));
+    let seed = test_seed(test);
+    let size = 64 * MIB;
+    let mut cl = Cluster::new(test, seed, Opts::new(size, 3));
+    cl.start_all();
+    cl.wait_in_sync(Duration::from_secs(30));
+    cl.node(3).terminate();
+    let model = new_model(size);
+    let w = Writer::spawn("writer", &cl.nbd_addr(), model.clone(), seed, 64);
+    w.set_phase(1);
+    w.write_distinct(32 * MIB / BLOCK, Duration::from_secs(60));
+    w.finish();
+    let d1 = cl.nodes[0].dir.display().to_string();
+    resync_cmd(&["rate", "1M", "--dir", &d1]);
+    cl.node(3).start();
+    let j = cl.wait_status(
+        "peer 3 partway through its resync",
+        Duration::from_secs(30),
+        |j| {
+            peer_state(j, 3).as_deref() == Some("syncing")
+                && peer_u64(j, 3, "resync_done_bytes") >= 2 * MIB
+        },
+    );
+    assert!(
+        peer_u64(&j, 3, "dirty_bytes") > 8 * MIB,
+        "{test}: the capped resync went too fast: {}",
+        brief_status(&j)
+    );
+    let d3 = cl.node(3).dir.clone();
+    let sj = status_json(&["--dir", &d3.display().to_string()]).unwrap();
+    assert_eq!(
+        sj.get("inconsistent").and_then(|v| v.as_bool()),
+        Some(true),
+        "{test}: the syncing secondary's status does not say it is inconsistent: {sj:?}"
+    );
+    cl.primary().kill();
+    cl.node(3).terminate();
+
+    let info = run_ok_timeout(
+        Command::new(NBDMIRROR_BIN).args(["info", "--dir"]).arg(&d3),
+        Duration::from_secs(30),
+    );
+    let info = String::from_utf8_lossy(&info.stdout).into_owned();
+    assert!(
+        info.contains("INCONSISTENT"),
+        "{test}: info does not say the replica is half resynced:\n{info}"
+    );
+
+    // Promoting node 3 is refused, and changes nothing.
+    let (gen3, data3) = (
+        fs::read(d3.join("generation")).unwrap(),
+        file_hash(&d3.join("data")),
+    );
+    let port = free_port();
+    let p2 = cl.node(2).port;
+    let out = run_timeout(
+        Command::new(NBDMIRROR_BIN)
+            .args(["serve", "--role", "primary", "--dir"])
+            .arg(&d3)
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(["--peer", &format!("2=127.0.0.1:{p2}"), "--secret-file"])
+            .arg(&cl.secret),
+        Duration::from_secs(30),
+    );
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        !out.status.success() && err.contains("--force-inconsistent"),
+        "{test}: promoting the half-resynced node: {}\n{err}",
+        out.status
+    );
+    assert_eq!(
+        fs::read(d3.join("generation")).unwrap(),
+        gen3,
+        "{test}: generation changed"
+    );
+    assert_eq!(file_hash(&d3.join("data")), data3, "{test}: data changed");
+
+    // Node 2 held every acknowledged write: promoted, it brings node 3 back.
+    let p3 = cl.node(3).port;
+    let secret = cl.secret.display().to_string();
+    let n2 = cl.node(2);
+    n2.terminate();
+    n2.role = Role::Primary;
+    n2.port = free_port();
+    n2.args = vec![
+        "--dir".into(),
+        n2.dir.display().to_string(),
+        "--role".into(),
+        "primary".into(),
+        "--listen".into(),
+        format!("127.0.0.1:{}", n2.port),
+        "--secret-file".into(),
+        secret,
+        "--peer".into(),
+        format!("3=127.0.0.1:{p3}"),
+    ];
+    n2.start();
+    cl.node(3).start();
+    let d2 = cl.node(2).dir.clone();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        cl.check_alive();
+        if let Ok(j) = status_json(&["--dir", &d2.display().to_string()]) {
+            if peer_state(&j, 3).as_deref() == Some("in_sync")
+                && peer_u64(&j, 3, "dirty_bytes") == 0
+            {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{test}: node 3 never in sync: {}",
+                brief_status(&j)
+            );
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+    let sj = status_json(&["--dir", &d3.display().to_string()]).unwrap();
+    assert_eq!(
+        sj.get("inconsistent").and_then(|v| v.as_bool()),
+        Some(false),
+        "{test}: {sj:?}"
+    );
+    cl.node(2).terminate();
+    cl.node(3).terminate();
+    assert_files_equal(&d2.join("data"), &d3.join("data"));
+    check_model_file(&d2.join("data"), &model, seed);
+}
+
 /// Send `bytes` to the peer port; the secondary must close the connection
 /// within 10 s.
 fn expect_dropped(addr: &str, what: &str, bytes: &[u8]) {

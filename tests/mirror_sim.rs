@@ -76,6 +76,7 @@ fn config(id: u32, peers: &[u32], bitmaps: &std::path::Path) -> MirrorConfig {
         resync_rate: 0,
         admin_socket: None,
         dir: bitmaps.to_path_buf(),
+        force_inconsistent: false,
     }
 }
 

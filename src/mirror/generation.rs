@@ -27,7 +27,9 @@
 //!   serving while the primary was away: the primary compares checksums.
 //!
 //! Layout (little-endian, 48 bytes): magic `NMGEN002`, current u64, previous
-//! u64, flags u32, reserved u32, session u64, xxh3-64 of bytes 0..40. The
+//! u64, flags u32, reserved u32, session u64, xxh3-64 of bytes 0..40
+//! (`NMGEN003` while `FLAG_HANDED_OVER` is set, `NMGEN004` while
+//! `FLAG_INCONSISTENT` is, so older binaries refuse those). The
 //! first format (`NMGEN001`, 40 bytes, no session, checksum at 32..40) is
 //! still read (session 0). Written whole to a temporary file, synced and
 //! renamed. A missing file is generation 0 (a replica that never served or
@@ -46,6 +48,10 @@ const MAGIC: &[u8; 8] = b"NMGEN002";
 /// binary that does not know the flag refuses the file instead of serving
 /// as the primary of a generation it handed over (and keeping the mark).
 const MAGIC_HANDED_OVER: &[u8; 8] = b"NMGEN003";
+/// The same layout, written while `FLAG_INCONSISTENT` is set, so that a
+/// binary that does not know the flag refuses the file instead of
+/// promoting a half-resynced replica.
+const MAGIC_INCONSISTENT: &[u8; 8] = b"NMGEN004";
 const LEN: usize = 48;
 /// This replica writes (wrote) as the primary of `current`.
 pub const FLAG_PRIMARY: u32 = 1;
@@ -55,6 +61,15 @@ pub const FLAG_PRIMARY: u32 = 1;
 /// planned switchover). Cleared, durably, before it serves as a primary
 /// again.
 pub const FLAG_HANDED_OVER: u32 = 2;
+/// A secondary took resync data from its primary (bitmap, checksum or full
+/// resync, or journal catch-up) and has not been told it is in sync since:
+/// its blocks are a mix of old and new that matches no moment of any
+/// history (DRBD's Inconsistent). Set durably before the first such record
+/// is applied, cleared when the primary announces its generation. Such a
+/// replica is not promoted without `serve --force-inconsistent`, and any
+/// primary of the volume may resync it by comparing every block, whatever
+/// generation it holds.
+pub const FLAG_INCONSISTENT: u32 = 4;
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Generation {
@@ -81,7 +96,9 @@ impl Generation {
         let intact = match b.len() {
             LEN_V1 => &b[0..8] == MAGIC_V1 && xxh3_64(&b[0..32]) == u64_at(32),
             LEN => {
-                (&b[0..8] == MAGIC || &b[0..8] == MAGIC_HANDED_OVER)
+                (&b[0..8] == MAGIC
+                    || &b[0..8] == MAGIC_HANDED_OVER
+                    || &b[0..8] == MAGIC_INCONSISTENT)
                     && xxh3_64(&b[0..40]) == u64_at(40)
             }
             _ => false,
@@ -105,6 +122,8 @@ impl Generation {
         let mut b = [0u8; LEN];
         b[0..8].copy_from_slice(if self.flags & FLAG_HANDED_OVER != 0 {
             MAGIC_HANDED_OVER
+        } else if self.flags & FLAG_INCONSISTENT != 0 {
+            MAGIC_INCONSISTENT
         } else {
             MAGIC
         });
@@ -172,6 +191,32 @@ impl Generation {
         (self, None)
     }
 
+    /// Refuse to serve this replica as a primary while it is half
+    /// resynced (`FLAG_INCONSISTENT`), unless `force`: promoted, it would
+    /// copy its mix of old and new blocks over peers that hold the data.
+    pub fn refuse_inconsistent_promotion(&self, force: bool) -> Result<(), String> {
+        if self.flags & FLAG_INCONSISTENT == 0 || self.flags & FLAG_PRIMARY != 0 {
+            return Ok(());
+        }
+        if force {
+            crate::elog!(
+                "nbdmirror: WARNING: promoting a replica that is partway through a resync \
+                 (--force-inconsistent): its blocks are a mix of old and new data, and its peers \
+                 will be made to match it"
+            );
+            return Ok(());
+        }
+        Err(
+            "this replica was partway through a resync from its primary when it last ran (it \
+             took resync data and was not reported in sync since): its blocks are a mix of old \
+             and new data, and served as the primary it would copy that mix over every peer, \
+             including ones that hold the newer data. Promote a node that was in sync instead \
+             (`nbdmirror info` shows each replica's state), or, if this replica is the only copy \
+             left, pass --force-inconsistent"
+                .to_string(),
+        )
+    }
+
     /// The first step of a handover at a clean shutdown (see
     /// `FLAG_HANDED_OVER`): a primary's generation moves on to `fresh`
     /// (stored before the peers are told), so that only the peers that
@@ -210,6 +255,15 @@ pub enum Verdict {
 pub fn judge(ours: &Generation, peer: &Generation, peer_id: u32) -> Verdict {
     if peer.current == 0 {
         return Verdict::Resync;
+    }
+    if peer.flags & FLAG_INCONSISTENT != 0 && peer.flags & FLAG_PRIMARY == 0 {
+        // Half resynced: nothing in it is worth keeping, and it may have
+        // followed any primary of the volume. Compare every block.
+        return if peer.current == ours.current {
+            Verdict::Resync
+        } else {
+            Verdict::ResyncCompare
+        };
     }
     if peer.current == ours.current {
         if peer.flags & FLAG_PRIMARY != 0 {

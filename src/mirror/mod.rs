@@ -107,6 +107,9 @@ pub struct MirrorConfig {
     pub resync_rate: u64,
     pub admin_socket: Option<PathBuf>,
     pub dir: PathBuf,
+    /// Serve as the primary even a replica that is partway through a
+    /// resync (`generation::FLAG_INCONSISTENT`).
+    pub force_inconsistent: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -175,6 +178,9 @@ pub enum RepairStart {
 
 /// The peer protocol version that has BlockRequest/BlockData.
 const REPAIR_VERSION: u16 = 3;
+/// The peer protocol version whose primary always announces its generation
+/// when a peer is in sync (see `generation::FLAG_INCONSISTENT`).
+const ANNOUNCE_VERSION: u16 = 4;
 
 /// Read repairs in flight at once (each holds up to 1 MiB at the peer).
 const MAX_REPAIRS: usize = 16;
@@ -314,6 +320,12 @@ struct Link {
     last_tx: Instant,
     /// Secondary: frames wait until older sessions' records are applied.
     held: bool,
+    /// The protocol version the session runs at (0 before the handshake).
+    version: u16,
+    /// Secondary: the primary announced its generation in this session, so
+    /// what it sends now is the live stream of an in-sync peer; records
+    /// before that are resync data.
+    announced: bool,
 }
 
 /// A client request the mirror is carrying: answered when the local store
@@ -1540,6 +1552,8 @@ impl Mirror {
                 last_rx: self.t,
                 last_tx: self.t,
                 held: false,
+                version: 0,
+                announced: false,
             },
         );
         id
@@ -1878,6 +1892,7 @@ impl Mirror {
             let l = self.links.get_mut(&link).unwrap();
             let hs = l.hs.take().unwrap();
             l.session = hs.into_session();
+            l.version = info.version;
             if l.peer.is_none() {
                 // Secondary: place each large record so that its data (after
                 // the record header) is aligned, for O_DIRECT writes.
@@ -1974,7 +1989,10 @@ impl Mirror {
                     } else {
                         PeerState::InSync
                     };
-                    if p.state == PeerState::InSync && theirs.current != self.generation.current {
+                    if p.state == PeerState::InSync {
+                        // Even when it holds our generation already: from
+                        // version 4 on, a secondary takes records before
+                        // the announce as resync data (FLAG_INCONSISTENT).
                         self.announce_generation(io, i);
                     }
                     let p = &mut self.peers[i];
@@ -2329,6 +2347,26 @@ impl Mirror {
         match kind {
             FrameKind::Record => {
                 let h = RecordHeader::decode(payload, self.size)?;
+                let l = &self.links[&link];
+                if l.version >= ANNOUNCE_VERSION
+                    && !l.announced
+                    && self.generation.flags & generation::FLAG_INCONSISTENT == 0
+                {
+                    // Resync data: durable before it is applied, so a
+                    // crash in the middle leaves a replica that knows it
+                    // holds a mix of old and new blocks.
+                    let next = Generation {
+                        flags: self.generation.flags | generation::FLAG_INCONSISTENT,
+                        ..self.generation
+                    };
+                    next.store(&self.cfg.dir)?;
+                    crate::elog!(
+                        "nbdmirror: taking resync data from the primary: this replica is \
+                         inconsistent until the primary reports it in sync, and is not promoted \
+                         meanwhile"
+                    );
+                    self.generation = next;
+                }
                 let rid = MIRROR_RID | self.next_mrid;
                 self.next_mrid += 1;
                 self.applying.insert(rid, (link, h.id, false));
@@ -2366,12 +2404,23 @@ impl Mirror {
             }
             FrameKind::Generation => {
                 let g = wire::decode_u64(payload, "Generation")?;
-                if g != self.generation.current {
-                    let next = Generation {
-                        current: g,
-                        previous: self.generation.current,
-                        flags: 0,
-                        session: self.generation.session,
+                if let Some(l) = self.links.get_mut(&link) {
+                    l.announced = true;
+                }
+                let inconsistent = self.generation.flags & generation::FLAG_INCONSISTENT != 0;
+                if g != self.generation.current || inconsistent {
+                    let next = if g != self.generation.current {
+                        Generation {
+                            current: g,
+                            previous: self.generation.current,
+                            flags: 0,
+                            session: self.generation.session,
+                        }
+                    } else {
+                        Generation {
+                            flags: self.generation.flags & !generation::FLAG_INCONSISTENT,
+                            ..self.generation
+                        }
                     };
                     next.store(&self.cfg.dir)?;
                     crate::elog!(
@@ -2961,6 +3010,13 @@ impl Mirror {
             .iter()
             .map(|p| {
                 let dirty = p.bitmap.dirty() * BLOCK;
+                // A pass's total means something only while it runs: a
+                // peer that went away has `dirty` to resync, nothing done.
+                let total = if p.state == PeerState::Syncing {
+                    p.total.max(dirty)
+                } else {
+                    dirty
+                };
                 let rate = if p.state == PeerState::Syncing && !p.paused {
                     p.rate.round() as u64
                 } else {
@@ -2971,8 +3027,8 @@ impl Mirror {
                     "address": p.addr.to_string(),
                     "state": p.state.name(),
                     "dirty_bytes": dirty,
-                    "resync_total_bytes": p.total.max(dirty),
-                    "resync_done_bytes": p.total.saturating_sub(dirty),
+                    "resync_total_bytes": total,
+                    "resync_done_bytes": total - dirty,
                     "resync_sent_bytes": p.sent_bytes,
                     "rate_bytes_per_sec": rate,
                     "rate_limit": self.cfg.resync_rate,
@@ -2989,6 +3045,9 @@ impl Mirror {
                         "node_id": sess.peer.node_id,
                         "address": l.addr,
                         "state": "connected",
+                        // The primary reported this replica in sync in
+                        // this session (protocol version 4 on).
+                        "in_sync": l.announced,
                     }));
                 }
             }
@@ -2996,6 +3055,7 @@ impl Mirror {
         json!({
             "node_id": self.node_id,
             "role": self.cfg.role.name(),
+            "inconsistent": self.generation.flags & generation::FLAG_INCONSISTENT != 0,
             "rate_limit": self.cfg.resync_rate,
             "peers": peers,
             "store": store.map(|s| s.status_json(io)),

@@ -15,7 +15,11 @@ use super::frame::FrameKind;
 /// Version of the peer protocol's messages (carried in Hello).
 /// 2: the Session frame, and `gen_bitmap` carries a secondary's session.
 /// 3: BlockRequest and BlockData (read repair).
-pub const PROTOCOL_VERSION: u16 = 3;
+/// 4: the primary announces its generation whenever a peer is in sync,
+/// also at connect when the peer already holds it, so a secondary knows
+/// that records taken before the announce are resync data (it marks
+/// itself inconsistent, `generation::FLAG_INCONSISTENT`).
+pub const PROTOCOL_VERSION: u16 = 4;
 /// The oldest version this node still speaks: a session runs at the lower
 /// of the two nodes' versions, so a volume can be upgraded a node at a
 /// time (a version-2 session has no read repair).
