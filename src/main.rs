@@ -569,6 +569,10 @@ fn human(n: f64) -> String {
 }
 
 /// One line per peer: state, a bar, percent, rate and ETA.
+/// Shorter peer timeouts are refused: the primary pings a quarter of it
+/// apart, and scheduling hiccups alone would then disconnect peers.
+const MIN_PEER_TIMEOUT_MS: u64 = 100;
+
 /// Columns of the terminal on stdout, if it is one.
 fn term_cols() -> Option<usize> {
     use std::io::IsTerminal;
@@ -938,6 +942,12 @@ fn run(cli: Cli) -> Result<(), String> {
                     ),
                 };
             let peer_timeout_ms = peer_timeout_ms.unwrap_or(3000);
+            if peer_timeout_ms < MIN_PEER_TIMEOUT_MS {
+                return Err(format!(
+                    "peer timeout {peer_timeout_ms} ms is too short: at least \
+                     {MIN_PEER_TIMEOUT_MS} ms (the default is 3000)"
+                ));
+            }
             let resync_rate = resync_rate.unwrap_or(0);
             let (listen, unix, export_name, admin_socket) = match &cfg {
                 // The config's NBD addresses are the primary's: a secondary
@@ -1048,7 +1058,7 @@ fn run(cli: Cli) -> Result<(), String> {
                     peers: peer,
                     peer_listen,
                     secret,
-                    timeout: std::time::Duration::from_millis(peer_timeout_ms.max(100)),
+                    timeout: std::time::Duration::from_millis(peer_timeout_ms),
                     resync_rate,
                     admin_socket: Some(admin_socket),
                     dir: path.clone(),

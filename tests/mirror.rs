@@ -2918,6 +2918,63 @@ fn half_resynced_secondary_is_not_promoted() {
     check_model_file(&d2.join("data"), &model, seed);
 }
 
+/// The peer timeout is not exchanged in the handshake, so the two ends may
+/// differ. A primary with a long one (30 s) used to ping an idle link
+/// every 7.5 s while the secondary (3 s) dropped it after 6 s: the link
+/// flapped for good, and reconnects compared every checksum. Now it stays
+/// up.
+#[test]
+fn different_peer_timeouts_keep_an_idle_link_up() {
+    let test = "different_peer_timeouts_keep_an_idle_link_up";
+    let _wd = Watchdog::new(test, Duration::from_secs(120));
+    let seed = test_seed(test);
+    let mut o = Opts::new(16 * MIB, 2);
+    o.peer_timeout_ms = 30_000;
+    let mut cl = Cluster::new(test, seed, o);
+    cl.start_all();
+    cl.wait_in_sync(Duration::from_secs(20));
+    thread::sleep(Duration::from_secs(8));
+    cl.check_alive();
+    let j = cl.status().unwrap();
+    assert_eq!(
+        peer_state(&j, 2).as_deref(),
+        Some("in_sync"),
+        "{}",
+        brief_status(&j)
+    );
+    let (p, s) = (cl.nodes[0].stderr(), cl.nodes[1].stderr());
+    assert!(
+        !contains_ci(&s, "closed")
+            && !contains_ci(&p, "did not start")
+            && p.matches("connected;").count() == 1,
+        "{test}: the idle link dropped{}",
+        cl.stderr_tails()
+    );
+    // A timeout below 100 ms is refused, not silently raised.
+    let out = run_timeout(
+        Command::new(NBDMIRROR_BIN)
+            .args(["serve", "--dir"])
+            .arg(&cl.nodes[0].dir)
+            .args([
+                "--peer-timeout-ms",
+                "0",
+                "--peer",
+                "2=127.0.0.1:1",
+                "--secret-file",
+            ])
+            .arg(&cl.secret),
+        Duration::from_secs(30),
+    );
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        !out.status.success() && err.contains("at least 100 ms"),
+        "{test}: --peer-timeout-ms 0: {}\n{err}",
+        out.status
+    );
+    cl.stop_all();
+    cl.assert_replicas_identical();
+}
+
 /// Send `bytes` to the peer port; the secondary must close the connection
 /// within 10 s.
 fn expect_dropped(addr: &str, what: &str, bytes: &[u8]) {

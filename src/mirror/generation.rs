@@ -282,7 +282,17 @@ pub fn judge(ours: &Generation, peer: &Generation, peer_id: u32) -> Verdict {
         // primary after a clean handover: an older state of our history.
         return Verdict::ResyncCompare;
     }
-    let how = if peer.previous == ours.current || peer.flags & FLAG_PRIMARY != 0 {
+    let how = if peer.flags & FLAG_PRIMARY == 0 && peer.previous == ours.current {
+        // It did not write: it follows a primary promoted from our history
+        // while this node was away, so the newer writes are that primary's.
+        format!(
+            "node {peer_id} follows generation {:016x}, which another node started as a primary \
+             after this node's {:016x} (it was promoted while this node was away?), and holds \
+             writes this node never saw. If that primary is still serving, this node should \
+             not be: start it as that primary's secondary",
+            peer.current, ours.current
+        )
+    } else if peer.previous == ours.current || peer.flags & FLAG_PRIMARY != 0 {
         format!(
             "node {peer_id} was served as a primary on its own (it wrote generation {:016x}{}) and \
              may hold writes this node never saw",
@@ -456,5 +466,47 @@ mod tests {
             session: 0,
         };
         assert!(matches!(judge(&p, &other, 2), Verdict::SplitBrain(_)));
+        // A follower of a primary promoted after us is not called a
+        // primary: it wrote nothing itself.
+        let Verdict::SplitBrain(why) = judge(&p, &follower_of(&promoted), 3) else {
+            panic!("a follower of a newer primary must be refused");
+        };
+        assert!(
+            why.contains("follows") && !why.contains("on its own"),
+            "{why}"
+        );
+        // Half resynced: refused as a primary unless forced, marked with a
+        // magic older binaries refuse, compared by any primary.
+        let half = Generation {
+            flags: FLAG_INCONSISTENT,
+            ..other
+        };
+        assert!(half.refuse_inconsistent_promotion(false).is_err());
+        assert!(half.refuse_inconsistent_promotion(true).is_ok());
+        assert!(follower.refuse_inconsistent_promotion(false).is_ok());
+        assert_eq!(judge(&p, &half, 2), Verdict::ResyncCompare);
+        let half10 = Generation {
+            flags: FLAG_INCONSISTENT,
+            ..follower
+        };
+        assert_eq!(judge(&p, &half10, 2), Verdict::Resync);
+        let d = std::env::temp_dir().join(format!("nbdm-gen-inc-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        half.store(&d).unwrap();
+        assert_eq!(
+            &std::fs::read(d.join("generation")).unwrap()[..8],
+            MAGIC_INCONSISTENT
+        );
+        assert_eq!(Generation::load(&d).unwrap(), half);
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    fn follower_of(g: &Generation) -> Generation {
+        Generation {
+            current: g.current,
+            previous: g.previous,
+            flags: 0,
+            session: 0,
+        }
     }
 }

@@ -176,6 +176,25 @@ pub enum RepairStart {
     No,
 }
 
+/// A primary pings an idle link at least this often, whatever its own
+/// timeout: the secondary's idle limit comes from *its* timeout, which the
+/// protocol does not exchange, so a primary with a long timeout must not
+/// go quiet for long (a 30 s primary timeout against a 3 s secondary made
+/// the link drop every 6 s).
+const PING_INTERVAL_MAX: Duration = Duration::from_millis(500);
+
+/// How long a primary lets a link idle before it pings.
+fn ping_interval(timeout: Duration) -> Duration {
+    (timeout / 4).min(PING_INTERVAL_MAX)
+}
+
+/// How long a secondary waits for anything from its primary before it
+/// drops the link: twice its own timeout, and never less than four of the
+/// longest ping intervals.
+fn primary_quiet_limit(timeout: Duration) -> Duration {
+    (timeout * 2).max(PING_INTERVAL_MAX * 4)
+}
+
 /// The peer protocol version that has BlockRequest/BlockData.
 const REPAIR_VERSION: u16 = 3;
 /// The peer protocol version whose primary always announces its generation
@@ -266,6 +285,12 @@ struct Peer {
     /// The token of the session just started, recorded in the bitmap once
     /// the peer answers anything (it has stored the token by then).
     pending_session: Option<u64>,
+    /// The last session token sent to the peer in this run, answered or
+    /// not: a peer that reports it took records only from this node (the
+    /// token is a fresh random number), and whatever it missed of them is
+    /// in the bitmap, so a link that failed before the peer's first answer
+    /// does not make the next connect compare every checksum.
+    sent_session: u64,
     resync_started: Instant,
     /// Dirty bytes when the current resync began.
     total: u64,
@@ -608,6 +633,7 @@ impl Mirror {
                 compare: None,
                 compared_diff: 0,
                 pending_session: None,
+                sent_session: 0,
                 version: crate::peer::messages::PROTOCOL_VERSION,
                 resync_started: t0,
                 flush_in_flight: false,
@@ -2017,15 +2043,16 @@ impl Mirror {
                         l.addr
                     );
                     // One primary at a time. A session that is still alive
-                    // (heard from within the peer timeout; a live primary
-                    // pings four times per timeout) keeps the secondary: the
+                    // (heard from within the peer timeout, and at least two
+                    // ping intervals: a live primary pings at least every
+                    // PING_INTERVAL_MAX) keeps the secondary: the
                     // newcomer is refused, and none of its frames is looked
                     // at. A second primary (a copied node directory, a
                     // misconfigured node) must not take over the stream, or
                     // the secondary would hold writes its own primary never
                     // saw while both claim to be in sync.
                     let newcomer = l.addr.clone();
-                    let (t, timeout) = (self.t, self.cfg.timeout);
+                    let (t, timeout) = (self.t, self.cfg.timeout.max(PING_INTERVAL_MAX * 2));
                     let live = self
                         .links
                         .iter()
@@ -2666,7 +2693,9 @@ impl Mirror {
     ) -> Result<(), String> {
         let p = &mut self.peers[i];
         let ours = p.bitmap.session();
-        if theirs != ours && p.bitmap.flags() & FLAG_COMPARE == 0 {
+        if theirs != ours && theirs != 0 && theirs == p.sent_session {
+            p.bitmap.set_session(theirs)?;
+        } else if theirs != ours && p.bitmap.flags() & FLAG_COMPARE == 0 {
             crate::elog!(
                 "nbdmirror: peer {} ({}) last took writes in a session this node did not start \
                  (its session {theirs:016x}, ours {ours:016x}): another primary with this node's \
@@ -2681,7 +2710,11 @@ impl Mirror {
         let n = nonce();
         let token = u64::from_le_bytes(n[..8].try_into().unwrap()) | 1;
         p.pending_session = Some(token);
+        p.sent_session = token;
         self.send_frame(link, FrameKind::Session, &[&token.to_le_bytes()]);
+        // Its Pong records the token here at once, even on an idle link.
+        let stamp = self.next_mrid;
+        self.send_frame(link, FrameKind::Ping, &[&stamp.to_le_bytes()]);
         self.post_send(io, link);
         Ok(())
     }
@@ -2906,7 +2939,7 @@ impl Mirror {
             let limit = if l.peer.is_some() {
                 timeout
             } else {
-                timeout * 2
+                primary_quiet_limit(timeout)
             };
             if silent > limit {
                 self.link_failed(
@@ -2917,7 +2950,7 @@ impl Mirror {
                 );
                 continue;
             }
-            if t.saturating_duration_since(l.last_tx) > timeout / 4 && l.peer.is_some() {
+            if t.saturating_duration_since(l.last_tx) > ping_interval(timeout) && l.peer.is_some() {
                 let stamp = self.next_mrid;
                 self.send_frame(id, FrameKind::Ping, &[&stamp.to_le_bytes()]);
                 self.post_send(io, id);
