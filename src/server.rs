@@ -188,6 +188,9 @@ pub struct Server {
     /// See [`ServeConfig::poll`]; zero on a secondary (no client waits on
     /// it directly, and at queue depth 1 the primary's poll is what counts).
     poll: Duration,
+    /// A read refused on an inconsistent secondary was logged (once per
+    /// stretch of refusals).
+    inconsistent_reads_logged: bool,
     /// When the last completion other than the tick arrived.
     last_active: std::time::Instant,
     store: Store,
@@ -471,6 +474,7 @@ impl Server {
         Ok(Server {
             io,
             poll,
+            inconsistent_reads_logged: false,
             last_active: std::time::Instant::now(),
             store,
             _direct: direct,
@@ -1168,7 +1172,17 @@ impl Server {
             }
         }
         match req.command {
+            Command::Read if self.mirror.as_ref().is_some_and(|m| m.inconsistent()) => {
+                if !std::mem::replace(&mut self.inconsistent_reads_logged, true) {
+                    crate::elog!(
+                        "nbdmirror: refusing reads (EIO): this secondary is partway through a \
+                         resync from its primary, and its blocks are a mix of old and new data"
+                    );
+                }
+                self.store.fail_read(rid, libc::EIO);
+            }
             Command::Read => {
+                self.inconsistent_reads_logged = false;
                 let head = if structured {
                     tx::OFFSET_DATA_HEADER_LEN
                 } else {

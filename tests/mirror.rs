@@ -2804,6 +2804,11 @@ fn half_resynced_secondary_is_not_promoted() {
     w.finish();
     let d1 = cl.nodes[0].dir.display().to_string();
     resync_cmd(&["rate", "1M", "--dir", &d1]);
+    // Restarted with a read-only export, which must not serve the mix.
+    let ro = free_port();
+    cl.node(3)
+        .args
+        .extend(["--listen".to_string(), format!("127.0.0.1:{ro}")]);
     cl.node(3).start();
     let j = cl.wait_status(
         "peer 3 partway through its resync",
@@ -2825,6 +2830,15 @@ fn half_resynced_secondary_is_not_promoted() {
         Some(true),
         "{test}: the syncing secondary's status does not say it is inconsistent: {sj:?}"
     );
+    let mut c = MiniClient::connect(&format!("127.0.0.1:{ro}"), "disk").unwrap();
+    let r = c.read(0, 65536);
+    assert!(
+        r.as_ref()
+            .is_err_and(|e| e.to_string().contains("READ error 5")),
+        "{test}: the half-resynced secondary served a read: {:?}",
+        r.map(|v| v.len())
+    );
+    c.disconnect();
     cl.primary().kill();
     cl.node(3).terminate();
 
@@ -2887,7 +2901,10 @@ fn half_resynced_secondary_is_not_promoted() {
         format!("3=127.0.0.1:{p3}"),
     ];
     n2.start();
-    cl.node(3).start();
+    let n3 = cl.node(3);
+    let at = n3.args.iter().position(|a| a == "--listen").unwrap();
+    n3.args.drain(at..at + 2);
+    n3.start();
     let d2 = cl.node(2).dir.clone();
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {

@@ -580,6 +580,17 @@ impl Mirror {
                 crate::elog!("nbdmirror: {what}");
             }
             generation = g;
+        } else if generation.flags & generation::FLAG_PRIMARY != 0
+            && generation.flags & generation::FLAG_HANDED_OVER == 0
+        {
+            crate::elog!(
+                "nbdmirror: WARNING: this replica was last written as the primary of generation \
+                 {:016x} and did not hand over at its stop (`nbdmirror switchover`); started as a \
+                 secondary, any other primary will refuse it as split brain. If this node is \
+                 still meant to be the primary (a stale config file?), stop it and start it with \
+                 --role primary",
+                generation.current
+            );
         }
         let mut peers = Vec::new();
         for &(id, addr) in &cfg.peers {
@@ -716,6 +727,13 @@ impl Mirror {
 
     pub fn role(&self) -> NodeRole {
         self.cfg.role
+    }
+
+    /// This replica is partway through a resync from its primary
+    /// (`generation::FLAG_INCONSISTENT`): its blocks are a mix of old and
+    /// new, so its read-only export answers reads with EIO.
+    pub fn inconsistent(&self) -> bool {
+        self.generation.flags & generation::FLAG_INCONSISTENT != 0
     }
 
     /// Whether the store request `rid` is one of the mirror's client ops.

@@ -1902,6 +1902,12 @@ impl Store {
         );
     }
 
+    /// Answer read `req` with `errno` without reading (the caller knows the
+    /// data must not be served).
+    pub fn fail_read(&mut self, req: ReqId, errno: i32) {
+        self.events.push(StoreEvent::Read(req, Err(errno)));
+    }
+
     pub fn read(&mut self, io: &mut dyn Io, req: ReqId, offset: u64, len: u64, head: usize) {
         let out = vec![0u8; head + len as usize];
         let r = ReadReq {
