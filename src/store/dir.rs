@@ -253,8 +253,29 @@ fn init_files(
         .write(true)
         .open(&meta_tmp)
         .map_err(|e| format!("cannot create {}: {e}", meta_tmp.display()))?;
-    meta.set_len(CHECKSUM_TABLE_OFFSET + table)
-        .map_err(|e| format!("cannot size the metadata file: {e}"))?;
+    // Reserved like the other two: checksum pages are first written at a
+    // checkpoint, and a sparse `meta` on a full filesystem failed that
+    // checkpoint with ENOSPC and stopped the node's writes (a tester's find).
+    // SAFETY: fallocate on a file we own.
+    let r = unsafe {
+        libc::fallocate(
+            meta.as_raw_fd(),
+            0,
+            0,
+            (CHECKSUM_TABLE_OFFSET + table) as i64,
+        )
+    };
+    if r != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::ENOSPC) {
+            return Err(format!(
+                "not enough space for the checksum table of a {size}-byte disk in {}: {e}",
+                path.display()
+            ));
+        }
+        meta.set_len(CHECKSUM_TABLE_OFFSET + table)
+            .map_err(|e| format!("cannot size the metadata file: {e}"))?;
+    }
     let sb = Superblock {
         version: FORMAT_VERSION,
         block_size: BLOCK_SIZE as u32,
@@ -305,13 +326,37 @@ pub fn open(path: &Path) -> Result<ReplicaDir, String> {
             .open(path.join(name))
             .map_err(|e| format!("cannot open {}/{name}: {e}", path.display()))
     };
+    let meta = open("meta")?;
+    reserve_meta(path, &meta);
     Ok(ReplicaDir {
         path: path.to_path_buf(),
         data: open("data")?,
         journal: open("journal")?,
-        meta: open("meta")?,
+        meta,
         _lock: lock,
     })
+}
+
+/// Allocate whatever of `meta` is still sparse (replicas made before `init`
+/// reserved it), so that checkpoints do not meet ENOSPC. A full filesystem
+/// is only warned about here: the node can still serve reads, and what
+/// fails later fails with a clear error.
+fn reserve_meta(path: &Path, meta: &File) {
+    let Ok(len) = meta.metadata().map(|m| m.len()) else {
+        return;
+    };
+    // SAFETY: fallocate on a descriptor we own; KEEP_SIZE changes no length.
+    let r = unsafe { libc::fallocate(meta.as_raw_fd(), libc::FALLOC_FL_KEEP_SIZE, 0, len as i64) };
+    if r != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::ENOSPC) {
+            crate::elog!(
+                "nbdmirror: WARNING: cannot reserve space for {}/meta ({e}): the filesystem is \
+                 full, and a checkpoint that needs new space there will fail and stop writes",
+                path.display()
+            );
+        }
+    }
 }
 
 /// The replica's `meta` file, read-only and without taking the lock (for

@@ -289,15 +289,23 @@ pub struct Stranded {
 /// its header survived) and any later ones. A crash leaves none (or, with writeback
 /// reordering, a few unflushed ones right behind the tear); damage in the
 /// middle of the journal leaves every record after it.
+///
+/// Also returns the newest epoch above `epoch` that any record with a valid
+/// header in the ring carries: epochs only grow, and a run writes records
+/// only after its superblock is durable, so such a record proves that a
+/// newer superblock than the one recovery started from existed (a damaged
+/// superblock slot), and recovering from the older one would drop the
+/// newer run's flushed writes.
 pub fn stranded(
     io: &mut dyn Io,
     fd: RawFd,
     size: u64,
     stop: &ScanEnd,
     epoch: u32,
-) -> Result<Vec<Stranded>, String> {
+) -> Result<(Vec<Stranded>, Option<u32>), String> {
     const CHUNK: u64 = 1 << 20;
     let mut found = Vec::new();
+    let mut newer: Option<u32> = None;
     let mut done = 0u64;
     let mut pos = stop.pos % size.max(1);
     while done < size {
@@ -308,6 +316,9 @@ pub fn stranded(
         while at + RECORD_HEADER_LEN <= got {
             if &buf[at..at + 4] == RECORD_MAGIC {
                 if let Ok(h) = RecordHeader::decode(&buf[at..at + RECORD_HEADER_LEN]) {
+                    if h.epoch > epoch {
+                        newer = newer.max(Some(h.epoch));
+                    }
                     if h.epoch == epoch && h.seq >= stop.next_seq {
                         // A read error here only means "not intact".
                         let intact = h.kind != RecordKind::Write
@@ -332,7 +343,7 @@ pub fn stranded(
     }
     found.sort_by_key(|r| r.seq);
     found.dedup_by_key(|r| r.seq);
-    Ok(found)
+    Ok((found, newer))
 }
 
 /// Read `len` bytes of the journal at `pos`: the buffer and how many bytes

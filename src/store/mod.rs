@@ -638,6 +638,11 @@ pub struct Store {
     /// A large aligned write went through the journal because journaled
     /// records covered its range: checkpoint early (see `write`).
     inplace_wanted: bool,
+    /// A partial write found its block corrupt and kept it marked: the
+    /// next checkpoint is due at once, so the mark is in `meta` before a
+    /// crash could let recovery rebuild the block's checksum from the
+    /// corrupt bytes (recovery keeps a mark it finds, see `replay`).
+    corrupt_marked: bool,
     /// An O_DIRECT descriptor of the data file: in-place writes go through
     /// it when set (see [`Store::set_direct_fd`]).
     direct_fd: Option<RawFd>,
@@ -697,7 +702,19 @@ impl Store {
         // their blocks' checksums are rebuilt from it rather than left to
         // fail every read. Intact ones after the stop mean the journal is
         // damaged in the middle (a crash tears only its end): reported.
-        let stranded = journal::stranded(io, files.journal, sb.journal_size, &end, sb.epoch)?;
+        let (stranded, newer) =
+            journal::stranded(io, files.journal, sb.journal_size, &end, sb.epoch)?;
+        if let Some(e) = newer {
+            return Err(format!(
+                "the journal holds records of run (epoch) {e}, newer than the superblock recovery \
+                 would start from (epoch {}): the newest superblock slot in `meta` is damaged or \
+                 was lost, and recovering from the older one would drop every write of the newer \
+                 run since its last checkpoint. Nothing was written. Restore `meta` from a backup \
+                 or check the disk; a mirrored node can instead be re-initialised and resynced \
+                 from its peers",
+                sb.epoch
+            ));
+        }
         let extra: Vec<(u64, u64)> = stranded
             .iter()
             .filter(|r| r.kind != RecordKind::Wrap && r.kind != RecordKind::Void)
@@ -792,6 +809,7 @@ impl Store {
             stats: StoreStats::default(),
             extra_sync_fds: Vec::new(),
             inplace_wanted: false,
+            corrupt_marked: false,
             direct_fd: None,
             worker_data_fd: None,
             bounce: Vec::new(),
@@ -2669,6 +2687,7 @@ impl Store {
         let was_corrupt = !self.sums.verify(block, &buf);
         if was_corrupt {
             self.stats.checksum_failures += 1;
+            self.corrupt_marked = true;
             crate::elog!(
                 "nbdmirror: ERROR: block {block} (offset {}) failed checksum verification before a partial \
                  write; it stays marked corrupt (reads return EIO) until the whole block is rewritten",
@@ -2786,7 +2805,8 @@ impl Store {
             || self.last_checkpoint.elapsed() >= self.tuning.checkpoint_interval
             || (self.inplace_wanted && self.last_checkpoint.elapsed() >= INPLACE_CHECKPOINT_GAP)
             // Held writes wait for exactly this (each is held only once).
-            || !self.deferred.is_empty();
+            || !self.deferred.is_empty()
+            || self.corrupt_marked;
         if !due {
             return;
         }
@@ -2808,6 +2828,7 @@ impl Store {
         // writes into those regions start a new intent.
         self.intents.retain(|_, seq| *seq > upto);
         let tail = self.ring.tail_after(upto);
+        self.corrupt_marked = false;
         let pages = self.sums.take_dirty_pages();
         self.checkpoint = Some(Checkpoint {
             upto,
@@ -3033,6 +3054,27 @@ fn replay(
     if h.length == 0 {
         return Ok(());
     }
+    // Blocks the record covers only partly whose bytes, before it is
+    // applied, carry the corrupt mark (`checksum::CORRUPT_MARK`: a partial
+    // write found them corrupt, and a checkpoint made the mark durable):
+    // they stay marked. Without this, rebuilding their checksums from the
+    // data file would turn bytes known to be corrupt into good data.
+    let first = h.offset / BLOCK_SIZE;
+    let last = end.div_ceil(BLOCK_SIZE);
+    let mut marked = Vec::new();
+    if h.kind == RecordKind::Write || h.kind == RecordKind::Zero {
+        for b in [first, last - 1] {
+            let covered = b * BLOCK_SIZE >= h.offset && (b + 1) * BLOCK_SIZE <= end;
+            if covered || marked.contains(&b) {
+                continue;
+            }
+            let buf = read_blocking(io, data, b * BLOCK_SIZE, BLOCK_SIZE as usize)
+                .map_err(|e| format!("reading block {b} during recovery: {e}"))?;
+            if sums.get(b) == block_checksum(b, &buf) ^ checksum::CORRUPT_MARK {
+                marked.push(b);
+            }
+        }
+    }
     match h.kind {
         RecordKind::Write => write_blocking(io, data, h.offset, rec.data.clone())?,
         RecordKind::Zero => {
@@ -3055,8 +3097,6 @@ fn replay(
         }
         _ => return Ok(()),
     }
-    let first = h.offset / BLOCK_SIZE;
-    let last = end.div_ceil(BLOCK_SIZE);
     for b in first..last {
         let covered = b * BLOCK_SIZE >= h.offset && (b + 1) * BLOCK_SIZE <= end;
         if covered && h.kind == RecordKind::Zero {
@@ -3070,7 +3110,15 @@ fn replay(
         }
         let buf = read_blocking(io, data, b * BLOCK_SIZE, BLOCK_SIZE as usize)
             .map_err(|e| format!("reading block {b} during recovery: {e}"))?;
-        sums.set(b, block_checksum(b, &buf));
+        let sum = block_checksum(b, &buf);
+        sums.set(
+            b,
+            if marked.contains(&b) {
+                sum ^ checksum::CORRUPT_MARK
+            } else {
+                sum
+            },
+        );
     }
     Ok(())
 }
@@ -3184,6 +3232,14 @@ pub fn load_superblock(io: &mut dyn Io, meta: RawFd) -> Result<Superblock, Strin
             Err(e @ format::SuperblockError::NewerVersion(_)) => return Err(e.to_string()),
             Err(e) => errors.push(format!("slot {slot}: {e}")),
         }
+    }
+    if best.is_some() && !errors.is_empty() {
+        crate::elog!(
+            "nbdmirror: note: superblock {} does not verify; using the other slot (a crash while \
+             a checkpoint wrote it leaves this; the journal is checked for records newer than \
+             the slot used)",
+            errors.join("; ")
+        );
     }
     best.ok_or_else(|| format!("no valid superblock ({})", errors.join("; ")))
 }
