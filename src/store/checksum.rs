@@ -48,17 +48,26 @@ pub struct ChecksumTable {
 
 impl ChecksumTable {
     pub fn from_bytes(bytes: &[u8], blocks: u64) -> ChecksumTable {
-        let mut sums = vec![0u64; blocks as usize];
-        for (i, s) in sums.iter_mut().enumerate() {
-            let at = i * 8;
-            if at + 8 <= bytes.len() {
-                *s = u64::from_le_bytes(bytes[at..at + 8].try_into().unwrap());
-            }
-        }
+        let mut t = ChecksumTable::zeroed(blocks);
+        t.load(0, bytes);
+        t
+    }
+
+    /// A table of `blocks` entries, all 0, none dirty.
+    pub fn zeroed(blocks: u64) -> ChecksumTable {
         let pages = (blocks * 8).div_ceil(TABLE_PAGE as u64) as usize;
         ChecksumTable {
-            sums,
+            sums: vec![0u64; blocks as usize],
             dirty: vec![false; pages],
+        }
+    }
+
+    /// Fill entries from `first` on with the table bytes `bytes` (as read
+    /// from `meta`, a piece at a time); entries past the end are ignored.
+    pub fn load(&mut self, first: u64, bytes: &[u8]) {
+        let from = (first as usize).min(self.sums.len());
+        for (s, b) in self.sums[from..].iter_mut().zip(bytes.chunks_exact(8)) {
+            *s = u64::from_le_bytes(b.try_into().unwrap());
         }
     }
 

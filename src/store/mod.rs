@@ -678,10 +678,19 @@ impl Store {
         tuning: Tuning,
     ) -> Result<Store, String> {
         let blocks = sb.size / BLOCK_SIZE;
-        let table_len = (blocks * 8) as usize;
-        let buf = read_blocking(io, files.meta, CHECKSUM_TABLE_OFFSET, table_len)
-            .map_err(|e| format!("reading the checksum table: {e}"))?;
-        let mut sums = ChecksumTable::from_bytes(&buf, blocks);
+        let table_len = blocks * 8;
+        check_table_memory(sb.size)?;
+        // A piece at a time: the table is 1/512 of the disk, and reading it
+        // whole first would need twice that in memory.
+        let mut sums = ChecksumTable::zeroed(blocks);
+        let mut at = 0u64;
+        while at < table_len {
+            let n = (table_len - at).min(TABLE_READ_PIECE);
+            let buf = read_blocking(io, files.meta, CHECKSUM_TABLE_OFFSET + at, n as usize)
+                .map_err(|e| format!("reading the checksum table: {e}"))?;
+            sums.load(at / 8, &buf);
+            at += n;
+        }
         let mut records = Vec::new();
         let end = journal::scan(
             io,
@@ -3121,6 +3130,31 @@ fn replay(
         );
     }
     Ok(())
+}
+
+/// The checksum table is read in pieces of this many bytes.
+const TABLE_READ_PIECE: u64 = 64 << 20;
+
+/// The checksum table (8 bytes per 4 KiB block, 1/512 of the disk) is
+/// held in memory: refuse a disk whose table needs more than this
+/// machine's memory, with a message, instead of dying in the allocator.
+pub fn check_table_memory(size: u64) -> Result<(), String> {
+    let need = size / BLOCK_SIZE * 8;
+    let total = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
+        m.lines()
+            .find(|l| l.starts_with("MemTotal:"))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            .map(|kib| kib * 1024)
+    });
+    match total {
+        Some(t) if need > t / 2 => Err(format!(
+            "a {size}-byte disk needs a {need}-byte checksum table in memory (8 bytes per 4 KiB \
+             block), more than half of this machine's {t} bytes of memory; use a smaller disk \
+             (at most {} bytes here)",
+            t / 2 / 8 * BLOCK_SIZE
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// Read `len` bytes at `offset` (start-up and recovery only); bytes past the
