@@ -991,10 +991,17 @@ fn run(cli: Cli) -> Result<(), String> {
                 );
             }
             let mut ids = std::collections::HashSet::new();
+            let mut addrs = std::collections::HashMap::new();
             for (id, addr) in &peer {
                 if !ids.insert(*id) {
                     return Err(format!(
                         "--peer {id}={addr}: node {id} is given more than once; one --peer per node"
+                    ));
+                }
+                if let Some(other) = addrs.insert(*addr, *id) {
+                    return Err(format!(
+                        "--peer {id}={addr}: node {other} has the same address; each node \
+                         listens on its own"
                     ));
                 }
             }

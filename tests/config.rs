@@ -429,3 +429,36 @@ fn bad_configs_are_refused_with_a_reason_and_change_nothing() {
         v.tmp.path().display()
     );
 }
+
+/// The command line is checked like a config file: one --peer per node and
+/// per address, a peer timeout of at least 100 ms. Refused before anything
+/// is opened.
+#[test]
+fn bad_peer_lists_on_the_command_line_are_refused() {
+    let tmp = TempDir::new("cli-peers");
+    let dir = tmp.join("r");
+    let secret = tmp.join("secret");
+    fs::write(&secret, "0123456789abcdef0123456789abcdef").unwrap();
+    let d = dir.to_str().unwrap();
+    let s = secret.to_str().unwrap();
+    for (args, want) in [
+        (
+            vec!["--peer", "2=127.0.0.1:5000", "--peer", "2=127.0.0.1:5001"],
+            "more than once",
+        ),
+        (
+            vec!["--peer", "2=127.0.0.1:5000", "--peer", "3=127.0.0.1:5000"],
+            "same address",
+        ),
+        (
+            vec!["--peer", "2=127.0.0.1:5000", "--peer-timeout-ms", "10"],
+            "at least 100 ms",
+        ),
+    ] {
+        let mut a = vec!["serve", "--dir", d, "--size", "16M", "--secret-file", s];
+        a.extend(args.iter().copied());
+        let (ok, _, err) = nbdmirror(&a);
+        assert!(!ok && err.contains(want), "{a:?}: {err}");
+        assert!(!dir.join("meta").exists(), "{a:?} created a replica");
+    }
+}

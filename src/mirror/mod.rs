@@ -471,7 +471,23 @@ fn errno_str(e: i32) -> String {
 /// matters more than the control socket.
 pub fn bind_admin_socket(p: Option<&std::path::Path>) -> Option<UnixListener> {
     let p = p?;
-    let _ = std::fs::remove_file(p);
+    // Only a stale socket is replaced: anything else at the path (a file
+    // someone put there, a typo in --admin-socket) is left alone.
+    use std::os::unix::fs::FileTypeExt;
+    match std::fs::symlink_metadata(p) {
+        Ok(m) if m.file_type().is_socket() => {
+            let _ = std::fs::remove_file(p);
+        }
+        Ok(_) => {
+            crate::elog!(
+                "nbdmirror: WARNING: {} exists and is not a socket; not replacing it, so \
+                 `nbdmirror resync` will not reach this node (remove it, or use --admin-socket)",
+                p.display()
+            );
+            return None;
+        }
+        Err(_) => {}
+    }
     match on_unix_path(p, |q| UnixListener::bind(q)) {
         Ok(l) => Some(l),
         Err(e) => {
