@@ -2510,27 +2510,3 @@ fn init_reserves_the_checksum_table() {
         m.blocks() * 512
     );
 }
-
-/// The checksum table lives in memory (1/512 of the disk): a disk whose
-/// table cannot fit is refused by `init` with a reason, and nothing is
-/// made (`serve` used to die in the allocator on such a replica).
-#[test]
-fn init_refuses_a_disk_whose_checksum_table_cannot_fit_in_memory() {
-    let test = "init_refuses_a_disk_whose_checksum_table_cannot_fit_in_memory";
-    let tmp = TempDir::new(test);
-    let dir = tmp.join("r");
-    let out = run_timeout(
-        &mut init_cmd(&dir, &["--size", "1024T"]),
-        Duration::from_secs(60),
-    );
-    let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(
-        !out.status.success() && err.contains("checksum table"),
-        "{test}: {}\n{err}",
-        out.status
-    );
-    assert!(
-        !dir.join("meta").exists(),
-        "{test}: init left a replica behind"
-    );
-}

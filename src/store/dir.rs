@@ -126,8 +126,6 @@ pub fn init(
             "journal size {journal_size} must be at least {MIN_JOURNAL} bytes and a multiple of {RECORD_ALIGN}"
         ));
     }
-    // `serve` would refuse it: do not make a replica that cannot be opened.
-    super::check_table_memory(size)?;
     let existed = path.exists();
     std::fs::create_dir_all(path).map_err(|e| format!("cannot create {}: {e}", path.display()))?;
     if path.join("meta").exists() {
@@ -210,6 +208,8 @@ fn init_files(
             ));
         }
     }
+    // `serve` would refuse it: do not make a replica that cannot be opened.
+    super::check_table_memory(size)?;
     let create = |name: &str| {
         OpenOptions::new()
             .create_new(true)

@@ -3288,6 +3288,13 @@ mod tests {
     use super::{page_cache_pieces, PAGE_CACHE_PIECE as P};
 
     #[test]
+    fn a_checksum_table_larger_than_memory_is_refused() {
+        let err = super::check_table_memory(1 << 60).unwrap_err();
+        assert!(err.contains("checksum table"), "{err}");
+        super::check_table_memory(1 << 30).unwrap();
+    }
+
+    #[test]
     fn page_cache_pieces_cut_at_piece_multiples() {
         let cut = |o, l| page_cache_pieces(o, l).collect::<Vec<_>>();
         assert_eq!(cut(0, 4096), vec![(0, 4096)]);
