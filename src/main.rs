@@ -131,6 +131,12 @@ enum Cmd {
         /// it is the last copy left (`nbdmirror info` shows the state).
         #[arg(long)]
         force_inconsistent: bool,
+        /// Recover from the older superblock slot even though the journal
+        /// holds records of a newer run (its newest slot was damaged or
+        /// lost): that run's writes since its last checkpoint are dropped.
+        /// Refused without this flag.
+        #[arg(long)]
+        force_older_superblock: bool,
     },
     /// Watch and steer resynchronisation on a running node.
     Resync {
@@ -568,11 +574,11 @@ fn human(n: f64) -> String {
     }
 }
 
-/// One line per peer: state, a bar, percent, rate and ETA.
 /// Shorter peer timeouts are refused: the primary pings a quarter of it
 /// apart, and scheduling hiccups alone would then disconnect peers.
 const MIN_PEER_TIMEOUT_MS: u64 = 100;
 
+/// One line per peer: state, a bar, percent, rate and ETA.
 /// Columns of the terminal on stdout, if it is one.
 fn term_cols() -> Option<usize> {
     use std::io::IsTerminal;
@@ -872,6 +878,7 @@ fn run(cli: Cli) -> Result<(), String> {
             cpu,
             poll_us,
             force_inconsistent,
+            force_older_superblock,
         } => {
             let cfg = config.load()?;
             let (path, role, peer, peer_listen, secret_file, peer_timeout_ms, resync_rate) =
@@ -1038,6 +1045,15 @@ fn run(cli: Cli) -> Result<(), String> {
                         ))
                     }
                 }
+            } else if let (Some(want), Ok(m)) = (size, std::fs::metadata(path.join("data"))) {
+                if m.len() != want {
+                    nbdmirror::elog!(
+                        "nbdmirror: note: {} already holds a {}-byte replica; --size {want} is \
+                         only used to create one, and is ignored",
+                        path.display(),
+                        m.len()
+                    );
+                }
             }
             let mut l: Vec<Listen> = listen.into_iter().map(Listen::Tcp).collect();
             if let Some(u) = unix {
@@ -1053,6 +1069,7 @@ fn run(cli: Cli) -> Result<(), String> {
                 verify_reads: !no_verify_reads,
                 checkpoint_interval: std::time::Duration::from_millis(checkpoint_interval_ms),
                 sync_interval: std::time::Duration::from_millis(sync_interval_ms),
+                force_older_superblock,
                 ..Tuning::default()
             };
             server::serve(ServeConfig {

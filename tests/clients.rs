@@ -2404,7 +2404,9 @@ fn damaged_newest_superblock_slot_is_refused_not_rolled_back() {
     );
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(
-        !out.status.success() && err.contains("newer than the superblock"),
+        !out.status.success()
+            && err.contains("newer than the superblock")
+            && err.contains("--force-older-superblock"),
         "{test}: serving with the newest slot damaged: {}\n{err}",
         out.status
     );

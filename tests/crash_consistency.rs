@@ -876,6 +876,7 @@ fn random_tuning(rng: &mut Rng) -> Tuning {
         verify_reads: rng.below(4) != 0,
         // Half the seeds let big aligned writes go straight to the data file.
         inplace_min: [0, 0, 4096, 16 * KIB, 64 * KIB, 256 * KIB][rng.below(6) as usize],
+        force_older_superblock: false,
     }
 }
 
@@ -1034,6 +1035,7 @@ fn fua_write_superseded_by_an_unsynced_write_survives_checkpoint_and_crash() {
         checkpoint_interval: Duration::ZERO,
         verify_reads: true,
         inplace_min: 0,
+        force_older_superblock: false,
     };
     let mut sim = SimIo::new(1);
     sim.reorder = false;
@@ -1129,6 +1131,7 @@ fn holding_tuning() -> Tuning {
         checkpoint_interval: HOUR,
         verify_reads: true,
         inplace_min: 64 * KIB,
+        force_older_superblock: false,
     }
 }
 

@@ -2992,6 +2992,50 @@ fn different_peer_timeouts_keep_an_idle_link_up() {
     cl.assert_replicas_identical();
 }
 
+/// `resync start --full` on an in-sync link resends every block in disk
+/// order: meanwhile the secondary is inconsistent too (a reviewer's find:
+/// it was marked only for records before the primary's announce).
+#[test]
+fn a_full_resync_on_a_live_link_marks_the_secondary_inconsistent() {
+    let test = "a_full_resync_on_a_live_link_marks_the_secondary_inconsistent";
+    let _wd = Watchdog::new(test, Duration::from_secs(120));
+    let seed = test_seed(test);
+    let mut cl = Cluster::new(test, seed, Opts::new(64 * MIB, 2));
+    cl.start_all();
+    cl.wait_in_sync(Duration::from_secs(30));
+    let d1 = cl.nodes[0].dir.display().to_string();
+    let d2 = cl.node(2).dir.display().to_string();
+    let inconsistent = |d: &str| {
+        status_json(&["--dir", d])
+            .unwrap()
+            .get("inconsistent")
+            .and_then(|v| v.as_bool())
+    };
+    assert_eq!(inconsistent(&d2), Some(false), "{test}: in sync");
+    resync_cmd(&["rate", "1M", "--dir", &d1]);
+    resync_cmd(&["start", "--full", "--dir", &d1]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while inconsistent(&d2) != Some(true) {
+        assert!(
+            Instant::now() < deadline,
+            "{test}: the full resync never marked node 2"
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    resync_cmd(&["rate", "0", "--dir", &d1]);
+    cl.wait_in_sync(Duration::from_secs(60));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while inconsistent(&d2) != Some(false) {
+        assert!(
+            Instant::now() < deadline,
+            "{test}: node 2 stayed marked after the resync"
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    cl.stop_all();
+    cl.assert_replicas_identical();
+}
+
 /// Send `bytes` to the peer port; the secondary must close the connection
 /// within 10 s.
 fn expect_dropped(addr: &str, what: &str, bytes: &[u8]) {

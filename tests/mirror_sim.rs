@@ -42,6 +42,7 @@ fn tuning() -> Tuning {
         checkpoint_interval: Duration::from_secs(3600),
         verify_reads: true,
         inplace_min: 64 << 10,
+        ..Tuning::default()
     }
 }
 

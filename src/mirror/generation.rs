@@ -61,8 +61,10 @@ pub const FLAG_PRIMARY: u32 = 1;
 /// planned switchover). Cleared, durably, before it serves as a primary
 /// again.
 pub const FLAG_HANDED_OVER: u32 = 2;
-/// A secondary took resync data from its primary (bitmap, checksum or full
-/// resync, or journal catch-up) and has not been told it is in sync since:
+/// A secondary took records from its primary before the primary reported
+/// it in sync (resync data, or live writes over a disk that misses older
+/// ones), or resync records on an in-sync link (`resync start --full`), and
+/// has not been told it is in sync since:
 /// its blocks are a mix of old and new that matches no moment of any
 /// history (DRBD's Inconsistent). Set durably before the first such record
 /// is applied, cleared when the primary announces its generation. Such a

@@ -2409,8 +2409,13 @@ impl Mirror {
             FrameKind::Record => {
                 let h = RecordHeader::decode(payload, self.size)?;
                 let l = &self.links[&link];
+                // Before the announce this session is a resync (resync data,
+                // or live writes over a disk that misses older ones); after
+                // it, a resync record means one was started on a live link
+                // (`resync start --full`).
+                let resync = !l.announced || h.flags & wire::FLAG_RESYNC != 0;
                 if l.version >= ANNOUNCE_VERSION
-                    && !l.announced
+                    && resync
                     && self.generation.flags & generation::FLAG_INCONSISTENT == 0
                 {
                     // Resync data: durable before it is applied, so a
@@ -3113,8 +3118,9 @@ impl Mirror {
                         "address": l.addr,
                         "state": "connected",
                         // The primary reported this replica in sync in
-                        // this session (protocol version 4 on).
-                        "in_sync": l.announced,
+                        // this session (only known from protocol version 4
+                        // on: null before).
+                        "in_sync": (l.version >= ANNOUNCE_VERSION).then_some(l.announced),
                     }));
                 }
             }

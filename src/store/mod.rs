@@ -225,6 +225,10 @@ pub struct Tuning {
     /// Block-aligned writes at least this long go straight to the data file
     /// with only a small record in the journal (0 disables this).
     pub inplace_min: u64,
+    /// Recover from the superblock found even when the journal holds
+    /// records of the next run (`serve --force-older-superblock`; see
+    /// `Store::open`).
+    pub force_older_superblock: bool,
 }
 
 impl Default for Tuning {
@@ -236,6 +240,7 @@ impl Default for Tuning {
             checkpoint_interval: Duration::from_secs(5),
             verify_reads: true,
             inplace_min: 256 * 1024,
+            force_older_superblock: false,
         }
     }
 }
@@ -713,16 +718,27 @@ impl Store {
         // damaged in the middle (a crash tears only its end): reported.
         let (stranded, newer) =
             journal::stranded(io, files.journal, sb.journal_size, &end, sb.epoch)?;
-        if let Some(e) = newer {
-            return Err(format!(
-                "the journal holds records of run (epoch) {e}, newer than the superblock recovery \
-                 would start from (epoch {}): the newest superblock slot in `meta` is damaged or \
-                 was lost, and recovering from the older one would drop every write of the newer \
-                 run since its last checkpoint. Nothing was written. Restore `meta` from a backup \
-                 or check the disk; a mirrored node can instead be re-initialised and resynced \
-                 from its peers",
+        // Only the run right after the superblock's can be lost this way:
+        // any later run would have written a superblock over the older slot.
+        if let Some(e) = newer.filter(|&e| e == sb.epoch.wrapping_add(1)) {
+            if !tuning.force_older_superblock {
+                return Err(format!(
+                    "the journal holds records of run (epoch) {e}, newer than the superblock \
+                     recovery would start from (epoch {}): the newest superblock slot in `meta` \
+                     is damaged or was lost, and recovering from the older one would drop every \
+                     write that run made since its last checkpoint. Nothing was written. Check \
+                     the disk. A mirrored node can be re-initialised and resynced from its peers; \
+                     to recover from the older superblock anyway, dropping those writes, serve \
+                     with --force-older-superblock",
+                    sb.epoch
+                ));
+            }
+            crate::elog!(
+                "nbdmirror: WARNING: the journal holds records of run {e}, newer than the \
+                 superblock (epoch {}); recovering from it anyway (--force-older-superblock): \
+                 that run's writes since its last checkpoint are dropped",
                 sb.epoch
-            ));
+            );
         }
         let extra: Vec<(u64, u64)> = stranded
             .iter()
@@ -3030,9 +3046,10 @@ fn replay_all(
     }
     if changed > 0 {
         crate::elog!(
-            "nbdmirror: recovery re-checksummed {changed} blocks in {} in-place write regions whose \
-             contents changed after their last checksum (unflushed writes cut short by the crash; \
-             corruption in those regions at crash time cannot be told apart)",
+            "nbdmirror: recovery re-checksummed {changed} blocks in {} regions whose contents \
+             differ from the checksums last written (in-place writes since the last \
+             checkpoint, flushed or cut short by the crash, or records that could not be \
+             replayed; corruption in those regions at crash time cannot be told apart)",
             inplace.len()
         );
     }
@@ -3233,6 +3250,9 @@ pub fn write_superblock_blocking(
 pub fn load_superblock(io: &mut dyn Io, meta: RawFd) -> Result<Superblock, String> {
     let mut best: Option<Superblock> = None;
     let mut errors = Vec::new();
+    // Slots that hold something that does not verify (`init` writes only
+    // slot 0, so an all-zero slot 1 is normal).
+    let mut damaged: Vec<u64> = Vec::new();
     for slot in 0..2u64 {
         let c = io.run(Op::Read {
             fd: meta,
@@ -3254,6 +3274,7 @@ pub fn load_superblock(io: &mut dyn Io, meta: RawFd) -> Result<Superblock, Strin
         let Op::Read { buf, .. } = c.op else {
             unreachable!()
         };
+        let never_written = is_zero(&buf[..c.result as usize]);
         match Superblock::decode(&buf[..c.result as usize]) {
             Ok(sb) => {
                 if best
@@ -3264,10 +3285,15 @@ pub fn load_superblock(io: &mut dyn Io, meta: RawFd) -> Result<Superblock, Strin
                 }
             }
             Err(e @ format::SuperblockError::NewerVersion(_)) => return Err(e.to_string()),
-            Err(e) => errors.push(format!("slot {slot}: {e}")),
+            Err(e) => {
+                if !never_written {
+                    damaged.push(slot);
+                }
+                errors.push(format!("slot {slot}: {e}"));
+            }
         }
     }
-    if best.is_some() && !errors.is_empty() {
+    if best.is_some() && !damaged.is_empty() {
         crate::elog!(
             "nbdmirror: note: superblock {} does not verify; using the other slot (a crash while \
              a checkpoint wrote it leaves this; the journal is checked for records newer than \

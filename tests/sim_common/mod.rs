@@ -24,6 +24,7 @@ pub fn lazy_tuning() -> Tuning {
         checkpoint_interval: HOUR,
         verify_reads: true,
         inplace_min: 0,
+        force_older_superblock: false,
     }
 }
 
@@ -36,6 +37,7 @@ pub fn eager_tuning() -> Tuning {
         checkpoint_interval: Duration::ZERO,
         verify_reads: true,
         inplace_min: 0,
+        force_older_superblock: false,
     }
 }
 
