@@ -152,6 +152,15 @@ enum Cmd {
         #[command(flatten)]
         admin: AdminArgs,
     },
+    /// Read every block of a stopped replica and compare it with its
+    /// checksum: finds silent corruption before a client reads it. Exits 1
+    /// if any block fails.
+    Check {
+        #[arg(long, required_unless_present = "config")]
+        dir: Option<PathBuf>,
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
     /// Print a replica directory's superblock.
     Info {
         #[arg(long, required_unless_present = "config")]
@@ -1095,6 +1104,13 @@ fn run(cli: Cli) -> Result<(), String> {
         }
         Cmd::Resync { action } => resync(action),
         Cmd::Switchover { admin } => switchover(&admin),
+        Cmd::Check { dir: path, config } => {
+            let path = match config.load()? {
+                Some((_, n)) => n.dir,
+                None => path.expect("clap requires --dir"),
+            };
+            check_replica(&path)
+        }
         Cmd::Info { dir: path, config } => {
             let path = match config.load()? {
                 Some((_, n)) => n.dir,
@@ -1150,6 +1166,85 @@ fn run(cli: Cli) -> Result<(), String> {
             Ok(())
         }
     }
+}
+
+/// `nbdmirror check`: verify every block of a stopped replica, with
+/// progress on a terminal.
+fn check_replica(path: &std::path::Path) -> Result<(), String> {
+    use std::io::IsTerminal;
+    use std::os::fd::AsRawFd;
+    let (meta, running) = dir::open_meta_read_only(path)?;
+    if running {
+        return Err(format!(
+            "a running nbdmirror serves {}: stop it first (a running node verifies every block \
+             it reads, and a mirrored primary repairs what fails from its peers)",
+            path.display()
+        ));
+    }
+    let open = |name: &str| {
+        std::fs::File::open(path.join(name))
+            .map_err(|e| format!("cannot open {}/{name}: {e}", path.display()))
+    };
+    let (data, journal) = (open("data")?, open("journal")?);
+    let mut io = nbdmirror::io::UringIo::new(8).map_err(|e| format!("io_uring: {e}"))?;
+    let files = nbdmirror::store::Files {
+        data: data.as_raw_fd(),
+        journal: journal.as_raw_fd(),
+        meta: meta.as_raw_fd(),
+    };
+    let tty = std::io::stderr().is_terminal();
+    let t0 = std::time::Instant::now();
+    let mut last = t0;
+    let mut progress = |done: u64, total: u64| {
+        let now = std::time::Instant::now();
+        if tty && (now - last >= std::time::Duration::from_millis(500) || done == total) {
+            last = now;
+            let rate = done as f64 / (now - t0).as_secs_f64().max(1e-3);
+            eprint!(
+                "\rchecking {:5.1}%  {} of {}  {}/s   ",
+                done as f64 * 100.0 / total.max(1) as f64,
+                human(done as f64),
+                human(total as f64),
+                human(rate)
+            );
+        }
+    };
+    let r = nbdmirror::store::check::check(&mut io, files, &mut progress)?;
+    if tty {
+        eprintln!();
+    }
+    let size = r.blocks * 4096;
+    if r.bad == 0 {
+        out!(
+            "{}: all {} blocks ({}) match their checksums ({:.1} s)",
+            path.display(),
+            r.blocks,
+            human(size as f64),
+            t0.elapsed().as_secs_f64()
+        );
+        return Ok(());
+    }
+    for &(b, known) in &r.listed {
+        out!(
+            "block {b} (offset {}): {}",
+            b * 4096,
+            if known {
+                "marked corrupt earlier (reads of it fail)"
+            } else {
+                "does not match its checksum"
+            }
+        );
+    }
+    if r.bad > r.listed.len() as u64 {
+        out!("... and {} more", r.bad - r.listed.len() as u64);
+    }
+    Err(format!(
+        "{} of {} blocks fail their checksum ({} of them marked corrupt earlier). Reads of them \
+         fail with EIO. On a mirrored volume, a primary repairs such blocks from an in-sync peer \
+         when they are read; a secondary's are rewritten by `nbdmirror resync start --full` on \
+         its primary. A single node's can only be rewritten by the client",
+        r.bad, r.blocks, r.known
+    ))
 }
 
 fn main() -> ExitCode {

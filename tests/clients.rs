@@ -2512,3 +2512,81 @@ fn init_reserves_the_checksum_table() {
         m.blocks() * 512
     );
 }
+
+/// `nbdmirror check` reads every block of a stopped replica against its
+/// checksum: clean after a clean stop, the corrupt block named (exit 1)
+/// after a byte of `data` is flipped, and refused while the node runs or
+/// while its journal holds records a crash left unapplied.
+#[test]
+fn check_finds_silent_corruption_in_a_stopped_replica() {
+    let test = "check_finds_silent_corruption_in_a_stopped_replica";
+    let Some((_tmp, export, mut server)) = setup(test, 16 * MIB, &[]) else {
+        return;
+    };
+    if export.kind != ServerKind::Nbdmirror {
+        return;
+    }
+    let check = || {
+        run_timeout(
+            Command::new(NBDMIRROR_BIN)
+                .args(["check", "--dir"])
+                .arg(&export.path),
+            Duration::from_secs(60),
+        )
+    };
+    let text = |o: &std::process::Output| {
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        )
+    };
+    let mut c = MiniClient::connect(&server.addr(), "disk").unwrap();
+    for i in 0..64u64 {
+        assert_eq!(c.write(i * 65536, &vec![i as u8 | 1; 65536], 0).unwrap(), 0);
+    }
+    assert_eq!(c.flush().unwrap(), 0);
+    c.disconnect();
+    let o = check();
+    assert!(
+        !o.status.success() && text(&o).contains("stop it first"),
+        "{test}: {}",
+        text(&o)
+    );
+    server.terminate_timeout(Duration::from_secs(30));
+    let o = check();
+    assert!(
+        o.status.success() && text(&o).contains("match their checksums"),
+        "{test}: {}",
+        text(&o)
+    );
+
+    let data = export.path.join("data");
+    let mut d = fs::read(&data).unwrap();
+    d[7 * 4096 + 99] ^= 0x40;
+    fs::write(&data, &d).unwrap();
+    let o = check();
+    assert!(
+        !o.status.success()
+            && text(&o).contains("block 7 (offset 28672)")
+            && text(&o).contains("1 of 4096 blocks"),
+        "{test}: {}",
+        text(&o)
+    );
+    d[7 * 4096 + 99] ^= 0x40;
+    fs::write(&data, &d).unwrap();
+
+    // A crash leaves the last writes in the journal only.
+    let mut server = export.serve();
+    let mut c = MiniClient::connect(&server.addr(), "disk").unwrap();
+    assert_eq!(c.write(0, &[0x5a; 4096], 0).unwrap(), 0);
+    assert_eq!(c.flush().unwrap(), 0);
+    c.disconnect();
+    server.kill();
+    let o = check();
+    assert!(
+        !o.status.success() && text(&o).contains("did not stop cleanly"),
+        "{test}: {}",
+        text(&o)
+    );
+}

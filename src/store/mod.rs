@@ -20,6 +20,7 @@
 //! 5. A checkpoint syncs the data file and the checksum table, then moves the
 //!    superblock's journal tail forward, freeing ring space.
 
+pub mod check;
 pub mod checksum;
 pub mod dir;
 pub mod format;
