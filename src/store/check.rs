@@ -5,10 +5,10 @@
 //! superblock's tail (the node did not stop cleanly) is refused: its `data`
 //! and checksums match only once recovery has applied them.
 
-use super::checksum::{block_checksum, ChecksumTable, CORRUPT_MARK};
-use super::format::{BLOCK_SIZE, CHECKSUM_TABLE_OFFSET};
+use super::checksum::{block_checksum, CORRUPT_MARK};
+use super::format::BLOCK_SIZE;
 use super::journal;
-use super::{check_table_memory, load_superblock, read_blocking, Files};
+use super::{check_table_memory, load_superblock, read_blocking, read_checksum_table, Files};
 use crate::io::Io;
 
 /// Blocks read per request.
@@ -37,6 +37,7 @@ pub fn check(
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<Report, String> {
     let sb = load_superblock(io, files.meta)?;
+    // Before the journal scan: a disk too large is refused at once.
     check_table_memory(sb.size)?;
     let mut pending = 0u64;
     journal::scan(
@@ -59,16 +60,7 @@ pub fn check(
         ));
     }
     let blocks = sb.size / BLOCK_SIZE;
-    let mut sums = ChecksumTable::zeroed(blocks);
-    let table_len = blocks * 8;
-    let mut at = 0u64;
-    while at < table_len {
-        let n = (table_len - at).min(64 << 20);
-        let buf = read_blocking(io, files.meta, CHECKSUM_TABLE_OFFSET + at, n as usize)
-            .map_err(|e| format!("reading the checksum table: {e}"))?;
-        sums.load(at / 8, &buf);
-        at += n;
-    }
+    let sums = read_checksum_table(io, files.meta, sb.size)?;
     let mut report = Report {
         blocks,
         ..Report::default()

@@ -683,20 +683,7 @@ impl Store {
         sb: Superblock,
         tuning: Tuning,
     ) -> Result<Store, String> {
-        let blocks = sb.size / BLOCK_SIZE;
-        let table_len = blocks * 8;
-        check_table_memory(sb.size)?;
-        // A piece at a time: the table is 1/512 of the disk, and reading it
-        // whole first would need twice that in memory.
-        let mut sums = ChecksumTable::zeroed(blocks);
-        let mut at = 0u64;
-        while at < table_len {
-            let n = (table_len - at).min(TABLE_READ_PIECE);
-            let buf = read_blocking(io, files.meta, CHECKSUM_TABLE_OFFSET + at, n as usize)
-                .map_err(|e| format!("reading the checksum table: {e}"))?;
-            sums.load(at / 8, &buf);
-            at += n;
-        }
+        let mut sums = read_checksum_table(io, files.meta, sb.size)?;
         let mut records = Vec::new();
         let end = journal::scan(
             io,
@@ -3152,6 +3139,29 @@ fn replay(
 
 /// The checksum table is read in pieces of this many bytes.
 const TABLE_READ_PIECE: u64 = 64 << 20;
+
+/// The checksum table of a `size`-byte disk from `meta`, a piece at a time
+/// (the table is 1/512 of the disk, and reading it whole first would need
+/// twice that in memory); refused if it cannot fit (`check_table_memory`).
+pub fn read_checksum_table(
+    io: &mut dyn Io,
+    meta: RawFd,
+    size: u64,
+) -> Result<ChecksumTable, String> {
+    check_table_memory(size)?;
+    let blocks = size / BLOCK_SIZE;
+    let table_len = blocks * 8;
+    let mut sums = ChecksumTable::zeroed(blocks);
+    let mut at = 0u64;
+    while at < table_len {
+        let n = (table_len - at).min(TABLE_READ_PIECE);
+        let buf = read_blocking(io, meta, CHECKSUM_TABLE_OFFSET + at, n as usize)
+            .map_err(|e| format!("reading the checksum table: {e}"))?;
+        sums.load(at / 8, &buf);
+        at += n;
+    }
+    Ok(sums)
+}
 
 /// The checksum table (8 bytes per 4 KiB block, 1/512 of the disk) is
 /// held in memory: refuse a disk whose table needs more than this
