@@ -141,9 +141,10 @@ struct Conn {
     recv_in_flight: bool,
     sink: Option<PayloadSink>,
     discard: u64,
-    /// The error reply of a rejected WRITE, sent once its payload has been
-    /// read and discarded: a client still sending the payload (libnbd) takes
-    /// a reply to a command it has not finished sending as a protocol error.
+    /// The error reply of a rejected request, sent once its payload (a
+    /// WRITE's) has been read and discarded: a client still sending the
+    /// payload (libnbd) takes a reply to a command it has not finished
+    /// sending as a protocol error.
     after_discard: Option<Vec<u8>>,
     outq: Vec<Vec<u8>>,
     out_bytes: usize,
@@ -274,10 +275,6 @@ pub fn socket_activation_fds() -> Vec<RawFd> {
     (3..3 + n).collect()
 }
 
-/// Bind a TCP listener, waiting up to 10 s while the address is in use: a
-/// killed predecessor's io_uring is torn down by the kernel after the process
-/// is gone, and until then its listening socket still holds the port (seen
-/// when a node is restarted right after SIGKILL).
 /// Pending connections a listener queues (the kernel caps it at
 /// `net.core.somaxconn`). std's 128 made a burst of a thousand connects take
 /// seconds: SYNs beyond the queue are dropped and retried after a second.
@@ -290,6 +287,10 @@ fn deepen_backlog(fd: RawFd) {
     unsafe { libc::listen(fd, LISTEN_BACKLOG) };
 }
 
+/// Bind a TCP listener, waiting up to 10 s while the address is in use: a
+/// killed predecessor's io_uring is torn down by the kernel after the process
+/// is gone, and until then its listening socket still holds the port (seen
+/// when a node is restarted right after SIGKILL).
 pub fn bind_tcp(addr: SocketAddr) -> std::io::Result<TcpListener> {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     let mut said = false;
@@ -904,6 +905,14 @@ impl Server {
             let Some(conn) = self.conns.get_mut(&id) else {
                 return;
             };
+            // The error reply of a rejected request goes once its payload,
+            // if any, has been read and dropped.
+            if conn.discard == 0 {
+                if let Some(out) = conn.after_discard.take() {
+                    self.queue(id, out);
+                    continue;
+                }
+            }
             // While a receive is in flight its buffer belongs to the kernel.
             if conn.reading_done || conn.recv_in_flight {
                 return;
@@ -925,9 +934,6 @@ impl Server {
                 conn.discard -= n as u64;
                 if conn.discard > 0 {
                     return;
-                }
-                if let Some(out) = conn.after_discard.take() {
-                    self.queue(id, out);
                 }
                 continue;
             }
@@ -1005,11 +1011,7 @@ impl Server {
                                 let mut out = Vec::new();
                                 let msg = format!("request type {command} rejected");
                                 tx::error_reply(&mut out, structured, cookie, error, &msg);
-                                if discard > 0 {
-                                    conn.after_discard = Some(out);
-                                } else {
-                                    self.queue(id, out);
-                                }
+                                conn.after_discard = Some(out);
                             }
                         }
                         Decoded::Request(req)
@@ -1024,12 +1026,10 @@ impl Server {
                                 ESHUTDOWN,
                                 "the server is shutting down",
                             );
-                            if req.command == Command::Write && req.length > 0 {
+                            if req.command == Command::Write {
                                 conn.discard = req.length as u64;
-                                conn.after_discard = Some(out);
-                            } else {
-                                self.queue(id, out);
                             }
+                            conn.after_discard = Some(out);
                         }
                         Decoded::Request(req) => {
                             conn.start += REQUEST_HEADER_LEN;

@@ -219,6 +219,25 @@ impl Generation {
         )
     }
 
+    /// A secondary's generation once its primary, of generation `g`, reports
+    /// it in sync: it holds `g` (the one before kept as `previous`), and is
+    /// no longer inconsistent.
+    pub fn in_sync_with(self, g: u64) -> Generation {
+        if g != self.current {
+            Generation {
+                current: g,
+                previous: self.current,
+                flags: 0,
+                session: self.session,
+            }
+        } else {
+            Generation {
+                flags: self.flags & !FLAG_INCONSISTENT,
+                ..self
+            }
+        }
+    }
+
     /// The first step of a handover at a clean shutdown (see
     /// `FLAG_HANDED_OVER`): a primary's generation moves on to `fresh`
     /// (stored before the peers are told), so that only the peers that
@@ -492,6 +511,10 @@ mod tests {
             ..follower
         };
         assert_eq!(judge(&p, &half10, 2), Verdict::Resync);
+        // Reported in sync: the mark goes, a new generation is adopted.
+        assert_eq!(half10.in_sync_with(10), follower);
+        let adopted = half10.in_sync_with(20);
+        assert_eq!((adopted.current, adopted.previous, adopted.flags), (20, 10, 0));
         let d = std::env::temp_dir().join(format!("nbdm-gen-inc-{}", std::process::id()));
         std::fs::create_dir_all(&d).unwrap();
         half.store(&d).unwrap();

@@ -2473,21 +2473,8 @@ impl Mirror {
                 if let Some(l) = self.links.get_mut(&link) {
                     l.announced = true;
                 }
-                let inconsistent = self.generation.flags & generation::FLAG_INCONSISTENT != 0;
-                if g != self.generation.current || inconsistent {
-                    let next = if g != self.generation.current {
-                        Generation {
-                            current: g,
-                            previous: self.generation.current,
-                            flags: 0,
-                            session: self.generation.session,
-                        }
-                    } else {
-                        Generation {
-                            flags: self.generation.flags & !generation::FLAG_INCONSISTENT,
-                            ..self.generation
-                        }
-                    };
+                let next = self.generation.in_sync_with(g);
+                if next != self.generation {
                     next.store(&self.cfg.dir)?;
                     crate::elog!(
                         "nbdmirror: in sync with the primary: this replica now holds data generation {g:016x}"

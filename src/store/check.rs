@@ -5,14 +5,12 @@
 //! superblock's tail (the node did not stop cleanly) is refused: its `data`
 //! and checksums match only once recovery has applied them.
 
-use super::checksum::{block_checksum, CORRUPT_MARK};
+use super::checksum::block_checksum;
 use super::format::BLOCK_SIZE;
 use super::journal;
-use super::{check_table_memory, load_superblock, read_blocking, read_checksum_table, Files};
+use super::{check_table_memory, load_superblock, read_blocks, read_checksum_table, Files};
 use crate::io::Io;
 
-/// Blocks read per request.
-const CHUNK_BLOCKS: u64 = 256;
 /// Bad blocks listed one by one; the rest are only counted.
 pub const LISTED: usize = 100;
 
@@ -65,27 +63,32 @@ pub fn check(
         blocks,
         ..Report::default()
     };
-    let mut b = 0u64;
-    while b < blocks {
-        let n = (blocks - b).min(CHUNK_BLOCKS);
-        let buf = read_blocking(io, files.data, b * BLOCK_SIZE, (n * BLOCK_SIZE) as usize)
-            .map_err(|e| format!("reading block {b} of data: {e}"))?;
-        for (i, block) in buf.chunks(BLOCK_SIZE as usize).enumerate() {
-            let blk = b + i as u64;
-            let fresh = block_checksum(blk, block);
-            let stored = sums.get(blk);
-            if fresh == stored {
-                continue;
-            }
-            let known = stored == fresh ^ CORRUPT_MARK;
-            report.bad += 1;
-            report.known += u64::from(known);
-            if report.listed.len() < LISTED {
-                report.listed.push((blk, known));
-            }
-        }
-        b += n;
-        progress(b * BLOCK_SIZE, sb.size);
+    // A piece of the disk at a time, so progress is reported as it goes.
+    const PIECE: u64 = 16 << 20;
+    let mut at = 0u64;
+    while at < sb.size {
+        let end = (at + PIECE).min(sb.size);
+        read_blocks(
+            io,
+            files.data,
+            at / BLOCK_SIZE,
+            end / BLOCK_SIZE,
+            "data",
+            |blk, block| {
+                let fresh = block_checksum(blk, block);
+                if fresh == sums.get(blk) {
+                    return;
+                }
+                let known = sums.marked(blk, fresh);
+                report.bad += 1;
+                report.known += u64::from(known);
+                if report.listed.len() < LISTED {
+                    report.listed.push((blk, known));
+                }
+            },
+        )?;
+        at = end;
+        progress(at, sb.size);
     }
     Ok(report)
 }

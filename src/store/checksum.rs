@@ -90,6 +90,12 @@ impl ChecksumTable {
         block_checksum(block, data) == self.get(block)
     }
 
+    /// The block whose bytes checksum to `fresh` was marked corrupt (see
+    /// [`CORRUPT_MARK`]) and has not changed since.
+    pub fn marked(&self, block: u64, fresh: u64) -> bool {
+        self.get(block) == fresh ^ CORRUPT_MARK
+    }
+
     /// Dirty table pages as (byte offset within the table, bytes); clears the
     /// dirty marks.
     pub fn take_dirty_pages(&mut self) -> Vec<(u64, Vec<u8>)> {

@@ -3010,27 +3010,21 @@ fn replay_all(
                 "journal in-place record addresses bytes {s}..{e} beyond the {size}-byte disk"
             ));
         }
-        let mut b = s / BLOCK_SIZE;
-        while b * BLOCK_SIZE < e {
-            let n = ((e - b * BLOCK_SIZE) / BLOCK_SIZE).clamp(1, 256);
-            let buf = read_blocking(io, data, b * BLOCK_SIZE, (n * BLOCK_SIZE) as usize)
-                .map_err(|e| format!("reading block {b} during recovery: {e}"))?;
-            for (i, block) in buf.chunks(BLOCK_SIZE as usize).enumerate() {
-                let blk = b + i as u64;
+        read_blocks(
+            io,
+            data,
+            s / BLOCK_SIZE,
+            e.div_ceil(BLOCK_SIZE),
+            "data",
+            |blk, block| {
                 let fresh = block_checksum(blk, block);
-                let stored = sums.get(blk);
-                if stored == fresh {
-                    continue;
+                // A block marked corrupt and unchanged since stays corrupt.
+                if sums.get(blk) != fresh && !sums.marked(blk, fresh) {
+                    changed += 1;
+                    sums.set(blk, fresh);
                 }
-                if stored == fresh ^ checksum::CORRUPT_MARK {
-                    // Marked corrupt and unchanged since: stays corrupt.
-                    continue;
-                }
-                changed += 1;
-                sums.set(blk, fresh);
-            }
-            b += n;
-        }
+            },
+        )?;
     }
     if changed > 0 {
         crate::elog!(
@@ -3084,7 +3078,7 @@ fn replay(
             }
             let buf = read_blocking(io, data, b * BLOCK_SIZE, BLOCK_SIZE as usize)
                 .map_err(|e| format!("reading block {b} during recovery: {e}"))?;
-            if sums.get(b) == block_checksum(b, &buf) ^ checksum::CORRUPT_MARK {
+            if sums.marked(b, block_checksum(b, &buf)) {
                 marked.push(b);
             }
         }
@@ -3183,6 +3177,30 @@ pub fn check_table_memory(size: u64) -> Result<(), String> {
         )),
         _ => Ok(()),
     }
+}
+
+/// Read the blocks `first..end` of `fd` (start-up, recovery and `check`
+/// only), 1 MiB at a time, calling `each(block, bytes)` for every one;
+/// `what` names the file in errors.
+pub fn read_blocks(
+    io: &mut dyn Io,
+    fd: RawFd,
+    first: u64,
+    end: u64,
+    what: &str,
+    mut each: impl FnMut(u64, &[u8]),
+) -> Result<(), String> {
+    let mut b = first;
+    while b < end {
+        let n = (end - b).min(256);
+        let buf = read_blocking(io, fd, b * BLOCK_SIZE, (n * BLOCK_SIZE) as usize)
+            .map_err(|e| format!("reading block {b} of {what}: {e}"))?;
+        for (i, block) in buf.chunks(BLOCK_SIZE as usize).enumerate() {
+            each(b + i as u64, block);
+        }
+        b += n;
+    }
+    Ok(())
 }
 
 /// Read `len` bytes at `offset` (start-up and recovery only); bytes past the
