@@ -65,6 +65,8 @@ struct RawVolume {
     primary: u32,
     peer_timeout_ms: Option<u64>,
     resync_rate: Option<RawSize>,
+    scrub_rate: Option<RawSize>,
+    scrub_interval: Option<RawSize>,
 }
 
 #[derive(Deserialize)]
@@ -116,6 +118,9 @@ pub struct VolumeConfig {
     pub primary: u32,
     pub peer_timeout_ms: Option<u64>,
     pub resync_rate: Option<u64>,
+    pub scrub_rate: Option<u64>,
+    /// Seconds between scheduled scrubs (0 = off).
+    pub scrub_interval: Option<u64>,
     pub nodes: Vec<NodeConfig>,
 }
 
@@ -226,6 +231,20 @@ impl VolumeConfig {
             .resync_rate
             .as_ref()
             .map(|s| size_of(s, "[volume] resync-rate"))
+            .transpose()?;
+        let scrub_rate = v
+            .scrub_rate
+            .as_ref()
+            .map(|s| size_of(s, "[volume] scrub-rate"))
+            .transpose()?;
+        let scrub_interval = v
+            .scrub_interval
+            .as_ref()
+            .map(|s| match s {
+                RawSize::Bytes(n) => Ok(*n),
+                RawSize::Text(t) => crate::size::parse_duration_secs(t)
+                    .map_err(|e| format!("[volume] scrub-interval: {e}")),
+            })
             .transpose()?;
         if raw.node.is_empty() {
             return Err("no [[node]] sections: a volume has at least one node".into());
@@ -346,6 +365,8 @@ impl VolumeConfig {
             primary: v.primary,
             peer_timeout_ms: v.peer_timeout_ms,
             resync_rate,
+            scrub_rate,
+            scrub_interval,
             nodes,
         })
     }

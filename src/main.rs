@@ -109,6 +109,16 @@ enum Cmd {
         /// Control socket for `nbdmirror resync` (default DIR/admin.sock).
         #[arg(long)]
         admin_socket: Option<PathBuf>,
+        /// Scrub (read and verify every block, and compare it with every
+        /// in-sync peer) at this interval, counted from the end of the last
+        /// scrub: 30d, 12h, 90m; 0 or off = only when `nbdmirror scrub
+        /// start` asks. Default off. A primary only.
+        #[arg(long, value_parser = nbdmirror::size::parse_duration_secs)]
+        scrub_interval: Option<u64>,
+        /// Scrub rate cap in bytes per second (K/M/G suffixes); 0 =
+        /// unlimited. Default 100M.
+        #[arg(long, value_parser = parse_size)]
+        scrub_rate: Option<u64>,
         /// Large writes straight to the data file with O_DIRECT, bypassing
         /// the page cache: auto = on a secondary (it serves no reads), off on
         /// a primary.
@@ -142,6 +152,14 @@ enum Cmd {
     Resync {
         #[command(subcommand)]
         action: ResyncCmd,
+    },
+    /// Check the data on a running primary in the background: every block
+    /// is read and verified against its checksum (bad ones are repaired from
+    /// a peer), and every in-sync peer verifies its copy and reports what it
+    /// holds (bad or differing blocks are resent to it).
+    Scrub {
+        #[command(subcommand)]
+        action: ScrubCmd,
     },
     /// Stop a primary so that a secondary can take over: it finishes its
     /// requests, makes every peer durable and hands its data generation over
@@ -251,6 +269,53 @@ enum ResyncCmd {
         peer: Option<u32>,
     },
     /// Set the resync rate cap (bytes/s, K/M/G suffixes; 0 = unlimited).
+    Rate {
+        #[arg(value_parser = parse_size)]
+        rate: u64,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum ScrubCmd {
+    /// Show the running scrub's progress, the last one's findings and the
+    /// next scheduled one.
+    Status {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// Print one JSON object (for scripts).
+        #[arg(long)]
+        json: bool,
+        /// Keep showing progress until the scrub ends.
+        #[arg(long)]
+        watch: bool,
+    },
+    /// Start a scrub from the first block.
+    Start {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// Wait for it to finish, showing progress; exit 1 if it left bad
+        /// blocks on this node that could not be repaired.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Pause the running scrub (it keeps its place, also across a restart).
+    Pause {
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Resume a paused scrub.
+    Resume {
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// End the running scrub now (recorded as incomplete).
+    Cancel {
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Set the scrub rate cap (bytes/s, K/M/G suffixes; 0 = unlimited).
     Rate {
         #[arg(value_parser = parse_size)]
         rate: u64,
@@ -803,6 +868,231 @@ fn resync(action: ResyncCmd) -> Result<(), String> {
     }
 }
 
+fn unix_time(t: u64) -> String {
+    // Civil date from days since 1970 (Howard Hinnant's algorithm), UTC.
+    let (days, secs) = ((t / 86_400) as i64, t % 86_400);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC",
+        secs / 3600,
+        secs / 60 % 60,
+        secs % 60
+    )
+}
+
+fn scrub_findings(f: &serde_json::Value) -> String {
+    let mut s = format!(
+        "{} checked; {} bad blocks on this node",
+        human(f["checked_bytes"].as_f64().unwrap_or(0.0)),
+        f["bad_blocks"]
+    );
+    if f["bad_blocks"].as_u64().unwrap_or(0) > 0 {
+        s.push_str(&format!(
+            " ({} repaired from a peer, {} NOT REPAIRED",
+            f["repaired_blocks"], f["unrepaired_blocks"]
+        ));
+        if let Some(l) = f["unrepaired_list"].as_array().filter(|l| !l.is_empty()) {
+            let l: Vec<String> = l.iter().map(|b| b.to_string()).collect();
+            s.push_str(&format!(": blocks {}", l.join(", ")));
+        }
+        s.push(')');
+    }
+    if f["read_errors"].as_u64().unwrap_or(0) > 0 {
+        s.push_str(&format!("; {} READ ERRORS", f["read_errors"]));
+    }
+    for p in f["peers"].as_array().cloned().unwrap_or_default() {
+        s.push_str(&format!(
+            "; peer {}: {} compared, {} bad there, {} differing",
+            p["node_id"],
+            human(p["checked_bytes"].as_f64().unwrap_or(0.0)),
+            p["bad_blocks"],
+            p["differing_blocks"]
+        ));
+        if p["skipped_bytes"].as_u64().unwrap_or(0) > 0 {
+            s.push_str(&format!(
+                " ({} not compared: not in sync)",
+                human(p["skipped_bytes"].as_f64().unwrap_or(0.0))
+            ));
+        }
+    }
+    s
+}
+
+fn render_scrub(v: &serde_json::Value) -> Vec<String> {
+    let sc = &v["scrub"];
+    let mut lines = Vec::new();
+    let state = sc["state"].as_str().unwrap_or("?");
+    let total = sc["total_bytes"].as_f64().unwrap_or(0.0);
+    let pos = sc["position_bytes"].as_f64().unwrap_or(0.0);
+    let limit = match sc["rate_limit"].as_u64().unwrap_or(0) {
+        0 => "no rate cap".to_string(),
+        r => format!("cap {}/s", human(r as f64)),
+    };
+    if state == "idle" {
+        lines.push(format!("scrub: idle ({limit})"));
+    } else {
+        let frac = if total > 0.0 { pos / total } else { 1.0 };
+        let rate = sc["rate_bytes_per_sec"].as_f64().unwrap_or(0.0);
+        let eta = if rate > 0.0 && state == "running" {
+            let s = ((total - pos) / rate) as u64;
+            format!("{}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60)
+        } else {
+            "--:--:--".into()
+        };
+        let filled = (frac * 30.0).round() as usize;
+        lines.push(format!(
+            "scrub: {state} [{}{}] {:5.1}%  {} of {}  {}/s  ETA {eta}  ({limit})",
+            "#".repeat(filled.min(30)),
+            "-".repeat(30 - filled.min(30)),
+            frac * 100.0,
+            human(pos),
+            human(total),
+            human(rate),
+        ));
+        if let Some(t) = sc["started_at"].as_u64() {
+            lines.push(format!("  started {}", unix_time(t)));
+        }
+        lines.push(format!("  so far: {}", scrub_findings(&sc["current"])));
+    }
+    match sc["last"].as_object() {
+        Some(l) => lines.push(format!(
+            "last scrub: {} ({}, {}): {}",
+            l["finished_at"].as_u64().map(unix_time).unwrap_or_default(),
+            if l["complete"].as_bool() == Some(true) {
+                "complete"
+            } else {
+                "cancelled"
+            },
+            if l["clean"].as_bool() == Some(true) {
+                "nothing left bad"
+            } else {
+                "PROBLEMS LEFT"
+            },
+            scrub_findings(&l["found"])
+        )),
+        None => lines.push("last scrub: none yet".into()),
+    }
+    match sc["next_at"].as_u64() {
+        Some(t) => lines.push(format!(
+            "next scheduled scrub: {} (every {})",
+            unix_time(t),
+            nbdmirror::mirror::scrub::human_secs(sc["interval_secs"].as_u64().unwrap_or(0))
+        )),
+        None => lines.push("no scheduled scrubs (serve --scrub-interval)".into()),
+    }
+    lines
+}
+
+fn scrub(action: ScrubCmd) -> Result<(), String> {
+    use std::io::IsTerminal;
+    let status = |admin: &AdminArgs| -> Result<serde_json::Value, String> {
+        let v = admin_call(admin, "status")?;
+        if v["scrub"].is_null() {
+            return Err(format!(
+                "node {} is a {}: scrubs run on the primary, which has every in-sync secondary                  verify its copy too",
+                v["node_id"],
+                v["role"].as_str().unwrap_or("secondary")
+            ));
+        }
+        Ok(v)
+    };
+    // Show progress until the scrub is idle; the last status.
+    let watch = |admin: &AdminArgs, json: bool| -> Result<serde_json::Value, String> {
+        let mut shown = 0;
+        loop {
+            let v = status(admin)?;
+            let idle = v["scrub"]["state"] == "idle";
+            let paused = v["scrub"]["state"] == "paused";
+            if !json && std::io::stdout().is_terminal() && shown > 0 {
+                out_raw!("\x1b[{shown}A\x1b[J");
+            }
+            if json {
+                out!("{}", v["scrub"]);
+            } else {
+                let lines = render_scrub(&v);
+                shown = lines.len();
+                for l in lines {
+                    out!("{l}");
+                }
+            }
+            if idle || paused {
+                return Ok(v);
+            }
+            std::thread::sleep(std::time::Duration::from_secs(1));
+        }
+    };
+    match action {
+        ScrubCmd::Status { admin, json, watch: w } => {
+            if w {
+                watch(&admin, json)?;
+                return Ok(());
+            }
+            let v = status(&admin)?;
+            if json {
+                out!("{}", v["scrub"]);
+            } else {
+                for l in render_scrub(&v) {
+                    out!("{l}");
+                }
+            }
+            Ok(())
+        }
+        ScrubCmd::Start { admin, wait } => {
+            admin_call(&admin, "scrub start")?;
+            if !wait {
+                out!("scrub started (`nbdmirror scrub status` shows its progress)");
+                return Ok(());
+            }
+            let v = watch(&admin, false)?;
+            if v["scrub"]["state"] == "paused" {
+                return Err("the scrub was paused before it finished".into());
+            }
+            if v["scrub"]["last"]["clean"].as_bool() == Some(false) {
+                return Err(
+                    "the scrub found blocks on this node that could not be repaired (above)"
+                        .into(),
+                );
+            }
+            Ok(())
+        }
+        ScrubCmd::Pause { admin } => {
+            admin_call(&admin, "scrub pause")?;
+            out!("scrub paused");
+            Ok(())
+        }
+        ScrubCmd::Resume { admin } => {
+            admin_call(&admin, "scrub resume")?;
+            out!("scrub resumed");
+            Ok(())
+        }
+        ScrubCmd::Cancel { admin } => {
+            admin_call(&admin, "scrub cancel")?;
+            out!("scrub cancelled");
+            Ok(())
+        }
+        ScrubCmd::Rate { rate, admin } => {
+            admin_call(&admin, &format!("scrub rate {rate}"))?;
+            out!(
+                "scrub rate set to {}",
+                if rate == 0 {
+                    "unlimited".to_string()
+                } else {
+                    format!("{}/s", human(rate as f64))
+                }
+            );
+            Ok(())
+        }
+    }
+}
+
 fn default_journal(size: u64) -> u64 {
     (size / 8).clamp(16 << 20, 1 << 30) / 4096 * 4096
 }
@@ -883,6 +1173,8 @@ fn run(cli: Cli) -> Result<(), String> {
             peer_timeout_ms,
             resync_rate,
             admin_socket,
+            scrub_interval,
+            scrub_rate,
             direct_writes,
             cpu,
             poll_us,
@@ -965,6 +1257,13 @@ fn run(cli: Cli) -> Result<(), String> {
                 ));
             }
             let resync_rate = resync_rate.unwrap_or(0);
+            let vol = cfg.as_ref().map(|(c, _)| c);
+            let scrub_rate = scrub_rate
+                .or(vol.and_then(|c| c.scrub_rate))
+                .unwrap_or(nbdmirror::mirror::scrub::DEFAULT_RATE);
+            let scrub_interval = scrub_interval
+                .or(vol.and_then(|c| c.scrub_interval))
+                .unwrap_or(0);
             let (listen, unix, export_name, admin_socket) = match &cfg {
                 // The config's NBD addresses are the primary's: a secondary
                 // on the same host must not take them.
@@ -1096,6 +1395,8 @@ fn run(cli: Cli) -> Result<(), String> {
                     admin_socket: Some(admin_socket),
                     dir: path.clone(),
                     force_inconsistent,
+                    scrub_rate,
+                    scrub_interval,
                 }),
                 direct_writes,
                 cpu,
@@ -1103,6 +1404,7 @@ fn run(cli: Cli) -> Result<(), String> {
             })
         }
         Cmd::Resync { action } => resync(action),
+        Cmd::Scrub { action } => scrub(action),
         Cmd::Switchover { admin } => switchover(&admin),
         Cmd::Check { dir: path, config } => {
             let path = match config.load()? {

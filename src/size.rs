@@ -73,3 +73,53 @@ mod tests {
         assert!(parse_size("1.5X").is_err());
     }
 }
+
+/// Parse a duration in whole seconds: a number with an s/m/h/d/w suffix
+/// ("30d", "12h", "90s"; a bare number is seconds); "0" or "off" is 0.
+pub fn parse_duration_secs(s: &str) -> Result<u64, String> {
+    let t = s.trim().to_ascii_lowercase();
+    if t == "off" || t == "never" {
+        return Ok(0);
+    }
+    let num_end = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    if num_end == 0 {
+        return Err(format!(
+            "{s:?} is not a duration (examples: 30d, 12h, 90m, 0 = off)"
+        ));
+    }
+    let n: u64 = t[..num_end]
+        .parse()
+        .map_err(|_| format!("{s:?} is too large"))?;
+    let mult: u64 = match t[num_end..].trim() {
+        "" | "s" => 1,
+        "m" | "min" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        "w" => 7 * 86_400,
+        other => {
+            return Err(format!(
+                "unknown duration suffix {other:?} in {s:?} (use s, m, h, d or w)"
+            ))
+        }
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("{s:?} is too large"))
+}
+
+#[cfg(test)]
+mod duration_tests {
+    use super::parse_duration_secs as p;
+
+    #[test]
+    fn durations() {
+        assert_eq!(p("30d"), Ok(30 * 86_400));
+        assert_eq!(p("12h"), Ok(12 * 3600));
+        assert_eq!(p("90"), Ok(90));
+        assert_eq!(p("5m"), Ok(300));
+        assert_eq!(p("off"), Ok(0));
+        assert_eq!(p("0"), Ok(0));
+        assert!(p("d").is_err());
+        assert!(p("3y").is_err());
+        assert!(p("99999999999999999999d").is_err());
+    }
+}

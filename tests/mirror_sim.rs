@@ -78,6 +78,8 @@ fn config(id: u32, peers: &[u32], bitmaps: &std::path::Path) -> MirrorConfig {
         admin_socket: None,
         dir: bitmaps.to_path_buf(),
         force_inconsistent: false,
+        scrub_rate: 0,
+        scrub_interval: 0,
     }
 }
 

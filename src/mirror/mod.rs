@@ -18,6 +18,7 @@
 
 pub mod bitmap;
 pub mod generation;
+pub mod scrub;
 pub mod wire;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -110,6 +111,10 @@ pub struct MirrorConfig {
     /// Serve as the primary even a replica that is partway through a
     /// resync (`generation::FLAG_INCONSISTENT`).
     pub force_inconsistent: bool,
+    /// Scrub rate cap, bytes per second (0 = unlimited).
+    pub scrub_rate: u64,
+    /// Seconds between scheduled scrubs (0 = only when asked).
+    pub scrub_interval: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -155,6 +160,10 @@ enum Out {
     Repair {
         since: Instant,
     },
+    /// A scrub's VerifyRequest (see [`scrub`]).
+    Verify {
+        since: Instant,
+    },
 }
 
 impl Out {
@@ -163,7 +172,8 @@ impl Out {
             Out::Write { since, .. }
             | Out::Flush { since, .. }
             | Out::Resync { since, .. }
-            | Out::Repair { since } => *since,
+            | Out::Repair { since }
+            | Out::Verify { since } => *since,
         }
     }
 }
@@ -200,6 +210,10 @@ const REPAIR_VERSION: u16 = 3;
 /// The peer protocol version whose primary always announces its generation
 /// when a peer is in sync (see `generation::FLAG_INCONSISTENT`).
 const ANNOUNCE_VERSION: u16 = 4;
+/// The peer protocol version that has VerifyRequest/Verified (scrub).
+const VERIFY_VERSION: u16 = 5;
+/// VerifyRequests a secondary takes in flight per link.
+const MAX_VERIFY_READS: usize = 32;
 
 /// Read repairs in flight at once (each holds up to 1 MiB at the peer).
 const MAX_REPAIRS: usize = 16;
@@ -448,6 +462,11 @@ pub struct Mirror {
     /// Secondary: buffers of applied records, reused for the payloads of
     /// large incoming records (see [`Mirror::take_buffer`]).
     spare_payloads: Vec<Vec<u8>>,
+    /// The scrub (primary; a secondary is scrubbed by its primary).
+    scrub: scrub::Scrub,
+    /// Secondary: store reads of a primary's VerifyRequests: read id ->
+    /// (link, the request's id, first block, count).
+    verify_reads: HashMap<u64, (u64, u64, u64, u64)>,
 }
 
 fn nonce() -> [u8; 32] {
@@ -685,7 +704,16 @@ impl Mirror {
             Some(a) => a,
             None => bind_admin_socket(cfg.admin_socket.as_deref()),
         };
+        let scrub = scrub::Scrub::open(
+            &cfg.dir,
+            sb.size.div_ceil(BLOCK),
+            cfg.scrub_rate,
+            cfg.scrub_interval,
+            t0,
+        );
         Ok(Mirror {
+            scrub,
+            verify_reads: HashMap::new(),
             node_id: sb.node_id,
             generation,
             volume_uuid: sb.volume_uuid,
@@ -779,6 +807,8 @@ impl Mirror {
             && self.repairs.is_empty()
             && self.repair_waiting.is_empty()
             && self.peer_reads.is_empty()
+            && self.verify_reads.is_empty()
+            && self.scrub.steps.is_empty()
             && !matches!(self.handover, Handover::Waiting(_))
     }
 
@@ -925,6 +955,7 @@ impl Mirror {
         for id in ids {
             self.close_link(io, id);
         }
+        self.scrub.save();
         for p in &mut self.peers {
             let f = p.bitmap.flags() | FLAG_CLEAN;
             if let Err(e) = p.bitmap.set_flags(f) {
@@ -1064,7 +1095,7 @@ impl Mirror {
                 self.repair_waiting.push((client, read));
             } else {
                 slots -= 1;
-                store.read(io, client, read.offset, read.len, read.head);
+                self.read_again(io, store, client, &read);
             }
         }
         let mut blocked: Vec<(u64, u64)> = Vec::new();
@@ -1214,6 +1245,12 @@ impl Mirror {
                     self.unpark(io, store);
                     self.kick_resync(io, store);
                 }
+            }
+            StoreEvent::Read(rid, r) if self.scrub.owns(rid) => {
+                self.scrub_read_done(io, store, rid, r);
+            }
+            StoreEvent::Read(rid, r) if self.verify_reads.contains_key(&rid) => {
+                self.verify_read_done(io, store, rid, r);
             }
             StoreEvent::Read(rid, r) => {
                 // Blocks that failed verification are reported by the
@@ -1464,7 +1501,9 @@ impl Mirror {
             return;
         };
         if ok {
-            store.read(io, r.client, r.read.offset, r.read.len, r.read.head);
+            self.read_again(io, store, r.client, &r.read);
+        } else if self.scrub.owns(r.client) {
+            self.scrub_unrepaired(io, store, r.client);
         } else {
             self.answers.push((r.client, Err(libc::EIO)));
         }
@@ -1527,6 +1566,7 @@ impl Mirror {
             p.bitmap.set_range(off, len);
         }
         let mut check = Vec::new();
+        let mut verifying = Vec::new();
         for (id, out) in p.outstanding.drain() {
             match out {
                 Out::Write { offset, len, .. } => {
@@ -1534,10 +1574,14 @@ impl Mirror {
                     check.push(id);
                 }
                 Out::Flush { .. } => check.push(id),
+                Out::Verify { .. } => verifying.push(id),
                 Out::Resync { .. } | Out::Repair { .. } => {}
             }
         }
         let link = p.link.take();
+        for id in verifying {
+            self.scrub_peer_answered(io, store, id, i, None);
+        }
         for id in check {
             if let Some(op) = self.ops.get_mut(&id) {
                 op.mask &= !(1u64 << i);
@@ -2377,6 +2421,7 @@ impl Mirror {
             }
             FrameKind::Sums => self.sums_arrived(io, store, i, payload)?,
             FrameKind::BlockData => self.repair_data(io, store, i, payload)?,
+            FrameKind::Verified => self.scrub_verified(io, store, i, payload)?,
             FrameKind::Pong => {}
             FrameKind::Ping => {
                 let link = self.peers[i].link.unwrap();
@@ -2544,6 +2589,22 @@ impl Mirror {
                 // Room for the frame and BlockData headers in front: the
                 // buffer goes out as it is (peer_read_done).
                 store.read(io, rid, s, e - s, HEADER_LEN + wire::BLOCK_DATA_HEADER);
+            }
+            FrameKind::VerifyRequest => {
+                let (id, first, n) =
+                    wire::decode_verify_request(payload, self.size.div_ceil(BLOCK))?;
+                // A primary keeps at most scrub::WINDOW in flight.
+                if self.verify_reads.values().filter(|v| v.0 == link).count() >= MAX_VERIFY_READS
+                {
+                    return Err(format!(
+                        "more than {MAX_VERIFY_READS} VerifyRequests in flight"
+                    ));
+                }
+                let rid = MIRROR_RID | self.next_mrid;
+                self.next_mrid += 1;
+                self.verify_reads.insert(rid, (link, id, first, n as u64));
+                let (s, e) = (first * BLOCK, ((first + n as u64) * BLOCK).min(self.size));
+                store.read_verified(io, rid, s, e - s);
             }
             FrameKind::Ping => {
                 wire::decode_u64(payload, "Ping")?;
@@ -2925,6 +2986,319 @@ impl Mirror {
         self.resync_peer(io, store, i);
     }
 
+    // ----- scrub (primary; the secondary's side is `verify_read_done`) ----
+
+    /// Read a read's blocks again after a repair (or once their lock is
+    /// free): a scrub's read verifies whatever the store is set to.
+    fn read_again(&mut self, io: &mut dyn Io, store: &mut Store, rid: u64, read: &CorruptRead) {
+        if self.scrub.owns(rid) {
+            store.read_verified(io, rid, read.offset, read.len);
+        } else {
+            store.read(io, rid, read.offset, read.len, read.head);
+        }
+    }
+
+    /// Start scrub steps while the scrub runs and its window, rate cap and
+    /// the range locks allow: each locks its range (waiting for client
+    /// writes there to finish, so every replica holds the same bytes) and
+    /// reads it, verified.
+    fn scrub_kick(&mut self, io: &mut dyn Io, store: &mut Store) {
+        if self.cfg.role != NodeRole::Primary || self.shutting_down {
+            return;
+        }
+        while let Some(range) = self.scrub.next_range() {
+            let (s, e) = (range.0 * BLOCK, ((range.0 + range.1) * BLOCK).min(self.size));
+            // Client writes waiting for the range go first; the scrub
+            // comes back at the next tick or completion.
+            if self.locked(s, e)
+                || self.parked.iter().any(|q| {
+                    let (a, b) = q.range();
+                    a < e && s < b
+                })
+            {
+                break;
+            }
+            let rid = MIRROR_RID | self.next_mrid;
+            self.next_mrid += 1;
+            self.locks.insert(s, (e, rid));
+            self.scrub.begin(rid, range);
+            store.read_verified(io, rid, s, e - s);
+        }
+    }
+
+    /// A scrub step's read finished.
+    fn scrub_read_done(
+        &mut self,
+        io: &mut dyn Io,
+        store: &mut Store,
+        rid: u64,
+        r: Result<Vec<u8>, i32>,
+    ) {
+        let corrupt = store.take_corrupt(rid);
+        let Some(step) = self.scrub.steps.get_mut(&rid) else {
+            return;
+        };
+        let (first, n) = (step.first, step.n);
+        let now_bad: Vec<u64> = match (&r, &corrupt) {
+            (Err(_), Some(c)) => c.blocks.clone(),
+            _ => Vec::new(),
+        };
+        if step.phase == scrub::Phase::Repairing {
+            // The read after a repair: whatever no longer fails was repaired.
+            let fixed = step.bad.iter().filter(|b| !now_bad.contains(b)).count() as u64;
+            self.scrub.tally().repaired_blocks += fixed;
+        } else if !now_bad.is_empty() {
+            self.scrub.tally().bad_blocks += now_bad.len() as u64;
+        }
+        let step = self.scrub.steps.get_mut(&rid).unwrap();
+        match r {
+            Ok(_) if step.phase == scrub::Phase::Repairing => {
+                // Repaired: read the range again under its lock and
+                // compare it with the peers as any other.
+                self.scrub.again(rid);
+                self.scrub_kick(io, store);
+            }
+            Ok(buf) => {
+                step.ours = buf
+                    .chunks(BLOCK as usize)
+                    .enumerate()
+                    .map(|(k, b)| crate::store::checksum::block_checksum(first + k as u64, b))
+                    .collect();
+                let mut mask = 0u64;
+                for i in 0..self.peers.len() {
+                    // A peer being resynced is compared too, except for
+                    // its dirty blocks (see `scrub_peer_answered`); one
+                    // whose bitmap is not complete yet (a compare is
+                    // running) is not.
+                    let p = &self.peers[i];
+                    if !p.streaming()
+                        || p.compare.is_some()
+                        || p.link.is_none()
+                        || p.version < VERIFY_VERSION
+                    {
+                        let node = p.node_id;
+                        self.scrub.tally().peer(node).skipped_blocks += n;
+                        continue;
+                    }
+                    let link = p.link.unwrap();
+                    self.peers[i]
+                        .outstanding
+                        .insert(rid, Out::Verify { since: self.t });
+                    self.send_frame(
+                        link,
+                        FrameKind::VerifyRequest,
+                        &[&wire::encode_sums_request(rid, first, n as u32)],
+                    );
+                    self.post_send(io, link);
+                    mask |= 1 << i;
+                }
+                let step = self.scrub.steps.get_mut(&rid).unwrap();
+                if mask == 0 {
+                    self.scrub_complete(io, store, rid);
+                } else {
+                    step.phase = scrub::Phase::Verifying;
+                    step.waiting = mask;
+                }
+            }
+            Err(e) => {
+                if step.locked {
+                    step.locked = false;
+                    self.unlock(first * BLOCK, rid);
+                }
+                let Some(c) = corrupt else {
+                    crate::elog!(
+                        "nbdmirror: scrub: reading blocks {first}..{} failed: {}",
+                        first + n,
+                        errno_str(e)
+                    );
+                    self.scrub.tally().read_errors += 1;
+                    self.scrub_complete(io, store, rid);
+                    return;
+                };
+                let step = self.scrub.steps.get_mut(&rid).unwrap();
+                step.bad = now_bad;
+                if step.attempts < scrub::MAX_ATTEMPTS {
+                    step.attempts += 1;
+                    step.phase = scrub::Phase::Repairing;
+                    if self.repair_read(io, rid, c) != RepairStart::No {
+                        return;
+                    }
+                }
+                self.scrub_unrepaired(io, store, rid);
+            }
+        }
+    }
+
+    /// This node's bad blocks of scrub step `rid` could not be repaired.
+    fn scrub_unrepaired(&mut self, io: &mut dyn Io, store: &mut Store, rid: u64) {
+        let Some(step) = self.scrub.steps.get(&rid) else {
+            return;
+        };
+        let bad = step.bad.clone();
+        if !bad.is_empty() {
+            let why = if self.peers.is_empty() {
+                "this node has no peers to repair them from"
+            } else {
+                "no peer in sync holds a copy that matches this node's checksums"
+            };
+            crate::elog!(
+                "nbdmirror: scrub: {} bad block{} of this node could not be repaired ({why}): \
+                 blocks {}; reads of them fail with EIO until they are written again",
+                bad.len(),
+                if bad.len() == 1 { "" } else { "s" },
+                bad.iter()
+                    .map(|b| b.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+        self.scrub.tally().unrepaired(&bad);
+        self.scrub_complete(io, store, rid);
+    }
+
+    /// Scrub step `rid` is done: release its range, count it, go on.
+    fn scrub_complete(&mut self, io: &mut dyn Io, store: &mut Store, rid: u64) {
+        if let Some(step) = self.scrub.steps.get(&rid) {
+            if step.locked {
+                self.unlock(step.first * BLOCK, rid);
+            }
+        }
+        self.scrub.complete(rid);
+        self.unpark(io, store);
+        self.kick_resync(io, store);
+        self.scrub_kick(io, store);
+    }
+
+    /// A Verified frame from peer `i`.
+    fn scrub_verified(
+        &mut self,
+        io: &mut dyn Io,
+        store: &mut Store,
+        i: usize,
+        payload: &[u8],
+    ) -> Result<(), String> {
+        let (id, first, theirs) = wire::decode_sums(payload)?;
+        match self.peers[i].outstanding.remove(&id) {
+            Some(Out::Verify { .. }) => {}
+            Some(other) => {
+                self.peers[i].outstanding.insert(id, other);
+                return Err(format!("Verified for request {id}, which was no VerifyRequest"));
+            }
+            None => return Err(format!("Verified for unknown request {id}")),
+        }
+        match self.scrub.steps.get(&id) {
+            Some(s) if s.first == first && s.n == theirs.len() as u64 => {}
+            _ => return Err(format!("Verified {id} does not answer its request")),
+        }
+        self.scrub_peer_answered(io, store, id, i, Some(theirs));
+        Ok(())
+    }
+
+    /// Peer `i` answered scrub step `rid` with the checksums of what it
+    /// holds (`None`: it dropped out first). Blocks that failed its own
+    /// checksums or hold other data than this node's are resent from here
+    /// by resync (this node's copy verified, and it is the primary).
+    fn scrub_peer_answered(
+        &mut self,
+        io: &mut dyn Io,
+        store: &mut Store,
+        rid: u64,
+        i: usize,
+        theirs: Option<Vec<u64>>,
+    ) {
+        let node = self.peers[i].node_id;
+        let Some(step) = self.scrub.steps.get_mut(&rid) else {
+            return;
+        };
+        if step.waiting & (1 << i) == 0 {
+            return;
+        }
+        step.waiting &= !(1u64 << i);
+        let (first, n) = (step.first, step.n);
+        match theirs {
+            None => self.scrub.tally().peer(node).skipped_blocks += n,
+            Some(theirs) => {
+                step.verified.push(node);
+                let (mut bad, mut differ, mut resend) = (0u64, 0u64, Vec::new());
+                let bitmap = &self.peers[i].bitmap;
+                for (k, (a, b)) in step.ours.iter().zip(&theirs).enumerate() {
+                    // A dirty block is resent anyway (and may be in flight
+                    // to the peer right now): nothing to learn from it.
+                    if a == b || bitmap.is_set(first + k as u64) {
+                        continue;
+                    }
+                    match *b {
+                        wire::BAD_SUM => bad += 1,
+                        // Not settled there (only when part of its read
+                        // failed): resent, not counted.
+                        UNKNOWN_SUM => {}
+                        _ => differ += 1,
+                    }
+                    resend.push(first + k as u64);
+                }
+                if !resend.is_empty() {
+                    let t = self.scrub.tally().peer(node);
+                    t.bad_blocks += bad;
+                    t.differing_blocks += differ;
+                    crate::elog!(
+                        "nbdmirror: scrub: peer {node}: in blocks {first}..{}, {bad} failed its \
+                         own checksums and {differ} hold other data than this node's; resending \
+                         {} block{} from this node",
+                        first + n,
+                        resend.len(),
+                        if resend.len() == 1 { "" } else { "s" }
+                    );
+                    let t = self.t;
+                    let p = &mut self.peers[i];
+                    for b in resend {
+                        p.bitmap.set_range(b * BLOCK, BLOCK);
+                    }
+                    if p.state == PeerState::InSync {
+                        p.state = PeerState::Syncing;
+                        p.cursor = 0;
+                        p.resync_started = t;
+                    }
+                    p.total = p.bitmap.dirty() * BLOCK;
+                }
+            }
+        }
+        if self.scrub.steps.get(&rid).is_some_and(|s| s.waiting == 0) {
+            self.scrub_complete(io, store, rid);
+        }
+    }
+
+    /// A VerifyRequest's store read finished (secondary): send the
+    /// checksum of every block as read, `BAD_SUM` for one that failed this
+    /// replica's own checksums.
+    fn verify_read_done(&mut self, io: &mut dyn Io, store: &mut Store, rid: u64, r: Result<Vec<u8>, i32>) {
+        let corrupt = store.take_corrupt(rid);
+        let Some((link, id, first, n)) = self.verify_reads.remove(&rid) else {
+            return;
+        };
+        let sums: Vec<u64> = match (r, corrupt) {
+            (Ok(buf), _) => buf
+                .chunks(BLOCK as usize)
+                .enumerate()
+                .map(|(k, b)| crate::store::checksum::block_checksum(first + k as u64, b))
+                .collect(),
+            (Err(_), Some(c)) => {
+                // The blocks that verified hold what the table says.
+                let mut s = store.block_sums(first, n);
+                for b in c.blocks {
+                    if let Some(x) = s.get_mut((b - first) as usize) {
+                        *x = wire::BAD_SUM;
+                    }
+                }
+                s
+            }
+            (Err(_), None) => vec![wire::BAD_SUM; n as usize],
+        };
+        if self.links.get(&link).is_some_and(|l| !l.closing) {
+            self.send_frame(link, FrameKind::Verified, &[&wire::encode_sums(id, first, &sums)]);
+            self.post_send(io, link);
+        }
+    }
+
     // ----- timers -------------------------------------------------------------
 
     pub fn tick(&mut self, io: &mut dyn Io, store: &mut Store) {
@@ -2939,6 +3313,8 @@ impl Mirror {
                 p.tokens = (p.tokens + add).min(cap);
             }
         }
+        let primary = self.cfg.role == NodeRole::Primary && !self.shutting_down;
+        self.scrub.tick(t, dt, primary);
         let timeout = self.cfg.timeout;
         // Links: handshake deadlines, liveness, pings.
         let ids: Vec<u64> = self.links.keys().copied().collect();
@@ -3056,6 +3432,7 @@ impl Mirror {
             }
         }
         self.kick_resync(io, store);
+        self.scrub_kick(io, store);
     }
 
     // ----- status and the admin socket -------------------------------------
@@ -3118,6 +3495,8 @@ impl Mirror {
             "inconsistent": self.generation.flags & generation::FLAG_INCONSISTENT != 0,
             "rate_limit": self.cfg.resync_rate,
             "peers": peers,
+            // A secondary is scrubbed by its primary.
+            "scrub": (self.cfg.role == NodeRole::Primary).then(|| self.scrub.json()),
             "store": store.map(|s| s.status_json(io)),
         })
         .to_string()
@@ -3137,6 +3516,7 @@ impl Mirror {
         };
         let result: Result<(), String> = match words.first().copied() {
             Some("status") => return self.status_json(Some(store), io),
+            Some("scrub") => self.scrub_command(&words[1..]),
             Some(cmd @ ("pause" | "resume" | "start" | "full")) => {
                 match peer_sel(words.get(1)) {
                     Err(e) => Err(e),
@@ -3222,10 +3602,45 @@ impl Mirror {
             _ => Err(format!("unknown command {line:?}")),
         };
         self.kick_resync(io, store);
+        self.scrub_kick(io, store);
         match result {
             Ok(()) => serde_json::json!({ "ok": true }).to_string(),
             Err(e) => serde_json::json!({ "ok": false, "error": e }).to_string(),
         }
+    }
+
+    /// `nbdmirror scrub start|pause|resume|cancel|rate SIZE`.
+    fn scrub_command(&mut self, words: &[&str]) -> Result<(), String> {
+        if self.cfg.role != NodeRole::Primary {
+            return Err("this node is a secondary: scrubs run on the primary, which has every                         in-sync secondary verify its copy too (`nbdmirror check` verifies a                         stopped replica)"
+                .into());
+        }
+        let now = self.t;
+        let r = match words {
+            ["start"] => self.scrub.start(now),
+            ["pause"] => self.scrub.pause(),
+            ["resume"] => self.scrub.resume(now),
+            ["cancel"] => self.scrub.cancel(),
+            ["rate", v] => crate::size::parse_size(v).map(|r| self.scrub.rate = r),
+            _ => Err(format!("unknown scrub command {:?}", words.join(" "))),
+        };
+        if r.is_ok() && matches!(words.first(), Some(&"start") | Some(&"resume")) {
+            crate::elog!(
+                "nbdmirror: scrub {} ({}): every block is read and verified{}",
+                if words[0] == "start" { "started" } else { "resumed" },
+                if self.scrub.rate == 0 {
+                    "no rate cap".to_string()
+                } else {
+                    format!("at most {} bytes/s", self.scrub.rate)
+                },
+                if self.peers.is_empty() {
+                    String::new()
+                } else {
+                    ", and compared with every in-sync peer's copy".to_string()
+                }
+            );
+        }
+        r
     }
 
     fn admin_accepted(&mut self, io: &mut dyn Io, c: Completion) {

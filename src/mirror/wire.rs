@@ -179,6 +179,21 @@ pub fn decode_sums(p: &[u8]) -> Result<(u64, u64, Vec<u64>), String> {
     Ok((id, first, sums))
 }
 
+/// Most blocks one VerifyRequest may ask for (1 MiB).
+pub const MAX_VERIFY_BLOCKS: u32 = 256;
+
+/// In a Verified frame: the block failed verification against the
+/// secondary's own checksum table (rot on its disk), or could not be read.
+pub const BAD_SUM: u64 = u64::MAX - 1;
+
+/// VerifyRequest: `id u64, first block u64, count u32`, as SumsRequest.
+/// Answered by Verified, laid out as Sums: the checksum of each block as
+/// read now (`BAD_SUM` for one that failed verification, `u64::MAX` for
+/// one whose state is not settled).
+pub fn decode_verify_request(p: &[u8], blocks: u64) -> Result<(u64, u64, u32), String> {
+    decode_range_request(p, blocks, MAX_VERIFY_BLOCKS, "VerifyRequest")
+}
+
 /// Most blocks one BlockRequest may ask for (1 MiB).
 pub const MAX_REPAIR_BLOCKS: u32 = 256;
 

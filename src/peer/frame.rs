@@ -71,6 +71,11 @@ pub enum FrameKind {
     BlockRequest = 24,
     /// The data asked for, or why it cannot be had.
     BlockData = 25,
+    /// Ask for the checksums of what a range of blocks holds, read and
+    /// verified now (scrub, version 5).
+    VerifyRequest = 26,
+    /// The checksums of the blocks read (or why they could not be).
+    Verified = 27,
     /// Liveness probe (opaque payload, echoed by Pong).
     Ping = 32,
     /// Answer to a Ping.
@@ -79,7 +84,7 @@ pub enum FrameKind {
 
 impl FrameKind {
     /// Every kind, in wire order.
-    pub const ALL: [FrameKind; 16] = [
+    pub const ALL: [FrameKind; 18] = [
         FrameKind::Hello,
         FrameKind::Auth,
         FrameKind::Ready,
@@ -94,6 +99,8 @@ impl FrameKind {
         FrameKind::Session,
         FrameKind::BlockRequest,
         FrameKind::BlockData,
+        FrameKind::VerifyRequest,
+        FrameKind::Verified,
         FrameKind::Ping,
         FrameKind::Pong,
     ];

@@ -19,7 +19,9 @@ use super::frame::FrameKind;
 /// also at connect when the peer already holds it, so a secondary knows
 /// that records taken before the announce are resync data (it marks
 /// itself inconsistent, `generation::FLAG_INCONSISTENT`).
-pub const PROTOCOL_VERSION: u16 = 4;
+/// 5: VerifyRequest and Verified (scrub: the secondary reads blocks,
+/// verifies them against its own checksums and reports what they hold).
+pub const PROTOCOL_VERSION: u16 = 5;
 /// The oldest version this node still speaks: a session runs at the lower
 /// of the two nodes' versions, so a volume can be upgraded a node at a
 /// time (a version-2 session has no read repair).

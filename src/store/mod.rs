@@ -493,6 +493,9 @@ struct ReadReq {
     parts_left: usize,
     epoch: u64,
     retries: u32,
+    /// Check every block taken from the data file against its checksum
+    /// (`Tuning::verify_reads`, or a scrub's read).
+    verify: bool,
 }
 
 #[derive(Default)]
@@ -1940,6 +1943,26 @@ impl Store {
     }
 
     pub fn read(&mut self, io: &mut dyn Io, req: ReqId, offset: u64, len: u64, head: usize) {
+        let verify = self.tuning.verify_reads;
+        self.read_checked(io, req, offset, len, head, verify);
+    }
+
+    /// As [`Store::read`], verifying every block taken from the data file
+    /// even when reads are not verified (`--no-verify-reads`): a scrub's
+    /// read, which exists to find blocks that fail.
+    pub fn read_verified(&mut self, io: &mut dyn Io, req: ReqId, offset: u64, len: u64) {
+        self.read_checked(io, req, offset, len, 0, true);
+    }
+
+    fn read_checked(
+        &mut self,
+        io: &mut dyn Io,
+        req: ReqId,
+        offset: u64,
+        len: u64,
+        head: usize,
+        verify: bool,
+    ) {
         let out = vec![0u8; head + len as usize];
         let r = ReadReq {
             start: offset,
@@ -1950,6 +1973,7 @@ impl Store {
             parts_left: 0,
             epoch: 0,
             retries: 0,
+            verify,
         };
         self.reads.insert(req, r);
         self.start_read(io, req);
@@ -2098,7 +2122,7 @@ impl Store {
         let mut r = self.reads.remove(&req).unwrap();
         let (start, end) = (r.start, r.start + r.len);
         let mut bad: Vec<u64> = Vec::new();
-        let verify = self.tuning.verify_reads;
+        let verify = r.verify;
         let sums = &self.sums;
         let find_bad = |file_start: u64, data: &[u8], bad: &mut Vec<u64>| {
             bad.extend(

@@ -1,0 +1,735 @@
+//! Scrub: reading every block of the volume in the background, on a
+//! schedule and under a rate cap, to find silent corruption and divergence
+//! before a client (or a failover) runs into it.
+//!
+//! Owns: a scrub's progress and findings, persisted in `DIR/scrub` (so a
+//! scrub resumes where it stopped after a restart, and the last result and
+//! the schedule survive one), its rate bucket and measured rate, the
+//! schedule (`--scrub-interval`), and the ranges in flight with what is
+//! known of each. The [`Mirror`](super::Mirror) drives it: for each range it
+//! takes the range lock (no client write is in flight there, so every
+//! replica holds the same bytes), reads the range through the store with
+//! verification, asks every in-sync peer to read and verify the same blocks
+//! (VerifyRequest: only checksums come back), repairs this node's bad blocks
+//! from a peer (read repair) and queues a peer's bad or differing blocks for
+//! resync from this node.
+//!
+//! Must never: write data itself, or guess: a block that fails on this node
+//! and cannot be repaired from a peer whose copy matches this node's
+//! checksum is reported, not rewritten.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use super::bitmap::BLOCK;
+
+/// Blocks one scrub step reads (1 MiB).
+pub const STEP_BLOCKS: u64 = 256;
+/// Steps in flight at once.
+pub const WINDOW: usize = 4;
+/// Default rate cap, bytes per second.
+pub const DEFAULT_RATE: u64 = 100 << 20;
+/// Repairs tried for one step before its bad blocks are reported.
+pub const MAX_ATTEMPTS: u8 = 3;
+/// Bad blocks listed by number in the status (all are counted and logged).
+const LISTED: usize = 64;
+const FILE: &str = "scrub";
+const SAVE_EVERY: Duration = Duration::from_secs(5);
+
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// What one peer's copy showed in a scrub pass.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+pub struct PeerTally {
+    /// Blocks compared with this node's.
+    pub checked_blocks: u64,
+    /// Blocks that failed the peer's own checksums (rot on its disk).
+    pub bad_blocks: u64,
+    /// Blocks that verified on the peer but hold other data than this
+    /// node's (the replicas diverged).
+    pub differing_blocks: u64,
+    /// Blocks not compared because the peer was not in sync, or dropped out
+    /// while the range was being compared.
+    pub skipped_blocks: u64,
+}
+
+/// What a scrub pass found.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+pub struct Tally {
+    pub checked_blocks: u64,
+    /// Blocks of this replica that failed verification.
+    pub bad_blocks: u64,
+    /// Of them, rewritten from a peer's verified copy.
+    pub repaired_blocks: u64,
+    /// Of them, left bad (no peer in sync, or no copy matching this node's
+    /// checksum): the first few by number, and how many.
+    pub unrepaired: Vec<u64>,
+    pub unrepaired_count: u64,
+    /// Steps whose read failed for another reason than a checksum (EIO).
+    pub read_errors: u64,
+    pub peers: BTreeMap<u32, PeerTally>,
+}
+
+impl Tally {
+    pub fn unrepaired(&mut self, blocks: &[u64]) {
+        self.unrepaired_count += blocks.len() as u64;
+        for &b in blocks {
+            if self.unrepaired.len() < LISTED {
+                self.unrepaired.push(b);
+            }
+        }
+    }
+
+    pub fn peer(&mut self, node: u32) -> &mut PeerTally {
+        self.peers.entry(node).or_default()
+    }
+
+    /// Problems left standing: this node's unrepaired blocks and read
+    /// errors (a peer's bad or differing blocks are resynced from here).
+    pub fn clean(&self) -> bool {
+        self.unrepaired_count == 0 && self.read_errors == 0
+    }
+
+    fn json(&self) -> serde_json::Value {
+        use serde_json::json;
+        json!({
+            "checked_bytes": self.checked_blocks * BLOCK,
+            "bad_blocks": self.bad_blocks,
+            "repaired_blocks": self.repaired_blocks,
+            "unrepaired_blocks": self.unrepaired_count,
+            "unrepaired_list": self.unrepaired,
+            "read_errors": self.read_errors,
+            "peers": self.peers.iter().map(|(id, p)| json!({
+                "node_id": id,
+                "checked_bytes": p.checked_blocks * BLOCK,
+                "bad_blocks": p.bad_blocks,
+                "differing_blocks": p.differing_blocks,
+                "skipped_bytes": p.skipped_blocks * BLOCK,
+            })).collect::<Vec<_>>(),
+        })
+    }
+}
+
+/// A finished (or cancelled) pass.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Outcome {
+    pub started: u64,
+    pub finished: u64,
+    /// Every block was read (false: cancelled).
+    pub complete: bool,
+    pub tally: Tally,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum State {
+    Idle,
+    Running,
+    Paused,
+}
+
+/// `DIR/scrub`: written whole to a temporary file and renamed.
+#[derive(Serialize, Deserialize, Clone, Debug)]
+struct Saved {
+    version: u32,
+    state: State,
+    /// Every block before this one was scrubbed in the current pass.
+    cursor: u64,
+    /// When the current pass started (unix seconds).
+    started: u64,
+    /// The schedule counts from here when no pass has finished yet (the
+    /// first start with scrubbing known).
+    since: u64,
+    pass: Tally,
+    last: Option<Outcome>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// The store read of the range (under its lock).
+    Reading,
+    /// Waiting for the peers in `waiting` to report their checksums.
+    Verifying,
+    /// This node's bad blocks are being repaired from a peer (no lock held
+    /// by the step: the repair locks them); then the range is read again.
+    Repairing,
+}
+
+/// One range in flight.
+#[derive(Debug)]
+pub struct Step {
+    pub first: u64,
+    pub n: u64,
+    pub phase: Phase,
+    /// The step holds the range lock.
+    pub locked: bool,
+    /// This node's checksums of what it read.
+    pub ours: Vec<u64>,
+    /// Peers (indexes) still to answer, and those that did.
+    pub waiting: u64,
+    pub verified: Vec<u32>,
+    /// Repairs tried, and the blocks the last one was for.
+    pub attempts: u8,
+    pub bad: Vec<u64>,
+}
+
+pub struct Scrub {
+    path: PathBuf,
+    pub blocks: u64,
+    /// Bytes per second, 0 = unlimited.
+    pub rate: u64,
+    /// Seconds between passes, 0 = only when asked.
+    pub interval: u64,
+    saved: Saved,
+    /// Next block to start a step at.
+    next: u64,
+    /// Ranges to read again (after a repair): first block, count, attempts.
+    pub retry: Vec<(u64, u64, u8)>,
+    pub steps: HashMap<u64, Step>,
+    tokens: f64,
+    changed: bool,
+    last_save: Instant,
+    /// Bytes checked, measured for the rate shown.
+    rate_mark: (Instant, u64),
+    shown_rate: f64,
+}
+
+impl Scrub {
+    /// Load `DIR/scrub`, or start a fresh record (the schedule counts from
+    /// now). A damaged file is logged and replaced: it holds no data, only
+    /// progress, and refusing to serve over it would help nobody.
+    pub fn open(dir: &Path, blocks: u64, rate: u64, interval: u64, now: Instant) -> Scrub {
+        let path = dir.join(FILE);
+        let fresh = Saved {
+            version: 1,
+            state: State::Idle,
+            cursor: 0,
+            started: 0,
+            since: unix_now(),
+            pass: Tally::default(),
+            last: None,
+        };
+        let (saved, changed) = match std::fs::read(&path) {
+            Ok(b) => match serde_json::from_slice::<Saved>(&b) {
+                Ok(s) if s.version == 1 && s.cursor <= blocks => (s, false),
+                Ok(_) | Err(_) => {
+                    crate::elog!(
+                        "nbdmirror: {} is damaged or from another version; scrub progress and \
+                         the last result are forgotten (a scheduled scrub counts from now)",
+                        path.display()
+                    );
+                    (fresh, true)
+                }
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => (fresh, true),
+            Err(e) => {
+                crate::elog!(
+                    "nbdmirror: cannot read {}: {e}; scrub progress is forgotten",
+                    path.display()
+                );
+                (fresh, true)
+            }
+        };
+        let mut saved = saved;
+        if saved.state != State::Idle {
+            // Steps that finished out of order past the cursor are read
+            // again: count the blocks before the cursor only.
+            saved.pass.checked_blocks = saved.pass.checked_blocks.min(saved.cursor);
+            for p in saved.pass.peers.values_mut() {
+                p.checked_blocks = p.checked_blocks.min(saved.cursor);
+            }
+        }
+        let next = saved.cursor;
+        let mut s = Scrub {
+            path,
+            blocks,
+            rate,
+            interval,
+            saved,
+            next,
+            retry: Vec::new(),
+            steps: HashMap::new(),
+            tokens: 0.0,
+            changed,
+            last_save: now,
+            rate_mark: (now, 0),
+            shown_rate: 0.0,
+        };
+        if s.saved.state != State::Idle {
+            crate::elog!(
+                "nbdmirror: a scrub was {} at {:.1}% when this node stopped; it {}",
+                if s.saved.state == State::Running {
+                    "running"
+                } else {
+                    "paused"
+                },
+                s.percent(),
+                if s.saved.state == State::Running {
+                    "resumes there"
+                } else {
+                    "stays paused (`nbdmirror scrub resume`)"
+                }
+            );
+        }
+        if s.changed {
+            s.save();
+        }
+        s
+    }
+
+    pub fn state(&self) -> State {
+        self.saved.state
+    }
+
+    pub fn running(&self) -> bool {
+        self.saved.state == State::Running
+    }
+
+    pub fn owns(&self, rid: u64) -> bool {
+        self.steps.contains_key(&rid)
+    }
+
+    pub fn tally(&mut self) -> &mut Tally {
+        self.changed = true;
+        &mut self.saved.pass
+    }
+
+    fn percent(&self) -> f64 {
+        if self.blocks == 0 {
+            100.0
+        } else {
+            self.cursor() as f64 * 100.0 / self.blocks as f64
+        }
+    }
+
+    /// Every block before this was scrubbed in this pass.
+    pub fn cursor(&self) -> u64 {
+        self.steps
+            .values()
+            .map(|s| s.first)
+            .chain(self.retry.iter().map(|r| r.0))
+            .min()
+            .unwrap_or(self.next)
+            .min(self.next)
+    }
+
+    /// When the next scheduled pass is due (unix seconds), if scheduled.
+    pub fn due(&self) -> Option<u64> {
+        if self.interval == 0 {
+            return None;
+        }
+        let from = self
+            .saved
+            .last
+            .as_ref()
+            .map(|l| l.finished)
+            .unwrap_or(self.saved.since);
+        Some(from.saturating_add(self.interval))
+    }
+
+    pub fn start(&mut self, now: Instant) -> Result<(), String> {
+        match self.saved.state {
+            State::Running => {
+                return Err(format!(
+                    "a scrub is already running ({:.1}% done)",
+                    self.percent()
+                ))
+            }
+            State::Paused => {
+                return Err(format!(
+                    "a scrub is paused at {:.1}%: `nbdmirror scrub resume` continues it, \
+                     `nbdmirror scrub cancel` ends it",
+                    self.percent()
+                ))
+            }
+            State::Idle => {}
+        }
+        self.saved.state = State::Running;
+        self.saved.cursor = 0;
+        self.saved.started = unix_now();
+        self.saved.pass = Tally::default();
+        self.next = 0;
+        self.retry.clear();
+        self.rate_mark = (now, 0);
+        self.shown_rate = 0.0;
+        self.changed = true;
+        self.save();
+        Ok(())
+    }
+
+    pub fn pause(&mut self) -> Result<(), String> {
+        match self.saved.state {
+            State::Running => {
+                self.saved.state = State::Paused;
+                self.changed = true;
+                self.save();
+                Ok(())
+            }
+            State::Paused => Err("the scrub is already paused".into()),
+            State::Idle => Err("no scrub is running".into()),
+        }
+    }
+
+    pub fn resume(&mut self, now: Instant) -> Result<(), String> {
+        match self.saved.state {
+            State::Paused => {
+                self.saved.state = State::Running;
+                self.rate_mark = (now, self.saved.pass.checked_blocks);
+                self.changed = true;
+                self.save();
+                Ok(())
+            }
+            State::Running => Err("the scrub is not paused".into()),
+            State::Idle => Err("no scrub to resume: `nbdmirror scrub start` starts one".into()),
+        }
+    }
+
+    /// End the pass now (recorded as incomplete); steps in flight finish.
+    pub fn cancel(&mut self) -> Result<(), String> {
+        if self.saved.state == State::Idle {
+            return Err("no scrub is running".into());
+        }
+        crate::elog!(
+            "nbdmirror: scrub cancelled at {:.1}%: {}",
+            self.percent(),
+            summary(&self.saved.pass)
+        );
+        self.end(false);
+        Ok(())
+    }
+
+    /// The pass is over: record it, go idle.
+    fn end(&mut self, complete: bool) {
+        let pass = std::mem::take(&mut self.saved.pass);
+        self.saved.last = Some(Outcome {
+            started: self.saved.started,
+            finished: unix_now(),
+            complete,
+            tally: pass,
+        });
+        self.saved.state = State::Idle;
+        self.saved.cursor = 0;
+        self.next = 0;
+        self.retry.clear();
+        self.changed = true;
+        self.save();
+    }
+
+    /// Refill the rate bucket; start a scheduled pass when one is due.
+    pub fn tick(&mut self, now: Instant, dt: f64, may_start: bool) {
+        if self.rate > 0 {
+            let cap = (self.rate as f64 / 5.0).max((STEP_BLOCKS * BLOCK) as f64);
+            self.tokens = (self.tokens + dt * self.rate as f64).min(cap);
+        }
+        let checked = self.saved.pass.checked_blocks * BLOCK;
+        let el = now.saturating_duration_since(self.rate_mark.0).as_secs_f64();
+        if el >= 1.0 {
+            let inst = checked.saturating_sub(self.rate_mark.1) as f64 / el;
+            let alpha = 1.0 - (-el / 3.0).exp();
+            self.shown_rate += alpha * (inst - self.shown_rate);
+            self.rate_mark = (now, checked);
+        }
+        if may_start && self.saved.state == State::Idle {
+            if let Some(due) = self.due() {
+                if unix_now() >= due {
+                    crate::elog!(
+                        "nbdmirror: scheduled scrub starting (every {}; `nbdmirror scrub status` \
+                         shows its progress)",
+                        human_secs(self.interval)
+                    );
+                    let _ = self.start(now);
+                }
+            }
+        }
+        if self.changed && now.saturating_duration_since(self.last_save) >= SAVE_EVERY {
+            self.save();
+            self.last_save = now;
+        }
+    }
+
+    /// The next range to read, if the window, the rate cap and the pass
+    /// allow one: (first, n, attempts). Taken off the queue only by
+    /// [`Scrub::begin`].
+    pub fn next_range(&self) -> Option<(u64, u64, u8)> {
+        if self.saved.state != State::Running || self.steps.len() >= WINDOW {
+            return None;
+        }
+        if self.rate > 0 && self.tokens <= 0.0 {
+            return None;
+        }
+        if let Some(&r) = self.retry.first() {
+            return Some(r);
+        }
+        (self.next < self.blocks).then(|| {
+            (
+                self.next,
+                (self.blocks - self.next).min(STEP_BLOCKS),
+                0,
+            )
+        })
+    }
+
+    /// A step for `range` (from `next_range`) starts as request `rid`.
+    pub fn begin(&mut self, rid: u64, range: (u64, u64, u8)) {
+        let (first, n, attempts) = range;
+        if self.retry.first() == Some(&range) {
+            self.retry.remove(0);
+        } else {
+            self.next = first + n;
+        }
+        if self.rate > 0 {
+            self.tokens -= (n * BLOCK) as f64;
+        }
+        self.steps.insert(
+            rid,
+            Step {
+                first,
+                n,
+                phase: Phase::Reading,
+                locked: true,
+                ours: Vec::new(),
+                waiting: 0,
+                verified: Vec::new(),
+                attempts,
+                bad: Vec::new(),
+            },
+        );
+    }
+
+    /// Step `rid` is done: its blocks count as checked. Ends the pass when
+    /// nothing is left.
+    pub fn complete(&mut self, rid: u64) {
+        let Some(s) = self.steps.remove(&rid) else {
+            return;
+        };
+        self.changed = true;
+        let pass = &mut self.saved.pass;
+        pass.checked_blocks += s.n;
+        for id in s.verified {
+            pass.peer(id).checked_blocks += s.n;
+        }
+        self.maybe_end();
+    }
+
+    /// Step `rid` is read again later (its bad blocks were repaired).
+    pub fn again(&mut self, rid: u64) {
+        if let Some(s) = self.steps.remove(&rid) {
+            self.retry.push((s.first, s.n, s.attempts));
+        }
+    }
+
+    fn maybe_end(&mut self) {
+        if self.saved.state == State::Idle
+            || self.next < self.blocks
+            || !self.steps.is_empty()
+            || !self.retry.is_empty()
+        {
+            return;
+        }
+        let started = self.saved.started;
+        let took = unix_now().saturating_sub(started);
+        crate::elog!(
+            "nbdmirror: scrub finished in {}: {}",
+            human_secs(took),
+            summary(&self.saved.pass)
+        );
+        self.end(true);
+    }
+
+    /// Write `DIR/scrub` (temporary file, fsync, rename). A failure is
+    /// logged: the scrub goes on, and only its resume point is older.
+    pub fn save(&mut self) {
+        self.saved.cursor = self.cursor();
+        let body = match serde_json::to_vec(&self.saved) {
+            Ok(b) => b,
+            Err(_) => return,
+        };
+        let tmp = self.path.with_extension("tmp");
+        let r = (|| -> std::io::Result<()> {
+            use std::io::Write;
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(&body)?;
+            f.sync_data()?;
+            std::fs::rename(&tmp, &self.path)
+        })();
+        match r {
+            Ok(()) => self.changed = false,
+            Err(e) => crate::elog!("nbdmirror: cannot save {}: {e}", self.path.display()),
+        }
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        use serde_json::json;
+        let cursor = self.cursor();
+        json!({
+            "state": self.saved.state,
+            "position_bytes": cursor * BLOCK,
+            "total_bytes": self.blocks * BLOCK,
+            "rate_bytes_per_sec": if self.running() { self.shown_rate.max(0.0).round() as u64 } else { 0 },
+            "rate_limit": self.rate,
+            "interval_secs": self.interval,
+            "started_at": (self.saved.state != State::Idle).then_some(self.saved.started),
+            "next_at": self.due(),
+            "current": (self.saved.state != State::Idle).then(|| self.saved.pass.json()),
+            "last": self.saved.last.as_ref().map(|l| json!({
+                "started_at": l.started,
+                "finished_at": l.finished,
+                "complete": l.complete,
+                "clean": l.tally.clean(),
+                "found": l.tally.json(),
+            })),
+        })
+    }
+}
+
+/// One line: what a pass found.
+pub fn summary(t: &Tally) -> String {
+    let mut s = format!(
+        "{} blocks checked; {} bad on this node",
+        t.checked_blocks, t.bad_blocks
+    );
+    if t.bad_blocks > 0 {
+        s.push_str(&format!(
+            " ({} repaired from a peer, {} not",
+            t.repaired_blocks, t.unrepaired_count
+        ));
+        if !t.unrepaired.is_empty() {
+            let list: Vec<String> = t.unrepaired.iter().map(|b| b.to_string()).collect();
+            s.push_str(&format!(": blocks {}", list.join(", ")));
+            if t.unrepaired_count > t.unrepaired.len() as u64 {
+                s.push_str(", ...");
+            }
+        }
+        s.push(')');
+    }
+    if t.read_errors > 0 {
+        s.push_str(&format!("; {} read errors", t.read_errors));
+    }
+    for (id, p) in &t.peers {
+        s.push_str(&format!(
+            "; peer {id}: {} blocks compared, {} bad there, {} differing (both resent from here)",
+            p.checked_blocks, p.bad_blocks, p.differing_blocks
+        ));
+        if p.skipped_blocks > 0 {
+            s.push_str(&format!(", {} not compared", p.skipped_blocks));
+        }
+    }
+    s
+}
+
+pub fn human_secs(s: u64) -> String {
+    if s >= 86_400 && s.is_multiple_of(86_400) {
+        format!("{}d", s / 86_400)
+    } else if s >= 3600 && s.is_multiple_of(3600) {
+        format!("{}h", s / 3600)
+    } else if s >= 60 && s.is_multiple_of(60) {
+        format!("{}m", s / 60)
+    } else {
+        format!("{s}s")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dir(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("nbdmirror-scrub-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn a_pass_walks_every_block_once_and_resumes_after_a_restart() {
+        let d = dir("walk");
+        let t = Instant::now();
+        let mut s = Scrub::open(&d, 1000, 0, 0, t);
+        assert_eq!(s.state(), State::Idle);
+        s.start(t).unwrap();
+        assert!(s.start(t).is_err());
+        let mut rid = 1;
+        // Two steps, the second finishing first: the resume point is the
+        // first one's start.
+        let a = s.next_range().unwrap();
+        s.begin(rid, a);
+        let b = s.next_range().unwrap();
+        s.begin(rid + 1, b);
+        assert_eq!((a.0, b.0), (0, 256));
+        s.complete(rid + 1);
+        assert_eq!(s.cursor(), 0);
+        s.save();
+        let mut s2 = Scrub::open(&d, 1000, 0, 0, t);
+        assert_eq!(s2.state(), State::Running);
+        assert_eq!(s2.next_range(), Some((0, 256, 0)));
+        s.complete(rid);
+        assert_eq!(s.cursor(), 512);
+        rid += 2;
+        // A repaired step is read again before anything new.
+        let c = s.next_range().unwrap();
+        s.begin(rid, c);
+        s.steps.get_mut(&rid).unwrap().attempts = 1;
+        s.again(rid);
+        assert_eq!(s.next_range(), Some((512, 256, 1)));
+        while let Some(r) = s.next_range() {
+            rid += 1;
+            s.begin(rid, r);
+            s.complete(rid);
+        }
+        assert_eq!(s.state(), State::Idle);
+        let last = s.saved.last.clone().unwrap();
+        assert!(last.complete);
+        assert_eq!(last.tally.checked_blocks, 1000);
+        // And the record survives a restart.
+        s2 = Scrub::open(&d, 1000, 0, 0, t);
+        assert_eq!(s2.saved.last, Some(last));
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn a_damaged_record_is_replaced_and_schedules_count_from_the_last_pass() {
+        let d = dir("damaged");
+        std::fs::write(d.join(FILE), b"{not json").unwrap();
+        let t = Instant::now();
+        let mut s = Scrub::open(&d, 10, 0, 3600, t);
+        assert_eq!(s.state(), State::Idle);
+        let since = s.saved.since;
+        assert_eq!(s.due(), Some(since + 3600));
+        s.start(t).unwrap();
+        s.cancel().unwrap();
+        let fin = s.saved.last.as_ref().unwrap().finished;
+        assert_eq!(s.due(), Some(fin + 3600));
+        assert!(!s.saved.last.as_ref().unwrap().complete);
+        // Pause and resume keep the pass.
+        s.start(t).unwrap();
+        s.pause().unwrap();
+        assert!(s.start(t).is_err());
+        assert_eq!(s.next_range(), None);
+        s.resume(t).unwrap();
+        assert_eq!(s.next_range(), Some((0, 10, 0)));
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn the_rate_cap_holds_back_steps() {
+        let d = dir("rate");
+        let t = Instant::now();
+        let mut s = Scrub::open(&d, 100_000, 1 << 20, 0, t);
+        s.start(t).unwrap();
+        // No tokens yet.
+        assert_eq!(s.next_range(), None);
+        s.tick(t + Duration::from_secs(1), 1.0, false);
+        let r = s.next_range().unwrap();
+        s.begin(1, r);
+        assert_eq!(s.next_range(), None);
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+}
