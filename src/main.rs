@@ -1030,7 +1030,11 @@ fn scrub(action: ScrubCmd) -> Result<(), String> {
         }
     };
     match action {
-        ScrubCmd::Status { admin, json, watch: w } => {
+        ScrubCmd::Status {
+            admin,
+            json,
+            watch: w,
+        } => {
             if w {
                 watch(&admin, json)?;
                 return Ok(());
@@ -1057,8 +1061,7 @@ fn scrub(action: ScrubCmd) -> Result<(), String> {
             }
             if v["scrub"]["last"]["clean"].as_bool() == Some(false) {
                 return Err(
-                    "the scrub found blocks on this node that could not be repaired (above)"
-                        .into(),
+                    "the scrub found blocks on this node that could not be repaired (above)".into(),
                 );
             }
             Ok(())

@@ -4043,3 +4043,362 @@ fn read_repair_asks_the_next_peer_when_the_first_copy_is_bad_too() {
     let n3 = fs::read(cl.nodes[2].data()).unwrap();
     assert!(p == n3, "primary and node 3 differ after the repair");
 }
+
+// ------------------------------------------------------------------ scrub
+
+/// `nbdmirror scrub <args>`: (stdout, stderr, exit status success).
+fn scrub_cmd(args: &[&str], timeout: Duration) -> (String, String, bool) {
+    let out = run_quiet(Command::new(NBDMIRROR_BIN).arg("scrub").args(args), timeout)
+        .unwrap_or_else(|e| panic!("{e}"));
+    (
+        stdout_str(&out),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+        out.status.success(),
+    )
+}
+
+/// `nbdmirror scrub status --json --dir DIR`.
+fn scrub_json(dir: &Path) -> Json {
+    let d = dir.display().to_string();
+    let (out, err, ok) = scrub_cmd(&["status", "--json", "--dir", &d], Duration::from_secs(10));
+    assert!(ok, "scrub status failed: {out} {err}");
+    Json::parse(out.trim()).unwrap_or_else(|e| panic!("scrub status {out:?}: {e}"))
+}
+
+/// Overwrite bytes of a stopped replica's data file (rot: its checksum no
+/// longer matches).
+fn rot(data: &Path, off: u64, bytes: &[u8]) {
+    use std::os::unix::fs::FileExt;
+    let f = fs::OpenOptions::new().write(true).open(data).unwrap();
+    f.write_all_at(bytes, off).unwrap();
+    f.sync_all().unwrap();
+}
+
+/// Give block `block` of a stopped replica other content *and* the
+/// checksum of that content: the replica diverged from its peers (a lost
+/// or misplaced write, a rollback) but verifies on its own.
+fn diverge(dir: &Path, block: u64, bytes: &[u8]) {
+    use std::os::unix::fs::FileExt;
+    assert_eq!(bytes.len(), 4096);
+    rot(&dir.join("data"), block * 4096, bytes);
+    let sum = nbdmirror::store::checksum::block_checksum(block, bytes);
+    let f = fs::OpenOptions::new()
+        .write(true)
+        .open(dir.join("meta"))
+        .unwrap();
+    f.write_all_at(&sum.to_le_bytes(), 8192 + 8 * block)
+        .unwrap();
+    f.sync_all().unwrap();
+}
+
+/// The scrub finds rot on the primary (repaired from the secondary), rot on
+/// the secondary and a block where the secondary diverged but verifies on
+/// its own (both resent from the primary), says so in status and the log,
+/// and leaves the replicas identical and equal to what was written. A block
+/// bad on both replicas is reported as unrepaired (`start --wait` exits 1)
+/// and listed by number.
+#[test]
+fn scrub_finds_and_repairs_rot_and_divergence_on_every_replica() {
+    let test = "scrub_finds_and_repairs_rot_and_divergence_on_every_replica";
+    if !require_tools(test, &["nbdcopy"]) {
+        return;
+    }
+    let _wd = Watchdog::new(test, Duration::from_secs(180));
+    let seed = test_seed(test);
+    let size = 32 * MIB;
+    let mut o = Opts::new(size, 3);
+    o.primary_extra = vec!["--scrub-rate".into(), "0".into()];
+    let mut cl = Cluster::new(test, seed, o);
+    cl.start_all();
+    cl.wait_in_sync(Duration::from_secs(20));
+    let src = cl.tmp.join("src.img");
+    write_random_file(&src, size, seed, &[(20 * MIB, 4 * MIB)]);
+    run_ok_timeout(
+        Command::new(tool("nbdcopy")).args([src.to_str().unwrap(), &cl.uri()]),
+        Duration::from_secs(60),
+    );
+    cl.wait_in_sync(Duration::from_secs(20));
+    cl.stop_all();
+
+    let garbage = random_bytes(seed ^ 0x5c2b, 3 * 4096);
+    let (p, s2, s3) = (
+        cl.nodes[0].dir.clone(),
+        cl.nodes[1].dir.clone(),
+        cl.nodes[2].dir.clone(),
+    );
+    // Rot on the primary (one block), on node 2 (a run of two), on node 3
+    // (one block in the zeroed hole); node 3 diverged in another block.
+    rot(&p.join("data"), 3 * MIB + 100, &garbage[..16]);
+    rot(&s2.join("data"), 7 * MIB, &garbage[..8192]);
+    rot(&s3.join("data"), 21 * MIB + 4096, &garbage[8192..8200]);
+    diverge(&s3, (13 * MIB) / 4096 + 5, &garbage[4096..8192]);
+    cl.start_all();
+    cl.wait_in_sync(Duration::from_secs(20));
+
+    let pd = p.display().to_string();
+    let (out, err, ok) = scrub_cmd(&["start", "--wait", "--dir", &pd], Duration::from_secs(60));
+    assert!(ok, "scrub start --wait failed:\n{out}\n{err}");
+    assert!(
+        out.contains("nothing left bad"),
+        "the human status does not say the scrub ended clean:\n{out}"
+    );
+    let j = scrub_json(&p);
+    assert_eq!(j.at("state").as_str(), Some("idle"), "{j:?}");
+    let last = j.at("last");
+    assert_eq!(last.at("complete").as_bool(), Some(true), "{j:?}");
+    assert_eq!(last.at("clean").as_bool(), Some(true), "{j:?}");
+    let f = last.at("found");
+    assert_eq!(f.at("checked_bytes").as_u64(), Some(size), "{j:?}");
+    assert_eq!(f.at("bad_blocks").as_u64(), Some(1), "{j:?}");
+    assert_eq!(f.at("repaired_blocks").as_u64(), Some(1), "{j:?}");
+    assert_eq!(f.at("unrepaired_blocks").as_u64(), Some(0), "{j:?}");
+    let peer = |id: u64| {
+        f.at("peers")
+            .as_array()
+            .iter()
+            .find(|p| p.at("node_id").as_u64() == Some(id))
+            .cloned()
+            .unwrap_or_else(|| panic!("no peer {id} in {j:?}"))
+    };
+    let (t2, t3) = (peer(2), peer(3));
+    assert_eq!(t2.at("bad_blocks").as_u64(), Some(2), "{j:?}");
+    assert_eq!(t2.at("differing_blocks").as_u64(), Some(0), "{j:?}");
+    assert_eq!(t3.at("bad_blocks").as_u64(), Some(1), "{j:?}");
+    assert_eq!(t3.at("differing_blocks").as_u64(), Some(1), "{j:?}");
+    for t in [&t2, &t3] {
+        assert_eq!(t.at("skipped_bytes").as_u64(), Some(0), "{j:?}");
+        assert_eq!(t.at("checked_bytes").as_u64(), Some(size), "{j:?}");
+    }
+    let log = cl.nodes[0].stderr();
+    assert!(contains_ci(&log, "scrub finished"), "{log}");
+    assert!(contains_ci(&log, "repaired 1 block"), "{log}");
+    // The resent blocks make the peers resync; then every copy is the
+    // data written.
+    cl.wait_in_sync(Duration::from_secs(20));
+    let back = cl.tmp.join("back.img");
+    run_ok_timeout(
+        Command::new(tool("nbdcopy")).args([&cl.uri(), back.to_str().unwrap()]),
+        Duration::from_secs(60),
+    );
+    assert_files_equal(&src, &back);
+    cl.stop_all();
+    cl.assert_replicas_identical();
+    assert_files_equal(&src, &cl.nodes[0].data());
+    // And a second scrub finds nothing at all.
+    cl.start_all();
+    cl.wait_in_sync(Duration::from_secs(20));
+    let (out, err, ok) = scrub_cmd(&["start", "--wait", "--dir", &pd], Duration::from_secs(60));
+    assert!(ok, "second scrub failed:\n{out}\n{err}");
+    let f = scrub_json(&p).at("last").at("found").clone();
+    assert_eq!(f.at("bad_blocks").as_u64(), Some(0), "{f:?}");
+    for pj in f.at("peers").as_array() {
+        assert_eq!(pj.at("bad_blocks").as_u64(), Some(0), "{f:?}");
+        assert_eq!(pj.at("differing_blocks").as_u64(), Some(0), "{f:?}");
+    }
+
+    // The same block bad on the primary and on both secondaries: nothing
+    // to repair it from. Reported by number, exit status 1.
+    cl.stop_all();
+    let bad_block = (9 * MIB) / 4096 + 3;
+    for d in [&p, &s2, &s3] {
+        rot(&d.join("data"), bad_block * 4096 + 7, &garbage[..32]);
+    }
+    cl.start_all();
+    cl.wait_in_sync(Duration::from_secs(20));
+    let (out, err, ok) = scrub_cmd(&["start", "--wait", "--dir", &pd], Duration::from_secs(60));
+    assert!(
+        !ok,
+        "scrub --wait succeeded with a block bad everywhere:\n{out}"
+    );
+    assert!(
+        err.contains("could not be repaired") && out.contains(&bad_block.to_string()),
+        "the bad block is not named:\n{out}\n{err}"
+    );
+    let f = scrub_json(&p).at("last").at("found").clone();
+    assert_eq!(f.at("unrepaired_blocks").as_u64(), Some(1), "{f:?}");
+    assert_eq!(
+        f.at("unrepaired_list").as_array()[0].as_u64(),
+        Some(bad_block),
+        "{f:?}"
+    );
+    cl.check_alive();
+}
+
+/// Client writes during a scrub (fio with verification, several jobs)
+/// never show up as bad or differing blocks: the scrub reads a range under
+/// its lock, when no write to it is in flight. fio's verification passes
+/// and the replicas end identical.
+#[test]
+fn scrub_under_client_writes_finds_nothing_and_loses_nothing() {
+    let test = "scrub_under_client_writes_finds_nothing_and_loses_nothing";
+    if !require_tools(test, &["fio"]) {
+        return;
+    }
+    let _wd = Watchdog::new(test, Duration::from_secs(240));
+    let seed = test_seed(test);
+    let size = 64 * MIB;
+    let mut o = Opts::new(size, 2);
+    o.primary_extra = vec!["--scrub-rate".into(), "0".into()];
+    let mut cl = Cluster::new(test, seed, o);
+    cl.start_all();
+    cl.wait_in_sync(Duration::from_secs(20));
+    let uri = cl.uri();
+    let fio = thread::spawn(move || {
+        let out = run_timeout(
+            Command::new(tool("fio")).args([
+                "--name=scrubbed",
+                "--ioengine=nbd",
+                &format!("--uri={uri}"),
+                "--rw=randwrite",
+                "--bssplit=4k/50:64k/30:1m/20",
+                "--iodepth=16",
+                "--numjobs=2",
+                "--size=32m",
+                "--offset_increment=32m",
+                "--time_based",
+                "--runtime=8",
+                "--verify=crc32c",
+                "--verify_fatal=1",
+                "--do_verify=1",
+                "--verify_backlog=64",
+                "--fsync=16",
+                "--group_reporting",
+            ]),
+            Duration::from_secs(120),
+        );
+        (
+            out.status.success(),
+            stdout_str(&out),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    });
+    let pd = cl.nodes[0].dir.display().to_string();
+    let started = Instant::now();
+    let mut passes = 0;
+    while started.elapsed() < Duration::from_secs(7) {
+        let (out, err, ok) = scrub_cmd(&["start", "--wait", "--dir", &pd], Duration::from_secs(60));
+        assert!(ok, "scrub during writes failed:\n{out}\n{err}");
+        let f = scrub_json(&cl.nodes[0].dir).at("last").at("found").clone();
+        assert_eq!(f.at("bad_blocks").as_u64(), Some(0), "{f:?}");
+        for pj in f.at("peers").as_array() {
+            assert_eq!(pj.at("bad_blocks").as_u64(), Some(0), "{f:?}");
+            assert_eq!(pj.at("differing_blocks").as_u64(), Some(0), "{f:?}");
+            assert_eq!(pj.at("checked_bytes").as_u64(), Some(size), "{f:?}");
+        }
+        passes += 1;
+    }
+    let (ok, out, err) = fio.join().unwrap();
+    assert!(ok, "fio failed during scrubs:\n{out}\n{err}");
+    eprintln!("{test}: {passes} scrub passes during fio");
+    assert!(passes >= 2, "only {passes} scrub passes ran");
+    cl.wait_in_sync(Duration::from_secs(30));
+    cl.stop_all();
+    cl.assert_replicas_identical();
+}
+
+/// A scrub keeps its place: paused, across a restart of the primary (also
+/// a SIGKILL), and resumed, it ends having checked every block once; the
+/// rate cap holds while it runs; `--scrub-interval` starts one on its own
+/// and status says when the next is due. A secondary refuses scrub
+/// commands, and a damaged `DIR/scrub` is replaced, not fatal.
+#[test]
+fn scrub_resumes_after_a_restart_and_runs_on_schedule() {
+    let test = "scrub_resumes_after_a_restart_and_runs_on_schedule";
+    let _wd = Watchdog::new(test, Duration::from_secs(180));
+    let seed = test_seed(test);
+    let size = 64 * MIB;
+    let mut o = Opts::new(size, 2);
+    o.primary_extra = vec!["--scrub-rate".into(), "8M".into()];
+    let mut cl = Cluster::new(test, seed, o);
+    cl.start_all();
+    cl.wait_in_sync(Duration::from_secs(20));
+    let p = cl.nodes[0].dir.clone();
+    let pd = p.display().to_string();
+    let (out, err, ok) = scrub_cmd(&["start", "--dir", &pd], Duration::from_secs(10));
+    assert!(ok, "{out} {err}");
+    let (_, err, ok) = scrub_cmd(&["start", "--dir", &pd], Duration::from_secs(10));
+    assert!(!ok && err.contains("already running"), "{err}");
+    thread::sleep(Duration::from_millis(2500));
+    let j = scrub_json(&p);
+    let pos = j.at("position_bytes").as_u64().unwrap();
+    // 8 MiB/s for 2.5 s, plus the bucket's first second.
+    assert!(
+        pos > 0 && pos <= 36 * MIB,
+        "scrub at {pos} bytes after 2.5 s at 8 MiB/s: {j:?}"
+    );
+    let (_, err, ok) = scrub_cmd(&["pause", "--dir", &pd], Duration::from_secs(10));
+    assert!(ok, "{err}");
+    thread::sleep(Duration::from_millis(300));
+    let paused_at = scrub_json(&p).at("position_bytes").as_u64().unwrap();
+    // Stopped (SIGTERM), started: still paused at the same place.
+    cl.nodes[0].terminate();
+    cl.nodes[0].start();
+    cl.wait_in_sync(Duration::from_secs(20));
+    let j = scrub_json(&p);
+    assert_eq!(j.at("state").as_str(), Some("paused"), "{j:?}");
+    assert_eq!(j.at("position_bytes").as_u64(), Some(paused_at), "{j:?}");
+    let (_, err, ok) = scrub_cmd(&["resume", "--dir", &pd], Duration::from_secs(10));
+    assert!(ok, "{err}");
+    thread::sleep(Duration::from_millis(1500));
+    let before_kill = scrub_json(&p).at("position_bytes").as_u64().unwrap();
+    assert!(before_kill > paused_at, "no progress after resume");
+    // SIGKILL: the saved place is at most a few seconds old.
+    cl.nodes[0].kill();
+    cl.nodes[0].start();
+    cl.wait_in_sync(Duration::from_secs(30));
+    let j = scrub_json(&p);
+    assert_eq!(j.at("state").as_str(), Some("running"), "{j:?}");
+    let resumed = j.at("position_bytes").as_u64().unwrap();
+    assert!(
+        resumed >= paused_at && resumed <= before_kill + 8 * MIB,
+        "resumed at {resumed}, paused at {paused_at}, killed at about {before_kill}"
+    );
+    let (_, err, ok) = scrub_cmd(&["rate", "0", "--dir", &pd], Duration::from_secs(10));
+    assert!(ok, "{err}");
+    let j = cl.wait_status("the scrub to finish", Duration::from_secs(60), |j| {
+        j.at("scrub").at("state").as_str() == Some("idle")
+    });
+    let last = j.at("scrub").at("last");
+    assert_eq!(last.at("complete").as_bool(), Some(true), "{j:?}");
+    let checked = last.at("found").at("checked_bytes").as_u64().unwrap();
+    assert_eq!(checked, size, "every block counted once: {j:?}");
+    assert_eq!(last.at("found").at("bad_blocks").as_u64(), Some(0), "{j:?}");
+
+    // A secondary refuses scrub commands and says where scrubs run.
+    let sd = cl.nodes[1].dir.display().to_string();
+    let (_, err, ok) = scrub_cmd(&["start", "--dir", &sd], Duration::from_secs(10));
+    assert!(!ok && err.contains("primary"), "{err}");
+
+    // A damaged record, and a schedule: every 2 s, counted from the end of
+    // the last scrub.
+    cl.nodes[0].terminate();
+    fs::write(p.join("scrub"), b"{\"version\":1,\"state\":").unwrap();
+    let args = &mut cl.nodes[0].args;
+    let at = args.iter().position(|a| a == "--scrub-rate").unwrap();
+    args[at + 1] = "0".into();
+    args.extend(["--scrub-interval".into(), "2s".into()]);
+    cl.nodes[0].start();
+    cl.wait_in_sync(Duration::from_secs(20));
+    assert!(
+        contains_ci(&cl.nodes[0].stderr(), "damaged"),
+        "{}",
+        cl.nodes[0].stderr()
+    );
+    let j = cl.wait_status("a scheduled scrub", Duration::from_secs(20), |j| {
+        j.at("scrub")
+            .at("last")
+            .get("complete")
+            .and_then(|c| c.as_bool())
+            == Some(true)
+    });
+    let next = j.at("scrub").at("next_at").as_u64().unwrap();
+    let fin = j.at("scrub").at("last").at("finished_at").as_u64().unwrap();
+    assert_eq!(next, fin + 2, "{j:?}");
+    assert!(contains_ci(
+        &cl.nodes[0].stderr(),
+        "scheduled scrub starting"
+    ));
+    cl.check_alive();
+    cl.stop_all();
+    cl.assert_replicas_identical();
+}

@@ -514,7 +514,10 @@ mod tests {
         // Reported in sync: the mark goes, a new generation is adopted.
         assert_eq!(half10.in_sync_with(10), follower);
         let adopted = half10.in_sync_with(20);
-        assert_eq!((adopted.current, adopted.previous, adopted.flags), (20, 10, 0));
+        assert_eq!(
+            (adopted.current, adopted.previous, adopted.flags),
+            (20, 10, 0)
+        );
         let d = std::env::temp_dir().join(format!("nbdm-gen-inc-{}", std::process::id()));
         std::fs::create_dir_all(&d).unwrap();
         half.store(&d).unwrap();

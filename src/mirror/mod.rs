@@ -2594,8 +2594,7 @@ impl Mirror {
                 let (id, first, n) =
                     wire::decode_verify_request(payload, self.size.div_ceil(BLOCK))?;
                 // A primary keeps at most scrub::WINDOW in flight.
-                if self.verify_reads.values().filter(|v| v.0 == link).count() >= MAX_VERIFY_READS
-                {
+                if self.verify_reads.values().filter(|v| v.0 == link).count() >= MAX_VERIFY_READS {
                     return Err(format!(
                         "more than {MAX_VERIFY_READS} VerifyRequests in flight"
                     ));
@@ -3007,7 +3006,10 @@ impl Mirror {
             return;
         }
         while let Some(range) = self.scrub.next_range() {
-            let (s, e) = (range.0 * BLOCK, ((range.0 + range.1) * BLOCK).min(self.size));
+            let (s, e) = (
+                range.0 * BLOCK,
+                ((range.0 + range.1) * BLOCK).min(self.size),
+            );
             // Client writes waiting for the range go first; the scrub
             // comes back at the next tick or completion.
             if self.locked(s, e)
@@ -3182,7 +3184,9 @@ impl Mirror {
             Some(Out::Verify { .. }) => {}
             Some(other) => {
                 self.peers[i].outstanding.insert(id, other);
-                return Err(format!("Verified for request {id}, which was no VerifyRequest"));
+                return Err(format!(
+                    "Verified for request {id}, which was no VerifyRequest"
+                ));
             }
             None => return Err(format!("Verified for unknown request {id}")),
         }
@@ -3270,7 +3274,13 @@ impl Mirror {
     /// A VerifyRequest's store read finished (secondary): send the
     /// checksum of every block as read, `BAD_SUM` for one that failed this
     /// replica's own checksums.
-    fn verify_read_done(&mut self, io: &mut dyn Io, store: &mut Store, rid: u64, r: Result<Vec<u8>, i32>) {
+    fn verify_read_done(
+        &mut self,
+        io: &mut dyn Io,
+        store: &mut Store,
+        rid: u64,
+        r: Result<Vec<u8>, i32>,
+    ) {
         let corrupt = store.take_corrupt(rid);
         let Some((link, id, first, n)) = self.verify_reads.remove(&rid) else {
             return;
@@ -3294,7 +3304,11 @@ impl Mirror {
             (Err(_), None) => vec![wire::BAD_SUM; n as usize],
         };
         if self.links.get(&link).is_some_and(|l| !l.closing) {
-            self.send_frame(link, FrameKind::Verified, &[&wire::encode_sums(id, first, &sums)]);
+            self.send_frame(
+                link,
+                FrameKind::Verified,
+                &[&wire::encode_sums(id, first, &sums)],
+            );
             self.post_send(io, link);
         }
     }
@@ -3627,7 +3641,11 @@ impl Mirror {
         if r.is_ok() && matches!(words.first(), Some(&"start") | Some(&"resume")) {
             crate::elog!(
                 "nbdmirror: scrub {} ({}): every block is read and verified{}",
-                if words[0] == "start" { "started" } else { "resumed" },
+                if words[0] == "start" {
+                    "started"
+                } else {
+                    "resumed"
+                },
                 if self.scrub.rate == 0 {
                     "no rate cap".to_string()
                 } else {

@@ -430,7 +430,9 @@ impl Scrub {
             self.tokens = (self.tokens + dt * self.rate as f64).min(cap);
         }
         let checked = self.saved.pass.checked_blocks * BLOCK;
-        let el = now.saturating_duration_since(self.rate_mark.0).as_secs_f64();
+        let el = now
+            .saturating_duration_since(self.rate_mark.0)
+            .as_secs_f64();
         if el >= 1.0 {
             let inst = checked.saturating_sub(self.rate_mark.1) as f64 / el;
             let alpha = 1.0 - (-el / 3.0).exp();
@@ -468,13 +470,8 @@ impl Scrub {
         if let Some(&r) = self.retry.first() {
             return Some(r);
         }
-        (self.next < self.blocks).then(|| {
-            (
-                self.next,
-                (self.blocks - self.next).min(STEP_BLOCKS),
-                0,
-            )
-        })
+        (self.next < self.blocks)
+            .then(|| (self.next, (self.blocks - self.next).min(STEP_BLOCKS), 0))
     }
 
     /// A step for `range` (from `next_range`) starts as request `rid`.
