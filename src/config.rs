@@ -449,6 +449,16 @@ peer-address = "127.0.0.1:10810"
         );
         assert_eq!(c.peers_of(1), vec![(2, "127.0.0.1:10810".parse().unwrap())]);
         assert!(c.node(3).unwrap_err().contains("no node 3 (nodes: 1, 2)"));
+        assert_eq!((c.scrub_rate, c.scrub_interval), (None, None));
+        let t = GOOD.replace(
+            "primary = 1",
+            "primary = 1\nscrub-rate = \"50M\"\nscrub-interval = \"7d\"",
+        );
+        let c = parse(&t).unwrap();
+        assert_eq!(c.scrub_rate, Some(50 << 20));
+        assert_eq!(c.scrub_interval, Some(7 * 86_400));
+        let t = GOOD.replace("primary = 1", "primary = 1\nscrub-interval = \"7y\"");
+        assert!(parse(&t).unwrap_err().contains("scrub-interval"));
     }
 
     #[test]
