@@ -218,6 +218,19 @@ const MAX_VERIFY_READS: usize = 32;
 /// Read repairs in flight at once (each holds up to 1 MiB at the peer).
 const MAX_REPAIRS: usize = 16;
 
+/// Whether peer `p` can be asked for its copy of blocks (read repair): it
+/// is streaming (and, with `in_sync`, in sync) at a protocol version that
+/// has BlockRequest.
+fn repair_source(p: &Peer, in_sync: bool) -> bool {
+    p.link.is_some()
+        && p.version >= REPAIR_VERSION
+        && if in_sync {
+            p.state == PeerState::InSync
+        } else {
+            p.streaming()
+        }
+}
+
 /// The byte range a repair of `read` locks: its first run of bad blocks,
 /// at most `MAX_REPAIR_BLOCKS` long.
 fn repair_range(read: &CorruptRead) -> (u64, u64) {
@@ -1281,9 +1294,7 @@ impl Mirror {
         if self.cfg.role != NodeRole::Primary || read.blocks.is_empty() {
             return RepairStart::No;
         }
-        if !self.peers.iter().any(|p| {
-            p.state == PeerState::InSync && p.link.is_some() && p.version >= REPAIR_VERSION
-        }) {
+        if !self.peers.iter().any(|p| repair_source(p, false)) {
             return RepairStart::No;
         }
         let waiting = self.repair_waiting.len();
@@ -1340,11 +1351,12 @@ impl Mirror {
         let Some(r) = self.repairs.get(&id) else {
             return false;
         };
-        let Some(i) = (0..self.peers.len()).find(|&i| {
-            self.peers[i].state == PeerState::InSync
-                && self.peers[i].link.is_some()
-                && self.peers[i].version >= REPAIR_VERSION
-                && !r.tried.contains(&i)
+        // In-sync peers first; a peer being resynced holds the same data
+        // except in its dirty blocks, and whatever it sends is checked
+        // against this node's checksums anyway.
+        let Some(i) = [true, false].into_iter().find_map(|in_sync| {
+            (0..self.peers.len())
+                .find(|&i| repair_source(&self.peers[i], in_sync) && !r.tried.contains(&i))
         }) else {
             return false;
         };
@@ -3117,44 +3129,90 @@ impl Mirror {
                     self.scrub_complete(io, store, rid);
                     return;
                 };
+                // One run of adjacent bad blocks at a time: a peer whose
+                // copy has a bad block of its own between two of ours
+                // could not answer a request spanning both.
                 let step = self.scrub.steps.get_mut(&rid).unwrap();
-                step.bad = now_bad;
-                if step.attempts < scrub::MAX_ATTEMPTS {
+                let left: Vec<u64> = now_bad
+                    .iter()
+                    .copied()
+                    .filter(|b| !step.unrepairable.contains(b))
+                    .collect();
+                let run: Vec<u64> = left
+                    .iter()
+                    .copied()
+                    .enumerate()
+                    .take_while(|&(k, b)| b == left[0] + k as u64)
+                    .map(|(_, b)| b)
+                    .collect();
+                step.bad = run.clone();
+                if !run.is_empty() && step.attempts < scrub::MAX_ATTEMPTS {
                     step.attempts += 1;
                     step.phase = scrub::Phase::Repairing;
-                    if self.repair_read(io, rid, c) != RepairStart::No {
+                    let read = CorruptRead { blocks: run, ..c };
+                    if self.repair_read(io, rid, read) != RepairStart::No {
                         return;
                     }
                 }
-                self.scrub_unrepaired(io, store, rid);
+                // Nothing to repair from (or too many tries): every bad
+                // block left is reported.
+                let step = self.scrub.steps.get_mut(&rid).unwrap();
+                for b in left {
+                    if !step.unrepairable.contains(&b) {
+                        step.unrepairable.push(b);
+                    }
+                }
+                self.scrub_end_unrepaired(io, store, rid);
             }
         }
     }
 
-    /// This node's bad blocks of scrub step `rid` could not be repaired.
+    /// The repair of scrub step `rid`'s current run of bad blocks failed
+    /// (no peer holds a copy that matches this node's checksums): note
+    /// them and read the step again for the next run.
     fn scrub_unrepaired(&mut self, io: &mut dyn Io, store: &mut Store, rid: u64) {
+        let Some(step) = self.scrub.steps.get_mut(&rid) else {
+            return;
+        };
+        let run = std::mem::take(&mut step.bad);
+        step.unrepairable.extend(run);
+        let (s, e) = (
+            step.first * BLOCK,
+            ((step.first + step.n) * BLOCK).min(self.size),
+        );
+        store.read_verified(io, rid, s, e - s);
+    }
+
+    /// Scrub step `rid` ends with blocks of this node left bad: logged,
+    /// counted, and the peers not compared in it.
+    fn scrub_end_unrepaired(&mut self, io: &mut dyn Io, store: &mut Store, rid: u64) {
         let Some(step) = self.scrub.steps.get(&rid) else {
             return;
         };
-        let bad = step.bad.clone();
-        if !bad.is_empty() {
-            let why = if self.peers.is_empty() {
-                "this node has no peers to repair them from"
-            } else {
-                "no peer in sync holds a copy that matches this node's checksums"
-            };
-            crate::elog!(
-                "nbdmirror: scrub: {} bad block{} of this node could not be repaired ({why}): \
-                 blocks {}; reads of them fail with EIO until they are written again",
-                bad.len(),
-                if bad.len() == 1 { "" } else { "s" },
-                bad.iter()
-                    .map(|b| b.to_string())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            );
+        let mut bad = step.unrepairable.clone();
+        bad.sort_unstable();
+        let n = step.n;
+        let why = if self.peers.is_empty() {
+            "this node has no peers to repair them from"
+        } else {
+            "no peer in sync holds a copy that matches this node's checksums"
+        };
+        crate::elog!(
+            "nbdmirror: scrub: {} bad block{} of this node could not be repaired ({why}): \
+             blocks {}; reads of them fail with EIO until they are written again",
+            bad.len(),
+            if bad.len() == 1 { "" } else { "s" },
+            bad.iter()
+                .map(|b| b.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        let ids: Vec<u32> = self.peers.iter().map(|p| p.node_id).collect();
+        let t = self.scrub.tally();
+        t.unrepaired(&bad);
+        for id in ids {
+            t.peer(id).skipped_blocks += n;
         }
-        self.scrub.tally().unrepaired(&bad);
         self.scrub_complete(io, store, rid);
     }
 
@@ -3514,6 +3572,13 @@ impl Mirror {
             "store": store.map(|s| s.status_json(io)),
         })
         .to_string()
+    }
+
+    /// Run one admin command (a line as the admin socket takes it) and
+    /// return its JSON answer: for the simulation, which has no socket.
+    pub fn admin_command(&mut self, io: &mut dyn Io, store: &mut Store, line: &str) -> String {
+        self.t = io.now();
+        self.command(io, store, line)
     }
 
     fn command(&mut self, io: &mut dyn Io, store: &mut Store, line: &str) -> String {

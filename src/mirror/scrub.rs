@@ -32,8 +32,9 @@ pub const STEP_BLOCKS: u64 = 256;
 pub const WINDOW: usize = 4;
 /// Default rate cap, bytes per second.
 pub const DEFAULT_RATE: u64 = 100 << 20;
-/// Repairs tried for one step before its bad blocks are reported.
-pub const MAX_ATTEMPTS: u8 = 3;
+/// Repairs tried for one step (one run of adjacent bad blocks each)
+/// before the bad blocks left are reported.
+pub const MAX_ATTEMPTS: u8 = 64;
 /// Bad blocks listed by number in the status (all are counted and logged).
 const LISTED: usize = 64;
 const FILE: &str = "scrub";
@@ -179,6 +180,8 @@ pub struct Step {
     /// Repairs tried, and the blocks the last one was for.
     pub attempts: u8,
     pub bad: Vec<u64>,
+    /// Bad blocks no peer could repair in this step.
+    pub unrepairable: Vec<u64>,
 }
 
 pub struct Scrub {
@@ -497,6 +500,7 @@ impl Scrub {
                 verified: Vec::new(),
                 attempts,
                 bad: Vec::new(),
+                unrepairable: Vec::new(),
             },
         );
     }
