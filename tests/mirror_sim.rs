@@ -634,7 +634,7 @@ fn scrub_finds_every_injected_flip() {
             "seed {seed}: {found}"
         );
         assert_eq!(found["unrepaired_blocks"], 0, "seed {seed}: {found}");
-        for k in 1..3 {
+        for (k, mine) in flipped.iter().enumerate().skip(1) {
             let p = found["peers"]
                 .as_array()
                 .unwrap()
@@ -645,10 +645,9 @@ fn scrub_finds_every_injected_flip() {
             // from the other peer, then compared.
             assert_eq!(
                 p["bad_blocks"],
-                flipped[k].len() as u64,
-                "seed {seed}: node {}'s flips {:?}: {found}",
+                mine.len() as u64,
+                "seed {seed}: node {}'s flips {mine:?}: {found}",
                 k + 1,
-                flipped[k]
             );
             assert_eq!(p["differing_blocks"], 0, "seed {seed}: {found}");
             assert_eq!(p["skipped_bytes"], 0, "seed {seed}: {found}");
