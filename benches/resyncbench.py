@@ -15,6 +15,10 @@ Stdlib only (3.8+).  See benches/README.md ("Resync benchmark") for usage and ou
      while a resync capped at --rate runs (the peer was stopped while a few GiB were
      written, so the resync lasts longer than the fio run).
 
+  3. scrub (not an issue target; reported): the time an unthrottled scrub of the whole
+     (prefilled, mirrored) disk takes, and client IOPS during a scrub capped at --rate
+     against idle (fio randwrite 4k QD32, as in 2).  Each pass must find nothing.
+
 Every repetition uses a fresh volume.  After each repetition both nodes are stopped
 (SIGTERM) and their data files are compared byte for byte.
 Helpers (process handling, fio invocation, sizes) come from nbdbench.py next to this file.
@@ -674,6 +678,101 @@ def run_iops(args, root: str, secret: str, rep: int) -> dict:
     return res
 
 
+# ------------------------------------------------------------------- 3. scrub
+
+def scrub(vol: Volume, *words: str) -> str:
+    cmd = [vol.bin, "scrub", *words, "--dir", vol.d1]
+    r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                       timeout=30)
+    if r.returncode != 0:
+        raise RuntimeError(f"`{shlex.join(cmd)}` exited {r.returncode}: "
+                           f"{(r.stderr or r.stdout).strip()[-500:]}")
+    return r.stdout
+
+
+def scrub_status(vol: Volume) -> dict:
+    st = json.loads(scrub(vol, "status", "--json"))
+    st["_t"] = time.monotonic()
+    return st
+
+
+def scrub_found_nothing(st: dict) -> Optional[str]:
+    f = (st.get("last") or {}).get("found") or {}
+    bad = [f"{k} {f.get(k)}" for k in ("bad_blocks", "read_errors") if f.get(k)]
+    for p in f.get("peers", []):
+        bad += [f"peer {p['node_id']} {k} {p[k]}" for k in ("bad_blocks", "differing_blocks")
+                if p.get(k)]
+    return ", ".join(bad) or None
+
+
+def run_scrub(args, root: str, secret: str, rep: int) -> dict:
+    _, disk = iops_sizes(args)
+    vol = Volume(args, root, f"scrub{rep}", disk, secret)
+    res: dict = {"rep": rep, "disk": disk, "rate": args.rate}
+    try:
+        vol.init()
+        vol.start_secondary()
+        vol.start_primary()
+        vol.wait_for("the fresh peer to be in_sync (checksum compare)", in_sync, args.sync_timeout)
+        res["prefill"] = fill(vol, vol.logdir, "prefill", disk)
+        vol.wait_for("in_sync after the prefill", in_sync, args.sync_timeout)
+
+        # an unthrottled pass over the whole disk
+        scrub(vol, "rate", "0")
+        res["settle"] = settle(args)
+        cpu = CpuWindow(vol)
+        t0 = time.monotonic()
+        scrub(vol, "start")
+        while True:
+            st = scrub_status(vol)
+            if st["state"] == "idle":
+                break
+            if time.monotonic() - t0 > args.sync_timeout:
+                raise RuntimeError(f"the scrub did not finish: {st}")
+            time.sleep(POLL_S)
+        res["scrub_s"] = time.monotonic() - t0
+        res["scrub_cpu"] = cpu.end()
+        res["scrub_gib_s"] = disk / GIB / res["scrub_s"]
+        res["found"] = scrub_found_nothing(st)
+        log(f"  unthrottled scrub of {nb.fmt_size(disk)}: {res['scrub_s']:.2f}s, "
+            f"{res['scrub_gib_s']:.2f} GiB/s; found: {res['found'] or 'nothing'}")
+
+        # idle baseline, then the same while a capped scrub runs
+        res["idle_settle"] = settle(args)
+        res["idle"] = randwrite(vol, args, "idle")
+        scrub(vol, "rate", str(args.rate_bytes))
+        scrub(vol, "start")
+        s0 = scrub_status(vol)
+        res["during"] = randwrite(vol, args, "during-scrub")
+        s1 = scrub_status(vol)
+        res["still_scrubbing"] = s1["state"] == "running"
+        window = s1["_t"] - s0["_t"]
+        res["scrub_mib_s_during"] = ((s1["position_bytes"] - s0["position_bytes"]) / MIB / window
+                                     if res["still_scrubbing"] and window else None)
+        res["iops_ratio"] = (res["during"]["iops"] / res["idle"]["iops"]
+                             if res["idle"]["iops"] else None)
+        log(f"  idle {res['idle']['iops']:.0f} IOPS, during the scrub "
+            f"{res['during']['iops']:.0f} IOPS: {res['iops_ratio']:.2f}x; scrub moved "
+            f"{nb._f(res['scrub_mib_s_during'], '{:.0f}')} MiB/s (cap {args.rate})")
+        if not res["still_scrubbing"]:
+            log("  WARNING: the scrub finished before the fio run did")
+        scrub(vol, "rate", "0")
+        while scrub_status(vol)["state"] != "idle":
+            time.sleep(0.2)
+        found = scrub_found_nothing(scrub_status(vol))
+        if found:
+            res["found"] = (res["found"] + "; " if res["found"] else "") + found
+        vol.wait_for("in_sync after the scrub", in_sync, args.sync_timeout)
+        res["stop_rc"] = list(vol.stop_all())
+        verify(vol, res, disk)
+    finally:
+        vol.stop_all()
+        res["commands"] = vol.commands
+        if not args.keep:
+            vol.remove()
+    return res
+
+
 # ------------------------------------------------------------------------ main
 
 def build_parser() -> argparse.ArgumentParser:
@@ -698,7 +797,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "is stopped, so the resync overwrites allocated, cached blocks on the "
                          "secondary instead of filling holes of its sparse data file")
     ap.add_argument("--tests", default="throughput,iops",
-                    help="comma-separated subset of: throughput, iops")
+                    help="comma-separated subset of: throughput, iops, scrub (not in the default)")
     ap.add_argument("--bin", default="target/release/nbdmirror",
                     help="nbdmirror binary (relative paths are relative to the repo root)")
     ap.add_argument("--json", metavar="FILE", help="write every measurement and the medians here")
@@ -733,9 +832,9 @@ def table(head: list[str], rows: list[list]) -> str:
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     tests = [t.strip() for t in args.tests.split(",") if t.strip()]
-    bad = [t for t in tests if t not in ("throughput", "iops")]
+    bad = [t for t in tests if t not in ("throughput", "iops", "scrub")]
     if bad or not tests:
-        log(f"unknown --tests {bad}; known: throughput, iops")
+        log(f"unknown --tests {bad}; known: throughput, iops, scrub")
         return 2
     if args.repeat < 1 or args.runtime < 1:
         log("--repeat and --runtime must be >= 1")
@@ -788,6 +887,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     tput: list[dict] = []
     iops: list[dict] = []
+    scrubs: list[dict] = []
     errors: list[str] = []
     warnings: list[str] = []
     try:
@@ -803,6 +903,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                 try:
                     if t == "throughput":
                         tput.append(run_throughput(args, root, secret, rep))
+                    elif t == "scrub":
+                        scrubs.append(run_scrub(args, root, secret, rep))
                     else:
                         iops.append(run_iops(args, root, secret, rep))
                 except Exception as e:  # noqa: BLE001
@@ -877,6 +979,25 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(table(["rep", "idle IOPS", "resync IOPS", "ratio", "resync MiB/s",
                      "status rate MiB/s", "still syncing", "other CPU% idle/resync",
                      "identical"], rows))
+
+    if "scrub" in tests:
+        good_s = [r for r in scrubs if r.get("identical") and not r.get("found")]
+        print(f"\nscrub (reported, no target): an unthrottled pass over the prefilled "
+              f"{nb.fmt_size(disk_i)} disk (primary and peer each read every block), then fio "
+              f"randwrite 4k QD32 idle and during a scrub capped at {args.rate}")
+        rows = [[r["rep"], nb._f(r.get("scrub_s"), "{:.2f}"), nb._f(r.get("scrub_gib_s"), "{:.2f}"),
+                 nb._f(r.get("idle", {}).get("iops")), nb._f(r.get("during", {}).get("iops")),
+                 nb._f(r.get("iops_ratio"), "{:.2f}"), nb._f(r.get("scrub_mib_s_during"), "{:.0f}"),
+                 r.get("found") or "nothing",
+                 {True: "yes", False: "NO"}.get(r.get("identical"), "-")] for r in scrubs]
+        rows.append(["median", nb._f(med(good_s, "scrub_s"), "{:.2f}"),
+                     nb._f(med(good_s, "scrub_gib_s"), "{:.2f}"),
+                     nb._f(statistics.median([r["idle"]["iops"] for r in good_s]) if good_s else None),
+                     nb._f(statistics.median([r["during"]["iops"] for r in good_s]) if good_s else None),
+                     nb._f(med(good_s, "iops_ratio"), "{:.2f}"),
+                     nb._f(med(good_s, "scrub_mib_s_during"), "{:.0f}"), "", ""])
+        print(table(["rep", "scrub s", "GiB/s", "idle IOPS", "scrub IOPS", "ratio",
+                     "scrub MiB/s", "found", "identical"], rows))
 
     targets = []
     for key, desc, want, unit in TARGETS:

@@ -778,6 +778,22 @@ fn render_status(v: &serde_json::Value, cols: Option<usize>) -> Vec<String> {
             ));
         }
     }
+    // The scrub, when it runs or its last pass left something bad.
+    let sc = &v["scrub"];
+    if sc["state"] == "running" || sc["state"] == "paused" {
+        let total = sc["total_bytes"].as_f64().unwrap_or(0.0);
+        let pos = sc["position_bytes"].as_f64().unwrap_or(0.0);
+        lines.push(format!(
+            "  scrub {} at {:.1}% (`nbdmirror scrub status`)",
+            sc["state"].as_str().unwrap_or("?"),
+            if total > 0.0 { pos / total * 100.0 } else { 100.0 }
+        ));
+    } else if sc["last"]["clean"] == false {
+        lines.push(format!(
+            "  LAST SCRUB LEFT BAD BLOCKS: {} (`nbdmirror scrub status`)",
+            sc["last"]["found"]["unrepaired_blocks"]
+        ));
+    }
     if let Some(c) = cols {
         for l in lines.iter_mut() {
             if let Some((cut, _)) = l.char_indices().nth(c.saturating_sub(1)) {
