@@ -786,7 +786,11 @@ fn render_status(v: &serde_json::Value, cols: Option<usize>) -> Vec<String> {
         lines.push(format!(
             "  scrub {} at {:.1}% (`nbdmirror scrub status`)",
             sc["state"].as_str().unwrap_or("?"),
-            if total > 0.0 { pos / total * 100.0 } else { 100.0 }
+            if total > 0.0 {
+                pos / total * 100.0
+            } else {
+                100.0
+            }
         ));
     } else if sc["last"]["clean"] == false {
         lines.push(format!(
@@ -884,26 +888,6 @@ fn resync(action: ResyncCmd) -> Result<(), String> {
     }
 }
 
-fn unix_time(t: u64) -> String {
-    // Civil date from days since 1970 (Howard Hinnant's algorithm), UTC.
-    let (days, secs) = ((t / 86_400) as i64, t % 86_400);
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC",
-        secs / 3600,
-        secs / 60 % 60,
-        secs % 60
-    )
-}
-
 fn scrub_findings(f: &serde_json::Value) -> String {
     let mut s = format!(
         "{} checked; {} bad blocks on this node",
@@ -974,14 +958,17 @@ fn render_scrub(v: &serde_json::Value) -> Vec<String> {
             human(rate),
         ));
         if let Some(t) = sc["started_at"].as_u64() {
-            lines.push(format!("  started {}", unix_time(t)));
+            lines.push(format!("  started {}", nbdmirror::mirror::scrub::utc(t)));
         }
         lines.push(format!("  so far: {}", scrub_findings(&sc["current"])));
     }
     match sc["last"].as_object() {
         Some(l) => lines.push(format!(
             "last scrub: {} ({}, {}): {}",
-            l["finished_at"].as_u64().map(unix_time).unwrap_or_default(),
+            l["finished_at"]
+                .as_u64()
+                .map(nbdmirror::mirror::scrub::utc)
+                .unwrap_or_default(),
             if l["complete"].as_bool() == Some(true) {
                 "complete"
             } else {
@@ -999,7 +986,7 @@ fn render_scrub(v: &serde_json::Value) -> Vec<String> {
     match sc["next_at"].as_u64() {
         Some(t) => lines.push(format!(
             "next scheduled scrub: {} (every {})",
-            unix_time(t),
+            nbdmirror::mirror::scrub::utc(t),
             nbdmirror::mirror::scrub::human_secs(sc["interval_secs"].as_u64().unwrap_or(0))
         )),
         None => lines.push("no scheduled scrubs (serve --scrub-interval)".into()),
@@ -1483,6 +1470,9 @@ fn run(cli: Cli) -> Result<(), String> {
                     }
                 ),
                 Err(e) => out!("generation  {e}"),
+            }
+            if let Some(s) = nbdmirror::mirror::scrub::describe(&path) {
+                out!("scrub       {s}");
             }
             Ok(())
         }

@@ -591,6 +591,59 @@ impl Scrub {
     }
 }
 
+/// What `DIR/scrub` says, in one line for `nbdmirror info` (None when
+/// there is no record).
+pub fn describe(dir: &Path) -> Option<String> {
+    let b = std::fs::read(dir.join(FILE)).ok()?;
+    let Ok(s) = serde_json::from_slice::<Saved>(&b) else {
+        return Some("unreadable record (replaced at the next start)".into());
+    };
+    let mut out = match s.state {
+        State::Idle => String::from("idle"),
+        State::Running | State::Paused => format!(
+            "{} at block {} (started {})",
+            if s.state == State::Running {
+                "running"
+            } else {
+                "paused"
+            },
+            s.cursor,
+            utc(s.started)
+        ),
+    };
+    match &s.last {
+        Some(l) => out.push_str(&format!(
+            "; last {} {}: {}",
+            if l.complete { "finished" } else { "cancelled" },
+            utc(l.finished),
+            summary(&l.tally)
+        )),
+        None => out.push_str("; none finished yet"),
+    }
+    Some(out)
+}
+
+/// Unix time `t` as a UTC date and time.
+pub fn utc(t: u64) -> String {
+    // Civil date from days since 1970 (Howard Hinnant's algorithm), UTC.
+    let (days, secs) = ((t / 86_400) as i64, t % 86_400);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC",
+        secs / 3600,
+        secs / 60 % 60,
+        secs % 60
+    )
+}
+
 /// One line: what a pass found.
 pub fn summary(t: &Tally) -> String {
     let mut s = format!(
@@ -717,6 +770,13 @@ mod tests {
         s.resume(t).unwrap();
         assert_eq!(s.next_range(), Some((0, 10, 0)));
         std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn dates() {
+        assert_eq!(utc(0), "1970-01-01 00:00:00 UTC");
+        assert_eq!(utc(951_782_400), "2000-02-29 00:00:00 UTC");
+        assert_eq!(utc(1_795_717_096), "2026-11-26 18:18:16 UTC");
     }
 
     #[test]
