@@ -197,6 +197,8 @@ pub struct Server {
     store: Store,
     /// The O_DIRECT descriptor of the data file the store writes through.
     _direct: Option<std::fs::File>,
+    /// The data file's O_DIRECT read descriptor (see `Store::set_media_fd`).
+    _media: Option<std::fs::File>,
     /// The data file's descriptor for page-cache writes left to the ring's
     /// workers (see `Store::set_worker_data_fd`).
     _worker_data: Option<OwnedFd>,
@@ -411,6 +413,15 @@ impl Server {
             },
         };
         store.set_direct_fd(direct.as_ref().map(|f| f.as_raw_fd()));
+        // A scrub reads the disk itself, not the page cache.
+        let media = match dir::open_media(replica) {
+            Ok(f) => Some(f),
+            Err(e) => {
+                crate::elog!("nbdmirror: {e}; a scrub reads through the page cache");
+                None
+            }
+        };
+        store.set_media_fd(media.as_ref().map(|f| f.as_raw_fd()));
         // Data-file writes (applying the journal, in-place pieces) run on
         // the loop, except one in-place piece in four, which goes to the
         // workers through a second descriptor so that another CPU shares
@@ -479,6 +490,7 @@ impl Server {
             last_active: std::time::Instant::now(),
             store,
             _direct: direct,
+            _media: media,
             _worker_data: worker_data,
             mirror,
             exports: vec![export],

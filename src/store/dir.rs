@@ -390,6 +390,29 @@ pub fn open_direct(dir: &ReplicaDir) -> Result<File, String> {
         })
 }
 
+/// An O_DIRECT descriptor of `data` for reading (a scrub's reads), or why
+/// there is none: the filesystem refuses O_DIRECT (tmpfs), or a probe read
+/// through it fails.
+pub fn open_media(dir: &ReplicaDir) -> Result<File, String> {
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    let f = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(dir.path.join("data"))
+        .map_err(|e| {
+            format!(
+                "cannot open {}/data for direct reads: {e}",
+                dir.path.display()
+            )
+        })?;
+    let mut buf: Vec<u8> = Vec::with_capacity(2 * 4096);
+    let skip = buf.as_ptr().align_offset(4096);
+    buf.resize(skip + 4096, 0);
+    f.read_at(&mut buf[skip..], 0)
+        .map_err(|e| format!("direct reads of {}/data fail: {e}", dir.path.display()))?;
+    Ok(f)
+}
+
 /// Check that the files have the sizes the superblock promises.
 pub fn check_sizes(dir: &ReplicaDir, sb: &Superblock) -> Result<(), String> {
     let len = |f: &File| f.metadata().map(|m| m.len()).unwrap_or(0);

@@ -496,6 +496,8 @@ struct ReadReq {
     /// Check every block taken from the data file against its checksum
     /// (`Tuning::verify_reads`, or a scrub's read).
     verify: bool,
+    /// Read the data file through `media_fd` (a scrub's read).
+    media: bool,
 }
 
 #[derive(Default)]
@@ -655,6 +657,9 @@ pub struct Store {
     /// An O_DIRECT descriptor of the data file: in-place writes go through
     /// it when set (see [`Store::set_direct_fd`]).
     direct_fd: Option<RawFd>,
+    /// An O_DIRECT descriptor of the data file open for reading: a scrub's
+    /// reads go through it (see [`Store::set_media_fd`]).
+    media_fd: Option<RawFd>,
     /// A second descriptor of the data file whose writes go to the ring's
     /// workers (see [`Store::set_worker_data_fd`]).
     worker_data_fd: Option<RawFd>,
@@ -827,6 +832,7 @@ impl Store {
             inplace_wanted: false,
             corrupt_marked: false,
             direct_fd: None,
+            media_fd: None,
             worker_data_fd: None,
             bounce: Vec::new(),
             deferred: VecDeque::new(),
@@ -1362,6 +1368,19 @@ impl Store {
     /// write (EINVAL), the store falls back to the page cache for good.
     pub fn set_direct_fd(&mut self, fd: Option<RawFd>) {
         self.direct_fd = fd;
+    }
+
+    /// Read what [`Store::read_verified`] takes from the data file through
+    /// `fd`, an O_DIRECT descriptor of it open for reading: a scrub then
+    /// checks what the disk holds, not a copy in the page cache (rot on the
+    /// medium under a cached copy would go unseen for as long as the copy
+    /// stays), and its pass over the whole disk neither evicts the
+    /// clients' cache nor leaves readahead's large folios behind for
+    /// clients' small writes to pay for (docs/design.md, "Large folios").
+    /// Dirty cached pages of the range are written back by the kernel
+    /// before such a read, so it sees the newest data.
+    pub fn set_media_fd(&mut self, fd: Option<RawFd>) {
+        self.media_fd = fd;
     }
 
     /// Write one page-cache piece in [`WORKER_PIECE_EVERY`] of each in-place
@@ -1944,16 +1963,19 @@ impl Store {
 
     pub fn read(&mut self, io: &mut dyn Io, req: ReqId, offset: u64, len: u64, head: usize) {
         let verify = self.tuning.verify_reads;
-        self.read_checked(io, req, offset, len, head, verify);
+        self.read_checked(io, req, offset, len, head, verify, false);
     }
 
     /// As [`Store::read`], verifying every block taken from the data file
     /// even when reads are not verified (`--no-verify-reads`): a scrub's
     /// read, which exists to find blocks that fail.
+    /// The data file's part is read from the disk when a media descriptor
+    /// is set ([`Store::set_media_fd`]).
     pub fn read_verified(&mut self, io: &mut dyn Io, req: ReqId, offset: u64, len: u64) {
-        self.read_checked(io, req, offset, len, 0, true);
+        self.read_checked(io, req, offset, len, 0, true, true);
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn read_checked(
         &mut self,
         io: &mut dyn Io,
@@ -1962,6 +1984,7 @@ impl Store {
         len: u64,
         head: usize,
         verify: bool,
+        media: bool,
     ) {
         let out = vec![0u8; head + len as usize];
         let r = ReadReq {
@@ -1974,6 +1997,7 @@ impl Store {
             epoch: 0,
             retries: 0,
             verify,
+            media,
         };
         self.reads.insert(req, r);
         self.start_read(io, req);
@@ -2070,7 +2094,8 @@ impl Store {
             p.content.copy_to(0, &mut r.out[s..e]);
         }
         r.epoch = self.apply_epoch;
-        let direct = pieces.is_empty() && ranges.len() == 1 && ranges[0] == (start, end);
+        let media = r.media && self.media_fd.is_some();
+        let direct = !media && pieces.is_empty() && ranges.len() == 1 && ranges[0] == (start, end);
         r.parts = ranges
             .iter()
             .map(|&(s, _)| ReadPart {
@@ -2104,13 +2129,26 @@ impl Store {
             return;
         }
         for (i, (s, e)) in ranges.into_iter().enumerate() {
+            let (fd, buf, at) = match self.media_fd.filter(|_| media) {
+                // O_DIRECT wants a block-aligned buffer: read at the first
+                // aligned address of one a block longer (the completion
+                // drops the bytes before it).
+                Some(fd) => {
+                    let len = (e - s) as usize;
+                    let mut buf: Vec<u8> = Vec::with_capacity(len + BLOCK_SIZE as usize);
+                    let skip = buf.as_ptr().align_offset(BLOCK_SIZE as usize);
+                    buf.resize(skip + len, 0);
+                    (fd, buf, skip)
+                }
+                None => (self.files.data, vec![0u8; (e - s) as usize], 0),
+            };
             self.submit(
                 io,
                 Ctx::DataRead { read: req, part: i },
                 Op::Read {
-                    fd: self.files.data,
-                    buf: vec![0u8; (e - s) as usize],
-                    at: 0,
+                    fd,
+                    buf,
+                    at,
                     offset: s,
                 },
             );
@@ -2395,6 +2433,8 @@ impl Store {
                 if r.parts[part].direct {
                     r.out = buf;
                 } else {
+                    // A media read's bytes start at its aligned `at`.
+                    buf.drain(..at);
                     r.parts[part].buf = Some(buf);
                 }
                 r.parts_left -= 1;
