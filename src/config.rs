@@ -240,10 +240,13 @@ impl VolumeConfig {
         let scrub_interval = v
             .scrub_interval
             .as_ref()
-            .map(|s| match s {
-                RawSize::Bytes(n) => Ok(*n),
-                RawSize::Text(t) => crate::size::parse_duration_secs(t)
-                    .map_err(|e| format!("[volume] scrub-interval: {e}")),
+            .map(|s| {
+                let t = match s {
+                    RawSize::Bytes(n) => n.to_string(),
+                    RawSize::Text(t) => t.clone(),
+                };
+                crate::size::parse_duration_secs(&t)
+                    .map_err(|e| format!("[volume] scrub-interval: {e}"))
             })
             .transpose()?;
         if raw.node.is_empty() {

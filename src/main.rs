@@ -296,7 +296,8 @@ enum ScrubCmd {
         #[command(flatten)]
         admin: AdminArgs,
         /// Wait for it to finish, showing progress; exit 1 if it left bad
-        /// blocks on this node that could not be repaired.
+        /// blocks on this node that could not be repaired (or was paused),
+        /// 2 if the node could not be asked until the end.
         #[arg(long)]
         wait: bool,
     },
@@ -900,8 +901,12 @@ fn scrub_findings(f: &serde_json::Value) -> String {
             f["repaired_blocks"], f["unrepaired_blocks"]
         ));
         if let Some(l) = f["unrepaired_list"].as_array().filter(|l| !l.is_empty()) {
+            let more = f["unrepaired_blocks"].as_u64().unwrap_or(0) as usize;
             let l: Vec<String> = l.iter().map(|b| b.to_string()).collect();
             s.push_str(&format!(": blocks {}", l.join(", ")));
+            if more > l.len() {
+                s.push_str(&format!(" and {} more (see the log)", more - l.len()));
+            }
         }
         s.push(')');
     }
@@ -931,7 +936,12 @@ fn render_scrub(v: &serde_json::Value) -> Vec<String> {
     let mut lines = Vec::new();
     let state = sc["state"].as_str().unwrap_or("?");
     let total = sc["total_bytes"].as_f64().unwrap_or(0.0);
-    let pos = sc["position_bytes"].as_f64().unwrap_or(0.0);
+    // Progress: the blocks this pass has checked (steps finish out of
+    // order; `position_bytes` is where a restart would resume).
+    let pos = sc["current"]["checked_bytes"]
+        .as_f64()
+        .unwrap_or(0.0)
+        .min(total);
     let limit = match sc["rate_limit"].as_u64().unwrap_or(0) {
         0 => "no rate cap".to_string(),
         r => format!("cap {}/s", human(r as f64)),
@@ -1000,7 +1010,7 @@ fn scrub(action: ScrubCmd) -> Result<(), String> {
         let v = admin_call(admin, "status")?;
         if v["scrub"].is_null() {
             return Err(format!(
-                "node {} is a {}: scrubs run on the primary, which has every in-sync secondary                  verify its copy too",
+                "node {} is a {}: scrubs run on the primary, which has every in-sync secondary verify its copy too",
                 v["node_id"],
                 v["role"].as_str().unwrap_or("secondary")
             ));
@@ -1058,7 +1068,15 @@ fn scrub(action: ScrubCmd) -> Result<(), String> {
                 out!("scrub started (`nbdmirror scrub status` shows its progress)");
                 return Ok(());
             }
-            let v = watch(&admin, false)?;
+            // Exit status 2: the node could not be asked to the end (it
+            // stopped, or died); 1 is for what the scrub found.
+            let v = match watch(&admin, false) {
+                Ok(v) => v,
+                Err(e) => {
+                    nbdmirror::elog!("nbdmirror: error: {e}");
+                    std::process::exit(2);
+                }
+            };
             if v["scrub"]["state"] == "paused" {
                 return Err("the scrub was paused before it finished".into());
             }

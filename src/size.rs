@@ -102,9 +102,14 @@ pub fn parse_duration_secs(s: &str) -> Result<u64, String> {
             ))
         }
     };
-    n.checked_mul(mult)
-        .ok_or_else(|| format!("{s:?} is too large"))
+    match n.checked_mul(mult) {
+        Some(v) if v <= MAX_DURATION_SECS => Ok(v),
+        _ => Err(format!("{s:?} is too long (at most 100 years)")),
+    }
 }
+
+/// Longest duration [`parse_duration_secs`] takes: 100 years.
+pub const MAX_DURATION_SECS: u64 = 100 * 366 * 86_400;
 
 #[cfg(test)]
 mod duration_tests {
@@ -121,5 +126,7 @@ mod duration_tests {
         assert!(p("d").is_err());
         assert!(p("3y").is_err());
         assert!(p("99999999999999999999d").is_err());
+        assert!(p("18446744073709551615").is_err());
+        assert!(p("36500d").is_ok());
     }
 }

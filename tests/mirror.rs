@@ -4402,3 +4402,75 @@ fn scrub_resumes_after_a_restart_and_runs_on_schedule() {
     cl.stop_all();
     cl.assert_replicas_identical();
 }
+
+/// The scrub repairs the primary's bad block from a peer that is being
+/// resynced (its own findings, with resync paused, keep the peer syncing;
+/// the peer's copy is checked against the primary's checksum anyway), and
+/// a 1 MiB step holding a block bad on every replica is still compared with
+/// the peer around it: a block bad only on the peer next to it is found.
+/// What was not compared is counted as such.
+#[test]
+fn scrub_repairs_from_a_syncing_peer_and_compares_around_unrepairable_blocks() {
+    let test = "scrub_repairs_from_a_syncing_peer_and_compares_around_unrepairable_blocks";
+    if !require_tools(test, &["nbdcopy"]) {
+        return;
+    }
+    let _wd = Watchdog::new(test, Duration::from_secs(180));
+    let seed = test_seed(test);
+    let size = 16 * MIB;
+    let mut o = Opts::new(size, 2);
+    o.primary_extra = vec!["--scrub-rate".into(), "0".into()];
+    let mut cl = Cluster::new(test, seed, o);
+    cl.start_all();
+    cl.wait_in_sync(Duration::from_secs(20));
+    let src = cl.tmp.join("src.img");
+    write_random_file(&src, size, seed, &[]);
+    run_ok_timeout(
+        Command::new(tool("nbdcopy")).args([src.to_str().unwrap(), &cl.uri()]),
+        Duration::from_secs(60),
+    );
+    cl.wait_in_sync(Duration::from_secs(20));
+    cl.stop_all();
+    let (p, s) = (cl.nodes[0].dir.clone(), cl.nodes[1].dir.clone());
+    let junk = random_bytes(seed ^ 0x77, 64);
+    let at = |b: u64| b * 4096 + 100;
+    rot(&s.join("data"), at(10), &junk); // found first: the peer resyncs
+    rot(&p.join("data"), at(2000), &junk); // repaired from it meanwhile
+    rot(&p.join("data"), at(3000), &junk); // bad on both: beyond repair
+    rot(&s.join("data"), at(3000), &junk[8..]);
+    rot(&s.join("data"), at(3010), &junk); // next to it, only on the peer
+    cl.start_all();
+    cl.wait_in_sync(Duration::from_secs(20));
+    let pd = p.display().to_string();
+    resync_cmd(&["pause", "--dir", &pd]);
+    let (out, err, ok) = scrub_cmd(&["start", "--wait", "--dir", &pd], Duration::from_secs(60));
+    assert!(!ok, "block 3000 is bad everywhere, yet:\n{out}\n{err}");
+    let f = scrub_json(&p).at("last").at("found").clone();
+    assert_eq!(f.at("bad_blocks").as_u64(), Some(2), "{f:?}");
+    assert_eq!(f.at("repaired_blocks").as_u64(), Some(1), "{f:?}");
+    assert_eq!(f.at("unrepaired_blocks").as_u64(), Some(1), "{f:?}");
+    assert_eq!(f.at("unrepaired_list").as_array()[0].as_u64(), Some(3000));
+    let peer = f.at("peers").as_array()[0].clone();
+    assert_eq!(peer.at("bad_blocks").as_u64(), Some(2), "{f:?}");
+    // Block 3000 could not be compared; everything else was.
+    assert_eq!(peer.at("skipped_bytes").as_u64(), Some(4096), "{f:?}");
+    assert_eq!(
+        peer.at("checked_bytes").as_u64(),
+        Some(size - 4096),
+        "{f:?}"
+    );
+    resync_cmd(&["resume", "--dir", &pd]);
+    cl.wait_in_sync(Duration::from_secs(20));
+    // The client rewrites the lost block; then every copy is whole again.
+    let want = fs::read(&src).unwrap();
+    let mut c = MiniClient::connect(&cl.nbd_addr(), "disk").unwrap();
+    assert!(c.read(3000 * 4096, 4096).is_err(), "block 3000 read back");
+    c.write(3000 * 4096, &want[3000 * 4096..3001 * 4096], 0)
+        .unwrap();
+    c.flush().unwrap();
+    drop(c);
+    cl.wait_in_sync(Duration::from_secs(20));
+    cl.stop_all();
+    cl.assert_replicas_identical();
+    assert_files_equal(&src, &cl.nodes[0].data());
+}

@@ -723,6 +723,7 @@ impl Mirror {
             cfg.scrub_rate,
             cfg.scrub_interval,
             t0,
+            cfg.role == NodeRole::Primary,
         );
         Ok(Mirror {
             scrub,
@@ -1416,7 +1417,7 @@ impl Mirror {
                 errno_str(errno as i32)
             );
             if !self.ask_next_peer(io, id) {
-                crate::elog!("nbdmirror: no other peer to ask; the client's read fails with EIO");
+                crate::elog!("nbdmirror: no other peer to ask; the read fails with EIO");
                 self.finish_repair(io, store, id, false);
             }
             return Ok(());
@@ -1482,7 +1483,7 @@ impl Mirror {
                 _ => {
                     crate::elog!(
                         "nbdmirror: rewriting blocks {first}..{end} from peer {node}'s copy \
-                         failed: {}; the client's read fails with EIO",
+                         failed: {}; the read fails with EIO",
                         errno_str(e)
                     );
                     self.finish_repair(io, store, id, false);
@@ -3017,11 +3018,8 @@ impl Mirror {
         if self.cfg.role != NodeRole::Primary || self.shutting_down {
             return;
         }
-        while let Some(range) = self.scrub.next_range() {
-            let (s, e) = (
-                range.0 * BLOCK,
-                ((range.0 + range.1) * BLOCK).min(self.size),
-            );
+        while let Some((first, n)) = self.scrub.next_range() {
+            let (s, e) = (first * BLOCK, ((first + n) * BLOCK).min(self.size));
             // Client writes waiting for the range go first; the scrub
             // comes back at the next tick or completion.
             if self.locked(s, e)
@@ -3035,12 +3033,17 @@ impl Mirror {
             let rid = MIRROR_RID | self.next_mrid;
             self.next_mrid += 1;
             self.locks.insert(s, (e, rid));
-            self.scrub.begin(rid, range);
+            self.scrub.begin(rid);
             store.read_verified(io, rid, s, e - s);
         }
     }
 
-    /// A scrub step's read finished.
+    /// A scrub step's read finished. Bad blocks of this node are repaired
+    /// a run of adjacent ones at a time (a peer whose copy has a bad block
+    /// of its own between two of ours could not answer a request spanning
+    /// both), without the step's lock; then the step starts over. Blocks
+    /// no peer can repair are set apart, and the step is compared with the
+    /// peers without them.
     fn scrub_read_done(
         &mut self,
         io: &mut dyn Io,
@@ -3060,59 +3063,45 @@ impl Mirror {
         if step.phase == scrub::Phase::Repairing {
             // The read after a repair: whatever no longer fails was repaired.
             let fixed = step.bad.iter().filter(|b| !now_bad.contains(b)).count() as u64;
-            self.scrub.tally().repaired_blocks += fixed;
-        } else if !now_bad.is_empty() {
+            if fixed > 0 {
+                self.scrub.tally().repaired_blocks += fixed;
+            }
+        } else if step.attempts == 0 && !now_bad.is_empty() {
             self.scrub.tally().bad_blocks += now_bad.len() as u64;
         }
         let step = self.scrub.steps.get_mut(&rid).unwrap();
+        let left: Vec<u64> = now_bad
+            .iter()
+            .copied()
+            .filter(|b| !step.unrepairable.contains(b))
+            .collect();
         match r {
-            Ok(_) if step.phase == scrub::Phase::Repairing => {
-                // Repaired: read the range again under its lock and
-                // compare it with the peers as any other.
+            // Repaired, or nothing left but blocks no peer can repair:
+            // start over under the lock and compare with the peers.
+            Ok(_) | Err(_) if step.phase == scrub::Phase::Repairing && left.is_empty() => {
                 self.scrub.again(rid);
                 self.scrub_kick(io, store);
             }
             Ok(buf) => {
-                step.ours = buf
+                let ours: Vec<u64> = buf
                     .chunks(BLOCK as usize)
                     .enumerate()
                     .map(|(k, b)| crate::store::checksum::block_checksum(first + k as u64, b))
                     .collect();
-                let mut mask = 0u64;
-                for i in 0..self.peers.len() {
-                    // A peer being resynced is compared too, except for
-                    // its dirty blocks (see `scrub_peer_answered`); one
-                    // whose bitmap is not complete yet (a compare is
-                    // running) is not.
-                    let p = &self.peers[i];
-                    if !p.streaming()
-                        || p.compare.is_some()
-                        || p.link.is_none()
-                        || p.version < VERIFY_VERSION
-                    {
-                        let node = p.node_id;
-                        self.scrub.tally().peer(node).skipped_blocks += n;
-                        continue;
+                self.scrub_compare(io, store, rid, ours);
+            }
+            Err(_) if corrupt.is_some() && left.is_empty() => {
+                // Under the lock, and only blocks known to be beyond
+                // repair fail: compare the rest with the peers. A block
+                // that verified holds what the table says.
+                let mut ours = store.block_sums(first, n);
+                let step = self.scrub.steps.get(&rid).unwrap();
+                for &b in &step.unrepairable {
+                    if let Some(x) = ours.get_mut((b - first) as usize) {
+                        *x = UNKNOWN_SUM;
                     }
-                    let link = p.link.unwrap();
-                    self.peers[i]
-                        .outstanding
-                        .insert(rid, Out::Verify { since: self.t });
-                    self.send_frame(
-                        link,
-                        FrameKind::VerifyRequest,
-                        &[&wire::encode_sums_request(rid, first, n as u32)],
-                    );
-                    self.post_send(io, link);
-                    mask |= 1 << i;
                 }
-                let step = self.scrub.steps.get_mut(&rid).unwrap();
-                if mask == 0 {
-                    self.scrub_complete(io, store, rid);
-                } else {
-                    step.phase = scrub::Phase::Verifying;
-                    step.waiting = mask;
-                }
+                self.scrub_compare(io, store, rid, ours);
             }
             Err(e) => {
                 if step.locked {
@@ -3126,18 +3115,14 @@ impl Mirror {
                         errno_str(e)
                     );
                     self.scrub.tally().read_errors += 1;
+                    let ids: Vec<u32> = self.peers.iter().map(|p| p.node_id).collect();
+                    for id in ids {
+                        self.scrub.tally().peer(id).skipped_blocks += n;
+                    }
                     self.scrub_complete(io, store, rid);
                     return;
                 };
-                // One run of adjacent bad blocks at a time: a peer whose
-                // copy has a bad block of its own between two of ours
-                // could not answer a request spanning both.
                 let step = self.scrub.steps.get_mut(&rid).unwrap();
-                let left: Vec<u64> = now_bad
-                    .iter()
-                    .copied()
-                    .filter(|b| !step.unrepairable.contains(b))
-                    .collect();
                 let run: Vec<u64> = left
                     .iter()
                     .copied()
@@ -3146,30 +3131,73 @@ impl Mirror {
                     .map(|(_, b)| b)
                     .collect();
                 step.bad = run.clone();
-                if !run.is_empty() && step.attempts < scrub::MAX_ATTEMPTS {
+                step.phase = scrub::Phase::Repairing;
+                if step.attempts < scrub::MAX_ATTEMPTS {
                     step.attempts += 1;
-                    step.phase = scrub::Phase::Repairing;
                     let read = CorruptRead { blocks: run, ..c };
                     if self.repair_read(io, rid, read) != RepairStart::No {
                         return;
                     }
                 }
                 // Nothing to repair from (or too many tries): every bad
-                // block left is reported.
+                // block left is beyond repair in this pass.
                 let step = self.scrub.steps.get_mut(&rid).unwrap();
-                for b in left {
-                    if !step.unrepairable.contains(&b) {
-                        step.unrepairable.push(b);
-                    }
-                }
-                self.scrub_end_unrepaired(io, store, rid);
+                step.bad.clear();
+                step.unrepairable.extend(left);
+                self.scrub.again(rid);
+                self.scrub_kick(io, store);
             }
         }
     }
 
+    /// Ask every streaming peer (protocol version 5) what it holds in scrub
+    /// step `rid`'s blocks; `ours` are this node's checksums of them
+    /// (`UNKNOWN_SUM`: not to be compared).
+    fn scrub_compare(&mut self, io: &mut dyn Io, store: &mut Store, rid: u64, ours: Vec<u64>) {
+        let Some(step) = self.scrub.steps.get(&rid) else {
+            return;
+        };
+        let (first, n) = (step.first, step.n);
+        let mut mask = 0u64;
+        for i in 0..self.peers.len() {
+            // A peer being resynced is compared too, except for its dirty
+            // blocks (see `scrub_peer_answered`); one whose bitmap is not
+            // complete yet (a compare is running) is not.
+            let p = &self.peers[i];
+            if !p.streaming()
+                || p.compare.is_some()
+                || p.link.is_none()
+                || p.version < VERIFY_VERSION
+            {
+                let node = p.node_id;
+                self.scrub.tally().peer(node).skipped_blocks += n;
+                continue;
+            }
+            let link = p.link.unwrap();
+            self.peers[i]
+                .outstanding
+                .insert(rid, Out::Verify { since: self.t });
+            self.send_frame(
+                link,
+                FrameKind::VerifyRequest,
+                &[&wire::encode_sums_request(rid, first, n as u32)],
+            );
+            self.post_send(io, link);
+            mask |= 1 << i;
+        }
+        let step = self.scrub.steps.get_mut(&rid).unwrap();
+        step.ours = ours;
+        if mask == 0 {
+            self.scrub_complete(io, store, rid);
+        } else {
+            step.phase = scrub::Phase::Verifying;
+            step.waiting = mask;
+        }
+    }
+
     /// The repair of scrub step `rid`'s current run of bad blocks failed
-    /// (no peer holds a copy that matches this node's checksums): note
-    /// them and read the step again for the next run.
+    /// (no peer holds a copy that matches this node's checksums): set the
+    /// run apart and read the step again for the next one.
     fn scrub_unrepaired(&mut self, io: &mut dyn Io, store: &mut Store, rid: u64) {
         let Some(step) = self.scrub.steps.get_mut(&rid) else {
             return;
@@ -3183,44 +3211,37 @@ impl Mirror {
         store.read_verified(io, rid, s, e - s);
     }
 
-    /// Scrub step `rid` ends with blocks of this node left bad: logged,
-    /// counted, and the peers not compared in it.
-    fn scrub_end_unrepaired(&mut self, io: &mut dyn Io, store: &mut Store, rid: u64) {
-        let Some(step) = self.scrub.steps.get(&rid) else {
-            return;
-        };
-        let mut bad = step.unrepairable.clone();
-        bad.sort_unstable();
-        let n = step.n;
-        let why = if self.peers.is_empty() {
-            "this node has no peers to repair them from"
-        } else {
-            "no peer in sync holds a copy that matches this node's checksums"
-        };
-        crate::elog!(
-            "nbdmirror: scrub: {} bad block{} of this node could not be repaired ({why}): \
-             blocks {}; reads of them fail with EIO until they are written again",
-            bad.len(),
-            if bad.len() == 1 { "" } else { "s" },
-            bad.iter()
-                .map(|b| b.to_string())
-                .collect::<Vec<_>>()
-                .join(", ")
-        );
-        let ids: Vec<u32> = self.peers.iter().map(|p| p.node_id).collect();
-        let t = self.scrub.tally();
-        t.unrepaired(&bad);
-        for id in ids {
-            t.peer(id).skipped_blocks += n;
-        }
-        self.scrub_complete(io, store, rid);
-    }
-
-    /// Scrub step `rid` is done: release its range, count it, go on.
+    /// Scrub step `rid` is done: release its range, count it (and log the
+    /// blocks of this node it left bad), go on.
     fn scrub_complete(&mut self, io: &mut dyn Io, store: &mut Store, rid: u64) {
         if let Some(step) = self.scrub.steps.get(&rid) {
-            if step.locked {
-                self.unlock(step.first * BLOCK, rid);
+            let (locked, at) = (step.locked, step.first * BLOCK);
+            let mut bad = step.unrepairable.clone();
+            if !step.current(&self.scrub) {
+                bad.clear();
+            }
+            if locked {
+                self.unlock(at, rid);
+            }
+            if !bad.is_empty() {
+                bad.sort_unstable();
+                let why = if self.peers.is_empty() {
+                    "this node has no peers to repair them from"
+                } else {
+                    "no peer holds a copy that matches this node's checksums"
+                };
+                crate::elog!(
+                    "nbdmirror: scrub: {} bad block{} of this node could not be repaired \
+                     ({why}): blocks {}; client reads of them fail with EIO until they are \
+                     written again",
+                    bad.len(),
+                    if bad.len() == 1 { "" } else { "s" },
+                    bad.iter()
+                        .map(|b| b.to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+                self.scrub.tally().unrepaired(&bad);
             }
         }
         self.scrub.complete(rid);
@@ -3260,6 +3281,9 @@ impl Mirror {
     /// holds (`None`: it dropped out first). Blocks that failed its own
     /// checksums or hold other data than this node's are resent from here
     /// by resync (this node's copy verified, and it is the primary).
+    /// Blocks dirty for the peer (resent anyway, maybe in flight to it
+    /// right now) and blocks this node cannot vouch for are not compared,
+    /// and counted as not compared.
     fn scrub_peer_answered(
         &mut self,
         io: &mut dyn Io,
@@ -3280,13 +3304,15 @@ impl Mirror {
         match theirs {
             None => self.scrub.tally().peer(node).skipped_blocks += n,
             Some(theirs) => {
-                step.verified.push(node);
-                let (mut bad, mut differ, mut resend) = (0u64, 0u64, Vec::new());
+                let (mut bad, mut differ, mut skipped, mut resend) = (0u64, 0u64, 0u64, Vec::new());
                 let bitmap = &self.peers[i].bitmap;
                 for (k, (a, b)) in step.ours.iter().zip(&theirs).enumerate() {
-                    // A dirty block is resent anyway (and may be in flight
-                    // to the peer right now): nothing to learn from it.
-                    if a == b || bitmap.is_set(first + k as u64) {
+                    let blk = first + k as u64;
+                    if *a == UNKNOWN_SUM || bitmap.is_set(blk) {
+                        skipped += 1;
+                        continue;
+                    }
+                    if a == b {
                         continue;
                     }
                     match *b {
@@ -3296,10 +3322,12 @@ impl Mirror {
                         UNKNOWN_SUM => {}
                         _ => differ += 1,
                     }
-                    resend.push(first + k as u64);
+                    resend.push(blk);
                 }
+                step.verified.push((node, n - skipped));
+                let t = self.scrub.tally().peer(node);
+                t.skipped_blocks += skipped;
                 if !resend.is_empty() {
-                    let t = self.scrub.tally().peer(node);
                     t.bad_blocks += bad;
                     t.differing_blocks += differ;
                     crate::elog!(
@@ -3568,7 +3596,7 @@ impl Mirror {
             "rate_limit": self.cfg.resync_rate,
             "peers": peers,
             // A secondary is scrubbed by its primary.
-            "scrub": (self.cfg.role == NodeRole::Primary).then(|| self.scrub.json()),
+            "scrub": (self.cfg.role == NodeRole::Primary).then(|| self.scrub.json(io.now())),
             "store": store.map(|s| s.status_json(io)),
         })
         .to_string()
@@ -3691,7 +3719,7 @@ impl Mirror {
     /// `nbdmirror scrub start|pause|resume|cancel|rate SIZE`.
     fn scrub_command(&mut self, words: &[&str]) -> Result<(), String> {
         if self.cfg.role != NodeRole::Primary {
-            return Err("this node is a secondary: scrubs run on the primary, which has every                         in-sync secondary verify its copy too (`nbdmirror check` verifies a                         stopped replica)"
+            return Err("this node is a secondary: scrubs run on the primary, which has every in-sync secondary verify its copy too (`nbdmirror check` verifies a stopped replica)"
                 .into());
         }
         let now = self.t;

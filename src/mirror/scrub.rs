@@ -174,14 +174,35 @@ pub struct Step {
     pub locked: bool,
     /// This node's checksums of what it read.
     pub ours: Vec<u64>,
-    /// Peers (indexes) still to answer, and those that did.
+    /// Peers (indexes) still to answer, and those that did, with the
+    /// blocks compared with each.
     pub waiting: u64,
-    pub verified: Vec<u32>,
+    pub verified: Vec<(u32, u64)>,
     /// Repairs tried, and the blocks the last one was for.
     pub attempts: u8,
     pub bad: Vec<u64>,
     /// Bad blocks no peer could repair in this step.
     pub unrepairable: Vec<u64>,
+    /// The pass the step belongs to (a cancelled pass's steps finish, but
+    /// count for nothing).
+    pass: u64,
+}
+
+impl Step {
+    /// Whether this step's pass is the scrub's current one.
+    pub fn current(&self, s: &Scrub) -> bool {
+        self.pass == s.pass_id
+    }
+}
+
+/// A range to read again: its bad blocks were repaired, or found
+/// unrepairable (they are then left out of the comparison with peers).
+#[derive(Debug, Clone)]
+pub struct Retry {
+    first: u64,
+    n: u64,
+    attempts: u8,
+    unrepairable: Vec<u64>,
 }
 
 pub struct Scrub {
@@ -194,13 +215,21 @@ pub struct Scrub {
     saved: Saved,
     /// Next block to start a step at.
     next: u64,
-    /// Ranges to read again (after a repair): first block, count, attempts.
-    pub retry: Vec<(u64, u64, u8)>,
+    /// Ranges to read again.
+    retry: Vec<Retry>,
     pub steps: HashMap<u64, Step>,
+    /// Bumped when a pass starts or ends.
+    pass_id: u64,
     tokens: f64,
     changed: bool,
+    /// Findings to save at the next tick, not in 5 s.
+    urgent: bool,
     last_save: Instant,
-    /// Bytes checked, measured for the rate shown.
+    /// The last save's error, logged once.
+    save_error: Option<String>,
+    /// Bytes checked, measured for the rate shown: since this run of the
+    /// pass began (start, resume, restart), and a smoothed rate.
+    run_mark: (Instant, u64),
     rate_mark: (Instant, u64),
     shown_rate: f64,
 }
@@ -209,7 +238,17 @@ impl Scrub {
     /// Load `DIR/scrub`, or start a fresh record (the schedule counts from
     /// now). A damaged file is logged and replaced: it holds no data, only
     /// progress, and refusing to serve over it would help nobody.
-    pub fn open(dir: &Path, blocks: u64, rate: u64, interval: u64, now: Instant) -> Scrub {
+    /// On a secondary (`primary` false) a pass left running or paused is
+    /// ended: its primary scrubs it now, and what the pass saw before is
+    /// another history's.
+    pub fn open(
+        dir: &Path,
+        blocks: u64,
+        rate: u64,
+        interval: u64,
+        now: Instant,
+        primary: bool,
+    ) -> Scrub {
         let path = dir.join(FILE);
         let fresh = Saved {
             version: 1,
@@ -260,13 +299,20 @@ impl Scrub {
             next,
             retry: Vec::new(),
             steps: HashMap::new(),
+            pass_id: 1,
             tokens: 0.0,
             changed,
+            urgent: false,
             last_save: now,
+            save_error: None,
+            run_mark: (now, 0),
             rate_mark: (now, 0),
             shown_rate: 0.0,
         };
-        if s.saved.state != State::Idle {
+        s.mark_run(now);
+        if s.saved.state != State::Idle && !primary {
+            let _ = s.abandon("ended: this node serves as a secondary now (its primary scrubs it)");
+        } else if s.saved.state != State::Idle {
             crate::elog!(
                 "nbdmirror: a scrub was {} at {:.1}% when this node stopped; it {}",
                 if s.saved.state == State::Running {
@@ -300,9 +346,39 @@ impl Scrub {
         self.steps.contains_key(&rid)
     }
 
+    /// The current pass's findings, to add to: saved at the next tick.
     pub fn tally(&mut self) -> &mut Tally {
         self.changed = true;
+        self.urgent = true;
         &mut self.saved.pass
+    }
+
+    fn checked_bytes(&self) -> u64 {
+        self.saved.pass.checked_blocks * BLOCK
+    }
+
+    /// The rate shown starts afresh from here.
+    fn mark_run(&mut self, now: Instant) {
+        let c = self.checked_bytes();
+        self.run_mark = (now, c);
+        self.rate_mark = (now, c);
+        self.shown_rate = 0.0;
+    }
+
+    /// Bytes per second shown: the average since this run of the pass
+    /// began for its first 5 s, then a smoothed rate.
+    fn rate_now(&self, now: Instant) -> u64 {
+        if !self.running() {
+            return 0;
+        }
+        let el = now.saturating_duration_since(self.run_mark.0).as_secs_f64();
+        if el < 5.0 {
+            if el < 0.2 {
+                return 0;
+            }
+            return (self.checked_bytes().saturating_sub(self.run_mark.1) as f64 / el) as u64;
+        }
+        self.shown_rate.max(0.0).round() as u64
     }
 
     fn percent(&self) -> f64 {
@@ -317,8 +393,9 @@ impl Scrub {
     pub fn cursor(&self) -> u64 {
         self.steps
             .values()
+            .filter(|s| s.current(self))
             .map(|s| s.first)
-            .chain(self.retry.iter().map(|r| r.0))
+            .chain(self.retry.iter().map(|r| r.first))
             .min()
             .unwrap_or(self.next)
             .min(self.next)
@@ -361,8 +438,8 @@ impl Scrub {
         self.saved.pass = Tally::default();
         self.next = 0;
         self.retry.clear();
-        self.rate_mark = (now, 0);
-        self.shown_rate = 0.0;
+        self.pass_id += 1;
+        self.mark_run(now);
         self.changed = true;
         self.save();
         Ok(())
@@ -385,7 +462,7 @@ impl Scrub {
         match self.saved.state {
             State::Paused => {
                 self.saved.state = State::Running;
-                self.rate_mark = (now, self.saved.pass.checked_blocks);
+                self.mark_run(now);
                 self.changed = true;
                 self.save();
                 Ok(())
@@ -395,13 +472,19 @@ impl Scrub {
         }
     }
 
-    /// End the pass now (recorded as incomplete); steps in flight finish.
+    /// End the pass now (recorded as incomplete); steps in flight finish
+    /// and count for nothing.
     pub fn cancel(&mut self) -> Result<(), String> {
+        self.abandon("cancelled")
+    }
+
+    /// End a running or paused pass, recorded as incomplete, saying `why`.
+    pub fn abandon(&mut self, why: &str) -> Result<(), String> {
         if self.saved.state == State::Idle {
             return Err("no scrub is running".into());
         }
         crate::elog!(
-            "nbdmirror: scrub cancelled at {:.1}%: {}",
+            "nbdmirror: scrub {why} at {:.1}%: {}",
             self.percent(),
             summary(&self.saved.pass)
         );
@@ -422,6 +505,7 @@ impl Scrub {
         self.saved.cursor = 0;
         self.next = 0;
         self.retry.clear();
+        self.pass_id += 1;
         self.changed = true;
         self.save();
     }
@@ -432,7 +516,7 @@ impl Scrub {
             let cap = (self.rate as f64 / 5.0).max((STEP_BLOCKS * BLOCK) as f64);
             self.tokens = (self.tokens + dt * self.rate as f64).min(cap);
         }
-        let checked = self.saved.pass.checked_blocks * BLOCK;
+        let checked = self.checked_bytes();
         let el = now
             .saturating_duration_since(self.rate_mark.0)
             .as_secs_f64();
@@ -454,83 +538,101 @@ impl Scrub {
                 }
             }
         }
-        if self.changed && now.saturating_duration_since(self.last_save) >= SAVE_EVERY {
+        if self.changed
+            && (self.urgent || now.saturating_duration_since(self.last_save) >= SAVE_EVERY)
+        {
             self.save();
             self.last_save = now;
         }
     }
 
-    /// The next range to read, if the window, the rate cap and the pass
-    /// allow one: (first, n, attempts). Taken off the queue only by
-    /// [`Scrub::begin`].
-    pub fn next_range(&self) -> Option<(u64, u64, u8)> {
+    /// The next range to read (first block, count), if the window, the
+    /// rate cap and the pass allow one. [`Scrub::begin`] takes it.
+    pub fn next_range(&self) -> Option<(u64, u64)> {
         if self.saved.state != State::Running || self.steps.len() >= WINDOW {
             return None;
         }
         if self.rate > 0 && self.tokens <= 0.0 {
             return None;
         }
-        if let Some(&r) = self.retry.first() {
-            return Some(r);
+        if let Some(r) = self.retry.first() {
+            return Some((r.first, r.n));
         }
-        (self.next < self.blocks)
-            .then(|| (self.next, (self.blocks - self.next).min(STEP_BLOCKS), 0))
+        (self.next < self.blocks).then(|| (self.next, (self.blocks - self.next).min(STEP_BLOCKS)))
     }
 
-    /// A step for `range` (from `next_range`) starts as request `rid`.
-    pub fn begin(&mut self, rid: u64, range: (u64, u64, u8)) {
-        let (first, n, attempts) = range;
-        if self.retry.first() == Some(&range) {
-            self.retry.remove(0);
-        } else {
+    /// The range `next_range` gave starts as request `rid`.
+    pub fn begin(&mut self, rid: u64) {
+        let r = if self.retry.is_empty() {
+            let first = self.next;
+            let n = (self.blocks - first).min(STEP_BLOCKS);
             self.next = first + n;
-        }
+            Retry {
+                first,
+                n,
+                attempts: 0,
+                unrepairable: Vec::new(),
+            }
+        } else {
+            self.retry.remove(0)
+        };
         if self.rate > 0 {
-            self.tokens -= (n * BLOCK) as f64;
+            self.tokens -= (r.n * BLOCK) as f64;
         }
         self.steps.insert(
             rid,
             Step {
-                first,
-                n,
+                first: r.first,
+                n: r.n,
                 phase: Phase::Reading,
                 locked: true,
                 ours: Vec::new(),
                 waiting: 0,
                 verified: Vec::new(),
-                attempts,
+                attempts: r.attempts,
                 bad: Vec::new(),
-                unrepairable: Vec::new(),
+                unrepairable: r.unrepairable,
+                pass: self.pass_id,
             },
         );
     }
 
-    /// Step `rid` is done: its blocks count as checked. Ends the pass when
-    /// nothing is left.
+    /// Step `rid` is done: its blocks count as checked (unless its pass
+    /// was cancelled meanwhile). Ends the pass when nothing is left.
     pub fn complete(&mut self, rid: u64) {
         let Some(s) = self.steps.remove(&rid) else {
             return;
         };
+        if s.pass != self.pass_id {
+            return;
+        }
         self.changed = true;
         let pass = &mut self.saved.pass;
         pass.checked_blocks += s.n;
-        for id in s.verified {
-            pass.peer(id).checked_blocks += s.n;
+        for (id, k) in s.verified {
+            pass.peer(id).checked_blocks += k;
         }
         self.maybe_end();
     }
 
-    /// Step `rid` is read again later (its bad blocks were repaired).
+    /// Step `rid` is read again later, from the start (under its lock).
     pub fn again(&mut self, rid: u64) {
         if let Some(s) = self.steps.remove(&rid) {
-            self.retry.push((s.first, s.n, s.attempts));
+            if s.pass == self.pass_id {
+                self.retry.push(Retry {
+                    first: s.first,
+                    n: s.n,
+                    attempts: s.attempts,
+                    unrepairable: s.unrepairable,
+                });
+            }
         }
     }
 
     fn maybe_end(&mut self) {
         if self.saved.state == State::Idle
             || self.next < self.blocks
-            || !self.steps.is_empty()
+            || self.steps.values().any(|s| s.pass == self.pass_id)
             || !self.retry.is_empty()
         {
             return;
@@ -562,23 +664,42 @@ impl Scrub {
             std::fs::rename(&tmp, &self.path)
         })();
         match r {
-            Ok(()) => self.changed = false,
-            Err(e) => crate::elog!("nbdmirror: cannot save {}: {e}", self.path.display()),
+            Ok(()) => {
+                self.changed = false;
+                self.urgent = false;
+                self.save_error = None;
+            }
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                // Tried again every 5 s; said once.
+                self.urgent = false;
+                let e = e.to_string();
+                if self.save_error.as_deref() != Some(&e) {
+                    crate::elog!(
+                        "nbdmirror: cannot save {}: {e}; the scrub goes on, but a restart \
+                         would forget its progress",
+                        self.path.display()
+                    );
+                    self.save_error = Some(e);
+                }
+            }
         }
     }
 
-    pub fn json(&self) -> serde_json::Value {
+    pub fn json(&self, now: Instant) -> serde_json::Value {
         use serde_json::json;
         let cursor = self.cursor();
+        let idle = self.saved.state == State::Idle;
         json!({
             "state": self.saved.state,
             "position_bytes": cursor * BLOCK,
             "total_bytes": self.blocks * BLOCK,
-            "rate_bytes_per_sec": if self.running() { self.shown_rate.max(0.0).round() as u64 } else { 0 },
+            "rate_bytes_per_sec": self.rate_now(now),
             "rate_limit": self.rate,
             "interval_secs": self.interval,
             "started_at": (self.saved.state != State::Idle).then_some(self.saved.started),
-            "next_at": self.due(),
+            // While a pass runs, the next is due only after it ends.
+            "next_at": if idle { self.due() } else { None },
             "current": (self.saved.state != State::Idle).then(|| self.saved.pass.json()),
             "last": self.saved.last.as_ref().map(|l| json!({
                 "started_at": l.started,
@@ -706,7 +827,7 @@ mod tests {
     fn a_pass_walks_every_block_once_and_resumes_after_a_restart() {
         let d = dir("walk");
         let t = Instant::now();
-        let mut s = Scrub::open(&d, 1000, 0, 0, t);
+        let mut s = Scrub::open(&d, 1000, 0, 0, t, true);
         assert_eq!(s.state(), State::Idle);
         s.start(t).unwrap();
         assert!(s.start(t).is_err());
@@ -714,28 +835,32 @@ mod tests {
         // Two steps, the second finishing first: the resume point is the
         // first one's start.
         let a = s.next_range().unwrap();
-        s.begin(rid, a);
+        s.begin(rid);
         let b = s.next_range().unwrap();
-        s.begin(rid + 1, b);
+        s.begin(rid + 1);
         assert_eq!((a.0, b.0), (0, 256));
         s.complete(rid + 1);
         assert_eq!(s.cursor(), 0);
         s.save();
-        let mut s2 = Scrub::open(&d, 1000, 0, 0, t);
+        let mut s2 = Scrub::open(&d, 1000, 0, 0, t, true);
         assert_eq!(s2.state(), State::Running);
-        assert_eq!(s2.next_range(), Some((0, 256, 0)));
+        assert_eq!(s2.next_range(), Some((0, 256)));
         s.complete(rid);
         assert_eq!(s.cursor(), 512);
         rid += 2;
         // A repaired step is read again before anything new.
-        let c = s.next_range().unwrap();
-        s.begin(rid, c);
+        assert_eq!(s.next_range(), Some((512, 256)));
+        s.begin(rid);
         s.steps.get_mut(&rid).unwrap().attempts = 1;
         s.again(rid);
-        assert_eq!(s.next_range(), Some((512, 256, 1)));
-        while let Some(r) = s.next_range() {
+        assert_eq!(s.next_range(), Some((512, 256)));
+        rid += 1;
+        s.begin(rid);
+        assert_eq!(s.steps[&rid].attempts, 1);
+        s.complete(rid);
+        while s.next_range().is_some() {
             rid += 1;
-            s.begin(rid, r);
+            s.begin(rid);
             s.complete(rid);
         }
         assert_eq!(s.state(), State::Idle);
@@ -743,7 +868,7 @@ mod tests {
         assert!(last.complete);
         assert_eq!(last.tally.checked_blocks, 1000);
         // And the record survives a restart.
-        s2 = Scrub::open(&d, 1000, 0, 0, t);
+        s2 = Scrub::open(&d, 1000, 0, 0, t, true);
         assert_eq!(s2.saved.last, Some(last));
         std::fs::remove_dir_all(&d).unwrap();
     }
@@ -753,7 +878,7 @@ mod tests {
         let d = dir("damaged");
         std::fs::write(d.join(FILE), b"{not json").unwrap();
         let t = Instant::now();
-        let mut s = Scrub::open(&d, 10, 0, 3600, t);
+        let mut s = Scrub::open(&d, 10, 0, 3600, t, true);
         assert_eq!(s.state(), State::Idle);
         let since = s.saved.since;
         assert_eq!(s.due(), Some(since + 3600));
@@ -768,7 +893,19 @@ mod tests {
         assert!(s.start(t).is_err());
         assert_eq!(s.next_range(), None);
         s.resume(t).unwrap();
-        assert_eq!(s.next_range(), Some((0, 10, 0)));
+        assert_eq!(s.next_range(), Some((0, 10)));
+        // A cancelled pass's step counts for nothing in the next one.
+        s.begin(7);
+        s.cancel().unwrap();
+        s.start(t).unwrap();
+        s.complete(7);
+        assert_eq!(s.saved.pass.checked_blocks, 0);
+        assert_eq!(s.state(), State::Running);
+        // A secondary does not carry a pass on.
+        s.save();
+        let s3 = Scrub::open(&d, 10, 0, 3600, t, false);
+        assert_eq!(s3.state(), State::Idle);
+        assert!(!s3.saved.last.as_ref().unwrap().complete);
         std::fs::remove_dir_all(&d).unwrap();
     }
 
@@ -783,13 +920,13 @@ mod tests {
     fn the_rate_cap_holds_back_steps() {
         let d = dir("rate");
         let t = Instant::now();
-        let mut s = Scrub::open(&d, 100_000, 1 << 20, 0, t);
+        let mut s = Scrub::open(&d, 100_000, 1 << 20, 0, t, true);
         s.start(t).unwrap();
         // No tokens yet.
         assert_eq!(s.next_range(), None);
         s.tick(t + Duration::from_secs(1), 1.0, false);
-        let r = s.next_range().unwrap();
-        s.begin(1, r);
+        assert!(s.next_range().is_some());
+        s.begin(1);
         assert_eq!(s.next_range(), None);
         std::fs::remove_dir_all(&d).unwrap();
     }
