@@ -794,9 +794,11 @@ fn render_status(v: &serde_json::Value, cols: Option<usize>) -> Vec<String> {
             }
         ));
     } else if sc["last"]["clean"] == false {
+        let f = &sc["last"]["found"];
         lines.push(format!(
-            "  LAST SCRUB LEFT BAD BLOCKS: {} (`nbdmirror scrub status`)",
-            sc["last"]["found"]["unrepaired_blocks"]
+            "  LAST SCRUB LEFT PROBLEMS: {} bad blocks not repaired, {} read errors \
+             (`nbdmirror scrub status`)",
+            f["unrepaired_blocks"], f["read_errors"]
         ));
     }
     if let Some(c) = cols {
@@ -923,7 +925,7 @@ fn scrub_findings(f: &serde_json::Value) -> String {
         ));
         if p["skipped_bytes"].as_u64().unwrap_or(0) > 0 {
             s.push_str(&format!(
-                " ({} not compared: not in sync)",
+                " ({} not compared: the peer was away or resyncing them, or they are bad here)",
                 human(p["skipped_bytes"].as_f64().unwrap_or(0.0))
             ));
         }
@@ -1079,6 +1081,9 @@ fn scrub(action: ScrubCmd) -> Result<(), String> {
             };
             if v["scrub"]["state"] == "paused" {
                 return Err("the scrub was paused before it finished".into());
+            }
+            if v["scrub"]["last"]["complete"].as_bool() == Some(false) {
+                return Err("the scrub was cancelled before it finished".into());
             }
             if v["scrub"]["last"]["clean"].as_bool() == Some(false) {
                 return Err(

@@ -969,7 +969,7 @@ impl Mirror {
         for id in ids {
             self.close_link(io, id);
         }
-        self.scrub.save();
+        self.scrub.save_and_wait();
         for p in &mut self.peers {
             let f = p.bitmap.flags() | FLAG_CLEAN;
             if let Err(e) = p.bitmap.set_flags(f) {
@@ -1341,7 +1341,15 @@ impl Mirror {
         if !self.ask_next_peer(io, id) {
             // No peer left since `repair_read` looked (not reached today).
             if let Some(r) = self.take_repair(id) {
-                self.answers.push((r.client, Err(libc::EIO)));
+                if let Some(step) = self.scrub.steps.get_mut(&r.client) {
+                    // A scrub's: its blocks are beyond repair; the step
+                    // starts over at the next tick.
+                    let run = std::mem::take(&mut step.bad);
+                    step.unrepairable.extend(run);
+                    self.scrub.again(r.client);
+                } else {
+                    self.answers.push((r.client, Err(libc::EIO)));
+                }
             }
         }
     }
@@ -3055,99 +3063,126 @@ impl Mirror {
         let Some(step) = self.scrub.steps.get_mut(&rid) else {
             return;
         };
-        let (first, n) = (step.first, step.n);
-        let now_bad: Vec<u64> = match (&r, &corrupt) {
-            (Err(_), Some(c)) => c.blocks.clone(),
-            _ => Vec::new(),
-        };
-        if step.phase == scrub::Phase::Repairing {
-            // The read after a repair: whatever no longer fails was repaired.
-            let fixed = step.bad.iter().filter(|b| !now_bad.contains(b)).count() as u64;
-            if fixed > 0 {
-                self.scrub.tally().repaired_blocks += fixed;
+        let (first, n, locked) = (step.first, step.n, step.locked);
+        if let (Err(e), None) = (&r, &corrupt) {
+            // A read error, not a checksum failure: nothing to compare.
+            let e = *e;
+            if locked {
+                step.locked = false;
+                self.unlock(first * BLOCK, rid);
+                self.unpark(io, store);
             }
-        } else if step.attempts == 0 && !now_bad.is_empty() {
-            self.scrub.tally().bad_blocks += now_bad.len() as u64;
+            crate::elog!(
+                "nbdmirror: scrub: reading blocks {first}..{} failed: {}",
+                first + n,
+                errno_str(e)
+            );
+            let ids: Vec<u32> = self.peers.iter().map(|p| p.node_id).collect();
+            let t = self.scrub.tally_of(rid, true);
+            t.read_errors += 1;
+            for id in ids {
+                t.peer(id).skipped_blocks += n;
+            }
+            self.scrub_complete(io, store, rid);
+            return;
         }
-        let step = self.scrub.steps.get_mut(&rid).unwrap();
+        let now_bad: Vec<u64> = corrupt
+            .as_ref()
+            .map(|c| c.blocks.clone())
+            .unwrap_or_default();
+        // Count each bad block once, and the ones a repair just fixed.
+        let fresh: Vec<u64> = now_bad
+            .iter()
+            .copied()
+            .filter(|b| !step.counted.contains(b))
+            .collect();
+        let fixed = if step.phase == scrub::Phase::Repairing {
+            step.bad.iter().filter(|b| !now_bad.contains(b)).count() as u64
+        } else {
+            0
+        };
+        step.counted.extend(&fresh);
+        if locked {
+            // Blocks set apart that were written since are no longer bad.
+            step.unrepairable.retain(|b| now_bad.contains(b));
+        }
         let left: Vec<u64> = now_bad
             .iter()
             .copied()
             .filter(|b| !step.unrepairable.contains(b))
             .collect();
-        match r {
-            // Repaired, or nothing left but blocks no peer can repair:
-            // start over under the lock and compare with the peers.
-            Ok(_) | Err(_) if step.phase == scrub::Phase::Repairing && left.is_empty() => {
+        if !fresh.is_empty() || fixed > 0 {
+            let t = self.scrub.tally_of(rid, true);
+            t.bad_blocks += fresh.len() as u64;
+            t.repaired_blocks += fixed;
+        }
+        if left.is_empty() {
+            if !locked {
+                // Repaired, or nothing left but blocks beyond repair:
+                // start over under the lock, and compare with the peers.
                 self.scrub.again(rid);
                 self.scrub_kick(io, store);
+                return;
             }
-            Ok(buf) => {
-                let ours: Vec<u64> = buf
-                    .chunks(BLOCK as usize)
-                    .enumerate()
-                    .map(|(k, b)| crate::store::checksum::block_checksum(first + k as u64, b))
-                    .collect();
-                self.scrub_compare(io, store, rid, ours);
-            }
-            Err(_) if corrupt.is_some() && left.is_empty() => {
-                // Under the lock, and only blocks known to be beyond
-                // repair fail: compare the rest with the peers. A block
-                // that verified holds what the table says.
-                let mut ours = store.block_sums(first, n);
-                let step = self.scrub.steps.get(&rid).unwrap();
-                for &b in &step.unrepairable {
-                    if let Some(x) = ours.get_mut((b - first) as usize) {
-                        *x = UNKNOWN_SUM;
+            // Under the lock: this node's checksums of what it read, but
+            // none for the blocks beyond repair.
+            let data = match (r, corrupt) {
+                (Ok(buf), _) => buf,
+                (Err(_), Some(c)) => c.data,
+                (Err(_), None) => unreachable!("handled above"),
+            };
+            let unrepairable = &self.scrub.steps[&rid].unrepairable;
+            let ours: Vec<u64> = data
+                .chunks(BLOCK as usize)
+                .enumerate()
+                .map(|(k, b)| {
+                    let blk = first + k as u64;
+                    if unrepairable.contains(&blk) || b.len() != BLOCK as usize {
+                        UNKNOWN_SUM
+                    } else {
+                        crate::store::checksum::block_checksum(blk, b)
                     }
-                }
-                self.scrub_compare(io, store, rid, ours);
-            }
-            Err(e) => {
-                if step.locked {
-                    step.locked = false;
-                    self.unlock(first * BLOCK, rid);
-                }
-                let Some(c) = corrupt else {
-                    crate::elog!(
-                        "nbdmirror: scrub: reading blocks {first}..{} failed: {}",
-                        first + n,
-                        errno_str(e)
-                    );
-                    self.scrub.tally().read_errors += 1;
-                    let ids: Vec<u32> = self.peers.iter().map(|p| p.node_id).collect();
-                    for id in ids {
-                        self.scrub.tally().peer(id).skipped_blocks += n;
-                    }
-                    self.scrub_complete(io, store, rid);
-                    return;
-                };
-                let step = self.scrub.steps.get_mut(&rid).unwrap();
-                let run: Vec<u64> = left
-                    .iter()
-                    .copied()
-                    .enumerate()
-                    .take_while(|&(k, b)| b == left[0] + k as u64)
-                    .map(|(_, b)| b)
-                    .collect();
-                step.bad = run.clone();
-                step.phase = scrub::Phase::Repairing;
-                if step.attempts < scrub::MAX_ATTEMPTS {
-                    step.attempts += 1;
-                    let read = CorruptRead { blocks: run, ..c };
-                    if self.repair_read(io, rid, read) != RepairStart::No {
-                        return;
-                    }
-                }
-                // Nothing to repair from (or too many tries): every bad
-                // block left is beyond repair in this pass.
-                let step = self.scrub.steps.get_mut(&rid).unwrap();
-                step.bad.clear();
-                step.unrepairable.extend(left);
-                self.scrub.again(rid);
-                self.scrub_kick(io, store);
+                })
+                .collect();
+            self.scrub_compare(io, store, rid, ours);
+            return;
+        }
+        // Bad blocks to repair: the repair takes the lock itself.
+        let c = corrupt.expect("bad blocks come with their read");
+        let step = self.scrub.steps.get_mut(&rid).unwrap();
+        if locked {
+            step.locked = false;
+            self.unlock(first * BLOCK, rid);
+            self.unpark(io, store);
+        }
+        let step = self.scrub.steps.get_mut(&rid).unwrap();
+        let run: Vec<u64> = left
+            .iter()
+            .copied()
+            .enumerate()
+            .take_while(|&(k, b)| b == left[0] + k as u64)
+            .map(|(_, b)| b)
+            .collect();
+        step.bad = run.clone();
+        step.phase = scrub::Phase::Repairing;
+        if step.attempts < scrub::MAX_ATTEMPTS {
+            step.attempts += 1;
+            let read = CorruptRead {
+                blocks: run,
+                data: Vec::new(),
+                ..c
+            };
+            if self.repair_read(io, rid, read) != RepairStart::No {
+                return;
             }
         }
+        // Nothing to repair from (or too many tries): every bad block left
+        // is beyond repair in this pass.
+        let step = self.scrub.steps.get_mut(&rid).unwrap();
+        step.bad.clear();
+        step.unrepairable.extend(left);
+        self.scrub.again(rid);
+        self.scrub_kick(io, store);
     }
 
     /// Ask every streaming peer (protocol version 5) what it holds in scrub
@@ -3170,7 +3205,7 @@ impl Mirror {
                 || p.version < VERIFY_VERSION
             {
                 let node = p.node_id;
-                self.scrub.tally().peer(node).skipped_blocks += n;
+                self.scrub.tally_of(rid, false).peer(node).skipped_blocks += n;
                 continue;
             }
             let link = p.link.unwrap();
@@ -3241,7 +3276,7 @@ impl Mirror {
                         .collect::<Vec<_>>()
                         .join(", ")
                 );
-                self.scrub.tally().unrepaired(&bad);
+                self.scrub.tally_of(rid, true).unrepaired(&bad);
             }
         }
         self.scrub.complete(rid);
@@ -3271,7 +3306,11 @@ impl Mirror {
         }
         match self.scrub.steps.get(&id) {
             Some(s) if s.first == first && s.n == theirs.len() as u64 => {}
-            _ => return Err(format!("Verified {id} does not answer its request")),
+            _ => {
+                // The step must not wait for this peer any more.
+                self.scrub_peer_answered(io, store, id, i, None);
+                return Err(format!("Verified {id} does not answer its request"));
+            }
         }
         self.scrub_peer_answered(io, store, id, i, Some(theirs));
         Ok(())
@@ -3302,7 +3341,7 @@ impl Mirror {
         step.waiting &= !(1u64 << i);
         let (first, n) = (step.first, step.n);
         match theirs {
-            None => self.scrub.tally().peer(node).skipped_blocks += n,
+            None => self.scrub.tally_of(rid, false).peer(node).skipped_blocks += n,
             Some(theirs) => {
                 let (mut bad, mut differ, mut skipped, mut resend) = (0u64, 0u64, 0u64, Vec::new());
                 let bitmap = &self.peers[i].bitmap;
@@ -3325,16 +3364,24 @@ impl Mirror {
                     resend.push(blk);
                 }
                 step.verified.push((node, n - skipped));
-                let t = self.scrub.tally().peer(node);
-                t.skipped_blocks += skipped;
+                if skipped > 0 {
+                    self.scrub.tally_of(rid, false).peer(node).skipped_blocks += skipped;
+                }
                 if !resend.is_empty() {
+                    let t = self.scrub.tally_of(rid, bad + differ > 0).peer(node);
                     t.bad_blocks += bad;
                     t.differing_blocks += differ;
+                    let unsettled = resend.len() as u64 - bad - differ;
                     crate::elog!(
                         "nbdmirror: scrub: peer {node}: in blocks {first}..{}, {bad} failed its \
-                         own checksums and {differ} hold other data than this node's; resending \
-                         {} block{} from this node",
+                         own checksums and {differ} hold other data than this node's{}; \
+                         resending {} block{} from this node",
                         first + n,
+                        if unsettled > 0 {
+                            format!(", {unsettled} could not be told there")
+                        } else {
+                            String::new()
+                        },
                         resend.len(),
                         if resend.len() == 1 { "" } else { "s" }
                     );
@@ -3371,23 +3418,25 @@ impl Mirror {
         let Some((link, id, first, n)) = self.verify_reads.remove(&rid) else {
             return;
         };
-        let sums: Vec<u64> = match (r, corrupt) {
-            (Ok(buf), _) => buf
-                .chunks(BLOCK as usize)
+        let sums_of = |data: &[u8], bad: &[u64]| -> Vec<u64> {
+            data.chunks(BLOCK as usize)
                 .enumerate()
-                .map(|(k, b)| crate::store::checksum::block_checksum(first + k as u64, b))
-                .collect(),
-            (Err(_), Some(c)) => {
-                // The blocks that verified hold what the table says.
-                let mut s = store.block_sums(first, n);
-                for b in c.blocks {
-                    if let Some(x) = s.get_mut((b - first) as usize) {
-                        *x = wire::BAD_SUM;
+                .map(|(k, b)| {
+                    let blk = first + k as u64;
+                    if bad.contains(&blk) || b.len() != BLOCK as usize {
+                        wire::BAD_SUM
+                    } else {
+                        crate::store::checksum::block_checksum(blk, b)
                     }
-                }
-                s
-            }
-            (Err(_), None) => vec![wire::BAD_SUM; n as usize],
+                })
+                .collect()
+        };
+        let sums: Vec<u64> = match (r, corrupt) {
+            (Ok(buf), _) => sums_of(&buf, &[]),
+            // The blocks that verified are reported as read, the others
+            // as bad.
+            (Err(_), Some(c)) if c.data.len() as u64 == n * BLOCK => sums_of(&c.data, &c.blocks),
+            (Err(_), _) => vec![wire::BAD_SUM; n as usize],
         };
         if self.links.get(&link).is_some_and(|l| !l.closing) {
             self.send_frame(
@@ -3733,7 +3782,7 @@ impl Mirror {
         };
         if r.is_ok() && matches!(words.first(), Some(&"start") | Some(&"resume")) {
             crate::elog!(
-                "nbdmirror: scrub {} ({}): every block is read and verified{}",
+                "nbdmirror: scrub {} ({}): every block is read from the disk and verified{}",
                 if words[0] == "start" {
                     "started"
                 } else {
@@ -3747,7 +3796,7 @@ impl Mirror {
                 if self.peers.is_empty() {
                     String::new()
                 } else {
-                    ", and compared with every in-sync peer's copy".to_string()
+                    ", and compared with every connected peer's copy".to_string()
                 }
             );
         }

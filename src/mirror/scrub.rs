@@ -18,7 +18,7 @@
 //! and cannot be repaired from a peer whose copy matches this node's
 //! checksum is reported, not rewritten.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -32,9 +32,11 @@ pub const STEP_BLOCKS: u64 = 256;
 pub const WINDOW: usize = 4;
 /// Default rate cap, bytes per second.
 pub const DEFAULT_RATE: u64 = 100 << 20;
-/// Repairs tried for one step (one run of adjacent bad blocks each)
-/// before the bad blocks left are reported.
-pub const MAX_ATTEMPTS: u8 = 64;
+/// Repairs tried for one step (one run of adjacent bad blocks each, and
+/// tries again while repair slots are taken) before the bad blocks left
+/// are reported: a bound against loops, far above the 256 runs a step can
+/// hold.
+pub const MAX_ATTEMPTS: u16 = 2048;
 /// Bad blocks listed by number in the status (all are counted and logged).
 const LISTED: usize = 64;
 const FILE: &str = "scrub";
@@ -144,6 +146,10 @@ struct Saved {
     state: State,
     /// Every block before this one was scrubbed in the current pass.
     cursor: u64,
+    /// Steps at or past `cursor` already done in this pass (their first
+    /// blocks): a resumed pass does not read them again.
+    #[serde(default)]
+    done_ahead: BTreeSet<u64>,
     /// When the current pass started (unix seconds).
     started: u64,
     /// The schedule counts from here when no pass has finished yet (the
@@ -179,8 +185,10 @@ pub struct Step {
     pub waiting: u64,
     pub verified: Vec<(u32, u64)>,
     /// Repairs tried, and the blocks the last one was for.
-    pub attempts: u8,
+    pub attempts: u16,
     pub bad: Vec<u64>,
+    /// Blocks counted as bad in this step (a block is counted once).
+    pub counted: Vec<u64>,
     /// Bad blocks no peer could repair in this step.
     pub unrepairable: Vec<u64>,
     /// The pass the step belongs to (a cancelled pass's steps finish, but
@@ -201,12 +209,12 @@ impl Step {
 pub struct Retry {
     first: u64,
     n: u64,
-    attempts: u8,
+    attempts: u16,
+    counted: Vec<u64>,
     unrepairable: Vec<u64>,
 }
 
 pub struct Scrub {
-    path: PathBuf,
     pub blocks: u64,
     /// Bytes per second, 0 = unlimited.
     pub rate: u64,
@@ -225,8 +233,10 @@ pub struct Scrub {
     /// Findings to save at the next tick, not in 5 s.
     urgent: bool,
     last_save: Instant,
-    /// The last save's error, logged once.
-    save_error: Option<String>,
+    /// Writes `DIR/scrub` off the event loop.
+    saver: Saver,
+    /// Findings of steps of a cancelled pass go here, and nowhere.
+    scratch: Tally,
     /// Bytes checked, measured for the rate shown: since this run of the
     /// pass began (start, resume, restart), and a smoothed rate.
     run_mark: (Instant, u64),
@@ -250,10 +260,12 @@ impl Scrub {
         primary: bool,
     ) -> Scrub {
         let path = dir.join(FILE);
+        let path_for_saver = path.clone();
         let fresh = Saved {
             version: 1,
             state: State::Idle,
             cursor: 0,
+            done_ahead: BTreeSet::new(),
             started: 0,
             since: unix_now(),
             pass: Tally::default(),
@@ -280,18 +292,8 @@ impl Scrub {
                 (fresh, true)
             }
         };
-        let mut saved = saved;
-        if saved.state != State::Idle {
-            // Steps that finished out of order past the cursor are read
-            // again: count the blocks before the cursor only.
-            saved.pass.checked_blocks = saved.pass.checked_blocks.min(saved.cursor);
-            for p in saved.pass.peers.values_mut() {
-                p.checked_blocks = p.checked_blocks.min(saved.cursor);
-            }
-        }
         let next = saved.cursor;
         let mut s = Scrub {
-            path,
             blocks,
             rate,
             interval,
@@ -304,7 +306,8 @@ impl Scrub {
             changed,
             urgent: false,
             last_save: now,
-            save_error: None,
+            saver: Saver::start(path_for_saver),
+            scratch: Tally::default(),
             run_mark: (now, 0),
             rate_mark: (now, 0),
             shown_rate: 0.0,
@@ -346,11 +349,18 @@ impl Scrub {
         self.steps.contains_key(&rid)
     }
 
-    /// The current pass's findings, to add to: saved at the next tick.
-    pub fn tally(&mut self) -> &mut Tally {
-        self.changed = true;
-        self.urgent = true;
-        &mut self.saved.pass
+    /// The findings of the pass step `rid` belongs to, to add to (a
+    /// scratch tally for a step of a cancelled pass). `finding`: saved at
+    /// the next tick rather than within 5 s.
+    pub fn tally_of(&mut self, rid: u64, finding: bool) -> &mut Tally {
+        if self.steps.get(&rid).is_some_and(|s| s.pass == self.pass_id) {
+            self.changed = true;
+            self.urgent |= finding;
+            &mut self.saved.pass
+        } else {
+            self.scratch = Tally::default();
+            &mut self.scratch
+        }
     }
 
     fn checked_bytes(&self) -> u64 {
@@ -434,6 +444,7 @@ impl Scrub {
         }
         self.saved.state = State::Running;
         self.saved.cursor = 0;
+        self.saved.done_ahead.clear();
         self.saved.started = unix_now();
         self.saved.pass = Tally::default();
         self.next = 0;
@@ -503,6 +514,7 @@ impl Scrub {
         });
         self.saved.state = State::Idle;
         self.saved.cursor = 0;
+        self.saved.done_ahead.clear();
         self.next = 0;
         self.retry.clear();
         self.pass_id += 1;
@@ -558,19 +570,30 @@ impl Scrub {
         if let Some(r) = self.retry.first() {
             return Some((r.first, r.n));
         }
-        (self.next < self.blocks).then(|| (self.next, (self.blocks - self.next).min(STEP_BLOCKS)))
+        let next = self.next_new();
+        (next < self.blocks).then(|| (next, (self.blocks - next).min(STEP_BLOCKS)))
+    }
+
+    /// The first block of the next step not done yet in this pass.
+    fn next_new(&self) -> u64 {
+        let mut next = self.next;
+        while self.saved.done_ahead.contains(&next) {
+            next += STEP_BLOCKS;
+        }
+        next
     }
 
     /// The range `next_range` gave starts as request `rid`.
     pub fn begin(&mut self, rid: u64) {
         let r = if self.retry.is_empty() {
-            let first = self.next;
+            let first = self.next_new();
             let n = (self.blocks - first).min(STEP_BLOCKS);
             self.next = first + n;
             Retry {
                 first,
                 n,
                 attempts: 0,
+                counted: Vec::new(),
                 unrepairable: Vec::new(),
             }
         } else {
@@ -591,6 +614,7 @@ impl Scrub {
                 verified: Vec::new(),
                 attempts: r.attempts,
                 bad: Vec::new(),
+                counted: r.counted,
                 unrepairable: r.unrepairable,
                 pass: self.pass_id,
             },
@@ -612,6 +636,7 @@ impl Scrub {
         for (id, k) in s.verified {
             pass.peer(id).checked_blocks += k;
         }
+        self.saved.done_ahead.insert(s.first);
         self.maybe_end();
     }
 
@@ -623,6 +648,7 @@ impl Scrub {
                     first: s.first,
                     n: s.n,
                     attempts: s.attempts,
+                    counted: s.counted,
                     unrepairable: s.unrepairable,
                 });
             }
@@ -631,7 +657,7 @@ impl Scrub {
 
     fn maybe_end(&mut self) {
         if self.saved.state == State::Idle
-            || self.next < self.blocks
+            || self.next_new() < self.blocks
             || self.steps.values().any(|s| s.pass == self.pass_id)
             || !self.retry.is_empty()
         {
@@ -647,43 +673,32 @@ impl Scrub {
         self.end(true);
     }
 
-    /// Write `DIR/scrub` (temporary file, fsync, rename). A failure is
-    /// logged: the scrub goes on, and only its resume point is older.
+    /// Write `DIR/scrub` (temporary file, fsync, rename), off the event
+    /// loop: the saver thread writes the newest record it was given. A
+    /// failure is logged there, once: the scrub goes on, and only its
+    /// resume point is older.
     pub fn save(&mut self) {
-        self.saved.cursor = self.cursor();
-        let body = match serde_json::to_vec(&self.saved) {
-            Ok(b) => b,
-            Err(_) => return,
-        };
-        let tmp = self.path.with_extension("tmp");
-        let r = (|| -> std::io::Result<()> {
-            use std::io::Write;
-            let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(&body)?;
-            f.sync_data()?;
-            std::fs::rename(&tmp, &self.path)
-        })();
-        match r {
-            Ok(()) => {
-                self.changed = false;
-                self.urgent = false;
-                self.save_error = None;
-            }
-            Err(e) => {
-                let _ = std::fs::remove_file(&tmp);
-                // Tried again every 5 s; said once.
-                self.urgent = false;
-                let e = e.to_string();
-                if self.save_error.as_deref() != Some(&e) {
-                    crate::elog!(
-                        "nbdmirror: cannot save {}: {e}; the scrub goes on, but a restart \
-                         would forget its progress",
-                        self.path.display()
-                    );
-                    self.save_error = Some(e);
-                }
-            }
+        let c = self.cursor();
+        self.saved.cursor = c;
+        self.saved.done_ahead = self.saved.done_ahead.split_off(&c);
+        if let Ok(body) = serde_json::to_vec(&self.saved) {
+            self.saver.write(body, false);
         }
+        self.changed = false;
+        self.urgent = false;
+    }
+
+    /// As [`Scrub::save`], returning once the record is on disk (at a clean
+    /// stop).
+    pub fn save_and_wait(&mut self) {
+        let c = self.cursor();
+        self.saved.cursor = c;
+        self.saved.done_ahead = self.saved.done_ahead.split_off(&c);
+        if let Ok(body) = serde_json::to_vec(&self.saved) {
+            self.saver.write(body, true);
+        }
+        self.changed = false;
+        self.urgent = false;
     }
 
     pub fn json(&self, now: Instant) -> serde_json::Value {
@@ -765,6 +780,87 @@ pub fn utc(t: u64) -> String {
     )
 }
 
+/// The thread that writes `DIR/scrub`: records arrive in order, and only
+/// the newest of those waiting is written.
+struct Saver {
+    tx: crossbeam_channel::Sender<(Vec<u8>, Option<crossbeam_channel::Sender<()>>)>,
+}
+
+impl Saver {
+    fn start(path: PathBuf) -> Saver {
+        let (tx, rx) =
+            crossbeam_channel::unbounded::<(Vec<u8>, Option<crossbeam_channel::Sender<()>>)>();
+        let spawned = std::thread::Builder::new()
+            .name("scrub-saver".into())
+            .spawn(move || {
+                // Signals are the event loop's (a signalfd): never this
+                // thread's, whatever mask it was started with.
+                // SAFETY: a zeroed sigset_t filled by sigfillset is valid.
+                unsafe {
+                    let mut all: libc::sigset_t = std::mem::zeroed();
+                    libc::sigfillset(&mut all);
+                    libc::pthread_sigmask(libc::SIG_BLOCK, &all, std::ptr::null_mut());
+                }
+                let mut said: Option<String> = None;
+                while let Ok(mut job) = rx.recv() {
+                    let mut acks = Vec::new();
+                    while let Ok(newer) = rx.try_recv() {
+                        acks.extend(job.1.take());
+                        job = newer;
+                    }
+                    acks.extend(job.1.take());
+                    if let Err(e) = write_atomically(&path, &job.0) {
+                        let e = e.to_string();
+                        if said.as_deref() != Some(&e) {
+                            crate::elog!(
+                                "nbdmirror: cannot save {}: {e}; the scrub goes on, but a \
+                                 restart would forget its progress",
+                                path.display()
+                            );
+                            said = Some(e);
+                        }
+                    } else {
+                        said = None;
+                    }
+                    for a in acks {
+                        let _ = a.send(());
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            crate::elog!("nbdmirror: cannot start the scrub record's writer: {e}");
+        }
+        Saver { tx }
+    }
+
+    /// Hand `body` to the thread; with `wait`, return once it is written.
+    fn write(&self, body: Vec<u8>, wait: bool) {
+        if wait {
+            let (atx, arx) = crossbeam_channel::bounded(1);
+            if self.tx.send((body, Some(atx))).is_ok() {
+                let _ = arx.recv_timeout(Duration::from_secs(10));
+            }
+        } else {
+            let _ = self.tx.send((body, None));
+        }
+    }
+}
+
+fn write_atomically(path: &Path, body: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    let r = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(body)?;
+        f.sync_data()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if r.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    r
+}
+
 /// One line: what a pass found.
 pub fn summary(t: &Tally) -> String {
     let mut s = format!(
@@ -841,10 +937,13 @@ mod tests {
         assert_eq!((a.0, b.0), (0, 256));
         s.complete(rid + 1);
         assert_eq!(s.cursor(), 0);
-        s.save();
+        s.save_and_wait();
         let mut s2 = Scrub::open(&d, 1000, 0, 0, t, true);
         assert_eq!(s2.state(), State::Running);
+        // Resumed: step 0 again, then not step 1 (done), but step 2.
         assert_eq!(s2.next_range(), Some((0, 256)));
+        s2.begin(1);
+        assert_eq!(s2.next_range(), Some((512, 256)));
         s.complete(rid);
         assert_eq!(s.cursor(), 512);
         rid += 2;
@@ -868,9 +967,10 @@ mod tests {
         assert!(last.complete);
         assert_eq!(last.tally.checked_blocks, 1000);
         // And the record survives a restart.
+        s.save_and_wait();
         s2 = Scrub::open(&d, 1000, 0, 0, t, true);
         assert_eq!(s2.saved.last, Some(last));
-        std::fs::remove_dir_all(&d).unwrap();
+        let _ = std::fs::remove_dir_all(&d);
     }
 
     #[test]
@@ -902,11 +1002,11 @@ mod tests {
         assert_eq!(s.saved.pass.checked_blocks, 0);
         assert_eq!(s.state(), State::Running);
         // A secondary does not carry a pass on.
-        s.save();
+        s.save_and_wait();
         let s3 = Scrub::open(&d, 10, 0, 3600, t, false);
         assert_eq!(s3.state(), State::Idle);
         assert!(!s3.saved.last.as_ref().unwrap().complete);
-        std::fs::remove_dir_all(&d).unwrap();
+        let _ = std::fs::remove_dir_all(&d);
     }
 
     #[test]
@@ -928,6 +1028,6 @@ mod tests {
         assert!(s.next_range().is_some());
         s.begin(1);
         assert_eq!(s.next_range(), None);
-        std::fs::remove_dir_all(&d).unwrap();
+        let _ = std::fs::remove_dir_all(&d);
     }
 }

@@ -450,6 +450,10 @@ pub struct CorruptRead {
     pub head: usize,
     /// The blocks that failed, in order.
     pub blocks: Vec<u64>,
+    /// For a scrub's read ([`Store::read_verified`]): the bytes read, bad
+    /// blocks included (so the checksums of the good ones can be taken);
+    /// empty for other reads.
+    pub data: Vec<u8>,
 }
 
 /// At most this many failed reads are remembered for `take_corrupt`.
@@ -479,6 +483,9 @@ struct ReadPart {
     /// Block-aligned file range read.
     file_start: u64,
     buf: Option<Vec<u8>>,
+    /// The part's bytes start at this index of `buf` (an O_DIRECT read
+    /// into the first block-aligned address of it).
+    skip: usize,
     /// The part is read straight into the reply buffer (`ReadReq::out`):
     /// a block-aligned read with nothing from the overlay, the common case.
     direct: bool,
@@ -2101,6 +2108,7 @@ impl Store {
             .map(|&(s, _)| ReadPart {
                 file_start: s,
                 buf: None,
+                skip: 0,
                 direct,
             })
             .collect();
@@ -2131,8 +2139,7 @@ impl Store {
         for (i, (s, e)) in ranges.into_iter().enumerate() {
             let (fd, buf, at) = match self.media_fd.filter(|_| media) {
                 // O_DIRECT wants a block-aligned buffer: read at the first
-                // aligned address of one a block longer (the completion
-                // drops the bytes before it).
+                // aligned address of one a block longer (`ReadPart::skip`).
                 Some(fd) => {
                     let len = (e - s) as usize;
                     let mut buf: Vec<u8> = Vec::with_capacity(len + BLOCK_SIZE as usize);
@@ -2142,6 +2149,9 @@ impl Store {
                 }
                 None => (self.files.data, vec![0u8; (e - s) as usize], 0),
             };
+            if let Some(r) = self.reads.get_mut(&req) {
+                r.parts[i].skip = at;
+            }
             self.submit(
                 io,
                 Ctx::DataRead { read: req, part: i },
@@ -2178,7 +2188,7 @@ impl Store {
                 }
                 continue;
             }
-            let buf = part.buf.as_ref().unwrap();
+            let buf = &part.buf.as_ref().unwrap()[part.skip..];
             if verify {
                 find_bad(part.file_start, buf, &mut bad);
             }
@@ -2234,6 +2244,7 @@ impl Store {
                     len: r.len,
                     head: r.head,
                     blocks: bad,
+                    data: if r.media { r.out } else { Vec::new() },
                 },
             );
             self.events.push(StoreEvent::Read(req, Err(EIO)));
@@ -2433,8 +2444,6 @@ impl Store {
                 if r.parts[part].direct {
                     r.out = buf;
                 } else {
-                    // A media read's bytes start at its aligned `at`.
-                    buf.drain(..at);
                     r.parts[part].buf = Some(buf);
                 }
                 r.parts_left -= 1;
