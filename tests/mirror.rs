@@ -4474,3 +4474,82 @@ fn scrub_repairs_from_a_syncing_peer_and_compares_around_unrepairable_blocks() {
     cl.assert_replicas_identical();
     assert_files_equal(&src, &cl.nodes[0].data());
 }
+
+/// Repairs go block by block when a run fails: three adjacent blocks bad
+/// on the primary, the middle one bad on node 2 too and the last on node
+/// 3; each has a good copy somewhere, and the scrub repairs all three (and
+/// finds the peers' bad copies). Then resync of a re-initialised node 3
+/// runs into a block bad on the primary: it asks node 2 for it instead of
+/// stopping, and finishes.
+#[test]
+fn scrub_and_resync_repair_the_primary_block_by_block_from_whichever_peer_has_it() {
+    let test = "scrub_and_resync_repair_the_primary_block_by_block_from_whichever_peer_has_it";
+    if !require_tools(test, &["nbdcopy"]) {
+        return;
+    }
+    let _wd = Watchdog::new(test, Duration::from_secs(180));
+    let seed = test_seed(test);
+    let size = 16 * MIB;
+    let mut o = Opts::new(size, 3);
+    o.primary_extra = vec!["--scrub-rate".into(), "0".into()];
+    let mut cl = Cluster::new(test, seed, o);
+    cl.start_all();
+    cl.wait_in_sync(Duration::from_secs(20));
+    let src = cl.tmp.join("src.img");
+    write_random_file(&src, size, seed, &[]);
+    run_ok_timeout(
+        Command::new(tool("nbdcopy")).args([src.to_str().unwrap(), &cl.uri()]),
+        Duration::from_secs(60),
+    );
+    cl.wait_in_sync(Duration::from_secs(20));
+    cl.stop_all();
+    let dirs: Vec<PathBuf> = cl.nodes.iter().map(|n| n.dir.clone()).collect();
+    // Flip bytes (XOR), so the rot always changes something.
+    let flip = |dir: &Path, block: u64| {
+        use std::os::unix::fs::FileExt;
+        let f = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(dir.join("data"))
+            .unwrap();
+        let mut b = [0u8; 8];
+        f.read_exact_at(&mut b, block * 4096 + 33).unwrap();
+        for x in b.iter_mut() {
+            *x ^= 0xff;
+        }
+        f.write_all_at(&b, block * 4096 + 33).unwrap();
+        f.sync_all().unwrap();
+    };
+    for b in [600, 601, 602] {
+        flip(&dirs[0], b);
+    }
+    flip(&dirs[1], 601);
+    flip(&dirs[2], 602);
+    cl.start_all();
+    cl.wait_in_sync(Duration::from_secs(20));
+    let pd = dirs[0].display().to_string();
+    let (out, err, ok) = scrub_cmd(&["start", "--wait", "--dir", &pd], Duration::from_secs(60));
+    assert!(ok, "the scrub left blocks bad:\n{out}\n{err}");
+    let f = scrub_json(&dirs[0]).at("last").at("found").clone();
+    assert_eq!(f.at("bad_blocks").as_u64(), Some(3), "{f:?}");
+    assert_eq!(f.at("repaired_blocks").as_u64(), Some(3), "{f:?}");
+    for pj in f.at("peers").as_array() {
+        assert_eq!(pj.at("bad_blocks").as_u64(), Some(1), "{f:?}");
+    }
+    cl.wait_in_sync(Duration::from_secs(20));
+    cl.stop_all();
+    cl.assert_replicas_identical();
+    assert_files_equal(&src, &cl.nodes[0].data());
+
+    // Node 3 starts over empty; the primary's block 3000 is bad.
+    flip(&dirs[0], 3000);
+    fs::remove_dir_all(&dirs[2]).unwrap();
+    init_replica(&dirs[2], size, 3, Some(cl.uuid.as_str()));
+    cl.start_all();
+    cl.wait_in_sync(Duration::from_secs(30));
+    let log = cl.nodes[0].stderr();
+    assert!(contains_ci(&log, "retries them"), "{log}");
+    cl.stop_all();
+    cl.assert_replicas_identical();
+    assert_files_equal(&src, &cl.nodes[0].data());
+}

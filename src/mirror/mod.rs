@@ -64,6 +64,9 @@ const RESYNC_WINDOW: u64 = 16 << 20;
 /// only when it is answered).
 const RESYNC_FLUSH_BYTES: u64 = 64 << 20;
 const RESYNC_FLUSH_INTERVAL: Duration = Duration::from_secs(1);
+/// How long resync leaves a peer alone after reading blocks that are bad
+/// on this node (a repair from another peer is asked for meanwhile).
+const RESYNC_HOLD: Duration = Duration::from_secs(1);
 /// Checksum requests in flight per peer during a compare.
 const COMPARE_WINDOW: usize = 8;
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
@@ -218,10 +221,11 @@ const MAX_VERIFY_READS: usize = 32;
 /// Read repairs in flight at once (each holds up to 1 MiB at the peer).
 const MAX_REPAIRS: usize = 16;
 
-/// Whether peer `p` can be asked for its copy of blocks (read repair): it
-/// is streaming (and, with `in_sync`, in sync) at a protocol version that
-/// has BlockRequest.
-fn repair_source(p: &Peer, in_sync: bool) -> bool {
+/// Whether peer `p` can be asked for its copy of blocks `first..first+n`
+/// (read repair): it is streaming (and, with `in_sync`, in sync) at a
+/// protocol version that has BlockRequest, and none of the blocks is dirty
+/// for it (its copy of those is old).
+fn repair_source(p: &Peer, in_sync: bool, first: u64, n: u64) -> bool {
     p.link.is_some()
         && p.version >= REPAIR_VERSION
         && if in_sync {
@@ -229,6 +233,7 @@ fn repair_source(p: &Peer, in_sync: bool) -> bool {
         } else {
             p.streaming()
         }
+        && !(first..first + n).any(|b| p.bitmap.is_set(b))
 }
 
 /// The byte range a repair of `read` locks: its first run of bad blocks,
@@ -330,6 +335,8 @@ struct Peer {
     /// Resync token bucket (bytes; `--resync-rate` per peer): refilled by
     /// `tick`, spent by `resync_peer`.
     tokens: f64,
+    /// Resync waits until then: blocks it read were bad on this node.
+    resync_hold: Instant,
 }
 
 impl Peer {
@@ -703,6 +710,7 @@ impl Mirror {
                 rate_window: (t0, 0),
                 tokens: 0.0,
                 rate: 0.0,
+                resync_hold: t0,
             });
         }
         if peers.len() > 63 {
@@ -1268,12 +1276,12 @@ impl Mirror {
             }
             StoreEvent::Read(rid, r) => {
                 // Blocks that failed verification are reported by the
-                // store for whoever asked; these reads do not repair.
-                store.take_corrupt(rid);
+                // store for whoever asked.
+                let corrupt = store.take_corrupt(rid);
                 if let Some((link, id)) = self.peer_reads.remove(&rid) {
                     self.peer_read_done(io, link, id, r);
                 } else {
-                    self.resync_read_done(io, store, rid, r);
+                    self.resync_read_done(io, store, rid, r, corrupt);
                 }
             }
         }
@@ -1295,7 +1303,9 @@ impl Mirror {
         if self.cfg.role != NodeRole::Primary || read.blocks.is_empty() {
             return RepairStart::No;
         }
-        if !self.peers.iter().any(|p| repair_source(p, false)) {
+        let (s, e) = repair_range(&read);
+        let (first, n) = (s / BLOCK, (e - s) / BLOCK);
+        if !self.peers.iter().any(|p| repair_source(p, false, first, n)) {
             return RepairStart::No;
         }
         let waiting = self.repair_waiting.len();
@@ -1363,9 +1373,11 @@ impl Mirror {
         // In-sync peers first; a peer being resynced holds the same data
         // except in its dirty blocks, and whatever it sends is checked
         // against this node's checksums anyway.
+        let (first, n) = (r.first, r.n);
         let Some(i) = [true, false].into_iter().find_map(|in_sync| {
-            (0..self.peers.len())
-                .find(|&i| repair_source(&self.peers[i], in_sync) && !r.tried.contains(&i))
+            (0..self.peers.len()).find(|&i| {
+                repair_source(&self.peers[i], in_sync, first, n) && !r.tried.contains(&i)
+            })
         }) else {
             return false;
         };
@@ -2686,7 +2698,10 @@ impl Mirror {
     }
 
     fn resync_peer(&mut self, io: &mut dyn Io, store: &mut Store, i: usize) {
-        if self.peers[i].state != PeerState::Syncing || self.shutting_down {
+        if self.peers[i].state != PeerState::Syncing
+            || self.shutting_down
+            || self.t < self.peers[i].resync_hold
+        {
             return;
         }
         self.compare_requests(io, i);
@@ -2944,6 +2959,7 @@ impl Mirror {
         store: &mut Store,
         rid: u64,
         r: Result<Vec<u8>, i32>,
+        corrupt: Option<CorruptRead>,
     ) {
         let Some(rr) = self.resync_reads.remove(&rid) else {
             return;
@@ -2987,6 +3003,33 @@ impl Mirror {
                 self.post_send(io, link);
             }
             Ok(_) => {}
+            Err(_) if live && corrupt.is_some() => {
+                // Blocks bad on this node: their bits stay set, another
+                // peer is asked for them (a repair whose own read is
+                // dropped), and the resync comes back to them in a while.
+                let c = corrupt.unwrap();
+                let p = &mut self.peers[i];
+                p.resync_inflight = p.resync_inflight.saturating_sub(rr.n * BLOCK);
+                p.resync_hold = self.t + RESYNC_HOLD;
+                let why = format!(
+                    "blocks {} of this node's copy are bad (failed their checksums); resync \
+                     retries them every {} s, once they are repaired (from another peer, or \
+                     written again)",
+                    c.blocks
+                        .iter()
+                        .map(|b| b.to_string())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    RESYNC_HOLD.as_secs()
+                );
+                if p.last_error.as_deref() != Some(why.as_str()) {
+                    crate::elog!("nbdmirror: peer {}: {why}", p.node_id);
+                    p.last_error = Some(why);
+                }
+                let bg = MIRROR_RID | self.next_mrid;
+                self.next_mrid += 1;
+                self.repair_read(io, bg, c);
+            }
             Err(e) if live => {
                 let p = &mut self.peers[i];
                 p.resync_inflight = p.resync_inflight.saturating_sub(rr.n * BLOCK);
@@ -3090,12 +3133,23 @@ impl Mirror {
             .as_ref()
             .map(|c| c.blocks.clone())
             .unwrap_or_default();
-        // Count each bad block once, and the ones a repair just fixed.
+        // Count each bad block once (also across a restart: the pass
+        // remembers them), and the ones a repair just fixed.
         let fresh: Vec<u64> = now_bad
             .iter()
             .copied()
             .filter(|b| !step.counted.contains(b))
             .collect();
+        let step_pass = self.scrub.is_current(rid);
+        let fresh: Vec<u64> = if step_pass {
+            fresh
+                .into_iter()
+                .filter(|&b| self.scrub.first_sighting(b))
+                .collect()
+        } else {
+            fresh
+        };
+        let step = self.scrub.steps.get_mut(&rid).unwrap();
         let fixed = if step.phase == scrub::Phase::Repairing {
             step.bad.iter().filter(|b| !now_bad.contains(b)).count() as u64
         } else {
@@ -3160,7 +3214,7 @@ impl Mirror {
             .iter()
             .copied()
             .enumerate()
-            .take_while(|&(k, b)| b == left[0] + k as u64)
+            .take_while(|&(k, b)| b == left[0] + k as u64 && (k == 0 || !step.single))
             .map(|(_, b)| b)
             .collect();
         step.bad = run.clone();
@@ -3238,7 +3292,13 @@ impl Mirror {
             return;
         };
         let run = std::mem::take(&mut step.bad);
-        step.unrepairable.extend(run);
+        if run.len() > 1 {
+            // A peer's copy of one block of the run may be bad too, and
+            // then none of the run comes from that peer: go block by block.
+            step.single = true;
+        } else {
+            step.unrepairable.extend(run);
+        }
         let (s, e) = (
             step.first * BLOCK,
             ((step.first + step.n) * BLOCK).min(self.size),
@@ -3263,7 +3323,7 @@ impl Mirror {
                 let why = if self.peers.is_empty() {
                     "this node has no peers to repair them from"
                 } else {
-                    "no peer holds a copy that matches this node's checksums"
+                    "no peer could supply a copy that matches this node's checksums"
                 };
                 crate::elog!(
                     "nbdmirror: scrub: {} bad block{} of this node could not be repaired \

@@ -40,6 +40,8 @@ pub const MAX_ATTEMPTS: u16 = 2048;
 /// Bad blocks listed by number in the status (all are counted and logged).
 const LISTED: usize = 64;
 const FILE: &str = "scrub";
+/// Bad blocks a pass remembers by number (8 bytes each in `DIR/scrub`).
+const SEEN_MAX: usize = 65_536;
 const SAVE_EVERY: Duration = Duration::from_secs(5);
 
 pub fn unix_now() -> u64 {
@@ -150,6 +152,10 @@ struct Saved {
     /// blocks): a resumed pass does not read them again.
     #[serde(default)]
     done_ahead: BTreeSet<u64>,
+    /// Blocks of this node found bad in this pass (up to `SEEN_MAX`), so a
+    /// step read again after a restart does not count them twice.
+    #[serde(default)]
+    seen_bad: BTreeSet<u64>,
     /// When the current pass started (unix seconds).
     started: u64,
     /// The schedule counts from here when no pass has finished yet (the
@@ -189,6 +195,8 @@ pub struct Step {
     pub bad: Vec<u64>,
     /// Blocks counted as bad in this step (a block is counted once).
     pub counted: Vec<u64>,
+    /// A repair of a run of blocks failed: repair one block at a time.
+    pub single: bool,
     /// Bad blocks no peer could repair in this step.
     pub unrepairable: Vec<u64>,
     /// The pass the step belongs to (a cancelled pass's steps finish, but
@@ -266,6 +274,7 @@ impl Scrub {
             state: State::Idle,
             cursor: 0,
             done_ahead: BTreeSet::new(),
+            seen_bad: BTreeSet::new(),
             started: 0,
             since: unix_now(),
             pass: Tally::default(),
@@ -363,6 +372,19 @@ impl Scrub {
         }
     }
 
+    /// Whether step `rid` belongs to the current pass.
+    pub fn is_current(&self, rid: u64) -> bool {
+        self.steps.get(&rid).is_some_and(|s| s.pass == self.pass_id)
+    }
+
+    /// Whether bad block `b` is new to this pass (and remember it).
+    pub fn first_sighting(&mut self, b: u64) -> bool {
+        if self.saved.seen_bad.len() >= SEEN_MAX {
+            return !self.saved.seen_bad.contains(&b);
+        }
+        self.saved.seen_bad.insert(b)
+    }
+
     fn checked_bytes(&self) -> u64 {
         self.saved.pass.checked_blocks * BLOCK
     }
@@ -445,6 +467,7 @@ impl Scrub {
         self.saved.state = State::Running;
         self.saved.cursor = 0;
         self.saved.done_ahead.clear();
+        self.saved.seen_bad.clear();
         self.saved.started = unix_now();
         self.saved.pass = Tally::default();
         self.next = 0;
@@ -515,6 +538,7 @@ impl Scrub {
         self.saved.state = State::Idle;
         self.saved.cursor = 0;
         self.saved.done_ahead.clear();
+        self.saved.seen_bad.clear();
         self.next = 0;
         self.retry.clear();
         self.pass_id += 1;
@@ -615,6 +639,7 @@ impl Scrub {
                 attempts: r.attempts,
                 bad: Vec::new(),
                 counted: r.counted,
+                single: false,
                 unrepairable: r.unrepairable,
                 pass: self.pass_id,
             },
@@ -867,6 +892,7 @@ pub fn summary(t: &Tally) -> String {
         "{} blocks checked; {} bad on this node",
         t.checked_blocks, t.bad_blocks
     );
+    let more = t.unrepaired_count.saturating_sub(t.unrepaired.len() as u64);
     if t.bad_blocks > 0 {
         s.push_str(&format!(
             " ({} repaired from a peer, {} not",
@@ -875,8 +901,8 @@ pub fn summary(t: &Tally) -> String {
         if !t.unrepaired.is_empty() {
             let list: Vec<String> = t.unrepaired.iter().map(|b| b.to_string()).collect();
             s.push_str(&format!(": blocks {}", list.join(", ")));
-            if t.unrepaired_count > t.unrepaired.len() as u64 {
-                s.push_str(", ...");
+            if more > 0 {
+                s.push_str(&format!(" and {more} more"));
             }
         }
         s.push(')');
@@ -886,9 +912,12 @@ pub fn summary(t: &Tally) -> String {
     }
     for (id, p) in &t.peers {
         s.push_str(&format!(
-            "; peer {id}: {} blocks compared, {} bad there, {} differing (both resent from here)",
+            "; peer {id}: {} blocks compared, {} bad there, {} differing",
             p.checked_blocks, p.bad_blocks, p.differing_blocks
         ));
+        if p.bad_blocks + p.differing_blocks > 0 {
+            s.push_str(" (resent from here)");
+        }
         if p.skipped_blocks > 0 {
             s.push_str(&format!(", {} not compared", p.skipped_blocks));
         }
