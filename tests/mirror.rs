@@ -4553,3 +4553,76 @@ fn scrub_and_resync_repair_the_primary_block_by_block_from_whichever_peer_has_it
     cl.assert_replicas_identical();
     assert_files_equal(&src, &cl.nodes[0].data());
 }
+
+/// A partial write over a block that is bad on the primary (and good on the
+/// peer) leaves the primary's block marked corrupt: no copy can match its
+/// checksum. A read then adopts the peer's copy, which took the same
+/// partial write over good data, instead of failing for good.
+#[test]
+fn a_block_written_in_part_after_it_rotted_is_repaired_from_the_peer() {
+    let test = "a_block_written_in_part_after_it_rotted_is_repaired_from_the_peer";
+    if !require_tools(test, &["nbdcopy"]) {
+        return;
+    }
+    let _wd = Watchdog::new(test, Duration::from_secs(120));
+    let seed = test_seed(test);
+    let size = 16 * MIB;
+    let mut cl = Cluster::new(test, seed, Opts::new(size, 2));
+    cl.start_all();
+    cl.wait_in_sync(Duration::from_secs(20));
+    let src = cl.tmp.join("src.img");
+    write_random_file(&src, size, seed, &[]);
+    run_ok_timeout(
+        Command::new(tool("nbdcopy")).args([src.to_str().unwrap(), &cl.uri()]),
+        Duration::from_secs(60),
+    );
+    cl.wait_in_sync(Duration::from_secs(20));
+    cl.stop_all();
+    let block = 710u64;
+    rot(
+        &cl.nodes[0].data(),
+        block * 4096 + 2000,
+        &random_bytes(seed ^ 5, 64),
+    );
+    cl.start_all();
+    cl.wait_in_sync(Duration::from_secs(20));
+    let mut want = fs::read(&src).unwrap();
+    let patch = random_bytes(seed ^ 6, 512);
+    let at = (block * 4096 + 1024) as usize;
+    want[at..at + 512].copy_from_slice(&patch);
+    let mut c = MiniClient::connect(&cl.nbd_addr(), "disk").unwrap();
+    c.write(at as u64, &patch, 0).unwrap();
+    c.flush().unwrap();
+    let o = (block * 4096) as usize;
+    let got = c.read(block * 4096, 4096);
+    assert!(
+        got.as_ref().is_ok_and(|g| g[..] == want[o..o + 4096]),
+        "block {block} after a partial write over rot: {:?}",
+        got.map(|g| g[..16].to_vec())
+    );
+    drop(c);
+    let log = cl.nodes[0].stderr();
+    assert!(
+        contains_ci(&log, "marked corrupt, now holds a peer's copy"),
+        "{log}"
+    );
+    cl.wait_in_sync(Duration::from_secs(20));
+    cl.stop_all();
+    cl.assert_replicas_identical();
+    let data = fs::read(cl.nodes[0].data()).unwrap();
+    assert!(
+        data == want,
+        "the primary's data file differs from what was written"
+    );
+    // The adopted checksum is in meta: the stopped replica checks clean.
+    let out = run_quiet(
+        Command::new(NBDMIRROR_BIN).args([
+            "check",
+            "--dir",
+            &cl.nodes[0].dir.display().to_string(),
+        ]),
+        Duration::from_secs(60),
+    )
+    .unwrap();
+    assert!(out.status.success(), "check: {}", stdout_str(&out));
+}

@@ -649,6 +649,18 @@ pub struct Store {
     large_folios: HashMap<u64, FolioChunk>,
     /// Reads that failed verification, until their owner takes them.
     corrupt: HashMap<ReqId, CorruptRead>,
+    /// Blocks a read found marked corrupt (`checksum::CORRUPT_MARK`: bad,
+    /// then rewritten in part): no copy can match their checksum, so a
+    /// repair adopts a peer's copy of them (see `Store::repair`).
+    /// (block -> the marked table entry seen; adopted only while the entry
+    /// is still that).
+    marked_seen: HashMap<u64, u64>,
+    /// Repairs in flight that adopt a peer's copy of marked blocks: the
+    /// checksums to install once written.
+    adopting: HashMap<ReqId, Vec<(u64, u64)>>,
+    /// A checksum was adopted from a peer (no journal record carries it):
+    /// the next checkpoint is due at once, even with nothing new applied.
+    adopted: bool,
     /// Payload buffers the store is done with, for the caller to reuse (large
     /// buffers cost a page fault per 4 KiB and a memset when fresh).
     pub recycled: Vec<Vec<u8>>,
@@ -830,6 +842,9 @@ impl Store {
             journaled_chunks: HashMap::new(),
             large_folios,
             corrupt: HashMap::new(),
+            marked_seen: HashMap::new(),
+            adopting: HashMap::new(),
+            adopted: false,
             recycled: Vec::new(),
             intents: HashMap::new(),
             newest_intent: 0,
@@ -872,6 +887,7 @@ impl Store {
             && self.overlay.is_empty()
             && self.inplace.is_empty()
             && self.deferred.is_empty()
+            && !self.adopted
             && self.checkpointed_seq + 1 >= self.ring.next_seq
     }
 
@@ -1936,7 +1952,10 @@ impl Store {
         } else if data
             .chunks(BLOCK_SIZE as usize)
             .enumerate()
-            .any(|(i, block)| !self.sums.verify(first + i as u64, block))
+            .any(|(i, block)| {
+                let b = first + i as u64;
+                !self.sums.verify(b, block) && self.marked_seen.get(&b) != Some(&self.sums.get(b))
+            })
         {
             Some(libc::EILSEQ)
         } else {
@@ -1945,6 +1964,21 @@ impl Store {
         if let Some(e) = refuse {
             self.events.push(StoreEvent::Written(req, Err(e)));
             return;
+        }
+        // A block marked corrupt (bad, then written in part) holds a
+        // checksum no copy can match: the peer's copy, which took the same
+        // partial write over good data and verified on the peer, is
+        // adopted with its checksum. Until that is in `meta` (the next
+        // checkpoint) a crash leaves the mark, and the block repairable.
+        let adopt: Vec<(u64, u64)> = data
+            .chunks(BLOCK_SIZE as usize)
+            .enumerate()
+            .map(|(i, block)| (first + i as u64, block))
+            .filter(|(b, block)| !self.sums.verify(*b, block))
+            .map(|(b, block)| (b, checksum::block_checksum(b, block)))
+            .collect();
+        if !adopt.is_empty() {
+            self.adopting.insert(req, adopt);
         }
         // A read racing with the rewrite verifies again rather than fails.
         self.apply_epoch += 1;
@@ -2170,16 +2204,20 @@ impl Store {
         let mut r = self.reads.remove(&req).unwrap();
         let (start, end) = (r.start, r.start + r.len);
         let mut bad: Vec<u64> = Vec::new();
+        let mut marked: Vec<(u64, u64)> = Vec::new();
         let verify = r.verify;
         let sums = &self.sums;
-        let find_bad = |file_start: u64, data: &[u8], bad: &mut Vec<u64>| {
-            bad.extend(
-                data.chunks(BLOCK_SIZE as usize)
-                    .enumerate()
-                    .map(|(i, block)| (file_start / BLOCK_SIZE + i as u64, block))
-                    .filter(|(b, block)| !sums.verify(*b, block))
-                    .map(|(b, _)| b),
-            )
+        let mut find_bad = |file_start: u64, data: &[u8], bad: &mut Vec<u64>| {
+            for (i, block) in data.chunks(BLOCK_SIZE as usize).enumerate() {
+                let b = file_start / BLOCK_SIZE + i as u64;
+                let fresh = checksum::block_checksum(b, block);
+                if fresh != sums.get(b) {
+                    bad.push(b);
+                    if sums.marked(b, fresh) {
+                        marked.push((b, sums.get(b)));
+                    }
+                }
+            }
         };
         for part in &r.parts {
             if part.direct {
@@ -2236,6 +2274,9 @@ impl Store {
             );
             if self.corrupt.len() >= MAX_CORRUPT_READS {
                 self.corrupt.clear();
+            }
+            if self.marked_seen.len() < MAX_CORRUPT_READS {
+                self.marked_seen.extend(marked);
             }
             self.corrupt.insert(
                 req,
@@ -2404,10 +2445,20 @@ impl Store {
             }
             Ctx::Repair { req, blocks } => {
                 self.apply_epoch += 1;
+                let adopt = self.adopting.remove(&req).unwrap_or_default();
                 let r = match err {
                     Some(e) => Err(e),
                     None => {
                         self.stats.repaired_blocks += blocks;
+                        for (b, sum) in adopt {
+                            self.sums.set(b, sum);
+                            self.adopted = true;
+                            self.marked_seen.remove(&b);
+                            crate::elog!(
+                                "nbdmirror: block {b}, marked corrupt, now holds a peer's copy \
+                                 and its checksum"
+                            );
+                        }
                         Ok(())
                     }
                 };
@@ -2877,7 +2928,8 @@ impl Store {
     }
 
     fn maybe_checkpoint(&mut self, io: &mut dyn Io, pressure: bool) {
-        if self.checkpoint.is_some() || self.applied_seq <= self.checkpointed_seq {
+        if self.checkpoint.is_some() || (self.applied_seq <= self.checkpointed_seq && !self.adopted)
+        {
             return;
         }
         if self.durable_seq < self.applied_needs_durable {
@@ -2892,7 +2944,8 @@ impl Store {
             || (self.inplace_wanted && self.last_checkpoint.elapsed() >= INPLACE_CHECKPOINT_GAP)
             // Held writes wait for exactly this (each is held only once).
             || !self.deferred.is_empty()
-            || self.corrupt_marked;
+            || self.corrupt_marked
+            || self.adopted;
         if !due {
             return;
         }
@@ -2907,9 +2960,10 @@ impl Store {
             Some(first) => self.applied_seq.min(first - 1),
             None => self.applied_seq,
         };
-        if upto <= self.checkpointed_seq {
+        if upto < self.checkpointed_seq || (upto == self.checkpointed_seq && !self.adopted) {
             return;
         }
+        self.adopted = false;
         // Intents this checkpoint releases stop protecting new writes now;
         // writes into those regions start a new intent.
         self.intents.retain(|_, seq| *seq > upto);
