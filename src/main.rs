@@ -616,11 +616,21 @@ fn admin_call(a: &AdminArgs, line: &str) -> Result<serde_json::Value, String> {
     std::io::BufReader::new(s)
         .read_line(&mut reply)
         .map_err(|e| {
-            format!(
-                "no answer from {} within 10 s: {e} (a node answers once it has recovered its \
-                 journal at start; try again, and see its log)",
-                path.display()
-            )
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) {
+                format!(
+                    "no answer from {} within 10 s (a node answers once it has recovered its \
+                     journal at start; try again, and see its log)",
+                    path.display()
+                )
+            } else {
+                format!(
+                    "no answer from {}: {e} (did the node stop? see its log)",
+                    path.display()
+                )
+            }
         })?;
     let v: serde_json::Value = serde_json::from_str(reply.trim())
         .map_err(|e| format!("unreadable answer from {}: {e}", path.display()))?;
@@ -987,7 +997,7 @@ fn render_scrub(v: &serde_json::Value) -> Vec<String> {
                 "cancelled"
             },
             if l["clean"].as_bool() == Some(true) {
-                "nothing left bad"
+                "nothing left bad on this node"
             } else {
                 "PROBLEMS LEFT"
             },
@@ -1065,7 +1075,14 @@ fn scrub(action: ScrubCmd) -> Result<(), String> {
             Ok(())
         }
         ScrubCmd::Start { admin, wait } => {
-            admin_call(&admin, "scrub start")?;
+            if let Err(e) = admin_call(&admin, "scrub start") {
+                if wait {
+                    // Exit status 1 is for what a scrub found.
+                    nbdmirror::elog!("nbdmirror: error: {e}");
+                    std::process::exit(2);
+                }
+                return Err(e);
+            }
             if !wait {
                 out!("scrub started (`nbdmirror scrub status` shows its progress)");
                 return Ok(());

@@ -400,6 +400,17 @@ impl Scrub {
     /// Bytes per second shown: the average since this run of the pass
     /// began for its first 5 s, then a smoothed rate.
     fn rate_now(&self, now: Instant) -> u64 {
+        let r = self.measured_rate(now);
+        // The bucket lets a step or two through at once after a start or
+        // a resume: never show more than the cap.
+        if self.rate > 0 {
+            r.min(self.rate)
+        } else {
+            r
+        }
+    }
+
+    fn measured_rate(&self, now: Instant) -> u64 {
         if !self.running() {
             return 0;
         }
