@@ -4065,6 +4065,36 @@ fn scrub_json(dir: &Path) -> Json {
     Json::parse(out.trim()).unwrap_or_else(|e| panic!("scrub status {out:?}: {e}"))
 }
 
+/// A volume of `nodes` nodes (`--scrub-rate 0` and `extra` on the
+/// primary) holding random data written by nbdcopy from the returned
+/// file, in sync, then stopped cleanly.
+fn written_cluster(
+    test: &str,
+    seed: u64,
+    size: u64,
+    nodes: u32,
+    extra: &[&str],
+) -> (Cluster, PathBuf) {
+    let mut o = Opts::new(size, nodes);
+    o.primary_extra = ["--scrub-rate", "0"]
+        .iter()
+        .chain(extra)
+        .map(|s| s.to_string())
+        .collect();
+    let mut cl = Cluster::new(test, seed, o);
+    cl.start_all();
+    cl.wait_in_sync(Duration::from_secs(20));
+    let src = cl.tmp.join("src.img");
+    write_random_file(&src, size, seed, &[]);
+    run_ok_timeout(
+        Command::new(tool("nbdcopy")).args([src.to_str().unwrap(), &cl.uri()]),
+        Duration::from_secs(60),
+    );
+    cl.wait_in_sync(Duration::from_secs(20));
+    cl.stop_all();
+    (cl, src)
+}
+
 /// Overwrite bytes of a stopped replica's data file (rot: its checksum no
 /// longer matches).
 fn rot(data: &Path, off: u64, bytes: &[u8]) {
@@ -4418,19 +4448,7 @@ fn scrub_repairs_from_a_syncing_peer_and_compares_around_unrepairable_blocks() {
     let _wd = Watchdog::new(test, Duration::from_secs(180));
     let seed = test_seed(test);
     let size = 16 * MIB;
-    let mut o = Opts::new(size, 2);
-    o.primary_extra = vec!["--scrub-rate".into(), "0".into()];
-    let mut cl = Cluster::new(test, seed, o);
-    cl.start_all();
-    cl.wait_in_sync(Duration::from_secs(20));
-    let src = cl.tmp.join("src.img");
-    write_random_file(&src, size, seed, &[]);
-    run_ok_timeout(
-        Command::new(tool("nbdcopy")).args([src.to_str().unwrap(), &cl.uri()]),
-        Duration::from_secs(60),
-    );
-    cl.wait_in_sync(Duration::from_secs(20));
-    cl.stop_all();
+    let (mut cl, src) = written_cluster(test, seed, size, 2, &[]);
     let (p, s) = (cl.nodes[0].dir.clone(), cl.nodes[1].dir.clone());
     let junk = random_bytes(seed ^ 0x77, 64);
     let at = |b: u64| b * 4096 + 100;
@@ -4490,19 +4508,7 @@ fn scrub_and_resync_repair_the_primary_block_by_block_from_whichever_peer_has_it
     let _wd = Watchdog::new(test, Duration::from_secs(180));
     let seed = test_seed(test);
     let size = 16 * MIB;
-    let mut o = Opts::new(size, 3);
-    o.primary_extra = vec!["--scrub-rate".into(), "0".into()];
-    let mut cl = Cluster::new(test, seed, o);
-    cl.start_all();
-    cl.wait_in_sync(Duration::from_secs(20));
-    let src = cl.tmp.join("src.img");
-    write_random_file(&src, size, seed, &[]);
-    run_ok_timeout(
-        Command::new(tool("nbdcopy")).args([src.to_str().unwrap(), &cl.uri()]),
-        Duration::from_secs(60),
-    );
-    cl.wait_in_sync(Duration::from_secs(20));
-    cl.stop_all();
+    let (mut cl, src) = written_cluster(test, seed, size, 3, &[]);
     let dirs: Vec<PathBuf> = cl.nodes.iter().map(|n| n.dir.clone()).collect();
     // Flip bytes (XOR), so the rot always changes something.
     let flip = |dir: &Path, block: u64| {
@@ -4567,17 +4573,7 @@ fn a_block_written_in_part_after_it_rotted_is_repaired_from_the_peer() {
     let _wd = Watchdog::new(test, Duration::from_secs(120));
     let seed = test_seed(test);
     let size = 16 * MIB;
-    let mut cl = Cluster::new(test, seed, Opts::new(size, 2));
-    cl.start_all();
-    cl.wait_in_sync(Duration::from_secs(20));
-    let src = cl.tmp.join("src.img");
-    write_random_file(&src, size, seed, &[]);
-    run_ok_timeout(
-        Command::new(tool("nbdcopy")).args([src.to_str().unwrap(), &cl.uri()]),
-        Duration::from_secs(60),
-    );
-    cl.wait_in_sync(Duration::from_secs(20));
-    cl.stop_all();
+    let (mut cl, src) = written_cluster(test, seed, size, 2, &[]);
     let block = 710u64;
     rot(
         &cl.nodes[0].data(),

@@ -3186,18 +3186,7 @@ impl Mirror {
                 (Err(_), None) => unreachable!("handled above"),
             };
             let unrepairable = &self.scrub.steps[&rid].unrepairable;
-            let ours: Vec<u64> = data
-                .chunks(BLOCK as usize)
-                .enumerate()
-                .map(|(k, b)| {
-                    let blk = first + k as u64;
-                    if unrepairable.contains(&blk) || b.len() != BLOCK as usize {
-                        UNKNOWN_SUM
-                    } else {
-                        crate::store::checksum::block_checksum(blk, b)
-                    }
-                })
-                .collect();
+            let ours = scrub::checksums_of(first, &data, unrepairable, UNKNOWN_SUM);
             self.scrub_compare(io, store, rid, ours);
             return;
         }
@@ -3478,24 +3467,13 @@ impl Mirror {
         let Some((link, id, first, n)) = self.verify_reads.remove(&rid) else {
             return;
         };
-        let sums_of = |data: &[u8], bad: &[u64]| -> Vec<u64> {
-            data.chunks(BLOCK as usize)
-                .enumerate()
-                .map(|(k, b)| {
-                    let blk = first + k as u64;
-                    if bad.contains(&blk) || b.len() != BLOCK as usize {
-                        wire::BAD_SUM
-                    } else {
-                        crate::store::checksum::block_checksum(blk, b)
-                    }
-                })
-                .collect()
-        };
         let sums: Vec<u64> = match (r, corrupt) {
-            (Ok(buf), _) => sums_of(&buf, &[]),
+            (Ok(buf), _) => scrub::checksums_of(first, &buf, &[], wire::BAD_SUM),
             // The blocks that verified are reported as read, the others
             // as bad.
-            (Err(_), Some(c)) if c.data.len() as u64 == n * BLOCK => sums_of(&c.data, &c.blocks),
+            (Err(_), Some(c)) if c.data.len() as u64 == n * BLOCK => {
+                scrub::checksums_of(first, &c.data, &c.blocks, wire::BAD_SUM)
+            }
             (Err(_), _) => vec![wire::BAD_SUM; n as usize],
         };
         if self.links.get(&link).is_some_and(|l| !l.closing) {

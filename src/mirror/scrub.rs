@@ -714,24 +714,21 @@ impl Scrub {
     /// failure is logged there, once: the scrub goes on, and only its
     /// resume point is older.
     pub fn save(&mut self) {
-        let c = self.cursor();
-        self.saved.cursor = c;
-        self.saved.done_ahead = self.saved.done_ahead.split_off(&c);
-        if let Ok(body) = serde_json::to_vec(&self.saved) {
-            self.saver.write(body, false);
-        }
-        self.changed = false;
-        self.urgent = false;
+        self.save_with(false);
     }
 
     /// As [`Scrub::save`], returning once the record is on disk (at a clean
     /// stop).
     pub fn save_and_wait(&mut self) {
+        self.save_with(true);
+    }
+
+    fn save_with(&mut self, wait: bool) {
         let c = self.cursor();
         self.saved.cursor = c;
         self.saved.done_ahead = self.saved.done_ahead.split_off(&c);
         if let Ok(body) = serde_json::to_vec(&self.saved) {
-            self.saver.write(body, true);
+            self.saver.write(body, wait);
         }
         self.changed = false;
         self.urgent = false;
@@ -793,6 +790,22 @@ pub fn describe(dir: &Path) -> Option<String> {
         None => out.push_str("; none finished yet"),
     }
     Some(out)
+}
+
+/// The checksum of each 4 KiB block of `data` (block `first` onwards), or
+/// `other` for the blocks `skip` names (and a short last piece).
+pub fn checksums_of(first: u64, data: &[u8], skip: &[u64], other: u64) -> Vec<u64> {
+    data.chunks(BLOCK as usize)
+        .enumerate()
+        .map(|(k, b)| {
+            let blk = first + k as u64;
+            if skip.contains(&blk) || b.len() != BLOCK as usize {
+                other
+            } else {
+                crate::store::checksum::block_checksum(blk, b)
+            }
+        })
+        .collect()
 }
 
 /// Unix time `t` as a UTC date and time.
