@@ -902,10 +902,11 @@ fn resync(action: ResyncCmd) -> Result<(), String> {
 }
 
 fn scrub_findings(f: &serde_json::Value) -> String {
+    let bad = f["bad_blocks"].as_u64().unwrap_or(0);
     let mut s = format!(
-        "{} checked; {} bad blocks on this node",
+        "{} checked; {bad} bad block{} on this node",
         human(f["checked_bytes"].as_f64().unwrap_or(0.0)),
-        f["bad_blocks"]
+        if bad == 1 { "" } else { "s" }
     );
     if f["bad_blocks"].as_u64().unwrap_or(0) > 0 {
         s.push_str(&format!(
