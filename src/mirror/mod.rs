@@ -65,8 +65,10 @@ const RESYNC_WINDOW: u64 = 16 << 20;
 const RESYNC_FLUSH_BYTES: u64 = 64 << 20;
 const RESYNC_FLUSH_INTERVAL: Duration = Duration::from_secs(1);
 /// How long resync leaves a peer alone after reading blocks that are bad
-/// on this node (a repair from another peer is asked for meanwhile).
+/// on this node (a repair from another peer is asked for meanwhile), at
+/// first; doubled at each failure in a row, up to `RESYNC_HOLD_MAX`.
 const RESYNC_HOLD: Duration = Duration::from_secs(1);
+const RESYNC_HOLD_MAX: Duration = Duration::from_secs(30);
 /// Checksum requests in flight per peer during a compare.
 const COMPARE_WINDOW: usize = 8;
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
@@ -335,8 +337,10 @@ struct Peer {
     /// Resync token bucket (bytes; `--resync-rate` per peer): refilled by
     /// `tick`, spent by `resync_peer`.
     tokens: f64,
-    /// Resync waits until then: blocks it read were bad on this node.
+    /// Resync waits until then: blocks it read were bad on this node; and
+    /// how long the next such wait is.
     resync_hold: Instant,
+    resync_hold_for: Duration,
 }
 
 impl Peer {
@@ -711,6 +715,7 @@ impl Mirror {
                 tokens: 0.0,
                 rate: 0.0,
                 resync_hold: t0,
+                resync_hold_for: RESYNC_HOLD,
             });
         }
         if peers.len() > 63 {
@@ -2992,6 +2997,7 @@ impl Mirror {
                 }
                 let p = &mut self.peers[i];
                 p.sent_bytes += len as u64;
+                p.resync_hold_for = RESYNC_HOLD;
                 p.outstanding.insert(
                     rid,
                     Out::Resync {
@@ -3010,17 +3016,19 @@ impl Mirror {
                 let c = corrupt.unwrap();
                 let p = &mut self.peers[i];
                 p.resync_inflight = p.resync_inflight.saturating_sub(rr.n * BLOCK);
-                p.resync_hold = self.t + RESYNC_HOLD;
+                p.resync_hold = self.t + p.resync_hold_for;
+                p.resync_hold_for = (p.resync_hold_for * 2).min(RESYNC_HOLD_MAX);
                 let why = format!(
                     "blocks {} of this node's copy are bad (failed their checksums); resync \
-                     retries them every {} s, once they are repaired (from another peer, or \
-                     written again)",
+                     retries them (every {} s at first, backing off to {} s) until they are \
+                     repaired from another peer or written again",
                     c.blocks
                         .iter()
                         .map(|b| b.to_string())
                         .collect::<Vec<_>>()
                         .join(", "),
-                    RESYNC_HOLD.as_secs()
+                    RESYNC_HOLD.as_secs(),
+                    RESYNC_HOLD_MAX.as_secs()
                 );
                 if p.last_error.as_deref() != Some(why.as_str()) {
                     crate::elog!("nbdmirror: peer {}: {why}", p.node_id);
