@@ -655,12 +655,7 @@ pub struct Store {
     /// (block -> the marked table entry seen; adopted only while the entry
     /// is still that).
     marked_seen: HashMap<u64, u64>,
-    /// Repairs in flight that adopt a peer's copy of marked blocks: the
-    /// checksums to install once written.
-    adopting: HashMap<ReqId, Vec<(u64, u64)>>,
-    /// A checksum was adopted from a peer (no journal record carries it):
-    /// the next checkpoint is due at once, even with nothing new applied.
-    adopted: bool,
+
     /// Payload buffers the store is done with, for the caller to reuse (large
     /// buffers cost a page fault per 4 KiB and a memset when fresh).
     pub recycled: Vec<Vec<u8>>,
@@ -843,8 +838,7 @@ impl Store {
             large_folios,
             corrupt: HashMap::new(),
             marked_seen: HashMap::new(),
-            adopting: HashMap::new(),
-            adopted: false,
+
             recycled: Vec::new(),
             intents: HashMap::new(),
             newest_intent: 0,
@@ -887,7 +881,6 @@ impl Store {
             && self.overlay.is_empty()
             && self.inplace.is_empty()
             && self.deferred.is_empty()
-            && !self.adopted
             && self.checkpointed_seq + 1 >= self.ring.next_seq
     }
 
@@ -1967,18 +1960,31 @@ impl Store {
         }
         // A block marked corrupt (bad, then written in part) holds a
         // checksum no copy can match: the peer's copy, which took the same
-        // partial write over good data and verified on the peer, is
-        // adopted with its checksum. Until that is in `meta` (the next
-        // checkpoint) a crash leaves the mark, and the block repairable.
-        let adopt: Vec<(u64, u64)> = data
+        // partial write over good data and verified on the peer, replaces
+        // it as a whole-block write through the journal, exactly as if the
+        // client had rewritten the block (which clears a mark): data and
+        // checksum become durable together, and recovery replays them.
+        let adopt: Vec<u64> = data
             .chunks(BLOCK_SIZE as usize)
             .enumerate()
             .map(|(i, block)| (first + i as u64, block))
             .filter(|(b, block)| !self.sums.verify(*b, block))
-            .map(|(b, block)| (b, checksum::block_checksum(b, block)))
+            .map(|(b, _)| b)
             .collect();
         if !adopt.is_empty() {
-            self.adopting.insert(req, adopt);
+            for b in &adopt {
+                self.marked_seen.remove(b);
+                crate::elog!(
+                    "nbdmirror: block {b}, marked corrupt, takes a peer's copy (written through \
+                     the journal, with its checksum)"
+                );
+            }
+            self.stats.repaired_blocks += n;
+            let len = data.len();
+            let mut buf = vec![0u8; WRITE_HEADROOM + len];
+            buf[WRITE_HEADROOM..].copy_from_slice(&data);
+            self.write(io, req, offset, buf, WRITE_HEADROOM, len, false);
+            return;
         }
         // A read racing with the rewrite verifies again rather than fails.
         self.apply_epoch += 1;
@@ -2445,20 +2451,10 @@ impl Store {
             }
             Ctx::Repair { req, blocks } => {
                 self.apply_epoch += 1;
-                let adopt = self.adopting.remove(&req).unwrap_or_default();
                 let r = match err {
                     Some(e) => Err(e),
                     None => {
                         self.stats.repaired_blocks += blocks;
-                        for (b, sum) in adopt {
-                            self.sums.set(b, sum);
-                            self.adopted = true;
-                            self.marked_seen.remove(&b);
-                            crate::elog!(
-                                "nbdmirror: block {b}, marked corrupt, now holds a peer's copy \
-                                 and its checksum"
-                            );
-                        }
                         Ok(())
                     }
                 };
@@ -2928,8 +2924,7 @@ impl Store {
     }
 
     fn maybe_checkpoint(&mut self, io: &mut dyn Io, pressure: bool) {
-        if self.checkpoint.is_some() || (self.applied_seq <= self.checkpointed_seq && !self.adopted)
-        {
+        if self.checkpoint.is_some() || self.applied_seq <= self.checkpointed_seq {
             return;
         }
         if self.durable_seq < self.applied_needs_durable {
@@ -2944,8 +2939,7 @@ impl Store {
             || (self.inplace_wanted && self.last_checkpoint.elapsed() >= INPLACE_CHECKPOINT_GAP)
             // Held writes wait for exactly this (each is held only once).
             || !self.deferred.is_empty()
-            || self.corrupt_marked
-            || self.adopted;
+            || self.corrupt_marked;
         if !due {
             return;
         }
@@ -2960,10 +2954,9 @@ impl Store {
             Some(first) => self.applied_seq.min(first - 1),
             None => self.applied_seq,
         };
-        if upto < self.checkpointed_seq || (upto == self.checkpointed_seq && !self.adopted) {
+        if upto <= self.checkpointed_seq {
             return;
         }
-        self.adopted = false;
         // Intents this checkpoint releases stop protecting new writes now;
         // writes into those regions start a new intent.
         self.intents.retain(|_, seq| *seq > upto);
