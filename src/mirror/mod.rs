@@ -74,6 +74,17 @@ const COMPARE_WINDOW: usize = 8;
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
+/// Refill a rate cap's token bucket (bytes) for `dt` seconds at `rate`
+/// bytes per second (0: no cap, nothing to do). It holds at most a fifth
+/// of a second's worth, and at least one `batch`, so a low cap still lets
+/// a whole batch through now and then.
+pub(crate) fn refill(tokens: &mut f64, rate: u64, dt: f64, batch: u64) {
+    if rate > 0 {
+        let cap = (rate as f64 / 5.0).max(batch as f64);
+        *tokens = (*tokens + dt * rate as f64).min(cap);
+    }
+}
+
 fn tok(kind: u64, id: u64) -> u64 {
     (kind << KIND_SHIFT) | (id & ID_MASK)
 }
@@ -491,6 +502,9 @@ pub struct Mirror {
     /// Secondary: store reads of a primary's VerifyRequests: read id ->
     /// (link, the request's id, first block, count).
     verify_reads: HashMap<u64, (u64, u64, u64, u64)>,
+    /// Read repairs no read waits for (asked by resync for blocks bad
+    /// here): nothing is read again or answered when they end.
+    background: std::collections::HashSet<u64>,
 }
 
 fn nonce() -> [u8; 32] {
@@ -741,6 +755,7 @@ impl Mirror {
         Ok(Mirror {
             scrub,
             verify_reads: HashMap::new(),
+            background: std::collections::HashSet::new(),
             node_id: sb.node_id,
             generation,
             volume_uuid: sb.volume_uuid,
@@ -1120,6 +1135,10 @@ impl Mirror {
             let (s, e) = repair_range(&read);
             if self.locked(s, e) || slots == 0 {
                 self.repair_waiting.push((client, read));
+            } else if self.background.contains(&client) {
+                // No read to run again: try the repair itself again.
+                slots -= 1;
+                self.start_repair(io, client, read);
             } else {
                 slots -= 1;
                 self.read_again(io, store, client, &read);
@@ -1362,7 +1381,7 @@ impl Mirror {
                     let run = std::mem::take(&mut step.bad);
                     step.unrepairable.extend(run);
                     self.scrub.again(r.client);
-                } else {
+                } else if !self.background.remove(&r.client) {
                     self.answers.push((r.client, Err(libc::EIO)));
                 }
             }
@@ -1538,7 +1557,9 @@ impl Mirror {
         let Some(r) = self.take_repair(id) else {
             return;
         };
-        if ok {
+        if self.background.remove(&r.client) {
+            // Nobody reads; resync comes back to the blocks by itself.
+        } else if ok {
             self.read_again(io, store, r.client, &r.read);
         } else if self.scrub.owns(r.client) {
             self.scrub_unrepaired(io, store, r.client);
@@ -3011,8 +3032,8 @@ impl Mirror {
             Ok(_) => {}
             Err(_) if live && corrupt.is_some() => {
                 // Blocks bad on this node: their bits stay set, another
-                // peer is asked for them (a repair whose own read is
-                // dropped), and the resync comes back to them in a while.
+                // peer is asked for them (a repair in the background), and
+                // the resync comes back to them in a while.
                 let c = corrupt.unwrap();
                 let p = &mut self.peers[i];
                 p.resync_inflight = p.resync_inflight.saturating_sub(rr.n * BLOCK);
@@ -3036,7 +3057,10 @@ impl Mirror {
                 }
                 let bg = MIRROR_RID | self.next_mrid;
                 self.next_mrid += 1;
-                self.repair_read(io, bg, c);
+                self.background.insert(bg);
+                if self.repair_read(io, bg, c) == RepairStart::No {
+                    self.background.remove(&bg);
+                }
             }
             Err(e) if live => {
                 let p = &mut self.peers[i];
@@ -3116,13 +3140,9 @@ impl Mirror {
         };
         let (first, n, locked) = (step.first, step.n, step.locked);
         if let (Err(e), None) = (&r, &corrupt) {
-            // A read error, not a checksum failure: nothing to compare.
+            // A read error, not a checksum failure: nothing to compare
+            // (`scrub_complete` releases the range).
             let e = *e;
-            if locked {
-                step.locked = false;
-                self.unlock(first * BLOCK, rid);
-                self.unpark(io, store);
-            }
             crate::elog!(
                 "nbdmirror: scrub: reading blocks {first}..{} failed: {}",
                 first + n,
@@ -3200,10 +3220,7 @@ impl Mirror {
         }
         // Bad blocks to repair: the repair takes the lock itself.
         let c = corrupt.expect("bad blocks come with their read");
-        let step = self.scrub.steps.get_mut(&rid).unwrap();
-        if locked {
-            step.locked = false;
-            self.unlock(first * BLOCK, rid);
+        if self.scrub_unlock(rid) {
             self.unpark(io, store);
         }
         let step = self.scrub.steps.get_mut(&rid).unwrap();
@@ -3303,18 +3320,29 @@ impl Mirror {
         store.read_verified(io, rid, s, e - s);
     }
 
+    /// Release scrub step `rid`'s range lock if it holds it; true if it
+    /// did (the caller lets parked writes go).
+    fn scrub_unlock(&mut self, rid: u64) -> bool {
+        let Some(step) = self.scrub.steps.get_mut(&rid).filter(|s| s.locked) else {
+            return false;
+        };
+        step.locked = false;
+        let at = step.first * BLOCK;
+        self.unlock(at, rid);
+        true
+    }
+
     /// Scrub step `rid` is done: release its range, count it (and log the
     /// blocks of this node it left bad), go on.
     fn scrub_complete(&mut self, io: &mut dyn Io, store: &mut Store, rid: u64) {
-        if let Some(step) = self.scrub.steps.get(&rid) {
-            let (locked, at) = (step.locked, step.first * BLOCK);
+        self.scrub_unlock(rid);
+        if let Some(step) = self
+            .scrub
+            .steps
+            .get(&rid)
+            .filter(|_| self.scrub.is_current(rid))
+        {
             let mut bad = step.unrepairable.clone();
-            if !step.current(&self.scrub) {
-                bad.clear();
-            }
-            if locked {
-                self.unlock(at, rid);
-            }
             if !bad.is_empty() {
                 bad.sort_unstable();
                 let why = if self.peers.is_empty() {
@@ -3501,12 +3529,13 @@ impl Mirror {
         let t = self.t;
         let dt = t.duration_since(self.last_refill).as_secs_f64();
         self.last_refill = t;
-        if self.cfg.resync_rate > 0 {
-            let cap = (self.cfg.resync_rate as f64 / 5.0).max((RESYNC_BATCH_BLOCKS * BLOCK) as f64);
-            let add = dt * self.cfg.resync_rate as f64;
-            for p in &mut self.peers {
-                p.tokens = (p.tokens + add).min(cap);
-            }
+        for p in &mut self.peers {
+            refill(
+                &mut p.tokens,
+                self.cfg.resync_rate,
+                dt,
+                RESYNC_BATCH_BLOCKS * BLOCK,
+            );
         }
         let primary = self.cfg.role == NodeRole::Primary && !self.shutting_down;
         self.scrub.tick(t, dt, primary);

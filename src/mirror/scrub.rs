@@ -204,13 +204,6 @@ pub struct Step {
     pass: u64,
 }
 
-impl Step {
-    /// Whether this step's pass is the scrub's current one.
-    pub fn current(&self, s: &Scrub) -> bool {
-        self.pass == s.pass_id
-    }
-}
-
 /// A range to read again: its bad blocks were repaired, or found
 /// unrepairable (they are then left out of the comparison with peers).
 #[derive(Debug, Clone)]
@@ -436,7 +429,7 @@ impl Scrub {
     pub fn cursor(&self) -> u64 {
         self.steps
             .values()
-            .filter(|s| s.current(self))
+            .filter(|s| s.pass == self.pass_id)
             .map(|s| s.first)
             .chain(self.retry.iter().map(|r| r.first))
             .min()
@@ -559,10 +552,7 @@ impl Scrub {
 
     /// Refill the rate bucket; start a scheduled pass when one is due.
     pub fn tick(&mut self, now: Instant, dt: f64, may_start: bool) {
-        if self.rate > 0 {
-            let cap = (self.rate as f64 / 5.0).max((STEP_BLOCKS * BLOCK) as f64);
-            self.tokens = (self.tokens + dt * self.rate as f64).min(cap);
-        }
+        super::refill(&mut self.tokens, self.rate, dt, STEP_BLOCKS * BLOCK);
         let checked = self.checked_bytes();
         let el = now
             .saturating_duration_since(self.rate_mark.0)
