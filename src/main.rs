@@ -429,6 +429,26 @@ fn switchover(admin: &AdminArgs) -> Result<(), String> {
     let start = std::time::Instant::now();
     let deadline = start + std::time::Duration::from_secs(300);
     while path.exists() {
+        // A node that died (SIGKILL, a crash) leaves its socket behind
+        // but not its lock on the replica.
+        if dir
+            .as_deref()
+            .is_some_and(|d| !nbdmirror::store::dir::in_use(d))
+        {
+            let handed = dir.as_deref().is_some_and(|d| {
+                nbdmirror::mirror::generation::Generation::load(d)
+                    .is_ok_and(|g| g.flags & nbdmirror::mirror::generation::FLAG_HANDED_OVER != 0)
+            });
+            if !handed {
+                return Err(
+                    "the node died during the switchover (its replica is no longer held; \
+                     its admin socket was left behind) WITHOUT handing over: a secondary \
+                     promoted now meets it as split brain; start it again as the primary"
+                        .into(),
+                );
+            }
+            break;
+        }
         // A node still taking connections seconds later has not begun to
         // stop: it called the switchover off (a peer fell out of sync).
         if start.elapsed() > std::time::Duration::from_secs(3)
@@ -694,6 +714,12 @@ fn render_status(v: &serde_json::Value, cols: Option<usize>) -> Vec<String> {
             ""
         }
     )];
+    if let Some(why) = v["refused"].as_str() {
+        lines.push(format!(
+            "  REFUSED: {why}; its data may be superseded, and its reads answer EIO (the log \
+             has the primary's reason)"
+        ));
+    }
     let peers = v["peers"].as_array().cloned().unwrap_or_default();
     if peers.is_empty() {
         lines.push("  no peers".into());

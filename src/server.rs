@@ -8,7 +8,7 @@
 //! requests, flush, checkpoint, exit 0). It holds no disk state of its own and
 //! never decides durability: that is the store's.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::{SocketAddr, TcpListener};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixListener;
@@ -29,19 +29,34 @@ use crate::store::{self, dir, Store, StoreEvent, Tuning, STORE_TOKEN, WRITE_HEAD
 pub const MAX_PAYLOAD: u32 = 32 * 1024 * 1024;
 /// Requests one connection may have in flight before we stop reading from it.
 const MAX_INFLIGHT: usize = 256;
-/// Bytes of replies queued on one connection before we stop reading from it.
-const MAX_QUEUED_REPLY_BYTES: usize = 64 << 20;
-/// Payload bytes (write data received, read data to send) one connection may
-/// hold in flight before we stop reading from it.
-const MAX_CONN_INFLIGHT_BYTES: usize = 128 << 20;
+/// Bytes of replies queued on one connection (counted with
+/// [`REPLY_OVERHEAD`] per queued buffer) before we stop reading from it.
+const MAX_QUEUED_REPLY_BYTES: usize = 32 << 20;
+/// What a queued reply buffer costs beyond its bytes (allocation and queue
+/// slot), so that a flood of 16-byte replies is counted at what it holds.
+const REPLY_OVERHEAD: usize = 64;
+/// Small replies are appended to the last queued buffer while it is shorter
+/// than this: a client that pipelines without reading costs 16 bytes per
+/// reply, not an allocation each.
+const APPEND_REPLY_MAX: usize = 64 << 10;
+/// Queued replies are gathered into one send up to this many bytes.
+const GATHER_SEND_MAX: usize = 4 << 20;
+/// Memory (payloads in flight plus replies not yet sent) one connection may
+/// hold before we stop reading from it.
+const MAX_CONN_INFLIGHT_BYTES: usize = 64 << 20;
 /// The same budget for the whole server. Once it is spent, a connection
-/// with a request in flight reads no more until memory frees; one without
-/// may still start one request, so no client is locked out by others. That
-/// leaves one maximum-size payload per connection outside the budget: a
-/// payload's memory is only touched as it arrives, so a client that stalls
-/// after a WRITE header costs little, but one that sends all but the last
-/// byte of 32 MiB and stalls holds them (nbdkit has the same exposure).
+/// holding at least [`CONN_RESERVED_BYTES`] reads no more until memory
+/// frees; one holding less may still start a request, so clients that stall
+/// with large payloads, or leave their replies unread, cannot hold others
+/// to one request at a time (a well-behaved client at queue depth 64 of 4
+/// KiB writes keeps its depth). That leaves at most one maximum-size
+/// payload per connection outside the budget: a payload's memory is only
+/// touched as it arrives, so a client that stalls after a WRITE header
+/// costs little, but one that sends all but the last byte of 32 MiB and
+/// stalls holds them (nbdkit has the same exposure).
 const MAX_TOTAL_INFLIGHT_BYTES: usize = 512 << 20;
+/// What a connection may hold whatever the server-wide budget says.
+const CONN_RESERVED_BYTES: usize = 1 << 20;
 /// Recycled payload buffers kept for reuse, and the largest one kept.
 const POOL_BUFFERS: usize = 16;
 const POOL_MAX_BUFFER: usize = (4 << 20) + 4096;
@@ -57,6 +72,74 @@ const REFUSE_WINDOW: Duration = Duration::from_secs(2);
 const HANDSHAKE_LIMIT: Duration = Duration::from_secs(10);
 /// How long shutdown waits for clients to take their replies.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// How long a listener waits after an accept failed for want of
+/// descriptors or memory.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// At most one log line per this long about failed accepts.
+const ACCEPT_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// Failed accepts of one kind of listener. Accepting again at once after
+/// EMFILE, ENFILE, ENOBUFS or ENOMEM fails again at once: the loop would
+/// spin and the log fill the disk (a tester saw 12 MB a second with the
+/// descriptors used up). So such a failure pauses the listener for
+/// [`ACCEPT_BACKOFF`], and failures are logged once per
+/// [`ACCEPT_LOG_EVERY`] with their number.
+#[derive(Default)]
+pub(crate) struct AcceptBackoff {
+    until: Option<std::time::Instant>,
+    failures: u64,
+    logged: Option<std::time::Instant>,
+}
+
+impl AcceptBackoff {
+    /// An accept of `what` failed with errno `e`: log it (or count it), and
+    /// say whether the listener must wait before accepting again.
+    pub(crate) fn failed(&mut self, what: &str, e: i32) -> bool {
+        let now = std::time::Instant::now();
+        self.failures += 1;
+        if self
+            .logged
+            .is_none_or(|t| now.duration_since(t) >= ACCEPT_LOG_EVERY)
+        {
+            let n = std::mem::take(&mut self.failures);
+            let more = if n > 1 {
+                format!(
+                    " ({n} failures in the last {} s)",
+                    ACCEPT_LOG_EVERY.as_secs()
+                )
+            } else {
+                String::new()
+            };
+            let hint = if matches!(e, libc::EMFILE | libc::ENFILE) {
+                "; new connections wait (raise the open-files limit, `ulimit -n`)"
+            } else {
+                ""
+            };
+            crate::elog!(
+                "nbdmirror: {what} failed: {}{more}{hint}",
+                std::io::Error::from_raw_os_error(e)
+            );
+            self.logged = Some(now);
+        }
+        let pause = matches!(
+            e,
+            libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM
+        );
+        if pause {
+            self.until = Some(now + ACCEPT_BACKOFF);
+        }
+        pause
+    }
+
+    /// Whether a paused listener may accept again.
+    pub(crate) fn over(&mut self) -> bool {
+        if self.until.is_some_and(|t| std::time::Instant::now() < t) {
+            return false;
+        }
+        self.until = None;
+        true
+    }
+}
 /// Most extents in one BLOCK_STATUS reply.
 const MAX_EXTENTS: usize = 4096;
 
@@ -146,8 +229,12 @@ struct Conn {
     /// payload (libnbd) takes a reply to a command it has not finished
     /// sending as a protocol error.
     after_discard: Option<Vec<u8>>,
-    outq: Vec<Vec<u8>>,
+    outq: VecDeque<Vec<u8>>,
+    /// Bytes of replies queued or being sent, with [`REPLY_OVERHEAD`] per
+    /// buffer (also counted in `Server::total_out_bytes`).
     out_bytes: usize,
+    /// The part of `out_bytes` the send in flight carries.
+    sending_bytes: usize,
     send_in_flight: bool,
     inflight: usize,
     inflight_bytes: usize,
@@ -167,6 +254,21 @@ struct Conn {
     refusing: bool,
     /// When it was accepted (for the handshake time limit).
     opened: std::time::Instant,
+}
+
+impl Conn {
+    /// Memory the connection holds: payloads in flight, replies not sent.
+    fn held(&self) -> usize {
+        self.inflight_bytes + self.out_bytes
+    }
+
+    /// Whether it holds as much as one connection may: no more requests
+    /// are read from it until some of that is done or sent.
+    fn over_budget(&self) -> bool {
+        self.inflight >= MAX_INFLIGHT
+            || self.out_bytes >= MAX_QUEUED_REPLY_BYTES
+            || self.held() >= MAX_CONN_INFLIGHT_BYTES
+    }
 }
 
 /// Read repairs a client read may go through before it fails with EIO.
@@ -218,6 +320,11 @@ pub struct Server {
     events: Vec<StoreEvent>,
     /// Payload bytes held by all in-flight requests.
     total_inflight_bytes: usize,
+    /// `out_bytes` of every connection: replies not sent yet.
+    total_out_bytes: usize,
+    accept_backoff: AcceptBackoff,
+    /// Listeners whose accept waits for the back-off to end.
+    accept_paused: Vec<usize>,
     /// Connections that stopped reading because the server-wide budget ran out.
     starved: Vec<u64>,
     /// Large payload buffers for reuse.
@@ -505,6 +612,9 @@ impl Server {
             shutdown_since: None,
             events: Vec::new(),
             total_inflight_bytes: 0,
+            total_out_bytes: 0,
+            accept_backoff: AcceptBackoff::default(),
+            accept_paused: Vec::new(),
             starved: Vec::new(),
             pool: Vec::new(),
         })
@@ -638,6 +748,7 @@ impl Server {
                 }
                 self.enforce_shutdown_deadline();
                 self.enforce_handshake_limit();
+                self.resume_accepts();
                 self.io.submit(token(KIND_TICK, 0), Op::timeout(TICK));
             }
             _ => {}
@@ -703,11 +814,10 @@ impl Server {
                 }
                 conn.abort = true;
                 conn.reading_done = true;
-                conn.outq.clear();
-                conn.out_bytes = 0;
                 // SAFETY: shutdown on a socket we own; a blocked send completes.
                 unsafe { libc::shutdown(conn.fd.as_raw_fd(), libc::SHUT_RDWR) };
             }
+            self.drop_output(id);
             self.maybe_close(id);
         }
     }
@@ -726,13 +836,15 @@ impl Server {
         let ids: Vec<u64> = self.conns.keys().copied().collect();
         for id in ids {
             if let Some(conn) = self.conns.get_mut(&id) {
-                // In transmission, requests already sent (pipelined) or still
-                // coming get an ESHUTDOWN reply rather than silence; a client
-                // still in the handshake is closed.
-                if matches!(conn.phase, Phase::Transmission(_)) && !conn.reading_done {
+                // Requests already sent (pipelined) or still coming get an
+                // ESHUTDOWN reply rather than silence, and options of a
+                // client still in the handshake NBD_REP_ERR_SHUTDOWN, until
+                // the client leaves or REFUSE_WINDOW ends.
+                if !conn.reading_done {
+                    if let Phase::Handshake(h) = &mut conn.phase {
+                        h.shut_down();
+                    }
                     conn.refusing = true;
-                } else {
-                    conn.reading_done = true;
                 }
             }
             self.process_input(id);
@@ -749,14 +861,14 @@ impl Server {
             }
             return;
         }
+        if c.result < 0 && self.accept_backoff.failed("accept", -c.result) {
+            self.accept_paused.push(idx);
+            return;
+        }
         let lfd = self.listeners[idx].as_raw_fd();
         self.io
             .submit(token(KIND_LISTENER, idx as u64), Op::Accept { fd: lfd });
         if c.result < 0 {
-            crate::elog!(
-                "nbdmirror: accept failed: {}",
-                std::io::Error::from_raw_os_error(-c.result)
-            );
             return;
         }
         // SAFETY: accept returned a new descriptor that we now own.
@@ -776,8 +888,9 @@ impl Server {
             sink: None,
             discard: 0,
             after_discard: None,
-            outq: Vec::new(),
+            outq: VecDeque::new(),
             out_bytes: 0,
+            sending_bytes: 0,
             send_in_flight: false,
             inflight: 0,
             inflight_bytes: 0,
@@ -795,6 +908,21 @@ impl Server {
         self.post_recv(id);
     }
 
+    /// Listeners paused by the accept back-off accept again.
+    fn resume_accepts(&mut self) {
+        if self.accept_paused.is_empty() || !self.accept_backoff.over() {
+            return;
+        }
+        for idx in std::mem::take(&mut self.accept_paused) {
+            if self.shutting_down {
+                continue;
+            }
+            let lfd = self.listeners[idx].as_raw_fd();
+            self.io
+                .submit(token(KIND_LISTENER, idx as u64), Op::Accept { fd: lfd });
+        }
+    }
+
     fn post_recv(&mut self, id: u64) {
         let Some(conn) = self.conns.get_mut(&id) else {
             return;
@@ -804,13 +932,12 @@ impl Server {
         if conn.recv_in_flight || conn.reading_done || conn.shut || conn.parsing || conn.eof {
             return;
         }
-        if conn.inflight >= MAX_INFLIGHT
-            || conn.out_bytes >= MAX_QUEUED_REPLY_BYTES
-            || conn.inflight_bytes >= MAX_CONN_INFLIGHT_BYTES
-        {
+        if conn.over_budget() {
             return;
         }
-        if self.total_inflight_bytes >= MAX_TOTAL_INFLIGHT_BYTES && conn.inflight > 0 {
+        if self.total_inflight_bytes + self.total_out_bytes >= MAX_TOTAL_INFLIGHT_BYTES
+            && conn.held() >= CONN_RESERVED_BYTES
+        {
             if !self.starved.contains(&id) {
                 self.starved.push(id);
             }
@@ -880,6 +1007,7 @@ impl Server {
                 let len = sink.req.length as usize;
                 conn.inflight_bytes -= len;
                 self.total_inflight_bytes -= len;
+                self.wake_starved(id);
             }
             self.process_input(id);
             if let Some(conn) = self.conns.get_mut(&id) {
@@ -949,6 +1077,7 @@ impl Server {
                 }
                 continue;
             }
+            let (over_budget, held) = (conn.over_budget(), conn.held());
             match &mut conn.phase {
                 Phase::Handshake(h) => {
                     let mut out = Vec::new();
@@ -970,6 +1099,7 @@ impl Server {
                                     crate::elog!("nbdmirror: connection {id}: closing: {why}");
                                     conn.abort = true;
                                 }
+                                HandshakeEnd::ShuttingDown => conn.abort = true,
                                 HandshakeEnd::UnknownExport(name) => {
                                     crate::elog!("nbdmirror: connection {id}: unknown export {name:?}; closing");
                                     conn.abort = true;
@@ -981,13 +1111,12 @@ impl Server {
                     }
                 }
                 Phase::Transmission(rules) => {
-                    if conn.inflight >= MAX_INFLIGHT
-                        || conn.out_bytes >= MAX_QUEUED_REPLY_BYTES
-                        || conn.inflight_bytes >= MAX_CONN_INFLIGHT_BYTES
-                    {
+                    if over_budget {
                         return;
                     }
-                    if self.total_inflight_bytes >= MAX_TOTAL_INFLIGHT_BYTES && conn.inflight > 0 {
+                    if self.total_inflight_bytes + self.total_out_bytes >= MAX_TOTAL_INFLIGHT_BYTES
+                        && held >= CONN_RESERVED_BYTES
+                    {
                         if !self.starved.contains(&id) {
                             self.starved.push(id);
                         }
@@ -1193,6 +1322,19 @@ impl Server {
                 }
                 self.store.fail_read(rid, libc::EIO);
             }
+            Command::Read if self.mirror.as_ref().is_some_and(|m| m.refused().is_some()) => {
+                if !std::mem::replace(&mut self.inconsistent_reads_logged, true) {
+                    crate::elog!(
+                        "nbdmirror: refusing reads (EIO): this secondary was {}, so its data may \
+                         be superseded",
+                        self.mirror
+                            .as_ref()
+                            .and_then(|m| m.refused())
+                            .unwrap_or_default()
+                    );
+                }
+                self.store.fail_read(rid, libc::EIO);
+            }
             Command::Read => {
                 self.inconsistent_reads_logged = false;
                 let head = if structured {
@@ -1379,13 +1521,10 @@ impl Server {
     /// A request of connection `id` is answered with `out`.
     fn finish(&mut self, id: u64, cost: usize, out: Vec<u8>) {
         self.total_inflight_bytes -= cost;
-        if self.total_inflight_bytes < MAX_TOTAL_INFLIGHT_BYTES && !self.starved.is_empty() {
-            for sid in std::mem::take(&mut self.starved) {
-                if sid != id {
-                    self.process_input(sid);
-                    self.post_recv(sid);
-                }
-            }
+        // The reply's bytes count from now on (`queue`); what the request
+        // held beyond them is free for the connections waiting for memory.
+        if cost > out.len() + REPLY_OVERHEAD {
+            self.wake_starved(id);
         }
         if let Some(conn) = self.conns.get_mut(&id) {
             conn.inflight -= 1;
@@ -1398,6 +1537,22 @@ impl Server {
         }
     }
 
+    /// Memory was freed: let the connections waiting for the server-wide
+    /// budget (other than `id`, whose caller goes on with it) read again.
+    fn wake_starved(&mut self, id: u64) {
+        if self.starved.is_empty()
+            || self.total_inflight_bytes + self.total_out_bytes >= MAX_TOTAL_INFLIGHT_BYTES
+        {
+            return;
+        }
+        for sid in std::mem::take(&mut self.starved) {
+            if sid != id {
+                self.process_input(sid);
+                self.post_recv(sid);
+            }
+        }
+    }
+
     fn queue(&mut self, id: u64, out: Vec<u8>) {
         let Some(conn) = self.conns.get_mut(&id) else {
             return;
@@ -1405,9 +1560,34 @@ impl Server {
         if conn.shut {
             return;
         }
-        conn.out_bytes += out.len();
-        conn.outq.push(out);
+        // A small reply joins the last queued buffer (not the one being
+        // sent: it is out of the queue).
+        if let Some(last) = conn.outq.back_mut() {
+            if last.len() + out.len() <= APPEND_REPLY_MAX {
+                last.extend_from_slice(&out);
+                conn.out_bytes += out.len();
+                self.total_out_bytes += out.len();
+                self.post_send(id);
+                return;
+            }
+        }
+        let n = out.len() + REPLY_OVERHEAD;
+        conn.out_bytes += n;
+        self.total_out_bytes += n;
+        conn.outq.push_back(out);
         self.post_send(id);
+    }
+
+    /// Forget the replies queued on connection `id` (it is being dropped).
+    fn drop_output(&mut self, id: u64) {
+        let Some(conn) = self.conns.get_mut(&id) else {
+            return;
+        };
+        conn.outq.clear();
+        let queued = conn.out_bytes - conn.sending_bytes;
+        conn.out_bytes = conn.sending_bytes;
+        self.total_out_bytes -= queued;
+        self.wake_starved(id);
     }
 
     fn post_send(&mut self, id: u64) {
@@ -1417,20 +1597,29 @@ impl Server {
         if conn.send_in_flight || conn.outq.is_empty() || conn.shut {
             return;
         }
-        let buf = if conn.outq.len() == 1 {
-            conn.outq.pop().unwrap()
-        } else {
-            let total: usize = conn.outq.iter().map(|b| b.len()).sum();
-            if total <= 4 << 20 {
-                let mut all = Vec::with_capacity(total);
-                for b in conn.outq.drain(..) {
-                    all.extend_from_slice(&b);
+        // Gather what is queued, up to GATHER_SEND_MAX, into one send: each
+        // buffer is taken once, so draining a long queue costs its length.
+        let mut buf = conn.outq.pop_front().unwrap();
+        let mut accounted = buf.len() + REPLY_OVERHEAD;
+        if conn
+            .outq
+            .front()
+            .is_some_and(|b| buf.len() + b.len() <= GATHER_SEND_MAX)
+        {
+            let queued = conn.out_bytes - conn.sending_bytes;
+            let mut all = Vec::with_capacity(queued.min(GATHER_SEND_MAX));
+            all.extend_from_slice(&buf);
+            while let Some(b) = conn.outq.front() {
+                if all.len() + b.len() > GATHER_SEND_MAX {
+                    break;
                 }
-                all
-            } else {
-                conn.outq.remove(0)
+                all.extend_from_slice(b);
+                accounted += b.len() + REPLY_OVERHEAD;
+                conn.outq.pop_front();
             }
-        };
+            buf = all;
+        }
+        conn.sending_bytes = accounted;
         conn.send_in_flight = true;
         let fd = conn.fd.as_raw_fd();
         self.io
@@ -1447,10 +1636,12 @@ impl Server {
         if c.result <= 0 {
             // The client stopped reading; drop everything for it.
             conn.send_in_flight = false;
-            conn.outq.clear();
-            conn.out_bytes = 0;
             conn.reading_done = true;
             conn.abort = true;
+            let sent = std::mem::take(&mut conn.sending_bytes);
+            conn.out_bytes -= sent;
+            self.total_out_bytes -= sent;
+            self.drop_output(id);
             self.maybe_close(id);
             return;
         }
@@ -1461,7 +1652,10 @@ impl Server {
             return;
         }
         conn.send_in_flight = false;
-        conn.out_bytes = conn.out_bytes.saturating_sub(buf.len());
+        let sent = std::mem::take(&mut conn.sending_bytes);
+        conn.out_bytes -= sent;
+        self.total_out_bytes -= sent;
+        self.wake_starved(id);
         self.post_send(id);
         self.process_input(id);
         self.post_recv(id);
@@ -1486,7 +1680,12 @@ impl Server {
             if let Some(sink) = conn.sink.take() {
                 self.total_inflight_bytes -= sink.req.length as usize;
             }
+            let left = conn.out_bytes;
+            self.total_out_bytes -= left;
             self.conns.remove(&id);
+            if left > 0 {
+                self.wake_starved(id);
+            }
         }
     }
 }

@@ -462,3 +462,62 @@ fn bad_peer_lists_on_the_command_line_are_refused() {
         assert!(!dir.join("meta").exists(), "{a:?} created a replica");
     }
 }
+
+/// A switchover whose handover cannot finish. With node 2 frozen
+/// (SIGSTOP) the handover waits for its flush until the peer timeout; the
+/// primary then stops without handing over, the command says so, and the
+/// primary's log says which peer failed (it said nothing before). And a
+/// primary killed while it waits: the command says the node died, at
+/// once, instead of polling its left-over admin socket for 300 s (both
+/// found by a tester).
+#[test]
+fn a_switchover_that_cannot_hand_over_says_why_and_does_not_wait_for_a_dead_node() {
+    let v = Vol::new("config-switchover-fails", "16M");
+    let mut n2 = v.serve("2", &[]);
+    thread::sleep(Duration::from_millis(200));
+    let n1 = v.serve("1", &[]);
+    wait_port(v.nbd);
+    v.wait_in_sync("1", Duration::from_secs(20));
+
+    send_signal(n2.0.id(), "STOP");
+    let (ok, out, err) = nbdmirror(&["switchover", "--config", v.cfg_str(), "--node", "1"]);
+    send_signal(n2.0.id(), "CONT");
+    assert!(
+        !ok && err.contains("WITHOUT handing over"),
+        "a switchover with a frozen peer: {out}\n{err}\n{}",
+        v.log("1")
+    );
+    stop(n1);
+    assert!(
+        v.log("1")
+            .contains("switchover NOT done: peer 2 failed during the handover"),
+        "the primary's log does not say why it did not hand over:\n{}",
+        v.log("1")
+    );
+
+    // Node 1 is still the primary of its generation: started again, it
+    // takes node 2 back.
+    let n1 = v.serve("1", &[]);
+    wait_port(v.nbd);
+    v.wait_in_sync("1", Duration::from_secs(20));
+    send_signal(n2.0.id(), "STOP");
+    let cfg = v.cfg_str().to_string();
+    let started = Instant::now();
+    let cmd = thread::spawn(move || nbdmirror(&["switchover", "--config", &cfg, "--node", "1"]));
+    thread::sleep(Duration::from_millis(1000));
+    let mut n1 = n1;
+    let _ = n1.0.kill();
+    let _ = n1.0.wait();
+    let (ok, out, err) = cmd.join().unwrap();
+    let took = started.elapsed();
+    send_signal(n2.0.id(), "CONT");
+    assert!(
+        !ok && err.contains("died") && err.contains("WITHOUT handing over"),
+        "a switchover whose primary was killed: {out}\n{err}"
+    );
+    assert!(
+        took < Duration::from_secs(20),
+        "the switchover command took {took:?} to notice its primary died"
+    );
+    let _ = n2.0.kill();
+}

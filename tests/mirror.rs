@@ -2711,7 +2711,12 @@ fn split_brain_is_refused() {
     );
     assert_ne!(h1, h2, "{test}: the solo write did not change node 2");
 
-    // Back together: refused both ways, nothing written.
+    // Back together: refused both ways, nothing written. Node 2 serves a
+    // read-only export, which must not serve data that may be superseded.
+    let ro = free_port();
+    cl.node(2)
+        .args
+        .extend(["--listen".to_string(), format!("127.0.0.1:{ro}")]);
     cl.start_all();
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
@@ -2729,6 +2734,29 @@ fn split_brain_is_refused() {
         thread::sleep(Duration::from_millis(100));
     }
     thread::sleep(Duration::from_secs(1));
+    // The refused secondary says so, in JSON and to a person (a tester
+    // found "no peers" and a readable export of the superseded data).
+    let d2 = dir2.display().to_string();
+    let sj = status_json(&["--dir", &d2]).unwrap();
+    let refused = sj.get("refused").and_then(|v| v.as_str()).unwrap_or("");
+    assert!(
+        refused.contains("split brain"),
+        "{test}: node 2's status does not say it was refused: {sj:?}"
+    );
+    let human = resync_cmd(&["status", "--dir", &d2]);
+    assert!(
+        human.contains("REFUSED") && human.contains("split brain"),
+        "{test}: node 2's human status does not say it was refused:\n{human}"
+    );
+    let mut c = MiniClient::connect(&format!("127.0.0.1:{ro}"), "disk").unwrap();
+    let r = c.read(0, 65536);
+    assert!(
+        r.as_ref()
+            .is_err_and(|e| e.to_string().contains("READ error 5")),
+        "{test}: the secondary refused as split brain served a read: {:?}",
+        r.map(|v| v.len())
+    );
+    c.disconnect();
     let j = cl.status().unwrap();
     assert_ne!(
         peer_state(&j, 2).as_deref(),

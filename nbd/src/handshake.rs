@@ -48,6 +48,9 @@ pub enum HandshakeEnd {
     /// EXPORT_NAME for an export that does not exist: the spec's only answer
     /// is to close the connection.
     UnknownExport(String),
+    /// EXPORT_NAME while the server shuts down (see
+    /// [`Handshake::shut_down`]): it has no error reply, so close.
+    ShuttingDown,
 }
 
 /// Result of feeding bytes.
@@ -89,6 +92,8 @@ pub struct Handshake {
     /// Export name the meta context selection was made for, if any.
     meta_export: Option<String>,
     meta_selected: bool,
+    /// Every option but ABORT gets NBD_REP_ERR_SHUTDOWN.
+    shutting_down: bool,
 }
 
 /// Bytes the server sends first.
@@ -114,7 +119,17 @@ impl Handshake {
             structured: false,
             meta_export: None,
             meta_selected: false,
+            shutting_down: false,
         }
+    }
+
+    /// The server is shutting down: from now on every option but ABORT is
+    /// answered with NBD_REP_ERR_SHUTDOWN (the spec: the server "SHOULD
+    /// error further options received (other than an NBD_OPT_ABORT) with
+    /// NBD_REP_ERR_SHUTDOWN"), and EXPORT_NAME, which has no error reply,
+    /// ends the handshake.
+    pub fn shut_down(&mut self) {
+        self.shutting_down = true;
     }
 
     /// Consume as much of `input` as forms complete messages, appending replies
@@ -256,6 +271,13 @@ impl Handshake {
 
     /// Handle one complete option. Returns a status when the handshake ends.
     fn option(&mut self, option: u32, data: &[u8], out: &mut Vec<u8>) -> Option<HandshakeStatus> {
+        if self.shutting_down && option != OPT_ABORT {
+            if option == OPT_EXPORT_NAME {
+                return Some(HandshakeStatus::End(HandshakeEnd::ShuttingDown));
+            }
+            option_error(out, option, REP_ERR_SHUTDOWN, "the server is shutting down");
+            return None;
+        }
         match option {
             OPT_EXPORT_NAME => {
                 let name = match std::str::from_utf8(data) {

@@ -475,6 +475,16 @@ pub struct Mirror {
     /// too many repairs are in flight. Retried by `unpark`.
     repair_waiting: Vec<(u64, CorruptRead)>,
     handover: Handover,
+    /// Failed accepts on the peer and admin listeners, and which of them
+    /// wait for the back-off to end.
+    accept_backoff: crate::server::AcceptBackoff,
+    peer_accept_paused: bool,
+    admin_accept_paused: bool,
+    /// A secondary that a primary refused as split brain: why, until a
+    /// primary streams to it again. Its data may be superseded (a promoted
+    /// node went on without it), so its read-only export answers EIO and
+    /// `resync status` says so (the log alone said it before).
+    refused: Option<String>,
     /// `switchover` was asked for: stop, handing the generation over.
     switchover: bool,
     /// Store reads of blocks a primary asked for (secondary): read id ->
@@ -774,6 +784,10 @@ impl Mirror {
             repair_waiting: Vec::new(),
             peer_reads: HashMap::new(),
             handover: Handover::Idle,
+            accept_backoff: Default::default(),
+            peer_accept_paused: false,
+            admin_accept_paused: false,
+            refused: None,
             switchover: false,
             parked: VecDeque::new(),
             ops: HashMap::new(),
@@ -820,6 +834,12 @@ impl Mirror {
     /// new, so its read-only export answers reads with EIO.
     pub fn inconsistent(&self) -> bool {
         self.generation.flags & generation::FLAG_INCONSISTENT != 0
+    }
+
+    /// Why a primary refused this secondary as split brain, while no
+    /// primary streams to it (see `refused`).
+    pub fn refused(&self) -> Option<&str> {
+        self.refused.as_deref()
     }
 
     /// Whether the store request `rid` is one of the mirror's client ops.
@@ -1650,6 +1670,16 @@ impl Mirror {
         if let Handover::Waiting(w) = &self.handover {
             if w.values().any(|&p| p == i) {
                 self.handover = Handover::Done(false);
+                crate::elog!(
+                    "nbdmirror: switchover NOT done: peer {} failed during the handover ({}); \
+                     this node stays the primary of its generation, and a peer promoted now \
+                     meets it as split brain",
+                    self.peers[i].node_id,
+                    self.peers[i]
+                        .last_error
+                        .as_deref()
+                        .unwrap_or("disconnected")
+                );
             }
         }
         // Repairs waiting for this peer's data read again: another peer
@@ -1951,11 +1981,14 @@ impl Mirror {
             }
             return;
         }
+        if c.result < 0 && self.accept_backoff.failed("peer accept", -c.result) {
+            self.peer_accept_paused = true;
+            return;
+        }
         if let Some(l) = &self.listener {
             io.submit(tok(KIND_PEER_LISTEN, 0), Op::Accept { fd: l.as_raw_fd() });
         }
         if c.result < 0 {
-            crate::elog!("nbdmirror: peer accept failed: {}", errno_str(-c.result));
             return;
         }
         // SAFETY: fresh descriptor from accept.
@@ -2512,6 +2545,7 @@ impl Mirror {
         match kind {
             FrameKind::Record => {
                 let h = RecordHeader::decode(payload, self.size)?;
+                self.refused = None;
                 let l = &self.links[&link];
                 // Before the announce this session is a resync (resync data,
                 // or live writes over a disk that misses older ones); after
@@ -2574,6 +2608,7 @@ impl Mirror {
             }
             FrameKind::Generation => {
                 let g = wire::decode_u64(payload, "Generation")?;
+                self.refused = None;
                 if let Some(l) = self.links.get_mut(&link) {
                     l.announced = true;
                 }
@@ -2670,7 +2705,15 @@ impl Mirror {
             }
             FrameKind::Pong => {}
             FrameKind::Reject => {
-                let r = crate::peer::messages::Reject::decode(payload)
+                let r = crate::peer::messages::Reject::decode(payload);
+                if let Ok(r) = &r {
+                    if r.code == crate::peer::RejectCode::SplitBrain {
+                        let from = self.links.get(&link).map_or("?", |l| l.addr.as_str());
+                        self.refused =
+                            Some(format!("refused as split brain by the primary at {from}"));
+                    }
+                }
+                let r = r
                     .map(|r| r.message)
                     .unwrap_or_else(|_| "(unreadable reason)".into());
                 return Err(format!("the primary ended the session: {r}"));
@@ -3526,6 +3569,21 @@ impl Mirror {
 
     pub fn tick(&mut self, io: &mut dyn Io, store: &mut Store) {
         self.t = io.now();
+        if (self.peer_accept_paused || self.admin_accept_paused)
+            && !self.shutting_down
+            && self.accept_backoff.over()
+        {
+            if std::mem::take(&mut self.peer_accept_paused) {
+                if let Some(l) = &self.listener {
+                    io.submit(tok(KIND_PEER_LISTEN, 0), Op::Accept { fd: l.as_raw_fd() });
+                }
+            }
+            if std::mem::take(&mut self.admin_accept_paused) {
+                if let Some(a) = &self.admin {
+                    io.submit(tok(KIND_ADMIN_LISTEN, 0), Op::Accept { fd: a.as_raw_fd() });
+                }
+            }
+        }
         let t = self.t;
         let dt = t.duration_since(self.last_refill).as_secs_f64();
         self.last_refill = t;
@@ -3717,6 +3775,7 @@ impl Mirror {
             "node_id": self.node_id,
             "role": self.cfg.role.name(),
             "inconsistent": self.generation.flags & generation::FLAG_INCONSISTENT != 0,
+            "refused": self.refused,
             "rate_limit": self.cfg.resync_rate,
             "peers": peers,
             // A secondary is scrubbed by its primary.
@@ -3884,6 +3943,10 @@ impl Mirror {
                 // SAFETY: fresh descriptor from accept.
                 drop(unsafe { OwnedFd::from_raw_fd(c.result) });
             }
+            return;
+        }
+        if c.result < 0 && self.accept_backoff.failed("admin accept", -c.result) {
+            self.admin_accept_paused = true;
             return;
         }
         if let Some(a) = &self.admin {

@@ -368,11 +368,15 @@ pub fn open_meta_read_only(path: &Path) -> Result<(File, bool), String> {
     require_replica(path)?;
     let meta = File::open(path.join("meta"))
         .map_err(|e| format!("cannot open {}/meta: {e}", path.display()))?;
-    let in_use = File::open(path.join("lock")).is_ok_and(|f| {
+    Ok((meta, in_use(path)))
+}
+
+/// Whether a running nbdmirror holds the replica at `path` (its lock).
+pub fn in_use(path: &Path) -> bool {
+    File::open(path.join("lock")).is_ok_and(|f| {
         // SAFETY: flock on a descriptor we own; dropped (released) at once.
         unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) != 0 }
-    });
-    Ok((meta, in_use))
+    })
 }
 
 /// A second descriptor of the replica's data file, opened with O_DIRECT.

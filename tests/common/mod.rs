@@ -1116,6 +1116,11 @@ impl MiniClient {
         self.request(flags, NBD_CMD_WRITE, offset, data.len() as u32, data)
     }
 
+    /// The connection, for tests that drive the socket themselves.
+    pub fn stream(&mut self) -> &mut TcpStream {
+        &mut self.s
+    }
+
     /// Send raw bytes (e.g. half a request).
     pub fn send_raw(&mut self, bytes: &[u8]) -> io::Result<()> {
         self.s.write_all(bytes)
