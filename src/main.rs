@@ -433,7 +433,7 @@ fn switchover(admin: &AdminArgs) -> Result<(), String> {
         // but not its lock on the replica.
         if dir
             .as_deref()
-            .is_some_and(|d| !nbdmirror::store::dir::in_use(d))
+            .is_some_and(nbdmirror::store::dir::lock_is_free)
         {
             let handed = dir.as_deref().is_some_and(|d| {
                 nbdmirror::mirror::generation::Generation::load(d)

@@ -932,16 +932,22 @@ impl Server {
         if conn.recv_in_flight || conn.reading_done || conn.shut || conn.parsing || conn.eof {
             return;
         }
-        if conn.over_budget() {
-            return;
-        }
-        if self.total_inflight_bytes + self.total_out_bytes >= MAX_TOTAL_INFLIGHT_BYTES
-            && conn.held() >= CONN_RESERVED_BYTES
-        {
-            if !self.starved.contains(&id) {
-                self.starved.push(id);
+        // The rest of a payload is always received: its memory was counted
+        // when its header was admitted, and only its arrival can free it
+        // (starved here, a connection whose only holding is that payload
+        // would wait for a wake-up that may never come).
+        if conn.sink.is_none() {
+            if conn.over_budget() {
+                return;
             }
-            return;
+            if self.total_inflight_bytes + self.total_out_bytes >= MAX_TOTAL_INFLIGHT_BYTES
+                && conn.held() >= CONN_RESERVED_BYTES
+            {
+                if !self.starved.contains(&id) {
+                    self.starved.push(id);
+                }
+                return;
+            }
         }
         let fd = conn.fd.as_raw_fd();
         let op = if let Some(sink) = conn.sink.as_mut() {
@@ -1099,7 +1105,8 @@ impl Server {
                                     crate::elog!("nbdmirror: connection {id}: closing: {why}");
                                     conn.abort = true;
                                 }
-                                HandshakeEnd::ShuttingDown => conn.abort = true,
+                                // Replies to options before it still go out.
+                                HandshakeEnd::ShuttingDown => {}
                                 HandshakeEnd::UnknownExport(name) => {
                                     crate::elog!("nbdmirror: connection {id}: unknown export {name:?}; closing");
                                     conn.abort = true;
@@ -1114,8 +1121,11 @@ impl Server {
                     if over_budget {
                         return;
                     }
+                    // A refusing connection's requests get ESHUTDOWN and
+                    // hold no memory: answer them, budget or not.
                     if self.total_inflight_bytes + self.total_out_bytes >= MAX_TOTAL_INFLIGHT_BYTES
                         && held >= CONN_RESERVED_BYTES
+                        && !conn.refusing
                     {
                         if !self.starved.contains(&id) {
                             self.starved.push(id);
@@ -1523,9 +1533,7 @@ impl Server {
         self.total_inflight_bytes -= cost;
         // The reply's bytes count from now on (`queue`); what the request
         // held beyond them is free for the connections waiting for memory.
-        if cost > out.len() + REPLY_OVERHEAD {
-            self.wake_starved(id);
-        }
+        self.wake_starved(id);
         if let Some(conn) = self.conns.get_mut(&id) {
             conn.inflight -= 1;
             conn.inflight_bytes -= cost;
@@ -1677,13 +1685,14 @@ impl Server {
             unsafe { libc::shutdown(conn.fd.as_raw_fd(), libc::SHUT_RDWR) };
         }
         if conn.shut && !conn.recv_in_flight && !conn.send_in_flight && conn.inflight == 0 {
+            let mut freed = conn.out_bytes;
             if let Some(sink) = conn.sink.take() {
                 self.total_inflight_bytes -= sink.req.length as usize;
+                freed += sink.req.length as usize;
             }
-            let left = conn.out_bytes;
-            self.total_out_bytes -= left;
+            self.total_out_bytes -= conn.out_bytes;
             self.conns.remove(&id);
-            if left > 0 {
+            if freed > 0 {
                 self.wake_starved(id);
             }
         }

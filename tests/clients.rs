@@ -2737,15 +2737,36 @@ fn clients_that_leave_their_replies_unread_cost_bounded_memory_and_get_them_all(
                     s.write_all(&tail).unwrap();
                     c
                 });
+                // Every reply: simple magic, no error, and each cookie as
+                // often as it was sent (replies may come in any order).
+                let n = sent.div_ceil(28);
+                let mut seen = vec![0u32; 100_000];
                 let mut got = 0usize;
                 let mut buf = vec![0u8; 1 << 20];
+                let mut carry = 0usize;
                 while got < want && started.elapsed() < Duration::from_secs(120) {
-                    match rd.read(&mut buf) {
+                    match rd.read(&mut buf[carry..]) {
                         Ok(0) | Err(_) => break,
-                        Ok(n) => got += n,
+                        Ok(k) => {
+                            let end = carry + k;
+                            let whole = end / 16 * 16;
+                            for r in buf[..whole].chunks_exact(16) {
+                                assert_eq!(r[..4], 0x6744_6698u32.to_be_bytes(), "reply magic");
+                                assert_eq!(r[4..8], [0, 0, 0, 0], "CACHE reply error");
+                                let cookie = u64::from_be_bytes(r[8..16].try_into().unwrap());
+                                seen[cookie as usize] += 1;
+                            }
+                            buf.copy_within(whole..end, 0);
+                            carry = end - whole;
+                            got += whole;
+                        }
                     }
                 }
                 drop(w.join().unwrap());
+                for (cookie, &k) in seen.iter().enumerate() {
+                    let expect = n / 100_000 + usize::from(cookie < n % 100_000);
+                    assert_eq!(k as usize, expect, "replies with cookie {cookie}");
+                }
                 (got, want)
             })
         })
@@ -2867,9 +2888,33 @@ fn stalled_large_writes_do_not_hold_other_clients_to_one_request_at_a_time() {
     for (off, data) in want.values() {
         assert_eq!(&c.read(*off, 4096).unwrap(), data);
     }
-    drop(stalled);
+    // The stalled writers finish their payloads: every one is received
+    // and answered (a payload's receive must never wait for budget that
+    // only its own completion frees).
+    let rest = vec![0x5au8; 32 * MIB as usize - 1];
+    let finishers: Vec<_> = stalled
+        .into_iter()
+        .map(|mut s| {
+            let rest = rest.clone();
+            std::thread::spawn(move || -> (u64, u32) {
+                s.stream()
+                    .set_write_timeout(Some(Duration::from_secs(60)))
+                    .unwrap();
+                s.send_raw(&rest).unwrap();
+                s.recv_reply().unwrap()
+            })
+        })
+        .collect();
+    for f in finishers {
+        let (cookie, err) = f.join().unwrap();
+        assert_eq!(err, 0, "the stalled 32 MiB write {cookie} failed once sent");
+    }
     srv.assert_running();
     c.disconnect();
+    assert!(
+        used >= 1,
+        "no journal sync counted for 256 FUA writes: the counter is not read right"
+    );
     assert!(
         used < 64,
         "256 pipelined FUA writes took {used} journal syncs while other clients held the \

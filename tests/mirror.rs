@@ -2961,6 +2961,43 @@ fn half_resynced_secondary_is_not_promoted() {
     cl.node(3).terminate();
     assert_files_equal(&d2.join("data"), &d3.join("data"));
     check_model_file(&d2.join("data"), &model, seed);
+
+    // The old primary comes back while node 2 is down and meets node 3,
+    // which follows node 2's newer generation: split brain, refused, but
+    // node 3 is not the stale side. It must not call itself refused or
+    // stop serving reads (a reviewer saw that it would have).
+    let ro = free_port();
+    cl.node(3)
+        .args
+        .extend(["--listen".to_string(), format!("127.0.0.1:{ro}")]);
+    cl.node(3).start();
+    cl.node(1).start();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !contains_ci(&cl.node(1).stderr(), "split brain") {
+        cl.check_alive();
+        assert!(
+            Instant::now() < deadline,
+            "{test}: the old primary did not refuse node 3{}",
+            cl.stderr_tails()
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+    thread::sleep(Duration::from_millis(500));
+    let sj = status_json(&["--dir", &d3.display().to_string()]).unwrap();
+    assert!(
+        sj.get("refused").is_none_or(|v| v.as_str().is_none()),
+        "{test}: node 3 holds the newest data but says it was refused: {sj:?}"
+    );
+    let mut c = MiniClient::connect(&format!("127.0.0.1:{ro}"), "disk").unwrap();
+    let want = fs::read(d3.join("data")).unwrap();
+    assert_eq!(
+        c.read(0, 65536).unwrap(),
+        want[..65536],
+        "{test}: node 3's read-only export"
+    );
+    c.disconnect();
+    cl.node(1).kill();
+    cl.node(3).terminate();
 }
 
 /// The peer timeout is not exchanged in the handshake, so the two ends may

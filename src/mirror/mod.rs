@@ -2706,11 +2706,19 @@ impl Mirror {
             FrameKind::Pong => {}
             FrameKind::Reject => {
                 let r = crate::peer::messages::Reject::decode(payload);
-                if let Ok(r) = &r {
-                    if r.code == crate::peer::RejectCode::SplitBrain {
-                        let from = self.links.get(&link).map_or("?", |l| l.addr.as_str());
-                        self.refused =
-                            Some(format!("refused as split brain by the primary at {from}"));
+                if let (Ok(r), Some(l)) = (&r, self.links.get(&link)) {
+                    // Not when that primary is the stale side: this replica
+                    // follows a generation promoted from the primary's own
+                    // (`generation::judge`'s "follows ... started after").
+                    let theirs = l.session.as_ref().map_or(0, |s| s.peer.generations.current);
+                    let stale_primary = self.generation.flags & generation::FLAG_PRIMARY == 0
+                        && theirs != 0
+                        && self.generation.previous == theirs;
+                    if r.code == crate::peer::RejectCode::SplitBrain && !stale_primary {
+                        self.refused = Some(format!(
+                            "refused as split brain by the primary at {}",
+                            l.addr
+                        ));
                     }
                 }
                 let r = r

@@ -371,6 +371,16 @@ pub fn open_meta_read_only(path: &Path) -> Result<(File, bool), String> {
     Ok((meta, in_use(path)))
 }
 
+/// Whether nobody holds the replica at `path`: its lock file opens and
+/// can be locked (false also when that cannot be known, e.g. the file is
+/// not readable by this user).
+pub fn lock_is_free(path: &Path) -> bool {
+    File::open(path.join("lock")).is_ok_and(|f| {
+        // SAFETY: flock on a descriptor we own; dropped (released) at once.
+        unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) == 0 }
+    })
+}
+
 /// Whether a running nbdmirror holds the replica at `path` (its lock).
 pub fn in_use(path: &Path) -> bool {
     File::open(path.join("lock")).is_ok_and(|f| {
