@@ -436,6 +436,14 @@ fn open_listener(l: &Listen) -> Result<OwnedFd, String> {
             if let Ok(meta) = std::fs::symlink_metadata(path) {
                 use std::os::unix::fs::FileTypeExt;
                 if meta.file_type().is_socket() {
+                    // A stale socket is replaced; one a running process
+                    // answers on (another node's) is not taken over.
+                    if crate::mirror::socket_is_live(path) {
+                        return Err(format!(
+                            "cannot listen on {}: another running process answers on that socket",
+                            path.display()
+                        ));
+                    }
                     let _ = std::fs::remove_file(path);
                 }
             }

@@ -2159,6 +2159,24 @@ fn serve_refuses_contradictory_options_and_a_replica_without_meta() {
         ],
         "more than once",
     );
+    // A --peer naming this node (id 1) itself: refused before recovery (a
+    // tester's refused start left a generation "written as a primary"
+    // behind, and the node was refused as split brain ever after).
+    refused(
+        &[
+            "--listen".into(),
+            port(),
+            "--peer".into(),
+            format!("1={}", port()),
+            "--secret-file".into(),
+            secret.display().to_string(),
+        ],
+        "names this node itself",
+    );
+    assert!(
+        !dir.join("generation").exists(),
+        "the refused start wrote a generation file"
+    );
     // A port that stays taken: refused before recovery touches the replica
     // (it used to bump the epoch in the superblock first).
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -3020,4 +3038,84 @@ fn running_out_of_descriptors_neither_spins_nor_floods_the_log() {
         ticks < 100,
         "the server used {ticks} ticks of CPU in 3 s while its accepts failed"
     );
+}
+
+/// A node started with `--admin-socket` (or `--unix`) naming another
+/// running node's socket leaves it alone: it warns (or, for the NBD
+/// listener, refuses), the other node's commands still reach that node,
+/// and the socket is still there after the second node stops (a tester
+/// saw it taken over, then deleted).
+#[test]
+fn another_running_nodes_socket_is_not_taken_over() {
+    let test = "another_running_nodes_socket_is_not_taken_over";
+    if !nbdmirror_only(test, "nbdmirror's admin socket") {
+        return;
+    }
+    let tmp = TempDir::new(test);
+    let (a, b) = (tmp.join("a"), tmp.join("b"));
+    run_ok(&mut init_cmd(&a, &["--size", "4M"]));
+    run_ok(&mut init_cmd(&b, &["--size", "4M"]));
+    let serve = |dir: &Path, extra: &[&str]| {
+        Command::new(NBDMIRROR_BIN)
+            .args(["serve", "--dir"])
+            .arg(dir)
+            .args(["--listen", &format!("127.0.0.1:{}", free_port())])
+            .args(extra)
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let sock = a.join("admin.sock");
+    let rate = || -> Option<u64> {
+        let out = Command::new(NBDMIRROR_BIN)
+            .args(["scrub", "status", "--json", "--dir"])
+            .arg(&a)
+            .output()
+            .ok()?;
+        Json::parse(&stdout_str(&out))
+            .ok()?
+            .at("rate_limit")
+            .as_u64()
+    };
+    let mut na = serve(&a, &["--scrub-rate", "1M"]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while rate().is_none() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "node a never answered"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(rate(), Some(1 << 20));
+    let s = sock.display().to_string();
+    let nb = serve(&b, &["--admin-socket", &s]);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(
+        rate(),
+        Some(1 << 20),
+        "node a's commands reach another node"
+    );
+    send_signal(nb.id(), "TERM");
+    let out = nb.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("another running process answers on"), "{err}");
+    assert!(sock.exists(), "node a's admin socket was removed by node b");
+    assert_eq!(rate(), Some(1 << 20), "node a is no longer reachable");
+    // The NBD listener on a Unix path: refused outright.
+    let out = run_timeout(
+        Command::new(NBDMIRROR_BIN)
+            .args(["serve", "--dir"])
+            .arg(&b)
+            .args(["--unix", &s]),
+        Duration::from_secs(30),
+    );
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        !out.status.success() && err.contains("another running process answers"),
+        "{err}"
+    );
+    assert_eq!(rate(), Some(1 << 20), "node a is no longer reachable");
+    send_signal(na.id(), "TERM");
+    assert!(na.wait().unwrap().success());
 }

@@ -533,15 +533,32 @@ fn errno_str(e: i32) -> String {
     std::io::Error::from_raw_os_error(e).to_string()
 }
 
+/// Whether a process listens on the Unix socket at `p` (a connect
+/// succeeds): then it is not a stale one to replace.
+pub fn socket_is_live(p: &std::path::Path) -> bool {
+    on_unix_path(p, |q| std::os::unix::net::UnixStream::connect(q)).is_ok()
+}
+
 /// The admin socket at `p` (a stale one is replaced: the caller holds the
 /// replica directory's lock). A failure is logged, not fatal: serving data
 /// matters more than the control socket.
 pub fn bind_admin_socket(p: Option<&std::path::Path>) -> Option<UnixListener> {
     let p = p?;
     // Only a stale socket is replaced: anything else at the path (a file
-    // someone put there, a typo in --admin-socket) is left alone.
+    // someone put there, a typo in --admin-socket) is left alone, and so is
+    // a socket another running node answers on (taking it over made that
+    // node's commands reach this one, and removed its socket at exit).
     use std::os::unix::fs::FileTypeExt;
     match std::fs::symlink_metadata(p) {
+        Ok(m) if m.file_type().is_socket() && socket_is_live(p) => {
+            crate::elog!(
+                "nbdmirror: WARNING: another running process answers on {}; not taking it \
+                 over, so `nbdmirror resync` will not reach this node (use another \
+                 --admin-socket)",
+                p.display()
+            );
+            return None;
+        }
         Ok(m) if m.file_type().is_socket() => {
             let _ = std::fs::remove_file(p);
         }
@@ -577,6 +594,12 @@ pub fn bind_admin_socket(p: Option<&std::path::Path>) -> Option<UnixListener> {
 /// returns, it is compared by checksum as a new peer). `serve` calls it
 /// before recovery, so a refused start writes nothing.
 pub fn refuse_left_out_peers(cfg: &MirrorConfig, own_id: u32) -> Result<(), String> {
+    // Checked here too (before recovery): a refused start writes nothing.
+    if let Some((id, addr)) = cfg.peers.iter().find(|(id, _)| *id == own_id) {
+        return Err(format!(
+            "--peer {id}={addr} names this node itself (node id {id})"
+        ));
+    }
     let Ok(entries) = std::fs::read_dir(&cfg.dir) else {
         return Ok(());
     };
@@ -1024,7 +1047,8 @@ impl Mirror {
                 crate::elog!("nbdmirror: {e}");
             }
         }
-        if let Some(p) = &self.cfg.admin_socket {
+        // Only a socket this node bound (not another node's it left alone).
+        if let (Some(p), Some(_)) = (&self.cfg.admin_socket, &self.admin) {
             let _ = std::fs::remove_file(p);
         }
     }
