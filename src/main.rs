@@ -1565,6 +1565,13 @@ fn check_replica(path: &std::path::Path) -> Result<(), String> {
     };
     let (data, journal) = (open("data")?, open("journal")?);
     let mut io = nbdmirror::io::UringIo::new(8).map_err(|e| format!("io_uring: {e}"))?;
+    // What `serve` refuses as damaged, `check` does not call clean: the
+    // files' sizes against the superblock, and the generation file.
+    let sb = nbdmirror::store::load_superblock(&mut io, meta.as_raw_fd())
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    dir::check_file_sizes(&data, &journal, &meta, &sb)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    nbdmirror::mirror::generation::Generation::load(path)?;
     let files = nbdmirror::store::Files {
         data: data.as_raw_fd(),
         journal: journal.as_raw_fd(),

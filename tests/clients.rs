@@ -3119,3 +3119,65 @@ fn another_running_nodes_socket_is_not_taken_over() {
     send_signal(na.id(), "TERM");
     assert!(na.wait().unwrap().success());
 }
+
+/// `check` must not call clean a replica that `serve` refuses as damaged
+/// (a tester saw "all blocks match" and exit 0 with the generation file
+/// or the journal emptied, or the metadata file cut short): it exits 1 and
+/// names the damaged file, as `serve` does.
+#[test]
+fn check_refuses_a_replica_serve_would_refuse() {
+    let test = "check_refuses_a_replica_serve_would_refuse";
+    if !nbdmirror_only(test, "nbdmirror check") {
+        return;
+    }
+    let tmp = TempDir::new(test);
+    let good = tmp.join("good");
+    run_ok(&mut init_cmd(&good, &["--size", "4M"]));
+    // Served and stopped once, so it has a generation file.
+    let mut srv = Command::new(NBDMIRROR_BIN)
+        .args(["serve", "--dir"])
+        .arg(&good)
+        .args(["--listen", &format!("127.0.0.1:{}", free_port())])
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !good.join("generation").exists() {
+        assert!(std::time::Instant::now() < deadline, "no generation file");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    send_signal(srv.id(), "TERM");
+    assert!(srv.wait().unwrap().success());
+    let check = |dir: &Path| {
+        let out = run_timeout(
+            Command::new(NBDMIRROR_BIN)
+                .args(["check", "--dir"])
+                .arg(dir),
+            Duration::from_secs(60),
+        );
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    assert_eq!(check(&good).0, Some(0), "{}", check(&good).1);
+    for (file, len, want) in [
+        ("generation", 0u64, "generation"),
+        ("journal", 0, "journal file"),
+        ("meta", 4096, "metadata file"),
+    ] {
+        let bad = tmp.join(format!("bad-{file}"));
+        run_ok(Command::new("cp").arg("-a").arg(&good).arg(&bad));
+        fs::OpenOptions::new()
+            .write(true)
+            .open(bad.join(file))
+            .unwrap()
+            .set_len(len)
+            .unwrap();
+        let (code, err) = check(&bad);
+        assert!(
+            code == Some(1) && err.contains(want) && err.contains("damaged"),
+            "check of a replica with {file} cut to {len} bytes: exit {code:?}\n{err}"
+        );
+    }
+}

@@ -429,26 +429,36 @@ pub fn open_media(dir: &ReplicaDir) -> Result<File, String> {
 
 /// Check that the files have the sizes the superblock promises.
 pub fn check_sizes(dir: &ReplicaDir, sb: &Superblock) -> Result<(), String> {
+    check_file_sizes(&dir.data, &dir.journal, &dir.meta, sb)
+}
+
+/// [`check_sizes`] for the three files, however they were opened.
+pub fn check_file_sizes(
+    data: &File,
+    journal: &File,
+    meta: &File,
+    sb: &Superblock,
+) -> Result<(), String> {
     let len = |f: &File| f.metadata().map(|m| m.len()).unwrap_or(0);
-    if len(&dir.data) < sb.size {
+    if len(data) < sb.size {
         return Err(format!(
             "data file is {} bytes but the superblock says the disk is {} bytes; the replica is damaged",
-            len(&dir.data),
+            len(data),
             sb.size
         ));
     }
-    if len(&dir.journal) < sb.journal_size {
+    if len(journal) < sb.journal_size {
         return Err(format!(
             "journal file is {} bytes but the superblock says {}; the replica is damaged",
-            len(&dir.journal),
+            len(journal),
             sb.journal_size
         ));
     }
     let table = CHECKSUM_TABLE_OFFSET + sb.size / BLOCK_SIZE * 8;
-    if len(&dir.meta) < table {
+    if len(meta) < table {
         return Err(format!(
             "metadata file is {} bytes, expected {table}; the replica is damaged",
-            len(&dir.meta)
+            len(meta)
         ));
     }
     Ok(())
