@@ -1393,6 +1393,34 @@ fn run(cli: Cli) -> Result<(), String> {
                     ));
                 }
             }
+            // What the config file refuses, the command line refuses too.
+            if let Some(a) = listen.iter().find(|a| a.port() == 0) {
+                return Err(format!("--listen {a}: port 0 is no port a client can find"));
+            }
+            if let Some(a) = peer_listen.filter(|a| a.port() == 0) {
+                return Err(format!(
+                    "--peer-listen {a}: port 0 is no port a primary can find"
+                ));
+            }
+            if let Some(a) = peer_listen.filter(|a| listen.contains(a)) {
+                return Err(format!(
+                    "--peer-listen {a} is also a --listen address; each needs its own"
+                ));
+            }
+            for (id, addr) in &peer {
+                if addr.ip().is_unspecified() || addr.port() == 0 {
+                    return Err(format!(
+                        "--peer {id}={addr}: this node connects to it, so it needs a real \
+                         address and port"
+                    ));
+                }
+                if listen.contains(addr) {
+                    return Err(format!(
+                        "--peer {id}={addr} is this node's own --listen address (the peer's \
+                         --peer-listen address is meant)"
+                    ));
+                }
+            }
             let mirrored = !peer.is_empty() || peer_listen.is_some();
             let secret = match (&secret_file, mirrored) {
                 (Some(f), _) => read_secret(f)?,

@@ -2177,6 +2177,48 @@ fn serve_refuses_contradictory_options_and_a_replica_without_meta() {
         !dir.join("generation").exists(),
         "the refused start wrote a generation file"
     );
+    // Addresses the config file refuses are refused on the command line.
+    let own = port();
+    for (args, want) in [
+        (vec!["--listen".to_string(), "127.0.0.1:0".into()], "port 0"),
+        (
+            vec![
+                "--listen".to_string(),
+                own.clone(),
+                "--peer".into(),
+                format!("2={own}"),
+                "--secret-file".into(),
+                secret.display().to_string(),
+            ],
+            "own --listen address",
+        ),
+        (
+            vec![
+                "--listen".to_string(),
+                port(),
+                "--peer".into(),
+                "2=0.0.0.0:4000".into(),
+                "--secret-file".into(),
+                secret.display().to_string(),
+            ],
+            "real address",
+        ),
+        (
+            vec![
+                "--role".to_string(),
+                "secondary".into(),
+                "--listen".into(),
+                own.clone(),
+                "--peer-listen".into(),
+                own.clone(),
+                "--secret-file".into(),
+                secret.display().to_string(),
+            ],
+            "also a --listen address",
+        ),
+    ] {
+        refused(&args, want);
+    }
     // A port that stays taken: refused before recovery touches the replica
     // (it used to bump the epoch in the superblock first).
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
