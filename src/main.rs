@@ -388,6 +388,12 @@ fn read_secret(path: &std::path::Path) -> Result<Vec<u8>, String> {
             s.len()
         ));
     }
+    if s.iter().all(|b| b.is_ascii_whitespace()) {
+        return Err(format!(
+            "secret file {} holds only blank characters: no secret (e.g. `head -c 32 /dev/urandom | base64 > FILE`)",
+            path.display()
+        ));
+    }
     Ok(s)
 }
 
@@ -1359,10 +1365,17 @@ fn run(cli: Cli) -> Result<(), String> {
                 None => (listen, unix, export_name, admin_socket),
             };
             let export_name = export_name.unwrap_or_else(|| "disk".to_string());
+            if export_name.len() > 4096 {
+                return Err(format!(
+                    "--export-name is {} bytes; the NBD protocol allows at most 4096",
+                    export_name.len()
+                ));
+            }
             let role = match role {
                 RoleArg::Primary => NodeRole::Primary,
                 RoleArg::Secondary => NodeRole::Secondary,
             };
+
             if role == NodeRole::Secondary && !peer.is_empty() {
                 return Err("--peer is for a primary; a secondary takes --peer-listen".into());
             }

@@ -2177,6 +2177,30 @@ fn serve_refuses_contradictory_options_and_a_replica_without_meta() {
         !dir.join("generation").exists(),
         "the refused start wrote a generation file"
     );
+    // An export name longer than the protocol allows, and a secret file of
+    // blank lines.
+    refused(
+        &[
+            "--listen".into(),
+            port(),
+            "--export-name".into(),
+            "x".repeat(5000),
+        ],
+        "at most 4096",
+    );
+    let blank = tmp.join("blank-secret");
+    fs::write(&blank, "\n".repeat(17)).unwrap();
+    refused(
+        &[
+            "--listen".into(),
+            port(),
+            "--peer".into(),
+            format!("2={}", port()),
+            "--secret-file".into(),
+            blank.display().to_string(),
+        ],
+        "only blank characters",
+    );
     // Addresses the config file refuses are refused on the command line.
     let own = port();
     for (args, want) in [
