@@ -434,34 +434,21 @@ fn switchover(admin: &AdminArgs) -> Result<(), String> {
     // connections as soon as the shutdown begins, which says nothing).
     let start = std::time::Instant::now();
     let deadline = start + std::time::Duration::from_secs(300);
+    // A node that died (SIGKILL, a crash) leaves its socket behind but not
+    // its lock on the replica.
+    let mut died = false;
     while path.exists() {
-        // A node that died (SIGKILL, a crash) leaves its socket behind
-        // but not its lock on the replica.
         if dir
             .as_deref()
             .is_some_and(nbdmirror::store::dir::lock_is_free)
         {
-            let handed = dir.as_deref().is_some_and(|d| {
-                nbdmirror::mirror::generation::Generation::load(d)
-                    .is_ok_and(|g| g.flags & nbdmirror::mirror::generation::FLAG_HANDED_OVER != 0)
-            });
-            if !handed {
-                return Err(
-                    "the node died during the switchover (its replica is no longer held; \
-                     its admin socket was left behind) WITHOUT handing over: a secondary \
-                     promoted now meets it as split brain; start it again as the primary"
-                        .into(),
-                );
-            }
+            died = true;
             break;
         }
         // A node still taking connections seconds later has not begun to
         // stop: it called the switchover off (a peer fell out of sync).
         if start.elapsed() > std::time::Duration::from_secs(3)
-            && nbdmirror::mirror::on_unix_path(&path, |p| {
-                std::os::unix::net::UnixStream::connect(p)
-            })
-            .is_ok()
+            && nbdmirror::mirror::socket_is_live(&path)
         {
             return Err(
                 "the switchover was called off (a peer fell out of sync; see the node's log): \
@@ -489,6 +476,13 @@ fn switchover(admin: &AdminArgs) -> Result<(), String> {
             g.current
         );
         Ok(())
+    } else if died {
+        Err(
+            "the node died during the switchover (its replica is no longer held; its admin \
+             socket was left behind) WITHOUT handing over: a secondary promoted now meets it \
+             as split brain; start it again as the primary"
+                .into(),
+        )
     } else {
         Err(
             "the node stopped WITHOUT handing over (its log says why): a secondary promoted \

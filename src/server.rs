@@ -1330,25 +1330,18 @@ impl Server {
                 _ => {}
             }
         }
+        // A secondary's read-only export may refuse reads (see
+        // `Mirror::read_refusal`).
+        let refusal = match req.command {
+            Command::Read => self.mirror.as_ref().and_then(|m| m.read_refusal()),
+            _ => None,
+        };
         match req.command {
-            Command::Read if self.mirror.as_ref().is_some_and(|m| m.inconsistent()) => {
+            Command::Read if refusal.is_some() => {
                 if !std::mem::replace(&mut self.inconsistent_reads_logged, true) {
                     crate::elog!(
-                        "nbdmirror: refusing reads (EIO): this secondary is partway through a \
-                         resync from its primary, and its blocks are a mix of old and new data"
-                    );
-                }
-                self.store.fail_read(rid, libc::EIO);
-            }
-            Command::Read if self.mirror.as_ref().is_some_and(|m| m.refused().is_some()) => {
-                if !std::mem::replace(&mut self.inconsistent_reads_logged, true) {
-                    crate::elog!(
-                        "nbdmirror: refusing reads (EIO): this secondary was {}, so its data may \
-                         be superseded",
-                        self.mirror
-                            .as_ref()
-                            .and_then(|m| m.refused())
-                            .unwrap_or_default()
+                        "nbdmirror: refusing reads (EIO): {}",
+                        refusal.unwrap_or_default()
                     );
                 }
                 self.store.fail_read(rid, libc::EIO);

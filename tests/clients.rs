@@ -1517,14 +1517,7 @@ fn memory_stays_bounded_when_clients_flood_large_writes() {
         return;
     };
     let pid = srv.pid();
-    let status_kib = |key: &str| -> u64 {
-        let s = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-        s.lines()
-            .find(|l| l.starts_with(key))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
-    };
+    let status_kib = |key: &str| proc_status_kib(pid, key);
     // warm up: one connection does some I/O so baseline includes the usual buffers
     let mut c = MiniClient::connect(&srv.addr(), srv.export_name()).unwrap();
     assert_eq!(c.write(0, &random_bytes(1, MIB as usize), 0).unwrap(), 0);
@@ -1606,14 +1599,7 @@ fn stalled_max_size_writes_do_not_hold_memory() {
         return;
     };
     let pid = srv.pid();
-    let rss_kib = || -> u64 {
-        let s = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-        s.lines()
-            .find(|l| l.starts_with("VmRSS:"))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
-    };
+    let rss_kib = || proc_status_kib(pid, "VmRSS:");
     let mut c = MiniClient::connect(&srv.addr(), srv.export_name()).unwrap();
     assert_eq!(c.write(0, &random_bytes(7, 4096), 0).unwrap(), 0);
     let baseline = rss_kib();
@@ -2721,14 +2707,19 @@ fn check_finds_silent_corruption_in_a_stopped_replica() {
 
 // ------------------------------------------------------------------ clients that misbehave
 
-fn rss_mib(pid: u32) -> u64 {
+/// A `/proc/PID/status` figure in KiB (`key` such as "VmRSS:"); 0 when
+/// unreadable.
+fn proc_status_kib(pid: u32, key: &str) -> u64 {
     let s = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     s.lines()
-        .find(|l| l.starts_with("VmRSS:"))
+        .find(|l| l.starts_with(key))
         .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse::<u64>().ok())
+        .and_then(|v| v.parse().ok())
         .unwrap_or(0)
-        / 1024
+}
+
+fn rss_mib(pid: u32) -> u64 {
+    proc_status_kib(pid, "VmRSS:") / 1024
 }
 
 /// Two clients pipeline millions of CACHE requests (16-byte replies)

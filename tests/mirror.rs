@@ -4578,18 +4578,13 @@ fn scrub_and_resync_repair_the_primary_block_by_block_from_whichever_peer_has_it
     // Flip bytes (XOR), so the rot always changes something.
     let flip = |dir: &Path, block: u64| {
         use std::os::unix::fs::FileExt;
-        let f = fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(dir.join("data"))
-            .unwrap();
+        let (data, off) = (dir.join("data"), block * 4096 + 33);
         let mut b = [0u8; 8];
-        f.read_exact_at(&mut b, block * 4096 + 33).unwrap();
-        for x in b.iter_mut() {
-            *x ^= 0xff;
-        }
-        f.write_all_at(&b, block * 4096 + 33).unwrap();
-        f.sync_all().unwrap();
+        fs::File::open(&data)
+            .unwrap()
+            .read_exact_at(&mut b, off)
+            .unwrap();
+        rot(&data, off, &b.map(|x| x ^ 0xff));
     };
     for b in [600, 601, 602] {
         flip(&dirs[0], b);

@@ -859,10 +859,20 @@ impl Mirror {
         self.generation.flags & generation::FLAG_INCONSISTENT != 0
     }
 
-    /// Why a primary refused this secondary as split brain, while no
-    /// primary streams to it (see `refused`).
-    pub fn refused(&self) -> Option<&str> {
-        self.refused.as_deref()
+    /// Why this secondary's read-only export answers reads with EIO, if it
+    /// does: it is partway through a resync (`inconsistent`), or a primary
+    /// refused it as split brain and none streams to it (`refused`).
+    pub fn read_refusal(&self) -> Option<String> {
+        if self.inconsistent() {
+            return Some(
+                "this secondary is partway through a resync from its primary, and its blocks \
+                 are a mix of old and new data"
+                    .into(),
+            );
+        }
+        self.refused
+            .as_ref()
+            .map(|r| format!("this secondary was {r}, so its data may be superseded"))
     }
 
     /// Whether the store request `rid` is one of the mirror's client ops.
