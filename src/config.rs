@@ -142,8 +142,13 @@ pub fn read_bounded(path: &Path, max: u64, what: &str) -> Result<Vec<u8>, String
     Ok(bytes)
 }
 
+/// Shorter peer timeouts are refused: the primary pings a quarter of it
+/// apart, and scheduling hiccups alone would then disconnect peers.
+pub const MIN_PEER_TIMEOUT_MS: u64 = 100;
+
 /// HOST:PORT (an IP address or a name, resolved here; `[v6]:PORT` for
 /// IPv6) to the first address it resolves to.
+
 pub fn parse_addr(s: &str) -> Result<SocketAddr, String> {
     if let Ok(a) = s.parse() {
         return Ok(a);
@@ -237,6 +242,12 @@ impl VolumeConfig {
             .as_ref()
             .map(|s| size_of(s, "[volume] scrub-rate"))
             .transpose()?;
+        if let Some(ms) = v.peer_timeout_ms.filter(|&ms| ms < MIN_PEER_TIMEOUT_MS) {
+            return Err(format!(
+                "[volume] peer-timeout-ms = {ms} is too short: at least {MIN_PEER_TIMEOUT_MS} \
+                 (the default is 3000)"
+            ));
+        }
         let scrub_interval = v
             .scrub_interval
             .as_ref()
@@ -517,6 +528,11 @@ peer-address = "127.0.0.1:10810"
                 "nbd-listen = \"127.0.0.1:10809\"",
                 "nbd-listen = \"nowhere\"",
                 "HOST:PORT",
+            ),
+            (
+                "primary = 1",
+                "primary = 1\npeer-timeout-ms = 0",
+                "too short",
             ),
         ];
         for (from, to, want) in cases {

@@ -356,7 +356,7 @@ fn output_written(r: std::io::Result<()>) {
     }
 }
 
-use nbdmirror::config::{parse_addr, NodeConfig, VolumeConfig};
+use nbdmirror::config::{parse_addr, NodeConfig, VolumeConfig, MIN_PEER_TIMEOUT_MS};
 
 fn parse_peer(s: &str) -> Result<(u32, SocketAddr), String> {
     let (id, addr) = s
@@ -678,10 +678,6 @@ fn human(n: f64) -> String {
         format!("{v:.1} {}", units[u])
     }
 }
-
-/// Shorter peer timeouts are refused: the primary pings a quarter of it
-/// apart, and scheduling hiccups alone would then disconnect peers.
-const MIN_PEER_TIMEOUT_MS: u64 = 100;
 
 /// One line per peer: state, a bar, percent, rate and ETA.
 /// Columns of the terminal on stdout, if it is one.
@@ -1334,6 +1330,12 @@ fn run(cli: Cli) -> Result<(), String> {
             let scrub_rate = scrub_rate
                 .or(vol.and_then(|c| c.scrub_rate))
                 .unwrap_or(nbdmirror::mirror::scrub::DEFAULT_RATE);
+            if role == RoleArg::Secondary && scrub_interval.is_some_and(|s| s > 0) {
+                nbdmirror::elog!(
+                    "nbdmirror: note: --scrub-interval is ignored on a secondary: the primary \
+                     scrubs, and every in-sync secondary verifies its copy in the same pass"
+                );
+            }
             let scrub_interval = scrub_interval
                 .or(vol.and_then(|c| c.scrub_interval))
                 .unwrap_or(0);
