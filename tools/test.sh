@@ -7,7 +7,9 @@
 # 3. runs every Rust test with cargo-nextest (unit, property, simulation,
 #    crash-image, and process tests that drive real clients against real
 #    `nbdmirror serve` processes);
-# 4. runs the kernel NBD client test in a qemu guest against a real server.
+# 4. runs the kernel NBD client test in a qemu guest against a real server,
+#    then against the primary of a 2-node mirror whose secondary is killed
+#    while the guest writes (tools/vm-kernel-client-mirror.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -33,13 +35,25 @@ else
     echo "kernel client test: passed"
 fi
 
+echo "== kernel NBD client in a qemu guest, 2-node mirror, secondary killed mid-write"
+mstatus=0
+bash tools/vm-kernel-client-mirror.sh || mstatus=$?
+if [ "$mstatus" -ne 0 ]; then
+    echo "kernel client mirror test: FAILED"
+    status=1
+else
+    echo "kernel client mirror test: passed"
+fi
+
 # One closing line for the whole suite: nextest's counts plus the VM test.
 summary="$(grep -E 'tests run: ' "$log" | tail -1)"
 passed="$(sed -nE 's/.* ([0-9]+) passed.*/\1/p' <<<"$summary")"
 failed="$(sed -nE 's/.* ([0-9]+) failed.*/\1/p' <<<"$summary")"
 passed=${passed:-0}
 failed=${failed:-0}
-if [ "$kstatus" -eq 0 ]; then passed=$((passed + 1)); else failed=$((failed + 1)); fi
+for k in "$kstatus" "$mstatus"; do
+    if [ "$k" -eq 0 ]; then passed=$((passed + 1)); else failed=$((failed + 1)); fi
+done
 if [ "$status" -ne 0 ] && [ "$failed" -eq 0 ]; then failed=1; fi
 echo "summary: $passed passed, $failed failed"
 exit "$status"
