@@ -509,7 +509,8 @@ impl Server {
             // Before recovery writes anything.
             mirror::refuse_left_out_peers(m, sb.node_id)?;
         }
-        let mut store = Store::open(&mut io, files, sb, config.tuning)
+        let tracking = config.mirror.as_ref().map(|_| replica.path.as_path());
+        let mut store = Store::open_tracking(&mut io, files, sb, config.tuning, tracking)
             .map_err(|e| format!("{}: recovery failed: {e}", replica.path.display()))?;
         let secondary = config
             .mirror

@@ -26,6 +26,7 @@ pub mod dir;
 pub mod format;
 pub mod journal;
 pub mod overlay;
+pub mod uncertain;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::os::fd::RawFd;
@@ -668,6 +669,8 @@ pub struct Store {
     /// crash could let recovery rebuild the block's checksum from the
     /// corrupt bytes (recovery keeps a mark it finds, see `replay`).
     corrupt_marked: bool,
+    /// Blocks recovery could not vouch for (a mirrored node only).
+    uncertain: Option<uncertain::Uncertain>,
     /// An O_DIRECT descriptor of the data file: in-place writes go through
     /// it when set (see [`Store::set_direct_fd`]).
     direct_fd: Option<RawFd>,
@@ -705,6 +708,21 @@ impl Store {
         sb: Superblock,
         tuning: Tuning,
     ) -> Result<Store, String> {
+        Self::open_tracking(io, files, sb, tuning, None)
+    }
+
+    /// As [`Store::open`]; with `dir` (a mirrored node's replica directory)
+    /// the blocks recovery cannot vouch for are kept in
+    /// [`uncertain::Uncertain`] (saved there before the journal tail moves)
+    /// for the mirror to settle with a peer.
+    pub fn open_tracking(
+        io: &mut dyn Io,
+        files: Files,
+        sb: Superblock,
+        tuning: Tuning,
+        dir: Option<&std::path::Path>,
+    ) -> Result<Store, String> {
+        let mut uncertain = dir.map(uncertain::Uncertain::load).transpose()?;
         let mut sums = read_checksum_table(io, files.meta, sb.size)?;
         let mut records = Vec::new();
         let end = journal::scan(
@@ -756,7 +774,23 @@ impl Store {
             .map(|r| (r.offset.min(sb.size), (r.offset + r.length).min(sb.size)))
             .filter(|(s, e)| s < e)
             .collect();
-        replay_all(io, files.data, &mut sums, sb.size, records, &extra)?;
+        let unsure = replay_all(io, files.data, &mut sums, sb.size, records, &extra)?;
+        if let Some(u) = uncertain.as_mut() {
+            let before = u.count();
+            for &(s, e) in &unsure {
+                u.add(s, e);
+            }
+            if u.count() != before {
+                u.save()?;
+                crate::elog!(
+                    "nbdmirror: recovery could not vouch for {} blocks (in-place writes since \
+                     the last checkpoint that differ from their checksums, or journal records \
+                     it could not replay): they are compared with the peers, and where an \
+                     in-sync peer holds other data its copy is taken",
+                    u.count() - before
+                );
+            }
+        }
         if replayed > 0 {
             crate::elog!(
                 "nbdmirror: recovery replayed {replayed} journal records (stopped: {})",
@@ -847,6 +881,7 @@ impl Store {
             extra_sync_fds: Vec::new(),
             inplace_wanted: false,
             corrupt_marked: false,
+            uncertain,
             direct_fd: None,
             media_fd: None,
             worker_data_fd: None,
@@ -1913,6 +1948,51 @@ impl Store {
         self.kick(io, false);
     }
 
+    /// Whether recovery could not vouch for block `b` and no peer has
+    /// settled it since (see [`uncertain`]).
+    pub fn is_uncertain(&self, b: u64) -> bool {
+        self.uncertain.as_ref().is_some_and(|u| u.contains(b))
+    }
+
+    /// How many blocks are uncertain.
+    pub fn uncertain_count(&self) -> u64 {
+        self.uncertain.as_ref().map_or(0, |u| u.count())
+    }
+
+    /// Blocks `[first, first+n)` are settled: a peer holds the same, or its
+    /// copy was taken. The file goes once the set is empty (a stale entry
+    /// left behind by a crash only makes a later compare check that block
+    /// again).
+    pub fn settle(&mut self, first: u64, n: u64) {
+        let Some(u) = self.uncertain.as_mut() else {
+            return;
+        };
+        if u.is_empty() {
+            return;
+        }
+        for b in first..first + n {
+            u.remove(b);
+        }
+        if u.is_empty() {
+            if let Err(e) = u.save() {
+                crate::elog!("nbdmirror: {e}");
+            }
+        }
+    }
+
+    /// Forget every uncertain block (a secondary, whose primary compares
+    /// them all).
+    pub fn settle_all(&mut self) {
+        if let Some(u) = self.uncertain.as_mut() {
+            if !u.is_empty() {
+                u.clear();
+                if let Err(e) = u.save() {
+                    crate::elog!("nbdmirror: {e}");
+                }
+            }
+        }
+    }
+
     /// Read `[offset, offset+len)` into a buffer with `head` spare bytes in front.
     /// Why read `req` just failed with EIO, if its blocks failed
     /// verification: the read's range and the blocks that did not verify.
@@ -1947,7 +2027,9 @@ impl Store {
             .enumerate()
             .any(|(i, block)| {
                 let b = first + i as u64;
-                !self.sums.verify(b, block) && self.marked_seen.get(&b) != Some(&self.sums.get(b))
+                !self.sums.verify(b, block)
+                    && self.marked_seen.get(&b) != Some(&self.sums.get(b))
+                    && !self.is_uncertain(b)
             })
         {
             Some(libc::EILSEQ)
@@ -1971,12 +2053,22 @@ impl Store {
             .filter(|(b, block)| !self.sums.verify(*b, block))
             .map(|(b, _)| b)
             .collect();
+        let unsure = adopt.iter().filter(|&&b| self.is_uncertain(b)).count();
+        self.settle(first, n);
         if !adopt.is_empty() {
             for b in &adopt {
-                self.marked_seen.remove(b);
+                if self.marked_seen.remove(b).is_some() {
+                    crate::elog!(
+                        "nbdmirror: block {b}, marked corrupt, takes a peer's copy (written \
+                         through the journal, with its checksum)"
+                    );
+                }
+            }
+            if unsure > 0 {
                 crate::elog!(
-                    "nbdmirror: block {b}, marked corrupt, takes a peer's copy (written through \
-                     the journal, with its checksum)"
+                    "nbdmirror: {unsure} blocks of {first}..{} that recovery could not vouch \
+                     for take a peer's copy (written through the journal, with their checksums)",
+                    first + n
                 );
             }
             self.stats.repaired_blocks += n;
@@ -2011,6 +2103,21 @@ impl Store {
     pub fn read(&mut self, io: &mut dyn Io, req: ReqId, offset: u64, len: u64, head: usize) {
         let verify = self.tuning.verify_reads;
         self.read_checked(io, req, offset, len, head, verify, false);
+    }
+
+    /// As [`Store::read`], but every block is verified even when client
+    /// reads are not (`--no-verify-reads`): data that goes to another
+    /// replica (resync, a peer's repair) must never carry a bad block
+    /// there under a fresh checksum.
+    pub fn read_for_peer(
+        &mut self,
+        io: &mut dyn Io,
+        req: ReqId,
+        offset: u64,
+        len: u64,
+        head: usize,
+    ) {
+        self.read_checked(io, req, offset, len, head, true, false);
     }
 
     /// As [`Store::read`], verifying every block taken from the data file
@@ -3099,7 +3206,13 @@ fn replay_all(
     size: u64,
     records: Vec<journal::Recovered>,
     extra: &[(u64, u64)],
-) -> Result<(), String> {
+) -> Result<Vec<(u64, u64)>, String> {
+    // Blocks (runs [first, end)) whose checksums recovery rebuilt from the
+    // data file without anything to check them against.
+    let mut unsure: Vec<(u64, u64)> = extra
+        .iter()
+        .map(|&(s, e)| (s / BLOCK_SIZE, e.div_ceil(BLOCK_SIZE)))
+        .collect();
     let mut inplace: Vec<(u64, u64, u64)> = records
         .iter()
         .filter(|r| r.header.kind == RecordKind::InPlace)
@@ -3142,20 +3255,24 @@ fn replay_all(
                 if sums.get(blk) != fresh && !sums.marked(blk, fresh) {
                     changed += 1;
                     sums.set(blk, fresh);
+                    match unsure.last_mut() {
+                        Some((_, e)) if *e == blk => *e += 1,
+                        _ => unsure.push((blk, blk + 1)),
+                    }
                 }
             },
         )?;
     }
     if changed > 0 {
         crate::elog!(
-            "nbdmirror: recovery re-checksummed {changed} blocks in {} regions whose contents \
-             differ from the checksums last written (in-place writes since the last \
-             checkpoint, flushed or cut short by the crash, or records that could not be \
-             replayed; corruption in those regions at crash time cannot be told apart)",
+            "nbdmirror: recovery rebuilt the checksums of {changed} blocks from the data file \
+             in {} regions (in-place writes since the last checkpoint, whose checksums had not \
+             been written yet, flushed or cut short by the crash, or records that could not \
+             be replayed); on its own a node cannot tell corruption in them from new data",
             inplace.len()
         );
     }
-    Ok(())
+    Ok(unsure)
 }
 
 fn replay(
