@@ -4697,3 +4697,213 @@ fn a_block_written_in_part_after_it_rotted_is_repaired_from_the_peer() {
     .unwrap();
     assert!(out.status.success(), "check: {}", stdout_str(&out));
 }
+
+/// Rot on the primary in a region that took in-place (large) writes since
+/// the last checkpoint, then a primary crash: recovery has nothing to check
+/// those blocks against (their new checksums had not reached `meta`), so it
+/// must not vouch for the rot and push it to the peers. It compares them
+/// with the in-sync peer and takes the peer's copy of the one that differs:
+/// the client reads the written data and the replicas end identical.
+#[test]
+fn rot_in_blocks_recovery_cannot_vouch_for_is_taken_from_a_peer() {
+    let test = "rot_in_blocks_recovery_cannot_vouch_for_is_taken_from_a_peer";
+    let _wd = Watchdog::new(test, Duration::from_secs(120));
+    let seed = test_seed(test);
+    let size = 16 * MIB;
+    let mut cl = Cluster::new(test, seed, Opts::new(size, 3));
+    cl.start_all();
+    cl.wait_in_sync(Duration::from_secs(20));
+    // 1 MiB writes go in place; a long checkpoint interval keeps their
+    // checksums out of `meta` until the crash.
+    cl.primary()
+        .args
+        .extend(["--checkpoint-interval-ms".into(), "600000".into()]);
+    cl.primary().terminate();
+    cl.primary().start();
+    cl.wait_in_sync(Duration::from_secs(20));
+    let want = random_bytes(seed, size as usize);
+    let mut c = MiniClient::connect(&cl.nbd_addr(), "disk").unwrap();
+    for off in (0..size).step_by(MIB as usize) {
+        c.write(off, &want[off as usize..][..MIB as usize], 0)
+            .unwrap();
+    }
+    c.flush().unwrap();
+    drop(c);
+    cl.wait_in_sync(Duration::from_secs(20));
+    let bad = 3000 % (size / 4096);
+    {
+        use std::os::unix::fs::FileExt;
+        let f = fs::OpenOptions::new()
+            .write(true)
+            .open(cl.nodes[0].data())
+            .unwrap();
+        f.write_all_at(b"\xde\xad\xbe\xef", bad * 4096 + 50)
+            .unwrap();
+    }
+    cl.primary().kill();
+    cl.primary().start();
+    cl.wait_in_sync(Duration::from_secs(30));
+    let mut c = MiniClient::connect(&cl.nbd_addr(), "disk").unwrap();
+    let o = (bad * 4096) as usize;
+    let got = c.read(bad * 4096, 4096).unwrap();
+    assert!(
+        got == want[o..o + 4096],
+        "the client reads the rot the primary's recovery vouched for\n{}",
+        cl.stderr_tails()
+    );
+    drop(c);
+    let log = cl.nodes[0].stderr();
+    assert!(
+        log.contains("could not vouch for") && log.contains("taking its copy"),
+        "{log}"
+    );
+    cl.stop_all();
+    cl.assert_replicas_identical();
+    let got = fs::read(cl.nodes[0].data()).unwrap();
+    assert!(
+        got == want,
+        "the primary's data file differs from what was written"
+    );
+    assert!(
+        !cl.nodes[0].dir.join("uncertain").exists(),
+        "the uncertain set outlived its settling"
+    );
+}
+
+/// `nbdmirror info`'s journal tail position.
+fn journal_tail(dir: &Path) -> u64 {
+    let out = run_ok(Command::new(NBDMIRROR_BIN).args(["info", "--dir", dir.to_str().unwrap()]));
+    let s = stdout_str(&out);
+    let at = s.find("tail at ").expect(&s) + "tail at ".len();
+    s[at..].split_whitespace().next().unwrap().parse().unwrap()
+}
+
+/// Damage a stopped replica's journal the way a disk can: the write
+/// records from `tail` on are parsed; from record `keep` on their data in
+/// `data` is put back to what `old` holds (the data-file writes a power
+/// failure lost) and record `keep`'s data gets a flipped byte. Recovery
+/// then stops at `keep` and drops every later record: flushed writes this
+/// replica no longer holds. Returns how many records there were.
+fn damage_journal(dir: &Path, old: &[u8], tail: u64, keep: usize) -> usize {
+    use std::os::unix::fs::FileExt;
+    let j = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(dir.join("journal"))
+        .unwrap();
+    let ring = j.metadata().unwrap().len();
+    let mut recs: Vec<(u64, u16, u64, u64, u64)> = Vec::new(); // pos, kind, seq, off, len
+    let mut pos = tail;
+    loop {
+        let mut h = [0u8; 64];
+        j.read_exact_at(&mut h, pos).unwrap();
+        if &h[..4] != b"NMJR" {
+            break;
+        }
+        let kind = u16::from_le_bytes(h[4..6].try_into().unwrap());
+        let seq = u64::from_le_bytes(h[8..16].try_into().unwrap());
+        let off = u64::from_le_bytes(h[16..24].try_into().unwrap());
+        let len = u32::from_le_bytes(h[24..28].try_into().unwrap()) as u64;
+        let span = u32::from_le_bytes(h[28..32].try_into().unwrap()) as u64;
+        if recs.last().is_some_and(|r| r.2 + 1 != seq) {
+            break;
+        }
+        recs.push((pos, kind, seq, off, len));
+        pos = if kind == 3 { 0 } else { (pos + span) % ring };
+    }
+    assert!(
+        recs.len() > keep + 10,
+        "only {} journal records",
+        recs.len()
+    );
+    let d = fs::OpenOptions::new()
+        .write(true)
+        .open(dir.join("data"))
+        .unwrap();
+    for &(_, kind, _, off, len) in &recs[keep..] {
+        if kind == 1 {
+            d.write_all_at(&old[off as usize..(off + len) as usize], off)
+                .unwrap();
+        }
+    }
+    let at = recs[keep].0 + 64 + 100;
+    let mut b = [0u8; 1];
+    j.read_exact_at(&mut b, at).unwrap();
+    j.write_all_at(&[b[0] ^ 0xff], at).unwrap();
+    recs.len()
+}
+
+/// Write 512 distinct 8 KiB blocks over the first 4 MiB and flush (less
+/// than a checkpoint's share of the default 16 MiB journal).
+fn write_8k_pattern(addr: &str, fill: u8) {
+    let mut c = MiniClient::connect(addr, "disk").unwrap();
+    for k in 0..512u64 {
+        let mut b = vec![fill; 8192];
+        b[..8].copy_from_slice(&k.to_le_bytes());
+        c.write(k * 8192, &b, 0).unwrap();
+    }
+    c.flush().unwrap();
+}
+
+/// Flushed writes lost on a node whose journal was damaged (recovery
+/// stops at the damage and drops the intact records after it; a power
+/// failure lost their data-file writes) come back from a peer that holds
+/// them, on either side: a damaged primary takes the in-sync peer's copies
+/// instead of pushing its stale ones over them, and a damaged secondary has
+/// its primary compare every block and resend what it lost. Without the
+/// damage-aware compare the primary overwrote the peer's copies and the
+/// secondary passed as in sync.
+#[test]
+fn flushed_writes_lost_with_a_damaged_journal_come_back_from_the_peer() {
+    let test = "flushed_writes_lost_with_a_damaged_journal_come_back_from_the_peer";
+    let _wd = Watchdog::new(test, Duration::from_secs(180));
+    let seed = test_seed(test);
+    let size = 16 * MIB;
+    let mut cl = Cluster::new(test, seed, Opts::new(size, 2));
+    for n in cl.nodes.iter_mut() {
+        n.args
+            .extend(["--checkpoint-interval-ms".into(), "600000".into()]);
+    }
+    cl.start_all();
+    cl.wait_in_sync(Duration::from_secs(20));
+    for (victim, fills) in [(0usize, (0x11u8, 0x22u8)), (1, (0x33, 0x44))] {
+        let name = if victim == 0 { "primary" } else { "secondary" };
+        write_8k_pattern(&cl.nbd_addr(), fills.0);
+        cl.wait_in_sync(Duration::from_secs(20));
+        cl.stop_all();
+        let old = fs::read(cl.nodes[victim].data()).unwrap();
+        let tail = journal_tail(&cl.nodes[victim].dir);
+        cl.start_all();
+        cl.wait_in_sync(Duration::from_secs(20));
+        write_8k_pattern(&cl.nbd_addr(), fills.1);
+        cl.wait_in_sync(Duration::from_secs(20));
+        cl.nodes[victim].kill();
+        let n = damage_journal(&cl.nodes[victim].dir, &old, tail, 250);
+        eprintln!("{name}: {n} journal records, damaged at the 250th");
+        cl.nodes[victim].start();
+        cl.wait_in_sync(Duration::from_secs(30));
+        let log = cl.nodes[victim].stderr();
+        assert!(log.contains("the journal is damaged"), "{name}: {log}");
+        let mut c = MiniClient::connect(&cl.nbd_addr(), "disk").unwrap();
+        let got = c.read(0, 4 * MIB as u32).unwrap();
+        drop(c);
+        let lost: Vec<u64> = (0..512u64)
+            .filter(|k| {
+                let b = &got[(k * 8192) as usize..][..8192];
+                b[..8] != k.to_le_bytes() || b[8..].iter().any(|&x| x != fills.1)
+            })
+            .collect();
+        assert!(
+            lost.is_empty(),
+            "{name} damaged: {} flushed 8 KiB writes lost (first {:?})\n{}",
+            lost.len(),
+            lost.first(),
+            cl.stderr_tails()
+        );
+        cl.stop_all();
+        cl.assert_replicas_identical();
+        cl.start_all();
+        cl.wait_in_sync(Duration::from_secs(20));
+    }
+    cl.stop_all();
+}
