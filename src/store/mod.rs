@@ -808,7 +808,7 @@ impl Store {
                  in order and are dropped, so writes the client saw flushed may be lost. Their \
                  blocks now read as whatever the data file holds (their data if it was applied \
                  before the crash, older data otherwise). Check the disk under {}; a mirrored \
-                 node gets them back from its peers by a checksum resync.",
+                 node gets them back from an in-sync peer (\"uncertain blocks\").",
                 end.next_seq,
                 end.reason,
                 later.len(),
