@@ -271,8 +271,14 @@ impl Conn {
     }
 }
 
-/// Read repairs a client read may go through before it fails with EIO.
-const MAX_READ_REPAIRS: u8 = 8;
+/// Read repairs a client read may go through before it fails with EIO:
+/// this many, plus one per run a repair covers (bad blocks spread over a
+/// 32 MiB read take up to 32 repairs).
+const MAX_READ_REPAIRS: u64 = 8;
+
+fn max_read_repairs(len: u64) -> u64 {
+    MAX_READ_REPAIRS + len.div_ceil(mirror::wire::MAX_REPAIR_BLOCKS as u64 * 4096)
+}
 
 struct PendingReq {
     conn: u64,
@@ -1484,10 +1490,10 @@ impl Server {
             if let (Some(c), Some(m), Some(p)) =
                 (corrupt, self.mirror.as_mut(), self.pending.get_mut(&rid))
             {
-                if p.repairs < MAX_READ_REPAIRS {
+                if (p.repairs as u64) < max_read_repairs(c.len) {
                     match m.repair_read(&mut self.io, rid, c) {
                         mirror::RepairStart::Started => {
-                            p.repairs += 1;
+                            p.repairs = p.repairs.saturating_add(1);
                             return;
                         }
                         mirror::RepairStart::Waiting => return,
@@ -1496,6 +1502,14 @@ impl Server {
                     crate::elog!(
                         "nbdmirror: no peer in sync to repair the blocks from; the read fails \
                          with EIO"
+                    );
+                } else {
+                    crate::elog!(
+                        "nbdmirror: a read of {} bytes at {} still finds bad blocks after {} \
+                         repairs; it fails with EIO",
+                        c.len,
+                        c.offset,
+                        p.repairs
                     );
                 }
             }

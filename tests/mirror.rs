@@ -4952,3 +4952,83 @@ fn peer_bitmaps_have_all_their_space_before_they_are_used() {
         cl.stop_all();
     }
 }
+
+/// Read repair at scale and under writes (found by a tester): one 32 MiB
+/// read whose every 1 MiB holds bad blocks is repaired whole (it failed
+/// with EIO after 8 repairs), and a block that rotted and then took a
+/// partial write reads back at once, repaired, instead of failing with EIO
+/// until the write was applied (each failed read spun a repair and logged
+/// two lines: tens of thousands a second).
+#[test]
+fn large_reads_and_partly_rewritten_blocks_are_repaired_without_eio() {
+    let test = "large_reads_and_partly_rewritten_blocks_are_repaired_without_eio";
+    let _wd = Watchdog::new(test, Duration::from_secs(120));
+    let seed = test_seed(test);
+    let size = 64 * MIB;
+    let mut cl = Cluster::new(test, seed, Opts::new(size, 2));
+    cl.start_all();
+    cl.wait_in_sync(Duration::from_secs(20));
+    let mut want = random_bytes(seed, size as usize);
+    let mut c = MiniClient::connect(&cl.nbd_addr(), "disk").unwrap();
+    for off in (0..size).step_by(MIB as usize) {
+        c.write(off, &want[off as usize..][..MIB as usize], 0)
+            .unwrap();
+    }
+    c.flush().unwrap();
+    drop(c);
+    cl.wait_in_sync(Duration::from_secs(20));
+    cl.stop_all();
+    {
+        use std::os::unix::fs::FileExt;
+        let f = fs::OpenOptions::new()
+            .write(true)
+            .open(cl.nodes[0].data())
+            .unwrap();
+        f.write_all_at(&vec![0u8; 32 * MIB as usize], 0).unwrap();
+    }
+    cl.start_all();
+    cl.wait_in_sync(Duration::from_secs(20));
+    let mut c = MiniClient::connect(&cl.nbd_addr(), "disk").unwrap();
+    let got = c.read(0, 32 * MIB as u32);
+    assert!(
+        got.as_ref()
+            .is_ok_and(|g| g[..] == want[..32 * MIB as usize]),
+        "a 32 MiB read over bad blocks: {:?}\n{}",
+        got.map(|g| g.len()),
+        cl.stderr_tails()
+    );
+
+    let before = cl.nodes[0].stderr().lines().count();
+    for k in 0..3u64 {
+        let b = 40 * MIB / 4096 + k;
+        {
+            use std::os::unix::fs::FileExt;
+            let f = fs::OpenOptions::new()
+                .write(true)
+                .open(cl.nodes[0].data())
+                .unwrap();
+            f.write_all_at(b"\xde\xad", b * 4096 + 3000).unwrap();
+        }
+        let o = (b * 4096 + 1024) as usize;
+        want[o..o + 512].fill(0x5a);
+        c.write(b * 4096 + 1024, &[0x5a; 512], 0).unwrap();
+        let got = c.read(b * 4096, 4096);
+        let bo = (b * 4096) as usize;
+        assert!(
+            got.as_ref().is_ok_and(|g| g[..] == want[bo..bo + 4096]),
+            "block {b}, rotten, then written in part, read back {:?}\n{}",
+            got.map(|_| "wrong data"),
+            cl.stderr_tails()
+        );
+    }
+    drop(c);
+    let lines = cl.nodes[0].stderr().lines().count() - before;
+    assert!(lines < 60, "{lines} log lines for 3 repaired blocks");
+    cl.stop_all();
+    cl.assert_replicas_identical();
+    let got = fs::read(cl.nodes[0].data()).unwrap();
+    assert!(
+        got == want,
+        "the primary's data file differs from what was written"
+    );
+}

@@ -1215,7 +1215,7 @@ impl Mirror {
         let mut slots = MAX_REPAIRS.saturating_sub(self.repairs.len());
         for (client, read) in std::mem::take(&mut self.repair_waiting) {
             let (s, e) = repair_range(&read);
-            if self.locked(s, e) || slots == 0 {
+            if self.locked(s, e) || slots == 0 || store.busy(s / BLOCK, (e - s) / BLOCK) {
                 self.repair_waiting.push((client, read));
             } else if self.background.contains(&client) {
                 // No read to run again: try the repair itself again.
@@ -1594,8 +1594,17 @@ impl Mirror {
             let (first, end) = (rep.first, rep.first + rep.n);
             match e {
                 // A write reached the blocks meanwhile (only a journal or
-                // apply state the lock does not cover): read again.
-                libc::EAGAIN => self.finish_repair(io, store, id, true),
+                // apply state the lock does not cover): read again once the
+                // store has applied it (`unpark` waits for that, and the
+                // store is asked to sync now rather than at its interval),
+                // not at once: that spun, a repair round trip and two log
+                // lines at a time, and ran the read out of repairs (EIO).
+                libc::EAGAIN => {
+                    if let Some(r) = self.take_repair(id) {
+                        self.repair_waiting.push((r.client, r.read));
+                    }
+                    store.hurry(io);
+                }
                 libc::EILSEQ => {
                     crate::elog!(
                         "nbdmirror: peer {node}'s copy of blocks {first}..{end} does not match \
@@ -3740,6 +3749,11 @@ impl Mirror {
                 dt,
                 RESYNC_BATCH_BLOCKS * BLOCK,
             );
+        }
+        // Reads waiting for the store to apply a write to their blocks
+        // (a repair found them busy): the store says nothing when it does.
+        if !self.repair_waiting.is_empty() {
+            self.unpark(io, store);
         }
         let primary = self.cfg.role == NodeRole::Primary && !self.shutting_down;
         self.scrub.tick(t, dt, primary);

@@ -1948,6 +1948,20 @@ impl Store {
         self.kick(io, false);
     }
 
+    /// Whether a write to a block of `[first, first+n)` is in flight or not
+    /// yet applied (its checksum is not settled).
+    pub fn busy(&self, first: u64, n: u64) -> bool {
+        self.block_sums(first, n).contains(&UNKNOWN_SUM)
+    }
+
+    /// Sync the journal now rather than at the interval, so that written
+    /// records are applied soon (a repair waits for that).
+    pub fn hurry(&mut self, io: &mut dyn Io) {
+        if self.failed.is_none() {
+            self.maybe_sync(io, true);
+        }
+    }
+
     /// Whether recovery could not vouch for block `b` and no peer has
     /// settled it since (see [`uncertain`]).
     pub fn is_uncertain(&self, b: u64) -> bool {
@@ -2930,7 +2944,8 @@ impl Store {
             self.corrupt_marked = true;
             crate::elog!(
                 "nbdmirror: ERROR: block {block} (offset {}) failed checksum verification before a partial \
-                 write; it stays marked corrupt (reads return EIO) until the whole block is rewritten",
+                 write; it stays marked corrupt (reads return EIO) until the whole block is rewritten \
+                 or, on a mirrored node, repaired from a peer",
                 block * BLOCK_SIZE
             );
         }
@@ -2953,6 +2968,11 @@ impl Store {
             sum
         };
         batch.sums.push((block, sum));
+        if was_corrupt && self.marked_seen.len() < MAX_CORRUPT_READS {
+            // A repair already under way (a read found the block bad before
+            // this write reached it) may take a peer's copy over the mark.
+            self.marked_seen.insert(block, sum);
+        }
         self.stats.applied_bytes += BLOCK_SIZE;
         self.submit(
             io,
