@@ -147,6 +147,12 @@ enum Cmd {
         /// Refused without this flag.
         #[arg(long)]
         force_older_superblock: bool,
+        /// Serve a primary whose journal is damaged in the middle (intact
+        /// records after the damage: writes the clients saw flushed are
+        /// lost here), making its peers match it. Refused without this
+        /// flag when the node has peers, which hold those writes.
+        #[arg(long)]
+        accept_journal_loss: bool,
     },
     /// Watch and steer resynchronisation on a running node.
     Resync {
@@ -1249,6 +1255,7 @@ fn run(cli: Cli) -> Result<(), String> {
             poll_us,
             force_inconsistent,
             force_older_superblock,
+            accept_journal_loss,
         } => {
             let cfg = config.load()?;
             let (path, role, peer, peer_listen, secret_file, peer_timeout_ms, resync_rate) =
@@ -1488,6 +1495,9 @@ fn run(cli: Cli) -> Result<(), String> {
                 checkpoint_interval: std::time::Duration::from_millis(checkpoint_interval_ms),
                 sync_interval: std::time::Duration::from_millis(sync_interval_ms),
                 force_older_superblock,
+                refuse_journal_loss: role == NodeRole::Primary
+                    && !peer.is_empty()
+                    && !accept_journal_loss,
                 ..Tuning::default()
             };
             server::serve(ServeConfig {

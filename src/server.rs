@@ -300,6 +300,8 @@ pub struct Server {
     /// A read refused on an inconsistent secondary was logged (once per
     /// stretch of refusals).
     inconsistent_reads_logged: bool,
+    /// This node runs as a secondary.
+    secondary: bool,
     /// When the last completion other than the tick arrived.
     last_active: std::time::Instant,
     store: Store,
@@ -515,7 +517,13 @@ impl Server {
             // Before recovery writes anything.
             mirror::refuse_left_out_peers(m, sb.node_id)?;
         }
-        let tracking = config.mirror.as_ref().map(|_| replica.path.as_path());
+        // Only a secondary keeps blocks recovery could not vouch for: its
+        // primary settles them (see `store::uncertain`).
+        let tracking = config
+            .mirror
+            .as_ref()
+            .filter(|m| m.role == mirror::NodeRole::Secondary)
+            .map(|_| replica.path.as_path());
         let mut store = Store::open_tracking(&mut io, files, sb, config.tuning, tracking)
             .map_err(|e| format!("{}: recovery failed: {e}", replica.path.display()))?;
         let secondary = config
@@ -606,6 +614,7 @@ impl Server {
             config.poll
         };
         Ok(Server {
+            secondary,
             io,
             poll,
             inconsistent_reads_logged: false,
@@ -678,6 +687,20 @@ impl Server {
             self.deliver_store_events();
             if let Some(m) = self.mirror.as_mut() {
                 m.flush_sends(&mut self.io);
+            }
+            if !self.shutting_down && self.secondary && self.store.failure().is_some() {
+                // A secondary whose store failed would take every session
+                // and fail its first write, so its primary would reconnect
+                // to it forever while redundancy stays lost. It stops (exit
+                // status 1) instead: a restart, once the disk is fixed or
+                // has space, replays the journal and resyncs what the
+                // primary recorded in its bitmap meanwhile.
+                crate::elog!(
+                    "nbdmirror: this secondary cannot store writes any more; stopping so that \
+                     a restart (after the disk is fixed or has free space) recovers it and \
+                     resyncs from the primary"
+                );
+                self.begin_shutdown();
             }
             if self.shutting_down
                 && self.conns.is_empty()

@@ -4698,28 +4698,25 @@ fn a_block_written_in_part_after_it_rotted_is_repaired_from_the_peer() {
     assert!(out.status.success(), "check: {}", stdout_str(&out));
 }
 
-/// Rot on the primary in a region that took in-place (large) writes since
-/// the last checkpoint, then a primary crash: recovery has nothing to check
-/// those blocks against (their new checksums had not reached `meta`), so it
-/// must not vouch for the rot and push it to the peers. It compares them
-/// with the in-sync peer and takes the peer's copy of the one that differs:
-/// the client reads the written data and the replicas end identical.
+/// Rot on a secondary in a region that took in-place (large) writes since
+/// its last checkpoint, then a crash of the secondary: its recovery has
+/// nothing to check those blocks against (their new checksums had not
+/// reached `meta`) and must not vouch for the rot. It is inconsistent until
+/// its primary has compared every block, answering "unknown" for those, and
+/// resent them: the replicas end identical, holding what was written.
 #[test]
-fn rot_in_blocks_recovery_cannot_vouch_for_is_taken_from_a_peer() {
-    let test = "rot_in_blocks_recovery_cannot_vouch_for_is_taken_from_a_peer";
+fn rot_in_blocks_a_secondary_cannot_vouch_for_is_resent_by_the_primary() {
+    let test = "rot_in_blocks_a_secondary_cannot_vouch_for_is_resent_by_the_primary";
     let _wd = Watchdog::new(test, Duration::from_secs(120));
     let seed = test_seed(test);
     let size = 16 * MIB;
-    let mut cl = Cluster::new(test, seed, Opts::new(size, 3));
-    cl.start_all();
-    cl.wait_in_sync(Duration::from_secs(20));
+    let mut cl = Cluster::new(test, seed, Opts::new(size, 2));
     // 1 MiB writes go in place; a long checkpoint interval keeps their
     // checksums out of `meta` until the crash.
-    cl.primary()
+    cl.nodes[1]
         .args
         .extend(["--checkpoint-interval-ms".into(), "600000".into()]);
-    cl.primary().terminate();
-    cl.primary().start();
+    cl.start_all();
     cl.wait_in_sync(Duration::from_secs(20));
     let want = random_bytes(seed, size as usize);
     let mut c = MiniClient::connect(&cl.nbd_addr(), "disk").unwrap();
@@ -4731,42 +4728,30 @@ fn rot_in_blocks_recovery_cannot_vouch_for_is_taken_from_a_peer() {
     drop(c);
     cl.wait_in_sync(Duration::from_secs(20));
     let bad = 3000 % (size / 4096);
+    cl.nodes[1].kill();
     {
         use std::os::unix::fs::FileExt;
         let f = fs::OpenOptions::new()
             .write(true)
-            .open(cl.nodes[0].data())
+            .open(cl.nodes[1].data())
             .unwrap();
         f.write_all_at(b"\xde\xad\xbe\xef", bad * 4096 + 50)
             .unwrap();
     }
-    cl.primary().kill();
-    cl.primary().start();
+    cl.nodes[1].start();
     cl.wait_in_sync(Duration::from_secs(30));
-    let mut c = MiniClient::connect(&cl.nbd_addr(), "disk").unwrap();
-    let o = (bad * 4096) as usize;
-    let got = c.read(bad * 4096, 4096).unwrap();
-    assert!(
-        got == want[o..o + 4096],
-        "the client reads the rot the primary's recovery vouched for\n{}",
-        cl.stderr_tails()
-    );
-    drop(c);
-    let log = cl.nodes[0].stderr();
-    assert!(
-        log.contains("could not vouch for") && log.contains("taking its copy"),
-        "{log}"
-    );
+    let log = cl.nodes[1].stderr();
+    assert!(log.contains("could not vouch for"), "{log}");
     cl.stop_all();
     cl.assert_replicas_identical();
-    let got = fs::read(cl.nodes[0].data()).unwrap();
+    let got = fs::read(cl.nodes[1].data()).unwrap();
     assert!(
         got == want,
-        "the primary's data file differs from what was written"
+        "the secondary's data file differs from what was written"
     );
     assert!(
-        !cl.nodes[0].dir.join("uncertain").exists(),
-        "the uncertain set outlived its settling"
+        !cl.nodes[1].dir.join("uncertain").exists(),
+        "the uncertain set outlived the resync"
     );
 }
 
@@ -4847,15 +4832,15 @@ fn write_8k_pattern(addr: &str, fill: u8) {
 
 /// Flushed writes lost on a node whose journal was damaged (recovery
 /// stops at the damage and drops the intact records after it; a power
-/// failure lost their data-file writes) come back from a peer that holds
-/// them, on either side: a damaged primary takes the in-sync peer's copies
-/// instead of pushing its stale ones over them, and a damaged secondary has
-/// its primary compare every block and resend what it lost. Without the
-/// damage-aware compare the primary overwrote the peer's copies and the
-/// secondary passed as in sync.
+/// failure lost their data-file writes). A damaged secondary is
+/// inconsistent and has its primary compare every block and resend what it
+/// lost. A damaged primary with peers refuses to start, writing nothing:
+/// its peers hold those writes, and serving it would make them match its
+/// older data (before, the compare overwrote the peer's copies); with
+/// --accept-journal-loss it serves, and the peers follow it.
 #[test]
-fn flushed_writes_lost_with_a_damaged_journal_come_back_from_the_peer() {
-    let test = "flushed_writes_lost_with_a_damaged_journal_come_back_from_the_peer";
+fn flushed_writes_lost_with_a_damaged_journal_are_not_pushed_over_a_peer() {
+    let test = "flushed_writes_lost_with_a_damaged_journal_are_not_pushed_over_a_peer";
     let _wd = Watchdog::new(test, Duration::from_secs(180));
     let seed = test_seed(test);
     let size = 16 * MIB;
@@ -4866,7 +4851,15 @@ fn flushed_writes_lost_with_a_damaged_journal_come_back_from_the_peer() {
     }
     cl.start_all();
     cl.wait_in_sync(Duration::from_secs(20));
-    for (victim, fills) in [(0usize, (0x11u8, 0x22u8)), (1, (0x33, 0x44))] {
+    let lost = |got: &[u8], fill: u8| -> Vec<u64> {
+        (0..512u64)
+            .filter(|k| {
+                let b = &got[(k * 8192) as usize..][..8192];
+                b[..8] != k.to_le_bytes() || b[8..].iter().any(|&x| x != fill)
+            })
+            .collect()
+    };
+    for (victim, fills) in [(1usize, (0x33u8, 0x44u8)), (0, (0x11, 0x22))] {
         let name = if victim == 0 { "primary" } else { "secondary" };
         write_8k_pattern(&cl.nbd_addr(), fills.0);
         cl.wait_in_sync(Duration::from_secs(20));
@@ -4880,6 +4873,32 @@ fn flushed_writes_lost_with_a_damaged_journal_come_back_from_the_peer() {
         cl.nodes[victim].kill();
         let n = damage_journal(&cl.nodes[victim].dir, &old, tail, 250);
         eprintln!("{name}: {n} journal records, damaged at the 250th");
+        if victim == 0 {
+            let files = ["data", "meta", "journal"].map(|f| file_hash(&cl.nodes[0].dir.join(f)));
+            let out = run_timeout(
+                Command::new(NBDMIRROR_BIN)
+                    .arg("serve")
+                    .args(&cl.nodes[0].args),
+                Duration::from_secs(30),
+            );
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                !out.status.success()
+                    && err.contains("the journal is damaged")
+                    && err.contains("--accept-journal-loss"),
+                "a primary with a damaged journal: {}\n{err}",
+                out.status
+            );
+            let after = ["data", "meta", "journal"].map(|f| file_hash(&cl.nodes[0].dir.join(f)));
+            assert_eq!(files, after, "the refused start wrote to the replica");
+            // The peer still holds every flushed write.
+            let peer = fs::read(cl.nodes[1].data()).unwrap();
+            assert!(
+                lost(&peer, fills.1).is_empty(),
+                "the peer lost flushed writes"
+            );
+            cl.nodes[0].args.push("--accept-journal-loss".into());
+        }
         cl.nodes[victim].start();
         cl.wait_in_sync(Duration::from_secs(30));
         let log = cl.nodes[victim].stderr();
@@ -4887,19 +4906,22 @@ fn flushed_writes_lost_with_a_damaged_journal_come_back_from_the_peer() {
         let mut c = MiniClient::connect(&cl.nbd_addr(), "disk").unwrap();
         let got = c.read(0, 4 * MIB as u32).unwrap();
         drop(c);
-        let lost: Vec<u64> = (0..512u64)
-            .filter(|k| {
-                let b = &got[(k * 8192) as usize..][..8192];
-                b[..8] != k.to_le_bytes() || b[8..].iter().any(|&x| x != fills.1)
-            })
-            .collect();
-        assert!(
-            lost.is_empty(),
-            "{name} damaged: {} flushed 8 KiB writes lost (first {:?})\n{}",
-            lost.len(),
-            lost.first(),
-            cl.stderr_tails()
-        );
+        let l = lost(&got, fills.1);
+        if victim == 1 {
+            assert!(
+                l.is_empty(),
+                "secondary damaged: {} flushed 8 KiB writes lost (first {:?})\n{}",
+                l.len(),
+                l.first(),
+                cl.stderr_tails()
+            );
+            assert!(log.contains("could not vouch for"), "{log}");
+        } else {
+            assert!(
+                !l.is_empty(),
+                "the damaged primary lost nothing: the test did not bite"
+            );
+        }
         cl.stop_all();
         cl.assert_replicas_identical();
         cl.start_all();

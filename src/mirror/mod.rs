@@ -768,32 +768,33 @@ impl Mirror {
         if peers.len() > 63 {
             return Err("at most 63 peers".into());
         }
-        // Blocks recovery could not vouch for (`store::uncertain`): peers
-        // settle them. A secondary reports no session, so its primary
-        // compares every block and resends what differs; a primary compares
-        // with every peer and takes an in-sync peer's copy where they differ
-        // (`sums_arrived`).
+        // Blocks recovery could not vouch for (`store::uncertain`). On a
+        // secondary they may hold rot or a stale copy of a write its damaged
+        // journal lost: it is inconsistent (not promoted) until its primary
+        // reports it in sync, reports no session so that the primary
+        // compares every block, and answers the compare with "unknown" for
+        // them so that the primary resends its copy. A primary cannot tell
+        // which copy is right from checksums alone and keeps its own, as a
+        // single node does (docs/mirroring.md, "Uncertain blocks").
         let unsure = store.uncertain_count();
         if unsure > 0 {
-            if cfg.role == NodeRole::Secondary || peers.is_empty() {
-                if cfg.role == NodeRole::Secondary {
-                    if generation.session != 0 {
-                        generation.session = 0;
-                        generation.store(&cfg.dir)?;
-                    }
-                    crate::elog!(
-                        "nbdmirror: {unsure} blocks recovery could not vouch for: the primary is \
-                         asked to compare every block with this node and resend what differs"
-                    );
+            if cfg.role == NodeRole::Secondary {
+                let next = Generation {
+                    session: 0,
+                    flags: generation.flags | generation::FLAG_INCONSISTENT,
+                    ..generation
+                };
+                if next != generation {
+                    next.store(&cfg.dir)?;
+                    generation = next;
                 }
-                store.settle_all();
+                crate::elog!(
+                    "nbdmirror: recovery could not vouch for {unsure} blocks: this replica is \
+                     inconsistent until the primary has compared every block and resent what \
+                     differs"
+                );
             } else {
-                for p in &mut peers {
-                    let f = p.bitmap.flags();
-                    if f & FLAG_COMPARE == 0 {
-                        p.bitmap.set_flags(f | FLAG_COMPARE)?;
-                    }
-                }
+                store.settle_all();
             }
         }
         let listener = match (listener, cfg.peer_listen) {
@@ -2683,6 +2684,9 @@ impl Mirror {
                 if let Some(l) = self.links.get_mut(&link) {
                     l.announced = true;
                 }
+                // Every block the compare found different, unknown ones
+                // included, was resent and is durable here.
+                store.settle_all();
                 let next = self.generation.in_sync_with(g);
                 if next != self.generation {
                     next.store(&self.cfg.dir)?;
@@ -2723,7 +2727,12 @@ impl Mirror {
             }
             FrameKind::SumsRequest => {
                 let (id, first, n) = wire::decode_sums_request(payload, self.size.div_ceil(BLOCK))?;
-                let sums = store.block_sums(first, n as u64);
+                let mut sums = store.block_sums(first, n as u64);
+                for (k, s) in sums.iter_mut().enumerate() {
+                    if store.is_uncertain(first + k as u64) {
+                        *s = UNKNOWN_SUM;
+                    }
+                }
                 self.send_frame(
                     link,
                     FrameKind::Sums,
@@ -3046,38 +3055,15 @@ impl Mirror {
             _ => return Err(format!("Sums {id} does not answer a request")),
         }
         let ours = store.block_sums(first, theirs.len() as u64);
-        // Blocks recovery could not vouch for (`store::uncertain`) that this
-        // peer held in sync (its bit is clear): it holds every write this
-        // node acknowledged there, so where the copies differ, its copy is
-        // taken (whatever else it may hold is a write the crash cut short,
-        // which either copy may keep). The same copy then goes to every
-        // other peer.
-        let mut pull: Vec<u64> = Vec::new();
         for (k, (a, b)) in ours.iter().zip(&theirs).enumerate() {
-            let blk = first + k as u64;
-            if *a != UNKNOWN_SUM
-                && *b != UNKNOWN_SUM
-                && store.is_uncertain(blk)
-                && !p.bitmap.is_set(blk)
-            {
-                if a == b {
-                    store.settle(blk, 1);
-                } else {
-                    pull.push(blk);
-                }
-                continue;
-            }
             if *a == UNKNOWN_SUM || *b == UNKNOWN_SUM || a != b {
+                let blk = first + k as u64;
                 if !p.bitmap.is_set(blk) {
                     p.compared_diff += 1;
                 }
                 p.bitmap.set_range(blk * BLOCK, BLOCK);
             }
         }
-        if !pull.is_empty() {
-            self.pull_blocks(io, i, &pull);
-        }
-        let p = &mut self.peers[i];
         let blocks = p.bitmap.blocks();
         let done = p
             .compare
@@ -3098,59 +3084,6 @@ impl Mirror {
         }
         self.resync_peer(io, store, i);
         Ok(())
-    }
-
-    /// Take peer `i`'s copy of `blocks` (ascending; uncertain here, clear
-    /// in its bitmap), run by run, as read repairs in the background: every
-    /// other peer's bit is set first, so peer `i` is the only source and
-    /// the others get this node's new copy by resync.
-    fn pull_blocks(&mut self, io: &mut dyn Io, i: usize, blocks: &[u64]) {
-        let mut runs: Vec<(u64, u64)> = Vec::new();
-        for &b in blocks {
-            match runs.last_mut() {
-                Some((s, n)) if *s + *n == b && *n < wire::MAX_REPAIR_BLOCKS as u64 => *n += 1,
-                _ => runs.push((b, 1)),
-            }
-        }
-        let t = self.t;
-        for (j, p) in self.peers.iter_mut().enumerate() {
-            if j == i {
-                continue;
-            }
-            for &(s, n) in &runs {
-                p.bitmap.set_range(s * BLOCK, n * BLOCK);
-            }
-            if p.state == PeerState::InSync {
-                p.state = PeerState::Syncing;
-                p.cursor = 0;
-                p.resync_started = t;
-            }
-            p.total = p.bitmap.dirty() * BLOCK;
-        }
-        let p = &self.peers[i];
-        crate::elog!(
-            "nbdmirror: peer {} ({}) holds other data than this node in {} blocks recovery \
-             could not vouch for (first {}); taking its copy",
-            p.node_id,
-            p.addr,
-            blocks.len(),
-            blocks[0]
-        );
-        for (s, n) in runs {
-            let bg = MIRROR_RID | self.next_mrid;
-            self.next_mrid += 1;
-            self.background.insert(bg);
-            let read = CorruptRead {
-                offset: s * BLOCK,
-                len: n * BLOCK,
-                head: 0,
-                blocks: (s..s + n).collect(),
-                data: Vec::new(),
-            };
-            if self.repair_read(io, bg, read) == RepairStart::No {
-                self.background.remove(&bg);
-            }
-        }
     }
 
     fn resync_flush(&mut self, io: &mut dyn Io, i: usize) {

@@ -231,6 +231,12 @@ pub struct Tuning {
     /// records of the next run (`serve --force-older-superblock`; see
     /// `Store::open`).
     pub force_older_superblock: bool,
+    /// Refuse to recover, writing nothing, when the journal is damaged in
+    /// the middle (intact records follow the stop, so flushed writes would
+    /// be dropped): a mirrored primary, whose peers hold those writes and
+    /// would otherwise be made to match the older data (`serve
+    /// --accept-journal-loss` turns it off).
+    pub refuse_journal_loss: bool,
 }
 
 impl Default for Tuning {
@@ -243,6 +249,7 @@ impl Default for Tuning {
             verify_reads: true,
             inplace_min: 256 * 1024,
             force_older_superblock: false,
+            refuse_journal_loss: false,
         }
     }
 }
@@ -607,6 +614,9 @@ pub struct Store {
     checkpoint: Option<Checkpoint>,
     /// Set after a failure that makes durability claims impossible.
     failed: Option<String>,
+    /// The error writes and flushes get once `failed` is set: ENOSPC when
+    /// the data file ran out of space, EIO otherwise.
+    failed_errno: i32,
     events: Vec<StoreEvent>,
     /// Journal writes in flight: seq -> what to put in the overlay when done.
     in_flight: HashMap<u64, InFlight>,
@@ -768,6 +778,28 @@ impl Store {
                 sb.epoch
             );
         }
+        if tuning.refuse_journal_loss {
+            let later: Vec<u64> = stranded
+                .iter()
+                .filter(|r| r.intact && r.seq > end.next_seq)
+                .map(|r| r.seq)
+                .collect();
+            if let (Some(first), Some(last)) = (later.first(), later.last()) {
+                return Err(format!(
+                    "the journal is damaged: recovery stops at record {} ({}), but {} intact \
+                     records of the same run follow it (seq {first}..{last}), so writes the \
+                     clients saw flushed would be lost. Nothing was written. This primary's \
+                     peers hold those writes, and serving it would make them match its older \
+                     data: promote a peer that was in sync (`serve --role primary` there, see \
+                     docs/mirroring.md) and start this node as its secondary, which gets them \
+                     back; or serve it anyway, dropping them on every replica, with \
+                     --accept-journal-loss. Check the disk",
+                    end.next_seq,
+                    end.reason,
+                    later.len()
+                ));
+            }
+        }
         let extra: Vec<(u64, u64)> = stranded
             .iter()
             .filter(|r| r.kind != RecordKind::Wrap && r.kind != RecordKind::Void)
@@ -808,7 +840,8 @@ impl Store {
                  in order and are dropped, so writes the client saw flushed may be lost. Their \
                  blocks now read as whatever the data file holds (their data if it was applied \
                  before the crash, older data otherwise). Check the disk under {}; a mirrored \
-                 node gets them back from an in-sync peer (\"uncertain blocks\").",
+                 secondary gets them back from its primary; a primary with peers refuses to \
+                 start this way unless told to (--accept-journal-loss).",
                 end.next_seq,
                 end.reason,
                 later.len(),
@@ -860,6 +893,7 @@ impl Store {
             deferred_reads: Vec::new(),
             checkpoint: None,
             failed: None,
+            failed_errno: EIO,
             events: Vec::new(),
             in_flight: HashMap::new(),
             read_pieces: HashMap::new(),
@@ -934,11 +968,12 @@ impl Store {
             self.failed = Some(why);
         }
         // Nobody waiting for durability may be told it happened.
+        let errno = self.failed_errno;
         for Waiter { req, is_write, .. } in std::mem::take(&mut self.waiters) {
             self.events.push(if is_write {
-                StoreEvent::Written(req, Err(EIO))
+                StoreEvent::Written(req, Err(errno))
             } else {
-                StoreEvent::Flushed(req, Err(EIO))
+                StoreEvent::Flushed(req, Err(errno))
             });
         }
         for p in std::mem::take(&mut self.backlog) {
@@ -1496,6 +1531,9 @@ impl Store {
         }
         self.apply_epoch += 1;
         if let Some(e) = err {
+            if self.failed.is_none() {
+                self.failed_errno = map_write_errno(e);
+            }
             self.poison(format!(
                 "writing {} bytes in place at offset {}: {}",
                 w.len,
@@ -1532,7 +1570,8 @@ impl Store {
                 }
             }
             if self.failed.is_some() {
-                self.events.push(StoreEvent::Written(w.req, Err(EIO)));
+                self.events
+                    .push(StoreEvent::Written(w.req, Err(self.failed_errno)));
             } else if w.fua {
                 self.waiters.push(Waiter {
                     seq: w.intents.iter().copied().max().unwrap_or(0),
@@ -1742,7 +1781,8 @@ impl Store {
         fua: bool,
     ) {
         if self.failed.is_some() {
-            self.events.push(StoreEvent::Written(req, Err(EIO)));
+            self.events
+                .push(StoreEvent::Written(req, Err(self.failed_errno)));
             return;
         }
         if len == 0 {
@@ -1931,7 +1971,8 @@ impl Store {
     /// Answer `req` once every write acknowledged so far is durable.
     pub fn flush(&mut self, io: &mut dyn Io, req: ReqId) {
         if self.failed.is_some() {
-            self.events.push(StoreEvent::Flushed(req, Err(EIO)));
+            self.events
+                .push(StoreEvent::Flushed(req, Err(self.failed_errno)));
             return;
         }
         let target = self.ring.next_seq - 1;
@@ -1973,29 +2014,9 @@ impl Store {
         self.uncertain.as_ref().map_or(0, |u| u.count())
     }
 
-    /// Blocks `[first, first+n)` are settled: a peer holds the same, or its
-    /// copy was taken. The file goes once the set is empty (a stale entry
-    /// left behind by a crash only makes a later compare check that block
-    /// again).
-    pub fn settle(&mut self, first: u64, n: u64) {
-        let Some(u) = self.uncertain.as_mut() else {
-            return;
-        };
-        if u.is_empty() {
-            return;
-        }
-        for b in first..first + n {
-            u.remove(b);
-        }
-        if u.is_empty() {
-            if let Err(e) = u.save() {
-                crate::elog!("nbdmirror: {e}");
-            }
-        }
-    }
-
-    /// Forget every uncertain block (a secondary, whose primary compares
-    /// them all).
+    /// Forget every uncertain block: a secondary whose primary compared
+    /// every block and resent what differed (or could not vouch for), or a
+    /// primary, which has nothing to settle them with.
     pub fn settle_all(&mut self) {
         if let Some(u) = self.uncertain.as_mut() {
             if !u.is_empty() {
@@ -2041,9 +2062,7 @@ impl Store {
             .enumerate()
             .any(|(i, block)| {
                 let b = first + i as u64;
-                !self.sums.verify(b, block)
-                    && self.marked_seen.get(&b) != Some(&self.sums.get(b))
-                    && !self.is_uncertain(b)
+                !self.sums.verify(b, block) && self.marked_seen.get(&b) != Some(&self.sums.get(b))
             })
         {
             Some(libc::EILSEQ)
@@ -2067,22 +2086,12 @@ impl Store {
             .filter(|(b, block)| !self.sums.verify(*b, block))
             .map(|(b, _)| b)
             .collect();
-        let unsure = adopt.iter().filter(|&&b| self.is_uncertain(b)).count();
-        self.settle(first, n);
         if !adopt.is_empty() {
             for b in &adopt {
-                if self.marked_seen.remove(b).is_some() {
-                    crate::elog!(
-                        "nbdmirror: block {b}, marked corrupt, takes a peer's copy (written \
-                         through the journal, with its checksum)"
-                    );
-                }
-            }
-            if unsure > 0 {
+                self.marked_seen.remove(b);
                 crate::elog!(
-                    "nbdmirror: {unsure} blocks of {first}..{} that recovery could not vouch \
-                     for take a peer's copy (written through the journal, with their checksums)",
-                    first + n
+                    "nbdmirror: block {b}, marked corrupt, takes a peer's copy (written through \
+                     the journal, with its checksum)"
                 );
             }
             self.stats.repaired_blocks += n;
@@ -2733,7 +2742,8 @@ impl Store {
                 // failed the waiters it knew of and nothing will sync again,
                 // so a waiter added now would never be answered (found by
                 // tests/store_faults.rs: the FUA write hung).
-                self.events.push(StoreEvent::Written(req, Err(EIO)));
+                self.events
+                    .push(StoreEvent::Written(req, Err(self.failed_errno)));
             } else {
                 self.waiters.push(Waiter {
                     seq: w.max_seq,
@@ -3027,6 +3037,9 @@ impl Store {
         self.applying.clear();
         self.apply_epoch += 1;
         if let Some(e) = batch.failed {
+            if self.failed.is_none() {
+                self.failed_errno = map_write_errno(e);
+            }
             self.poison(format!(
                 "writing journaled data to the data file failed: {}",
                 errno_str(e)
