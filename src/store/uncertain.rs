@@ -1,4 +1,5 @@
-//! Blocks a crash recovery could not vouch for, kept until a peer settles them.
+//! Blocks a crash recovery could not vouch for, kept until a primary has
+//! resent them.
 //!
 //! Recovery rebuilds the checksums of blocks it has nothing to check against:
 //! the regions of in-place writes made since the last checkpoint (their new
@@ -6,13 +7,11 @@
 //! could not replay (a torn or damaged journal). Such a block may hold a write
 //! the crash cut short (fine: it was never flushed), an older copy of a
 //! flushed write lost with a damaged journal, or bit rot; a checksum rebuilt
-//! from it vouches for whatever it holds. A single node can do no better. A
-//! mirrored node keeps the set (file `uncertain` in the replica directory,
-//! written before recovery moves the journal tail, so a second crash does not
-//! forget it) until a peer settles each block: a primary compares them with
-//! an in-sync peer and takes the peer's copy where they differ; a secondary
-//! has its primary compare every block and resend what differs (see
-//! `mirror`, "Uncertain blocks" in docs/mirroring.md).
+//! from it vouches for whatever it holds. A secondary keeps the set (file
+//! `uncertain` in the replica directory, written before recovery moves the
+//! journal tail, so a second crash does not forget it) and answers its
+//! primary's compare with "unknown" for those blocks, so the primary resends
+//! them (see `mirror`, and "Uncertain blocks" in docs/mirroring.md).
 
 use std::collections::BTreeMap;
 use std::fs::File;
