@@ -877,6 +877,7 @@ fn random_tuning(rng: &mut Rng) -> Tuning {
         // Half the seeds let big aligned writes go straight to the data file.
         inplace_min: [0, 0, 4096, 16 * KIB, 64 * KIB, 256 * KIB][rng.below(6) as usize],
         force_older_superblock: false,
+        refuse_journal_loss: false,
     }
 }
 
@@ -1036,6 +1037,7 @@ fn fua_write_superseded_by_an_unsynced_write_survives_checkpoint_and_crash() {
         verify_reads: true,
         inplace_min: 0,
         force_older_superblock: false,
+        refuse_journal_loss: false,
     };
     let mut sim = SimIo::new(1);
     sim.reorder = false;
@@ -1132,6 +1134,7 @@ fn holding_tuning() -> Tuning {
         verify_reads: true,
         inplace_min: 64 * KIB,
         force_older_superblock: false,
+        refuse_journal_loss: false,
     }
 }
 

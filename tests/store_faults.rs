@@ -701,3 +701,26 @@ fn refused_direct_write_falls_back_to_the_page_cache() {
         .push(fault(direct, FaultOn::Write, FaultEffect::Errno(libc::EIO)));
     assert_eq!(rig.write_sync(0, &a, false), Err(libc::EIO));
 }
+
+/// A data-file write that fails for want of space poisons the store as any
+/// write error does, but writes and flushes then get ENOSPC, not EIO, so
+/// the client learns the cause (found by a tester: a full filesystem read
+/// as a broken disk).
+#[test]
+fn apply_failure_for_want_of_space_is_reported_as_enospc() {
+    let mut rig = Rig::new(15, 1 * MIB, 4 * MIB, eager_tuning());
+    let d = rig.files.data;
+    rig.sim
+        .faults
+        .push(fault(d, FaultOn::Write, FaultEffect::Errno(libc::ENOSPC)));
+    rig.write_sync(0, &pattern(1, 0, 8192), true).unwrap();
+    rig.pump();
+    assert!(rig.st.failure().is_some(), "apply failure not noticed");
+    assert_eq!(
+        rig.write_sync(8192, &pattern(2, 8192, 4096), false),
+        Err(libc::ENOSPC)
+    );
+    assert_eq!(rig.flush_sync(), Err(libc::ENOSPC));
+    let mut after = crash(&mut rig);
+    assert_eq!(after.read_sync(0, 8192).unwrap(), pattern(1, 0, 8192));
+}

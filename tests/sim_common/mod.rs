@@ -25,6 +25,7 @@ pub fn lazy_tuning() -> Tuning {
         verify_reads: true,
         inplace_min: 0,
         force_older_superblock: false,
+        refuse_journal_loss: false,
     }
 }
 
@@ -38,6 +39,7 @@ pub fn eager_tuning() -> Tuning {
         verify_reads: true,
         inplace_min: 0,
         force_older_superblock: false,
+        refuse_journal_loss: false,
     }
 }
 
