@@ -1752,9 +1752,33 @@ fn wire_errno(e: i32) -> u32 {
 }
 
 /// Open the replica directory and serve it until a signal arrives.
+/// After a refused start: the sockets this start bound (admin, `--unix`)
+/// are closed by now; remove them, unless something else answers there
+/// (another node's, which this start left alone).
+fn remove_dead_sockets(config: &ServeConfig) {
+    use std::os::unix::fs::FileTypeExt;
+    let admin = config.mirror.as_ref().and_then(|m| m.admin_socket.clone());
+    let unix = config.listen.iter().filter_map(|l| match l {
+        Listen::Unix(p) => Some(p.clone()),
+        _ => None,
+    });
+    for p in admin.into_iter().chain(unix) {
+        let is_socket = std::fs::symlink_metadata(&p).is_ok_and(|m| m.file_type().is_socket());
+        if is_socket && !mirror::socket_is_live(&p) {
+            let _ = std::fs::remove_file(&p);
+        }
+    }
+}
+
 pub fn serve(config: ServeConfig) -> Result<(), String> {
     let replica = dir::open(&config.dir)?;
-    let server = Server::new(config.clone(), &replica)?;
+    let server = match Server::new(config.clone(), &replica) {
+        Ok(s) => s,
+        Err(e) => {
+            remove_dead_sockets(&config);
+            return Err(e);
+        }
+    };
     let where_: Vec<String> = config
         .listen
         .iter()

@@ -2456,6 +2456,10 @@ fn serve_refuses_damaged_or_newer_replica_and_writes_nothing() {
             before,
             "{case}: serve changed the replica it refused"
         );
+        assert!(
+            !dir.join("admin.sock").exists(),
+            "{case}: the refused start left its admin socket behind"
+        );
     }
 }
 
