@@ -516,6 +516,18 @@ impl Server {
         {
             // Before recovery writes anything.
             mirror::refuse_left_out_peers(m, sb.node_id)?;
+            // A damaged peer bitmap is refused here too (Mirror::new opens
+            // them again after recovery); opening changes no byte of it.
+            for &(id, _) in &m.peers {
+                if m.dir.join(format!("peer-{id}.bitmap")).exists() {
+                    mirror::bitmap::DirtyBitmap::open_or_create(
+                        &m.dir,
+                        &sb.volume_uuid,
+                        id,
+                        sb.size,
+                    )?;
+                }
+            }
         }
         // Only a secondary keeps blocks recovery could not vouch for: its
         // primary settles them (see `store::uncertain`).

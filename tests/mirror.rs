@@ -4982,6 +4982,30 @@ fn peer_bitmaps_have_all_their_space_before_they_are_used() {
         allocated("reopened");
         cl.stop_all();
     }
+    // A damaged bitmap is refused before recovery writes anything.
+    let len = fs::metadata(&bm).unwrap().len();
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&bm)
+        .unwrap()
+        .set_len(len - 4096)
+        .unwrap();
+    let d = cl.nodes[0].dir.clone();
+    let files = ["data", "meta", "journal"].map(|f| file_hash(&d.join(f)));
+    let out = run_timeout(
+        Command::new(NBDMIRROR_BIN)
+            .arg("serve")
+            .args(&cl.nodes[0].args),
+        Duration::from_secs(30),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("peer-2.bitmap"),
+        "a damaged bitmap: {}\n{err}",
+        out.status
+    );
+    let after = ["data", "meta", "journal"].map(|f| file_hash(&d.join(f)));
+    assert_eq!(files, after, "the refused start wrote to the replica");
 }
 
 /// Read repair at scale and under writes (found by a tester): one 32 MiB
