@@ -25,35 +25,32 @@ cargo nextest run --release --workspace --no-fail-fast 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 set -e
 
-echo "== kernel NBD client in a qemu guest"
-kstatus=0
-bash tools/vm-kernel-client-nbdmirror.sh || kstatus=$?
-if [ "$kstatus" -ne 0 ]; then
-    echo "kernel client test: FAILED"
-    status=1
-else
-    echo "kernel client test: passed"
-fi
+# The kernel's NBD client in a qemu guest: against a single node, then
+# against the primary of a 2-node mirror whose secondary is killed mid-write.
+kpassed=0
+kfailed=0
+vm_test() { # NAME SCRIPT
+    echo "== $1"
+    if bash "$2"; then
+        echo "$1: passed"
+        kpassed=$((kpassed + 1))
+    else
+        echo "$1: FAILED"
+        kfailed=$((kfailed + 1))
+        status=1
+    fi
+}
+vm_test "kernel client test" tools/vm-kernel-client-nbdmirror.sh
+vm_test "kernel client mirror test" tools/vm-kernel-client-mirror.sh
 
-echo "== kernel NBD client in a qemu guest, 2-node mirror, secondary killed mid-write"
-mstatus=0
-bash tools/vm-kernel-client-mirror.sh || mstatus=$?
-if [ "$mstatus" -ne 0 ]; then
-    echo "kernel client mirror test: FAILED"
-    status=1
-else
-    echo "kernel client mirror test: passed"
-fi
-
-# One closing line for the whole suite: nextest's counts plus the VM test.
+# One closing line for the whole suite: nextest's counts plus the VM tests.
 summary="$(grep -E 'tests run: ' "$log" | tail -1)"
 passed="$(sed -nE 's/.* ([0-9]+) passed.*/\1/p' <<<"$summary")"
 failed="$(sed -nE 's/.* ([0-9]+) failed.*/\1/p' <<<"$summary")"
 passed=${passed:-0}
 failed=${failed:-0}
-for k in "$kstatus" "$mstatus"; do
-    if [ "$k" -eq 0 ]; then passed=$((passed + 1)); else failed=$((failed + 1)); fi
-done
+passed=$((passed + kpassed))
+failed=$((failed + kfailed))
 if [ "$status" -ne 0 ] && [ "$failed" -eq 0 ]; then failed=1; fi
 echo "summary: $passed passed, $failed failed"
 exit "$status"
