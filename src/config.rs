@@ -148,7 +148,6 @@ pub const MIN_PEER_TIMEOUT_MS: u64 = 100;
 
 /// HOST:PORT (an IP address or a name, resolved here; `[v6]:PORT` for
 /// IPv6) to the first address it resolves to.
-
 pub fn parse_addr(s: &str) -> Result<SocketAddr, String> {
     if let Ok(a) = s.parse() {
         return Ok(a);

@@ -530,7 +530,25 @@ impl Server {
             }
         }
         // Only a secondary keeps blocks recovery could not vouch for: its
-        // primary settles them (see `store::uncertain`).
+        // primary settles them (see `store::uncertain`). A set left by a
+        // run as a secondary means nothing to a primary (one promoted with
+        // --force-inconsistent): it goes, or a later run as a secondary
+        // would distrust blocks written since.
+        if let Some(m) = config
+            .mirror
+            .as_ref()
+            .filter(|m| m.role == mirror::NodeRole::Primary)
+        {
+            let p = store::uncertain::Uncertain::path(&m.dir);
+            if p.exists() {
+                crate::elog!(
+                    "nbdmirror: removing {}: a primary keeps its own copy of the blocks it lists",
+                    p.display()
+                );
+                std::fs::remove_file(&p)
+                    .map_err(|e| format!("cannot remove {}: {e}", p.display()))?;
+            }
+        }
         let tracking = config
             .mirror
             .as_ref()

@@ -4756,6 +4756,15 @@ fn rot_in_blocks_a_secondary_cannot_vouch_for_is_resent_by_the_primary() {
         !cl.nodes[1].dir.join("uncertain").exists(),
         "the uncertain set outlived the resync"
     );
+    // A primary drops a set left from a run as a secondary.
+    fs::write(cl.nodes[0].dir.join("uncertain"), b"left over").unwrap();
+    cl.start_all();
+    cl.wait_in_sync(Duration::from_secs(20));
+    assert!(
+        !cl.nodes[0].dir.join("uncertain").exists(),
+        "a primary kept an uncertain set"
+    );
+    cl.stop_all();
 }
 
 /// `nbdmirror info`'s journal tail position.

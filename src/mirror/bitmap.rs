@@ -265,6 +265,31 @@ fn set_bit(bits: &mut [u8], b: u64) {
     bits[(b / 8) as usize] |= 1 << (b % 8);
 }
 
+/// Give every page of a bitmap file its disk blocks before it is mapped:
+/// the first bit set in a sparse page would otherwise need a block then,
+/// and on a full filesystem the kernel answers a store to the map with
+/// SIGBUS, which kills the node with requests in flight. A filesystem
+/// without fallocate keeps the file as it is.
+fn reserve(f: &File, len: u64, path: &Path) -> Result<(), String> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: fallocate on a descriptor we own; mode 0 within the file's
+    // length only allocates, it changes no byte.
+    let r = unsafe { libc::fallocate(f.as_raw_fd(), 0, 0, len as i64) };
+    if r == 0 {
+        return Ok(());
+    }
+    let e = std::io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) => Ok(()),
+        _ => Err(format!(
+            "cannot reserve disk space for {} ({e}); a peer's bitmap must have all its space \
+             before it is used, or a write that needs a bit there would kill the node: free \
+             some space",
+            path.display()
+        )),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -314,30 +339,5 @@ mod tests {
         bm.set_range(63 * BLOCK, BLOCK);
         assert_eq!(bm.next_run(5, 10), Some((63, 1)));
         let _ = std::fs::remove_dir_all(&d);
-    }
-}
-
-/// Give every page of a bitmap file its disk blocks before it is mapped:
-/// the first bit set in a sparse page would otherwise need a block then,
-/// and on a full filesystem the kernel answers a store to the map with
-/// SIGBUS, which kills the node with requests in flight. A filesystem
-/// without fallocate keeps the file as it is.
-fn reserve(f: &File, len: u64, path: &Path) -> Result<(), String> {
-    use std::os::fd::AsRawFd;
-    // SAFETY: fallocate on a descriptor we own; mode 0 within the file's
-    // length only allocates, it changes no byte.
-    let r = unsafe { libc::fallocate(f.as_raw_fd(), 0, 0, len as i64) };
-    if r == 0 {
-        return Ok(());
-    }
-    let e = std::io::Error::last_os_error();
-    match e.raw_os_error() {
-        Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) => Ok(()),
-        _ => Err(format!(
-            "cannot reserve disk space for {} ({e}); a peer's bitmap must have all its space \
-             before it is used, or a write that needs a bit there would kill the node: free \
-             some space",
-            path.display()
-        )),
     }
 }
