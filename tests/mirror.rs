@@ -5096,3 +5096,108 @@ fn large_reads_and_partly_rewritten_blocks_are_repaired_without_eio() {
         "the primary's data file differs from what was written"
     );
 }
+
+/// Unmounts a tmpfs when dropped.
+struct Tmpfs(PathBuf);
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// A secondary whose filesystem fills up (its data file was made sparse by
+/// a TRIM of the whole disk) cannot apply writes: it stops with exit
+/// status 1 and says why, rather than taking every session and failing its
+/// first write (its primary reconnected forever, a tester found); the
+/// client sees no error; once there is space again and it is restarted, it
+/// is resynced. Needs root (a tmpfs mount).
+#[test]
+fn a_secondary_that_runs_out_of_space_stops_and_is_resynced_after() {
+    let test = "a_secondary_that_runs_out_of_space_stops_and_is_resynced_after";
+    let _wd = Watchdog::new(test, Duration::from_secs(120));
+    let seed = test_seed(test);
+    let size = 16 * MIB;
+    let mut cl = Cluster::new(test, seed, Opts::new(size, 2));
+    // Move node 2's replica onto a small tmpfs.
+    let d2 = cl.nodes[1].dir.clone();
+    let orig = d2.with_extension("orig");
+    fs::rename(&d2, &orig).unwrap();
+    fs::create_dir(&d2).unwrap();
+    let used: u64 = fs::read_dir(&orig)
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().len())
+        .sum();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o"])
+        .arg(format!("size={}", used + 8 * MIB))
+        .arg("tmpfs")
+        .arg(&d2)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        if skip_or_fail(test, "cannot mount a tmpfs (needs root)") {
+            return;
+        }
+        panic!("{test}: cannot mount a tmpfs");
+    }
+    let _mnt = Tmpfs(d2.clone());
+    run_ok(
+        Command::new("cp")
+            .arg("-a")
+            .arg(format!("{}/.", orig.display()))
+            .arg(&d2),
+    );
+    cl.start_all();
+    cl.wait_in_sync(Duration::from_secs(20));
+    // TRIM everything: the secondary punches holes in its data file.
+    let mut c = MiniClient::connect(&cl.nbd_addr(), "disk").unwrap();
+    c.request(0, 4, 0, size as u32, &[]).unwrap();
+    assert_eq!(c.recv_reply().unwrap().1, 0, "TRIM failed");
+    c.flush().unwrap();
+    cl.wait_in_sync(Duration::from_secs(20));
+    // Fill the tmpfs.
+    let filler = d2.join("filler");
+    {
+        let mut f = File::create(&filler).unwrap();
+        let chunk = vec![0x55u8; 1 << 20];
+        while f.write_all(&chunk).is_ok() {}
+        let _ = f.sync_all();
+    }
+    let want = random_bytes(seed, size as usize);
+    for off in (0..size).step_by(MIB as usize) {
+        assert_eq!(
+            c.write(off, &want[off as usize..][..MIB as usize], 0)
+                .unwrap(),
+            0,
+            "a client write failed while the secondary ran out of space"
+        );
+    }
+    assert_eq!(c.flush().unwrap(), 0);
+    // The secondary stops by itself with status 1.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let st = loop {
+        if let Some(st) = cl.nodes[1].child.as_mut().unwrap().try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the secondary out of space is still running\n{}",
+            cl.stderr_tails()
+        );
+        thread::sleep(Duration::from_millis(50));
+    };
+    cl.nodes[1].child = None;
+    let log = cl.nodes[1].stderr();
+    assert_eq!(st.code(), Some(1), "{log}");
+    assert!(log.contains("cannot store writes any more"), "{log}");
+    // Space again: it comes back and is resynced.
+    fs::remove_file(&filler).unwrap();
+    cl.nodes[1].start();
+    cl.wait_in_sync(Duration::from_secs(30));
+    let got = c.read(0, size as u32).unwrap();
+    assert!(got == want, "the primary lost writes");
+    drop(c);
+    cl.stop_all();
+    cl.assert_replicas_identical();
+}
