@@ -474,6 +474,12 @@ pub struct Mirror {
     /// their blocks are locked (a write or another repair is at them) or
     /// too many repairs are in flight. Retried by `unpark`.
     repair_waiting: Vec<(u64, CorruptRead)>,
+    /// Store writes of a repair with several runs, by their own ids, to the
+    /// repair's id: a store answers each request id once, so runs written
+    /// under one id (a block marked corrupt takes a peer's copy through the
+    /// journal, as a client write) lost all answers but one, and the repair
+    /// and every read waiting on its lock hung (a tester's find).
+    repair_parts: HashMap<u64, u64>,
     handover: Handover,
     /// Failed accepts on the peer and admin listeners, and which of them
     /// wait for the back-off to end.
@@ -834,6 +840,7 @@ impl Mirror {
             locks: BTreeMap::new(),
             repairs: HashMap::new(),
             repair_waiting: Vec::new(),
+            repair_parts: HashMap::new(),
             peer_reads: HashMap::new(),
             handover: Handover::Idle,
             accept_backoff: Default::default(),
@@ -1359,6 +1366,7 @@ impl Mirror {
         self.t = io.now();
         match ev {
             StoreEvent::Written(rid, r) | StoreEvent::Flushed(rid, r) => {
+                let rid = self.repair_parts.remove(&rid).unwrap_or(rid);
                 if self.repairs.contains_key(&rid) {
                     self.repair_written(io, store, rid, r);
                     return;
@@ -1570,10 +1578,19 @@ impl Mirror {
         // One store write per run; the repair finishes when the last one
         // is answered.
         r.writes_left = runs.len() as u64;
+        let several = runs.len() > 1;
         for (b, k) in runs {
             let at = ((b - first) * BLOCK) as usize;
             let bytes = data[at..at + (k * BLOCK) as usize].to_vec();
-            store.repair(io, id, b * BLOCK, bytes);
+            let part = if several {
+                let part = MIRROR_RID | self.next_mrid;
+                self.next_mrid += 1;
+                self.repair_parts.insert(part, id);
+                part
+            } else {
+                id
+            };
+            store.repair(io, part, b * BLOCK, bytes);
         }
         Ok(())
     }
