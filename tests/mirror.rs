@@ -4720,10 +4720,7 @@ fn rot_in_blocks_a_secondary_cannot_vouch_for_is_resent_by_the_primary() {
     cl.wait_in_sync(Duration::from_secs(20));
     let want = random_bytes(seed, size as usize);
     let mut c = MiniClient::connect(&cl.nbd_addr(), "disk").unwrap();
-    for off in (0..size).step_by(MIB as usize) {
-        c.write(off, &want[off as usize..][..MIB as usize], 0)
-            .unwrap();
-    }
+    write_in_mib_pieces(&mut c, &want);
     c.flush().unwrap();
     drop(c);
     cl.wait_in_sync(Duration::from_secs(20));
@@ -4765,6 +4762,14 @@ fn rot_in_blocks_a_secondary_cannot_vouch_for_is_resent_by_the_primary() {
         "a primary kept an uncertain set"
     );
     cl.stop_all();
+}
+
+/// Write `data` from offset 0 in 1 MiB requests (each must succeed).
+fn write_in_mib_pieces(c: &mut MiniClient, data: &[u8]) {
+    for (i, piece) in data.chunks(MIB as usize).enumerate() {
+        let off = i as u64 * MIB;
+        assert_eq!(c.write(off, piece, 0).unwrap(), 0, "write at {off}");
+    }
 }
 
 /// `nbdmirror info`'s journal tail position.
@@ -5034,10 +5039,7 @@ fn large_reads_and_partly_rewritten_blocks_are_repaired_without_eio() {
     cl.wait_in_sync(Duration::from_secs(20));
     let mut want = random_bytes(seed, size as usize);
     let mut c = MiniClient::connect(&cl.nbd_addr(), "disk").unwrap();
-    for off in (0..size).step_by(MIB as usize) {
-        c.write(off, &want[off as usize..][..MIB as usize], 0)
-            .unwrap();
-    }
+    write_in_mib_pieces(&mut c, &want);
     c.flush().unwrap();
     drop(c);
     cl.wait_in_sync(Duration::from_secs(20));
@@ -5165,14 +5167,8 @@ fn a_secondary_that_runs_out_of_space_stops_and_is_resynced_after() {
         let _ = f.sync_all();
     }
     let want = random_bytes(seed, size as usize);
-    for off in (0..size).step_by(MIB as usize) {
-        assert_eq!(
-            c.write(off, &want[off as usize..][..MIB as usize], 0)
-                .unwrap(),
-            0,
-            "a client write failed while the secondary ran out of space"
-        );
-    }
+    // Every client write succeeds while the secondary runs out of space.
+    write_in_mib_pieces(&mut c, &want);
     assert_eq!(c.flush().unwrap(), 0);
     // The secondary stops by itself with status 1.
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -5223,9 +5219,7 @@ fn concurrent_reads_and_partial_writes_over_rotten_blocks_all_complete() {
     let mut c = MiniClient::connect(&cl.nbd_addr(), "disk").unwrap();
     {
         let m = model.lock().unwrap();
-        for off in (0..size).step_by(MIB as usize) {
-            c.write(off, &m[off as usize..][..MIB as usize], 0).unwrap();
-        }
+        write_in_mib_pieces(&mut c, &m);
     }
     c.flush().unwrap();
     cl.wait_in_sync(Duration::from_secs(20));
