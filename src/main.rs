@@ -1619,6 +1619,18 @@ fn check_replica(path: &std::path::Path) -> Result<(), String> {
     dir::check_file_sizes(&data, &journal, &meta, &sb)
         .map_err(|e| format!("{}: {e}", path.display()))?;
     nbdmirror::mirror::generation::Generation::load(path)?;
+    let unsure = nbdmirror::store::uncertain::Uncertain::load(path)?;
+    if !unsure.is_empty() {
+        return Err(format!(
+            "{}: its last crash recovery could not vouch for {} blocks (listed in {}): their \
+             checksums were rebuilt from the data, so checking them against those proves \
+             nothing. Start it as a secondary, and its primary compares every block and resends \
+             those",
+            path.display(),
+            unsure.count(),
+            nbdmirror::store::uncertain::Uncertain::path(path).display()
+        ));
+    }
     let files = nbdmirror::store::Files {
         data: data.as_raw_fd(),
         journal: journal.as_raw_fd(),

@@ -496,7 +496,23 @@ impl Server {
             let g = mirror::generation::Generation::load(&m.dir)?;
             if m.role == mirror::NodeRole::Primary {
                 g.refuse_inconsistent_promotion(m.force_inconsistent)
-                    .map_err(|e| format!("{}: {e}", m.dir.display()))?;
+                    .map_err(|e| {
+                        let u = store::uncertain::Uncertain::path(&m.dir);
+                        if u.exists() {
+                            format!(
+                                "{}: this replica's last crash recovery could not vouch for some \
+                                 of its blocks (listed in {}), and its primary had not resent \
+                                 them yet: served as the primary it would copy them over every \
+                                 peer. Promote a node that was in sync instead (`nbdmirror info` \
+                                 shows each replica's state), or, if this replica is the only \
+                                 copy left, pass --force-inconsistent",
+                                m.dir.display(),
+                                u.display()
+                            )
+                        } else {
+                            format!("{}: {e}", m.dir.display())
+                        }
+                    })?;
             }
             if let Some(a) = m.peer_listen {
                 peer_listener = Some(mirror::bind_peer_listener(&mut io, a)?);
@@ -1801,6 +1817,19 @@ fn remove_dead_sockets(config: &ServeConfig) {
 }
 
 pub fn serve(config: ServeConfig) -> Result<(), String> {
+    // Before any thread or io_uring worker exists: they inherit the mask,
+    // so SIGTERM or SIGINT during recovery waits for the signalfd (a clean
+    // shutdown once serving) instead of killing the node through a thread
+    // that does not block it (seen in a test: SIGTERM right after start).
+    // SAFETY: plain libc calls on a local sigset.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGPIPE);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+    }
     let replica = dir::open(&config.dir)?;
     let server = match Server::new(config.clone(), &replica) {
         Ok(s) => s,

@@ -2992,14 +2992,23 @@ impl Mirror {
         if theirs != ours && theirs != 0 && theirs == p.sent_session {
             p.bitmap.set_session(theirs)?;
         } else if theirs != ours && p.bitmap.flags() & FLAG_COMPARE == 0 {
-            crate::elog!(
-                "nbdmirror: peer {} ({}) last took writes in a session this node did not start \
-                 (its session {theirs:016x}, ours {ours:016x}): another primary with this node's \
-                 identity (a copy of this replica directory?) wrote to it, or it was \
-                 re-initialised; comparing checksums",
-                p.node_id,
-                p.addr
-            );
+            if theirs == 0 {
+                crate::elog!(
+                    "nbdmirror: peer {} ({}) reports no session: its crash recovery could not \
+                     vouch for some blocks, or it was re-initialised; comparing checksums",
+                    p.node_id,
+                    p.addr
+                );
+            } else {
+                crate::elog!(
+                    "nbdmirror: peer {} ({}) last took writes in a session this node did not \
+                     start (its session {theirs:016x}, ours {ours:016x}): another primary with \
+                     this node's identity (a copy of this replica directory?) wrote to it, or it \
+                     was re-initialised; comparing checksums",
+                    p.node_id,
+                    p.addr
+                );
+            }
             let f = p.bitmap.flags() | FLAG_COMPARE;
             p.bitmap.set_flags(f)?;
         }

@@ -817,8 +817,8 @@ impl Store {
                 crate::elog!(
                     "nbdmirror: recovery could not vouch for {} blocks (in-place writes since \
                      the last checkpoint that differ from their checksums, or journal records \
-                     it could not replay): they are compared with the peers, and where an \
-                     in-sync peer holds other data its copy is taken",
+                     it could not replay): they are kept in `uncertain` until the primary has \
+                     resent them",
                     u.count() - before
                 );
             }
