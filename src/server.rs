@@ -339,8 +339,10 @@ pub struct Server {
     pool: Vec<Vec<u8>>,
 }
 
-fn block_signals() -> Result<OwnedFd, String> {
-    // SAFETY: plain libc calls on a local sigset; the returned fd is owned.
+/// Block SIGINT, SIGTERM (read from a signalfd instead) and SIGPIPE in
+/// this thread, and so in every thread and io_uring worker it starts later.
+fn block_termination_signals() -> Result<(), String> {
+    // SAFETY: plain libc calls on a local sigset.
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
@@ -350,6 +352,14 @@ fn block_signals() -> Result<OwnedFd, String> {
         if libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
             return Err("cannot block signals".into());
         }
+    }
+    Ok(())
+}
+
+fn block_signals() -> Result<OwnedFd, String> {
+    block_termination_signals()?;
+    // SAFETY: plain libc calls on a local sigset; the returned fd is owned.
+    unsafe {
         let mut only: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut only);
         libc::sigaddset(&mut only, libc::SIGINT);
@@ -1821,15 +1831,7 @@ pub fn serve(config: ServeConfig) -> Result<(), String> {
     // so SIGTERM or SIGINT during recovery waits for the signalfd (a clean
     // shutdown once serving) instead of killing the node through a thread
     // that does not block it (seen in a test: SIGTERM right after start).
-    // SAFETY: plain libc calls on a local sigset.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        libc::sigaddset(&mut set, libc::SIGPIPE);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-    }
+    block_termination_signals()?;
     let replica = dir::open(&config.dir)?;
     let server = match Server::new(config.clone(), &replica) {
         Ok(s) => s,
