@@ -237,6 +237,22 @@ pub trait Io {
         None
     }
 
+    /// The parts of `[offset, offset+len)` of file `fd` that the filesystem
+    /// says may hold data (SEEK_DATA/SEEK_HOLE), as sorted, disjoint
+    /// `(start, end)` ranges; everything else is a hole and reads as
+    /// zeroes. At most `max_ranges` ranges are listed: the last one then
+    /// runs to the end. `None` when the backend cannot tell. A synchronous
+    /// query (an extent-tree lookup, no data read).
+    fn data_ranges(
+        &mut self,
+        _fd: RawFd,
+        _offset: u64,
+        _len: u64,
+        _max_ranges: usize,
+    ) -> Option<Vec<(u64, u64)>> {
+        None
+    }
+
     /// Run one op to completion. Only for start-up and shutdown paths where
     /// nothing else is in flight.
     fn run(&mut self, op: Op) -> Completion {
@@ -547,6 +563,48 @@ fn cachestat_bytes(fd: RawFd, offset: u64, len: u64) -> Option<u64> {
     Some(cs.nr_cache.saturating_mul(page.max(1) as u64))
 }
 
+/// [`Io::data_ranges`] by lseek(2): SEEK_DATA finds the next byte that may
+/// hold data, SEEK_HOLE the end of that data. Every descriptor of this crate
+/// does positional I/O only, so moving the file offset disturbs nothing.
+fn seek_data_ranges(
+    fd: RawFd,
+    offset: u64,
+    len: u64,
+    max_ranges: usize,
+) -> Option<Vec<(u64, u64)>> {
+    let end = offset.checked_add(len)?;
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    let mut pos = offset;
+    while pos < end {
+        if out.len() + 1 >= max_ranges.max(1) {
+            // Enough asked: the rest counts as data (never as a hole).
+            out.push((pos, end));
+            break;
+        }
+        // SAFETY: lseek has no memory arguments.
+        let d = unsafe { libc::lseek(fd, pos as libc::off_t, libc::SEEK_DATA) };
+        if d < 0 {
+            if std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO) {
+                break; // no data from `pos` to the end of the file
+            }
+            return None;
+        }
+        let d = d as u64;
+        if d >= end {
+            break;
+        }
+        // SAFETY: as above.
+        let h = unsafe { libc::lseek(fd, d as libc::off_t, libc::SEEK_HOLE) };
+        if h < 0 {
+            return None;
+        }
+        let h = (h as u64).clamp(d + 1, end);
+        out.push((d, h));
+        pos = h;
+    }
+    Some(out)
+}
+
 /// At most this many writes go in one pwritev (IOV_MAX on Linux).
 const MAX_IOV: usize = 1024;
 
@@ -730,6 +788,16 @@ impl Io for UringIo {
 
     fn cached_bytes(&mut self, fd: RawFd, offset: u64, len: u64) -> Option<u64> {
         cachestat_bytes(fd, offset, len)
+    }
+
+    fn data_ranges(
+        &mut self,
+        fd: RawFd,
+        offset: u64,
+        len: u64,
+        max_ranges: usize,
+    ) -> Option<Vec<(u64, u64)>> {
+        seek_data_ranges(fd, offset, len, max_ranges)
     }
 
     fn submit(&mut self, token: u64, op: Op) {

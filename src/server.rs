@@ -1470,7 +1470,9 @@ impl Server {
             Command::Cache => self.reply_status(rid, Ok(())),
             Command::BlockStatus => {
                 let max = if req.req_one() { 1 } else { MAX_EXTENTS };
-                let extents = self.store.block_status(req.offset, req.length as u64, max);
+                let extents =
+                    self.store
+                        .block_status(&mut self.io, req.offset, req.length as u64, max);
                 let p = self.pending.remove(&rid).unwrap();
                 let mut out = Vec::new();
                 tx::block_status_chunk(&mut out, p.cookie, context.unwrap_or(0), &extents);

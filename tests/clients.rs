@@ -2546,6 +2546,83 @@ fn damaged_newest_superblock_slot_is_refused_not_rolled_back() {
     c.disconnect();
 }
 
+/// A damaged page of the checksum table reads as zero checksums, which the
+/// table also uses for "all zeroes". Block status must not report such data
+/// as zero: nbdcopy and qemu-img convert skip what is reported zero, and the
+/// copy would hold zeroes in place of the data with every tool reporting
+/// success. Reported as data, reading it fails verification instead, loudly.
+#[test]
+fn damaged_checksum_table_never_makes_a_sparse_copy_drop_data() {
+    let test = "damaged_checksum_table_never_makes_a_sparse_copy_drop_data";
+    let Some((tmp, export, mut server)) = setup(test, 16 * MIB, &["nbdcopy", "qemu-img"]) else {
+        return;
+    };
+    if export.kind != ServerKind::Nbdmirror {
+        return;
+    }
+    let data = random_bytes(7, MIB as usize);
+    let at = 4 * MIB;
+    let mut c = MiniClient::connect(&server.addr(), "disk").unwrap();
+    for (i, piece) in data.chunks(64 * KIB as usize).enumerate() {
+        assert_eq!(c.write(at + i as u64 * 64 * KIB, piece, 0).unwrap(), 0);
+    }
+    assert_eq!(c.flush().unwrap(), 0);
+    c.disconnect();
+    // A clean stop checkpoints: the table page is written to `meta`.
+    assert!(server.terminate().success(), "{test}: clean stop");
+
+    // The page of the table holding blocks 1024..1536 (4-6 MiB) reads as
+    // zeroes, as a lost or zeroed sector would.
+    let meta = export.path.join("meta");
+    let mut m = fs::read(&meta).unwrap();
+    let page = (2 * 4096 + (at / 4096) * 8) as usize;
+    assert!(
+        m[page..page + 4096].iter().any(|&b| b != 0),
+        "{test}: the checkpoint wrote no checksums at {page}"
+    );
+    m[page..page + 4096].fill(0);
+    fs::write(&meta, &m).unwrap();
+
+    let mut server = export.serve();
+    let uri = server.uri();
+    for (tool_name, args) in [
+        (
+            "nbdcopy",
+            vec![uri.clone(), tmp.join("copy.img").display().to_string()],
+        ),
+        (
+            "qemu-img",
+            vec![
+                "convert".to_string(),
+                "-O".to_string(),
+                "raw".to_string(),
+                uri.clone(),
+                tmp.join("convert.img").display().to_string(),
+            ],
+        ),
+    ] {
+        let out_file = Path::new(args.last().unwrap()).to_path_buf();
+        let out = run_timeout(
+            Command::new(tool(tool_name)).args(&args),
+            Duration::from_secs(60),
+        );
+        if out.status.success() {
+            let copy = fs::read(&out_file).unwrap();
+            assert!(
+                copy[at as usize..(at + MIB) as usize] == data[..],
+                "{test}: {tool_name} reported success but its copy lost the data at 4 MiB \
+                 (block status called it zero)"
+            );
+        } else {
+            eprintln!(
+                "{test}: {tool_name} failed, as it should on unverifiable data: {}",
+                tail(&String::from_utf8_lossy(&out.stderr), 400)
+            );
+        }
+    }
+    server.assert_running();
+}
+
 /// A block found corrupt by a partial write stays marked corrupt (reads
 /// EIO) across a crash: recovery used to rebuild its checksum from the
 /// corrupt bytes and serve them as good data (a tester's find).

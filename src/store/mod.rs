@@ -2431,9 +2431,27 @@ impl Store {
     }
 
     /// base:allocation extents for `[offset, offset+len)`: (length, flags).
-    pub fn block_status(&self, offset: u64, len: u64, max_extents: usize) -> Vec<(u32, u32)> {
+    ///
+    /// A block is reported zero only if its checksum says "all zeroes" and
+    /// the data file has a hole there (or the overlay holds zeroes for it).
+    /// The checksum alone is not enough: a damaged page of `meta` reads as
+    /// zero checksums, and a client that trusts block status (nbdcopy,
+    /// qemu-img convert) would then skip real data and make a copy with
+    /// zeroes in its place, silently. Data where the table says zero is
+    /// reported as data, and reading it fails verification loudly.
+    pub fn block_status(
+        &self,
+        io: &mut dyn Io,
+        offset: u64,
+        len: u64,
+        max_extents: usize,
+    ) -> Vec<(u32, u32)> {
         let end = offset + len;
         let pieces = self.overlay.pieces(offset, end);
+        // Where the data file may hold data; None: the backend cannot say,
+        // and the table is trusted alone (the simulated disk).
+        let data = io.data_ranges(self.files.data, offset, len, 2 * max_extents + 2);
+        let mut di = 0;
         let mut out: Vec<(u32, u32)> = Vec::new();
         let mut pos = offset;
         let mut pi = 0;
@@ -2457,7 +2475,16 @@ impl Store {
                 covered += pieces[i].end.min(bend) - pieces[i].start.max(pos);
                 i += 1;
             }
-            let file_zero = self.sums.get(block) == 0;
+            let hole = match &data {
+                None => true,
+                Some(d) => {
+                    while di < d.len() && d[di].1 <= pos {
+                        di += 1;
+                    }
+                    !(di < d.len() && d[di].0 < bend)
+                }
+            };
+            let file_zero = hole && self.sums.get(block) == 0;
             let flags = if any_data {
                 0
             } else if !any_piece && file_zero {
