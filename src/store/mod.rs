@@ -2826,9 +2826,18 @@ impl Store {
             || !self.deferred.is_empty();
         let due = waiter_ready
             || pressure
+            // Writes waiting for ring space wait for a checkpoint, which
+            // waits for their predecessors to be synced and applied.
+            || !self.backlog.is_empty()
             || self.draining
             || self.unsynced_bytes >= self.tuning.sync_bytes
-            || self.ring.used() * 100 >= self.ring.size * self.tuning.checkpoint_percent / 2
+            // Half-way to a checkpoint, sync so that apply can progress, but
+            // in batches of a 64th of the ring: syncing again the moment the
+            // last sync ended (as before) made 1800 fdatasyncs a second on
+            // each node of a mirror under 4 KiB random writes, each a device
+            // cache flush, where 50 do the same work.
+            || (self.ring.used() * 100 >= self.ring.size * self.tuning.checkpoint_percent / 2
+                && self.unsynced_bytes >= self.ring.size / 64)
             || self.last_sync.elapsed() >= self.tuning.sync_interval;
         if !due {
             return;
