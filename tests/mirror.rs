@@ -5316,3 +5316,155 @@ fn concurrent_reads_and_partial_writes_over_rotten_blocks_all_complete() {
     cl.stop_all();
     cl.assert_replicas_identical();
 }
+
+/// Turn secondary `id` of `cl` (stopped) into a primary of its own that
+/// mirrors to the secondaries `peers`: a promotion (`--role primary`).
+fn promote(cl: &mut Cluster, id: u32, peers: &[u32]) {
+    let peer_args: Vec<String> = peers
+        .iter()
+        .flat_map(|&p| {
+            let n = &cl.nodes[p as usize - 1];
+            ["--peer".to_string(), format!("{p}=127.0.0.1:{}", n.port)]
+        })
+        .collect();
+    let secret = cl.secret.display().to_string();
+    let n = cl.node(id);
+    assert!(!n.running(), "promote a stopped node");
+    n.role = Role::Primary;
+    n.port = free_port();
+    n.args = vec![
+        "--dir".into(),
+        n.dir.display().to_string(),
+        "--role".into(),
+        "primary".into(),
+        "--listen".into(),
+        format!("127.0.0.1:{}", n.port),
+        "--secret-file".into(),
+        secret,
+    ];
+    n.args.extend(peer_args);
+    n.start();
+}
+
+fn wait_log(cl: &mut Cluster, id: u32, what: &str, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while !contains_ci(&cl.node(id).stderr(), what) {
+        assert!(
+            Instant::now() < deadline,
+            "{}: node {id} never logged {what:?}:\n{}",
+            cl.test,
+            cl.stderr_tails()
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Two primaries at once, seen from a common peer (a tester's find): node 2
+/// is promoted while node 1 still serves with node 3 in sync. Node 3 turns
+/// node 2 away while node 1's session lives, then takes a write from node 1
+/// that node 2 never saw. When node 1 dies, node 2 used to take node 3 with
+/// an ordinary compare and roll that acknowledged, flushed write back, with
+/// no "split brain" anywhere. Node 3 must refuse node 2 as split brain and
+/// keep the write.
+#[test]
+fn a_peer_that_followed_the_old_primary_after_a_promotion_refuses_the_new_one() {
+    let test = "a_peer_that_followed_the_old_primary_after_a_promotion_refuses_the_new_one";
+    let _wd = Watchdog::new(test, Duration::from_secs(120));
+    let seed = test_seed(test);
+    let mut cl = Cluster::new(test, seed, Opts::new(16 * MIB, 3));
+    cl.start_all();
+    cl.wait_in_sync(Duration::from_secs(30));
+    let put = |addr: &str, byte: u8| {
+        let mut c = MiniClient::connect(addr, "disk").unwrap();
+        assert_eq!(c.write(0, &[byte; 4096], 0).unwrap(), 0);
+        assert_eq!(c.flush().unwrap(), 0);
+        c.disconnect();
+    };
+    let addr1 = cl.nbd_addr();
+    put(&addr1, b'A');
+
+    cl.node(2).terminate();
+    promote(&mut cl, 2, &[3]);
+    wait_log(&mut cl, 3, "node 2 was promoted", Duration::from_secs(20));
+    // Acknowledged and flushed with node 3 in sync.
+    put(&addr1, b'C');
+    wait_log(
+        &mut cl,
+        3,
+        "node 2 is refused from now on",
+        Duration::from_secs(10),
+    );
+    assert!(cl.nodes[2].dir.join("diverged").exists());
+    cl.node(1).kill();
+    wait_log(
+        &mut cl,
+        3,
+        "split brain: refusing primary node 2",
+        Duration::from_secs(30),
+    );
+    wait_log(&mut cl, 2, "split brain", Duration::from_secs(10));
+    cl.node(2).terminate();
+    cl.node(3).terminate();
+    let block0 = fs::read(cl.nodes[2].data()).unwrap()[..4096].to_vec();
+    assert!(
+        block0 == [b'C'; 4096],
+        "{test}: node 3 lost the write node 1 acknowledged with it in sync (holds {:?})",
+        block0[0] as char
+    );
+}
+
+/// The other side of the rule above: a promotion while the old primary is
+/// frozen (it sends nothing more) is an ordinary failover. Node 3 turns
+/// node 2 away only until the frozen session times out, then follows it,
+/// with no split brain and no `diverged` file.
+#[test]
+fn a_promotion_while_the_old_primary_is_frozen_is_followed_by_the_peers() {
+    let test = "a_promotion_while_the_old_primary_is_frozen_is_followed_by_the_peers";
+    let _wd = Watchdog::new(test, Duration::from_secs(120));
+    let seed = test_seed(test);
+    let mut cl = Cluster::new(test, seed, Opts::new(16 * MIB, 3));
+    cl.start_all();
+    cl.wait_in_sync(Duration::from_secs(30));
+    let mut c = MiniClient::connect(&cl.nbd_addr(), "disk").unwrap();
+    assert_eq!(c.write(0, &[b'A'; 4096], 0).unwrap(), 0);
+    assert_eq!(c.flush().unwrap(), 0);
+    c.disconnect();
+    cl.node(2).terminate();
+    cl.node(1).stop();
+    promote(&mut cl, 2, &[3]);
+    wait_log(&mut cl, 3, "node 2 was promoted", Duration::from_secs(20));
+    let addr2 = cl.node(2).nbd_addr();
+    let mut c = MiniClient::connect(&addr2, "disk").unwrap();
+    assert_eq!(c.write(4096, &[b'B'; 4096], 0).unwrap(), 0);
+    assert_eq!(c.flush().unwrap(), 0);
+    c.disconnect();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let j = status_json(&["--dir", &cl.nodes[1].dir.display().to_string()]);
+        if j.as_ref()
+            .is_ok_and(|j| peer_state(j, 3).as_deref() == Some("in_sync"))
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{test}: node 3 never followed node 2: {j:?}\n{}",
+            cl.stderr_tails()
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+    let logs: String = cl.nodes.iter().map(|n| n.stderr()).collect();
+    for bad in ["split brain:", "is refused from now on"] {
+        assert!(!contains_ci(&logs, bad), "{test}: {bad:?} in\n{logs}");
+    }
+    assert!(!cl.nodes[2].dir.join("diverged").exists());
+    cl.node(1).kill();
+    cl.node(2).terminate();
+    cl.node(3).terminate();
+    let (d2, d3) = (
+        fs::read(cl.nodes[1].data()).unwrap(),
+        fs::read(cl.nodes[2].data()).unwrap(),
+    );
+    assert!(d2 == d3, "{test}: nodes 2 and 3 differ");
+    assert!(d3[4096..8192] == [b'B'; 4096]);
+}

@@ -261,6 +261,82 @@ impl Generation {
     }
 }
 
+/// A primary this secondary must refuse: it was promoted from the
+/// generation this replica follows while this replica went on taking
+/// records from another primary of that generation (two primaries at once,
+/// seen from a common peer: split brain). The records taken after it
+/// appeared are missing from its history, and a compare would copy its
+/// blocks over them. Kept in `DIR/diverged` (little-endian, 40 bytes: magic
+/// `NMDIVG01`, the refused generation u64, the generation followed u64, the
+/// refused node id u32, reserved u32, xxh3-64 of bytes 0..32), written
+/// (synced) before the first such record is applied; removed only by
+/// re-initialising the replica, which is the operator's decision of which
+/// history to keep.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Diverged {
+    pub generation: u64,
+    pub followed: u64,
+    pub node_id: u32,
+}
+
+const DIVERGED_MAGIC: &[u8; 8] = b"NMDIVG01";
+const DIVERGED_LEN: usize = 40;
+
+impl Diverged {
+    pub fn path(dir: &Path) -> PathBuf {
+        dir.join("diverged")
+    }
+
+    /// None when the file does not exist; an error when it is damaged.
+    pub fn load(dir: &Path) -> Result<Option<Diverged>, String> {
+        let p = Diverged::path(dir);
+        let b = match std::fs::read(&p) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(format!("cannot read {}: {e}", p.display())),
+        };
+        let u64_at = |at: usize| u64::from_le_bytes(b[at..at + 8].try_into().unwrap());
+        if b.len() != DIVERGED_LEN || &b[0..8] != DIVERGED_MAGIC || xxh3_64(&b[0..32]) != u64_at(32)
+        {
+            return Err(format!(
+                "{} is damaged (it names a primary this replica must refuse as split brain); \
+                 re-initialise the replica if its history is to be discarded",
+                p.display()
+            ));
+        }
+        Ok(Some(Diverged {
+            generation: u64_at(8),
+            followed: u64_at(16),
+            node_id: u32::from_le_bytes(b[24..28].try_into().unwrap()),
+        }))
+    }
+
+    pub fn store(&self, dir: &Path) -> Result<(), String> {
+        let mut b = [0u8; DIVERGED_LEN];
+        b[0..8].copy_from_slice(DIVERGED_MAGIC);
+        b[8..16].copy_from_slice(&self.generation.to_le_bytes());
+        b[16..24].copy_from_slice(&self.followed.to_le_bytes());
+        b[24..28].copy_from_slice(&self.node_id.to_le_bytes());
+        let sum = xxh3_64(&b[0..32]);
+        b[32..40].copy_from_slice(&sum.to_le_bytes());
+        let tmp = dir.join("diverged.tmp");
+        let err = |e: std::io::Error| format!("cannot write {}: {e}", tmp.display());
+        let mut f = File::create(&tmp).map_err(err)?;
+        f.write_all(&b).map_err(err)?;
+        f.sync_all().map_err(err)?;
+        std::fs::rename(&tmp, Diverged::path(dir)).map_err(err)?;
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| format!("cannot sync {}: {e}", dir.display()))
+    }
+
+    /// Whether a primary holding `current` (promoted from `previous`) is
+    /// the refused one or descends from it.
+    pub fn refuses(&self, current: u64, previous: u64) -> bool {
+        current == self.generation || previous == self.generation
+    }
+}
+
 /// What a primary may do with a peer, judged from both generations.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Verdict {

@@ -491,6 +491,15 @@ pub struct Mirror {
     /// node went on without it), so its read-only export answers EIO and
     /// `resync status` says so (the log alone said it before).
     refused: Option<String>,
+    /// Secondary: a primary refused as split brain (`DIR/diverged`, see
+    /// [`generation::Diverged`]).
+    diverged: Option<generation::Diverged>,
+    /// Secondary: a primary promoted from the generation this replica
+    /// follows knocked (refused Busy) while the session on this link was
+    /// alive. Stored as `diverged` before the link's next record is
+    /// applied; forgotten if the session ends with none (the old primary
+    /// was frozen or dying, and wrote nothing the newcomer lacks).
+    pending_divergence: Option<(u64, generation::Diverged)>,
     /// `switchover` was asked for: stop, handing the generation over.
     switchover: bool,
     /// Store reads of blocks a primary asked for (secondary): read id ->
@@ -684,6 +693,7 @@ impl Mirror {
             ));
         }
         let mut generation = Generation::load(&cfg.dir)?;
+        let diverged = generation::Diverged::load(&cfg.dir)?;
         if cfg.role == NodeRole::Primary {
             let fresh = u64::from_le_bytes(nonce()[..8].try_into().unwrap()) | 1;
             let (g, what) = generation.for_primary(fresh);
@@ -847,6 +857,8 @@ impl Mirror {
             peer_accept_paused: false,
             admin_accept_paused: false,
             refused: None,
+            diverged,
+            pending_divergence: None,
             switchover: false,
             parked: VecDeque::new(),
             ops: HashMap::new(),
@@ -1997,6 +2009,11 @@ impl Mirror {
     }
 
     fn close_link(&mut self, io: &mut dyn Io, link: u64) {
+        if self.pending_divergence.is_some_and(|(l, _)| l == link) {
+            // The old session ended without another record: the newcomer
+            // lacks nothing this replica took.
+            self.pending_divergence = None;
+        }
         let Some(l) = self.links.get_mut(&link) else {
             return;
         };
@@ -2008,6 +2025,49 @@ impl Mirror {
         l.close_after_send = false;
         io.shutdown(l.fd.as_raw_fd());
         self.reap_link(link);
+    }
+
+    /// A primary (`info`) knocked while the session on `live` held this
+    /// secondary (see `pending_divergence`). If it is another node, promoted
+    /// from the generation this replica follows with that session's
+    /// primary, two primaries of one history run at once.
+    fn note_divergence(&mut self, live: u64, info: &crate::peer::handshake::PeerInfo) {
+        let ours = self.generation.current;
+        let Some(s) = self.links.get(&live).and_then(|l| l.session.as_ref()) else {
+            return;
+        };
+        let (cur, prev) = (info.generations.current, info.generations.history[0]);
+        if ours == 0
+            || self.generation.flags & generation::FLAG_PRIMARY != 0
+            || s.peer.node_id == info.node_id
+            || s.peer.generations.current != ours
+            || cur == ours
+            || prev != ours
+            || self.diverged.is_some_and(|d| d.generation == cur)
+            || self
+                .pending_divergence
+                .is_some_and(|(_, d)| d.generation == cur)
+        {
+            return;
+        }
+        crate::elog!(
+            "nbdmirror: WARNING: node {} was promoted (generation {cur:016x}) from the generation \
+             this replica follows ({ours:016x}) while the session with node {}, its primary, is \
+             alive: two primaries at once, unless node {} is gone (its session then times out). \
+             If it sends another write, node {} is refused as split brain from then on",
+            info.node_id,
+            s.peer.node_id,
+            s.peer.node_id,
+            info.node_id
+        );
+        self.pending_divergence = Some((
+            live,
+            generation::Diverged {
+                generation: cur,
+                followed: ours,
+                node_id: info.node_id,
+            },
+        ));
     }
 
     fn reap_link(&mut self, link: u64) {
@@ -2321,8 +2381,9 @@ impl Mirror {
                                 && !o.closing
                                 && t.saturating_duration_since(o.last_rx) <= timeout
                         })
-                        .map(|(_, o)| (o.addr.clone(), t.saturating_duration_since(o.last_rx)));
-                    if let Some((addr, quiet)) = live {
+                        .map(|(&k, o)| (k, o.addr.clone(), t.saturating_duration_since(o.last_rx)));
+                    if let Some((live_link, addr, quiet)) = live {
+                        self.note_divergence(live_link, &info);
                         let why = format!(
                             "refusing primary node {} from {newcomer}: the session with the \
                              primary at {addr} is alive (heard from {} ms ago); one primary at a \
@@ -2340,6 +2401,34 @@ impl Mirror {
                         self.post_send(io, link);
                         // Closing from now on: nothing more is received or
                         // processed on this link; the Reject still goes out.
+                        self.close_link(io, link);
+                        return;
+                    }
+                    let (cur, prev) = (info.generations.current, info.generations.history[0]);
+                    if let Some(d) = self.diverged.filter(|d| d.refuses(cur, prev)) {
+                        let why = format!(
+                            "split brain: refusing primary node {} from {newcomer} (generation \
+                             {cur:016x}): node {} was promoted to generation {:016x} while this \
+                             replica went on taking writes from another primary of generation \
+                             {:016x}, which node {} lacks. Nothing is written. Decide which \
+                             history to keep: re-initialise this replica to follow node {} (its \
+                             later writes are discarded), or re-initialise node {} (see {})",
+                            info.node_id,
+                            d.node_id,
+                            d.generation,
+                            d.followed,
+                            d.node_id,
+                            d.node_id,
+                            d.node_id,
+                            generation::Diverged::path(&self.cfg.dir).display()
+                        );
+                        crate::elog!("nbdmirror: {why}");
+                        let l = self.links.get_mut(&link).unwrap();
+                        if let Some(s) = l.session.as_mut() {
+                            s.reject(crate::peer::RejectCode::SplitBrain, &why, &mut l.out);
+                        }
+                        l.close_after_send = true;
+                        self.post_send(io, link);
                         self.close_link(io, link);
                         return;
                     }
@@ -2634,6 +2723,22 @@ impl Mirror {
         match kind {
             FrameKind::Record => {
                 let h = RecordHeader::decode(payload, self.size)?;
+                if let Some((l, d)) = self.pending_divergence.filter(|(l, _)| *l == link) {
+                    // Durable before the record is applied: from now on this
+                    // replica holds a write the promoted node lacks.
+                    d.store(&self.cfg.dir)?;
+                    crate::elog!(
+                        "nbdmirror: split brain: took a write from the primary after node {} was \
+                         promoted from this replica's generation; node {} is refused from now on \
+                         (recorded in {})",
+                        d.node_id,
+                        d.node_id,
+                        generation::Diverged::path(&self.cfg.dir).display()
+                    );
+                    let _ = l;
+                    self.diverged = Some(d);
+                    self.pending_divergence = None;
+                }
                 self.refused = None;
                 let l = &self.links[&link];
                 // Before the announce this session is a resync (resync data,

@@ -153,6 +153,7 @@ pub fn init(
                 .filter(|n| {
                     n == "generation"
                         || n == "generation.tmp"
+                        || n == "diverged"
                         || (n.starts_with("peer-") && n.ends_with(".bitmap"))
                 })
                 .collect()
