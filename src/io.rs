@@ -241,7 +241,8 @@ pub trait Io {
     /// says may hold data (SEEK_DATA/SEEK_HOLE), as sorted, disjoint
     /// `(start, end)` ranges; everything else is a hole and reads as
     /// zeroes. At most `max_ranges` ranges are listed: the last one then
-    /// runs to the end. `None` when the backend cannot tell. A synchronous
+    /// runs to the end, as it does from where the filesystem fails to
+    /// answer. `None` when the backend cannot tell at all. A synchronous
     /// query (an extent-tree lookup, no data read).
     fn data_ranges(
         &mut self,
@@ -587,7 +588,9 @@ fn seek_data_ranges(
             if std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO) {
                 break; // no data from `pos` to the end of the file
             }
-            return None;
+            // Cannot tell: the rest counts as data (never as a hole).
+            out.push((pos, end));
+            break;
         }
         let d = d as u64;
         if d >= end {
@@ -596,7 +599,8 @@ fn seek_data_ranges(
         // SAFETY: as above.
         let h = unsafe { libc::lseek(fd, d as libc::off_t, libc::SEEK_HOLE) };
         if h < 0 {
-            return None;
+            out.push((d, end));
+            break;
         }
         let h = (h as u64).clamp(d + 1, end);
         out.push((d, h));

@@ -495,11 +495,13 @@ pub struct Mirror {
     /// [`generation::Diverged`]).
     diverged: Option<generation::Diverged>,
     /// Secondary: a primary promoted from the generation this replica
-    /// follows knocked (refused Busy) while the session on this link was
-    /// alive. Stored as `diverged` before the link's next record is
-    /// applied; forgotten if the session ends with none (the old primary
-    /// was frozen or dying, and wrote nothing the newcomer lacks).
-    pending_divergence: Option<(u64, generation::Diverged)>,
+    /// follows knocked (refused Busy) while a session with this node id's
+    /// primary was alive. Stored as `diverged` before the next record from
+    /// that node is applied (in this session or a later one: a link flap
+    /// must not forget it); forgotten when another primary's session is
+    /// accepted first (the old primary was frozen or dying and wrote
+    /// nothing the newcomer lacks: a failover).
+    pending_divergence: Option<(u32, generation::Diverged)>,
     /// `switchover` was asked for: stop, handing the generation over.
     switchover: bool,
     /// Store reads of blocks a primary asked for (secondary): read id ->
@@ -2009,11 +2011,6 @@ impl Mirror {
     }
 
     fn close_link(&mut self, io: &mut dyn Io, link: u64) {
-        if self.pending_divergence.is_some_and(|(l, _)| l == link) {
-            // The old session ended without another record: the newcomer
-            // lacks nothing this replica took.
-            self.pending_divergence = None;
-        }
         let Some(l) = self.links.get_mut(&link) else {
             return;
         };
@@ -2061,7 +2058,7 @@ impl Mirror {
             info.node_id
         );
         self.pending_divergence = Some((
-            live,
+            s.peer.node_id,
             generation::Diverged {
                 generation: cur,
                 followed: ours,
@@ -2432,6 +2429,14 @@ impl Mirror {
                         self.close_link(io, link);
                         return;
                     }
+                    if self
+                        .pending_divergence
+                        .is_some_and(|(old, _)| old != info.node_id)
+                    {
+                        // The old primary's session ended with no further
+                        // record before this one was accepted: a failover.
+                        self.pending_divergence = None;
+                    }
                     // Older sessions that went quiet end, and this one waits
                     // until their records are applied, so no old record
                     // lands over a newer one.
@@ -2723,7 +2728,8 @@ impl Mirror {
         match kind {
             FrameKind::Record => {
                 let h = RecordHeader::decode(payload, self.size)?;
-                if let Some((l, d)) = self.pending_divergence.filter(|(l, _)| *l == link) {
+                let from = self.links[&link].session.as_ref().map(|s| s.peer.node_id);
+                if let Some((_, d)) = self.pending_divergence.filter(|(n, _)| Some(*n) == from) {
                     // Durable before the record is applied: from now on this
                     // replica holds a write the promoted node lacks.
                     d.store(&self.cfg.dir)?;
@@ -2735,7 +2741,6 @@ impl Mirror {
                         d.node_id,
                         generation::Diverged::path(&self.cfg.dir).display()
                     );
-                    let _ = l;
                     self.diverged = Some(d);
                     self.pending_divergence = None;
                 }
