@@ -710,7 +710,10 @@ fn render_status(v: &serde_json::Value, cols: Option<usize>) -> Vec<String> {
         "node {} ({}){}",
         v["node_id"],
         v["role"].as_str().unwrap_or("?"),
-        if v["inconsistent"].as_bool() == Some(true) {
+        if v["inconsistent"].as_bool() == Some(true) && v["uncertain"].as_bool() == Some(true) {
+            ", INCONSISTENT: its crash recovery could not vouch for some blocks (its primary \
+             resends them)"
+        } else if v["inconsistent"].as_bool() == Some(true) {
             ", INCONSISTENT: partway through a resync from its primary"
         } else {
             ""
@@ -1576,6 +1579,12 @@ fn run(cli: Cli) -> Result<(), String> {
                         ", written as a primary, handed over to its peers at a clean shutdown"
                     } else if g.flags & nbdmirror::mirror::generation::FLAG_PRIMARY != 0 {
                         ", written as a primary"
+                    } else if g.flags & nbdmirror::mirror::generation::FLAG_INCONSISTENT != 0
+                        && nbdmirror::store::uncertain::Uncertain::path(&path).exists()
+                    {
+                        ", followed as a secondary; INCONSISTENT: its crash recovery could not \
+                         vouch for some blocks, and its primary has not resent them (not \
+                         promoted without --force-inconsistent)"
                     } else if g.flags & nbdmirror::mirror::generation::FLAG_INCONSISTENT != 0 {
                         ", followed as a secondary; INCONSISTENT: partway through a resync \
                          from its primary (not promoted without --force-inconsistent)"

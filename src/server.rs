@@ -575,13 +575,57 @@ impl Server {
                     .map_err(|e| format!("cannot remove {}: {e}", p.display()))?;
             }
         }
+        // A follower's replica served as the primary (a promotion) tracks
+        // them too: whether it may be promoted must not depend on whether
+        // it was restarted as a secondary first (a tester saw a replica
+        // refused after that start and promoted without it).
+        let promoting = config.mirror.as_ref().is_some_and(|m| {
+            m.role == mirror::NodeRole::Primary
+                && mirror::generation::Generation::load(&m.dir).is_ok_and(|g| {
+                    g.current != 0 && g.flags & mirror::generation::FLAG_PRIMARY == 0
+                })
+        });
         let tracking = config
             .mirror
             .as_ref()
-            .filter(|m| m.role == mirror::NodeRole::Secondary)
+            .filter(|m| m.role == mirror::NodeRole::Secondary || promoting)
             .map(|_| replica.path.as_path());
         let mut store = Store::open_tracking(&mut io, files, sb, config.tuning, tracking)
             .map_err(|e| format!("{}: recovery failed: {e}", replica.path.display()))?;
+        if let Some(m) = config.mirror.as_ref().filter(|_| promoting) {
+            let n = store.uncertain_count();
+            if n > 0 && !m.force_inconsistent {
+                // Kept as a secondary's start would keep them: the set is
+                // saved, and the replica is marked inconsistent, so that
+                // `info` and a later start say the same.
+                let mut g = mirror::generation::Generation::load(&m.dir)?;
+                g.flags |= mirror::generation::FLAG_INCONSISTENT;
+                g.store(&m.dir)?;
+                return Err(format!(
+                    "{}: crash recovery could not vouch for {n} blocks of this replica (listed \
+                     in {}): their checksums were rebuilt from whatever the data file held, \
+                     and served as the primary it would copy them over every peer. Promote a \
+                     node that was in sync instead (`nbdmirror info` shows each replica's \
+                     state), or start this one as a secondary so its primary resends them, or, \
+                     if this replica is the only copy left, pass --force-inconsistent",
+                    m.dir.display(),
+                    store::uncertain::Uncertain::path(&m.dir).display()
+                ));
+            }
+            if n > 0 {
+                crate::elog!(
+                    "nbdmirror: WARNING: promoting a replica whose crash recovery could not vouch \
+                     for {n} blocks (--force-inconsistent): its peers will be made to match them"
+                );
+            }
+            // A primary keeps its own copy (see above).
+            store.settle_all();
+            let p = store::uncertain::Uncertain::path(&m.dir);
+            if p.exists() {
+                std::fs::remove_file(&p)
+                    .map_err(|e| format!("cannot remove {}: {e}", p.display()))?;
+            }
+        }
         let secondary = config
             .mirror
             .as_ref()

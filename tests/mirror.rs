@@ -5468,3 +5468,86 @@ fn a_promotion_while_the_old_primary_is_frozen_is_followed_by_the_peers() {
     assert!(d2 == d3, "{test}: nodes 2 and 3 differ");
     assert!(d3[4096..8192] == [b'B'; 4096]);
 }
+
+/// A crashed secondary whose recovery cannot vouch for some blocks is not
+/// promoted, whether or not it was restarted as a secondary first (a
+/// tester promoted one straight after the crash, while the same replica
+/// restarted once as a secondary was refused). The refused start keeps the
+/// set and marks the replica, so `info` says why, and the primary then
+/// resends the blocks.
+#[test]
+fn a_secondary_promoted_straight_after_a_crash_with_unvouched_blocks_is_refused() {
+    let test = "a_secondary_promoted_straight_after_a_crash_with_unvouched_blocks_is_refused";
+    let _wd = Watchdog::new(test, Duration::from_secs(120));
+    let seed = test_seed(test);
+    let size = 16 * MIB;
+    let mut cl = Cluster::new(test, seed, Opts::new(size, 2));
+    cl.nodes[1]
+        .args
+        .extend(["--checkpoint-interval-ms".into(), "600000".into()]);
+    cl.start_all();
+    cl.wait_in_sync(Duration::from_secs(20));
+    let want = random_bytes(seed, size as usize);
+    let mut c = MiniClient::connect(&cl.nbd_addr(), "disk").unwrap();
+    write_in_mib_pieces(&mut c, &want);
+    c.flush().unwrap();
+    drop(c);
+    cl.wait_in_sync(Duration::from_secs(20));
+    cl.nodes[1].kill();
+    cl.primary().terminate();
+    let d2 = cl.nodes[1].dir.clone();
+    let port = free_port().to_string();
+    let out = run_timeout(
+        Command::new(NBDMIRROR_BIN).args([
+            "serve",
+            "--dir",
+            d2.to_str().unwrap(),
+            "--role",
+            "primary",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+        ]),
+        Duration::from_secs(30),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("could not vouch for"),
+        "{test}: promoting straight after the crash: {}\n{err}",
+        out.status
+    );
+    assert!(
+        d2.join("uncertain").exists(),
+        "{test}: the set was not kept"
+    );
+    let info = run_ok(Command::new(NBDMIRROR_BIN).args(["info", "--dir", d2.to_str().unwrap()]));
+    let info = String::from_utf8_lossy(&info.stdout).into_owned();
+    assert!(
+        info.contains("INCONSISTENT") && info.contains("could not vouch"),
+        "{test}: info after the refusal:\n{info}"
+    );
+    // A second attempt is refused before recovery, for the same reason.
+    let out = run_timeout(
+        Command::new(NBDMIRROR_BIN).args([
+            "serve",
+            "--dir",
+            d2.to_str().unwrap(),
+            "--role",
+            "primary",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+        ]),
+        Duration::from_secs(30),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("could not vouch for"),
+        "{test}: second attempt: {}\n{err}",
+        out.status
+    );
+    cl.start_all();
+    cl.wait_in_sync(Duration::from_secs(30));
+    cl.stop_all();
+    cl.assert_replicas_identical();
+    assert!(fs::read(cl.nodes[1].data()).unwrap() == want);
+    assert!(!d2.join("uncertain").exists());
+}

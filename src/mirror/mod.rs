@@ -914,6 +914,13 @@ impl Mirror {
     /// refused it as split brain and none streams to it (`refused`).
     pub fn read_refusal(&self) -> Option<String> {
         if self.inconsistent() {
+            if crate::store::uncertain::Uncertain::path(&self.cfg.dir).exists() {
+                return Some(
+                    "this secondary's crash recovery could not vouch for some of its blocks, \
+                     and its primary has not resent them yet"
+                        .into(),
+                );
+            }
             return Some(
                 "this secondary is partway through a resync from its primary, and its blocks \
                  are a mix of old and new data"
@@ -4004,6 +4011,9 @@ impl Mirror {
             "node_id": self.node_id,
             "role": self.cfg.role.name(),
             "inconsistent": self.generation.flags & generation::FLAG_INCONSISTENT != 0,
+            // Why, when it is: a crash recovery that could not vouch for
+            // some blocks (rather than a resync cut short).
+            "uncertain": crate::store::uncertain::Uncertain::path(&self.cfg.dir).exists(),
             "refused": self.refused,
             "rate_limit": self.cfg.resync_rate,
             "peers": peers,
