@@ -2385,12 +2385,20 @@ impl Mirror {
                                 && !o.closing
                                 && t.saturating_duration_since(o.last_rx) <= timeout
                         })
-                        .map(|(&k, o)| (k, o.addr.clone(), t.saturating_duration_since(o.last_rx)));
+                        .map(|(&k, o)| {
+                            let who = match o.session.as_ref() {
+                                Some(s) => {
+                                    format!("primary node {} (at {})", s.peer.node_id, o.addr)
+                                }
+                                None => format!("primary at {}", o.addr),
+                            };
+                            (k, who, t.saturating_duration_since(o.last_rx))
+                        });
                     if let Some((live_link, addr, quiet)) = live {
                         self.note_divergence(live_link, &info);
                         let why = format!(
                             "refusing primary node {} from {newcomer}: the session with the \
-                             primary at {addr} is alive (heard from {} ms ago); one primary at a \
+                             {addr} is alive (heard from {} ms ago); one primary at a \
                              time (a primary that reconnects gets in once its old session times \
                              out)",
                             info.node_id,
