@@ -1552,6 +1552,7 @@ fn run(cli: Cli) -> Result<(), String> {
             if running {
                 out!("(a running nbdmirror serves this replica: what follows is a snapshot)");
             }
+            let mut damaged: Vec<&str> = Vec::new();
             out!("volume      {}", dir::format_uuid(&sb.volume_uuid));
             out!("node id     {}", sb.node_id);
             out!("format      {}", sb.version);
@@ -1592,10 +1593,52 @@ fn run(cli: Cli) -> Result<(), String> {
                         ", followed as a secondary"
                     }
                 ),
-                Err(e) => out!("generation  {e}"),
+                Err(e) => {
+                    out!("generation  {e}");
+                    damaged.push("generation");
+                }
+            }
+            match nbdmirror::mirror::generation::Diverged::load(&path) {
+                Ok(None) => {}
+                Ok(Some(d)) => out!(
+                    "split brain refuses node {} (generation {:016x}, promoted while this replica \
+                     went on following generation {:016x}; docs/mirroring.md)",
+                    d.node_id,
+                    d.generation,
+                    d.followed
+                ),
+                Err(e) => {
+                    out!("split brain {e}");
+                    damaged.push("diverged");
+                }
+            }
+            // What `serve` would refuse as damaged makes `info` fail too,
+            // after it has shown what it could (scripts look at the status).
+            let sizes = ["data", "journal"]
+                .map(|n| std::fs::File::open(path.join(n)).map_err(|e| format!("{n}: {e}")));
+            match sizes {
+                [Ok(d), Ok(j)] => {
+                    if let Err(e) = dir::check_file_sizes(&d, &j, &meta, &sb) {
+                        out!("files       {e}");
+                        damaged.push("files");
+                    }
+                }
+                [a, b] => {
+                    for e in [a.err(), b.err()].into_iter().flatten() {
+                        out!("files       {e}");
+                    }
+                    damaged.push("files");
+                }
             }
             if let Some(s) = nbdmirror::mirror::scrub::describe(&path) {
                 out!("scrub       {s}");
+            }
+            if !damaged.is_empty() {
+                return Err(format!(
+                    "{}: damaged ({}): `serve` refuses it",
+                    path.display(),
+                    damaged.join(", ")
+                ));
             }
             Ok(())
         }

@@ -3317,5 +3317,19 @@ fn check_refuses_a_replica_serve_would_refuse() {
             code == Some(1) && err.contains(want) && err.contains("damaged"),
             "check of a replica with {file} cut to {len} bytes: exit {code:?}\n{err}"
         );
+        // `info` shows what it can, but does not exit 0 either.
+        let out = run_timeout(
+            Command::new(NBDMIRROR_BIN)
+                .args(["info", "--dir"])
+                .arg(&bad),
+            Duration::from_secs(60),
+        );
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.code() == Some(1) && text.contains("damaged"),
+            "info of a replica with {file} cut to {len} bytes: {}\n{text}",
+            out.status
+        );
     }
 }
