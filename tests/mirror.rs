@@ -4708,22 +4708,8 @@ fn a_block_written_in_part_after_it_rotted_is_repaired_from_the_peer() {
 fn rot_in_blocks_a_secondary_cannot_vouch_for_is_resent_by_the_primary() {
     let test = "rot_in_blocks_a_secondary_cannot_vouch_for_is_resent_by_the_primary";
     let _wd = Watchdog::new(test, Duration::from_secs(120));
-    let seed = test_seed(test);
-    let size = 16 * MIB;
-    let mut cl = Cluster::new(test, seed, Opts::new(size, 2));
-    // 1 MiB writes go in place; a long checkpoint interval keeps their
-    // checksums out of `meta` until the crash.
-    cl.nodes[1]
-        .args
-        .extend(["--checkpoint-interval-ms".into(), "600000".into()]);
-    cl.start_all();
-    cl.wait_in_sync(Duration::from_secs(20));
-    let want = random_bytes(seed, size as usize);
-    let mut c = MiniClient::connect(&cl.nbd_addr(), "disk").unwrap();
-    write_in_mib_pieces(&mut c, &want);
-    c.flush().unwrap();
-    drop(c);
-    cl.wait_in_sync(Duration::from_secs(20));
+    let (mut cl, want) = pair_with_unsettled_inplace_writes(test);
+    let size = cl.size;
     let bad = 3000 % (size / 4096);
     cl.nodes[1].kill();
     {
@@ -4757,25 +4743,7 @@ fn rot_in_blocks_a_secondary_cannot_vouch_for_is_resent_by_the_primary() {
         "check of a replica with uncertain blocks: {}\n{err}",
         out.status
     );
-    let port = free_port().to_string();
-    let out = run_timeout(
-        Command::new(NBDMIRROR_BIN).args([
-            "serve",
-            "--dir",
-            d2.to_str().unwrap(),
-            "--role",
-            "primary",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-        ]),
-        Duration::from_secs(30),
-    );
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success() && err.contains("could not vouch for"),
-        "promoting a replica with uncertain blocks: {}\n{err}",
-        out.status
-    );
+    assert_promotion_refused_for_unvouched_blocks(&d2, "promoting a replica with uncertain blocks");
     cl.start_all();
     cl.wait_in_sync(Duration::from_secs(30));
     cl.stop_all();
@@ -5479,6 +5447,36 @@ fn a_promotion_while_the_old_primary_is_frozen_is_followed_by_the_peers() {
 fn a_secondary_promoted_straight_after_a_crash_with_unvouched_blocks_is_refused() {
     let test = "a_secondary_promoted_straight_after_a_crash_with_unvouched_blocks_is_refused";
     let _wd = Watchdog::new(test, Duration::from_secs(120));
+    let (mut cl, want) = pair_with_unsettled_inplace_writes(test);
+    cl.nodes[1].kill();
+    cl.primary().terminate();
+    let d2 = cl.nodes[1].dir.clone();
+    assert_promotion_refused_for_unvouched_blocks(&d2, "promoting straight after the crash");
+    assert!(
+        d2.join("uncertain").exists(),
+        "{test}: the set was not kept"
+    );
+    let info = run_ok(Command::new(NBDMIRROR_BIN).args(["info", "--dir", d2.to_str().unwrap()]));
+    let info = String::from_utf8_lossy(&info.stdout).into_owned();
+    assert!(
+        info.contains("INCONSISTENT") && info.contains("could not vouch"),
+        "{test}: info after the refusal:\n{info}"
+    );
+    // A second attempt is refused before recovery, for the same reason.
+    assert_promotion_refused_for_unvouched_blocks(&d2, "second attempt");
+    cl.start_all();
+    cl.wait_in_sync(Duration::from_secs(30));
+    cl.stop_all();
+    cl.assert_replicas_identical();
+    assert!(fs::read(cl.nodes[1].data()).unwrap() == want);
+    assert!(!d2.join("uncertain").exists());
+}
+
+/// A 2-node volume, in sync, whose 16 MiB were written in 1 MiB pieces (in
+/// place) with the secondary checkpointing only every 10 minutes: their
+/// checksums are not in its `meta`, so its recovery after a crash cannot
+/// vouch for those blocks. Returns the cluster and what was written.
+fn pair_with_unsettled_inplace_writes(test: &str) -> (Cluster, Vec<u8>) {
     let seed = test_seed(test);
     let size = 16 * MIB;
     let mut cl = Cluster::new(test, seed, Opts::new(size, 2));
@@ -5493,61 +5491,23 @@ fn a_secondary_promoted_straight_after_a_crash_with_unvouched_blocks_is_refused(
     c.flush().unwrap();
     drop(c);
     cl.wait_in_sync(Duration::from_secs(20));
-    cl.nodes[1].kill();
-    cl.primary().terminate();
-    let d2 = cl.nodes[1].dir.clone();
-    let port = free_port().to_string();
+    (cl, want)
+}
+
+/// `serve --role primary` on `dir` fails, naming blocks its recovery could
+/// not vouch for.
+fn assert_promotion_refused_for_unvouched_blocks(dir: &Path, what: &str) {
     let out = run_timeout(
-        Command::new(NBDMIRROR_BIN).args([
-            "serve",
-            "--dir",
-            d2.to_str().unwrap(),
-            "--role",
-            "primary",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-        ]),
+        Command::new(NBDMIRROR_BIN)
+            .args(["serve", "--role", "primary", "--dir"])
+            .arg(dir)
+            .args(["--listen", &format!("127.0.0.1:{}", free_port())]),
         Duration::from_secs(30),
     );
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         !out.status.success() && err.contains("could not vouch for"),
-        "{test}: promoting straight after the crash: {}\n{err}",
+        "{what}: {}\n{err}",
         out.status
     );
-    assert!(
-        d2.join("uncertain").exists(),
-        "{test}: the set was not kept"
-    );
-    let info = run_ok(Command::new(NBDMIRROR_BIN).args(["info", "--dir", d2.to_str().unwrap()]));
-    let info = String::from_utf8_lossy(&info.stdout).into_owned();
-    assert!(
-        info.contains("INCONSISTENT") && info.contains("could not vouch"),
-        "{test}: info after the refusal:\n{info}"
-    );
-    // A second attempt is refused before recovery, for the same reason.
-    let out = run_timeout(
-        Command::new(NBDMIRROR_BIN).args([
-            "serve",
-            "--dir",
-            d2.to_str().unwrap(),
-            "--role",
-            "primary",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-        ]),
-        Duration::from_secs(30),
-    );
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success() && err.contains("could not vouch for"),
-        "{test}: second attempt: {}\n{err}",
-        out.status
-    );
-    cl.start_all();
-    cl.wait_in_sync(Duration::from_secs(30));
-    cl.stop_all();
-    cl.assert_replicas_identical();
-    assert!(fs::read(cl.nodes[1].data()).unwrap() == want);
-    assert!(!d2.join("uncertain").exists());
 }

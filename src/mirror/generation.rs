@@ -135,15 +135,7 @@ impl Generation {
         b[32..40].copy_from_slice(&self.session.to_le_bytes());
         let sum = xxh3_64(&b[0..40]);
         b[40..48].copy_from_slice(&sum.to_le_bytes());
-        let tmp = dir.join("generation.tmp");
-        let err = |e: std::io::Error| format!("cannot write {}: {e}", tmp.display());
-        let mut f = File::create(&tmp).map_err(err)?;
-        f.write_all(&b).map_err(err)?;
-        f.sync_all().map_err(err)?;
-        std::fs::rename(&tmp, path(dir)).map_err(err)?;
-        File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| format!("cannot sync {}: {e}", dir.display()))
+        write_synced(dir, "generation", &b)
     }
 
     /// The generation a primary serves under: a fresh replica gets its first
@@ -261,6 +253,20 @@ impl Generation {
     }
 }
 
+/// Replace `dir/name` with `bytes` whole: written to `name.tmp`, synced,
+/// renamed over it, and the directory synced.
+fn write_synced(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), String> {
+    let tmp = dir.join(format!("{name}.tmp"));
+    let err = |e: std::io::Error| format!("cannot write {}: {e}", tmp.display());
+    let mut f = File::create(&tmp).map_err(err)?;
+    f.write_all(bytes).map_err(err)?;
+    f.sync_all().map_err(err)?;
+    std::fs::rename(&tmp, dir.join(name)).map_err(err)?;
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| format!("cannot sync {}: {e}", dir.display()))
+}
+
 /// A primary this secondary must refuse: it was promoted from the
 /// generation this replica follows while this replica went on taking
 /// records from another primary of that generation (two primaries at once,
@@ -319,15 +325,7 @@ impl Diverged {
         b[24..28].copy_from_slice(&self.node_id.to_le_bytes());
         let sum = xxh3_64(&b[0..32]);
         b[32..40].copy_from_slice(&sum.to_le_bytes());
-        let tmp = dir.join("diverged.tmp");
-        let err = |e: std::io::Error| format!("cannot write {}: {e}", tmp.display());
-        let mut f = File::create(&tmp).map_err(err)?;
-        f.write_all(&b).map_err(err)?;
-        f.sync_all().map_err(err)?;
-        std::fs::rename(&tmp, Diverged::path(dir)).map_err(err)?;
-        File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| format!("cannot sync {}: {e}", dir.display()))
+        write_synced(dir, "diverged", &b)
     }
 
     /// Whether a primary holding `current` (promoted from `previous`) is

@@ -2031,6 +2031,26 @@ impl Mirror {
         self.reap_link(link);
     }
 
+    /// Log `why`, send it to the primary on `link` in a Reject, and close
+    /// the link once it is out: from now on nothing more is received or
+    /// processed on it.
+    fn refuse_primary(
+        &mut self,
+        io: &mut dyn Io,
+        link: u64,
+        code: crate::peer::RejectCode,
+        why: &str,
+    ) {
+        crate::elog!("nbdmirror: {why}");
+        let l = self.links.get_mut(&link).unwrap();
+        if let Some(s) = l.session.as_mut() {
+            s.reject(code, why, &mut l.out);
+        }
+        l.close_after_send = true;
+        self.post_send(io, link);
+        self.close_link(io, link);
+    }
+
     /// A primary (`info`) knocked while the session on `live` held this
     /// secondary (see `pending_divergence`). If it is another node, promoted
     /// from the generation this replica follows with that session's
@@ -2404,16 +2424,7 @@ impl Mirror {
                             info.node_id,
                             quiet.as_millis()
                         );
-                        crate::elog!("nbdmirror: {why}");
-                        let l = self.links.get_mut(&link).unwrap();
-                        if let Some(s) = l.session.as_mut() {
-                            s.reject(crate::peer::RejectCode::Busy, &why, &mut l.out);
-                        }
-                        l.close_after_send = true;
-                        self.post_send(io, link);
-                        // Closing from now on: nothing more is received or
-                        // processed on this link; the Reject still goes out.
-                        self.close_link(io, link);
+                        self.refuse_primary(io, link, crate::peer::RejectCode::Busy, &why);
                         return;
                     }
                     let (cur, prev) = (info.generations.current, info.generations.history[0]);
@@ -2434,14 +2445,7 @@ impl Mirror {
                             d.node_id,
                             generation::Diverged::path(&self.cfg.dir).display()
                         );
-                        crate::elog!("nbdmirror: {why}");
-                        let l = self.links.get_mut(&link).unwrap();
-                        if let Some(s) = l.session.as_mut() {
-                            s.reject(crate::peer::RejectCode::SplitBrain, &why, &mut l.out);
-                        }
-                        l.close_after_send = true;
-                        self.post_send(io, link);
-                        self.close_link(io, link);
+                        self.refuse_primary(io, link, crate::peer::RejectCode::SplitBrain, &why);
                         return;
                     }
                     if self

@@ -154,6 +154,7 @@ pub fn init(
                     n == "generation"
                         || n == "generation.tmp"
                         || n == "diverged"
+                        || n == "diverged.tmp"
                         || (n.starts_with("peer-") && n.ends_with(".bitmap"))
                 })
                 .collect()
