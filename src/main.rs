@@ -760,13 +760,23 @@ fn render_status(v: &serde_json::Value, cols: Option<usize>) -> Vec<String> {
             } else {
                 "--:--:--".into()
             };
-            let mut text = format!(
-                " {:5.1}%  {} of {}  {}/s  ETA {eta}",
-                frac * 100.0,
-                human(done),
-                human(total),
-                human(rate),
-            );
+            let stalled = p["stalled_seconds"].as_u64().unwrap_or(0);
+            let mut text = if stalled > 0 {
+                format!(
+                    " {:5.1}%  {} of {}  stalled: nothing sent for {stalled} s",
+                    frac * 100.0,
+                    human(done),
+                    human(total),
+                )
+            } else {
+                format!(
+                    " {:5.1}%  {} of {}  {}/s  ETA {eta}",
+                    frac * 100.0,
+                    human(done),
+                    human(total),
+                    human(rate),
+                )
+            };
             if p["paused"].as_bool() == Some(true) {
                 text.push_str("  (paused)");
             }

@@ -741,6 +741,7 @@ fn check_status_schema(j: &Json) {
                 "resync_done_bytes",
                 "resync_sent_bytes",
                 "rate_bytes_per_sec",
+                "stalled_seconds",
                 "rate_limit",
             ],
         );
@@ -5510,4 +5511,51 @@ fn assert_promotion_refused_for_unvouched_blocks(dir: &Path, what: &str) {
         "{what}: {}\n{err}",
         out.status
     );
+}
+
+/// A resync that cannot make progress (the primary's only copy of a block
+/// is rotten, and the one peer is the resync's target) says it is stalled,
+/// with a rate of 0, instead of showing its last rate and ETA (left alone
+/// by the fourteenth session).
+#[test]
+fn a_resync_that_sends_nothing_says_it_is_stalled() {
+    let test = "a_resync_that_sends_nothing_says_it_is_stalled";
+    let _wd = Watchdog::new(test, Duration::from_secs(120));
+    let seed = test_seed(test);
+    let mut cl = Cluster::new(test, seed, Opts::new(16 * MIB, 2));
+    cl.start_all();
+    cl.wait_in_sync(Duration::from_secs(20));
+    cl.nodes[1].terminate();
+    let mut c = MiniClient::connect(&cl.nbd_addr(), "disk").unwrap();
+    for i in 0..64u64 {
+        assert_eq!(
+            c.write(i * 65536, &random_bytes(seed + i, 65536), 0)
+                .unwrap(),
+            0
+        );
+    }
+    assert_eq!(c.flush().unwrap(), 0);
+    drop(c);
+    cl.primary().terminate();
+    {
+        use std::os::unix::fs::FileExt;
+        let f = fs::OpenOptions::new()
+            .write(true)
+            .open(cl.nodes[0].data())
+            .unwrap();
+        f.write_all_at(b"\xde\xad\xbe\xef", 12288 + 100).unwrap();
+    }
+    cl.start_all();
+    let j = cl.wait_status("a stalled resync", Duration::from_secs(60), |j| {
+        peer_u64(j, 2, "stalled_seconds") > 0
+    });
+    assert_eq!(peer_u64(&j, 2, "rate_bytes_per_sec"), 0, "{j:?}");
+    assert_eq!(peer_state(&j, 2).as_deref(), Some("syncing"), "{j:?}");
+    let dir = cl.nodes[0].dir.display().to_string();
+    let text = resync_cmd(&["status", "--dir", &dir]);
+    assert!(
+        text.contains("stalled: nothing sent for") && !text.contains("ETA"),
+        "{test}: status of a stalled resync:\n{text}"
+    );
+    cl.stop_all();
 }

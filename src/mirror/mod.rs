@@ -345,6 +345,8 @@ struct Peer {
     /// is sent (see `tick`).
     rate_window: (Instant, u64),
     rate: f64,
+    /// When this resync last sent something (while it is not running: now).
+    last_progress: Instant,
     /// Resync token bucket (bytes; `--resync-rate` per peer): refilled by
     /// `tick`, spent by `resync_peer`.
     tokens: f64,
@@ -777,6 +779,7 @@ impl Mirror {
                 sent_bytes: 0,
                 rate_mark: (t0, 0),
                 rate_window: (t0, 0),
+                last_progress: t0,
                 tokens: 0.0,
                 rate: 0.0,
                 resync_hold: t0,
@@ -3922,6 +3925,10 @@ impl Mirror {
                 p.rate = 0.0;
                 p.rate_mark = (t, p.sent_bytes);
                 p.rate_window = (t, p.sent_bytes);
+                p.last_progress = t;
+            }
+            if p.sent_bytes > p.rate_mark.1 {
+                p.last_progress = t;
             }
             let el = t.saturating_duration_since(p.rate_mark.0);
             if el >= Duration::from_secs(1) {
@@ -3983,7 +3990,17 @@ impl Mirror {
                 } else {
                     dirty
                 };
-                let rate = if p.state == PeerState::Syncing && !p.paused {
+                // A resync that has sent nothing for a while says so rather
+                // than show its last rate and an ETA that no longer means
+                // anything: 10 s, or three 1 MiB batches' worth of the cap.
+                let quiet = io.now().saturating_duration_since(p.last_progress);
+                let stall_after = match self.cfg.resync_rate {
+                    0 => Duration::from_secs(10),
+                    r => Duration::from_secs(10)
+                        .max(Duration::from_secs_f64(3.0 * (1 << 20) as f64 / r as f64)),
+                };
+                let stalled = p.state == PeerState::Syncing && !p.paused && quiet >= stall_after;
+                let rate = if p.state == PeerState::Syncing && !p.paused && !stalled {
                     p.rate.round() as u64
                 } else {
                     0
@@ -3997,6 +4014,7 @@ impl Mirror {
                     "resync_done_bytes": total - dirty,
                     "resync_sent_bytes": p.sent_bytes,
                     "rate_bytes_per_sec": rate,
+                    "stalled_seconds": if stalled { quiet.as_secs() } else { 0 },
                     "rate_limit": self.cfg.resync_rate,
                     "paused": p.paused,
                     "comparing": p.compare.is_some(),
