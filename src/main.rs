@@ -647,8 +647,10 @@ fn admin_call(a: &AdminArgs, line: &str) -> Result<serde_json::Value, String> {
                 std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
             ) {
                 format!(
-                    "no answer from {} within 10 s (a node answers once it has recovered its \
-                     journal at start; try again, and see its log)",
+                    "no answer from {} within 10 s: the command was sent, and the node may \
+                     still carry it out when it answers again (a node answers once it has \
+                     recovered its journal at start); look at `status` before repeating it, \
+                     and see its log",
                     path.display()
                 )
             } else {
@@ -746,6 +748,10 @@ fn render_status(v: &serde_json::Value, cols: Option<usize>) -> Vec<String> {
         }
         if state != "syncing" && state != "in_sync" && dirty > 0.0 {
             line.push_str(&format!("  {} to resync", human(dirty)));
+        }
+        if state != "syncing" && p["paused"].as_bool() == Some(true) {
+            // The next resync starts paused: say so before it does.
+            line.push_str("  (resync paused)");
         }
         if state == "syncing" {
             let frac = if total > 0.0 {

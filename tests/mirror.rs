@@ -3390,6 +3390,28 @@ fn resync_tool() {
     w.write_distinct(256, Duration::from_secs(30));
     w.finish();
 
+    // The pause outlives a restart of the primary (a tester's find: it
+    // was dropped, and the resync ran at full speed after a SIGTERM).
+    cl.primary().terminate();
+    cl.primary().start();
+    let a = cl.wait_status("paused after a restart", Duration::from_secs(20), |j| {
+        peer(j, 2)
+            .and_then(|p| p.get("paused"))
+            .and_then(|p| p.as_bool())
+            == Some(true)
+            && peer_state(j, 2).as_deref() == Some("syncing")
+    });
+    thread::sleep(Duration::from_secs(2));
+    let b = cl.status().unwrap();
+    assert_eq!(
+        peer_u64(&a, 2, "resync_sent_bytes"),
+        peer_u64(&b, 2, "resync_sent_bytes"),
+        "resync ran after a restart while paused: {} then {}",
+        brief_status(&a),
+        brief_status(&b)
+    );
+    assert!(contains_ci(&cl.nodes[0].stderr(), "stays paused"));
+
     // Resume: progress again.
     let done_paused = peer_u64(&b, 2, "resync_done_bytes");
     resync_cmd(&["resume", "--admin-socket", &sock]);

@@ -34,6 +34,9 @@ const SESSION_AT: usize = 48;
 pub const FLAG_CLEAN: u32 = 1;
 /// Compare checksums with the peer before trusting the bits.
 pub const FLAG_COMPARE: u32 = 2;
+/// The operator paused resync to this peer (`nbdmirror resync pause`); it
+/// stays paused across a restart of the primary until resumed.
+pub const FLAG_PAUSED: u32 = 4;
 pub const BLOCK: u64 = 4096;
 
 pub struct DirtyBitmap {

@@ -32,7 +32,7 @@ use crate::io::{Completion, Io, Op};
 use crate::peer::frame::{encode_in_place, encode_parts, HEADER_LEN};
 use crate::peer::{Config as HsConfig, Event, FrameKind, GenerationIds, Handshake, Role, Session};
 use crate::store::{CorruptRead, Store, StoreEvent, UNKNOWN_SUM, WRITE_HEADROOM};
-use bitmap::{DirtyBitmap, BLOCK, FLAG_CLEAN, FLAG_COMPARE};
+use bitmap::{DirtyBitmap, BLOCK, FLAG_CLEAN, FLAG_COMPARE, FLAG_PAUSED};
 use generation::{Generation, Verdict};
 use wire::RecordHeader;
 
@@ -748,6 +748,13 @@ impl Mirror {
                 flags
             };
             bm.set_flags(flags & !FLAG_CLEAN)?;
+            let paused = flags & FLAG_PAUSED != 0;
+            if paused {
+                crate::elog!(
+                    "nbdmirror: resync to peer {id} stays paused, as it was at the last stop \
+                     (`nbdmirror resync resume` goes on)"
+                );
+            }
             store.extra_sync_fds.push(bm.fd());
             peers.push(Peer {
                 node_id: id,
@@ -760,7 +767,7 @@ impl Mirror {
                 backoff: BACKOFF_MIN,
                 last_error: None,
                 epoch: 0,
-                paused: false,
+                paused,
                 cursor: 0,
                 resync_inflight: 0,
                 acked: Vec::new(),
@@ -3761,6 +3768,7 @@ impl Mirror {
                     );
                     let t = self.t;
                     let p = &mut self.peers[i];
+                    let before = p.bitmap.dirty() * BLOCK;
                     for b in resend {
                         p.bitmap.set_range(b * BLOCK, BLOCK);
                     }
@@ -3768,8 +3776,12 @@ impl Mirror {
                         p.state = PeerState::Syncing;
                         p.cursor = 0;
                         p.resync_started = t;
+                        p.total = p.bitmap.dirty() * BLOCK;
+                    } else {
+                        // A pass under way keeps what it has done: its total
+                        // grows by what was added (it went back to about 0%).
+                        p.total += p.bitmap.dirty() * BLOCK - before;
                     }
-                    p.total = p.bitmap.dirty() * BLOCK;
                 }
             }
         }
@@ -4081,6 +4093,7 @@ impl Mirror {
                     Err(e) => Err(e),
                     Ok(sel) => {
                         let mut hit = false;
+                        let mut failed = None;
                         for p in self.peers.iter_mut() {
                             if sel.is_some_and(|id| id != p.node_id) {
                                 continue;
@@ -4107,8 +4120,22 @@ impl Mirror {
                                     p.retry_at = self.t;
                                 }
                             }
+                            // An operator's pause outlives a restart.
+                            let f = p.bitmap.flags();
+                            let want = if p.paused {
+                                f | FLAG_PAUSED
+                            } else {
+                                f & !FLAG_PAUSED
+                            };
+                            if want != f {
+                                if let Err(e) = p.bitmap.set_flags(want) {
+                                    failed = Some(e);
+                                }
+                            }
                         }
-                        if hit {
+                        if let Some(e) = failed {
+                            Err(e)
+                        } else if hit {
                             Ok(())
                         } else if self.peers.is_empty() {
                             Err("this node has no peers to resync (it is not a primary with --peer)".into())
