@@ -555,15 +555,27 @@ impl Server {
                 }
             }
         }
+        // A follower's replica served as the primary (a promotion) tracks
+        // them too: whether it may be promoted must not depend on whether
+        // it was restarted as a secondary first (a tester saw a replica
+        // refused after that start and promoted without it).
+        let promoting = config.mirror.as_ref().is_some_and(|m| {
+            m.role == mirror::NodeRole::Primary
+                && mirror::generation::Generation::load(&m.dir).is_ok_and(|g| {
+                    g.current != 0 && g.flags & mirror::generation::FLAG_PRIMARY == 0
+                })
+        });
         // Only a secondary keeps blocks recovery could not vouch for: its
         // primary settles them (see `store::uncertain`). A set left by a
         // run as a secondary means nothing to a primary (one promoted with
         // --force-inconsistent): it goes, or a later run as a secondary
-        // would distrust blocks written since.
+        // would distrust blocks written since. A promotion keeps it until
+        // its own recovery has counted it (below): a secondary's start may
+        // have saved it and stopped before it marked the replica.
         if let Some(m) = config
             .mirror
             .as_ref()
-            .filter(|m| m.role == mirror::NodeRole::Primary)
+            .filter(|m| m.role == mirror::NodeRole::Primary && !promoting)
         {
             let p = store::uncertain::Uncertain::path(&m.dir);
             if p.exists() {
@@ -575,16 +587,6 @@ impl Server {
                     .map_err(|e| format!("cannot remove {}: {e}", p.display()))?;
             }
         }
-        // A follower's replica served as the primary (a promotion) tracks
-        // them too: whether it may be promoted must not depend on whether
-        // it was restarted as a secondary first (a tester saw a replica
-        // refused after that start and promoted without it).
-        let promoting = config.mirror.as_ref().is_some_and(|m| {
-            m.role == mirror::NodeRole::Primary
-                && mirror::generation::Generation::load(&m.dir).is_ok_and(|g| {
-                    g.current != 0 && g.flags & mirror::generation::FLAG_PRIMARY == 0
-                })
-        });
         let tracking = config
             .mirror
             .as_ref()

@@ -4011,7 +4011,13 @@ impl Mirror {
                     r => Duration::from_secs(10)
                         .max(Duration::from_secs_f64(3.0 * (1 << 20) as f64 / r as f64)),
                 };
-                let stalled = p.state == PeerState::Syncing && !p.paused && quiet >= stall_after;
+                // Not while checksums are compared (nothing is sent until
+                // blocks are found to differ) or a flush is awaited.
+                let stalled = p.state == PeerState::Syncing
+                    && !p.paused
+                    && p.compare.is_none()
+                    && !p.flush_in_flight
+                    && quiet >= stall_after;
                 let rate = if p.state == PeerState::Syncing && !p.paused && !stalled {
                     p.rate.round() as u64
                 } else {
