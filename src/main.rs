@@ -1546,16 +1546,16 @@ fn run(cli: Cli) -> Result<(), String> {
         Cmd::Scrub { action } => scrub(action),
         Cmd::Switchover { admin } => switchover(&admin),
         Cmd::Check { dir: path, config } => {
-            let path = match config.load()? {
-                Some((_, n)) => n.dir,
-                None => path.expect("clap requires --dir"),
+            let (path, expect) = match config.load()? {
+                Some((_, n)) => (n.dir, Some(n.id)),
+                None => (path.expect("clap requires --dir"), None),
             };
-            check_replica(&path)
+            check_replica(&path, expect)
         }
         Cmd::Info { dir: path, config } => {
-            let path = match config.load()? {
-                Some((_, n)) => n.dir,
-                None => path.expect("clap requires --dir"),
+            let (path, expect) = match config.load()? {
+                Some((_, n)) => (n.dir, Some(n.id)),
+                None => (path.expect("clap requires --dir"), None),
             };
             // info only reads: no lock, so a replica a running node holds
             // is shown too, as a snapshot.
@@ -1565,6 +1565,7 @@ fn run(cli: Cli) -> Result<(), String> {
                 use std::os::fd::AsRawFd;
                 meta.as_raw_fd()
             })?;
+            same_node(&path, expect, sb.node_id)?;
             if running {
                 out!("(a running nbdmirror serves this replica: what follows is a snapshot)");
             }
@@ -1661,9 +1662,23 @@ fn run(cli: Cli) -> Result<(), String> {
     }
 }
 
+/// A config file's node `expect` must find its own replica in its `dir`
+/// (a typo'd `dir` naming another node's replica is refused, as `serve`
+/// refuses it, rather than shown as if it were this node's).
+fn same_node(path: &std::path::Path, expect: Option<u32>, found: u32) -> Result<(), String> {
+    match expect {
+        Some(id) if id != found => Err(format!(
+            "{} holds node {found}'s replica (its superblock says so), not node {id}'s: check \
+             node {id}'s dir in the config file",
+            path.display()
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// `nbdmirror check`: verify every block of a stopped replica, with
 /// progress on a terminal.
-fn check_replica(path: &std::path::Path) -> Result<(), String> {
+fn check_replica(path: &std::path::Path, expect: Option<u32>) -> Result<(), String> {
     use std::io::IsTerminal;
     use std::os::fd::AsRawFd;
     let (meta, running) = dir::open_meta_read_only(path)?;
@@ -1684,6 +1699,7 @@ fn check_replica(path: &std::path::Path) -> Result<(), String> {
     // files' sizes against the superblock, and the generation file.
     let sb = nbdmirror::store::load_superblock(&mut io, meta.as_raw_fd())
         .map_err(|e| format!("{}: {e}", path.display()))?;
+    same_node(path, expect, sb.node_id)?;
     dir::check_file_sizes(&data, &journal, &meta, &sb)
         .map_err(|e| format!("{}: {e}", path.display()))?;
     nbdmirror::mirror::generation::Generation::load(path)?;
@@ -1734,6 +1750,14 @@ fn check_replica(path: &std::path::Path) -> Result<(), String> {
             human(size as f64),
             t0.elapsed().as_secs_f64()
         );
+        let g = nbdmirror::mirror::generation::Generation::load(path)?;
+        if g.flags & nbdmirror::mirror::generation::FLAG_INCONSISTENT != 0 {
+            out!(
+                "note: this replica is marked INCONSISTENT (partway through a resync from its \
+                 primary): its blocks match their checksums but are a mix of old and new data \
+                 until its primary reports it in sync (`nbdmirror info`)"
+            );
+        }
         return Ok(());
     }
     for &(b, known) in &r.listed {

@@ -521,3 +521,29 @@ fn a_switchover_that_cannot_hand_over_says_why_and_does_not_wait_for_a_dead_node
     );
     let _ = n2.0.kill();
 }
+
+/// `info` and `check` with a config file whose node's `dir` holds another
+/// node's replica (a typo, swapped lines) refuse it, as `serve` does,
+/// instead of showing the other node's replica as this one's (a tester's
+/// find: exit 0 and node 2's superblock under `--node 3`).
+#[test]
+fn info_and_check_refuse_a_config_dir_that_holds_another_nodes_replica() {
+    let v = Vol::new("config-swapped-dirs", "8M");
+    let text = fs::read_to_string(&v.cfg)
+        .unwrap()
+        .replace("dir = \"n1\"", "dir = \"nX\"")
+        .replace("dir = \"n2\"", "dir = \"n1\"")
+        .replace("dir = \"nX\"", "dir = \"n2\"");
+    let swapped = v.tmp.join("swapped.toml");
+    fs::write(&swapped, text).unwrap();
+    for cmd in ["info", "check"] {
+        let (ok, out, err) =
+            nbdmirror(&[cmd, "--config", swapped.to_str().unwrap(), "--node", "2"]);
+        assert!(
+            !ok && err.contains("holds node 1's replica") && err.contains("not node 2's"),
+            "{cmd} --node 2 with node 1's replica in its dir:\n{out}\n{err}"
+        );
+        let (ok, out, err) = nbdmirror(&[cmd, "--config", v.cfg_str(), "--node", "2"]);
+        assert!(ok, "{cmd} --node 2 with the right config:\n{out}\n{err}");
+    }
+}

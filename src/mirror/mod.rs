@@ -4146,7 +4146,15 @@ impl Mirror {
                         } else if self.peers.is_empty() {
                             Err("this node has no peers to resync (it is not a primary with --peer)".into())
                         } else {
-                            Err("no such peer".into())
+                            Err(format!(
+                                "no such peer: {} (this node's peers: {})",
+                                sel.unwrap_or(0),
+                                self.peers
+                                    .iter()
+                                    .map(|p| p.node_id.to_string())
+                                    .collect::<Vec<_>>()
+                                    .join(", ")
+                            ))
                         }
                     }
                 }
