@@ -337,6 +337,8 @@ struct Peer {
     /// does not make the next connect compare every checksum.
     sent_session: u64,
     resync_started: Instant,
+    /// `sent_bytes` when `resync_started` was set.
+    sent_at_resync_start: u64,
     /// Dirty bytes when the current resync began.
     total: u64,
     sent_bytes: u64,
@@ -780,6 +782,7 @@ impl Mirror {
                 sent_session: 0,
                 version: crate::peer::messages::PROTOCOL_VERSION,
                 resync_started: t0,
+                sent_at_resync_start: 0,
                 flush_in_flight: false,
                 last_resync_flush: t0,
                 total: 0,
@@ -2356,6 +2359,7 @@ impl Mirror {
                     p.cursor = 0;
                     p.total = p.bitmap.dirty() * BLOCK;
                     p.resync_started = self.t;
+                    p.sent_at_resync_start = p.sent_bytes;
                     p.rate = 0.0;
                     p.rate_mark = (self.t, p.sent_bytes);
                     p.rate_window = (self.t, p.sent_bytes);
@@ -3067,8 +3071,13 @@ impl Mirror {
                         .saturating_duration_since(p.resync_started)
                         .as_secs_f64();
                     crate::elog!(
-                        "nbdmirror: peer {} ({}) is in sync: resync took {secs:.2} s ({} bytes resent since start)",
-                        p.node_id, p.addr, p.sent_bytes
+                        "nbdmirror: peer {} ({}) is in sync: resync took {secs:.2} s ({} bytes resent \
+                         since start), timed from the peer's connection (or from blocks found \
+                         to resend), since which it sent {} bytes",
+                        p.node_id,
+                        p.addr,
+                        p.sent_bytes,
+                        p.sent_bytes - p.sent_at_resync_start
                     );
                     break;
                 }
@@ -3776,6 +3785,7 @@ impl Mirror {
                         p.state = PeerState::Syncing;
                         p.cursor = 0;
                         p.resync_started = t;
+                        p.sent_at_resync_start = p.sent_bytes;
                         p.total = p.bitmap.dirty() * BLOCK;
                     } else {
                         // A pass under way keeps what it has done: its total
@@ -4116,6 +4126,8 @@ impl Mirror {
                                     p.bitmap.set_all();
                                     if p.state == PeerState::InSync {
                                         p.state = PeerState::Syncing;
+                                        p.resync_started = now;
+                                        p.sent_at_resync_start = p.sent_bytes;
                                     }
                                     p.cursor = 0;
                                     p.total = p.bitmap.dirty() * BLOCK;
