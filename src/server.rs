@@ -477,6 +477,21 @@ fn open_listener(l: &Listen) -> Result<OwnedFd, String> {
     }
 }
 
+/// Why a replica whose crash recovery could not vouch for `how_many` of
+/// its blocks is not promoted, and what to do instead.
+fn unvouched_refusal(dir: &std::path::Path, how_many: &str) -> String {
+    format!(
+        "{}: crash recovery could not vouch for {how_many} of this replica's blocks (listed in \
+         {}), and no primary has resent them: their checksums were rebuilt from whatever the \
+         data file held, and served as the primary it would copy them over every peer. Promote \
+         a node that was in sync instead (`nbdmirror info` shows each replica's state), or start \
+         this one as a secondary so its primary resends them, or, if this replica is the only \
+         copy left, pass --force-inconsistent",
+        dir.display(),
+        store::uncertain::Uncertain::path(dir).display()
+    )
+}
+
 impl Server {
     pub fn new(config: ServeConfig, replica: &dir::ReplicaDir) -> Result<Server, String> {
         let mut io = UringIo::new(1024).map_err(|e| format!("cannot set up io_uring: {e}"))?;
@@ -502,23 +517,30 @@ impl Server {
         // read is refused here too, before recovery writes anything.
         let mut peer_listener = None;
         let mut admin = None;
-        if let Some(m) = &config.mirror {
-            let g = mirror::generation::Generation::load(&m.dir)?;
+        let generation = match &config.mirror {
+            Some(m) => Some(mirror::generation::Generation::load(&m.dir)?),
+            None => None,
+        };
+        // A follower's replica served as the primary (a promotion) tracks
+        // the blocks its recovery cannot vouch for, as a secondary does:
+        // whether it may be promoted must not depend on whether it was
+        // restarted as a secondary first (a tester saw a replica refused
+        // after that start and promoted without it).
+        let promoting = config
+            .mirror
+            .as_ref()
+            .zip(generation)
+            .is_some_and(|(m, g)| {
+                m.role == mirror::NodeRole::Primary
+                    && g.current != 0
+                    && g.flags & mirror::generation::FLAG_PRIMARY == 0
+            });
+        if let (Some(m), Some(g)) = (&config.mirror, generation) {
             if m.role == mirror::NodeRole::Primary {
                 g.refuse_inconsistent_promotion(m.force_inconsistent)
                     .map_err(|e| {
-                        let u = store::uncertain::Uncertain::path(&m.dir);
-                        if u.exists() {
-                            format!(
-                                "{}: this replica's last crash recovery could not vouch for some \
-                                 of its blocks (listed in {}), and its primary had not resent \
-                                 them yet: served as the primary it would copy them over every \
-                                 peer. Promote a node that was in sync instead (`nbdmirror info` \
-                                 shows each replica's state), or, if this replica is the only \
-                                 copy left, pass --force-inconsistent",
-                                m.dir.display(),
-                                u.display()
-                            )
+                        if store::uncertain::Uncertain::path(&m.dir).exists() {
+                            unvouched_refusal(&m.dir, "some")
                         } else {
                             format!("{}: {e}", m.dir.display())
                         }
@@ -555,16 +577,6 @@ impl Server {
                 }
             }
         }
-        // A follower's replica served as the primary (a promotion) tracks
-        // them too: whether it may be promoted must not depend on whether
-        // it was restarted as a secondary first (a tester saw a replica
-        // refused after that start and promoted without it).
-        let promoting = config.mirror.as_ref().is_some_and(|m| {
-            m.role == mirror::NodeRole::Primary
-                && mirror::generation::Generation::load(&m.dir).is_ok_and(|g| {
-                    g.current != 0 && g.flags & mirror::generation::FLAG_PRIMARY == 0
-                })
-        });
         // Only a secondary keeps blocks recovery could not vouch for: its
         // primary settles them (see `store::uncertain`). A set left by a
         // run as a secondary means nothing to a primary (one promoted with
@@ -594,25 +606,15 @@ impl Server {
             .map(|_| replica.path.as_path());
         let mut store = Store::open_tracking(&mut io, files, sb, config.tuning, tracking)
             .map_err(|e| format!("{}: recovery failed: {e}", replica.path.display()))?;
-        if let Some(m) = config.mirror.as_ref().filter(|_| promoting) {
+        if let (Some(m), Some(mut g)) = (config.mirror.as_ref().filter(|_| promoting), generation) {
             let n = store.uncertain_count();
             if n > 0 && !m.force_inconsistent {
                 // Kept as a secondary's start would keep them: the set is
                 // saved, and the replica is marked inconsistent, so that
                 // `info` and a later start say the same.
-                let mut g = mirror::generation::Generation::load(&m.dir)?;
                 g.flags |= mirror::generation::FLAG_INCONSISTENT;
                 g.store(&m.dir)?;
-                return Err(format!(
-                    "{}: crash recovery could not vouch for {n} blocks of this replica (listed \
-                     in {}): their checksums were rebuilt from whatever the data file held, \
-                     and served as the primary it would copy them over every peer. Promote a \
-                     node that was in sync instead (`nbdmirror info` shows each replica's \
-                     state), or start this one as a secondary so its primary resends them, or, \
-                     if this replica is the only copy left, pass --force-inconsistent",
-                    m.dir.display(),
-                    store::uncertain::Uncertain::path(&m.dir).display()
-                ));
+                return Err(unvouched_refusal(&m.dir, &n.to_string()));
             }
             if n > 0 {
                 crate::elog!(
@@ -620,13 +622,9 @@ impl Server {
                      for {n} blocks (--force-inconsistent): its peers will be made to match them"
                 );
             }
-            // A primary keeps its own copy (see above).
+            // A primary keeps its own copy (see above); an emptied set's
+            // file is removed.
             store.settle_all();
-            let p = store::uncertain::Uncertain::path(&m.dir);
-            if p.exists() {
-                std::fs::remove_file(&p)
-                    .map_err(|e| format!("cannot remove {}: {e}", p.display()))?;
-            }
         }
         let secondary = config
             .mirror
@@ -1465,7 +1463,10 @@ impl Server {
         // A secondary's read-only export may refuse reads (see
         // `Mirror::read_refusal`).
         let refusal = match req.command {
-            Command::Read => self.mirror.as_ref().and_then(|m| m.read_refusal()),
+            Command::Read => self
+                .mirror
+                .as_ref()
+                .and_then(|m| m.read_refusal(&self.store)),
             _ => None,
         };
         match req.command {

@@ -925,9 +925,9 @@ impl Mirror {
     /// Why this secondary's read-only export answers reads with EIO, if it
     /// does: it is partway through a resync (`inconsistent`), or a primary
     /// refused it as split brain and none streams to it (`refused`).
-    pub fn read_refusal(&self) -> Option<String> {
+    pub fn read_refusal(&self, store: &Store) -> Option<String> {
         if self.inconsistent() {
-            if crate::store::uncertain::Uncertain::path(&self.cfg.dir).exists() {
+            if store.uncertain_count() > 0 {
                 return Some(
                     "this secondary's crash recovery could not vouch for some of its blocks, \
                      and its primary has not resent them yet"
@@ -2761,8 +2761,10 @@ impl Mirror {
         match kind {
             FrameKind::Record => {
                 let h = RecordHeader::decode(payload, self.size)?;
-                let from = self.links[&link].session.as_ref().map(|s| s.peer.node_id);
-                if let Some((_, d)) = self.pending_divergence.filter(|(n, _)| Some(*n) == from) {
+                let pending = self.pending_divergence.filter(|(n, _)| {
+                    self.links[&link].session.as_ref().map(|s| s.peer.node_id) == Some(*n)
+                });
+                if let Some((_, d)) = pending {
                     // Durable before the record is applied: from now on this
                     // replica holds a write the promoted node lacks.
                     d.store(&self.cfg.dir)?;
@@ -4071,7 +4073,7 @@ impl Mirror {
             "inconsistent": self.generation.flags & generation::FLAG_INCONSISTENT != 0,
             // Why, when it is: a crash recovery that could not vouch for
             // some blocks (rather than a resync cut short).
-            "uncertain": crate::store::uncertain::Uncertain::path(&self.cfg.dir).exists(),
+            "uncertain": store.is_some_and(|s| s.uncertain_count() > 0),
             "refused": self.refused,
             "rate_limit": self.cfg.resync_rate,
             "peers": peers,
