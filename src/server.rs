@@ -518,7 +518,10 @@ impl Server {
         let mut peer_listener = None;
         let mut admin = None;
         let generation = match &config.mirror {
-            Some(m) => Some(mirror::generation::Generation::load(&m.dir)?),
+            Some(m) => {
+                mirror::generation::load_lineage(&m.dir)?;
+                Some(mirror::generation::Generation::load(&m.dir)?)
+            }
             None => None,
         };
         // A follower's replica served as the primary (a promotion) tracks
