@@ -464,7 +464,9 @@ pub fn judge(ours: &Generation, lineage: &[u64], peer: &Generation, peer_id: u32
     if peer.flags & FLAG_INCONSISTENT != 0 && peer.flags & FLAG_PRIMARY == 0 {
         // Half resynced: nothing in it is worth keeping, and it may have
         // followed any primary of the volume. Compare every block.
-        return if peer.current == ours.current {
+        // (Whether another primary wrote to it since this one did, its
+        // session token tells.)
+        return if peer.current == ours.current || lineage.contains(&peer.current) {
             Verdict::Resync
         } else {
             Verdict::ResyncCompare
@@ -778,6 +780,12 @@ mod tests {
             judge(&p11, &[], &follower10, 2),
             Verdict::SplitBrain(_)
         ));
+        // Half resynced by this node before its restart: resumed.
+        let half10 = Generation {
+            flags: FLAG_INCONSISTENT,
+            ..follower10
+        };
+        assert_eq!(judge(&p11, &lineage, &half10, 2), Verdict::Resync);
         // The old generation claimed by a primary: split brain.
         assert!(matches!(
             judge(&p11, &lineage, &p, 2),
