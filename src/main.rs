@@ -355,7 +355,15 @@ macro_rules! out_raw {
 fn output_written(r: std::io::Result<()>) {
     if let Err(e) = r {
         if e.kind() == std::io::ErrorKind::BrokenPipe {
-            std::process::exit(0);
+            // The reader went away (`| head`): end as a program killed by
+            // SIGPIPE does (status 141), as Rust ignores the signal. Exit 0
+            // here told `check | head -1` that a failing replica was healthy
+            // (a tester's find).
+            unsafe {
+                libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+                libc::raise(libc::SIGPIPE);
+            }
+            std::process::exit(141);
         }
         nbdmirror::elog!("nbdmirror: cannot write the output: {e}");
         std::process::exit(1);

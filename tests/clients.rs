@@ -2771,6 +2771,33 @@ fn check_finds_silent_corruption_in_a_stopped_replica() {
     d[7 * 4096 + 99] ^= 0x40;
     fs::write(&data, &d).unwrap();
 
+    // Its verdict survives a reader that stops early (`check | head -1`):
+    // it used to exit 0 when the pipe closed.
+    let mut bad = d.clone();
+    for b in 0..1024 {
+        bad[b * 4096 + 7] ^= 0x01;
+    }
+    fs::write(&data, &bad).unwrap();
+    let mut child = Command::new(NBDMIRROR_BIN)
+        .args(["check", "--dir"])
+        .arg(&export.path)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut first,
+    )
+    .unwrap();
+    let status = child.wait().unwrap();
+    assert!(
+        !status.success(),
+        "{test}: check of 1024 bad blocks read by `head -1` exited {status} after {first:?}"
+    );
+    fs::write(&data, &d).unwrap();
+
     // A crash leaves the last writes in the journal only.
     let mut server = export.serve();
     let mut c = MiniClient::connect(&server.addr(), "disk").unwrap();
