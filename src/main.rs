@@ -1623,21 +1623,6 @@ fn run(cli: Cli) -> Result<(), String> {
                     damaged.push("generation");
                 }
             }
-            match nbdmirror::mirror::generation::load_lineage(&path) {
-                Ok(l) if l.is_empty() => {}
-                Ok(l) => out!(
-                    "lineage     {} earlier generation{} written as this primary before its \
-                     restarts (the last {:016x}); peers that hold one are resynced from the \
-                     bitmap",
-                    l.len(),
-                    if l.len() == 1 { "" } else { "s" },
-                    l[l.len() - 1]
-                ),
-                Err(e) => {
-                    out!("lineage     {e}");
-                    damaged.push("lineage");
-                }
-            }
             match nbdmirror::mirror::generation::Diverged::load(&path) {
                 Ok(None) => {}
                 Ok(Some(d)) => out!(
@@ -1726,7 +1711,6 @@ fn check_replica(path: &std::path::Path, expect: Option<u32>) -> Result<(), Stri
     dir::check_file_sizes(&data, &journal, &meta, &sb)
         .map_err(|e| format!("{}: {e}", path.display()))?;
     nbdmirror::mirror::generation::Generation::load(path)?;
-    nbdmirror::mirror::generation::load_lineage(path)?;
     let unsure = nbdmirror::store::uncertain::Uncertain::load(path)?;
     if !unsure.is_empty() {
         return Err(format!(

@@ -518,10 +518,7 @@ impl Server {
         let mut peer_listener = None;
         let mut admin = None;
         let generation = match &config.mirror {
-            Some(m) => {
-                mirror::generation::load_lineage(&m.dir)?;
-                Some(mirror::generation::Generation::load(&m.dir)?)
-            }
+            Some(m) => Some(mirror::generation::Generation::load(&m.dir)?),
             None => None,
         };
         // A follower's replica served as the primary (a promotion) tracks

@@ -168,40 +168,21 @@ impl Generation {
                 )),
             );
         }
-        // This replica served as the primary of `current` before: it moves
-        // on to a fresh generation (its own earlier ones are kept in
-        // `DIR/lineage` by the caller, and `previous`, the generation it was
-        // promoted from, stays). Peers that follow it from now on adopt the
-        // fresh one, so a node promoted from `current` while this one was
-        // down meets them as split brain instead of taking them with a
-        // compare that would drop what this node writes now.
-        let g = Generation {
-            current: fresh,
-            previous: self.previous,
-            flags: FLAG_PRIMARY,
-            session: self.session,
-        };
-        let why = if self.flags & FLAG_HANDED_OVER != 0 {
-            format!(
-                "serving as the primary again after handing generation {:016x} over at the last \
-                 shutdown: starting generation {fresh:016x}",
-                self.current
-            )
-        } else {
-            format!(
-                "starting data generation {fresh:016x} after this node's {:016x} (a primary \
-                 starts a new generation at every start; its peers adopt it once in sync)",
-                self.current
-            )
-        };
-        (g, Some(why))
-    }
-
-    /// Whether this replica was written as a primary of `current`, so that
-    /// serving it as the primary again continues its own history (the
-    /// caller adds `current` to the lineage) rather than starting one.
-    pub fn is_own_primary(&self) -> bool {
-        self.current != 0 && self.flags & FLAG_PRIMARY != 0
+        if self.flags & FLAG_HANDED_OVER != 0 {
+            let g = Generation {
+                flags: self.flags & !FLAG_HANDED_OVER,
+                ..self
+            };
+            return (
+                g,
+                Some(format!(
+                    "serving generation {:016x} as its primary again (it was handed over to the \
+                     peers at the last shutdown)",
+                    self.current
+                )),
+            );
+        }
+        (self, None)
     }
 
     /// Refuse to serve this replica as a primary while it is half
@@ -286,87 +267,6 @@ fn write_synced(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), String> {
         .map_err(|e| format!("cannot sync {}: {e}", dir.display()))
 }
 
-/// A primary's own earlier generations (`DIR/lineage`): the ones it
-/// served under before its restarts (each start as the primary moves on to
-/// a fresh generation, [`Generation::for_primary`]). A peer that holds one of
-/// them followed this node and missed only what its bitmap records, so it is
-/// resynced as usual. Emptied when the replica starts a history of its own
-/// (first start, promotion): a peer holding a generation from a time this
-/// replica was the primary before it followed someone else may lack writes
-/// no bitmap of this node recorded.
-///
-/// Layout (little-endian): magic `NMLINE01`, count u32, reserved u32, count
-/// u64 generations (oldest first, at most [`LINEAGE_MAX`]), xxh3-64 of
-/// everything before it. Written like `generation` (temp file, sync,
-/// rename); a missing file is an empty lineage, a damaged one is refused.
-pub const LINEAGE_MAX: usize = 64;
-const LINEAGE_MAGIC: &[u8; 8] = b"NMLINE01";
-
-pub fn lineage_path(dir: &Path) -> PathBuf {
-    dir.join("lineage")
-}
-
-pub fn load_lineage(dir: &Path) -> Result<Vec<u64>, String> {
-    let p = lineage_path(dir);
-    let b = match std::fs::read(&p) {
-        Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(format!("cannot read {}: {e}", p.display())),
-    };
-    let damaged = || {
-        format!(
-            "{} is damaged; it lists the generations this node wrote as the primary before its \
-             last start, which decide whether a returning peer followed it. Restore it, or \
-             remove it if every peer is to be resynced by comparing checksums or refused (peers \
-             holding one of those generations are then refused as split brain)",
-            p.display()
-        )
-    };
-    if b.len() < 24 || &b[0..8] != LINEAGE_MAGIC {
-        return Err(damaged());
-    }
-    let n = u32::from_le_bytes(b[8..12].try_into().unwrap()) as usize;
-    if n > LINEAGE_MAX || b.len() != 16 + 8 * n + 8 {
-        return Err(damaged());
-    }
-    let end = 16 + 8 * n;
-    if xxh3_64(&b[..end]) != u64::from_le_bytes(b[end..end + 8].try_into().unwrap()) {
-        return Err(damaged());
-    }
-    Ok(b[16..end]
-        .chunks_exact(8)
-        .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
-        .collect())
-}
-
-/// Store `gens` (the newest [`LINEAGE_MAX`] of them) as the lineage; an
-/// empty list removes the file.
-pub fn store_lineage(dir: &Path, gens: &[u64]) -> Result<(), String> {
-    if gens.is_empty() {
-        return match std::fs::remove_file(lineage_path(dir)) {
-            Ok(()) => File::open(dir)
-                .and_then(|d| d.sync_all())
-                .map_err(|e| format!("cannot sync {}: {e}", dir.display())),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(format!(
-                "cannot remove {}: {e}",
-                lineage_path(dir).display()
-            )),
-        };
-    }
-    let gens = &gens[gens.len().saturating_sub(LINEAGE_MAX)..];
-    let mut b = Vec::with_capacity(16 + 8 * gens.len() + 8);
-    b.extend_from_slice(LINEAGE_MAGIC);
-    b.extend_from_slice(&(gens.len() as u32).to_le_bytes());
-    b.extend_from_slice(&0u32.to_le_bytes());
-    for g in gens {
-        b.extend_from_slice(&g.to_le_bytes());
-    }
-    let sum = xxh3_64(&b);
-    b.extend_from_slice(&sum.to_le_bytes());
-    write_synced(dir, "lineage", &b)
-}
-
 /// A primary this secondary must refuse: it was promoted from the
 /// generation this replica follows while this replica went on taking
 /// records from another primary of that generation (two primaries at once,
@@ -428,14 +328,10 @@ impl Diverged {
         write_synced(dir, "diverged", &b)
     }
 
-    /// Whether primary node `node_id` holding `current` (promoted from
-    /// `previous`) is the refused one or descends from it. The refused node
-    /// restarted moves on to a fresh generation but is still promoted from
-    /// the one this replica followed, so that is refused too.
-    pub fn refuses(&self, node_id: u32, current: u64, previous: u64) -> bool {
-        current == self.generation
-            || previous == self.generation
-            || (node_id == self.node_id && previous == self.followed)
+    /// Whether a primary holding `current` (promoted from `previous`) is
+    /// the refused one or descends from it.
+    pub fn refuses(&self, current: u64, previous: u64) -> bool {
+        current == self.generation || previous == self.generation
     }
 }
 
@@ -449,24 +345,16 @@ pub enum Verdict {
     ResyncCompare,
     /// The histories diverged: refuse, with a reason for the log.
     SplitBrain(String),
-    /// The peer follows a primary promoted from this node's history while
-    /// this node was away: this node is the stale side. Refused like split
-    /// brain, but the peer is not told its own data is in question.
-    Superseded(String),
 }
 
-/// What primary `ours` (with its own earlier generations `lineage`) may do
-/// with peer `peer_id` holding `peer`.
-pub fn judge(ours: &Generation, lineage: &[u64], peer: &Generation, peer_id: u32) -> Verdict {
+pub fn judge(ours: &Generation, peer: &Generation, peer_id: u32) -> Verdict {
     if peer.current == 0 {
         return Verdict::Resync;
     }
     if peer.flags & FLAG_INCONSISTENT != 0 && peer.flags & FLAG_PRIMARY == 0 {
         // Half resynced: nothing in it is worth keeping, and it may have
         // followed any primary of the volume. Compare every block.
-        // (Whether another primary wrote to it since this one did, its
-        // session token tells.)
-        return if peer.current == ours.current || lineage.contains(&peer.current) {
+        return if peer.current == ours.current {
             Verdict::Resync
         } else {
             Verdict::ResyncCompare
@@ -489,45 +377,18 @@ pub fn judge(ours: &Generation, lineage: &[u64], peer: &Generation, peer_id: u32
         // primary after a clean handover: an older state of our history.
         return Verdict::ResyncCompare;
     }
-    if lineage.contains(&peer.current) {
-        // It followed this node before one of its restarts: the peer's
-        // bitmap holds everything it missed since (the session token
-        // still tells whether anyone else wrote to it).
-        return if peer.flags & FLAG_PRIMARY == 0 {
-            Verdict::Resync
-        } else {
-            Verdict::SplitBrain(format!(
-                "split brain: node {peer_id} claims to be the primary of generation {:016x}, \
-                 which this node wrote before its last start. Nothing was resynced either way",
-                peer.current
-            ))
-        };
-    }
-    let own = |g: u64| g != 0 && (g == ours.current || lineage.contains(&g));
-    if peer.flags & FLAG_PRIMARY == 0 && own(peer.previous) {
+    let how = if peer.flags & FLAG_PRIMARY == 0 && peer.previous == ours.current {
         // It did not write: it follows a primary promoted from our history
         // while this node was away, so the newer writes are that primary's.
-        return Verdict::Superseded(format!(
-            "split brain: node {peer_id} follows generation {:016x}, which another node started \
-             as a primary after this node's {:016x} (it was promoted while this node was away?), \
-             and holds writes this node never saw. If that primary is still serving, this node \
-             should not be: start it as that primary's secondary. Nothing was resynced either way",
-            peer.current, peer.previous
-        ));
-    }
-    let how =
-        if peer.flags & FLAG_PRIMARY == 0 && peer.previous != 0 && peer.previous == ours.previous {
-            // Both were promoted from, or follow ones promoted from, one
-            // generation: two primaries of one history.
-            format!(
-            "node {peer_id} follows generation {:016x}, which a primary started after {:016x}; \
-             this node started its own history ({:016x}) after that one too: two primaries wrote \
-             after the same generation (an old primary restarted as the primary after another \
-             node was promoted?)",
-            peer.current, peer.previous, ours.current
+        format!(
+            "node {peer_id} follows generation {:016x}, which another node started as a primary \
+             after this node's {:016x} (it was promoted while this node was away?), and holds \
+             writes this node never saw. If that primary is still serving, this node should \
+             not be: start it as that primary's secondary",
+            peer.current, ours.current
         )
-        } else if peer.previous == ours.current || peer.flags & FLAG_PRIMARY != 0 {
-            format!(
+    } else if peer.previous == ours.current || peer.flags & FLAG_PRIMARY != 0 {
+        format!(
             "node {peer_id} was served as a primary on its own (it wrote generation {:016x}{}) and \
              may hold writes this node never saw",
             peer.current,
@@ -537,12 +398,12 @@ pub fn judge(ours: &Generation, lineage: &[u64], peer: &Generation, peer_id: u32
                 String::new()
             }
         )
-        } else {
-            format!(
-                "node {peer_id} holds data of generation {:016x}, unrelated to this node's {:016x}",
-                peer.current, ours.current
-            )
-        };
+    } else {
+        format!(
+            "node {peer_id} holds data of generation {:016x}, unrelated to this node's {:016x}",
+            peer.current, ours.current
+        )
+    };
     Verdict::SplitBrain(format!(
         "split brain: {how}. Nothing was resynced either way"
     ))
@@ -610,12 +471,8 @@ mod tests {
                 session: 0
             }
         );
-        // A restarted primary moves on to a fresh generation (the caller
-        // keeps 10 in its lineage); it keeps the one it was promoted from.
-        assert!(p.is_own_primary());
-        let (restarted, why) = p.for_primary(11);
-        assert_eq!(restarted, Generation { current: 11, ..p });
-        assert!(why.unwrap().contains("after this node's"));
+        // A restarted primary keeps its generation.
+        assert_eq!(p.for_primary(11).0, p);
         // A secondary that followed 10 and is served as a primary is promoted.
         let follower = Generation {
             current: 10,
@@ -634,17 +491,14 @@ mod tests {
             }
         );
         assert!(why.unwrap().contains("promoted"));
-        assert_eq!(judge(&p, &[], &fresh, 2), Verdict::Resync);
-        assert_eq!(judge(&p, &[], &follower, 2), Verdict::Resync);
+        assert_eq!(judge(&p, &fresh, 2), Verdict::Resync);
+        assert_eq!(judge(&p, &follower, 2), Verdict::Resync);
         // The old primary's follower meets the promoted node.
-        assert_eq!(judge(&promoted, &[], &follower, 1), Verdict::ResyncCompare);
+        assert_eq!(judge(&promoted, &follower, 1), Verdict::ResyncCompare);
         // The promoted node comes back to the old primary: split brain.
-        assert!(matches!(
-            judge(&p, &[], &promoted, 2),
-            Verdict::SplitBrain(_)
-        ));
+        assert!(matches!(judge(&p, &promoted, 2), Verdict::SplitBrain(_)));
         // Two primaries of one generation.
-        assert!(matches!(judge(&p, &[], &p, 2), Verdict::SplitBrain(_)));
+        assert!(matches!(judge(&p, &p, 2), Verdict::SplitBrain(_)));
         // A planned switchover. The handover moves the generation on
         // (10 -> 15); the peers in sync adopt 15, one of them is promoted
         // (25 after 15) and takes the old primary back, comparing blocks.
@@ -662,38 +516,29 @@ mod tests {
             session: 0,
         };
         let (promoted15, _) = follower15.for_primary(25);
-        assert_eq!(judge(&promoted15, &[], &handed, 1), Verdict::ResyncCompare);
+        assert_eq!(judge(&promoted15, &handed, 1), Verdict::ResyncCompare);
         // A stale follower of 10 (not in sync at the handover), promoted,
         // must not take the old primary back: it lacks the newest writes.
         assert!(matches!(
-            judge(&promoted, &[], &handed, 1),
+            judge(&promoted, &handed, 1),
             Verdict::SplitBrain(_)
         ));
         // A handover that stopped after the first step (a peer failed):
         // the primary serves 15, the peers hold 10 or 15.
-        assert_eq!(judge(&moved, &[], &follower15, 2), Verdict::Resync);
-        assert_eq!(judge(&moved, &[], &follower, 2), Verdict::ResyncCompare);
+        assert_eq!(judge(&moved, &follower15, 2), Verdict::Resync);
+        assert_eq!(judge(&moved, &follower, 2), Verdict::ResyncCompare);
         // Served as a primary again, it clears the mark first: after that
         // it may have written, and meeting the promoted node is split brain.
         let (again, why) = handed.for_primary(30);
-        assert_eq!(
-            again,
-            Generation {
-                current: 30,
-                ..moved
-            }
-        );
+        assert_eq!(again, moved);
         assert!(why.unwrap().contains("again"));
         assert!(matches!(
-            judge(&promoted15, &[], &again, 1),
+            judge(&promoted15, &again, 1),
             Verdict::SplitBrain(_)
         ));
         // Handed over is still a primary's generation: two primaries of one
         // generation stay refused.
-        assert!(matches!(
-            judge(&moved, &[], &handed, 2),
-            Verdict::SplitBrain(_)
-        ));
+        assert!(matches!(judge(&moved, &handed, 2), Verdict::SplitBrain(_)));
         // A follower never hands over.
         assert_eq!(follower.handover_start(16), None);
         // The mark is written under a magic older binaries refuse.
@@ -715,10 +560,10 @@ mod tests {
             flags: 0,
             session: 0,
         };
-        assert!(matches!(judge(&p, &[], &other, 2), Verdict::SplitBrain(_)));
+        assert!(matches!(judge(&p, &other, 2), Verdict::SplitBrain(_)));
         // A follower of a primary promoted after us is not called a
         // primary: it wrote nothing itself.
-        let Verdict::Superseded(why) = judge(&p, &[], &follower_of(&promoted), 3) else {
+        let Verdict::SplitBrain(why) = judge(&p, &follower_of(&promoted), 3) else {
             panic!("a follower of a newer primary must be refused");
         };
         assert!(
@@ -734,12 +579,12 @@ mod tests {
         assert!(half.refuse_inconsistent_promotion(false).is_err());
         assert!(half.refuse_inconsistent_promotion(true).is_ok());
         assert!(follower.refuse_inconsistent_promotion(false).is_ok());
-        assert_eq!(judge(&p, &[], &half, 2), Verdict::ResyncCompare);
+        assert_eq!(judge(&p, &half, 2), Verdict::ResyncCompare);
         let half10 = Generation {
             flags: FLAG_INCONSISTENT,
             ..follower
         };
-        assert_eq!(judge(&p, &[], &half10, 2), Verdict::Resync);
+        assert_eq!(judge(&p, &half10, 2), Verdict::Resync);
         // Reported in sync: the mark goes, a new generation is adopted.
         assert_eq!(half10.in_sync_with(10), follower);
         let adopted = half10.in_sync_with(20);
@@ -756,83 +601,6 @@ mod tests {
         );
         assert_eq!(Generation::load(&d).unwrap(), half);
         std::fs::remove_dir_all(&d).unwrap();
-    }
-
-    /// A primary restarted (10 -> 11, lineage [10]) while a node was
-    /// promoted from 10 (20 after 10): a peer that followed it before the
-    /// restart is resynced as usual, one that follows it after is split
-    /// brain to the promoted node, and the promoted node's followers are
-    /// refused by it as the stale side.
-    #[test]
-    fn restarts_and_lineage() {
-        let p = Generation {
-            current: 10,
-            previous: 0,
-            flags: FLAG_PRIMARY,
-            session: 0,
-        };
-        let (p11, _) = p.for_primary(11);
-        let lineage = [10];
-        let follower10 = follower_of(&p);
-        assert_eq!(judge(&p11, &lineage, &follower10, 2), Verdict::Resync);
-        // Without the lineage it would be unrelated data.
-        assert!(matches!(
-            judge(&p11, &[], &follower10, 2),
-            Verdict::SplitBrain(_)
-        ));
-        // Half resynced by this node before its restart: resumed.
-        let half10 = Generation {
-            flags: FLAG_INCONSISTENT,
-            ..follower10
-        };
-        assert_eq!(judge(&p11, &lineage, &half10, 2), Verdict::Resync);
-        // The old generation claimed by a primary: split brain.
-        assert!(matches!(
-            judge(&p11, &lineage, &p, 2),
-            Verdict::SplitBrain(_)
-        ));
-        let (promoted, _) = follower10.for_primary(20);
-        // A peer that followed the restarted primary meets the promoted
-        // node: two primaries after 10.
-        let follower11 = follower10.in_sync_with(11);
-        let Verdict::SplitBrain(why) = judge(&promoted, &[], &follower11, 3) else {
-            panic!("a follower of the restarted primary must be refused");
-        };
-        assert!(why.contains("two primaries wrote after"), "{why}");
-        // A peer that follows the promoted node meets the restarted one.
-        assert!(matches!(
-            judge(&p11, &lineage, &follower_of(&promoted), 3),
-            Verdict::Superseded(_)
-        ));
-        // The promoted node restarted is still refused by a peer that
-        // stored it as diverged.
-        let (promoted2, _) = promoted.for_primary(21);
-        let d = Diverged {
-            generation: 20,
-            followed: 10,
-            node_id: 2,
-        };
-        assert!(d.refuses(2, promoted.current, promoted.previous));
-        assert!(d.refuses(2, promoted2.current, promoted2.previous));
-        assert!(!d.refuses(1, p11.current, p11.previous));
-        // The lineage file: round trip, bounded, damage refused, empty
-        // removes it.
-        let dir = std::env::temp_dir().join(format!("nbdm-lineage-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        assert_eq!(load_lineage(&dir).unwrap(), Vec::<u64>::new());
-        let many: Vec<u64> = (1..=LINEAGE_MAX as u64 + 5).collect();
-        store_lineage(&dir, &many).unwrap();
-        assert_eq!(load_lineage(&dir).unwrap(), many[5..].to_vec());
-        let mut b = std::fs::read(lineage_path(&dir)).unwrap();
-        b[20] ^= 1;
-        std::fs::write(lineage_path(&dir), &b).unwrap();
-        assert!(load_lineage(&dir).is_err());
-        std::fs::write(lineage_path(&dir), &b[..10]).unwrap();
-        assert!(load_lineage(&dir).is_err());
-        store_lineage(&dir, &[]).unwrap();
-        assert!(!lineage_path(&dir).exists());
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     fn follower_of(g: &Generation) -> Generation {

@@ -461,8 +461,6 @@ pub struct Mirror {
     cfg: MirrorConfig,
     node_id: u32,
     generation: Generation,
-    /// Primary: this node's own earlier generations (`generation::load_lineage`).
-    lineage: Vec<u64>,
     volume_uuid: [u8; 16],
     size: u64,
     peers: Vec<Peer>,
@@ -702,30 +700,11 @@ impl Mirror {
         }
         let mut generation = Generation::load(&cfg.dir)?;
         let diverged = generation::Diverged::load(&cfg.dir)?;
-        let mut lineage = generation::load_lineage(&cfg.dir)?;
         if cfg.role == NodeRole::Primary {
             let fresh = u64::from_le_bytes(nonce()[..8].try_into().unwrap()) | 1;
             let (g, what) = generation.for_primary(fresh);
-            // Stored before the generation it leads to: a crash in between
-            // leaves a lineage that names the current generation, which
-            // changes nothing.
-            let next = if generation.is_own_primary() {
-                let mut l = lineage.clone();
-                l.push(generation.current);
-                let drop = l.len().saturating_sub(generation::LINEAGE_MAX);
-                l.drain(..drop);
-                l
-            } else {
-                Vec::new()
-            };
-            if next != lineage {
-                generation::store_lineage(&cfg.dir, &next)?;
-                lineage = next;
-            }
-            if g != generation {
-                g.store(&cfg.dir)?;
-            }
             if let Some(what) = what {
+                g.store(&cfg.dir)?;
                 crate::elog!("nbdmirror: {what}");
             }
             generation = g;
@@ -872,7 +851,6 @@ impl Mirror {
             background: std::collections::HashSet::new(),
             node_id: sb.node_id,
             generation,
-            lineage,
             volume_uuid: sb.volume_uuid,
             size: sb.size,
             last_refill: t0,
@@ -2337,21 +2315,8 @@ impl Mirror {
                             self.peers[i].node_id, info.last_applied_seq, self.size, self.size
                         ))
                     } else {
-                        match generation::judge(
-                            &self.generation,
-                            &self.lineage,
-                            &theirs,
-                            self.peers[i].node_id,
-                        ) {
+                        match generation::judge(&self.generation, &theirs, self.peers[i].node_id) {
                             Verdict::SplitBrain(why) => Verdict::SplitBrain(format!(
-                                "{why}. {}",
-                                generation::split_brain_advice(
-                                    self.peers[i].node_id,
-                                    self.size,
-                                    &crate::store::dir::format_uuid(&self.volume_uuid),
-                                )
-                            )),
-                            Verdict::Superseded(why) => Verdict::Superseded(format!(
                                 "{why}. {}",
                                 generation::split_brain_advice(
                                     self.peers[i].node_id,
@@ -2363,15 +2328,9 @@ impl Mirror {
                         }
                     };
                     match verdict {
-                        Verdict::SplitBrain(ref why) | Verdict::Superseded(ref why) => {
-                            let code = if matches!(verdict, Verdict::Superseded(_)) {
-                                crate::peer::RejectCode::StalePrimary
-                            } else {
-                                crate::peer::RejectCode::SplitBrain
-                            };
-                            let why = why.clone();
+                        Verdict::SplitBrain(why) => {
                             if let Some(s) = l.session.as_mut() {
-                                s.reject(code, &why, &mut l.out);
+                                s.reject(crate::peer::RejectCode::SplitBrain, &why, &mut l.out);
                             }
                             l.close_after_send = true;
                             self.post_send(io, link);
@@ -2483,7 +2442,7 @@ impl Mirror {
                         return;
                     }
                     let (cur, prev) = (info.generations.current, info.generations.history[0]);
-                    if let Some(d) = self.diverged.filter(|d| d.refuses(info.node_id, cur, prev)) {
+                    if let Some(d) = self.diverged.filter(|d| d.refuses(cur, prev)) {
                         let why = format!(
                             "split brain: refusing primary node {} from {newcomer} (generation \
                              {cur:016x}): node {} was promoted to generation {:016x} while this \
@@ -2997,9 +2956,6 @@ impl Mirror {
                     let stale_primary = self.generation.flags & generation::FLAG_PRIMARY == 0
                         && theirs != 0
                         && self.generation.previous == theirs;
-                    // (A primary that knows it is the stale side says so:
-                    // StalePrimary. The test above is for older primaries,
-                    // which said SplitBrain.)
                     if r.code == crate::peer::RejectCode::SplitBrain && !stale_primary {
                         self.refused = Some(format!(
                             "refused as split brain by the primary at {}",

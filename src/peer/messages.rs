@@ -117,10 +117,6 @@ pub enum RejectCode {
     /// A secondary already streams from another primary whose session is
     /// alive; one primary at a time.
     Busy,
-    /// The primary is the stale side: the secondary follows a primary
-    /// promoted from the history this one wrote, while it was away. Unlike
-    /// SplitBrain, nothing is in question about the secondary's data.
-    StalePrimary,
     /// A code this build does not know (from a newer peer).
     Other(u16),
 }
@@ -135,7 +131,6 @@ impl RejectCode {
             RejectCode::Malformed => 5,
             RejectCode::SplitBrain => 6,
             RejectCode::Busy => 7,
-            RejectCode::StalePrimary => 8,
             RejectCode::Other(c) => c,
         }
     }
@@ -149,7 +144,6 @@ impl RejectCode {
             5 => RejectCode::Malformed,
             6 => RejectCode::SplitBrain,
             7 => RejectCode::Busy,
-            8 => RejectCode::StalePrimary,
             c => RejectCode::Other(c),
         }
     }
@@ -165,7 +159,6 @@ impl fmt::Display for RejectCode {
             RejectCode::Malformed => f.write_str("malformed"),
             RejectCode::SplitBrain => f.write_str("split brain"),
             RejectCode::Busy => f.write_str("another primary holds the session"),
-            RejectCode::StalePrimary => f.write_str("a newer primary's follower"),
             RejectCode::Other(c) => write!(f, "code {c}"),
         }
     }

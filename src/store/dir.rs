@@ -155,8 +155,6 @@ pub fn init(
                         || n == "generation.tmp"
                         || n == "diverged"
                         || n == "diverged.tmp"
-                        || n == "lineage"
-                        || n == "lineage.tmp"
                         || (n.starts_with("peer-") && n.ends_with(".bitmap"))
                 })
                 .collect()
