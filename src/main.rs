@@ -1594,10 +1594,17 @@ fn run(cli: Cli) -> Result<(), String> {
                     out!("generation  none yet (never served or synced)")
                 }
                 Ok(g) => out!(
-                    "generation  {:016x}{}{}",
+                    "generation  {:016x}{}{}{}",
                     g.current,
-                    if g.previous != 0 {
+                    if g.previous != 0 && g.from_epoch != 0 {
+                        format!(" (after run {} of {:016x})", g.from_epoch, g.previous)
+                    } else if g.previous != 0 {
                         format!(" (after {:016x})", g.previous)
+                    } else {
+                        String::new()
+                    },
+                    if g.epoch != 0 {
+                        format!(" run {}", g.epoch)
                     } else {
                         String::new()
                     },

@@ -5404,6 +5404,73 @@ fn a_peer_that_followed_the_old_primary_after_a_promotion_refuses_the_new_one() 
     );
 }
 
+/// An old primary that crashed and is restarted as the primary while
+/// another node was promoted meanwhile (a tester's repro, left open in the
+/// fifteenth session): node 1 crashes, node 2 is promoted with no peer in
+/// reach, then node 1 comes back as the primary, takes node 3 back and
+/// writes with it in sync. Node 1 dies; node 2 used to take node 3 with an
+/// ordinary compare (node 3 still held the generation node 2 was promoted
+/// from) and roll that acknowledged, flushed write back. Every start of a
+/// primary is now a new run of its generation (the run epoch), node 3
+/// records the run it followed, and node 2, promoted while it followed an
+/// earlier run, meets node 3 as split brain.
+#[test]
+fn a_restarted_old_primary_and_a_node_promoted_meanwhile_are_split_brain_at_a_common_peer() {
+    let test =
+        "a_restarted_old_primary_and_a_node_promoted_meanwhile_are_split_brain_at_a_common_peer";
+    let _wd = Watchdog::new(test, Duration::from_secs(150));
+    let seed = test_seed(test);
+    let mut cl = Cluster::new(test, seed, Opts::new(16 * MIB, 3));
+    cl.start_all();
+    cl.wait_in_sync(Duration::from_secs(30));
+    let put = |addr: &str, byte: u8| {
+        let mut c = MiniClient::connect(addr, "disk").unwrap();
+        assert_eq!(c.write(0, &[byte; 4096], 0).unwrap(), 0);
+        assert_eq!(c.flush().unwrap(), 0);
+        c.disconnect();
+    };
+    put(&cl.nbd_addr(), b'A');
+    cl.node(3).kill();
+    cl.node(1).kill();
+    cl.node(2).terminate();
+    promote(&mut cl, 2, &[3]);
+    wait_log(&mut cl, 2, "promoted", Duration::from_secs(20));
+    cl.node(2).kill();
+    // The old primary comes back as the primary, and node 3 with it.
+    cl.node(1).start();
+    cl.node(3).start();
+    let dir1 = cl.nodes[0].dir.display().to_string();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let j = status_json(&["--dir", &dir1]);
+        if j.as_ref()
+            .is_ok_and(|j| peer_state(j, 3).as_deref() == Some("in_sync"))
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{test}: node 3 never followed node 1 again: {j:?}\n{}",
+            cl.stderr_tails()
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+    // Acknowledged and flushed with node 3 in sync.
+    put(&cl.nbd_addr(), b'C');
+    cl.node(1).kill();
+    cl.node(2).start();
+    wait_log(&mut cl, 2, "split brain", Duration::from_secs(30));
+    cl.node(2).terminate();
+    cl.node(3).terminate();
+    let block0 = fs::read(cl.nodes[2].data()).unwrap()[..4096].to_vec();
+    assert!(
+        block0 == [b'C'; 4096],
+        "{test}: node 3 lost the write node 1 acknowledged with it in sync (holds {:?})\n{}",
+        block0[0] as char,
+        cl.stderr_tails()
+    );
+}
+
 /// The other side of the rule above: a promotion while the old primary is
 /// frozen (it sends nothing more) is an ordinary failover. Node 3 turns
 /// node 2 away only until the frozen session times out, then follows it,

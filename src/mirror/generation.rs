@@ -26,12 +26,22 @@
 //!   else wrote to the peer since, e.g. a copy of the primary's directory
 //!   serving while the primary was away: the primary compares checksums.
 //!
-//! Layout (little-endian, 48 bytes): magic `NMGEN002`, current u64, previous
-//! u64, flags u32, reserved u32, session u64, xxh3-64 of bytes 0..40
-//! (`NMGEN003` while `FLAG_HANDED_OVER` is set, `NMGEN004` while
-//! `FLAG_INCONSISTENT` is, so older binaries refuse those). The
-//! first format (`NMGEN001`, 40 bytes, no session, checksum at 32..40) is
-//! still read (session 0). Written whole to a temporary file, synced and
+//! - Every start of a primary is a new *run* of its generation (`epoch`,
+//!   counted from 1 at its first start or promotion). A secondary records
+//!   the run whose session it accepted, and a promoted node the run it
+//!   followed (`from_epoch`). A peer that followed a later run of the
+//!   generation a node was promoted from holds writes that node never saw
+//!   (the old primary was restarted as the primary after the promotion, or
+//!   the promoted node lagged behind): split brain, not a compare.
+//!
+//! Layout (little-endian, 56 bytes): magic `NMGEN002`, current u64, previous
+//! u64, flags u32, epoch u32, session u64, from_epoch u32, reserved u32,
+//! xxh3-64 of bytes 0..48 (`NMGEN003` while `FLAG_HANDED_OVER` is set,
+//! `NMGEN004` while `FLAG_INCONSISTENT` is, so older binaries refuse those;
+//! they refuse the 56-byte layout too). The 48-byte layout before it
+//! (reserved zero where epoch is, no from_epoch, checksum of 0..40 at 40)
+//! and the first format (`NMGEN001`, 40 bytes, no session, checksum at
+//! 32..40) are still read (epochs 0: unknown). Written whole to a temporary file, synced and
 //! renamed. A missing file is generation 0 (a replica that never served or
 //! followed anyone); a damaged one is refused.
 
@@ -52,7 +62,8 @@ const MAGIC_HANDED_OVER: &[u8; 8] = b"NMGEN003";
 /// binary that does not know the flag refuses the file instead of
 /// promoting a half-resynced replica.
 const MAGIC_INCONSISTENT: &[u8; 8] = b"NMGEN004";
-const LEN: usize = 48;
+const LEN_V2: usize = 48;
+const LEN: usize = 56;
 /// This replica writes (wrote) as the primary of `current`.
 pub const FLAG_PRIMARY: u32 = 1;
 /// With `FLAG_PRIMARY`: the primary stopped cleanly with every peer in sync
@@ -80,6 +91,13 @@ pub struct Generation {
     pub flags: u32,
     /// The last primary session this replica accepted records in (0: none).
     pub session: u64,
+    /// A primary: its run of `current` (starts as the primary, from 1). A
+    /// secondary: the run of `current` whose session it last accepted. 0:
+    /// unknown (written by an older binary).
+    pub epoch: u32,
+    /// A promoted primary: the run of `previous` it had followed when it
+    /// was promoted (0: unknown).
+    pub from_epoch: u32,
 }
 
 fn path(dir: &Path) -> PathBuf {
@@ -95,14 +113,12 @@ impl Generation {
             Err(e) => return Err(format!("cannot read {}: {e}", p.display())),
         };
         let u64_at = |at: usize| u64::from_le_bytes(b[at..at + 8].try_into().unwrap());
+        let u32_at = |at: usize| u32::from_le_bytes(b[at..at + 4].try_into().unwrap());
+        let magic_ok = |m: &[u8]| m == MAGIC || m == MAGIC_HANDED_OVER || m == MAGIC_INCONSISTENT;
         let intact = match b.len() {
             LEN_V1 => &b[0..8] == MAGIC_V1 && xxh3_64(&b[0..32]) == u64_at(32),
-            LEN => {
-                (&b[0..8] == MAGIC
-                    || &b[0..8] == MAGIC_HANDED_OVER
-                    || &b[0..8] == MAGIC_INCONSISTENT)
-                    && xxh3_64(&b[0..40]) == u64_at(40)
-            }
+            LEN_V2 => magic_ok(&b[0..8]) && xxh3_64(&b[0..40]) == u64_at(40),
+            LEN => magic_ok(&b[0..8]) && xxh3_64(&b[0..48]) == u64_at(48),
             _ => false,
         };
         if !intact {
@@ -116,7 +132,9 @@ impl Generation {
             current: u64_at(8),
             previous: u64_at(16),
             flags: u32::from_le_bytes(b[24..28].try_into().unwrap()),
-            session: if b.len() == LEN { u64_at(32) } else { 0 },
+            session: if b.len() == LEN_V1 { 0 } else { u64_at(32) },
+            epoch: if b.len() == LEN_V1 { 0 } else { u32_at(28) },
+            from_epoch: if b.len() == LEN { u32_at(40) } else { 0 },
         })
     }
 
@@ -132,9 +150,11 @@ impl Generation {
         b[8..16].copy_from_slice(&self.current.to_le_bytes());
         b[16..24].copy_from_slice(&self.previous.to_le_bytes());
         b[24..28].copy_from_slice(&self.flags.to_le_bytes());
+        b[28..32].copy_from_slice(&self.epoch.to_le_bytes());
         b[32..40].copy_from_slice(&self.session.to_le_bytes());
-        let sum = xxh3_64(&b[0..40]);
-        b[40..48].copy_from_slice(&sum.to_le_bytes());
+        b[40..44].copy_from_slice(&self.from_epoch.to_le_bytes());
+        let sum = xxh3_64(&b[0..48]);
+        b[48..56].copy_from_slice(&sum.to_le_bytes());
         write_synced(dir, "generation", &b)
     }
 
@@ -149,6 +169,8 @@ impl Generation {
                 previous: 0,
                 flags: FLAG_PRIMARY,
                 session: 0,
+                epoch: 1,
+                from_epoch: 0,
             };
             return (g, Some(format!("starting data generation {fresh:016x}")));
         }
@@ -158,6 +180,8 @@ impl Generation {
                 previous: self.current,
                 flags: FLAG_PRIMARY,
                 session: 0,
+                epoch: 1,
+                from_epoch: self.epoch,
             };
             return (
                 g,
@@ -168,21 +192,25 @@ impl Generation {
                 )),
             );
         }
+        // Every start is a new run (see `epoch`): a peer that follows this
+        // run and a node promoted from an earlier one are told apart.
+        let epoch = self.epoch.saturating_add(1);
         if self.flags & FLAG_HANDED_OVER != 0 {
             let g = Generation {
                 flags: self.flags & !FLAG_HANDED_OVER,
+                epoch,
                 ..self
             };
             return (
                 g,
                 Some(format!(
                     "serving generation {:016x} as its primary again (it was handed over to the \
-                     peers at the last shutdown)",
+                     peers at the last shutdown), run {epoch}",
                     self.current
                 )),
             );
         }
-        (self, None)
+        (Generation { epoch, ..self }, None)
     }
 
     /// Refuse to serve this replica as a primary while it is half
@@ -214,20 +242,43 @@ impl Generation {
     /// A secondary's generation once its primary, of generation `g`, reports
     /// it in sync: it holds `g` (the one before kept as `previous`), and is
     /// no longer inconsistent.
-    pub fn in_sync_with(self, g: u64) -> Generation {
+    /// `epoch` is the primary's run (0: unknown, an older primary).
+    pub fn in_sync_with(self, g: u64, epoch: u32) -> Generation {
         if g != self.current {
             Generation {
                 current: g,
                 previous: self.current,
                 flags: 0,
                 session: self.session,
+                epoch,
+                from_epoch: 0,
             }
         } else {
             Generation {
                 flags: self.flags & !FLAG_INCONSISTENT,
+                epoch: epoch.max(self.epoch),
                 ..self
             }
         }
+    }
+
+    /// A secondary accepting a session of a primary of generation
+    /// `primary` in run `epoch`: it records the run when it follows that
+    /// generation already (a later run may hold writes a node promoted from
+    /// an earlier one lacks). Otherwise the run is recorded when it adopts
+    /// the generation ([`Generation::in_sync_with`]).
+    pub fn following(self, primary: u64, epoch: u32) -> Generation {
+        if primary == self.current && epoch > self.epoch {
+            Generation { epoch, ..self }
+        } else {
+            self
+        }
+    }
+
+    /// The flags and run a node announces in the handshake (one field: the
+    /// run in the high 32 bits, which older binaries ignore).
+    pub fn wire_flags(&self) -> u64 {
+        self.flags as u64 | (self.epoch as u64) << 32
     }
 
     /// The first step of a handover at a clean shutdown (see
@@ -241,6 +292,8 @@ impl Generation {
             previous: self.current,
             flags: FLAG_PRIMARY,
             session: self.session,
+            epoch: self.epoch,
+            from_epoch: self.epoch,
         })
     }
 
@@ -373,6 +426,19 @@ pub fn judge(ours: &Generation, peer: &Generation, peer_id: u32) -> Verdict {
     if peer.current == ours.previous
         && (peer.flags & FLAG_PRIMARY == 0 || peer.flags & FLAG_HANDED_OVER != 0)
     {
+        if peer.flags & FLAG_PRIMARY == 0 && ours.from_epoch != 0 && peer.epoch > ours.from_epoch {
+            // It followed a later run of that generation than this node
+            // had when it was promoted: that run's writes are not here.
+            return Verdict::SplitBrain(format!(
+                "split brain: node {peer_id} followed generation {:016x} in run {} of its \
+                 primary, and this node was promoted from run {} of it: node {peer_id} holds \
+                 writes this node never saw (the old primary was restarted as the primary after \
+                 this node was promoted, or this node was promoted while it lagged behind node \
+                 {peer_id}, which should have been promoted instead). Nothing was resynced \
+                 either way",
+                peer.current, peer.epoch, ours.from_epoch
+            ));
+        }
         // A follower of the generation we were promoted from, or its
         // primary after a clean handover: an older state of our history.
         return Verdict::ResyncCompare;
@@ -437,6 +503,8 @@ mod tests {
             previous: 3,
             flags: FLAG_PRIMARY,
             session: 0x5e55,
+            epoch: 4,
+            from_epoch: 2,
         };
         g.store(&d).unwrap();
         assert_eq!(Generation::load(&d).unwrap(), g);
@@ -450,6 +518,19 @@ mod tests {
         std::fs::write(d.join("generation"), &v1).unwrap();
         let old = Generation::load(&d).unwrap();
         assert_eq!((old.current, old.flags, old.session), (7, FLAG_PRIMARY, 0));
+        // So does the second (48 bytes, no runs).
+        let mut v2 = vec![0u8; LEN_V2];
+        v2[0..8].copy_from_slice(MAGIC);
+        v2[8..16].copy_from_slice(&7u64.to_le_bytes());
+        v2[32..40].copy_from_slice(&9u64.to_le_bytes());
+        let sum = xxh3_64(&v2[0..40]);
+        v2[40..48].copy_from_slice(&sum.to_le_bytes());
+        std::fs::write(d.join("generation"), &v2).unwrap();
+        let old = Generation::load(&d).unwrap();
+        assert_eq!(
+            (old.current, old.session, old.epoch, old.from_epoch),
+            (7, 9, 0, 0)
+        );
         g.store(&d).unwrap();
         let mut b = std::fs::read(d.join("generation")).unwrap();
         b[9] ^= 1;
@@ -468,17 +549,22 @@ mod tests {
                 current: 10,
                 previous: 0,
                 flags: FLAG_PRIMARY,
-                session: 0
+                session: 0,
+                epoch: 1,
+                from_epoch: 0,
             }
         );
-        // A restarted primary keeps its generation.
-        assert_eq!(p.for_primary(11).0, p);
-        // A secondary that followed 10 and is served as a primary is promoted.
+        // A restarted primary keeps its generation, in a new run.
+        assert_eq!(p.for_primary(11).0, Generation { epoch: 2, ..p });
+        // A secondary that followed run 1 of 10 and is served as a primary
+        // is promoted.
         let follower = Generation {
             current: 10,
             previous: 0,
             flags: 0,
             session: 0,
+            epoch: 1,
+            from_epoch: 0,
         };
         let (promoted, why) = follower.for_primary(20);
         assert_eq!(
@@ -487,7 +573,9 @@ mod tests {
                 current: 20,
                 previous: 10,
                 flags: FLAG_PRIMARY,
-                session: 0
+                session: 0,
+                epoch: 1,
+                from_epoch: 1,
             }
         );
         assert!(why.unwrap().contains("promoted"));
@@ -514,6 +602,8 @@ mod tests {
             previous: 10,
             flags: 0,
             session: 0,
+            epoch: 1,
+            from_epoch: 0,
         };
         let (promoted15, _) = follower15.for_primary(25);
         assert_eq!(judge(&promoted15, &handed, 1), Verdict::ResyncCompare);
@@ -530,7 +620,7 @@ mod tests {
         // Served as a primary again, it clears the mark first: after that
         // it may have written, and meeting the promoted node is split brain.
         let (again, why) = handed.for_primary(30);
-        assert_eq!(again, moved);
+        assert_eq!(again, Generation { epoch: 2, ..moved });
         assert!(why.unwrap().contains("again"));
         assert!(matches!(
             judge(&promoted15, &again, 1),
@@ -556,9 +646,7 @@ mod tests {
         // Unrelated data.
         let other = Generation {
             current: 99,
-            previous: 0,
-            flags: 0,
-            session: 0,
+            ..Generation::default()
         };
         assert!(matches!(judge(&p, &other, 2), Verdict::SplitBrain(_)));
         // A follower of a primary promoted after us is not called a
@@ -586,11 +674,16 @@ mod tests {
         };
         assert_eq!(judge(&p, &half10, 2), Verdict::Resync);
         // Reported in sync: the mark goes, a new generation is adopted.
-        assert_eq!(half10.in_sync_with(10), follower);
-        let adopted = half10.in_sync_with(20);
+        assert_eq!(half10.in_sync_with(10, 1), follower);
+        let adopted = half10.in_sync_with(20, 3);
         assert_eq!(
-            (adopted.current, adopted.previous, adopted.flags),
-            (20, 10, 0)
+            (
+                adopted.current,
+                adopted.previous,
+                adopted.flags,
+                adopted.epoch
+            ),
+            (20, 10, 0, 3)
         );
         let d = std::env::temp_dir().join(format!("nbdm-gen-inc-{}", std::process::id()));
         std::fs::create_dir_all(&d).unwrap();
@@ -603,12 +696,63 @@ mod tests {
         std::fs::remove_dir_all(&d).unwrap();
     }
 
+    /// Runs: node 1 is the primary of 10 in run 1; node 2 follows it and
+    /// is promoted (20 after run 1 of 10) while node 1 is down; node 1 is
+    /// restarted as the primary (run 2) and node 3 follows that run. Node
+    /// 2 meets node 3: split brain. A follower of run 1 (or of an unknown
+    /// run: an older binary) is compared, as before.
+    #[test]
+    fn runs() {
+        let (p1, _) = Generation::default().for_primary(10);
+        assert_eq!(p1.epoch, 1);
+        let follower1 = Generation::default()
+            .in_sync_with(10, p1.epoch)
+            .following(10, p1.epoch);
+        assert_eq!(follower1.epoch, 1);
+        let (promoted, _) = follower1.for_primary(20);
+        assert_eq!((promoted.previous, promoted.from_epoch), (10, 1));
+        let (p2, _) = p1.for_primary(99);
+        assert_eq!((p2.current, p2.epoch), (10, 2));
+        // Node 3 accepts run 2's session (it holds 10 already).
+        let follower2 = follower1.following(p2.current, p2.epoch);
+        assert_eq!(follower2.epoch, 2);
+        // Another generation's session changes nothing until adopted.
+        assert_eq!(follower1.following(20, 7), follower1);
+        let Verdict::SplitBrain(why) = judge(&promoted, &follower2, 3) else {
+            panic!("a follower of a later run must be refused");
+        };
+        assert!(why.contains("run 2") && why.contains("run 1"), "{why}");
+        assert_eq!(judge(&promoted, &follower1, 3), Verdict::ResyncCompare);
+        let unknown = Generation {
+            epoch: 0,
+            ..follower2
+        };
+        assert_eq!(judge(&promoted, &unknown, 3), Verdict::ResyncCompare);
+        // Promoted by an older binary: no run to compare with.
+        let old_promoted = Generation {
+            from_epoch: 0,
+            ..promoted
+        };
+        assert_eq!(judge(&old_promoted, &follower2, 3), Verdict::ResyncCompare);
+        // The promoted node restarted keeps the run it was promoted from.
+        let (promoted2, _) = promoted.for_primary(98);
+        assert_eq!((promoted2.epoch, promoted2.from_epoch), (2, 1));
+        assert!(matches!(
+            judge(&promoted2, &follower2, 3),
+            Verdict::SplitBrain(_)
+        ));
+        // The same primary's own followers, whatever run they saw, are
+        // resynced as usual.
+        assert_eq!(judge(&p2, &follower1, 2), Verdict::Resync);
+        // Runs cross the wire in the flags field's high half.
+        assert_eq!(p2.wire_flags(), FLAG_PRIMARY as u64 | 2 << 32);
+    }
+
     fn follower_of(g: &Generation) -> Generation {
         Generation {
             current: g.current,
             previous: g.previous,
-            flags: 0,
-            session: 0,
+            ..Generation::default()
         }
     }
 }

@@ -1834,7 +1834,7 @@ impl Mirror {
                 current: self.generation.current,
                 // A secondary's session (see FrameKind::Session); 0 on a primary.
                 bitmap: self.generation.session,
-                history: [self.generation.previous, self.generation.flags as u64],
+                history: [self.generation.previous, self.generation.wire_flags()],
             },
             // v1 carries the disk size here (see docs/peer-protocol.md).
             last_applied_seq: self.size,
@@ -2307,6 +2307,8 @@ impl Mirror {
                         previous: info.generations.history[0],
                         flags: info.generations.history[1] as u32,
                         session: info.generations.bitmap,
+                        epoch: (info.generations.history[1] >> 32) as u32,
+                        from_epoch: 0,
                     };
                     let verdict = if info.last_applied_seq != self.size {
                         Verdict::SplitBrain(format!(
@@ -2849,7 +2851,7 @@ impl Mirror {
                 // Every block the compare found different, unknown ones
                 // included, was resent and is durable here.
                 store.settle_all();
-                let next = self.generation.in_sync_with(g);
+                let next = self.generation.in_sync_with(g, self.primary_run(link));
                 if next != self.generation {
                     next.store(&self.cfg.dir)?;
                     crate::elog!(
@@ -2870,12 +2872,19 @@ impl Mirror {
                 // new generation, not carry on the old one.
                 let flags = self.generation.flags
                     & !(generation::FLAG_PRIMARY | generation::FLAG_HANDED_OVER);
-                if token != self.generation.session || flags != self.generation.flags {
-                    let next = Generation {
-                        session: token,
-                        flags,
-                        ..self.generation
-                    };
+                // The primary's run, when it is of the generation this
+                // replica holds (`Generation::following`).
+                let primary = self
+                    .links
+                    .get(&link)
+                    .and_then(|l| l.session.as_ref())
+                    .map_or(0, |s| s.peer.generations.current);
+                let next = Generation {
+                    session: token,
+                    flags,
+                    ..self.generation.following(primary, self.primary_run(link))
+                };
+                if next != self.generation {
                     next.store(&self.cfg.dir)?;
                     if flags != self.generation.flags {
                         crate::elog!(
@@ -3176,6 +3185,15 @@ impl Mirror {
 
     /// Peer `i` holds exactly our data: tell it our generation (it records
     /// it, so a later connect knows its data is ours).
+    /// Secondary: the run of the primary on `link` (0: unknown, an older
+    /// primary).
+    fn primary_run(&self, link: u64) -> u32 {
+        self.links
+            .get(&link)
+            .and_then(|l| l.session.as_ref())
+            .map_or(0, |s| (s.peer.generations.history[1] >> 32) as u32)
+    }
+
     fn announce_generation(&mut self, io: &mut dyn Io, i: usize) {
         if let Some(link) = self.peers[i].link {
             let g = self.generation.current.to_le_bytes();
