@@ -231,6 +231,8 @@ pub struct Scrub {
     pass_id: u64,
     tokens: f64,
     changed: bool,
+    /// A save was handed to the saver in this run.
+    issued: bool,
     /// Findings to save at the next tick, not in 5 s.
     urgent: bool,
     last_save: Instant,
@@ -306,6 +308,7 @@ impl Scrub {
             pass_id: 1,
             tokens: 0.0,
             changed,
+            issued: false,
             urgent: false,
             last_save: now,
             saver: Saver::start(path_for_saver),
@@ -710,6 +713,13 @@ impl Scrub {
     /// As [`Scrub::save`], returning once the record is on disk (at a clean
     /// stop).
     pub fn save_and_wait(&mut self) {
+        // An idle scrub with nothing new has nothing to record (a full
+        // filesystem made every stop log a failed save of a scrub that
+        // never ran).
+        // (Once a save was issued, this one also waits for it.)
+        if self.saved.state == State::Idle && !self.changed && !self.issued {
+            return;
+        }
         self.save_with(true);
     }
 
@@ -719,6 +729,7 @@ impl Scrub {
         self.saved.done_ahead = self.saved.done_ahead.split_off(&c);
         if let Ok(body) = serde_json::to_vec(&self.saved) {
             self.saver.write(body, wait);
+            self.issued = true;
         }
         self.changed = false;
         self.urgent = false;

@@ -847,7 +847,10 @@ impl Store {
                  {} intact records of the same run follow it (seq {}..{}). They cannot be replayed \
                  in order and are dropped, so writes the client saw flushed may be lost. Their \
                  blocks now read as whatever the data file holds (their data if it was applied \
-                 before the crash, older data otherwise). Check the disk under {}; a mirrored \
+                 before the crash, older data otherwise). The damaged record's own blocks \
+                 cannot be named (its header is unreadable): where their data and checksums \
+                 disagree, reads fail with EIO, and `nbdmirror check` lists them. Check the disk \
+                 under {}; a mirrored \
                  secondary gets them back from its primary; a primary with peers refuses to \
                  start this way unless told to (--accept-journal-loss).",
                 end.next_seq,
