@@ -5430,6 +5430,12 @@ fn a_restarted_old_primary_and_a_node_promoted_meanwhile_are_split_brain_at_a_co
         c.disconnect();
     };
     put(&cl.nbd_addr(), b'A');
+    // An earlier restart of the primary (a reviewer's variant: the run of
+    // a restart was never stored, so the next restart reused it).
+    cl.node(1).terminate();
+    cl.node(1).start();
+    cl.wait_in_sync(Duration::from_secs(30));
+    put(&cl.nbd_addr(), b'B');
     cl.node(3).kill();
     cl.node(1).kill();
     cl.node(2).terminate();
@@ -5466,6 +5472,46 @@ fn a_restarted_old_primary_and_a_node_promoted_meanwhile_are_split_brain_at_a_co
     assert!(
         block0 == [b'C'; 4096],
         "{test}: node 3 lost the write node 1 acknowledged with it in sync (holds {:?})\n{}",
+        block0[0] as char,
+        cl.stderr_tails()
+    );
+}
+
+/// A secondary promoted after the primary went on writing without it (a
+/// tester's find): node 3 is stopped cleanly, node 1 writes and flushes
+/// with node 2 in sync, node 1 dies and node 3 is promoted. Node 3 used to
+/// take node 2 with a compare and roll those writes back, silently. Node 1
+/// starts a new run at its first write after losing node 3, node 2 records
+/// it, and node 3, promoted from the earlier run, is refused by node 2 as
+/// split brain (node 2 is the one to promote).
+#[test]
+fn a_secondary_promoted_after_the_primary_wrote_without_it_is_refused_by_the_one_that_kept_up() {
+    let test =
+        "a_secondary_promoted_after_the_primary_wrote_without_it_is_refused_by_the_one_that_kept_up";
+    let _wd = Watchdog::new(test, Duration::from_secs(150));
+    let seed = test_seed(test);
+    let mut cl = Cluster::new(test, seed, Opts::new(16 * MIB, 3));
+    cl.start_all();
+    cl.wait_in_sync(Duration::from_secs(30));
+    let put = |addr: &str, byte: u8| {
+        let mut c = MiniClient::connect(addr, "disk").unwrap();
+        assert_eq!(c.write(0, &[byte; 4096], 0).unwrap(), 0);
+        assert_eq!(c.flush().unwrap(), 0);
+        c.disconnect();
+    };
+    put(&cl.nbd_addr(), b'A');
+    cl.node(3).terminate();
+    // Acknowledged and flushed with node 2 in sync, node 3 away.
+    put(&cl.nbd_addr(), b'C');
+    cl.node(1).kill();
+    promote(&mut cl, 3, &[2]);
+    wait_log(&mut cl, 3, "split brain", Duration::from_secs(30));
+    cl.node(3).terminate();
+    cl.node(2).terminate();
+    let block0 = fs::read(cl.nodes[1].data()).unwrap()[..4096].to_vec();
+    assert!(
+        block0 == [b'C'; 4096],
+        "{test}: node 2 lost the write node 1 acknowledged with it in sync (holds {:?})\n{}",
         block0[0] as char,
         cl.stderr_tails()
     );

@@ -134,11 +134,18 @@ impl Generation {
             flags: u32::from_le_bytes(b[24..28].try_into().unwrap()),
             session: if b.len() == LEN_V1 { 0 } else { u64_at(32) },
             epoch: if b.len() == LEN_V1 { 0 } else { u32_at(28) },
-            from_epoch: if b.len() == LEN { u32_at(40) } else { 0 },
+            from_epoch: if b.len() == LEN && u32_at(24) & FLAG_PRIMARY != 0 {
+                u32_at(40)
+            } else {
+                0
+            },
         })
     }
 
     pub fn store(&self, dir: &Path) -> Result<(), String> {
+        // The 48-byte layout (older binaries read it and ignore the run)
+        // unless a promoted primary's `from_epoch` must be kept.
+        let long = self.flags & FLAG_PRIMARY != 0 && self.from_epoch != 0;
         let mut b = [0u8; LEN];
         b[0..8].copy_from_slice(if self.flags & FLAG_HANDED_OVER != 0 {
             MAGIC_HANDED_OVER
@@ -152,6 +159,11 @@ impl Generation {
         b[24..28].copy_from_slice(&self.flags.to_le_bytes());
         b[28..32].copy_from_slice(&self.epoch.to_le_bytes());
         b[32..40].copy_from_slice(&self.session.to_le_bytes());
+        if !long {
+            let sum = xxh3_64(&b[0..40]);
+            b[40..48].copy_from_slice(&sum.to_le_bytes());
+            return write_synced(dir, "generation", &b[..LEN_V2]);
+        }
         b[40..44].copy_from_slice(&self.from_epoch.to_le_bytes());
         let sum = xxh3_64(&b[0..48]);
         b[48..56].copy_from_slice(&sum.to_le_bytes());
@@ -192,25 +204,22 @@ impl Generation {
                 )),
             );
         }
-        // Every start is a new run (see `epoch`): a peer that follows this
-        // run and a node promoted from an earlier one are told apart.
-        let epoch = self.epoch.saturating_add(1);
+        // (Its run advances at its first write: `Mirror::advance_run`.)
         if self.flags & FLAG_HANDED_OVER != 0 {
             let g = Generation {
                 flags: self.flags & !FLAG_HANDED_OVER,
-                epoch,
                 ..self
             };
             return (
                 g,
                 Some(format!(
                     "serving generation {:016x} as its primary again (it was handed over to the \
-                     peers at the last shutdown), run {epoch}",
+                     peers at the last shutdown)",
                     self.current
                 )),
             );
         }
-        (Generation { epoch, ..self }, None)
+        (self, None)
     }
 
     /// Refuse to serve this replica as a primary while it is half
@@ -262,17 +271,10 @@ impl Generation {
         }
     }
 
-    /// A secondary accepting a session of a primary of generation
-    /// `primary` in run `epoch`: it records the run when it follows that
-    /// generation already (a later run may hold writes a node promoted from
-    /// an earlier one lacks). Otherwise the run is recorded when it adopts
-    /// the generation ([`Generation::in_sync_with`]).
-    pub fn following(self, primary: u64, epoch: u32) -> Generation {
-        if primary == self.current && epoch > self.epoch {
-            Generation { epoch, ..self }
-        } else {
-            self
-        }
+    /// Whether this replica was written as a primary of `current`: serving
+    /// it as the primary again continues that history, in a new run.
+    pub fn is_own_primary(&self) -> bool {
+        self.current != 0 && self.flags & FLAG_PRIMARY != 0
     }
 
     /// The flags and run a node announces in the handshake (one field: the
@@ -293,7 +295,7 @@ impl Generation {
             flags: FLAG_PRIMARY,
             session: self.session,
             epoch: self.epoch,
-            from_epoch: self.epoch,
+            from_epoch: 0,
         })
     }
 
@@ -404,6 +406,23 @@ pub fn judge(ours: &Generation, peer: &Generation, peer_id: u32) -> Verdict {
     if peer.current == 0 {
         return Verdict::Resync;
     }
+    if peer.current == ours.previous
+        && peer.flags & FLAG_PRIMARY == 0
+        && ours.from_epoch != 0
+        && peer.epoch > ours.from_epoch
+    {
+        // It was in sync with a later run of the generation this node was
+        // promoted from than this node had followed: that run's writes
+        // (still on it, even half resynced since) are not here.
+        return Verdict::SplitBrain(format!(
+            "split brain: node {peer_id} was in sync with run {} of generation {:016x}, and \
+             this node was promoted from run {} of it: node {peer_id} holds writes this node \
+             never saw (the old primary was restarted as the primary after this node was \
+             promoted, or it wrote on after this node lost touch with it; node {peer_id} should \
+             have been promoted instead). Nothing was resynced either way",
+            peer.epoch, peer.current, ours.from_epoch
+        ));
+    }
     if peer.flags & FLAG_INCONSISTENT != 0 && peer.flags & FLAG_PRIMARY == 0 {
         // Half resynced: nothing in it is worth keeping, and it may have
         // followed any primary of the volume. Compare every block.
@@ -426,19 +445,6 @@ pub fn judge(ours: &Generation, peer: &Generation, peer_id: u32) -> Verdict {
     if peer.current == ours.previous
         && (peer.flags & FLAG_PRIMARY == 0 || peer.flags & FLAG_HANDED_OVER != 0)
     {
-        if peer.flags & FLAG_PRIMARY == 0 && ours.from_epoch != 0 && peer.epoch > ours.from_epoch {
-            // It followed a later run of that generation than this node
-            // had when it was promoted: that run's writes are not here.
-            return Verdict::SplitBrain(format!(
-                "split brain: node {peer_id} followed generation {:016x} in run {} of its \
-                 primary, and this node was promoted from run {} of it: node {peer_id} holds \
-                 writes this node never saw (the old primary was restarted as the primary after \
-                 this node was promoted, or this node was promoted while it lagged behind node \
-                 {peer_id}, which should have been promoted instead). Nothing was resynced \
-                 either way",
-                peer.current, peer.epoch, ours.from_epoch
-            ));
-        }
         // A follower of the generation we were promoted from, or its
         // primary after a clean handover: an older state of our history.
         return Verdict::ResyncCompare;
@@ -554,8 +560,10 @@ mod tests {
                 from_epoch: 0,
             }
         );
-        // A restarted primary keeps its generation, in a new run.
-        assert_eq!(p.for_primary(11).0, Generation { epoch: 2, ..p });
+        // A restarted primary keeps its generation (its run advances at its
+        // first write, `Mirror::advance_run`).
+        assert_eq!(p.for_primary(11).0, p);
+        assert!(p.is_own_primary());
         // A secondary that followed run 1 of 10 and is served as a primary
         // is promoted.
         let follower = Generation {
@@ -620,7 +628,7 @@ mod tests {
         // Served as a primary again, it clears the mark first: after that
         // it may have written, and meeting the promoted node is split brain.
         let (again, why) = handed.for_primary(30);
-        assert_eq!(again, Generation { epoch: 2, ..moved });
+        assert_eq!(again, moved);
         assert!(why.unwrap().contains("again"));
         assert!(matches!(
             judge(&promoted15, &again, 1),
@@ -696,32 +704,40 @@ mod tests {
         std::fs::remove_dir_all(&d).unwrap();
     }
 
-    /// Runs: node 1 is the primary of 10 in run 1; node 2 follows it and
-    /// is promoted (20 after run 1 of 10) while node 1 is down; node 1 is
-    /// restarted as the primary (run 2) and node 3 follows that run. Node
-    /// 2 meets node 3: split brain. A follower of run 1 (or of an unknown
-    /// run: an older binary) is compared, as before.
+    /// Runs: node 1 is the primary of 10 in run 1; node 2 is in sync with
+    /// it and is promoted (20 after run 1 of 10) while node 1 is down; node
+    /// 1 is restarted as the primary, writes (run 2) and node 3 is in sync
+    /// with that run. Node 2 meets node 3: split brain, even half resynced
+    /// since. A follower of run 1 (or of an unknown run: an older binary)
+    /// is compared, as before.
     #[test]
     fn runs() {
         let (p1, _) = Generation::default().for_primary(10);
         assert_eq!(p1.epoch, 1);
-        let follower1 = Generation::default()
-            .in_sync_with(10, p1.epoch)
-            .following(10, p1.epoch);
+        let follower1 = Generation::default().in_sync_with(10, p1.epoch);
         assert_eq!(follower1.epoch, 1);
         let (promoted, _) = follower1.for_primary(20);
         assert_eq!((promoted.previous, promoted.from_epoch), (10, 1));
-        let (p2, _) = p1.for_primary(99);
-        assert_eq!((p2.current, p2.epoch), (10, 2));
-        // Node 3 accepts run 2's session (it holds 10 already).
-        let follower2 = follower1.following(p2.current, p2.epoch);
+        // The restart keeps run 1 until the first write (Mirror::advance_run).
+        let (p1again, _) = p1.for_primary(99);
+        assert_eq!(p1again, p1);
+        let p2 = Generation { epoch: 2, ..p1 };
+        let follower2 = follower1.in_sync_with(p2.current, p2.epoch);
         assert_eq!(follower2.epoch, 2);
-        // Another generation's session changes nothing until adopted.
-        assert_eq!(follower1.following(20, 7), follower1);
+        // An older primary's announce (no run) keeps the run recorded.
+        assert_eq!(follower2.in_sync_with(10, 0).epoch, 2);
         let Verdict::SplitBrain(why) = judge(&promoted, &follower2, 3) else {
             panic!("a follower of a later run must be refused");
         };
         assert!(why.contains("run 2") && why.contains("run 1"), "{why}");
+        let half2 = Generation {
+            flags: FLAG_INCONSISTENT,
+            ..follower2
+        };
+        assert!(matches!(
+            judge(&promoted, &half2, 3),
+            Verdict::SplitBrain(_)
+        ));
         assert_eq!(judge(&promoted, &follower1, 3), Verdict::ResyncCompare);
         let unknown = Generation {
             epoch: 0,
@@ -736,7 +752,7 @@ mod tests {
         assert_eq!(judge(&old_promoted, &follower2, 3), Verdict::ResyncCompare);
         // The promoted node restarted keeps the run it was promoted from.
         let (promoted2, _) = promoted.for_primary(98);
-        assert_eq!((promoted2.epoch, promoted2.from_epoch), (2, 1));
+        assert_eq!(promoted2.from_epoch, 1);
         assert!(matches!(
             judge(&promoted2, &follower2, 3),
             Verdict::SplitBrain(_)
@@ -746,6 +762,17 @@ mod tests {
         assert_eq!(judge(&p2, &follower1, 2), Verdict::Resync);
         // Runs cross the wire in the flags field's high half.
         assert_eq!(p2.wire_flags(), FLAG_PRIMARY as u64 | 2 << 32);
+        // Only a promoted primary needs the 56-byte layout; the rest stay
+        // readable by older binaries (48 bytes, the run where they keep 0).
+        let d = std::env::temp_dir().join(format!("nbdm-gen-runs-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        for (g, len) in [(follower2, LEN_V2), (p2, LEN_V2), (promoted2, LEN)] {
+            g.store(&d).unwrap();
+            assert_eq!(std::fs::read(d.join("generation")).unwrap().len(), len);
+            assert_eq!(Generation::load(&d).unwrap(), g);
+        }
+        std::fs::remove_dir_all(&d).unwrap();
     }
 
     fn follower_of(g: &Generation) -> Generation {

@@ -461,6 +461,9 @@ pub struct Mirror {
     cfg: MirrorConfig,
     node_id: u32,
     generation: Generation,
+    /// Primary: the next client write starts a new run (see
+    /// [`Mirror::advance_run`]).
+    run_due: bool,
     volume_uuid: [u8; 16],
     size: u64,
     peers: Vec<Peer>,
@@ -700,6 +703,8 @@ impl Mirror {
         }
         let mut generation = Generation::load(&cfg.dir)?;
         let diverged = generation::Diverged::load(&cfg.dir)?;
+        // A primary that served before starts a new run at its first write.
+        let run_due = cfg.role == NodeRole::Primary && generation.is_own_primary();
         if cfg.role == NodeRole::Primary {
             let fresh = u64::from_le_bytes(nonce()[..8].try_into().unwrap()) | 1;
             let (g, what) = generation.for_primary(fresh);
@@ -851,6 +856,7 @@ impl Mirror {
             background: std::collections::HashSet::new(),
             node_id: sb.node_id,
             generation,
+            run_due,
             volume_uuid: sb.volume_uuid,
             size: sb.size,
             last_refill: t0,
@@ -1079,7 +1085,8 @@ impl Mirror {
         let mut waiting = HashMap::new();
         for i in 0..self.peers.len() {
             let link = self.peers[i].link.unwrap();
-            self.send_frame(link, FrameKind::Generation, &[&fresh.to_le_bytes()]);
+            let g = wire::encode_generation(fresh, self.generation.epoch, self.peers[i].version);
+            self.send_frame(link, FrameKind::Generation, &[&g]);
             let id = MIRROR_RID | self.next_mrid;
             self.next_mrid += 1;
             self.send_frame(link, FrameKind::Flush, &[&id.to_le_bytes()]);
@@ -1148,6 +1155,7 @@ impl Mirror {
         fua: bool,
     ) {
         self.t = io.now();
+        self.advance_run(io);
         self.submit_or_park(
             io,
             store,
@@ -1175,6 +1183,7 @@ impl Mirror {
         trim: bool,
     ) {
         self.t = io.now();
+        self.advance_run(io);
         self.submit_or_park(
             io,
             store,
@@ -1745,6 +1754,10 @@ impl Mirror {
 
     fn fail_peer(&mut self, io: &mut dyn Io, store: &mut Store, i: usize, why: String) {
         let p = &mut self.peers[i];
+        if p.state == PeerState::InSync {
+            // Writes from now on miss it: they go under the next run.
+            self.run_due = true;
+        }
         if p.state == PeerState::Syncing || p.state == PeerState::InSync {
             crate::elog!(
                 "nbdmirror: peer {} ({}) disconnected: {why}; writes continue and are recorded in its bitmap",
@@ -2843,7 +2856,7 @@ impl Mirror {
                 store.flush(io, rid);
             }
             FrameKind::Generation => {
-                let g = wire::decode_u64(payload, "Generation")?;
+                let (g, run) = wire::decode_generation(payload)?;
                 self.refused = None;
                 if let Some(l) = self.links.get_mut(&link) {
                     l.announced = true;
@@ -2851,7 +2864,7 @@ impl Mirror {
                 // Every block the compare found different, unknown ones
                 // included, was resent and is durable here.
                 store.settle_all();
-                let next = self.generation.in_sync_with(g, self.primary_run(link));
+                let next = self.generation.in_sync_with(g, run.unwrap_or(0));
                 if next != self.generation {
                     next.store(&self.cfg.dir)?;
                     crate::elog!(
@@ -2872,17 +2885,10 @@ impl Mirror {
                 // new generation, not carry on the old one.
                 let flags = self.generation.flags
                     & !(generation::FLAG_PRIMARY | generation::FLAG_HANDED_OVER);
-                // The primary's run, when it is of the generation this
-                // replica holds (`Generation::following`).
-                let primary = self
-                    .links
-                    .get(&link)
-                    .and_then(|l| l.session.as_ref())
-                    .map_or(0, |s| s.peer.generations.current);
                 let next = Generation {
                     session: token,
                     flags,
-                    ..self.generation.following(primary, self.primary_run(link))
+                    ..self.generation
                 };
                 if next != self.generation {
                     next.store(&self.cfg.dir)?;
@@ -3185,20 +3191,43 @@ impl Mirror {
 
     /// Peer `i` holds exactly our data: tell it our generation (it records
     /// it, so a later connect knows its data is ours).
-    /// Secondary: the run of the primary on `link` (0: unknown, an older
-    /// primary).
-    fn primary_run(&self, link: u64) -> u32 {
-        self.links
-            .get(&link)
-            .and_then(|l| l.session.as_ref())
-            .map_or(0, |s| (s.peer.generations.history[1] >> 32) as u32)
-    }
-
     fn announce_generation(&mut self, io: &mut dyn Io, i: usize) {
         if let Some(link) = self.peers[i].link {
-            let g = self.generation.current.to_le_bytes();
+            let g = wire::encode_generation(
+                self.generation.current,
+                self.generation.epoch,
+                self.peers[i].version,
+            );
             self.send_frame(link, FrameKind::Generation, &[&g]);
             self.post_send(io, link);
+        }
+    }
+
+    /// Primary: before the first client write of a run (after a start, or
+    /// after a peer left the in-sync set), move to the next run, stored
+    /// first, and tell every in-sync peer (they record it before the
+    /// write's record). A peer that then follows this run holds writes a
+    /// node promoted from an earlier one lacks (`generation::judge`).
+    fn advance_run(&mut self, io: &mut dyn Io) {
+        if !self.run_due || self.cfg.role != NodeRole::Primary {
+            return;
+        }
+        self.run_due = false;
+        let next = Generation {
+            epoch: self.generation.epoch.saturating_add(1),
+            ..self.generation
+        };
+        if let Err(e) = next.store(&self.cfg.dir) {
+            // The peers keep the run they hold: a lagging node promoted
+            // later is then compared with them, as before runs existed.
+            crate::elog!("nbdmirror: WARNING: cannot record the next run: {e}");
+            return;
+        }
+        self.generation = next;
+        for i in 0..self.peers.len() {
+            if self.peers[i].state == PeerState::InSync {
+                self.announce_generation(io, i);
+            }
         }
     }
 

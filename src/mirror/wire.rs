@@ -110,6 +110,38 @@ pub fn decode_u64(p: &[u8], what: &str) -> Result<u64, String> {
     Ok(u64::from_le_bytes(p.try_into().unwrap()))
 }
 
+/// Generation: `generation u64` (before protocol version 6), or
+/// `generation u64, run u32, reserved u32 = 0`. The run is None in the
+/// first form.
+pub fn decode_generation(p: &[u8]) -> Result<(u64, Option<u32>), String> {
+    match p.len() {
+        8 => Ok((u64::from_le_bytes(p.try_into().unwrap()), None)),
+        16 => {
+            if p[12..16] != [0; 4] {
+                return Err("Generation payload with a nonzero reserved field".into());
+            }
+            Ok((
+                u64::from_le_bytes(p[0..8].try_into().unwrap()),
+                Some(u32::from_le_bytes(p[8..12].try_into().unwrap())),
+            ))
+        }
+        n => Err(format!("Generation payload of {n} bytes, expected 8 or 16")),
+    }
+}
+
+/// A Generation payload for a session at protocol `version`.
+pub fn encode_generation(g: u64, run: u32, version: u16) -> Vec<u8> {
+    let mut b = g.to_le_bytes().to_vec();
+    if version >= RUN_VERSION {
+        b.extend_from_slice(&run.to_le_bytes());
+        b.extend_from_slice(&[0; 4]);
+    }
+    b
+}
+
+/// The peer protocol version whose Generation frames carry the run.
+pub const RUN_VERSION: u16 = 6;
+
 /// Most blocks one SumsRequest may ask for.
 pub const MAX_SUMS: u32 = 4096;
 
