@@ -3332,6 +3332,12 @@ fn resync_tool() {
     rates.sort();
     let median = rates.get(rates.len() / 2).copied().unwrap_or(0);
     eprintln!("rate_bytes_per_sec samples at a 2 MiB/s cap: {rates:?}");
+    if let Some(&top) = rates.last().filter(|&&r| r > 2 * MIB) {
+        problems.push(format!(
+            "rate_bytes_per_sec {top} is above the 2 MiB/s cap (samples {rates:?}): the ETA \
+             derived from it is too short"
+        ));
+    }
     if median > 4 * MIB {
         problems.push(format!(
             "rate_bytes_per_sec is not the resync rate: with --resync-rate 2M (and {} done in \
@@ -5512,6 +5518,110 @@ fn a_secondary_promoted_after_the_primary_wrote_without_it_is_refused_by_the_one
     assert!(
         block0 == [b'C'; 4096],
         "{test}: node 2 lost the write node 1 acknowledged with it in sync (holds {:?})\n{}",
+        block0[0] as char,
+        cl.stderr_tails()
+    );
+}
+
+/// A write parked behind an overlapping one when an in-sync peer fails is
+/// sent after the failure: it must go under the new run too (a reviewer's
+/// find: it went out under the old one, and node 3, promoted from that run,
+/// rolled the acknowledged, flushed write back on node 2).
+#[test]
+fn a_write_parked_when_a_peer_fails_goes_under_the_new_run() {
+    let test = "a_write_parked_when_a_peer_fails_goes_under_the_new_run";
+    let _wd = Watchdog::new(test, Duration::from_secs(150));
+    let seed = test_seed(test);
+    let mut o = Opts::new(16 * MIB, 3);
+    o.peer_timeout_ms = 1000;
+    let mut cl = Cluster::new(test, seed, o);
+    cl.start_all();
+    cl.wait_in_sync(Duration::from_secs(30));
+    let mut c = MiniClient::connect(&cl.nbd_addr(), "disk").unwrap();
+    assert_eq!(c.write(0, &[b'A'; 4096], 0).unwrap(), 0);
+    assert_eq!(c.flush().unwrap(), 0);
+    cl.node(3).stop();
+    // W0 goes to nodes 2 and 3 and waits for node 3's timeout; W1, on the
+    // same block, waits behind it and is sent once node 3 has failed.
+    c.send_write(0, &[b'X'; 4096], 0).unwrap();
+    c.send_write(0, &[b'Y'; 4096], 0).unwrap();
+    for _ in 0..2 {
+        let r = c.recv_reply().unwrap();
+        assert_eq!(r.1, 0, "{test}: a write failed: {r:?}");
+    }
+    assert_eq!(c.flush().unwrap(), 0);
+    c.disconnect();
+    cl.node(1).kill();
+    cl.node(3).kill();
+    promote(&mut cl, 3, &[2]);
+    wait_log(&mut cl, 3, "split brain", Duration::from_secs(30));
+    cl.node(3).terminate();
+    cl.node(2).terminate();
+    let block0 = fs::read(cl.nodes[1].data()).unwrap()[..4096].to_vec();
+    assert!(
+        block0 == [b'Y'; 4096],
+        "{test}: node 2 lost the acknowledged, flushed write (holds {:?})\n{}",
+        block0[0] as char,
+        cl.stderr_tails()
+    );
+}
+
+/// A peer that takes writes while it is still being resynced records the
+/// run too (a reviewer's case): node 1 crashes, node 2 is promoted, node 1
+/// is restarted as the primary with node 3's resync held (paused), writes
+/// with node 3 streaming, and dies. Node 3, half resynced, holds that
+/// write; node 2 used to compare it and roll the write back.
+#[test]
+fn a_peer_half_resynced_by_a_restarted_old_primary_keeps_its_writes() {
+    let test = "a_peer_half_resynced_by_a_restarted_old_primary_keeps_its_writes";
+    let _wd = Watchdog::new(test, Duration::from_secs(150));
+    let seed = test_seed(test);
+    let mut cl = Cluster::new(test, seed, Opts::new(16 * MIB, 3));
+    cl.start_all();
+    cl.wait_in_sync(Duration::from_secs(30));
+    let put = |addr: &str, byte: u8| {
+        let mut c = MiniClient::connect(addr, "disk").unwrap();
+        assert_eq!(c.write(0, &[byte; 4096], 0).unwrap(), 0);
+        assert_eq!(c.flush().unwrap(), 0);
+        c.disconnect();
+    };
+    put(&cl.nbd_addr(), b'A');
+    let dir1 = cl.nodes[0].dir.display().to_string();
+    resync_cmd(&["pause", "--dir", &dir1, "--peer", "3"]);
+    cl.node(3).kill();
+    cl.node(1).kill();
+    cl.node(2).terminate();
+    promote(&mut cl, 2, &[3]);
+    wait_log(&mut cl, 2, "promoted", Duration::from_secs(20));
+    cl.node(2).kill();
+    cl.node(1).start();
+    cl.node(3).start();
+    // Node 3 streams from node 1, its resync held by the saved pause.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let j = status_json(&["--dir", &dir1]);
+        if j.as_ref()
+            .is_ok_and(|j| peer_state(j, 3).as_deref() == Some("syncing"))
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{test}: node 3 never streamed from node 1: {j:?}\n{}",
+            cl.stderr_tails()
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    put(&cl.nbd_addr(), b'C');
+    cl.node(1).kill();
+    cl.node(2).start();
+    wait_log(&mut cl, 2, "split brain", Duration::from_secs(30));
+    cl.node(2).terminate();
+    cl.node(3).terminate();
+    let block0 = fs::read(cl.nodes[2].data()).unwrap()[..4096].to_vec();
+    assert!(
+        block0 == [b'C'; 4096],
+        "{test}: node 3 lost the write node 1 acknowledged (holds {:?})\n{}",
         block0[0] as char,
         cl.stderr_tails()
     );

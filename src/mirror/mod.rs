@@ -1085,7 +1085,9 @@ impl Mirror {
         let mut waiting = HashMap::new();
         for i in 0..self.peers.len() {
             let link = self.peers[i].link.unwrap();
-            let g = wire::encode_generation(fresh, self.generation.epoch, self.peers[i].version);
+            let g =
+                wire::encode_generation(fresh, self.generation.epoch, self.peers[i].version, false)
+                    .unwrap();
             self.send_frame(link, FrameKind::Generation, &[&g]);
             let id = MIRROR_RID | self.next_mrid;
             self.next_mrid += 1;
@@ -1155,7 +1157,6 @@ impl Mirror {
         fua: bool,
     ) {
         self.t = io.now();
-        self.advance_run(io);
         self.submit_or_park(
             io,
             store,
@@ -1183,7 +1184,6 @@ impl Mirror {
         trim: bool,
     ) {
         self.t = io.now();
-        self.advance_run(io);
         self.submit_or_park(
             io,
             store,
@@ -1292,6 +1292,10 @@ impl Mirror {
     }
 
     fn dispatch(&mut self, io: &mut dyn Io, store: &mut Store, p: Parked) {
+        // Every client write's record goes out here, parked ones too (a
+        // reviewer: a write parked behind an overlapping one was sent after
+        // a peer failed, under the old run).
+        self.advance_run(io);
         let (s, e) = p.range();
         let (rid, hdr, data): (u64, RecordHeader, &[u8]) = match &p {
             Parked::Write {
@@ -1754,7 +1758,7 @@ impl Mirror {
 
     fn fail_peer(&mut self, io: &mut dyn Io, store: &mut Store, i: usize, why: String) {
         let p = &mut self.peers[i];
-        if p.state == PeerState::InSync {
+        if p.state == PeerState::InSync || p.state == PeerState::Syncing {
             // Writes from now on miss it: they go under the next run.
             self.run_due = true;
         }
@@ -2856,7 +2860,21 @@ impl Mirror {
                 store.flush(io, rid);
             }
             FrameKind::Generation => {
-                let (g, run) = wire::decode_generation(payload)?;
+                let f = wire::decode_generation(payload)?;
+                let (g, run) = (f.generation, f.run);
+                if f.run_only {
+                    // Not in sync: only the run of the generation it holds.
+                    let run = run.unwrap_or(0);
+                    if g == self.generation.current && run > self.generation.epoch {
+                        let next = Generation {
+                            epoch: run,
+                            ..self.generation
+                        };
+                        next.store(&self.cfg.dir)?;
+                        self.generation = next;
+                    }
+                    return Ok(());
+                }
                 self.refused = None;
                 if let Some(l) = self.links.get_mut(&link) {
                     l.announced = true;
@@ -3182,6 +3200,18 @@ impl Mirror {
         p.pending_session = Some(token);
         p.sent_session = token;
         self.send_frame(link, FrameKind::Session, &[&token.to_le_bytes()]);
+        // The run, before any record of the session: a peer that holds our
+        // generation records it, so that the writes of this run it takes,
+        // even while resynced, are not rolled back by a node promoted from
+        // an earlier run.
+        if let Some(g) = wire::encode_generation(
+            self.generation.current,
+            self.generation.epoch,
+            self.peers[i].version,
+            true,
+        ) {
+            self.send_frame(link, FrameKind::Generation, &[&g]);
+        }
         // Its Pong records the token here at once, even on an idle link.
         let stamp = self.next_mrid;
         self.send_frame(link, FrameKind::Ping, &[&stamp.to_le_bytes()]);
@@ -3192,15 +3222,26 @@ impl Mirror {
     /// Peer `i` holds exactly our data: tell it our generation (it records
     /// it, so a later connect knows its data is ours).
     fn announce_generation(&mut self, io: &mut dyn Io, i: usize) {
-        if let Some(link) = self.peers[i].link {
-            let g = wire::encode_generation(
-                self.generation.current,
-                self.generation.epoch,
-                self.peers[i].version,
-            );
-            self.send_frame(link, FrameKind::Generation, &[&g]);
-            self.post_send(io, link);
-        }
+        self.send_generation(io, i, false);
+    }
+
+    /// The Generation frame to peer `i`: "in sync" (it adopts the
+    /// generation and run), or `run_only` (it records the run if it holds
+    /// the generation; not sent below protocol version 6).
+    fn send_generation(&mut self, io: &mut dyn Io, i: usize, run_only: bool) {
+        let Some(link) = self.peers[i].link else {
+            return;
+        };
+        let Some(g) = wire::encode_generation(
+            self.generation.current,
+            self.generation.epoch,
+            self.peers[i].version,
+            run_only,
+        ) else {
+            return;
+        };
+        self.send_frame(link, FrameKind::Generation, &[&g]);
+        self.post_send(io, link);
     }
 
     /// Primary: before the first client write of a run (after a start, or
@@ -3212,21 +3253,26 @@ impl Mirror {
         if !self.run_due || self.cfg.role != NodeRole::Primary {
             return;
         }
-        self.run_due = false;
         let next = Generation {
             epoch: self.generation.epoch.saturating_add(1),
             ..self.generation
         };
         if let Err(e) = next.store(&self.cfg.dir) {
-            // The peers keep the run they hold: a lagging node promoted
-            // later is then compared with them, as before runs existed.
+            // Tried again at the next write; meanwhile the peers keep the
+            // run they hold, and a lagging node promoted later is compared
+            // with them, as before runs existed.
             crate::elog!("nbdmirror: WARNING: cannot record the next run: {e}");
             return;
         }
+        self.run_due = false;
         self.generation = next;
         for i in 0..self.peers.len() {
-            if self.peers[i].state == PeerState::InSync {
-                self.announce_generation(io, i);
+            match self.peers[i].state {
+                PeerState::InSync => self.send_generation(io, i, false),
+                // Half resynced, it still holds the writes of this run it
+                // takes: it records the run too (not "in sync").
+                PeerState::Syncing => self.send_generation(io, i, true),
+                _ => {}
             }
         }
     }
@@ -3832,6 +3878,8 @@ impl Mirror {
                     }
                     if p.state == PeerState::InSync {
                         p.state = PeerState::Syncing;
+                        self.run_due = true;
+                        let p = &mut self.peers[i];
                         p.cursor = 0;
                         p.resync_started = t;
                         p.sent_at_resync_start = p.sent_bytes;
@@ -4077,8 +4125,15 @@ impl Mirror {
                     && p.compare.is_none()
                     && !p.flush_in_flight
                     && quiet >= stall_after;
+                // Never above the cap: the first batch goes at once, so a
+                // young measurement overstates a low cap many times over (a
+                // tester saw 1020 KiB/s and a 19 s ETA at a 100 KiB/s cap).
                 let rate = if p.state == PeerState::Syncing && !p.paused && !stalled {
-                    p.rate.round() as u64
+                    let r = p.rate.round() as u64;
+                    match self.cfg.resync_rate {
+                        0 => r,
+                        cap => r.min(cap),
+                    }
                 } else {
                     0
                 };
@@ -4159,6 +4214,7 @@ impl Mirror {
                     Ok(sel) => {
                         let mut hit = false;
                         let mut failed = None;
+                        let mut left_sync = false;
                         for p in self.peers.iter_mut() {
                             if sel.is_some_and(|id| id != p.node_id) {
                                 continue;
@@ -4175,6 +4231,7 @@ impl Mirror {
                                     p.bitmap.set_all();
                                     if p.state == PeerState::InSync {
                                         p.state = PeerState::Syncing;
+                                        left_sync = true;
                                         p.resync_started = now;
                                         p.sent_at_resync_start = p.sent_bytes;
                                     }
@@ -4199,6 +4256,10 @@ impl Mirror {
                                     failed = Some(e);
                                 }
                             }
+                        }
+                        if left_sync {
+                            // Writes from now on may miss what it holds.
+                            self.run_due = true;
                         }
                         if let Some(e) = failed {
                             Err(e)

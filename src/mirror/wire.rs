@@ -110,33 +110,54 @@ pub fn decode_u64(p: &[u8], what: &str) -> Result<u64, String> {
     Ok(u64::from_le_bytes(p.try_into().unwrap()))
 }
 
+/// Generation flag: the frame only tells the primary's run, the peer is
+/// not in sync (it records the run if it holds that generation).
+pub const GEN_RUN_ONLY: u32 = 1;
+
+/// A Generation frame: the primary's generation, its run (None before
+/// protocol version 6) and flags.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GenerationFrame {
+    pub generation: u64,
+    pub run: Option<u32>,
+    pub run_only: bool,
+}
+
 /// Generation: `generation u64` (before protocol version 6), or
-/// `generation u64, run u32, reserved u32 = 0`. The run is None in the
-/// first form.
-pub fn decode_generation(p: &[u8]) -> Result<(u64, Option<u32>), String> {
+/// `generation u64, run u32, flags u32` (`GEN_RUN_ONLY`; other bits 0).
+pub fn decode_generation(p: &[u8]) -> Result<GenerationFrame, String> {
     match p.len() {
-        8 => Ok((u64::from_le_bytes(p.try_into().unwrap()), None)),
+        8 => Ok(GenerationFrame {
+            generation: u64::from_le_bytes(p.try_into().unwrap()),
+            run: None,
+            run_only: false,
+        }),
         16 => {
-            if p[12..16] != [0; 4] {
-                return Err("Generation payload with a nonzero reserved field".into());
+            let flags = u32::from_le_bytes(p[12..16].try_into().unwrap());
+            if flags & !GEN_RUN_ONLY != 0 {
+                return Err(format!("Generation payload with unknown flags {flags:#x}"));
             }
-            Ok((
-                u64::from_le_bytes(p[0..8].try_into().unwrap()),
-                Some(u32::from_le_bytes(p[8..12].try_into().unwrap())),
-            ))
+            Ok(GenerationFrame {
+                generation: u64::from_le_bytes(p[0..8].try_into().unwrap()),
+                run: Some(u32::from_le_bytes(p[8..12].try_into().unwrap())),
+                run_only: flags & GEN_RUN_ONLY != 0,
+            })
         }
         n => Err(format!("Generation payload of {n} bytes, expected 8 or 16")),
     }
 }
 
-/// A Generation payload for a session at protocol `version`.
-pub fn encode_generation(g: u64, run: u32, version: u16) -> Vec<u8> {
+/// A Generation payload for a session at protocol `version` (None: that
+/// version has no run-only frame).
+pub fn encode_generation(g: u64, run: u32, version: u16, run_only: bool) -> Option<Vec<u8>> {
     let mut b = g.to_le_bytes().to_vec();
     if version >= RUN_VERSION {
         b.extend_from_slice(&run.to_le_bytes());
-        b.extend_from_slice(&[0; 4]);
+        b.extend_from_slice(&(if run_only { GEN_RUN_ONLY } else { 0 }).to_le_bytes());
+    } else if run_only {
+        return None;
     }
-    b
+    Some(b)
 }
 
 /// The peer protocol version whose Generation frames carry the run.
