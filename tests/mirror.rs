@@ -5627,6 +5627,62 @@ fn a_peer_half_resynced_by_a_restarted_old_primary_keeps_its_writes() {
     );
 }
 
+/// A peer that reconnects but takes no record of the current run must not
+/// record it (a reviewer's find: the run sent after the Session frame was
+/// stored at once). Node 3 stops, node 1 writes with node 2 in sync (a new
+/// run), node 3 comes back with its resync paused and takes nothing, node 1
+/// dies and node 3 is promoted: node 2 must refuse it, not be compared.
+#[test]
+fn a_peer_that_reconnected_but_took_nothing_keeps_its_old_run() {
+    let test = "a_peer_that_reconnected_but_took_nothing_keeps_its_old_run";
+    let _wd = Watchdog::new(test, Duration::from_secs(150));
+    let seed = test_seed(test);
+    let mut cl = Cluster::new(test, seed, Opts::new(16 * MIB, 3));
+    cl.start_all();
+    cl.wait_in_sync(Duration::from_secs(30));
+    let put = |addr: &str, byte: u8| {
+        let mut c = MiniClient::connect(addr, "disk").unwrap();
+        assert_eq!(c.write(0, &[byte; 4096], 0).unwrap(), 0);
+        assert_eq!(c.flush().unwrap(), 0);
+        c.disconnect();
+    };
+    put(&cl.nbd_addr(), b'A');
+    cl.node(3).terminate();
+    put(&cl.nbd_addr(), b'C');
+    let dir1 = cl.nodes[0].dir.display().to_string();
+    resync_cmd(&["pause", "--dir", &dir1, "--peer", "3"]);
+    cl.node(3).start();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let j = status_json(&["--dir", &dir1]);
+        if j.as_ref()
+            .is_ok_and(|j| peer_state(j, 3).as_deref() == Some("syncing"))
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{test}: node 3 never came back: {j:?}\n{}",
+            cl.stderr_tails()
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    thread::sleep(Duration::from_millis(300));
+    cl.node(1).kill();
+    cl.node(3).terminate();
+    promote(&mut cl, 3, &[2]);
+    wait_log(&mut cl, 3, "split brain", Duration::from_secs(30));
+    cl.node(3).terminate();
+    cl.node(2).terminate();
+    let block0 = fs::read(cl.nodes[1].data()).unwrap()[..4096].to_vec();
+    assert!(
+        block0 == [b'C'; 4096],
+        "{test}: node 2 lost the write node 1 acknowledged with it in sync (holds {:?})\n{}",
+        block0[0] as char,
+        cl.stderr_tails()
+    );
+}
+
 /// The other side of the rule above: a promotion while the old primary is
 /// frozen (it sends nothing more) is an ordinary failover. Node 3 turns
 /// node 2 away only until the frozen session times out, then follows it,

@@ -26,22 +26,25 @@
 //!   else wrote to the peer since, e.g. a copy of the primary's directory
 //!   serving while the primary was away: the primary compares checksums.
 //!
-//! - Every start of a primary is a new *run* of its generation (`epoch`,
-//!   counted from 1 at its first start or promotion). A secondary records
-//!   the run whose session it accepted, and a promoted node the run it
-//!   followed (`from_epoch`). A peer that followed a later run of the
-//!   generation a node was promoted from holds writes that node never saw
-//!   (the old primary was restarted as the primary after the promotion, or
-//!   the promoted node lagged behind): split brain, not a compare.
+//! - A primary's generation has *runs* (`epoch`, from 1 at its first start
+//!   or promotion): it moves to the next before the first client write
+//!   after a restart or after a peer left the in-sync set
+//!   (`Mirror::advance_run`). A secondary records the run with the
+//!   generation when in sync, or with the first record of that run it
+//!   takes while resynced; a promoted node keeps the run it had recorded
+//!   (`from_epoch`). A peer holding the generation a node was promoted
+//!   from, in a later run, holds writes that node never saw: split brain,
+//!   not a compare (docs/mirroring.md, "Runs").
 //!
-//! Layout (little-endian, 56 bytes): magic `NMGEN002`, current u64, previous
-//! u64, flags u32, epoch u32, session u64, from_epoch u32, reserved u32,
-//! xxh3-64 of bytes 0..48 (`NMGEN003` while `FLAG_HANDED_OVER` is set,
-//! `NMGEN004` while `FLAG_INCONSISTENT` is, so older binaries refuse those;
-//! they refuse the 56-byte layout too). The 48-byte layout before it
-//! (reserved zero where epoch is, no from_epoch, checksum of 0..40 at 40)
-//! and the first format (`NMGEN001`, 40 bytes, no session, checksum at
-//! 32..40) are still read (epochs 0: unknown). Written whole to a temporary file, synced and
+//! Layout (little-endian, 48 bytes): magic `NMGEN002`, current u64, previous
+//! u64, flags u32, epoch u32 (reserved zero before runs: older binaries
+//! read the file and ignore it), session u64, xxh3-64 of bytes 0..40
+//! (`NMGEN003` while `FLAG_HANDED_OVER` is set, `NMGEN004` while
+//! `FLAG_INCONSISTENT` is, so older binaries refuse those). A promoted
+//! primary that knows `from_epoch` writes 56 bytes: the same up to
+//! session, from_epoch u32, reserved u32, xxh3-64 of bytes 0..48 (older
+//! binaries refuse it). The first format (`NMGEN001`, 40 bytes, no
+//! session, checksum at 32..40) is still read (session and runs 0). Written whole to a temporary file, synced and
 //! renamed. A missing file is generation 0 (a replica that never served or
 //! followed anyone); a damaged one is refused.
 
@@ -81,7 +84,8 @@ pub const FLAG_HANDED_OVER: u32 = 2;
 /// is applied, cleared when the primary announces its generation. Such a
 /// replica is not promoted without `serve --force-inconsistent`, and any
 /// primary of the volume may resync it by comparing every block, whatever
-/// generation it holds.
+/// generation it holds (unless it holds a later run of the generation that
+/// primary was promoted from: [`judge`]).
 pub const FLAG_INCONSISTENT: u32 = 4;
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -91,9 +95,9 @@ pub struct Generation {
     pub flags: u32,
     /// The last primary session this replica accepted records in (0: none).
     pub session: u64,
-    /// A primary: its run of `current` (starts as the primary, from 1). A
-    /// secondary: the run of `current` whose session it last accepted. 0:
-    /// unknown (written by an older binary).
+    /// A primary: the run of `current` it writes under (from 1). A
+    /// secondary: the run it recorded (in sync, or records of it taken
+    /// while resynced). 0: unknown (written by an older binary).
     pub epoch: u32,
     /// A promoted primary: the run of `previous` it had followed when it
     /// was promoted (0: unknown).

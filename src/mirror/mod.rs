@@ -404,6 +404,11 @@ struct Link {
     /// what it sends now is the live stream of an in-sync peer; records
     /// before that are resync data.
     announced: bool,
+    /// Secondary: the primary's run from a RUN_ONLY Generation frame
+    /// (generation, run), recorded with the next record this replica takes
+    /// (recorded at once, a peer that took none of that run's writes would
+    /// look as if it had: a reviewer's find).
+    pending_run: Option<(u64, u32)>,
 }
 
 /// A client request the mirror is carrying: answered when the local store
@@ -464,6 +469,8 @@ pub struct Mirror {
     /// Primary: the next client write starts a new run (see
     /// [`Mirror::advance_run`]).
     run_due: bool,
+    /// Primary: storing the next run failed; not tried again before this.
+    run_retry_at: Option<Instant>,
     volume_uuid: [u8; 16],
     size: u64,
     peers: Vec<Peer>,
@@ -857,6 +864,7 @@ impl Mirror {
             node_id: sb.node_id,
             generation,
             run_due,
+            run_retry_at: None,
             volume_uuid: sb.volume_uuid,
             size: sb.size,
             last_refill: t0,
@@ -1887,6 +1895,7 @@ impl Mirror {
                 held: false,
                 version: 0,
                 announced: false,
+                pending_run: None,
             },
         );
         id
@@ -2805,23 +2814,41 @@ impl Mirror {
                 // it, a resync record means one was started on a live link
                 // (`resync start --full`).
                 let resync = !l.announced || h.flags & wire::FLAG_RESYNC != 0;
-                if l.version >= ANNOUNCE_VERSION
+                let mark = l.version >= ANNOUNCE_VERSION
                     && resync
-                    && self.generation.flags & generation::FLAG_INCONSISTENT == 0
-                {
-                    // Resync data: durable before it is applied, so a
-                    // crash in the middle leaves a replica that knows it
-                    // holds a mix of old and new blocks.
+                    && self.generation.flags & generation::FLAG_INCONSISTENT == 0;
+                // The run this record belongs to, if the primary told it
+                // (RUN_ONLY) and this replica holds its generation.
+                let run = l
+                    .pending_run
+                    .filter(|&(g, r)| g == self.generation.current && r > self.generation.epoch)
+                    .map(|(_, r)| r);
+                if let Some(l) = self.links.get_mut(&link) {
+                    l.pending_run = None;
+                }
+                if mark || run.is_some() {
+                    // Durable before the record is applied: resync data,
+                    // so that a crash in the middle leaves a replica that
+                    // knows it holds a mix of old and new blocks, and the
+                    // run, so that a node promoted from an earlier one
+                    // does not roll this record back.
                     let next = Generation {
-                        flags: self.generation.flags | generation::FLAG_INCONSISTENT,
+                        flags: if mark {
+                            self.generation.flags | generation::FLAG_INCONSISTENT
+                        } else {
+                            self.generation.flags
+                        },
+                        epoch: run.unwrap_or(self.generation.epoch),
                         ..self.generation
                     };
                     next.store(&self.cfg.dir)?;
-                    crate::elog!(
-                        "nbdmirror: taking resync data from the primary: this replica is \
-                         inconsistent until the primary reports it in sync, and is not promoted \
-                         meanwhile"
-                    );
+                    if mark {
+                        crate::elog!(
+                            "nbdmirror: taking resync data from the primary: this replica is \
+                             inconsistent until the primary reports it in sync, and is not \
+                             promoted meanwhile"
+                        );
+                    }
                     self.generation = next;
                 }
                 let rid = MIRROR_RID | self.next_mrid;
@@ -2863,15 +2890,10 @@ impl Mirror {
                 let f = wire::decode_generation(payload)?;
                 let (g, run) = (f.generation, f.run);
                 if f.run_only {
-                    // Not in sync: only the run of the generation it holds.
-                    let run = run.unwrap_or(0);
-                    if g == self.generation.current && run > self.generation.epoch {
-                        let next = Generation {
-                            epoch: run,
-                            ..self.generation
-                        };
-                        next.store(&self.cfg.dir)?;
-                        self.generation = next;
+                    // Not in sync: the run is recorded with the next record
+                    // taken (`pending_run`).
+                    if let (Some(l), Some(r)) = (self.links.get_mut(&link), run) {
+                        l.pending_run = Some((g, r));
                     }
                     return Ok(());
                 }
@@ -3257,13 +3279,20 @@ impl Mirror {
             epoch: self.generation.epoch.saturating_add(1),
             ..self.generation
         };
-        if let Err(e) = next.store(&self.cfg.dir) {
-            // Tried again at the next write; meanwhile the peers keep the
-            // run they hold, and a lagging node promoted later is compared
-            // with them, as before runs existed.
-            crate::elog!("nbdmirror: WARNING: cannot record the next run: {e}");
+        if self.run_retry_at.is_some_and(|t| self.t < t) {
             return;
         }
+        if let Err(e) = next.store(&self.cfg.dir) {
+            // Tried again at a write a second from now; meanwhile the peers
+            // keep the run they hold, and a lagging node promoted later is
+            // compared with them, as before runs existed.
+            if self.run_retry_at.is_none() {
+                crate::elog!("nbdmirror: WARNING: cannot record the next run: {e}");
+            }
+            self.run_retry_at = Some(self.t + Duration::from_secs(1));
+            return;
+        }
+        self.run_retry_at = None;
         self.run_due = false;
         self.generation = next;
         for i in 0..self.peers.len() {

@@ -21,8 +21,10 @@ use super::frame::FrameKind;
 /// itself inconsistent, `generation::FLAG_INCONSISTENT`).
 /// 5: VerifyRequest and Verified (scrub: the secondary reads blocks,
 /// verifies them against its own checksums and reports what they hold).
-/// 6: a Generation frame also carries the primary's run (16 bytes), and is
-/// sent again to in-sync peers when the run advances.
+/// 6: a Generation frame also carries the primary's run and flags (16
+/// bytes; RUN_ONLY: the run alone, to a peer being resynced and after each
+/// Session frame), and is sent again to streaming peers when the run
+/// advances.
 pub const PROTOCOL_VERSION: u16 = 6;
 /// The oldest version this node still speaks: a session runs at the lower
 /// of the two nodes' versions, so a volume can be upgraded a node at a
