@@ -3289,7 +3289,7 @@ impl Mirror {
             if self.run_retry_at.is_none() {
                 crate::elog!("nbdmirror: WARNING: cannot record the next run: {e}");
             }
-            self.run_retry_at = Some(self.t + Duration::from_secs(1));
+            self.run_retry_at = Some(io.now() + Duration::from_secs(1));
             return;
         }
         self.run_retry_at = None;
