@@ -5343,6 +5343,48 @@ fn promote(cl: &mut Cluster, id: u32, peers: &[u32]) {
     n.start();
 }
 
+/// Write `byte` over block 0 through the NBD server at `addr`, and flush.
+fn put_block0(addr: &str, byte: u8) {
+    let mut c = MiniClient::connect(addr, "disk").unwrap();
+    assert_eq!(c.write(0, &[byte; 4096], 0).unwrap(), 0);
+    assert_eq!(c.flush().unwrap(), 0);
+    c.disconnect();
+}
+
+/// Wait (30 s at most) until the node whose dir is `dir` reports peer
+/// `peer` in `state`; `what` says what did not happen otherwise.
+fn wait_peer_state(cl: &Cluster, dir: &str, peer: u32, state: &str, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let j = status_json(&["--dir", dir]);
+        if j.as_ref()
+            .is_ok_and(|j| peer_state(j, peer).as_deref() == Some(state))
+        {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{}: {what}: {j:?}\n{}",
+            cl.test,
+            cl.stderr_tails()
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Node `id`'s block 0 (read from its stopped replica) must be `byte`:
+/// `what` names the write that must have survived.
+fn assert_block0(cl: &Cluster, id: u32, byte: u8, what: &str) {
+    let block0 = fs::read(cl.nodes[id as usize - 1].data()).unwrap()[..4096].to_vec();
+    assert!(
+        block0 == [byte; 4096],
+        "{}: {what} (holds {:?})\n{}",
+        cl.test,
+        block0[0] as char,
+        cl.stderr_tails()
+    );
+}
+
 fn wait_log(cl: &mut Cluster, id: u32, what: &str, timeout: Duration) {
     let deadline = Instant::now() + timeout;
     while !contains_ci(&cl.node(id).stderr(), what) {
@@ -5371,20 +5413,14 @@ fn a_peer_that_followed_the_old_primary_after_a_promotion_refuses_the_new_one() 
     let mut cl = Cluster::new(test, seed, Opts::new(16 * MIB, 3));
     cl.start_all();
     cl.wait_in_sync(Duration::from_secs(30));
-    let put = |addr: &str, byte: u8| {
-        let mut c = MiniClient::connect(addr, "disk").unwrap();
-        assert_eq!(c.write(0, &[byte; 4096], 0).unwrap(), 0);
-        assert_eq!(c.flush().unwrap(), 0);
-        c.disconnect();
-    };
     let addr1 = cl.nbd_addr();
-    put(&addr1, b'A');
+    put_block0(&addr1, b'A');
 
     cl.node(2).terminate();
     promote(&mut cl, 2, &[3]);
     wait_log(&mut cl, 3, "node 2 was promoted", Duration::from_secs(20));
     // Acknowledged and flushed with node 3 in sync.
-    put(&addr1, b'C');
+    put_block0(&addr1, b'C');
     wait_log(
         &mut cl,
         3,
@@ -5429,19 +5465,13 @@ fn a_restarted_old_primary_and_a_node_promoted_meanwhile_are_split_brain_at_a_co
     let mut cl = Cluster::new(test, seed, Opts::new(16 * MIB, 3));
     cl.start_all();
     cl.wait_in_sync(Duration::from_secs(30));
-    let put = |addr: &str, byte: u8| {
-        let mut c = MiniClient::connect(addr, "disk").unwrap();
-        assert_eq!(c.write(0, &[byte; 4096], 0).unwrap(), 0);
-        assert_eq!(c.flush().unwrap(), 0);
-        c.disconnect();
-    };
-    put(&cl.nbd_addr(), b'A');
+    put_block0(&cl.nbd_addr(), b'A');
     // An earlier restart of the primary (a reviewer's variant: the run of
     // a restart was never stored, so the next restart reused it).
     cl.node(1).terminate();
     cl.node(1).start();
     cl.wait_in_sync(Duration::from_secs(30));
-    put(&cl.nbd_addr(), b'B');
+    put_block0(&cl.nbd_addr(), b'B');
     cl.node(3).kill();
     cl.node(1).kill();
     cl.node(2).terminate();
@@ -5452,34 +5482,25 @@ fn a_restarted_old_primary_and_a_node_promoted_meanwhile_are_split_brain_at_a_co
     cl.node(1).start();
     cl.node(3).start();
     let dir1 = cl.nodes[0].dir.display().to_string();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let j = status_json(&["--dir", &dir1]);
-        if j.as_ref()
-            .is_ok_and(|j| peer_state(j, 3).as_deref() == Some("in_sync"))
-        {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{test}: node 3 never followed node 1 again: {j:?}\n{}",
-            cl.stderr_tails()
-        );
-        thread::sleep(Duration::from_millis(100));
-    }
+    wait_peer_state(
+        &cl,
+        &dir1,
+        3,
+        "in_sync",
+        "node 3 never followed node 1 again",
+    );
     // Acknowledged and flushed with node 3 in sync.
-    put(&cl.nbd_addr(), b'C');
+    put_block0(&cl.nbd_addr(), b'C');
     cl.node(1).kill();
     cl.node(2).start();
     wait_log(&mut cl, 2, "split brain", Duration::from_secs(30));
     cl.node(2).terminate();
     cl.node(3).terminate();
-    let block0 = fs::read(cl.nodes[2].data()).unwrap()[..4096].to_vec();
-    assert!(
-        block0 == [b'C'; 4096],
-        "{test}: node 3 lost the write node 1 acknowledged with it in sync (holds {:?})\n{}",
-        block0[0] as char,
-        cl.stderr_tails()
+    assert_block0(
+        &cl,
+        3,
+        b'C',
+        "node 3 lost the write node 1 acknowledged with it in sync",
     );
 }
 
@@ -5499,27 +5520,20 @@ fn a_secondary_promoted_after_the_primary_wrote_without_it_is_refused_by_the_one
     let mut cl = Cluster::new(test, seed, Opts::new(16 * MIB, 3));
     cl.start_all();
     cl.wait_in_sync(Duration::from_secs(30));
-    let put = |addr: &str, byte: u8| {
-        let mut c = MiniClient::connect(addr, "disk").unwrap();
-        assert_eq!(c.write(0, &[byte; 4096], 0).unwrap(), 0);
-        assert_eq!(c.flush().unwrap(), 0);
-        c.disconnect();
-    };
-    put(&cl.nbd_addr(), b'A');
+    put_block0(&cl.nbd_addr(), b'A');
     cl.node(3).terminate();
     // Acknowledged and flushed with node 2 in sync, node 3 away.
-    put(&cl.nbd_addr(), b'C');
+    put_block0(&cl.nbd_addr(), b'C');
     cl.node(1).kill();
     promote(&mut cl, 3, &[2]);
     wait_log(&mut cl, 3, "split brain", Duration::from_secs(30));
     cl.node(3).terminate();
     cl.node(2).terminate();
-    let block0 = fs::read(cl.nodes[1].data()).unwrap()[..4096].to_vec();
-    assert!(
-        block0 == [b'C'; 4096],
-        "{test}: node 2 lost the write node 1 acknowledged with it in sync (holds {:?})\n{}",
-        block0[0] as char,
-        cl.stderr_tails()
+    assert_block0(
+        &cl,
+        2,
+        b'C',
+        "node 2 lost the write node 1 acknowledged with it in sync",
     );
 }
 
@@ -5557,13 +5571,7 @@ fn a_write_parked_when_a_peer_fails_goes_under_the_new_run() {
     wait_log(&mut cl, 3, "split brain", Duration::from_secs(30));
     cl.node(3).terminate();
     cl.node(2).terminate();
-    let block0 = fs::read(cl.nodes[1].data()).unwrap()[..4096].to_vec();
-    assert!(
-        block0 == [b'Y'; 4096],
-        "{test}: node 2 lost the acknowledged, flushed write (holds {:?})\n{}",
-        block0[0] as char,
-        cl.stderr_tails()
-    );
+    assert_block0(&cl, 2, b'Y', "node 2 lost the acknowledged, flushed write");
 }
 
 /// A peer that takes writes while it is still being resynced records the
@@ -5579,13 +5587,7 @@ fn a_peer_half_resynced_by_a_restarted_old_primary_keeps_its_writes() {
     let mut cl = Cluster::new(test, seed, Opts::new(16 * MIB, 3));
     cl.start_all();
     cl.wait_in_sync(Duration::from_secs(30));
-    let put = |addr: &str, byte: u8| {
-        let mut c = MiniClient::connect(addr, "disk").unwrap();
-        assert_eq!(c.write(0, &[byte; 4096], 0).unwrap(), 0);
-        assert_eq!(c.flush().unwrap(), 0);
-        c.disconnect();
-    };
-    put(&cl.nbd_addr(), b'A');
+    put_block0(&cl.nbd_addr(), b'A');
     let dir1 = cl.nodes[0].dir.display().to_string();
     resync_cmd(&["pause", "--dir", &dir1, "--peer", "3"]);
     cl.node(3).kill();
@@ -5597,34 +5599,20 @@ fn a_peer_half_resynced_by_a_restarted_old_primary_keeps_its_writes() {
     cl.node(1).start();
     cl.node(3).start();
     // Node 3 streams from node 1, its resync held by the saved pause.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let j = status_json(&["--dir", &dir1]);
-        if j.as_ref()
-            .is_ok_and(|j| peer_state(j, 3).as_deref() == Some("syncing"))
-        {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{test}: node 3 never streamed from node 1: {j:?}\n{}",
-            cl.stderr_tails()
-        );
-        thread::sleep(Duration::from_millis(50));
-    }
-    put(&cl.nbd_addr(), b'C');
+    wait_peer_state(
+        &cl,
+        &dir1,
+        3,
+        "syncing",
+        "node 3 never streamed from node 1",
+    );
+    put_block0(&cl.nbd_addr(), b'C');
     cl.node(1).kill();
     cl.node(2).start();
     wait_log(&mut cl, 2, "split brain", Duration::from_secs(30));
     cl.node(2).terminate();
     cl.node(3).terminate();
-    let block0 = fs::read(cl.nodes[2].data()).unwrap()[..4096].to_vec();
-    assert!(
-        block0 == [b'C'; 4096],
-        "{test}: node 3 lost the write node 1 acknowledged (holds {:?})\n{}",
-        block0[0] as char,
-        cl.stderr_tails()
-    );
+    assert_block0(&cl, 3, b'C', "node 3 lost the write node 1 acknowledged");
 }
 
 /// A peer that reconnects but takes no record of the current run must not
@@ -5640,33 +5628,13 @@ fn a_peer_that_reconnected_but_took_nothing_keeps_its_old_run() {
     let mut cl = Cluster::new(test, seed, Opts::new(16 * MIB, 3));
     cl.start_all();
     cl.wait_in_sync(Duration::from_secs(30));
-    let put = |addr: &str, byte: u8| {
-        let mut c = MiniClient::connect(addr, "disk").unwrap();
-        assert_eq!(c.write(0, &[byte; 4096], 0).unwrap(), 0);
-        assert_eq!(c.flush().unwrap(), 0);
-        c.disconnect();
-    };
-    put(&cl.nbd_addr(), b'A');
+    put_block0(&cl.nbd_addr(), b'A');
     cl.node(3).terminate();
-    put(&cl.nbd_addr(), b'C');
+    put_block0(&cl.nbd_addr(), b'C');
     let dir1 = cl.nodes[0].dir.display().to_string();
     resync_cmd(&["pause", "--dir", &dir1, "--peer", "3"]);
     cl.node(3).start();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let j = status_json(&["--dir", &dir1]);
-        if j.as_ref()
-            .is_ok_and(|j| peer_state(j, 3).as_deref() == Some("syncing"))
-        {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{test}: node 3 never came back: {j:?}\n{}",
-            cl.stderr_tails()
-        );
-        thread::sleep(Duration::from_millis(50));
-    }
+    wait_peer_state(&cl, &dir1, 3, "syncing", "node 3 never came back");
     thread::sleep(Duration::from_millis(300));
     cl.node(1).kill();
     cl.node(3).terminate();
@@ -5674,12 +5642,11 @@ fn a_peer_that_reconnected_but_took_nothing_keeps_its_old_run() {
     wait_log(&mut cl, 3, "split brain", Duration::from_secs(30));
     cl.node(3).terminate();
     cl.node(2).terminate();
-    let block0 = fs::read(cl.nodes[1].data()).unwrap()[..4096].to_vec();
-    assert!(
-        block0 == [b'C'; 4096],
-        "{test}: node 2 lost the write node 1 acknowledged with it in sync (holds {:?})\n{}",
-        block0[0] as char,
-        cl.stderr_tails()
+    assert_block0(
+        &cl,
+        2,
+        b'C',
+        "node 2 lost the write node 1 acknowledged with it in sync",
     );
 }
 
