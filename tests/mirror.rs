@@ -5385,6 +5385,22 @@ fn assert_block0(cl: &Cluster, id: u32, byte: u8, what: &str) {
     );
 }
 
+/// Node 1 is gone; node 3, which missed node 1's last writes (or took
+/// none of them), is promoted with node 2 as its peer. Node 2, which kept
+/// up, must refuse it as split brain and keep block 0 = `byte`.
+fn assert_stale_node3_refused_by_node2(cl: &mut Cluster, byte: u8) {
+    promote(cl, 3, &[2]);
+    wait_log(cl, 3, "split brain", Duration::from_secs(30));
+    cl.node(3).terminate();
+    cl.node(2).terminate();
+    assert_block0(
+        cl,
+        2,
+        byte,
+        "node 2 lost the write node 1 acknowledged with it in sync",
+    );
+}
+
 fn wait_log(cl: &mut Cluster, id: u32, what: &str, timeout: Duration) {
     let deadline = Instant::now() + timeout;
     while !contains_ci(&cl.node(id).stderr(), what) {
@@ -5525,16 +5541,7 @@ fn a_secondary_promoted_after_the_primary_wrote_without_it_is_refused_by_the_one
     // Acknowledged and flushed with node 2 in sync, node 3 away.
     put_block0(&cl.nbd_addr(), b'C');
     cl.node(1).kill();
-    promote(&mut cl, 3, &[2]);
-    wait_log(&mut cl, 3, "split brain", Duration::from_secs(30));
-    cl.node(3).terminate();
-    cl.node(2).terminate();
-    assert_block0(
-        &cl,
-        2,
-        b'C',
-        "node 2 lost the write node 1 acknowledged with it in sync",
-    );
+    assert_stale_node3_refused_by_node2(&mut cl, b'C');
 }
 
 /// A write parked behind an overlapping one when an in-sync peer fails is
@@ -5567,11 +5574,7 @@ fn a_write_parked_when_a_peer_fails_goes_under_the_new_run() {
     c.disconnect();
     cl.node(1).kill();
     cl.node(3).kill();
-    promote(&mut cl, 3, &[2]);
-    wait_log(&mut cl, 3, "split brain", Duration::from_secs(30));
-    cl.node(3).terminate();
-    cl.node(2).terminate();
-    assert_block0(&cl, 2, b'Y', "node 2 lost the acknowledged, flushed write");
+    assert_stale_node3_refused_by_node2(&mut cl, b'Y');
 }
 
 /// A peer that takes writes while it is still being resynced records the
@@ -5638,16 +5641,7 @@ fn a_peer_that_reconnected_but_took_nothing_keeps_its_old_run() {
     thread::sleep(Duration::from_millis(300));
     cl.node(1).kill();
     cl.node(3).terminate();
-    promote(&mut cl, 3, &[2]);
-    wait_log(&mut cl, 3, "split brain", Duration::from_secs(30));
-    cl.node(3).terminate();
-    cl.node(2).terminate();
-    assert_block0(
-        &cl,
-        2,
-        b'C',
-        "node 2 lost the write node 1 acknowledged with it in sync",
-    );
+    assert_stale_node3_refused_by_node2(&mut cl, b'C');
 }
 
 /// The other side of the rule above: a promotion while the old primary is
