@@ -1093,10 +1093,8 @@ impl Mirror {
         let mut waiting = HashMap::new();
         for i in 0..self.peers.len() {
             let link = self.peers[i].link.unwrap();
-            let g =
-                wire::encode_generation(fresh, self.generation.epoch, self.peers[i].version, false)
-                    .unwrap();
-            self.send_frame(link, FrameKind::Generation, &[&g]);
+            // `fresh`, now our generation.
+            self.send_generation(io, i, false);
             let id = MIRROR_RID | self.next_mrid;
             self.next_mrid += 1;
             self.send_frame(link, FrameKind::Flush, &[&id.to_le_bytes()]);
@@ -1765,12 +1763,11 @@ impl Mirror {
     // ----- peer failure -----------------------------------------------------
 
     fn fail_peer(&mut self, io: &mut dyn Io, store: &mut Store, i: usize, why: String) {
+        let streaming = matches!(self.peers[i].state, PeerState::Syncing | PeerState::InSync);
+        // Writes from now on miss it: they go under the next run.
+        self.run_due |= streaming;
         let p = &mut self.peers[i];
-        if p.state == PeerState::InSync || p.state == PeerState::Syncing {
-            // Writes from now on miss it: they go under the next run.
-            self.run_due = true;
-        }
-        if p.state == PeerState::Syncing || p.state == PeerState::InSync {
+        if streaming {
             crate::elog!(
                 "nbdmirror: peer {} ({}) disconnected: {why}; writes continue and are recorded in its bitmap",
                 p.node_id, p.addr
@@ -2819,13 +2816,12 @@ impl Mirror {
                     && self.generation.flags & generation::FLAG_INCONSISTENT == 0;
                 // The run this record belongs to, if the primary told it
                 // (RUN_ONLY) and this replica holds its generation.
-                let run = l
-                    .pending_run
+                let run = self
+                    .links
+                    .get_mut(&link)
+                    .and_then(|l| l.pending_run.take())
                     .filter(|&(g, r)| g == self.generation.current && r > self.generation.epoch)
                     .map(|(_, r)| r);
-                if let Some(l) = self.links.get_mut(&link) {
-                    l.pending_run = None;
-                }
                 if mark || run.is_some() {
                     // Durable before the record is applied: resync data,
                     // so that a crash in the middle leaves a replica that
@@ -3223,17 +3219,10 @@ impl Mirror {
         p.sent_session = token;
         self.send_frame(link, FrameKind::Session, &[&token.to_le_bytes()]);
         // The run, before any record of the session: a peer that holds our
-        // generation records it, so that the writes of this run it takes,
-        // even while resynced, are not rolled back by a node promoted from
-        // an earlier run.
-        if let Some(g) = wire::encode_generation(
-            self.generation.current,
-            self.generation.epoch,
-            self.peers[i].version,
-            true,
-        ) {
-            self.send_frame(link, FrameKind::Generation, &[&g]);
-        }
+        // generation records it with the first record of this run it takes
+        // (even while resynced), so that a node promoted from an earlier
+        // run does not roll that record back. (`link` is `peers[i].link`.)
+        self.send_generation(io, i, true);
         // Its Pong records the token here at once, even on an idle link.
         let stamp = self.next_mrid;
         self.send_frame(link, FrameKind::Ping, &[&stamp.to_le_bytes()]);
@@ -3272,16 +3261,16 @@ impl Mirror {
     /// write's record). A peer that then follows this run holds writes a
     /// node promoted from an earlier one lacks (`generation::judge`).
     fn advance_run(&mut self, io: &mut dyn Io) {
-        if !self.run_due || self.cfg.role != NodeRole::Primary {
+        if !self.run_due
+            || self.cfg.role != NodeRole::Primary
+            || self.run_retry_at.is_some_and(|t| self.t < t)
+        {
             return;
         }
         let next = Generation {
             epoch: self.generation.epoch.saturating_add(1),
             ..self.generation
         };
-        if self.run_retry_at.is_some_and(|t| self.t < t) {
-            return;
-        }
         if let Err(e) = next.store(&self.cfg.dir) {
             // Tried again at a write a second from now; meanwhile the peers
             // keep the run they hold, and a lagging node promoted later is
