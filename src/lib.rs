@@ -23,6 +23,7 @@ macro_rules! elog {
 
 pub mod config;
 pub mod fuzzing;
+pub mod idmap;
 pub mod io;
 pub mod mirror;
 pub mod peer;

@@ -8,7 +8,9 @@
 //! requests, flush, checkpoint, exit 0). It holds no disk state of its own and
 //! never decides durability: that is the store's.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
+
+use crate::idmap::IdMap;
 use std::net::{SocketAddr, TcpListener};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixListener;
@@ -324,9 +326,9 @@ pub struct Server {
     /// The Unix sockets this server created, with the (device, inode) each
     /// had: removed at exit if the path still names that socket.
     unix_sockets: Vec<(PathBuf, (u64, u64))>,
-    conns: HashMap<u64, Conn>,
+    conns: IdMap<u64, Conn>,
     next_conn: u64,
-    pending: HashMap<u64, PendingReq>,
+    pending: IdMap<u64, PendingReq>,
     next_req: u64,
     signal_fd: OwnedFd,
     shutting_down: bool,
@@ -733,9 +735,9 @@ impl Server {
             exports: vec![export],
             listeners,
             unix_sockets,
-            conns: HashMap::new(),
+            conns: IdMap::default(),
             next_conn: 1,
-            pending: HashMap::new(),
+            pending: IdMap::default(),
             next_req: 1,
             signal_fd,
             shutting_down: false,
@@ -1330,7 +1332,8 @@ impl Server {
                             conn.start += REQUEST_HEADER_LEN;
                             if req.command == Command::Write {
                                 let len = req.length as usize;
-                                if conn.filled - conn.start < len && len <= INLINE_PAYLOAD {
+                                let avail = conn.filled - conn.start;
+                                if avail < len && len <= INLINE_PAYLOAD {
                                     // Wait for the rest in the input buffer
                                     // (RECV_BUF, far more than one such
                                     // request); the header is parsed again
@@ -1351,6 +1354,8 @@ impl Server {
                                     // Recycled buffers hold old payload bytes, which the
                                     // new payload overwrites: no zeroing, no page faults.
                                     Some(i) => self.pool.swap_remove(i),
+                                    // All of it is here: copied in whole, nothing to zero.
+                                    None if avail >= len => Vec::with_capacity(need),
                                     // A fresh one comes zeroed from the allocator
                                     // (large ones as untouched pages), so memory is
                                     // only used as the payload arrives: a client that
@@ -1364,12 +1369,21 @@ impl Server {
                                         b
                                     }
                                 };
+                                if avail >= len {
+                                    buf.clear();
+                                    buf.resize(WRITE_HEADROOM, 0);
+                                    buf.extend_from_slice(
+                                        &conn.inbuf[conn.start..conn.start + len],
+                                    );
+                                    conn.start += len;
+                                    self.start_request(id, req, Some(buf), false);
+                                    continue;
+                                }
                                 if buf.len() >= want {
                                     buf.truncate(want);
                                 } else {
                                     buf.resize(want, 0);
                                 }
-                                let avail = conn.filled - conn.start;
                                 let take = avail.min(len);
                                 buf[WRITE_HEADROOM..WRITE_HEADROOM + take]
                                     .copy_from_slice(&conn.inbuf[conn.start..conn.start + take]);

@@ -21,7 +21,9 @@ pub mod generation;
 pub mod scrub;
 pub mod wire;
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
+
+use crate::idmap::{IdMap, IdSet};
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixListener;
@@ -263,7 +265,7 @@ fn repair_range(read: &CorruptRead) -> (u64, u64) {
 enum Handover {
     Idle,
     /// Generation and Flush frames sent: flush id -> peer index.
-    Waiting(HashMap<u64, usize>),
+    Waiting(IdMap<u64, usize>),
     /// Finished: every peer adopted the generation and flushed (true), or
     /// not attempted or failed (false).
     Done(bool),
@@ -294,7 +296,7 @@ struct Repair {
 
 /// A checksum compare in progress: the next block to ask about, and the
 /// requests in flight (id -> first block, count).
-type Compare = (u64, HashMap<u64, (u64, u64)>);
+type Compare = (u64, IdMap<u64, (u64, u64)>);
 
 struct Peer {
     node_id: u32,
@@ -304,7 +306,7 @@ struct Peer {
     link: Option<u64>,
     state: PeerState,
     bitmap: DirtyBitmap,
-    outstanding: HashMap<u64, Out>,
+    outstanding: IdMap<u64, Out>,
     retry_at: Instant,
     backoff: Duration,
     last_error: Option<String>,
@@ -474,16 +476,16 @@ pub struct Mirror {
     volume_uuid: [u8; 16],
     size: u64,
     peers: Vec<Peer>,
-    links: HashMap<u64, Link>,
+    links: IdMap<u64, Link>,
     next_link: u64,
     listener: Option<OwnedFd>,
     admin: Option<UnixListener>,
-    admin_conns: HashMap<u64, AdminConn>,
+    admin_conns: IdMap<u64, AdminConn>,
     next_admin: u64,
     /// Ranges being written or resynced, disjoint: start -> (end, owner).
     locks: BTreeMap<u64, (u64, u64)>,
     /// Read repairs in progress (primary), by the id of their BlockRequest.
-    repairs: HashMap<u64, Repair>,
+    repairs: IdMap<u64, Repair>,
     /// Client reads with bad blocks waiting to be repaired or read again:
     /// their blocks are locked (a write or another repair is at them) or
     /// too many repairs are in flight. Retried by `unpark`.
@@ -493,7 +495,7 @@ pub struct Mirror {
     /// under one id (a block marked corrupt takes a peer's copy through the
     /// journal, as a client write) lost all answers but one, and the repair
     /// and every read waiting on its lock hung (a tester's find).
-    repair_parts: HashMap<u64, u64>,
+    repair_parts: IdMap<u64, u64>,
     handover: Handover,
     /// Failed accepts on the peer and admin listeners, and which of them
     /// wait for the back-off to end.
@@ -520,13 +522,13 @@ pub struct Mirror {
     switchover: bool,
     /// Store reads of blocks a primary asked for (secondary): read id ->
     /// (link, the request's id).
-    peer_reads: HashMap<u64, (u64, u64)>,
+    peer_reads: IdMap<u64, (u64, u64)>,
     parked: VecDeque<Parked>,
-    ops: HashMap<u64, MOp>,
+    ops: IdMap<u64, MOp>,
     next_mrid: u64,
-    resync_reads: HashMap<u64, ResyncRead>,
+    resync_reads: IdMap<u64, ResyncRead>,
     /// Secondary: store request -> (link, message id, is a flush).
-    applying: HashMap<u64, (u64, u64, bool)>,
+    applying: IdMap<u64, (u64, u64, bool)>,
     last_refill: Instant,
     shutting_down: bool,
     send_queue: Vec<u64>,
@@ -542,10 +544,10 @@ pub struct Mirror {
     scrub: scrub::Scrub,
     /// Secondary: store reads of a primary's VerifyRequests: read id ->
     /// (link, the request's id, first block, count).
-    verify_reads: HashMap<u64, (u64, u64, u64, u64)>,
+    verify_reads: IdMap<u64, (u64, u64, u64, u64)>,
     /// Read repairs no read waits for (asked by resync for blocks bad
     /// here): nothing is read again or answered when they end.
-    background: std::collections::HashSet<u64>,
+    background: IdSet<u64>,
 }
 
 fn nonce() -> [u8; 32] {
@@ -776,7 +778,7 @@ impl Mirror {
                 link: None,
                 state: PeerState::Connecting,
                 bitmap: bm,
-                outstanding: HashMap::new(),
+                outstanding: IdMap::default(),
                 retry_at: t0,
                 backoff: BACKOFF_MIN,
                 last_error: None,
@@ -859,8 +861,8 @@ impl Mirror {
         );
         Ok(Mirror {
             scrub,
-            verify_reads: HashMap::new(),
-            background: std::collections::HashSet::new(),
+            verify_reads: IdMap::default(),
+            background: IdSet::default(),
             node_id: sb.node_id,
             generation,
             run_due,
@@ -870,17 +872,17 @@ impl Mirror {
             last_refill: t0,
             cfg,
             peers,
-            links: HashMap::new(),
+            links: IdMap::default(),
             next_link: 0,
             listener,
             admin,
-            admin_conns: HashMap::new(),
+            admin_conns: IdMap::default(),
             next_admin: 0,
             locks: BTreeMap::new(),
-            repairs: HashMap::new(),
+            repairs: IdMap::default(),
             repair_waiting: Vec::new(),
-            repair_parts: HashMap::new(),
-            peer_reads: HashMap::new(),
+            repair_parts: IdMap::default(),
+            peer_reads: IdMap::default(),
             handover: Handover::Idle,
             accept_backoff: Default::default(),
             peer_accept_paused: false,
@@ -890,10 +892,10 @@ impl Mirror {
             pending_divergence: None,
             switchover: false,
             parked: VecDeque::new(),
-            ops: HashMap::new(),
+            ops: IdMap::default(),
             next_mrid: 0,
-            resync_reads: HashMap::new(),
-            applying: HashMap::new(),
+            resync_reads: IdMap::default(),
+            applying: IdMap::default(),
             shutting_down: false,
             send_queue: Vec::new(),
             t: t0,
@@ -1090,7 +1092,7 @@ impl Mirror {
         }
         self.generation = g;
         self.t = io.now();
-        let mut waiting = HashMap::new();
+        let mut waiting = IdMap::default();
         for i in 0..self.peers.len() {
             let link = self.peers[i].link.unwrap();
             // `fresh`, now our generation.
@@ -2390,7 +2392,7 @@ impl Mirror {
                     p.rate_window = (self.t, p.sent_bytes);
                     p.compared_diff = 0;
                     if p.bitmap.flags() & FLAG_COMPARE != 0 {
-                        p.compare = Some((0, HashMap::new()));
+                        p.compare = Some((0, IdMap::default()));
                     }
                     p.state = if p.bitmap.dirty() > 0 || p.compare.is_some() {
                         PeerState::Syncing

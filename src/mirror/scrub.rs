@@ -18,7 +18,9 @@
 //! and cannot be repaired from a peer whose copy matches this node's
 //! checksum is reported, not rewritten.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::idmap::IdMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -226,7 +228,7 @@ pub struct Scrub {
     next: u64,
     /// Ranges to read again.
     retry: Vec<Retry>,
-    pub steps: HashMap<u64, Step>,
+    pub steps: IdMap<u64, Step>,
     /// Bumped when a pass starts or ends.
     pass_id: u64,
     tokens: f64,
@@ -304,7 +306,7 @@ impl Scrub {
             saved,
             next,
             retry: Vec::new(),
-            steps: HashMap::new(),
+            steps: IdMap::default(),
             pass_id: 1,
             tokens: 0.0,
             changed,

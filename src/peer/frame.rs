@@ -597,7 +597,11 @@ impl FrameDecoder {
             self.buf.reserve(missing);
             return Ok(None);
         }
-        let payload = avail[HEADER_LEN..total].to_vec();
+        // Capacity rounded up to 512 bytes: a Record's buffer is padded in
+        // place to its journal record's span (512-byte units) on a secondary,
+        // which an exact capacity made a realloc and copy per record.
+        let mut payload = Vec::with_capacity(len.next_multiple_of(512));
+        payload.extend_from_slice(&avail[HEADER_LEN..total]);
         self.start += total;
         if self.start == self.buf.len() {
             self.buf.clear();

@@ -28,7 +28,9 @@ pub mod journal;
 pub mod overlay;
 pub mod uncertain;
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
+
+use crate::idmap::IdMap;
 use std::os::fd::RawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -112,8 +114,8 @@ fn piece_mask(chunk: u64, start: u64, end: u64, whole: bool) -> u16 {
 /// wholly cached is marked whole, any other is split in 16 down to pieces.
 /// A fully cached disk costs one walk of its pages; the worst case (every
 /// piece partly cached) five.
-fn cached_pieces(io: &mut dyn Io, fd: RawFd, size: u64) -> HashMap<u64, FolioChunk> {
-    let mut map = HashMap::new();
+fn cached_pieces(io: &mut dyn Io, fd: RawFd, size: u64) -> IdMap<u64, FolioChunk> {
+    let mut map = IdMap::default();
     let whole = size / PAGE_CACHE_PIECE * PAGE_CACHE_PIECE;
     let mut todo: Vec<(u64, u64)> = Vec::new();
     // Largest ranges first; pushed in reverse so they are visited in order.
@@ -128,7 +130,7 @@ fn cached_pieces(io: &mut dyn Io, fd: RawFd, size: u64) -> HashMap<u64, FolioChu
             break;
         }
         let n = match io.cached_bytes(fd, s, e - s) {
-            None => return HashMap::new(),
+            None => return IdMap::default(),
             Some(n) => n,
         };
         // Less than a piece cached holds no whole cached piece (a disk
@@ -529,7 +531,7 @@ struct ApplyBatch {
     /// The batch's writes while cache drops clear large folios first.
     held: AfterDrops,
     /// Blocks needing read-modify-write: block -> pieces touching it.
-    rmw: HashMap<u64, Vec<Piece>>,
+    rmw: IdMap<u64, Vec<Piece>>,
     failed: Option<i32>,
     /// Newest sequence number in the overlay when the batch was planned
     /// (see `Store::applied_needs_durable`).
@@ -584,10 +586,10 @@ pub struct Store {
     sums: ChecksumTable,
     overlay: Overlay,
     ring: JournalRing,
-    ctx: HashMap<u64, Ctx>,
+    ctx: IdMap<u64, Ctx>,
     next_token: u64,
-    writes: HashMap<ReqId, WriteReq>,
-    reads: HashMap<ReqId, ReadReq>,
+    writes: IdMap<ReqId, WriteReq>,
+    reads: IdMap<ReqId, ReadReq>,
     backlog: VecDeque<PendingWrite>,
     /// Requests answered once the journal is durable up to the target seq.
     waiters: Vec<Waiter>,
@@ -619,9 +621,9 @@ pub struct Store {
     failed_errno: i32,
     events: Vec<StoreEvent>,
     /// Journal writes in flight: seq -> what to put in the overlay when done.
-    in_flight: HashMap<u64, InFlight>,
+    in_flight: IdMap<u64, InFlight>,
     /// Overlay ranges a read took its bytes from.
-    read_pieces: HashMap<ReqId, Vec<(u64, u64)>>,
+    read_pieces: IdMap<ReqId, Vec<(u64, u64)>>,
     draining: bool,
     /// In-place writes from record placement to data-file completion, by seq.
     inplace: BTreeMap<u64, InPlaceWrite>,
@@ -632,7 +634,7 @@ pub struct Store {
     data_sync_in_flight: bool,
     /// Regions with an InPlace intent record the journal still holds:
     /// region -> the record's seq.
-    intents: HashMap<u64, u64>,
+    intents: IdMap<u64, u64>,
     /// The newest intent record placed; a sync is due as soon as it is written
     /// so writes reaching its region find it durable.
     newest_intent: u64,
@@ -642,7 +644,7 @@ pub struct Store {
     /// a large write (one that could have gone in place). An in-place write
     /// may not touch them: after a crash, replay would need the older
     /// record's bytes *under* the newer in-place data, which is not knowable.
-    journaled_chunks: HashMap<u64, (u64, bool)>,
+    journaled_chunks: IdMap<u64, (u64, bool)>,
     /// The 64 KiB pieces of `data` where a page-cache write of data of at
     /// least `PAGE_CACHE_PIECE` finished (zeroing makes no folios), kept per
     /// 1 MiB chunk with `checkpoints_begun()` at that moment. The kernel
@@ -657,15 +659,15 @@ pub struct Store {
     /// rest of the chunk stays cached, and reads that never write keep the
     /// cache. A folio dirtied before the drop stays, so the drop is
     /// repeated once more after the next checkpoint (`FolioChunk::second`).
-    large_folios: HashMap<u64, FolioChunk>,
+    large_folios: IdMap<u64, FolioChunk>,
     /// Reads that failed verification, until their owner takes them.
-    corrupt: HashMap<ReqId, CorruptRead>,
+    corrupt: IdMap<ReqId, CorruptRead>,
     /// Blocks a read found marked corrupt (`checksum::CORRUPT_MARK`: bad,
     /// then rewritten in part): no copy can match their checksum, so a
     /// repair adopts a peer's copy of them (see `Store::repair`).
     /// (block -> the marked table entry seen; adopted only while the entry
     /// is still that).
-    marked_seen: HashMap<u64, u64>,
+    marked_seen: IdMap<u64, u64>,
     /// In-place writes that failed (ENOSPC, EIO) after some of their pieces
     /// reached `data`: (first block, the write's checksums). Each block
     /// holds the old data (its table entry) or the new (listed here); a
@@ -884,10 +886,10 @@ impl Store {
             sums,
             overlay: Overlay::default(),
             ring,
-            ctx: HashMap::new(),
+            ctx: IdMap::default(),
             next_token: 0,
-            writes: HashMap::new(),
-            reads: HashMap::new(),
+            writes: IdMap::default(),
+            reads: IdMap::default(),
             backlog: VecDeque::new(),
             waiters: Vec::new(),
             durable_seq: last,
@@ -906,21 +908,21 @@ impl Store {
             failed: None,
             failed_errno: EIO,
             events: Vec::new(),
-            in_flight: HashMap::new(),
-            read_pieces: HashMap::new(),
+            in_flight: IdMap::default(),
+            read_pieces: IdMap::default(),
             draining: false,
             inplace: BTreeMap::new(),
             inplace_done: 0,
             data_synced: 0,
             data_sync_in_flight: false,
-            journaled_chunks: HashMap::new(),
+            journaled_chunks: IdMap::default(),
             large_folios,
-            corrupt: HashMap::new(),
-            marked_seen: HashMap::new(),
+            corrupt: IdMap::default(),
+            marked_seen: IdMap::default(),
             failed_inplace: Vec::new(),
 
             recycled: Vec::new(),
-            intents: HashMap::new(),
+            intents: IdMap::default(),
             newest_intent: 0,
             next_inplace_id: 0,
             stats: StoreStats::default(),
