@@ -4,7 +4,7 @@
 //! Owns: accepting connections (TCP, Unix, systemd socket activation),
 //! feeding received bytes to the `nbd` state machines, turning requests into
 //! store calls, sending replies in completion order, back-pressure per
-//! connection, and graceful shutdown on SIGINT/SIGTERM (finish in-flight
+//! connection, and graceful shutdown on SIGINT/SIGTERM/SIGHUP (finish in-flight
 //! requests, flush, checkpoint, exit 0). It holds no disk state of its own and
 //! never decides durability: that is the store's.
 
@@ -347,7 +347,7 @@ pub struct Server {
     pool: Vec<Vec<u8>>,
 }
 
-/// Block SIGINT, SIGTERM (read from a signalfd instead) and SIGPIPE in
+/// Block SIGINT, SIGTERM, SIGHUP (read from a signalfd instead) and SIGPIPE in
 /// this thread, and so in every thread and io_uring worker it starts later.
 fn block_termination_signals() -> Result<(), String> {
     // SAFETY: plain libc calls on a local sigset.
@@ -356,6 +356,7 @@ fn block_termination_signals() -> Result<(), String> {
         libc::sigemptyset(&mut set);
         libc::sigaddset(&mut set, libc::SIGINT);
         libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGHUP);
         libc::sigaddset(&mut set, libc::SIGPIPE);
         if libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
             return Err("cannot block signals".into());
@@ -372,6 +373,9 @@ fn block_signals() -> Result<OwnedFd, String> {
         libc::sigemptyset(&mut only);
         libc::sigaddset(&mut only, libc::SIGINT);
         libc::sigaddset(&mut only, libc::SIGTERM);
+        // A closed terminal or session: stop cleanly too (nbdkit and
+        // qemu-nbd do), not die with the journal un-checkpointed.
+        libc::sigaddset(&mut only, libc::SIGHUP);
         let fd = libc::signalfd(-1, &only, libc::SFD_CLOEXEC);
         if fd < 0 {
             return Err(format!("signalfd: {}", std::io::Error::last_os_error()));

@@ -2393,6 +2393,71 @@ fn unwritable_stdout_or_stderr_is_not_a_panic() {
     );
 }
 
+/// SIGHUP (a closed terminal or session) stops nbdmirror as SIGTERM does:
+/// exit 0 with the journal checkpointed, so the stopped replica passes
+/// `check` (which refuses one that did not stop cleanly) and holds the
+/// write. It used to kill the process (status 129, no checkpoint); nbdkit
+/// and qemu-nbd exit 0 on SIGHUP.
+#[test]
+fn sighup_stops_cleanly() {
+    let test = "sighup_stops_cleanly";
+    if !nbdmirror_only(test, "nbdmirror's signal handling") {
+        return;
+    }
+    let tmp = TempDir::new(test);
+    let dir = tmp.join("replica");
+    run_ok(&mut init_cmd(&dir, &["--size", "4M"]));
+    let port = free_port();
+    let child = Command::new(NBDMIRROR_BIN)
+        .args(["serve", "--dir"])
+        .arg(&dir)
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let addr = format!("127.0.0.1:{port}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let mut c = loop {
+        match MiniClient::connect(&addr, "") {
+            Ok(c) => break c,
+            Err(_) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(50))
+            }
+            Err(e) => panic!("server never answered: {e}"),
+        }
+    };
+    let data = vec![0x5Au8; 8192];
+    assert_eq!(c.write(4096, &data, 0).unwrap(), 0, "WRITE");
+    c.disconnect();
+    send_signal(child.id(), "HUP");
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "exit after SIGHUP: {}\n{stderr}",
+        out.status
+    );
+    assert!(stderr.contains("signal received"), "{stderr}");
+    let out = run_timeout(
+        Command::new(NBDMIRROR_BIN)
+            .args(["check", "--dir"])
+            .arg(&dir),
+        Duration::from_secs(30),
+    );
+    assert!(
+        out.status.success(),
+        "check after SIGHUP: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let raw = fs::read(dir.join("data")).unwrap();
+    assert_eq!(
+        &raw[4096..4096 + 8192],
+        &data[..],
+        "the write in the data file"
+    );
+}
+
 // ------------------------------------------------- refusing damaged replicas
 
 fn file_digests(dir: &Path) -> Vec<(String, u64)> {

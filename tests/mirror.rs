@@ -1755,8 +1755,8 @@ fn writes_the_primary_never_saw_are_found_by_the_session_check() {
 }
 
 /// A secondary started with `--listen` serves NBD read-only: nbdinfo shows
-/// no command that writes (as `nbdkit -r`), a WRITE gets EPERM and changes
-/// nothing, and reads return what the primary wrote.
+/// no command that writes (as `nbdkit -r`), a WRITE, TRIM or WRITE_ZEROES
+/// gets EPERM and changes nothing, and reads return what the primary wrote.
 #[test]
 fn secondary_serves_read_only_nbd() {
     let test = "secondary_serves_read_only_nbd";
@@ -1803,6 +1803,15 @@ fn secondary_serves_read_only_nbd() {
         libc::EPERM as u32,
         "WRITE to a secondary"
     );
+    // TRIM and WRITE_ZEROES are not advertised there, but the spec's error
+    // for any change to a read-only export is EPERM (nbdkit -r agrees).
+    for (ty, what) in [(4u16, "TRIM"), (6, "WRITE_ZEROES")] {
+        assert_eq!(
+            c.command(ty, MIB, 4096).unwrap(),
+            libc::EPERM as u32,
+            "{what} to a secondary"
+        );
+    }
     assert_eq!(
         c.read(MIB, 4096).unwrap(),
         data[..4096],

@@ -363,7 +363,12 @@ impl Handshake {
         if name_len > MAX_STRING || name_len > data.len().saturating_sub(6) {
             return None;
         }
-        let name = std::str::from_utf8(r.bytes(name_len)?).ok()?.to_string();
+        // NBD strings may not hold NUL: malformed (ERR_INVALID), as
+        // nbdkit and qemu-nbd answer, not an unknown export.
+        let name = std::str::from_utf8(r.bytes(name_len)?)
+            .ok()
+            .filter(|n| !n.contains('\0'))?
+            .to_string();
         let count = r.u16()? as usize;
         if r.remaining() != count * 2 {
             return None;
@@ -486,7 +491,10 @@ fn parse_meta_request(data: &[u8]) -> Option<(String, Vec<String>)> {
     if name_len > MAX_STRING {
         return None;
     }
-    let name = std::str::from_utf8(r.bytes(name_len)?).ok()?.to_string();
+    let name = std::str::from_utf8(r.bytes(name_len)?)
+        .ok()
+        .filter(|n| !n.contains('\0'))?
+        .to_string();
     let count = r.u32()? as usize;
     let mut queries = Vec::new();
     for _ in 0..count {

@@ -187,6 +187,16 @@ impl RequestRules {
         if flags & !allowed != 0 {
             return reject(EINVAL, payload);
         }
+        // Read-only first: the spec's EPERM for any write, trim or zero on a
+        // read-only export, even when trim or zeroes are not advertised
+        // there (nbdkit -r does the same).
+        if matches!(
+            command,
+            Command::Write | Command::Trim | Command::WriteZeroes
+        ) && self.flags & TFLAG_READ_ONLY != 0
+        {
+            return reject(EPERM, payload);
+        }
         let needs = match command {
             Command::Flush => TFLAG_SEND_FLUSH,
             Command::Trim => TFLAG_SEND_TRIM,
@@ -195,13 +205,6 @@ impl RequestRules {
         };
         if self.flags & needs != needs {
             return reject(EINVAL, payload);
-        }
-        if matches!(
-            command,
-            Command::Write | Command::Trim | Command::WriteZeroes
-        ) && self.flags & TFLAG_READ_ONLY != 0
-        {
-            return reject(EPERM, payload);
         }
         let end = offset.checked_add(length as u64);
         let in_bounds = matches!(end, Some(e) if e <= self.size);

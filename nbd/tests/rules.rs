@@ -278,6 +278,10 @@ fn malformed_info_request_is_invalid() {
     out.clear();
     h.feed(&opt(OPT_GO, &[0, 0, 0, 200, b'x']), &mut out);
     assert_eq!(replies(&out)[0].1, REP_ERR_INVALID);
+    // NBD strings hold no NUL: malformed, not an unknown export.
+    out.clear();
+    h.feed(&opt(OPT_INFO, &info_req("di\0sk", &[])), &mut out);
+    assert_eq!(replies(&out)[0].1, REP_ERR_INVALID);
 }
 
 #[test]
@@ -639,6 +643,13 @@ fn writes_on_read_only_export_are_eperm() {
     r.flags |= TFLAG_READ_ONLY;
     assert_eq!(error_of(r.decode(&req(0, CMD_WRITE, 0, 4))), (EPERM, 4));
     assert_eq!(error_of(r.decode(&req(0, CMD_TRIM, 0, 4))), (EPERM, 0));
+    // Also where trim and zeroes are not advertised (a secondary's export).
+    r.flags &= !(TFLAG_SEND_TRIM | TFLAG_SEND_WRITE_ZEROES);
+    assert_eq!(error_of(r.decode(&req(0, CMD_TRIM, 0, 4))), (EPERM, 0));
+    assert_eq!(
+        error_of(r.decode(&req(0, CMD_WRITE_ZEROES, 0, 4))),
+        (EPERM, 0)
+    );
 }
 
 #[test]

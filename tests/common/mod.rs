@@ -1091,6 +1091,13 @@ impl MiniClient {
         self.simple_reply(c)
     }
 
+    /// A request without payload or data reply (TRIM = 4, WRITE_ZEROES =
+    /// 6, FLUSH = 3); returns the NBD error value.
+    pub fn command(&mut self, ty: u16, offset: u64, len: u32) -> io::Result<u32> {
+        let c = self.request(0, ty, offset, len, &[])?;
+        self.simple_reply(c)
+    }
+
     pub fn read(&mut self, offset: u64, len: u32) -> io::Result<Vec<u8>> {
         let c = self.request(0, NBD_CMD_READ, offset, len, &[])?;
         let err = self.simple_reply(c)?;
