@@ -347,16 +347,37 @@ pub struct Server {
     pool: Vec<Vec<u8>>,
 }
 
-/// Block SIGINT, SIGTERM, SIGHUP (read from a signalfd instead) and SIGPIPE in
-/// this thread, and so in every thread and io_uring worker it starts later.
-fn block_termination_signals() -> Result<(), String> {
-    // SAFETY: plain libc calls on a local sigset.
+/// The signals that stop the server cleanly: SIGTERM always; SIGINT and
+/// SIGHUP unless they were ignored when the process started (`nohup`, or
+/// a background job of a non-interactive shell, which ignores SIGINT):
+/// the kernel queues a blocked signal even when it is ignored, so blocking
+/// those to read them from the signalfd would turn a hang-up that `nohup`
+/// meant to ignore into a shutdown.
+fn stop_signals() -> libc::sigset_t {
+    // SAFETY: plain libc calls on a local sigset and sigaction.
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGINT);
         libc::sigaddset(&mut set, libc::SIGTERM);
-        libc::sigaddset(&mut set, libc::SIGHUP);
+        for sig in [libc::SIGINT, libc::SIGHUP] {
+            let mut old: libc::sigaction = std::mem::zeroed();
+            let ignored = libc::sigaction(sig, std::ptr::null(), &mut old) == 0
+                && old.sa_sigaction == libc::SIG_IGN;
+            if !ignored {
+                libc::sigaddset(&mut set, sig);
+            }
+        }
+        set
+    }
+}
+
+/// Block the stop signals (read from a signalfd instead, see
+/// [`stop_signals`]) and SIGPIPE in this thread, and so in every thread
+/// and io_uring worker it starts later.
+fn block_termination_signals() -> Result<(), String> {
+    let mut set = stop_signals();
+    // SAFETY: plain libc calls on a local sigset.
+    unsafe {
         libc::sigaddset(&mut set, libc::SIGPIPE);
         if libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
             return Err("cannot block signals".into());
@@ -367,15 +388,9 @@ fn block_termination_signals() -> Result<(), String> {
 
 fn block_signals() -> Result<OwnedFd, String> {
     block_termination_signals()?;
-    // SAFETY: plain libc calls on a local sigset; the returned fd is owned.
+    let only = stop_signals();
+    // SAFETY: a libc call on a local sigset; the returned fd is owned.
     unsafe {
-        let mut only: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut only);
-        libc::sigaddset(&mut only, libc::SIGINT);
-        libc::sigaddset(&mut only, libc::SIGTERM);
-        // A closed terminal or session: stop cleanly too (nbdkit and
-        // qemu-nbd do), not die with the journal un-checkpointed.
-        libc::sigaddset(&mut only, libc::SIGHUP);
         let fd = libc::signalfd(-1, &only, libc::SFD_CLOEXEC);
         if fd < 0 {
             return Err(format!("signalfd: {}", std::io::Error::last_os_error()));

@@ -2456,6 +2456,45 @@ fn sighup_stops_cleanly() {
         &data[..],
         "the write in the data file"
     );
+
+    // Started with SIGHUP ignored (as `nohup` does), a hang-up is ignored:
+    // the server keeps serving (a blocked signal is queued even when
+    // ignored, so it must not be blocked and read from the signalfd then).
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "trap '' HUP; exec '{NBDMIRROR_BIN}' serve --dir '{}' --listen 127.0.0.1:{port}",
+            dir.display()
+        ))
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while MiniClient::connect(&addr, "").is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "nohup'd server never answered"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    send_signal(child.id(), "HUP");
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "a server started with SIGHUP ignored stopped on SIGHUP"
+    );
+    let mut c = MiniClient::connect(&addr, "").expect("connect after an ignored SIGHUP");
+    assert_eq!(
+        c.read(4096, 8192).unwrap(),
+        data,
+        "read after an ignored SIGHUP"
+    );
+    c.disconnect();
+    send_signal(child.id(), "TERM");
+    assert!(
+        child.wait().unwrap().success(),
+        "SIGTERM after an ignored SIGHUP"
+    );
 }
 
 // ------------------------------------------------- refusing damaged replicas
