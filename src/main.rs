@@ -58,7 +58,8 @@ enum Cmd {
         dir: Option<PathBuf>,
         #[command(flatten)]
         config: ConfigArgs,
-        /// Create the replica with this size first if the directory holds none.
+        /// Create the replica with this size first if the directory holds none
+        /// (a replica of another size there is refused).
         #[arg(long, value_parser = parse_size)]
         size: Option<u64>,
         /// TCP address to listen on, HOST:PORT (repeatable; a host name is
@@ -440,7 +441,15 @@ fn admin_target(a: &AdminArgs) -> Result<(PathBuf, Option<PathBuf>), String> {
 /// `nbdmirror switchover`: ask the primary to hand over and stop, wait for
 /// it to exit, and say whether the handover was done.
 fn switchover(admin: &AdminArgs) -> Result<(), String> {
-    let (path, dir) = admin_target(admin)?;
+    let (path, mut dir) = admin_target(admin)?;
+    if dir.is_none() {
+        // Only the socket was named: the node says where its replica is, to
+        // read the handover from once it has stopped.
+        dir = admin_call(admin, "status")?
+            .get("dir")
+            .and_then(|d| d.as_str())
+            .map(PathBuf::from);
+    }
     admin_call(admin, "switchover")?;
     out!("switchover: the primary is stopping and handing over to its peers...");
     // The node removes its admin socket as the very last step of a clean
@@ -479,8 +488,13 @@ fn switchover(admin: &AdminArgs) -> Result<(), String> {
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
     let Some(dir) = dir else {
-        out!("the node stopped; its log says whether it handed over");
-        return Ok(());
+        // A node too old to say where its replica is.
+        return Err(
+            "the node stopped, but this tool cannot tell whether it handed over (the node did \
+             not say where its replica is): see its log before promoting a secondary, or run \
+             `nbdmirror info --dir DIR` on its replica"
+                .into(),
+        );
     };
     let g = nbdmirror::mirror::generation::Generation::load(&dir)?;
     if g.flags & nbdmirror::mirror::generation::FLAG_HANDED_OVER != 0 {
@@ -1498,13 +1512,17 @@ fn run(cli: Cli) -> Result<(), String> {
                     }
                 }
             } else if let (Some(want), Ok(m)) = (size, std::fs::metadata(path.join("data"))) {
+                // A size that does not match is a wrong directory or a
+                // wrong expectation: refused, as a config file's size is,
+                // rather than serving another size than asked for.
                 if m.len() != want {
-                    nbdmirror::elog!(
-                        "nbdmirror: note: {} already holds a {}-byte replica; --size {want} is \
-                         only used to create one, and is ignored",
+                    return Err(format!(
+                        "{} already holds a {}-byte replica, but --size says {want}: refusing \
+                         (--size only creates a replica where there is none; leave it out to \
+                         serve this one, or give a fresh directory)",
                         path.display(),
                         m.len()
-                    );
+                    ));
                 }
             }
             let mut l: Vec<Listen> = listen.into_iter().map(Listen::Tcp).collect();

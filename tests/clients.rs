@@ -2497,6 +2497,44 @@ fn sighup_stops_cleanly() {
     );
 }
 
+/// `serve --size` on a directory that holds a replica of another size is
+/// refused and changes nothing (it served the other size with a note; a
+/// config file's size was already checked). The same size is served.
+#[test]
+fn serve_size_that_does_not_match_the_replica_is_refused() {
+    let test = "serve_size_that_does_not_match_the_replica_is_refused";
+    if !nbdmirror_only(test, "nbdmirror's command line") {
+        return;
+    }
+    let tmp = TempDir::new(test);
+    let dir = tmp.join("replica");
+    run_ok(&mut init_cmd(&dir, &["--size", "4M"]));
+    let before = file_digests(&dir);
+    let port = free_port();
+    let out = run_timeout(
+        Command::new(NBDMIRROR_BIN)
+            .args(["serve", "--dir"])
+            .arg(&dir)
+            .args(["--size", "8M", "--listen", &format!("127.0.0.1:{port}")]),
+        Duration::from_secs(30),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "serve --size 8M on 4M: {stderr}"
+    );
+    assert!(
+        stderr.contains("4194304-byte replica") && stderr.contains("--size says 8388608"),
+        "{stderr}"
+    );
+    assert_eq!(
+        file_digests(&dir),
+        before,
+        "the refused serve changed the replica"
+    );
+}
+
 // ------------------------------------------------- refusing damaged replicas
 
 fn file_digests(dir: &Path) -> Vec<(String, u64)> {

@@ -495,6 +495,22 @@ fn a_switchover_that_cannot_hand_over_says_why_and_does_not_wait_for_a_dead_node
         v.log("1")
     );
 
+    // The same through `--admin-socket` alone: the command used to exit 0
+    // ("its log says whether it handed over") as it did not know the
+    // replica; the node now says where it is (a tester's find).
+    let n1 = v.serve("1", &[]);
+    wait_port(v.nbd);
+    v.wait_in_sync("1", Duration::from_secs(20));
+    send_signal(n2.0.id(), "STOP");
+    let sock = v.tmp.join("n1").join("admin.sock");
+    let (ok, out, err) = nbdmirror(&["switchover", "--admin-socket", sock.to_str().unwrap()]);
+    send_signal(n2.0.id(), "CONT");
+    assert!(
+        !ok && err.contains("WITHOUT handing over"),
+        "a switchover by --admin-socket with a frozen peer: {out}\n{err}"
+    );
+    stop(n1);
+
     // Node 1 is still the primary of its generation: started again, it
     // takes node 2 back.
     let n1 = v.serve("1", &[]);

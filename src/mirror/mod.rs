@@ -4191,6 +4191,12 @@ impl Mirror {
         }
         json!({
             "node_id": self.node_id,
+            // Absolute, for tools run elsewhere (`switchover --admin-socket`
+            // reads the handover from it).
+            "dir": std::fs::canonicalize(&self.cfg.dir)
+                .unwrap_or_else(|_| self.cfg.dir.clone())
+                .display()
+                .to_string(),
             "role": self.cfg.role.name(),
             "inconsistent": self.generation.flags & generation::FLAG_INCONSISTENT != 0,
             // Why, when it is: a crash recovery that could not vouch for
