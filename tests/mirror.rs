@@ -1408,6 +1408,49 @@ fn two_nodes_basic() {
     cl.assert_replicas_identical();
 }
 
+/// A primary started once with a mistyped peer id (`--peer 3=ADDR` where
+/// ADDR serves node 2: the handshake is refused) leaves a `peer-3.bitmap`
+/// behind. That file must not then refuse the corrected start as "node 3
+/// was mirrored from this replica" (a tester's find: it did, and the way
+/// out was deleting the file by hand): node 3 never had a session, so
+/// nothing depends on its bits.
+#[test]
+fn a_mistyped_peer_id_does_not_block_the_corrected_start() {
+    let test = "a_mistyped_peer_id_does_not_block_the_corrected_start";
+    let _wd = Watchdog::new(test, Duration::from_secs(120));
+    let seed = test_seed(test);
+    let mut cl = Cluster::new(test, seed, Opts::new(16 * MIB, 2));
+    let good = cl.nodes[0].args.clone();
+    let at = good.iter().position(|a| a == "--peer").unwrap() + 1;
+    assert!(good[at].starts_with("2="), "{good:?}");
+    cl.nodes[0].args[at] = format!("3={}", &good[at][2..]);
+    cl.nodes[1].start();
+    cl.nodes[0].start();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !cl.nodes[0].stderr().contains("node 3 was expected") {
+        assert!(
+            Instant::now() < deadline,
+            "no refused handshake logged:\n{}",
+            cl.nodes[0].stderr()
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    cl.nodes[0].terminate();
+    assert!(cl.nodes[0].dir.join("peer-3.bitmap").exists());
+    cl.nodes[0].args = good;
+    cl.nodes[0].start();
+    cl.wait_in_sync(Duration::from_secs(20));
+    assert!(
+        cl.nodes[0]
+            .stderr()
+            .contains("never had a session with this replica; ignored"),
+        "{}",
+        cl.nodes[0].stderr()
+    );
+    cl.stop_all();
+    cl.assert_replicas_identical();
+}
+
 /// A primary started without a peer it mirrored before is refused before it
 /// writes anything: the peer's dirty bitmap in its directory says the peer
 /// belongs to the volume. Served like that (a tester's run, 3 nodes, peer 3

@@ -59,6 +59,21 @@ impl std::fmt::Debug for DirtyBitmap {
     }
 }
 
+/// Whether the bitmap file at `path` belongs to a peer this primary never
+/// started a session with (session 0) and whose bits are not trusted
+/// anyway (FLAG_COMPARE): a peer listed by mistake (a wrong `--peer` id)
+/// or one that never came. Dropping such a file loses nothing: the peer
+/// would be compared by checksum either way. Anything unreadable: false.
+pub fn never_in_session(path: &Path) -> bool {
+    use std::io::Read;
+    let mut h = [0u8; SESSION_AT + 8];
+    let read = File::open(path).and_then(|mut f| f.read_exact(&mut h));
+    read.is_ok()
+        && &h[0..8] == MAGIC
+        && u32::from_le_bytes(h[FLAGS_AT..FLAGS_AT + 4].try_into().unwrap()) & FLAG_COMPARE != 0
+        && u64::from_le_bytes(h[SESSION_AT..SESSION_AT + 8].try_into().unwrap()) == 0
+}
+
 impl DirtyBitmap {
     /// Open the bitmap for `peer`, or create it with every bit set. Returns
     /// the bitmap and whether it was created.

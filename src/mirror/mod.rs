@@ -646,6 +646,21 @@ pub fn refuse_left_out_peers(cfg: &MirrorConfig, own_id: u32) -> Result<(), Stri
                 .ok()
         })
         .filter(|&id| id != own_id && !cfg.peers.iter().any(|&(p, _)| p == id))
+        .filter(|&id| {
+            // Never in a session with this replica (a mistyped --peer id
+            // whose handshake was refused): nothing depends on its bits.
+            let path = cfg.dir.join(format!("peer-{id}.bitmap"));
+            let unused = bitmap::never_in_session(&path);
+            if unused {
+                crate::elog!(
+                    "nbdmirror: note: {} is for node {id}, which is not in the peer list and \
+                     never had a session with this replica; ignored (should node {id} join \
+                     later, it is compared by checksum)",
+                    path.display()
+                );
+            }
+            !unused
+        })
         .collect();
     left_out.sort_unstable();
     let Some(&id) = left_out.first() else {
