@@ -107,7 +107,8 @@ enum Cmd {
         /// suffixes); 0 = unlimited (the default).
         #[arg(long, value_parser = parse_size)]
         resync_rate: Option<u64>,
-        /// Control socket for `nbdmirror resync` (default DIR/admin.sock).
+        /// Control socket for `nbdmirror resync`, `scrub` and `switchover`
+        /// (default DIR/admin.sock).
         #[arg(long)]
         admin_socket: Option<PathBuf>,
         /// Scrub (read and verify every block, and compare it with every
@@ -181,6 +182,7 @@ enum Cmd {
     /// checksum: finds silent corruption before a client reads it. Exits 1
     /// if any block fails.
     Check {
+        /// The replica directory (its node must not be running).
         #[arg(long, required_unless_present = "config")]
         dir: Option<PathBuf>,
         #[command(flatten)]
@@ -188,6 +190,7 @@ enum Cmd {
     },
     /// Print a replica directory's superblock.
     Info {
+        /// The replica directory.
         #[arg(long, required_unless_present = "config")]
         dir: Option<PathBuf>,
         #[command(flatten)]
@@ -255,6 +258,7 @@ enum ResyncCmd {
     Start {
         #[command(flatten)]
         admin: AdminArgs,
+        /// Only this peer (its node id); default: every peer.
         #[arg(long)]
         peer: Option<u32>,
         /// Resend everything, not only the dirty blocks.
@@ -265,6 +269,7 @@ enum ResyncCmd {
     Pause {
         #[command(flatten)]
         admin: AdminArgs,
+        /// Only this peer (its node id); default: every peer.
         #[arg(long)]
         peer: Option<u32>,
     },
@@ -272,6 +277,7 @@ enum ResyncCmd {
     Resume {
         #[command(flatten)]
         admin: AdminArgs,
+        /// Only this peer (its node id); default: every peer.
         #[arg(long)]
         peer: Option<u32>,
     },
