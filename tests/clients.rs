@@ -2374,16 +2374,7 @@ fn unwritable_stdout_or_stderr_is_not_a_panic() {
         .spawn()
         .unwrap();
     let addr = format!("127.0.0.1:{port}");
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    let c = loop {
-        match MiniClient::connect(&addr, "") {
-            Ok(c) => break c,
-            Err(_) if std::time::Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(50))
-            }
-            Err(e) => panic!("server with stderr on /dev/full never answered: {e}"),
-        }
-    };
+    let c = connect_when_up(&addr, "server with stderr on /dev/full");
     c.disconnect();
     send_signal(child.id(), "TERM");
     let status = child.wait().unwrap();
@@ -2391,6 +2382,20 @@ fn unwritable_stdout_or_stderr_is_not_a_panic() {
         status.success(),
         "SIGTERM with stderr on /dev/full: {status}"
     );
+}
+
+/// A client of the server starting at `addr`, once it answers (20 s).
+fn connect_when_up(addr: &str, what: &str) -> MiniClient {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        match MiniClient::connect(addr, "") {
+            Ok(c) => return c,
+            Err(_) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(50))
+            }
+            Err(e) => panic!("{what} never answered: {e}"),
+        }
+    }
 }
 
 /// SIGHUP (a closed terminal or session) stops nbdmirror as SIGTERM does:
@@ -2416,16 +2421,7 @@ fn sighup_stops_cleanly() {
         .spawn()
         .unwrap();
     let addr = format!("127.0.0.1:{port}");
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    let mut c = loop {
-        match MiniClient::connect(&addr, "") {
-            Ok(c) => break c,
-            Err(_) if std::time::Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(50))
-            }
-            Err(e) => panic!("server never answered: {e}"),
-        }
-    };
+    let mut c = connect_when_up(&addr, "server");
     let data = vec![0x5Au8; 8192];
     assert_eq!(c.write(4096, &data, 0).unwrap(), 0, "WRITE");
     c.disconnect();
@@ -2469,14 +2465,7 @@ fn sighup_stops_cleanly() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while MiniClient::connect(&addr, "").is_err() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "nohup'd server never answered"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    connect_when_up(&addr, "nohup'd server").disconnect();
     send_signal(child.id(), "HUP");
     std::thread::sleep(Duration::from_millis(500));
     assert!(
@@ -2499,7 +2488,7 @@ fn sighup_stops_cleanly() {
 
 /// `serve --size` on a directory that holds a replica of another size is
 /// refused and changes nothing (it served the other size with a note; a
-/// config file's size was already checked). The same size is served.
+/// config file's size was already checked).
 #[test]
 fn serve_size_that_does_not_match_the_replica_is_refused() {
     let test = "serve_size_that_does_not_match_the_replica_is_refused";
