@@ -451,10 +451,23 @@ fn switchover(admin: &AdminArgs) -> Result<(), String> {
     if dir.is_none() {
         // Only the socket was named: the node says where its replica is, to
         // read the handover from once it has stopped.
-        dir = admin_call(admin, "status")?
+        // Only if the path names the same replica here: the same lock file
+        // (device and inode), held by the running node.
+        let st = admin_call(admin, "status")?;
+        dir = st
             .get("dir")
             .and_then(|d| d.as_str())
-            .map(PathBuf::from);
+            .map(PathBuf::from)
+            .filter(|d| {
+                use std::os::unix::fs::MetadataExt;
+                let here = std::fs::metadata(d.join("lock"))
+                    .ok()
+                    .map(|m| format!("{}:{}", m.dev(), m.ino()));
+                d.is_absolute()
+                    && here.is_some()
+                    && here.as_deref() == st.get("dir_lock").and_then(|v| v.as_str())
+                    && dir::in_use(d)
+            });
     }
     admin_call(admin, "switchover")?;
     out!("switchover: the primary is stopping and handing over to its peers...");
@@ -494,11 +507,12 @@ fn switchover(admin: &AdminArgs) -> Result<(), String> {
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
     let Some(dir) = dir else {
-        // A node too old to say where its replica is.
+        // A node too old to say where its replica is, or one whose path
+        // names another replica (or nothing) where this tool runs.
         return Err(
-            "the node stopped, but this tool cannot tell whether it handed over (the node did \
-             not say where its replica is): see its log before promoting a secondary, or run \
-             `nbdmirror info --dir DIR` on its replica"
+            "the node stopped, but this tool cannot tell whether it handed over (it cannot \
+             see the node's replica directory from here): see its log before promoting a \
+             secondary, or run `nbdmirror info --dir DIR` on its replica"
                 .into(),
         );
     };

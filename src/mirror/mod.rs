@@ -4207,11 +4207,16 @@ impl Mirror {
         json!({
             "node_id": self.node_id,
             // Absolute, for tools run elsewhere (`switchover --admin-socket`
-            // reads the handover from it).
+            // reads the handover from it), with the device and inode of its
+            // lock file so that a tool can tell whether the same path names
+            // the same replica on its side (a container, a chroot).
             "dir": std::fs::canonicalize(&self.cfg.dir)
-                .unwrap_or_else(|_| self.cfg.dir.clone())
-                .display()
-                .to_string(),
+                .ok()
+                .map(|d| d.display().to_string()),
+            "dir_lock": std::fs::metadata(self.cfg.dir.join("lock")).ok().map(|m| {
+                use std::os::unix::fs::MetadataExt;
+                format!("{}:{}", m.dev(), m.ino())
+            }),
             "role": self.cfg.role.name(),
             "inconsistent": self.generation.flags & generation::FLAG_INCONSISTENT != 0,
             // Why, when it is: a crash recovery that could not vouch for
