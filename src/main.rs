@@ -459,10 +459,7 @@ fn switchover(admin: &AdminArgs) -> Result<(), String> {
             .and_then(|d| d.as_str())
             .map(PathBuf::from)
             .filter(|d| {
-                use std::os::unix::fs::MetadataExt;
-                let here = std::fs::metadata(d.join("lock"))
-                    .ok()
-                    .map(|m| format!("{}:{}", m.dev(), m.ino()));
+                let here = dir::lock_id(d);
                 d.is_absolute()
                     && here.is_some()
                     && here.as_deref() == st.get("dir_lock").and_then(|v| v.as_str())

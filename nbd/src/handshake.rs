@@ -363,12 +363,7 @@ impl Handshake {
         if name_len > MAX_STRING || name_len > data.len().saturating_sub(6) {
             return None;
         }
-        // NBD strings may not hold NUL: malformed (ERR_INVALID), as
-        // nbdkit and qemu-nbd answer, not an unknown export.
-        let name = std::str::from_utf8(r.bytes(name_len)?)
-            .ok()
-            .filter(|n| !n.contains('\0'))?
-            .to_string();
+        let name = nbd_string(r.bytes(name_len)?)?;
         let count = r.u16()? as usize;
         if r.remaining() != count * 2 {
             return None;
@@ -485,16 +480,23 @@ impl Handshake {
     }
 }
 
+/// An export name as NBD allows it: UTF-8 without NUL. None makes the
+/// request malformed (ERR_INVALID, as nbdkit and qemu-nbd answer a name
+/// with NUL), not a request for an unknown export.
+fn nbd_string(b: &[u8]) -> Option<String> {
+    std::str::from_utf8(b)
+        .ok()
+        .filter(|n| !n.contains('\0'))
+        .map(str::to_string)
+}
+
 fn parse_meta_request(data: &[u8]) -> Option<(String, Vec<String>)> {
     let mut r = Reader::new(data);
     let name_len = r.u32()? as usize;
     if name_len > MAX_STRING {
         return None;
     }
-    let name = std::str::from_utf8(r.bytes(name_len)?)
-        .ok()
-        .filter(|n| !n.contains('\0'))?
-        .to_string();
+    let name = nbd_string(r.bytes(name_len)?)?;
     let count = r.u32()? as usize;
     let mut queries = Vec::new();
     for _ in 0..count {

@@ -4213,10 +4213,7 @@ impl Mirror {
             "dir": std::fs::canonicalize(&self.cfg.dir)
                 .ok()
                 .map(|d| d.display().to_string()),
-            "dir_lock": std::fs::metadata(self.cfg.dir.join("lock")).ok().map(|m| {
-                use std::os::unix::fs::MetadataExt;
-                format!("{}:{}", m.dev(), m.ino())
-            }),
+            "dir_lock": crate::store::dir::lock_id(&self.cfg.dir),
             "role": self.cfg.role.name(),
             "inconsistent": self.generation.flags & generation::FLAG_INCONSISTENT != 0,
             // Why, when it is: a crash recovery that could not vouch for

@@ -383,6 +383,15 @@ pub fn lock_is_free(path: &Path) -> bool {
     })
 }
 
+/// The device and inode of the replica's lock file at `path` ("dev:ino"):
+/// what tells whether two paths (the node's and a tool's, from another
+/// mount namespace) name the same replica.
+pub fn lock_id(path: &Path) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path.join("lock")).ok()?;
+    Some(format!("{}:{}", m.dev(), m.ino()))
+}
+
 /// Whether a running nbdmirror holds the replica at `path` (its lock).
 pub fn in_use(path: &Path) -> bool {
     File::open(path.join("lock")).is_ok_and(|f| {
