@@ -1509,6 +1509,15 @@ fn run(cli: Cli) -> Result<(), String> {
             if !path.join("meta").exists() {
                 match size {
                     Some(size) => {
+                        // A port that cannot be had is refused before a
+                        // replica is made, as it is before recovery touches
+                        // an existing one: a failed start leaves nothing
+                        // behind. (Probed and let go; the server binds
+                        // again at once, std sets SO_REUSEADDR.)
+                        for a in listen.iter().chain(peer_listen.iter()) {
+                            server::bind_tcp(*a)
+                                .map_err(|e| format!("cannot listen on {a}: {e}"))?;
+                        }
                         dir::init(&path, size, default_journal(size), 1, None)?;
                         nbdmirror::elog!("nbdmirror: created a {size}-byte replica in {}", path.display());
                     }

@@ -2241,12 +2241,44 @@ fn serve_refuses_contradictory_options_and_a_replica_without_meta() {
             "--role".into(),
             "secondary".into(),
             "--peer-listen".into(),
-            taken_addr,
+            taken_addr.clone(),
             "--secret-file".into(),
             secret.display().to_string(),
         ],
         "cannot listen for peers",
     );
+    // `--size` on a fresh directory with a taken port: refused before the
+    // replica is made (it used to be created, then the start failed).
+    let fresh = tmp.join("fresh");
+    for args in [
+        vec!["--listen".to_string(), taken_addr.clone()],
+        vec![
+            "--role".into(),
+            "secondary".into(),
+            "--peer-listen".into(),
+            taken_addr.clone(),
+            "--secret-file".into(),
+            secret.display().to_string(),
+        ],
+    ] {
+        let out = run_timeout(
+            Command::new(NBDMIRROR_BIN)
+                .args(["serve", "--size", "4M", "--dir"])
+                .arg(&fresh)
+                .args(&args),
+            Duration::from_secs(30),
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} accepted:\n{stderr}");
+        assert!(stderr.contains("cannot listen"), "{args:?}: {stderr}");
+        let left: Vec<_> = fs::read_dir(&fresh)
+            .map(|d| d.map(|e| e.unwrap().file_name()).collect())
+            .unwrap_or_default();
+        assert!(
+            left.is_empty(),
+            "a refused start left {left:?} in {fresh:?}"
+        );
+    }
     drop(taken);
     fs::write(dir.join("generation"), b"not a generation file").unwrap();
     refused(
