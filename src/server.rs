@@ -78,6 +78,15 @@ const REFUSE_WINDOW: Duration = Duration::from_secs(2);
 /// How long a client may take from connecting to finishing the handshake
 /// (qemu-nbd's default `--handshake-limit`).
 const HANDSHAKE_LIMIT: Duration = Duration::from_secs(10);
+/// While the server is over its memory budget ([`MAX_TOTAL_INFLIGHT_BYTES`]),
+/// a connection that holds at least [`CONN_RESERVED_BYTES`] and has taken
+/// no byte of its replies, or sent no byte of a WRITE payload it started,
+/// for this long is closed: without it, each client that pipelines large
+/// READs and never reads (or stalls inside a large payload) keeps one
+/// maximum-size request beyond the budget for ever, and enough of them
+/// exhaust the machine's memory. A client that reads or sends at any pace
+/// is never closed, nor is any client while memory is to spare.
+const STALL_LIMIT: Duration = Duration::from_secs(30);
 /// How long shutdown waits for clients to take their replies.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// How long a listener waits after an accept failed for want of
@@ -262,6 +271,10 @@ struct Conn {
     refusing: bool,
     /// When it was accepted (for the handshake time limit).
     opened: std::time::Instant,
+    /// When the send in flight was submitted or last took bytes, and when
+    /// a receive last brought some (for [`STALL_LIMIT`]).
+    sent_at: std::time::Instant,
+    received_at: std::time::Instant,
 }
 
 impl Conn {
@@ -913,6 +926,7 @@ impl Server {
                 }
                 self.enforce_shutdown_deadline();
                 self.enforce_handshake_limit();
+                self.enforce_stall_limit();
                 self.resume_accepts();
                 self.io.submit(token(KIND_TICK, 0), Op::timeout(TICK));
             }
@@ -943,6 +957,49 @@ impl Server {
                 conn.reading_done = true;
                 conn.abort = true;
                 // SAFETY: shutdown on a socket we own; wakes a pending receive.
+                unsafe { libc::shutdown(conn.fd.as_raw_fd(), libc::SHUT_RDWR) };
+            }
+            self.maybe_close(id);
+        }
+    }
+
+    /// While memory is short (over the server-wide budget), close the
+    /// connections that hold some of it and have made no progress of their
+    /// own for [`STALL_LIMIT`]: a reply they do not take, or a payload they
+    /// do not finish. Requests they started still complete in the store
+    /// (nothing acknowledged is lost; the client just never hears of them,
+    /// as after any disconnect).
+    fn enforce_stall_limit(&mut self) {
+        if self.total_inflight_bytes + self.total_out_bytes < MAX_TOTAL_INFLIGHT_BYTES {
+            return;
+        }
+        let stalled: Vec<(u64, usize, &'static str)> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| !c.shut && c.held() >= CONN_RESERVED_BYTES)
+            .filter_map(|(&id, c)| {
+                if c.send_in_flight && c.sent_at.elapsed() > STALL_LIMIT {
+                    Some((id, c.held(), "read no byte of its replies"))
+                } else if c.sink.is_some() && !c.eof && c.received_at.elapsed() > STALL_LIMIT {
+                    Some((id, c.held(), "sent no byte of the WRITE payload it started"))
+                } else {
+                    None
+                }
+            })
+            .collect();
+        for (id, held, what) in stalled {
+            crate::elog!(
+                "nbdmirror: connection {id}: has {what} for {} s while it holds {} MiB and the \
+                 server is over its {} MiB memory budget; closing it",
+                STALL_LIMIT.as_secs(),
+                held >> 20,
+                MAX_TOTAL_INFLIGHT_BYTES >> 20
+            );
+            if let Some(conn) = self.conns.get_mut(&id) {
+                conn.reading_done = true;
+                conn.abort = true;
+                // SAFETY: shutdown on a socket we own; fails the pending
+                // send and ends the pending receive.
                 unsafe { libc::shutdown(conn.fd.as_raw_fd(), libc::SHUT_RDWR) };
             }
             self.maybe_close(id);
@@ -1067,6 +1124,8 @@ impl Server {
             after_large: false,
             refusing: false,
             opened: std::time::Instant::now(),
+            sent_at: std::time::Instant::now(),
+            received_at: std::time::Instant::now(),
         };
         self.conns.insert(id, conn);
         self.queue(id, greeting);
@@ -1158,6 +1217,9 @@ impl Server {
         conn.recv_in_flight = false;
         let Op::Recv { buf, .. } = c.op else { return };
         let n = c.result;
+        if n > 0 {
+            conn.received_at = std::time::Instant::now();
+        }
         if let Some(sink) = conn.sink.as_mut() {
             sink.buf = buf;
             if n > 0 {
@@ -1418,6 +1480,10 @@ impl Server {
                                         buf,
                                         filled: WRITE_HEADROOM + take,
                                     });
+                                    // Its stall clock starts now, not at
+                                    // the receive that brought the header
+                                    // (it may have waited for budget).
+                                    conn.received_at = std::time::Instant::now();
                                     return;
                                 }
                                 self.start_request(id, req, Some(buf), false);
@@ -1824,6 +1890,7 @@ impl Server {
         }
         conn.sending_bytes = accounted;
         conn.send_in_flight = true;
+        conn.sent_at = std::time::Instant::now();
         let fd = conn.fd.as_raw_fd();
         self.io
             .submit(token(KIND_CONN_SEND, id), Op::Send { fd, buf, at: 0 });
@@ -1848,6 +1915,7 @@ impl Server {
             self.maybe_close(id);
             return;
         }
+        conn.sent_at = std::time::Instant::now();
         let at = at + c.result as usize;
         if at < buf.len() {
             self.io

@@ -3141,6 +3141,137 @@ fn clients_that_leave_their_replies_unread_cost_bounded_memory_and_get_them_all(
     );
 }
 
+/// Clients that pipeline maximum-size READs and never read a reply each
+/// hold one request beyond the server-wide budget (a protocol tester took
+/// nbdmirror to 1.06 GB with 24 of them; nbdkit and qemu-nbd hold about
+/// 0.5 GB each). While the server is over its budget, such a connection is
+/// closed once it has taken no byte of its replies for 30 s, and the memory
+/// is given back. A client that reads its replies slowly for longer than
+/// that is not closed and gets every byte, and another client is served
+/// throughout.
+#[test]
+fn clients_that_never_read_large_replies_are_closed_while_memory_is_short() {
+    use std::io::Read;
+    let test = "clients_that_never_read_large_replies_are_closed_while_memory_is_short";
+    if !nbdmirror_only(test, "nbdmirror's server-wide memory budget") {
+        return;
+    }
+    let Some((_tmp, _export, mut srv)) = setup(test, 64 * MIB, &[]) else {
+        return;
+    };
+    const HOGS: usize = 24;
+    const LEN: u32 = 32 << 20;
+    let mut other = MiniClient::connect(&srv.addr(), srv.export_name()).unwrap();
+    let data = random_bytes(0x5107, 4096);
+    assert_eq!(other.write(0, &data, 0).unwrap(), 0);
+    let pid = srv.pid();
+    let baseline = rss_mib(pid);
+    // The slow reader: two 32 MiB READs, taken 256 KiB every 150 ms
+    // (about 40 s for both), started first so that it holds its share.
+    let mut slow = MiniClient::connect(&srv.addr(), srv.export_name()).unwrap();
+    slow.request(0, NBD_CMD_READ, 0, LEN, &[]).unwrap();
+    slow.request(0, NBD_CMD_READ, 32 * MIB, LEN, &[]).unwrap();
+    let slow_reader = std::thread::spawn(move || -> std::io::Result<usize> {
+        let s = slow.stream();
+        s.set_read_timeout(Some(Duration::from_secs(20)))?;
+        let mut buf = vec![0u8; 256 << 10];
+        let mut got = 0usize;
+        let want = 2 * (16 + LEN as usize);
+        let began = std::time::Instant::now();
+        while got < want {
+            let n = s.read(&mut buf[..(want - got).min(256 << 10)])?;
+            if n == 0 {
+                return Err(std::io::Error::other(format!(
+                    "closed after {got} of {want} bytes"
+                )));
+            }
+            got += n;
+            // 1.6 MiB a second at most.
+            while got as f64 > began.elapsed().as_secs_f64() * 1.6 * MIB as f64 {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        Ok(got)
+    });
+    let mut hogs = Vec::new();
+    for i in 0..HOGS {
+        let mut h = MiniClient::connect(&srv.addr(), srv.export_name()).unwrap();
+        for j in 0..3u64 {
+            h.request(0, NBD_CMD_READ, ((i as u64 + j) % 2) * 32 * MIB, LEN, &[])
+                .unwrap();
+        }
+        hogs.push(h);
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    let held = rss_mib(pid).saturating_sub(baseline);
+    eprintln!("{test}: RSS grew by {held} MiB with {HOGS} clients not reading");
+    assert!(
+        held >= 512,
+        "the clients that do not read grew the server by only {held} MiB: the test does not \
+         reach the server-wide budget"
+    );
+    // Another client is served meanwhile, at once.
+    for _ in 0..20 {
+        assert_eq!(other.read(0, 4096).unwrap(), data);
+    }
+    // Enough of them are closed, 30 s after they stalled, to bring the
+    // server back within its budget (512 MiB; it closes no more once it
+    // is, and the rest are left to it).
+    let started = std::time::Instant::now();
+    let closed = |log: &str| log.matches("read no byte of its replies").count();
+    let mut now = held;
+    while (closed(&srv.stderr()) == 0 || now > 600) && started.elapsed() < Duration::from_secs(60) {
+        assert_eq!(other.read(0, 4096).unwrap(), data);
+        std::thread::sleep(Duration::from_millis(500));
+        now = rss_mib(pid).saturating_sub(baseline);
+    }
+    let log = srv.stderr();
+    let n = closed(&log);
+    eprintln!(
+        "{test}: {n} closed after {:?}; RSS {now} MiB above the start",
+        started.elapsed()
+    );
+    assert!(
+        n > 0 && now <= 600,
+        "{n} clients that never read were closed, and the server holds {now} MiB, 60 s on:\n{}",
+        tail(&log, 4000)
+    );
+    assert!(
+        started.elapsed() >= Duration::from_secs(20),
+        "closed before they had stalled for the limit"
+    );
+    // A closed one gets what the kernel buffered, then the end.
+    let mut ended = 0;
+    for h in &mut hogs {
+        if h.wait_closed(Duration::from_millis(10)) {
+            ended += 1;
+            continue;
+        }
+        h.stream()
+            .set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+        let mut buf = vec![0u8; 1 << 20];
+        while let Ok(k) = h.stream().read(&mut buf) {
+            if k == 0 {
+                ended += 1;
+                break;
+            }
+        }
+    }
+    assert!(
+        ended >= n,
+        "{n} closed in the log, {ended} connections ended"
+    );
+    let got = slow_reader
+        .join()
+        .unwrap()
+        .expect("the slow but steady reader was cut off");
+    assert_eq!(got, 2 * (16 + LEN as usize));
+    srv.assert_running();
+    assert_eq!(other.read(0, 4096).unwrap(), data);
+    other.disconnect();
+}
+
 /// The rest of the 28-byte CACHE request cut after `sent` bytes of the
 /// flood (`rest` bytes; any 28-byte CACHE request of the pattern will do,
 /// since only the header's length fields must line up).
