@@ -769,6 +769,14 @@ fn render_status(v: &serde_json::Value, cols: Option<usize>) -> Vec<String> {
     let peers = v["peers"].as_array().cloned().unwrap_or_default();
     if peers.is_empty() {
         lines.push("  no peers".into());
+    } else if v["role"].as_str() == Some("primary")
+        && !peers.iter().any(|p| p["state"].as_str() == Some("in_sync"))
+    {
+        // No write quorum (docs/mirroring.md, "Limits"): say it loudly.
+        lines.push(
+            "  DEGRADED: no peer is in sync; writes are acknowledged with this node's copy only"
+                .into(),
+        );
     }
     for p in peers {
         let state = p["state"].as_str().unwrap_or("?");

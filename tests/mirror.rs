@@ -3293,6 +3293,10 @@ fn resync_tool() {
             || contains_ci(&human, "100"),
         "human status does not say the peer is in sync: {human:?}"
     );
+    assert!(
+        !human.contains("DEGRADED"),
+        "human status says degraded with its peer in sync: {human:?}"
+    );
     let j = status_json(&["--admin-socket", &sock]).unwrap();
     check_status_schema(&j);
     assert_eq!(
@@ -3407,6 +3411,11 @@ fn resync_tool() {
     assert!(
         human.contains('%') || contains_ci(&human, "sync"),
         "human status shows neither a percentage nor the state while syncing: {human:?}"
+    );
+    // Its only peer is not in sync: writes have one copy, and it says so.
+    assert!(
+        human.contains("DEGRADED: no peer is in sync"),
+        "human status does not warn that no peer is in sync: {human:?}"
     );
 
     // Pause: no progress for 2 s.
