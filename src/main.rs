@@ -308,9 +308,10 @@ enum ScrubCmd {
     Start {
         #[command(flatten)]
         admin: AdminArgs,
-        /// Wait for it to finish, showing progress; exit 1 if it left bad
-        /// blocks on this node that could not be repaired (or was paused),
-        /// 2 if the node could not be asked until the end.
+        /// Wait for it to finish, showing progress (if a scrub is running
+        /// already, wait for that one); exit 1 if it left bad blocks on
+        /// this node that could not be repaired (or was paused), 2 if the
+        /// node could not be asked until the end.
         #[arg(long)]
         wait: bool,
     },
@@ -1171,14 +1172,18 @@ fn scrub(action: ScrubCmd) -> Result<(), String> {
         }
         ScrubCmd::Start { admin, wait } => {
             if let Err(e) = admin_call(&admin, "scrub start") {
-                if wait {
+                if wait && e.starts_with(nbdmirror::mirror::scrub::ALREADY_RUNNING) {
+                    // Waiting for the pass that runs is what was asked
+                    // for: a scheduled one, or one another shell started.
+                    nbdmirror::elog!("nbdmirror: {e}; waiting for it to end");
+                } else if wait {
                     // Exit status 1 is for what a scrub found.
                     nbdmirror::elog!("nbdmirror: error: {e}");
                     std::process::exit(2);
+                } else {
+                    return Err(e);
                 }
-                return Err(e);
-            }
-            if !wait {
+            } else if !wait {
                 out!("scrub started (`nbdmirror scrub status` shows its progress)");
                 return Ok(());
             }

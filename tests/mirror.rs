@@ -4369,11 +4369,27 @@ fn scrub_finds_and_repairs_rot_and_divergence_on_every_replica() {
     cl.stop_all();
     cl.assert_replicas_identical();
     assert_files_equal(&src, &cl.nodes[0].data());
-    // And a second scrub finds nothing at all.
+    // And a second scrub finds nothing at all. It is started, and running
+    // (32 MiB at 8 MiB/s) when `start --wait` is asked: that waits for the
+    // running pass (it used to refuse, "already running").
     cl.start_all();
     cl.wait_in_sync(Duration::from_secs(20));
+    for args in [&["rate", "8M", "--dir", &pd][..], &["start", "--dir", &pd]] {
+        let (out, err, ok) = scrub_cmd(args, Duration::from_secs(30));
+        assert!(ok, "scrub {args:?}:\n{out}\n{err}");
+    }
     let (out, err, ok) = scrub_cmd(&["start", "--wait", "--dir", &pd], Duration::from_secs(60));
     assert!(ok, "second scrub failed:\n{out}\n{err}");
+    assert!(
+        err.contains("already running") && err.contains("waiting for it to end"),
+        "start --wait did not wait for the running pass:\n{out}\n{err}"
+    );
+    assert_eq!(
+        scrub_json(&p).at("last").at("complete").as_bool(),
+        Some(true),
+        "start --wait returned before the pass ended"
+    );
+    scrub_cmd(&["rate", "0", "--dir", &pd], Duration::from_secs(30));
     let f = scrub_json(&p).at("last").at("found").clone();
     assert_eq!(f.at("bad_blocks").as_u64(), Some(0), "{f:?}");
     for pj in f.at("peers").as_array() {

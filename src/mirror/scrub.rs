@@ -34,6 +34,8 @@ pub const STEP_BLOCKS: u64 = 256;
 pub const WINDOW: usize = 4;
 /// Default rate cap, bytes per second.
 pub const DEFAULT_RATE: u64 = 100 << 20;
+/// How a refused `scrub start` begins when a pass is running.
+pub const ALREADY_RUNNING: &str = "a scrub is already running";
 /// Repairs tried for one step (one run of adjacent bad blocks each, and
 /// tries again while repair slots are taken) before the bad blocks left
 /// are reported: a bound against loops, far above the 256 runs a step can
@@ -459,10 +461,9 @@ impl Scrub {
     pub fn start(&mut self, now: Instant) -> Result<(), String> {
         match self.saved.state {
             State::Running => {
-                return Err(format!(
-                    "a scrub is already running ({:.1}% done)",
-                    self.percent()
-                ))
+                // `scrub start --wait` recognises this prefix
+                // ([`ALREADY_RUNNING`]) and waits for that pass instead.
+                return Err(format!("{ALREADY_RUNNING} ({:.1}% done)", self.percent()));
             }
             State::Paused => {
                 return Err(format!(
