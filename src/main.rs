@@ -774,9 +774,16 @@ fn render_status(v: &serde_json::Value, cols: Option<usize>) -> Vec<String> {
         && !peers.iter().any(|p| p["state"].as_str() == Some("in_sync"))
     {
         // No write quorum (docs/mirroring.md, "Limits"): say it loudly.
+        // A syncing peer takes new writes too, but holds no full copy yet.
         lines.push(
-            "  DEGRADED: no peer is in sync; writes are acknowledged with this node's copy only"
-                .into(),
+            if peers.iter().any(|p| p["state"].as_str() == Some("syncing")) {
+                "  DEGRADED: no peer is in sync yet (resyncing); until one is, this node holds \
+                 the only full copy"
+            } else {
+                "  DEGRADED: no peer is in sync; writes are acknowledged with this node's copy \
+                 only"
+            }
+            .into(),
         );
     }
     for p in peers {
@@ -1519,18 +1526,37 @@ fn run(cli: Cli) -> Result<(), String> {
                 (None, false) => Vec::new(),
             };
             let admin_socket = admin_socket.unwrap_or_else(|| path.join("admin.sock"));
+            let mut l: Vec<Listen> = listen.into_iter().map(Listen::Tcp).collect();
+            if let Some(u) = unix {
+                l.push(Listen::Unix(u));
+            }
+            for fd in server::socket_activation_fds() {
+                l.push(Listen::Fd(fd));
+            }
+            if l.is_empty() && role == NodeRole::Primary {
+                l.push(Listen::Tcp("127.0.0.1:10809".parse().unwrap()));
+            }
             if !path.join("meta").exists() {
                 match size {
                     Some(size) => {
-                        // A port that cannot be had is refused before a
-                        // replica is made, as it is before recovery touches
-                        // an existing one: a failed start leaves nothing
-                        // behind. (Probed and let go; the server binds
-                        // again at once, std sets SO_REUSEADDR.)
-                        for a in listen.iter().chain(peer_listen.iter()) {
-                            server::bind_tcp(*a)
-                                .map_err(|e| format!("cannot listen on {a}: {e}"))?;
+                        // A TCP port that cannot be had is refused before
+                        // a replica is made, as it is before recovery
+                        // touches an existing one. (Probed, all held at
+                        // once so that two addresses that collide are
+                        // caught too, then let go; the server binds again
+                        // at once, std sets SO_REUSEADDR.)
+                        let tcp = l.iter().filter_map(|x| match x {
+                            Listen::Tcp(a) => Some(*a),
+                            _ => None,
+                        });
+                        let mut probes = Vec::new();
+                        for a in tcp.chain(peer_listen) {
+                            probes.push(
+                                server::bind_tcp(a)
+                                    .map_err(|e| format!("cannot listen on {a}: {e}"))?,
+                            );
                         }
+                        drop(probes);
                         dir::init(&path, size, default_journal(size), 1, None)?;
                         nbdmirror::elog!("nbdmirror: created a {size}-byte replica in {}", path.display());
                     }
@@ -1563,16 +1589,6 @@ fn run(cli: Cli) -> Result<(), String> {
                         m.len()
                     ));
                 }
-            }
-            let mut l: Vec<Listen> = listen.into_iter().map(Listen::Tcp).collect();
-            if let Some(u) = unix {
-                l.push(Listen::Unix(u));
-            }
-            for fd in server::socket_activation_fds() {
-                l.push(Listen::Fd(fd));
-            }
-            if l.is_empty() && role == NodeRole::Primary {
-                l.push(Listen::Tcp("127.0.0.1:10809".parse().unwrap()));
             }
             let tuning = Tuning {
                 verify_reads: !no_verify_reads,

@@ -87,6 +87,9 @@ const HANDSHAKE_LIMIT: Duration = Duration::from_secs(10);
 /// exhaust the machine's memory. A client that reads or sends at any pace
 /// is never closed, nor is any client while memory is to spare.
 const STALL_LIMIT: Duration = Duration::from_secs(30);
+/// A tick this late means the loop itself stood still (see
+/// `Server::enforce_stall_limit`).
+const STALL_TICK_LATE: Duration = Duration::from_secs(1);
 /// How long shutdown waits for clients to take their replies.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// How long a listener waits after an accept failed for want of
@@ -275,6 +278,9 @@ struct Conn {
     /// a receive last brought some (for [`STALL_LIMIT`]).
     sent_at: std::time::Instant,
     received_at: std::time::Instant,
+    /// The send queue's length (SIOCOUTQ) when first looked at while the
+    /// send in flight, begun or last progressed at the `Instant`, stalled.
+    outq_sample: Option<(std::time::Instant, libc::c_int)>,
 }
 
 impl Conn {
@@ -325,6 +331,11 @@ pub struct Server {
     secondary: bool,
     /// When the last completion other than the tick arrived.
     last_active: std::time::Instant,
+    /// When the loop's current batch of completions came back (the clock
+    /// for per-connection stall times; one reading per batch).
+    batch_time: std::time::Instant,
+    /// When [`Server::enforce_stall_limit`] last ran.
+    last_stall_check: std::time::Instant,
     store: Store,
     /// The O_DIRECT descriptor of the data file the store writes through.
     _direct: Option<std::fs::File>,
@@ -759,6 +770,8 @@ impl Server {
             poll,
             inconsistent_reads_logged: false,
             last_active: std::time::Instant::now(),
+            batch_time: std::time::Instant::now(),
+            last_stall_check: std::time::Instant::now(),
             store,
             _direct: direct,
             _media: media,
@@ -818,8 +831,9 @@ impl Server {
             self.io
                 .wait(1, None, &mut completions)
                 .map_err(|e| format!("io_uring wait failed: {e}"))?;
+            self.batch_time = std::time::Instant::now();
             if completions.iter().any(|c| c.token != token(KIND_TICK, 0)) {
-                self.last_active = std::time::Instant::now();
+                self.last_active = self.batch_time;
             }
             for c in completions.drain(..) {
                 self.dispatch(c);
@@ -963,31 +977,77 @@ impl Server {
         }
     }
 
-    /// While memory is short (over the server-wide budget), close the
+    /// While memory is short (over the server-wide budget), close
     /// connections that hold some of it and have made no progress of their
-    /// own for [`STALL_LIMIT`]: a reply they do not take, or a payload they
-    /// do not finish. Requests they started still complete in the store
+    /// own for [`STALL_LIMIT`]: replies they do not take (no send completed,
+    /// and the socket's send queue did not shrink over the last half of the
+    /// limit, so a client reading slower than the kernel wakes a sender
+    /// still counts as reading), or a payload they do not finish. The
+    /// largest go first, and only as many as bring the server back within
+    /// its budget. Requests they started still complete in the store
     /// (nothing acknowledged is lost; the client just never hears of them,
     /// as after any disconnect).
     fn enforce_stall_limit(&mut self) {
-        if self.total_inflight_bytes + self.total_out_bytes < MAX_TOTAL_INFLIGHT_BYTES {
+        let now = self.batch_time;
+        let late = now.saturating_duration_since(self.last_stall_check);
+        self.last_stall_check = now;
+        if late > STALL_TICK_LATE {
+            // The loop itself stood still (a disk that hung, SIGSTOP): the
+            // completions that show the clients' progress meanwhile are
+            // still to be dispatched. Everyone's clock starts again.
+            for c in self.conns.values_mut() {
+                c.sent_at = now;
+                c.received_at = now;
+            }
             return;
         }
-        let stalled: Vec<(u64, usize, &'static str)> = self
-            .conns
-            .iter()
-            .filter(|(_, c)| !c.shut && c.held() >= CONN_RESERVED_BYTES)
-            .filter_map(|(&id, c)| {
-                if c.send_in_flight && c.sent_at.elapsed() > STALL_LIMIT {
-                    Some((id, c.held(), "read no byte of its replies"))
-                } else if c.sink.is_some() && !c.eof && c.received_at.elapsed() > STALL_LIMIT {
-                    Some((id, c.held(), "sent no byte of the WRITE payload it started"))
-                } else {
-                    None
+        let total = self.total_inflight_bytes + self.total_out_bytes;
+        if total < MAX_TOTAL_INFLIGHT_BYTES {
+            return;
+        }
+        let mut stalled: Vec<(u64, usize, &'static str)> = Vec::new();
+        for (&id, c) in self.conns.iter_mut() {
+            if c.shut || c.abort || c.held() < CONN_RESERVED_BYTES {
+                continue;
+            }
+            if c.send_in_flight {
+                let idle = now.saturating_duration_since(c.sent_at);
+                if idle <= STALL_LIMIT / 2 {
+                    continue;
                 }
-            })
-            .collect();
+                let mut q: libc::c_int = 0;
+                // SAFETY: SIOCOUTQ (= TIOCOUTQ) on a socket we own writes
+                // one int: the bytes its send queue holds.
+                if unsafe { libc::ioctl(c.fd.as_raw_fd(), libc::TIOCOUTQ, &mut q) } != 0 {
+                    continue;
+                }
+                match c.outq_sample {
+                    Some((at, was)) if at == c.sent_at && q < was => {
+                        // The client took some: progress.
+                        c.sent_at = now;
+                        c.outq_sample = None;
+                        continue;
+                    }
+                    Some((at, _)) if at == c.sent_at => {}
+                    _ => c.outq_sample = Some((c.sent_at, q)),
+                }
+                if idle > STALL_LIMIT {
+                    stalled.push((id, c.held(), "taken no byte of its replies"));
+                }
+            } else if c.sink.is_some()
+                && c.recv_in_flight
+                && !c.eof
+                && now.saturating_duration_since(c.received_at) > STALL_LIMIT
+            {
+                stalled.push((id, c.held(), "sent no byte of the WRITE payload it started"));
+            }
+        }
+        stalled.sort_by_key(|&(id, held, _)| (std::cmp::Reverse(held), id));
+        let mut over = total - MAX_TOTAL_INFLIGHT_BYTES;
         for (id, held, what) in stalled {
+            let Some(conn) = self.conns.get_mut(&id) else {
+                continue;
+            };
             crate::elog!(
                 "nbdmirror: connection {id}: has {what} for {} s while it holds {} MiB and the \
                  server is over its {} MiB memory budget; closing it",
@@ -995,14 +1055,17 @@ impl Server {
                 held >> 20,
                 MAX_TOTAL_INFLIGHT_BYTES >> 20
             );
-            if let Some(conn) = self.conns.get_mut(&id) {
-                conn.reading_done = true;
-                conn.abort = true;
-                // SAFETY: shutdown on a socket we own; fails the pending
-                // send and ends the pending receive.
-                unsafe { libc::shutdown(conn.fd.as_raw_fd(), libc::SHUT_RDWR) };
-            }
+            conn.reading_done = true;
+            conn.abort = true;
+            // SAFETY: shutdown on a socket we own; fails the pending send
+            // and ends the pending receive.
+            unsafe { libc::shutdown(conn.fd.as_raw_fd(), libc::SHUT_RDWR) };
+            self.drop_output(id);
             self.maybe_close(id);
+            if held > over {
+                break;
+            }
+            over -= held;
         }
     }
 
@@ -1124,8 +1187,9 @@ impl Server {
             after_large: false,
             refusing: false,
             opened: std::time::Instant::now(),
-            sent_at: std::time::Instant::now(),
-            received_at: std::time::Instant::now(),
+            sent_at: self.batch_time,
+            received_at: self.batch_time,
+            outq_sample: None,
         };
         self.conns.insert(id, conn);
         self.queue(id, greeting);
@@ -1218,7 +1282,7 @@ impl Server {
         let Op::Recv { buf, .. } = c.op else { return };
         let n = c.result;
         if n > 0 {
-            conn.received_at = std::time::Instant::now();
+            conn.received_at = self.batch_time;
         }
         if let Some(sink) = conn.sink.as_mut() {
             sink.buf = buf;
@@ -1483,7 +1547,7 @@ impl Server {
                                     // Its stall clock starts now, not at
                                     // the receive that brought the header
                                     // (it may have waited for budget).
-                                    conn.received_at = std::time::Instant::now();
+                                    conn.received_at = self.batch_time;
                                     return;
                                 }
                                 self.start_request(id, req, Some(buf), false);
@@ -1890,7 +1954,7 @@ impl Server {
         }
         conn.sending_bytes = accounted;
         conn.send_in_flight = true;
-        conn.sent_at = std::time::Instant::now();
+        conn.sent_at = self.batch_time;
         let fd = conn.fd.as_raw_fd();
         self.io
             .submit(token(KIND_CONN_SEND, id), Op::Send { fd, buf, at: 0 });
@@ -1915,7 +1979,7 @@ impl Server {
             self.maybe_close(id);
             return;
         }
-        conn.sent_at = std::time::Instant::now();
+        conn.sent_at = self.batch_time;
         let at = at + c.result as usize;
         if at < buf.len() {
             self.io
