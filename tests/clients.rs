@@ -2558,10 +2558,16 @@ fn serve_size_that_does_not_match_the_replica_is_refused() {
 
 // ------------------------------------------------- refusing damaged replicas
 
-fn file_digests(dir: &Path) -> Vec<(String, u64)> {
+/// Each replica file's name, content hash and modification time (a refused
+/// start must not even touch them: a tester saw `meta`'s time move).
+fn file_digests(dir: &Path) -> Vec<(String, u64, std::time::SystemTime)> {
     ["data", "journal", "meta"]
         .iter()
-        .map(|n| (n.to_string(), hash_bytes(&fs::read(dir.join(n)).unwrap())))
+        .map(|n| {
+            let p = dir.join(n);
+            let mtime = fs::metadata(&p).unwrap().modified().unwrap();
+            (n.to_string(), hash_bytes(&fs::read(&p).unwrap()), mtime)
+        })
         .collect()
 }
 

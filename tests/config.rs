@@ -187,7 +187,9 @@ fn wait_port(port: u16) {
     }
 }
 
-/// Every file under `dir` with its bytes (for "nothing changed").
+/// Every file under `dir` with its bytes and, after them, its modification
+/// time (for "nothing changed": a refused start used to leave `meta`'s
+/// bytes alone but move its time).
 fn snapshot(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
     let mut out = BTreeMap::new();
     if let Ok(rd) = fs::read_dir(dir) {
@@ -195,7 +197,10 @@ fn snapshot(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
             let p = e.path();
             if p.is_dir() {
                 out.extend(snapshot(&p));
-            } else if let Ok(b) = fs::read(&p) {
+            } else if let Ok(mut b) = fs::read(&p) {
+                if let Ok(t) = fs::metadata(&p).and_then(|m| m.modified()) {
+                    b.extend_from_slice(format!("{t:?}").as_bytes());
+                }
                 out.insert(p, b);
             }
         }

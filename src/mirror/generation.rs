@@ -463,6 +463,14 @@ pub fn judge(ours: &Generation, peer: &Generation, peer_id: u32) -> Verdict {
              not be: start it as that primary's secondary",
             peer.current, ours.current
         )
+    } else if peer.current == ours.previous && peer.flags & FLAG_PRIMARY != 0 {
+        // The old primary after a failover (no handover).
+        format!(
+            "node {peer_id} was the primary of generation {:016x}, which this node was promoted \
+             from without a handover (a failover): node {peer_id} may have acknowledged writes \
+             after this node lost touch with it, and this node has taken writes of its own since",
+            peer.current
+        )
     } else if peer.previous == ours.current || peer.flags & FLAG_PRIMARY != 0 {
         format!(
             "node {peer_id} was served as a primary on its own (it wrote generation {:016x}{}) and \
@@ -597,6 +605,13 @@ mod tests {
         assert_eq!(judge(&promoted, &follower, 1), Verdict::ResyncCompare);
         // The promoted node comes back to the old primary: split brain.
         assert!(matches!(judge(&p, &promoted, 2), Verdict::SplitBrain(_)));
+        // The old primary comes back to the promoted node: split brain,
+        // named as the failover it is (a tester read the generic text as
+        // "node 1 went rogue").
+        let Verdict::SplitBrain(why) = judge(&promoted, &p, 1) else {
+            panic!("the old primary after a failover is not refused");
+        };
+        assert!(why.contains("promoted from without a handover"), "{why}");
         // Two primaries of one generation.
         assert!(matches!(judge(&p, &p, 2), Verdict::SplitBrain(_)));
         // A planned switchover. The handover moves the generation on

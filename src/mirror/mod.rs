@@ -3379,7 +3379,8 @@ impl Mirror {
             let f = p.bitmap.flags() & !FLAG_COMPARE;
             p.bitmap.set_flags(f)?;
             crate::elog!(
-                "nbdmirror: peer {} ({}): checksums compared, {} more blocks differ; {} bytes to copy",
+                "nbdmirror: peer {} ({}): checksums compared, {} more blocks to copy (they \
+                 differ, or the peer's crash recovery could not vouch for them); {} bytes to copy",
                 p.node_id,
                 p.addr,
                 p.compared_diff,

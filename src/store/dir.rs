@@ -346,9 +346,17 @@ pub fn open(path: &Path) -> Result<ReplicaDir, String> {
 /// is only warned about here: the node can still serve reads, and what
 /// fails later fails with a clear error.
 fn reserve_meta(path: &Path, meta: &File) {
-    let Ok(len) = meta.metadata().map(|m| m.len()) else {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(m) = meta.metadata() else {
         return;
     };
+    let len = m.len();
+    if m.blocks() * 512 >= len {
+        // Allocated already (every replica `init` made): nothing to do,
+        // and a start that is then refused leaves even the file's times
+        // alone (fallocate updates them).
+        return;
+    }
     // SAFETY: fallocate on a descriptor we own; KEEP_SIZE changes no length.
     let r = unsafe { libc::fallocate(meta.as_raw_fd(), libc::FALLOC_FL_KEEP_SIZE, 0, len as i64) };
     if r != 0 {
