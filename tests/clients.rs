@@ -3326,6 +3326,105 @@ fn clients_that_never_read_large_replies_are_closed_while_memory_is_short() {
     other.disconnect();
 }
 
+/// Clients that send the header of a 32 MiB WRITE and one byte of its
+/// payload, then stall, hold the payload's budget. While they hold more
+/// than the server-wide budget, those stalled for 30 s are closed, only as
+/// many as bring it back within the budget; the rest still finish their
+/// writes, which succeed.
+#[test]
+fn clients_that_stall_inside_large_writes_are_closed_while_memory_is_short() {
+    use std::io::Read;
+    let test = "clients_that_stall_inside_large_writes_are_closed_while_memory_is_short";
+    if !nbdmirror_only(test, "nbdmirror's server-wide memory budget") {
+        return;
+    }
+    let Some((_tmp, _export, mut srv)) = setup(test, 128 * MIB, &[]) else {
+        return;
+    };
+    const STALLERS: usize = 18;
+    let mut stalled = Vec::new();
+    for i in 0..STALLERS as u64 {
+        let mut s = MiniClient::connect(&srv.addr(), srv.export_name()).unwrap();
+        let mut h = Vec::new();
+        h.extend_from_slice(&0x2560_9513u32.to_be_bytes());
+        h.extend_from_slice(&0u16.to_be_bytes());
+        h.extend_from_slice(&NBD_CMD_WRITE.to_be_bytes());
+        h.extend_from_slice(&(1000 + i).to_be_bytes());
+        h.extend_from_slice(&((i % 2) * 32 * MIB).to_be_bytes());
+        h.extend_from_slice(&(32 * MIB as u32).to_be_bytes());
+        h.push(0x5a);
+        s.send_raw(&h).unwrap();
+        stalled.push(s);
+    }
+    let mut c = MiniClient::connect(&srv.addr(), srv.export_name()).unwrap();
+    let data = random_bytes(0x57A1, 4096);
+    let started = std::time::Instant::now();
+    let closed = |log: &str| {
+        log.matches("sent no byte of the WRITE payload it started")
+            .count()
+    };
+    while closed(&srv.stderr()) == 0 && started.elapsed() < Duration::from_secs(60) {
+        assert_eq!(c.write(100 * MIB, &data, 0).unwrap(), 0);
+        assert_eq!(c.read(100 * MIB, 4096).unwrap(), data);
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let n = closed(&srv.stderr());
+    eprintln!(
+        "{test}: {n} of {STALLERS} closed after {:?}",
+        started.elapsed()
+    );
+    assert!(
+        started.elapsed() >= Duration::from_secs(20),
+        "closed before they had stalled for the limit"
+    );
+    // 18 x 32 MiB against 512: three go (the last makes it strictly less).
+    assert!(
+        (1..=4).contains(&n),
+        "{n} of {STALLERS} stalled writers closed:\n{}",
+        tail(&srv.stderr(), 3000)
+    );
+    // The others finish their payloads: every such write succeeds; the
+    // closed ones see the end of the connection.
+    let rest = std::sync::Arc::new(vec![0x5au8; 32 * MIB as usize - 1]);
+    let finishers: Vec<_> = stalled
+        .into_iter()
+        .map(|mut s| {
+            let rest = rest.clone();
+            std::thread::spawn(move || -> Option<u32> {
+                s.stream()
+                    .set_write_timeout(Some(Duration::from_secs(60)))
+                    .unwrap();
+                s.stream()
+                    .set_read_timeout(Some(Duration::from_secs(60)))
+                    .unwrap();
+                if s.send_raw(&rest).is_err() {
+                    return None;
+                }
+                let mut r = [0u8; 16];
+                match s.stream().read_exact(&mut r) {
+                    Ok(()) => Some(u32::from_be_bytes(r[4..8].try_into().unwrap())),
+                    Err(_) => None,
+                }
+            })
+        })
+        .collect();
+    let results: Vec<Option<u32>> = finishers.into_iter().map(|f| f.join().unwrap()).collect();
+    let gone = results.iter().filter(|r| r.is_none()).count();
+    assert_eq!(
+        gone, n,
+        "{n} closed in the log, {gone} writers found their end: {results:?}"
+    );
+    assert!(
+        results.iter().flatten().all(|&e| e == 0),
+        "a write that was not closed failed: {results:?}"
+    );
+    srv.assert_running();
+    assert_eq!(c.read(100 * MIB, 4096).unwrap(), data);
+    assert_eq!(c.read(32 * MIB, 4096).unwrap(), vec![0x5a; 4096]);
+    c.disconnect();
+}
+
 /// A READ request's 28 bytes.
 fn read_request(cookie: u64, offset: u64, len: u32) -> Vec<u8> {
     let mut r = Vec::with_capacity(28);
