@@ -3156,6 +3156,79 @@ fn a_full_resync_on_a_live_link_marks_the_secondary_inconsistent() {
 
 /// Send `bytes` to the peer port; the secondary must close the connection
 /// within 10 s.
+/// Speak the peer protocol to the secondary at `addr` as an authenticated
+/// primary (the secret, volume and node id are right; the disk size is
+/// `size`), then send `frames` (kind, payload) and read until the
+/// secondary closes. Returns the kinds of the frames it sent after Ready.
+fn rogue_primary(
+    addr: &str,
+    secret: &[u8],
+    uuid: &str,
+    size: u64,
+    frames: &[(nbdmirror::peer::frame::FrameKind, Vec<u8>)],
+) -> Vec<nbdmirror::peer::frame::FrameKind> {
+    use nbdmirror::peer::{Config, Event, Handshake, Role};
+    let hex: String = uuid.chars().filter(|c| *c != '-').collect();
+    let mut volume_uuid = [0u8; 16];
+    for (k, b) in volume_uuid.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&hex[2 * k..2 * k + 2], 16).unwrap();
+    }
+    let mut nonce = [0u8; 32];
+    fill_random(0x5e55_1011 ^ size, &mut nonce);
+    let cfg = Config {
+        secret: secret.to_vec(),
+        volume_uuid,
+        node_id: 1,
+        expected_peer: None,
+        generations: Default::default(),
+        last_applied_seq: size,
+        nonce,
+    };
+    let mut s = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut h = Handshake::new(Role::Initiator, cfg).unwrap();
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        while let Some(e) = h.poll_event() {
+            match e {
+                Event::Send(b) => s.write_all(&b).unwrap(),
+                Event::Rejected { reason, .. } => panic!("handshake refused: {reason}"),
+                _ => {}
+            }
+        }
+        if h.is_established() {
+            break;
+        }
+        let n = s.read(&mut buf).expect("handshake read");
+        assert!(n > 0, "the secondary closed during the handshake");
+        h.receive(&buf[..n]);
+    }
+    let mut session = h.into_session().unwrap();
+    let mut out = Vec::new();
+    for (kind, payload) in frames {
+        session.encode(*kind, payload, &mut out);
+    }
+    let _ = s.write_all(&out);
+    let t0 = Instant::now();
+    let mut kinds = Vec::new();
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                session.decoder.push(&buf[..n]);
+                while let Ok(Some(f)) = session.decoder.pull() {
+                    kinds.push(f.kind);
+                }
+            }
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the secondary kept a session that broke the rules open"
+        );
+    }
+    kinds
+}
+
 fn expect_dropped(addr: &str, what: &str, bytes: &[u8]) {
     let mut s = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
     s.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
@@ -3240,12 +3313,102 @@ fn garbage_on_peer_port() {
         }
         cl.check_alive();
     }
+    // The real primary syncs the secondary and stops cleanly: restarted,
+    // it will find its peer in sync and resend nothing.
+    cl.primary().start();
+    cl.wait_in_sync(Duration::from_secs(20));
+    cl.primary().terminate();
+
+    // A primary that holds the secret but breaks the session's rules
+    // (a tester's finds): a Record before the Session frame was applied
+    // and credited to the last session, so the replicas differed while
+    // both said in sync; a second Session frame and a disk of another
+    // size were taken too. Each is refused, nothing is written.
+    {
+        use nbdmirror::mirror::wire::{RecordHeader, KIND_WRITE};
+        use nbdmirror::peer::frame::FrameKind;
+        let secret = {
+            let mut s = fs::read(&cl.secret).unwrap();
+            if s.last() == Some(&b'\n') {
+                s.pop();
+            }
+            s
+        };
+        let mut record = RecordHeader {
+            id: 1,
+            offset: 100 * 4096,
+            length: 4096,
+            kind: KIND_WRITE,
+            flags: 0,
+        }
+        .encode()
+        .to_vec();
+        record.extend_from_slice(&[0xee; 4096]);
+        let session = 0x1234_5679u64.to_le_bytes().to_vec();
+        let cases = [
+            (
+                "a Record before the Session frame",
+                cl.size,
+                vec![
+                    (FrameKind::Record, record.clone()),
+                    (FrameKind::Flush, 2u64.to_le_bytes().to_vec()),
+                ],
+                "before the Session frame",
+            ),
+            (
+                "a second Session frame",
+                cl.size,
+                vec![
+                    (FrameKind::Session, session.clone()),
+                    (FrameKind::Session, session.clone()),
+                    (FrameKind::Record, record.clone()),
+                ],
+                "second Session frame",
+            ),
+            (
+                "a disk of twice the size",
+                2 * cl.size,
+                vec![
+                    (FrameKind::Session, session.clone()),
+                    (FrameKind::Record, record.clone()),
+                ],
+                "must be the same size",
+            ),
+        ];
+        for (what, size, frames, logged) in cases {
+            // The stopped primary's session may not have ended on the
+            // secondary yet (then it refuses a newcomer as Busy): retry.
+            let t0 = Instant::now();
+            let kinds = loop {
+                let before = cl.node(2).stderr().matches("is alive").count();
+                let kinds = rogue_primary(&addr, &secret, &cl.uuid, size, &frames);
+                if cl.node(2).stderr().matches("is alive").count() == before
+                    || t0.elapsed() > Duration::from_secs(10)
+                {
+                    break kinds;
+                }
+                thread::sleep(Duration::from_millis(200));
+            };
+            eprintln!("{what}: the secondary sent {kinds:?} and closed");
+            assert!(
+                !kinds.contains(&FrameKind::Ack) && !kinds.contains(&FrameKind::FlushAck),
+                "{what}: the secondary acknowledged it ({kinds:?})"
+            );
+            let log = cl.node(2).stderr();
+            assert!(
+                log.contains(logged),
+                "{what}: the secondary's log does not say {logged:?}:\n{}",
+                tail(&log, 3000)
+            );
+            cl.check_alive();
+        }
+    }
     eprintln!(
         "secondary log after the garbage:\n{}",
         tail(&cl.node(2).stderr(), 4000)
     );
 
-    // Now the real primary.
+    // The real primary again: in sync, nothing resent.
     cl.primary().start();
     cl.wait_in_sync(Duration::from_secs(20));
     let model = new_model(cl.size);

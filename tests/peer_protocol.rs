@@ -285,6 +285,13 @@ fn unexpected_node_ids_are_rejected() {
     let (si, sr) = run(&mut i, &mut r, usize::MAX);
     let (_, (er, _)) = both_rejected(&si, &sr);
     assert_eq!(er, HandshakeError::SameNodeId { node_id: 3 });
+
+    // A peer claiming node id 0, which no node has (a secondary took one).
+    let (mut i, mut r) = pair(cfg(0, 1), cfg(2, 2));
+    let (si, sr) = run(&mut i, &mut r, usize::MAX);
+    let ((ei, _), (er, _)) = both_rejected(&si, &sr);
+    assert_eq!(er, HandshakeError::ZeroNodeId);
+    assert!(matches!(ei, HandshakeError::PeerRejected(ref r) if r.code == RejectCode::WrongNode));
 }
 
 /// Feed `bytes` to a fresh `role` handshake; return its reason and what it sent.

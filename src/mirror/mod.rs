@@ -411,6 +411,8 @@ struct Link {
     /// (recorded at once, a peer that took none of that run's writes would
     /// look as if it had: a reviewer's find).
     pending_run: Option<(u64, u32)>,
+    /// Secondary: the Session frame of this session was received.
+    session_started: bool,
 }
 
 /// A client request the mirror is carrying: answered when the local store
@@ -1909,6 +1911,7 @@ impl Mirror {
                 held: false,
                 version: 0,
                 announced: false,
+                session_started: false,
                 pending_run: None,
             },
         );
@@ -2451,6 +2454,18 @@ impl Mirror {
                     // the secondary would hold writes its own primary never
                     // saw while both claim to be in sync.
                     let newcomer = l.addr.clone();
+                    if info.last_applied_seq != self.size {
+                        // The primary refuses a peer of another size; so
+                        // does a secondary (a tester's authenticated peer
+                        // claimed 128 MiB against 64 and was taken).
+                        let why = format!(
+                            "refusing primary node {} from {newcomer}: it has a {}-byte disk and \
+                             this replica a {}-byte one; a peer's replica must be the same size",
+                            info.node_id, info.last_applied_seq, self.size
+                        );
+                        self.refuse_primary(io, link, crate::peer::RejectCode::Malformed, &why);
+                        return;
+                    }
                     let (t, timeout) = (self.t, self.cfg.timeout.max(PING_INTERVAL_MAX * 2));
                     let live = self
                         .links
@@ -2800,6 +2815,25 @@ impl Mirror {
         at: usize,
     ) -> Result<(), String> {
         let payload = &buf[at..];
+        // The Session frame comes first after Ready, once (docs/
+        // peer-protocol.md): a record taken without one would be credited
+        // to the last session this replica recorded, and a primary that
+        // started that session would find it in sync while it holds a
+        // write the primary never sent (a tester's find).
+        let l = self.links.get_mut(&link).ok_or("link gone")?;
+        match kind {
+            FrameKind::Session if l.session_started => {
+                return Err("protocol violation: a second Session frame in one session".into())
+            }
+            FrameKind::Session => l.session_started = true,
+            FrameKind::Ping | FrameKind::Pong | FrameKind::Reject => {}
+            _ if !l.session_started => {
+                return Err(format!(
+                    "protocol violation: {kind:?} before the Session frame"
+                ))
+            }
+            _ => {}
+        }
         match kind {
             FrameKind::Record => {
                 let h = RecordHeader::decode(payload, self.size)?;

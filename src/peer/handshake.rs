@@ -154,6 +154,8 @@ pub enum HandshakeError {
     SameNodeId {
         node_id: u32,
     },
+    /// The peer claims node id 0, which no node has (`init` takes 1 and up).
+    ZeroNodeId,
     /// The peer sent a Reject.
     PeerRejected(Reject),
     /// The connection ended before the handshake finished.
@@ -231,6 +233,9 @@ impl fmt::Display for HandshakeError {
                 f,
                 "peer has the same node id {node_id} as this node: every node needs its own id (or the node connected to itself)"
             ),
+            HandshakeError::ZeroNodeId => {
+                write!(f, "peer claims node id 0, which no node has (ids start at 1)")
+            }
             HandshakeError::PeerRejected(r) => {
                 write!(f, "peer rejected the handshake ({}): {}", r.code, r.message)
             }
@@ -270,9 +275,9 @@ impl HandshakeError {
             | HandshakeError::Reflected => Some(RejectCode::Malformed),
             HandshakeError::BadSecret => Some(RejectCode::BadSecret),
             HandshakeError::WrongVolume { .. } => Some(RejectCode::WrongVolume),
-            HandshakeError::UnexpectedNode { .. } | HandshakeError::SameNodeId { .. } => {
-                Some(RejectCode::WrongNode)
-            }
+            HandshakeError::UnexpectedNode { .. }
+            | HandshakeError::SameNodeId { .. }
+            | HandshakeError::ZeroNodeId => Some(RejectCode::WrongNode),
         }
     }
 
@@ -294,6 +299,7 @@ impl HandshakeError {
             HandshakeError::SameNodeId { node_id } => {
                 format!("node id mismatch: you have my own node id {node_id}")
             }
+            HandshakeError::ZeroNodeId => "node id 0 is no node's id".into(),
             other => format!("refused: {other}"),
         }
     }
@@ -668,6 +674,9 @@ impl Handshake {
                 ours: self.cfg.volume_uuid,
                 theirs: id.volume_uuid,
             });
+        }
+        if id.node_id == 0 {
+            return Err(HandshakeError::ZeroNodeId);
         }
         if id.node_id == self.cfg.node_id {
             return Err(HandshakeError::SameNodeId {
