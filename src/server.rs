@@ -578,7 +578,14 @@ impl Server {
         let mut peer_listener = None;
         let mut admin = None;
         let generation = match &config.mirror {
-            Some(m) => Some(mirror::generation::Generation::load(&m.dir)?),
+            Some(m) => {
+                // A damaged split-brain mark is refused here too, before
+                // recovery replays the journal (Mirror::new reads it again
+                // after recovery; a tester saw the refusal come only once
+                // recovery had rewritten meta and the journal).
+                mirror::generation::Diverged::load(&m.dir)?;
+                Some(mirror::generation::Generation::load(&m.dir)?)
+            }
             None => None,
         };
         // A follower's replica served as the primary (a promotion) tracks

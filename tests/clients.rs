@@ -2293,6 +2293,21 @@ fn serve_refuses_contradictory_options_and_a_replica_without_meta() {
         "generation",
     );
     fs::remove_file(dir.join("generation")).unwrap();
+    // A damaged split-brain mark: refused before recovery touches meta
+    // (it used to be read only after).
+    fs::write(dir.join("diverged"), b"not a diverged mark").unwrap();
+    refused(
+        &[
+            "--role".into(),
+            "secondary".into(),
+            "--peer-listen".into(),
+            port(),
+            "--secret-file".into(),
+            secret.display().to_string(),
+        ],
+        "diverged is damaged",
+    );
+    fs::remove_file(dir.join("diverged")).unwrap();
     assert_eq!(
         file_digests(&dir),
         before,
