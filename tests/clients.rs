@@ -2337,6 +2337,66 @@ fn serve_refuses_contradictory_options_and_a_replica_without_meta() {
 /// A client that connects and never finishes the handshake is closed after
 /// the handshake limit (10 s, as qemu-nbd's default), not held for ever;
 /// a client that arrives meanwhile is served.
+/// A fragmented disk's map (4096 extents: 4 KiB written every 8 KiB over 16
+/// MiB, more than one BLOCK_STATUS reply carries) comes out whole and right
+/// through `nbdinfo --map`, which asks again where a reply ended.
+#[test]
+fn a_fragmented_map_is_whole_across_replies() {
+    let test = "a_fragmented_map_is_whole_across_replies";
+    if !require_tools(test, &["nbdinfo"]) {
+        return;
+    }
+    let size = 64 * MIB;
+    let Some((_tmp, _export, srv)) = setup(test, size, &[]) else {
+        return;
+    };
+    let mut c = MiniClient::connect(&srv.addr(), srv.export_name()).unwrap();
+    let data = [0x55u8; 4096];
+    for k in 0..2048u64 {
+        let cookie = c.send_write(k * 8192, &data, 0).unwrap();
+        let _ = cookie;
+    }
+    for _ in 0..2048 {
+        let (_, err) = c.recv_reply().unwrap();
+        assert_eq!(err, 0);
+    }
+    assert_eq!(c.flush().unwrap(), 0);
+    c.disconnect();
+    let out = stdout_str(&run_ok_timeout(
+        Command::new(tool("nbdinfo")).arg("--map").arg(srv.uri()),
+        Duration::from_secs(60),
+    ));
+    // "offset length type description": merge adjacent lines of one kind
+    // (a server may split an extent across replies), then compare.
+    let mut merged: Vec<(u64, u64, bool)> = Vec::new();
+    let mut next = 0u64;
+    for line in out.lines().filter(|l| !l.trim().is_empty()) {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let (off, len): (u64, u64) = (f[0].parse().unwrap(), f[1].parse().unwrap());
+        let zero = line.contains("zero");
+        assert_eq!(
+            off, next,
+            "the map skips or repeats bytes at {off}:\n{line}"
+        );
+        next = off + len;
+        match merged.last_mut() {
+            Some(m) if m.2 == zero => m.1 += len,
+            _ => merged.push((off, len, zero)),
+        }
+    }
+    assert_eq!(next, size, "the map does not cover the disk");
+    // Data, hole, data, ... and the last hole runs on to the end.
+    assert_eq!(merged.len(), 4096, "extents in the map");
+    for (k, (off, len, zero)) in merged.iter().enumerate() {
+        let want_len = if k == 4095 { size - 4095 * 4096 } else { 4096 };
+        assert_eq!(
+            (*off, *len, *zero),
+            (k as u64 * 4096, want_len, k % 2 == 1),
+            "extent {k} of the map"
+        );
+    }
+}
+
 /// Clients that send part of the handshake and hang up are let go at once,
 /// not held until the handshake limit: a tester's 4 threads doing that for
 /// 20 s took nbdmirror to its 20000-descriptor limit and 5 GB, and a real
