@@ -1717,6 +1717,38 @@ fn run(cli: Cli) -> Result<(), String> {
                     damaged.push("diverged");
                 }
             }
+            // Peer bitmaps (a primary's record of what each peer misses)
+            // and the set of blocks crash recovery could not vouch for:
+            // what `serve` refuses as damaged, `info` says is (a tester
+            // saw `info` exit 0 on a bitmap `serve` refused).
+            let mut peers: Vec<u32> = std::fs::read_dir(&path)
+                .map(|rd| {
+                    rd.flatten()
+                        .filter_map(|e| {
+                            e.file_name()
+                                .to_str()?
+                                .strip_prefix("peer-")?
+                                .strip_suffix(".bitmap")?
+                                .parse()
+                                .ok()
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            peers.sort_unstable();
+            for id in peers {
+                match nbdmirror::mirror::bitmap::inspect(&path, &sb.volume_uuid, id, sb.size) {
+                    Ok(dirty) => out!("bitmap      peer {id}: {dirty} bytes to resync"),
+                    Err(e) => {
+                        out!("bitmap      {e}");
+                        damaged.push("bitmap");
+                    }
+                }
+            }
+            if let Err(e) = nbdmirror::store::uncertain::Uncertain::load(&path) {
+                out!("uncertain   {e}");
+                damaged.push("uncertain");
+            }
             // What `serve` would refuse as damaged makes `info` fail too,
             // after it has shown what it could (scripts look at the status).
             let sizes = ["data", "journal"]

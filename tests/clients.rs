@@ -3945,4 +3945,30 @@ fn check_refuses_a_replica_serve_would_refuse() {
             out.status
         );
     }
+    // A damaged peer bitmap or uncertain-block list, which `serve` refuses:
+    // `info` says so and exits 1 (it used to exit 0), and changes nothing.
+    for (file, want) in [("peer-2.bitmap", "bitmap"), ("uncertain", "uncertain")] {
+        let bad = tmp.join(format!("bad-{file}"));
+        run_ok(Command::new("cp").arg("-a").arg(&good).arg(&bad));
+        fs::write(bad.join(file), b"not what it should be").unwrap();
+        let before = fs::read(bad.join(file)).unwrap();
+        let out = run_timeout(
+            Command::new(NBDMIRROR_BIN)
+                .args(["info", "--dir"])
+                .arg(&bad),
+            Duration::from_secs(60),
+        );
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.code() == Some(1) && text.contains(want) && text.contains("damaged"),
+            "info of a replica with a damaged {file}: {}\n{text}",
+            out.status
+        );
+        assert_eq!(
+            fs::read(bad.join(file)).unwrap(),
+            before,
+            "info changed {file}"
+        );
+    }
 }

@@ -74,6 +74,64 @@ pub fn never_in_session(path: &Path) -> bool {
         && u64::from_le_bytes(h[SESSION_AT..SESSION_AT + 8].try_into().unwrap()) == 0
 }
 
+/// The bitmap for `peer` of a `disk_size`-byte volume: its blocks, its
+/// file's length and its header up to the flags and session.
+fn expected(volume_uuid: &[u8; 16], peer: u32, disk_size: u64) -> (u64, usize, Vec<u8>) {
+    let blocks = disk_size.div_ceil(BLOCK);
+    let bytes = HEADER + (blocks.div_ceil(8) as usize).next_multiple_of(4096);
+    let mut header = vec![0u8; HEADER];
+    header[0..8].copy_from_slice(MAGIC);
+    header[8..12].copy_from_slice(&VERSION.to_le_bytes());
+    header[12..16].copy_from_slice(&(BLOCK as u32).to_le_bytes());
+    header[16..32].copy_from_slice(volume_uuid);
+    header[32..36].copy_from_slice(&peer.to_le_bytes());
+    header[40..48].copy_from_slice(&blocks.to_le_bytes());
+    (blocks, bytes, header)
+}
+
+fn check_len(path: &Path, len: u64, bytes: usize, disk_size: u64, peer: u32) -> Result<(), String> {
+    if len != bytes as u64 {
+        return Err(format!(
+            "{} is {len} bytes, expected {bytes} for a {disk_size}-byte disk; it is damaged or \
+             belongs to another volume (remove it to force a full resync of peer {peer})",
+            path.display()
+        ));
+    }
+    Ok(())
+}
+
+fn check_header(path: &Path, got: &[u8], want: &[u8], peer: u32) -> Result<(), String> {
+    if got[..FLAGS_AT] != want[..FLAGS_AT] || got[FLAGS_AT + 4..48] != want[FLAGS_AT + 4..48] {
+        return Err(format!(
+            "{} does not match this volume and peer {peer} (bad magic, version, uuid, peer id \
+             or size); remove it to force a full resync of that peer",
+            path.display()
+        ));
+    }
+    Ok(())
+}
+
+/// Check the bitmap file for `peer` without changing it (for `info`, which
+/// only reads): its length and header as [`DirtyBitmap::open_or_create`]
+/// checks them. Returns the bytes it marks dirty.
+pub fn inspect(
+    dir: &Path,
+    volume_uuid: &[u8; 16],
+    peer: u32,
+    disk_size: u64,
+) -> Result<u64, String> {
+    let path = dir.join(format!("peer-{peer}.bitmap"));
+    let (_, bytes, header) = expected(volume_uuid, peer, disk_size);
+    let b = std::fs::read(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    check_len(&path, b.len() as u64, bytes, disk_size, peer)?;
+    check_header(&path, &b[..HEADER], &header, peer)?;
+    Ok(b[HEADER..]
+        .iter()
+        .map(|x| x.count_ones() as u64)
+        .sum::<u64>()
+        * BLOCK)
+}
+
 impl DirtyBitmap {
     /// Open the bitmap for `peer`, or create it with every bit set. Returns
     /// the bitmap and whether it was created.
@@ -84,15 +142,7 @@ impl DirtyBitmap {
         disk_size: u64,
     ) -> Result<(DirtyBitmap, bool), String> {
         let path = dir.join(format!("peer-{peer}.bitmap"));
-        let blocks = disk_size.div_ceil(BLOCK);
-        let bytes = HEADER + (blocks.div_ceil(8) as usize).next_multiple_of(4096);
-        let mut header = vec![0u8; HEADER];
-        header[0..8].copy_from_slice(MAGIC);
-        header[8..12].copy_from_slice(&VERSION.to_le_bytes());
-        header[12..16].copy_from_slice(&(BLOCK as u32).to_le_bytes());
-        header[16..32].copy_from_slice(volume_uuid);
-        header[32..36].copy_from_slice(&peer.to_le_bytes());
-        header[40..48].copy_from_slice(&blocks.to_le_bytes());
+        let (blocks, bytes, header) = expected(volume_uuid, peer, disk_size);
         let created = !path.exists();
         if created {
             // Write it whole under a temporary name, then rename: a crash
@@ -131,28 +181,14 @@ impl DirtyBitmap {
             .metadata()
             .map_err(|e| format!("cannot stat {}: {e}", path.display()))?
             .len();
-        if len != bytes as u64 {
-            return Err(format!(
-                "{} is {len} bytes, expected {bytes} for a {disk_size}-byte disk; it is damaged or \
-                 belongs to another volume (remove it to force a full resync of peer {peer})",
-                path.display()
-            ));
-        }
+        check_len(&path, len, bytes, disk_size, peer)?;
         // Bitmaps made before this was done are sparse.
         reserve(&file, len, &path)?;
         // SAFETY: the replica directory is locked by this process (flock), so
         // no one else maps or truncates the file.
         let map = unsafe { MmapMut::map_mut(&file) }
             .map_err(|e| format!("cannot map {}: {e}", path.display()))?;
-        if map[..FLAGS_AT] != header[..FLAGS_AT]
-            || map[FLAGS_AT + 4..48] != header[FLAGS_AT + 4..48]
-        {
-            return Err(format!(
-                "{} does not match this volume and peer {peer} (bad magic, version, uuid, peer id \
-                 or size); remove it to force a full resync of that peer",
-                path.display()
-            ));
-        }
+        check_header(&path, &map[..HEADER], &header, peer)?;
         let dirty = map[HEADER..].iter().map(|b| b.count_ones() as u64).sum();
         Ok((
             DirtyBitmap {
