@@ -1448,9 +1448,10 @@ impl Server {
                             // transmission phase's (nothing is lent to
                             // the kernel while parsing).
                             if conn.inbuf.len() < RECV_BUF {
-                                // A fresh zeroed allocation (calloc: pages
-                                // untouched until used), not a resize,
-                                // which would write all 256 KiB at once.
+                                // A fresh zeroed allocation, not a resize,
+                                // which writes all 256 KiB at once (calloc
+                                // leaves fresh pages untouched until used;
+                                // reused heap memory it clears).
                                 let mut b = vec![0u8; RECV_BUF];
                                 let rest = conn.filled - conn.start;
                                 b[..rest].copy_from_slice(&conn.inbuf[conn.start..conn.filled]);

@@ -2334,9 +2334,6 @@ fn serve_refuses_contradictory_options_and_a_replica_without_meta() {
     assert!(dir.join("journal").exists(), "journal removed");
 }
 
-/// A client that connects and never finishes the handshake is closed after
-/// the handshake limit (10 s, as qemu-nbd's default), not held for ever;
-/// a client that arrives meanwhile is served.
 /// A fragmented disk's map (4096 extents: 4 KiB written every 8 KiB over 16
 /// MiB, more than one BLOCK_STATUS reply carries) comes out whole and right
 /// through `nbdinfo --map`, which asks again where a reply ended.
@@ -2449,6 +2446,9 @@ fn clients_that_hang_up_mid_handshake_are_let_go_at_once() {
     srv.assert_running();
 }
 
+/// A client that connects and never finishes the handshake is closed after
+/// the handshake limit (10 s, as qemu-nbd's default), not held for ever;
+/// a client that arrives meanwhile is served.
 #[test]
 fn stalled_handshake_is_closed() {
     let test = "stalled_handshake_is_closed";

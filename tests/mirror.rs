@@ -3154,8 +3154,6 @@ fn a_full_resync_on_a_live_link_marks_the_secondary_inconsistent() {
     cl.assert_replicas_identical();
 }
 
-/// Send `bytes` to the peer port; the secondary must close the connection
-/// within 10 s.
 /// Speak the peer protocol to the secondary at `addr` as an authenticated
 /// primary (the secret, volume and node id are right; the disk size is
 /// `size`), then send `frames` (kind, payload) and read until the
@@ -3229,6 +3227,8 @@ fn rogue_primary(
     kinds
 }
 
+/// Send `bytes` to the peer port; the secondary must close the connection
+/// within 10 s.
 fn expect_dropped(addr: &str, what: &str, bytes: &[u8]) {
     let mut s = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
     s.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
@@ -3407,8 +3407,21 @@ fn garbage_on_peer_port() {
         "secondary log after the garbage:\n{}",
         tail(&cl.node(2).stderr(), 4000)
     );
+    // None of the rogue records reached the data file.
+    cl.node(2).terminate();
+    {
+        use std::os::unix::fs::FileExt;
+        let mut b = vec![0u8; 4096];
+        fs::File::open(cl.nodes[1].data())
+            .unwrap()
+            .read_exact_at(&mut b, 100 * 4096)
+            .unwrap();
+        assert_ne!(b, vec![0xee; 4096], "a rogue primary's record was written");
+    }
+    cl.node(2).start();
 
-    // The real primary again: in sync, nothing resent.
+    // The real primary again (the second case's Session frame left a token
+    // it did not send, so it compares checksums first).
     cl.primary().start();
     cl.wait_in_sync(Duration::from_secs(20));
     let model = new_model(cl.size);

@@ -468,7 +468,7 @@ pub fn judge(ours: &Generation, peer: &Generation, peer_id: u32) -> Verdict {
         format!(
             "node {peer_id} was the primary of generation {:016x}, which this node was promoted \
              from without a handover (a failover): node {peer_id} may have acknowledged writes \
-             after this node lost touch with it, and this node has taken writes of its own since",
+             after this node lost touch with it, and this node may have taken writes of its own since",
             peer.current
         )
     } else if peer.previous == ours.current || peer.flags & FLAG_PRIMARY != 0 {

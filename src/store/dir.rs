@@ -346,12 +346,12 @@ pub fn open(path: &Path) -> Result<ReplicaDir, String> {
 /// is only warned about here: the node can still serve reads, and what
 /// fails later fails with a clear error.
 fn reserve_meta(path: &Path, meta: &File) {
-    use std::os::unix::fs::MetadataExt;
-    let Ok(m) = meta.metadata() else {
+    let Ok(len) = meta.metadata().map(|m| m.len()) else {
         return;
     };
-    let len = m.len();
-    if m.blocks() * 512 >= len {
+    // SAFETY: lseek on a descriptor we own; the offset is not used after.
+    let hole = unsafe { libc::lseek(meta.as_raw_fd(), 0, libc::SEEK_HOLE) };
+    if hole >= 0 && hole as u64 >= len {
         // Allocated already (every replica `init` made): nothing to do,
         // and a start that is then refused leaves even the file's times
         // alone (fallocate updates them).
