@@ -3472,13 +3472,7 @@ fn clients_that_stall_inside_large_writes_are_closed_while_memory_is_short() {
     let mut stalled = Vec::new();
     for i in 0..STALLERS as u64 {
         let mut s = MiniClient::connect(&srv.addr(), srv.export_name()).unwrap();
-        let mut h = Vec::new();
-        h.extend_from_slice(&0x2560_9513u32.to_be_bytes());
-        h.extend_from_slice(&0u16.to_be_bytes());
-        h.extend_from_slice(&NBD_CMD_WRITE.to_be_bytes());
-        h.extend_from_slice(&(1000 + i).to_be_bytes());
-        h.extend_from_slice(&((i % 2) * 32 * MIB).to_be_bytes());
-        h.extend_from_slice(&(32 * MIB as u32).to_be_bytes());
+        let mut h = request_header(0, NBD_CMD_WRITE, 1000 + i, (i % 2) * 32 * MIB, 32 << 20);
         h.push(0x5a);
         s.send_raw(&h).unwrap();
         stalled.push(s);
@@ -3554,14 +3548,7 @@ fn clients_that_stall_inside_large_writes_are_closed_while_memory_is_short() {
 
 /// A READ request's 28 bytes.
 fn read_request(cookie: u64, offset: u64, len: u32) -> Vec<u8> {
-    let mut r = Vec::with_capacity(28);
-    r.extend_from_slice(&0x2560_9513u32.to_be_bytes());
-    r.extend_from_slice(&0u16.to_be_bytes());
-    r.extend_from_slice(&NBD_CMD_READ.to_be_bytes());
-    r.extend_from_slice(&cookie.to_be_bytes());
-    r.extend_from_slice(&offset.to_be_bytes());
-    r.extend_from_slice(&len.to_be_bytes());
-    r
+    request_header(0, NBD_CMD_READ, cookie, offset, len)
 }
 
 /// The rest of the 28-byte CACHE request cut after `sent` bytes of the
@@ -3615,13 +3602,7 @@ fn stalled_large_writes_do_not_hold_other_clients_to_one_request_at_a_time() {
     let mut stalled = Vec::new();
     for i in 0..17u64 {
         let mut s = MiniClient::connect(&srv.addr(), srv.export_name()).unwrap();
-        let mut h = Vec::new();
-        h.extend_from_slice(&0x2560_9513u32.to_be_bytes());
-        h.extend_from_slice(&0u16.to_be_bytes());
-        h.extend_from_slice(&NBD_CMD_WRITE.to_be_bytes());
-        h.extend_from_slice(&(1000 + i).to_be_bytes());
-        h.extend_from_slice(&0u64.to_be_bytes());
-        h.extend_from_slice(&(32 * MIB as u32).to_be_bytes());
+        let mut h = request_header(0, NBD_CMD_WRITE, 1000 + i, 0, 32 << 20);
         h.push(0x5a);
         s.send_raw(&h).unwrap();
         stalled.push(s);
@@ -3632,13 +3613,8 @@ fn stalled_large_writes_do_not_hold_other_clients_to_one_request_at_a_time() {
     let mut reqs = Vec::new();
     for i in 0..256u64 {
         let data = random_bytes(0xFA ^ i, 4096);
-        let mut h = Vec::new();
-        h.extend_from_slice(&0x2560_9513u32.to_be_bytes());
-        h.extend_from_slice(&1u16.to_be_bytes()); // FUA
-        h.extend_from_slice(&NBD_CMD_WRITE.to_be_bytes());
-        h.extend_from_slice(&(i + 1).to_be_bytes());
-        h.extend_from_slice(&(i * 4096).to_be_bytes());
-        h.extend_from_slice(&4096u32.to_be_bytes());
+        // FUA
+        let mut h = request_header(1, NBD_CMD_WRITE, i + 1, i * 4096, 4096);
         h.extend_from_slice(&data);
         reqs.extend_from_slice(&h);
         want.insert(i + 1, (i * 4096, data));

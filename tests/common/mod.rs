@@ -1057,13 +1057,7 @@ impl MiniClient {
     ) -> io::Result<u64> {
         let cookie = self.cookie;
         self.cookie += 1;
-        let mut h = Vec::with_capacity(28 + payload.len());
-        h.extend_from_slice(&0x2560_9513u32.to_be_bytes());
-        h.extend_from_slice(&flags.to_be_bytes());
-        h.extend_from_slice(&ty.to_be_bytes());
-        h.extend_from_slice(&cookie.to_be_bytes());
-        h.extend_from_slice(&offset.to_be_bytes());
-        h.extend_from_slice(&len.to_be_bytes());
+        let mut h = request_header(flags, ty, cookie, offset, len);
         h.extend_from_slice(payload);
         self.s.write_all(&h)?;
         Ok(cookie)
@@ -1167,6 +1161,18 @@ impl MiniClient {
             ),
         }
     }
+}
+
+/// A request header's 28 bytes (a WRITE's payload goes after them).
+pub fn request_header(flags: u16, ty: u16, cookie: u64, offset: u64, len: u32) -> Vec<u8> {
+    let mut r = Vec::with_capacity(28);
+    r.extend_from_slice(&0x2560_9513u32.to_be_bytes());
+    r.extend_from_slice(&flags.to_be_bytes());
+    r.extend_from_slice(&ty.to_be_bytes());
+    r.extend_from_slice(&cookie.to_be_bytes());
+    r.extend_from_slice(&offset.to_be_bytes());
+    r.extend_from_slice(&len.to_be_bytes());
+    r
 }
 
 /// The run's seed: `SEED` from the environment, else from the clock.
