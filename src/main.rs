@@ -451,9 +451,9 @@ fn switchover(admin: &AdminArgs) -> Result<(), String> {
     let (path, mut dir) = admin_target(admin)?;
     if dir.is_none() {
         // Only the socket was named: the node says where its replica is, to
-        // read the handover from once it has stopped.
-        // Only if the path names the same replica here: the same lock file
-        // (device and inode), held by the running node.
+        // read the handover from once it has stopped, and that path is used
+        // only if it names the same replica here (the same lock file, by
+        // device and inode, held by the running node).
         let st = admin_call(admin, "status")?;
         dir = st
             .get("dir")
@@ -1721,22 +1721,7 @@ fn run(cli: Cli) -> Result<(), String> {
             // and the set of blocks crash recovery could not vouch for:
             // what `serve` refuses as damaged, `info` says is (a tester
             // saw `info` exit 0 on a bitmap `serve` refused).
-            let mut peers: Vec<u32> = std::fs::read_dir(&path)
-                .map(|rd| {
-                    rd.flatten()
-                        .filter_map(|e| {
-                            e.file_name()
-                                .to_str()?
-                                .strip_prefix("peer-")?
-                                .strip_suffix(".bitmap")?
-                                .parse()
-                                .ok()
-                        })
-                        .collect()
-                })
-                .unwrap_or_default();
-            peers.sort_unstable();
-            for id in peers {
+            for id in nbdmirror::mirror::bitmap::peer_ids(&path) {
                 match nbdmirror::mirror::bitmap::inspect(&path, &sb.volume_uuid, id, sb.size) {
                     Ok(dirty) => out!("bitmap      peer {id}: {dirty} bytes to resync"),
                     Err(e) => {

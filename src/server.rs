@@ -993,14 +993,23 @@ impl Server {
                 "nbdmirror: connection {id}: handshake not finished within {} s; closing",
                 HANDSHAKE_LIMIT.as_secs()
             );
-            if let Some(conn) = self.conns.get_mut(&id) {
-                conn.reading_done = true;
-                conn.abort = true;
-                // SAFETY: shutdown on a socket we own; wakes a pending receive.
-                unsafe { libc::shutdown(conn.fd.as_raw_fd(), libc::SHUT_RDWR) };
-            }
-            self.maybe_close(id);
+            self.hard_close(id);
         }
+    }
+
+    /// Close connection `id` without waiting for its queued replies: no
+    /// more requests are read, the pending send fails and the pending
+    /// receive ends (shutdown), queued output is dropped; requests it
+    /// started still complete in the store.
+    fn hard_close(&mut self, id: u64) {
+        if let Some(conn) = self.conns.get_mut(&id) {
+            conn.reading_done = true;
+            conn.abort = true;
+            // SAFETY: shutdown on a socket we own.
+            unsafe { libc::shutdown(conn.fd.as_raw_fd(), libc::SHUT_RDWR) };
+        }
+        self.drop_output(id);
+        self.maybe_close(id);
     }
 
     /// While memory is short (over the server-wide budget), close
@@ -1071,9 +1080,9 @@ impl Server {
         stalled.sort_by_key(|&(id, held, _)| (std::cmp::Reverse(held), id));
         let mut over = total - MAX_TOTAL_INFLIGHT_BYTES;
         for (id, held, what) in stalled {
-            let Some(conn) = self.conns.get_mut(&id) else {
+            if !self.conns.contains_key(&id) {
                 continue;
-            };
+            }
             crate::elog!(
                 "nbdmirror: connection {id}: has {what} for {} s while it holds {} MiB and the \
                  server is over its {} MiB memory budget; closing it",
@@ -1081,13 +1090,7 @@ impl Server {
                 held >> 20,
                 MAX_TOTAL_INFLIGHT_BYTES >> 20
             );
-            conn.reading_done = true;
-            conn.abort = true;
-            // SAFETY: shutdown on a socket we own; fails the pending send
-            // and ends the pending receive.
-            unsafe { libc::shutdown(conn.fd.as_raw_fd(), libc::SHUT_RDWR) };
-            self.drop_output(id);
-            self.maybe_close(id);
+            self.hard_close(id);
             if held > over {
                 break;
             }
@@ -1139,17 +1142,12 @@ impl Server {
         }
         let ids: Vec<u64> = self.conns.keys().copied().collect();
         for id in ids {
-            if let Some(conn) = self.conns.get_mut(&id) {
-                if !conn.abort {
-                    crate::elog!("nbdmirror: connection {id}: not reading its replies; dropping it to shut down");
-                }
-                conn.abort = true;
-                conn.reading_done = true;
-                // SAFETY: shutdown on a socket we own; a blocked send completes.
-                unsafe { libc::shutdown(conn.fd.as_raw_fd(), libc::SHUT_RDWR) };
+            if self.conns.get(&id).is_some_and(|c| !c.abort) {
+                crate::elog!(
+                    "nbdmirror: connection {id}: not reading its replies; dropping it to shut down"
+                );
             }
-            self.drop_output(id);
-            self.maybe_close(id);
+            self.hard_close(id);
         }
     }
 

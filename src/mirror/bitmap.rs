@@ -59,6 +59,27 @@ impl std::fmt::Debug for DirtyBitmap {
     }
 }
 
+/// The node ids of the peer bitmaps (`peer-N.bitmap`) in the replica
+/// directory `dir`, in order; none if it cannot be read.
+pub fn peer_ids(dir: &Path) -> Vec<u32> {
+    let mut ids: Vec<u32> = std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|e| {
+                    e.file_name()
+                        .to_str()?
+                        .strip_prefix("peer-")?
+                        .strip_suffix(".bitmap")?
+                        .parse()
+                        .ok()
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    ids.sort_unstable();
+    ids
+}
+
 /// Whether the bitmap file at `path` belongs to a peer this primary never
 /// started a session with (session 0) and whose bits are not trusted
 /// anyway (FLAG_COMPARE): a peer listed by mistake (a wrong `--peer` id)

@@ -630,6 +630,28 @@ pub fn bind_admin_socket(p: Option<&std::path::Path>) -> Option<UnixListener> {
 /// the list refuses the start; removing the file forgets the node (if it
 /// returns, it is compared by checksum as a new peer). `serve` calls it
 /// before recovery, so a refused start writes nothing.
+/// On a secondary's link: the Session frame comes first after Ready, and
+/// once (docs/peer-protocol.md). A record taken without one would be
+/// credited to the last session this replica recorded, and a primary that
+/// started that session would find it in sync while it holds a write the
+/// primary never sent (a tester's find). `started`: the link's flag.
+fn session_order(started: &mut bool, kind: FrameKind) -> Result<(), String> {
+    match kind {
+        FrameKind::Session if *started => {
+            Err("protocol violation: a second Session frame in one session".into())
+        }
+        FrameKind::Session => {
+            *started = true;
+            Ok(())
+        }
+        FrameKind::Ping | FrameKind::Pong | FrameKind::Reject => Ok(()),
+        _ if !*started => Err(format!(
+            "protocol violation: {kind:?} before the Session frame"
+        )),
+        _ => Ok(()),
+    }
+}
+
 pub fn refuse_left_out_peers(cfg: &MirrorConfig, own_id: u32) -> Result<(), String> {
     // Checked here too (before recovery): a refused start writes nothing.
     if let Some((id, addr)) = cfg.peers.iter().find(|(id, _)| *id == own_id) {
@@ -637,18 +659,8 @@ pub fn refuse_left_out_peers(cfg: &MirrorConfig, own_id: u32) -> Result<(), Stri
             "--peer {id}={addr} names this node itself (node id {id})"
         ));
     }
-    let Ok(entries) = std::fs::read_dir(&cfg.dir) else {
-        return Ok(());
-    };
-    let mut left_out: Vec<u32> = entries
-        .filter_map(|e| e.ok())
-        .filter_map(|e| {
-            let name = e.file_name().into_string().ok()?;
-            name.strip_prefix("peer-")?
-                .strip_suffix(".bitmap")?
-                .parse::<u32>()
-                .ok()
-        })
+    let left_out: Vec<u32> = bitmap::peer_ids(&cfg.dir)
+        .into_iter()
         .filter(|&id| id != own_id && !cfg.peers.iter().any(|&(p, _)| p == id))
         .filter(|&id| {
             // Never in a session with this replica (a mistyped --peer id
@@ -666,7 +678,6 @@ pub fn refuse_left_out_peers(cfg: &MirrorConfig, own_id: u32) -> Result<(), Stri
             !unused
         })
         .collect();
-    left_out.sort_unstable();
     let Some(&id) = left_out.first() else {
         return Ok(());
     };
@@ -2649,10 +2660,13 @@ impl Mirror {
             let kind = f.kind;
             let r = match l.peer {
                 Some(i) => self.primary_frame(io, store, i, kind, f.payload()),
-                None => {
-                    let (buf, at) = f.into_buf();
-                    self.secondary_frame(io, store, link, kind, buf, at)
-                }
+                None => match session_order(&mut l.session_started, kind) {
+                    Ok(()) => {
+                        let (buf, at) = f.into_buf();
+                        self.secondary_frame(io, store, link, kind, buf, at)
+                    }
+                    Err(why) => Err(why),
+                },
             };
             if let Err(why) = r {
                 self.link_failed(io, store, link, why);
@@ -2828,25 +2842,6 @@ impl Mirror {
         at: usize,
     ) -> Result<(), String> {
         let payload = &buf[at..];
-        // The Session frame comes first after Ready, once (docs/
-        // peer-protocol.md): a record taken without one would be credited
-        // to the last session this replica recorded, and a primary that
-        // started that session would find it in sync while it holds a
-        // write the primary never sent (a tester's find).
-        let l = self.links.get_mut(&link).ok_or("link gone")?;
-        match kind {
-            FrameKind::Session if l.session_started => {
-                return Err("protocol violation: a second Session frame in one session".into())
-            }
-            FrameKind::Session => l.session_started = true,
-            FrameKind::Ping | FrameKind::Pong | FrameKind::Reject => {}
-            _ if !l.session_started => {
-                return Err(format!(
-                    "protocol violation: {kind:?} before the Session frame"
-                ))
-            }
-            _ => {}
-        }
         match kind {
             FrameKind::Record => {
                 let h = RecordHeader::decode(payload, self.size)?;
