@@ -437,9 +437,8 @@ peer-address = "127.0.0.1:10810"
 "#;
 
     /// A directory holding the secret file `s` the configs name.
-    fn base() -> PathBuf {
-        let d = std::env::temp_dir().join(format!("nbdm-config-{}", std::process::id()));
-        std::fs::create_dir_all(&d).unwrap();
+    fn base() -> crate::testdir::TestDir {
+        let d = crate::testdir::TestDir::new("config");
         std::fs::write(d.join("s"), "a-secret-of-more-than-16-bytes").unwrap();
         d
     }
@@ -450,11 +449,12 @@ peer-address = "127.0.0.1:10810"
 
     #[test]
     fn good_config() {
-        let c = parse(GOOD).unwrap();
+        let b = base();
+        let c = VolumeConfig::parse(GOOD, &b).unwrap();
         assert_eq!(c.size, 1 << 30);
         assert_eq!(c.primary, 1);
-        assert_eq!(c.secret_file, Some(base().join("s")));
-        assert_eq!(c.node(1).unwrap().dir, base().join("a"));
+        assert_eq!(c.secret_file, Some(b.join("s")));
+        assert_eq!(c.node(1).unwrap().dir, b.join("a"));
         assert_eq!(c.node(2).unwrap().dir, Path::new("/abs/b"));
         assert_eq!(
             c.node(1).unwrap().nbd_listen,

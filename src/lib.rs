@@ -9,6 +9,7 @@
 //! - [`config`]: the volume config file (every node's settings in one TOML file).
 //! - [`size`]: parsing of human sizes.
 //! - [`xxh3`]: xxh3-64 with the SIMD width picked at run time.
+//! - `testdir`: scratch directories for unit tests.
 
 /// `eprintln!` that never panics: a log line that cannot be written (stderr
 /// a closed pipe, a full disk) is dropped. A storage server must not die, or
@@ -31,4 +32,6 @@ pub mod server;
 pub mod sim;
 pub mod size;
 pub mod store;
+#[cfg(test)]
+pub mod testdir;
 pub mod xxh3;

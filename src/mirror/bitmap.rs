@@ -369,11 +369,8 @@ fn reserve(f: &File, len: u64, path: &Path) -> Result<(), String> {
 mod tests {
     use super::*;
 
-    fn tmpdir(tag: &str) -> PathBuf {
-        let d = std::env::temp_dir().join(format!("nbdmirror-bitmap-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        d
+    fn tmpdir(tag: &str) -> crate::testdir::TestDir {
+        crate::testdir::TestDir::new(&format!("bitmap-{tag}"))
     }
 
     #[test]

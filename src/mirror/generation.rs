@@ -512,9 +512,7 @@ mod tests {
 
     #[test]
     fn round_trip_and_damage() {
-        let d = std::env::temp_dir().join(format!("nbdmirror-gen-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
+        let d = crate::testdir::TestDir::new("gen");
         assert_eq!(Generation::load(&d).unwrap(), Generation::default());
         let g = Generation {
             current: 7,
@@ -659,8 +657,7 @@ mod tests {
         // A follower never hands over.
         assert_eq!(follower.handover_start(16), None);
         // The mark is written under a magic older binaries refuse.
-        let d = std::env::temp_dir().join(format!("nbdm-gen-ho-{}", std::process::id()));
-        std::fs::create_dir_all(&d).unwrap();
+        let d = crate::testdir::TestDir::new("gen-ho");
         handed.store(&d).unwrap();
         assert_eq!(
             &std::fs::read(d.join("generation")).unwrap()[..8],
@@ -712,8 +709,7 @@ mod tests {
             ),
             (20, 10, 0, 3)
         );
-        let d = std::env::temp_dir().join(format!("nbdm-gen-inc-{}", std::process::id()));
-        std::fs::create_dir_all(&d).unwrap();
+        let d = crate::testdir::TestDir::new("gen-inc");
         half.store(&d).unwrap();
         assert_eq!(
             &std::fs::read(d.join("generation")).unwrap()[..8],
@@ -783,9 +779,7 @@ mod tests {
         assert_eq!(p2.wire_flags(), FLAG_PRIMARY as u64 | 2 << 32);
         // Only a promoted primary needs the 56-byte layout; the rest stay
         // readable by older binaries (48 bytes, the run where they keep 0).
-        let d = std::env::temp_dir().join(format!("nbdm-gen-runs-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
+        let d = crate::testdir::TestDir::new("gen-runs");
         for (g, len) in [(follower2, LEN_V2), (p2, LEN_V2), (promoted2, LEN)] {
             g.store(&d).unwrap();
             assert_eq!(std::fs::read(d.join("generation")).unwrap().len(), len);

@@ -969,11 +969,8 @@ pub fn human_secs(s: u64) -> String {
 mod tests {
     use super::*;
 
-    fn dir(name: &str) -> PathBuf {
-        let d = std::env::temp_dir().join(format!("nbdmirror-scrub-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        d
+    fn dir(name: &str) -> crate::testdir::TestDir {
+        crate::testdir::TestDir::new(&format!("scrub-{name}"))
     }
 
     #[test]

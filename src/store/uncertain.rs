@@ -174,14 +174,8 @@ impl Uncertain {
 mod tests {
     use super::*;
 
-    fn dir() -> PathBuf {
-        let d = std::env::temp_dir().join(format!(
-            "nbdm-uncertain-{}-{:?}",
-            std::process::id(),
-            std::thread::current().id()
-        ));
-        std::fs::create_dir_all(&d).unwrap();
-        d
+    fn dir() -> crate::testdir::TestDir {
+        crate::testdir::TestDir::new("uncertain")
     }
 
     proptest::proptest! {
@@ -218,7 +212,8 @@ mod tests {
 
     #[test]
     fn a_damaged_file_is_refused() {
-        let d = dir().join("damaged");
+        let base = dir();
+        let d = base.join("damaged");
         std::fs::create_dir_all(&d).unwrap();
         let mut u = Uncertain::load(&d).unwrap();
         u.add(5, 9);
