@@ -3053,6 +3053,91 @@ fn half_resynced_secondary_is_not_promoted() {
     cl.node(3).terminate();
 }
 
+/// A secondary partway through a resync still holds mostly its primary's
+/// data, and may be the last copy of it. A primary outside that history (a
+/// re-initialised node started as the primary, as a config file naming it
+/// would do) must not copy its empty disk over it: a tester's node 3 lost
+/// 128 MiB that way, while the same node, in sync, was refused as split
+/// brain a minute earlier.
+#[test]
+fn an_unrelated_primary_does_not_overwrite_a_half_resynced_secondary() {
+    let test = "an_unrelated_primary_does_not_overwrite_a_half_resynced_secondary";
+    let _wd = Watchdog::new(test, Duration::from_secs(180));
+    let seed = test_seed(test);
+    let size = 32 * MIB;
+    let mut cl = Cluster::new(test, seed, Opts::new(size, 2));
+    cl.start_all();
+    cl.wait_in_sync(Duration::from_secs(30));
+    let model = new_model(size);
+    let w = Writer::spawn("writer", &cl.nbd_addr(), model.clone(), seed, 64);
+    w.set_phase(1);
+    w.write_distinct(8 * MIB / BLOCK, Duration::from_secs(60));
+    cl.node(2).terminate();
+    w.set_phase(2);
+    w.write_distinct(16 * MIB / BLOCK, Duration::from_secs(60));
+    w.finish();
+    let d1 = cl.nodes[0].dir.display().to_string();
+    resync_cmd(&["rate", "1M", "--dir", &d1]);
+    cl.node(2).start();
+    cl.wait_status(
+        "peer 2 partway through its resync",
+        Duration::from_secs(30),
+        |j| {
+            peer_state(j, 2).as_deref() == Some("syncing")
+                && peer_u64(j, 2, "resync_done_bytes") >= MIB
+                && peer_u64(j, 2, "dirty_bytes") > 4 * MIB
+        },
+    );
+    cl.primary().kill();
+    let d2 = cl.node(2).dir.clone();
+    let sj = status_json(&["--dir", &d2.display().to_string()]).unwrap();
+    assert_eq!(
+        sj.get("inconsistent").and_then(|v| v.as_bool()),
+        Some(true),
+        "{test}: {sj:?}"
+    );
+    let (gen2, data2) = (
+        fs::read(d2.join("generation")).unwrap(),
+        file_hash(&d2.join("data")),
+    );
+
+    // Node 1's replica is lost and re-initialised; started as the primary
+    // it gets a fresh generation of its own and an all-zero disk.
+    let n1dir = cl.nodes[0].dir.clone();
+    fs::rename(&n1dir, cl.tmp.join("n1-lost")).unwrap();
+    init_replica(&n1dir, size, 1, Some(&cl.uuid));
+    cl.primary().start();
+    let j = cl.wait_status("peer 2 refused", Duration::from_secs(30), |j| {
+        peer(j, 2)
+            .and_then(|p| p.get("last_error"))
+            .and_then(|e| e.as_str())
+            .is_some_and(|e| e.contains("split brain"))
+    });
+    let why = peer(&j, 2)
+        .and_then(|p| p.get("last_error"))
+        .and_then(|e| e.as_str())
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        why.contains("unrelated") && why.contains("INCONSISTENT"),
+        "{test}: {why}"
+    );
+    // Given time, it still does not happen.
+    thread::sleep(Duration::from_secs(2));
+    cl.check_alive();
+    cl.stop_all();
+    assert_eq!(
+        fs::read(d2.join("generation")).unwrap(),
+        gen2,
+        "{test}: node 2's generation changed"
+    );
+    assert_eq!(
+        file_hash(&d2.join("data")),
+        data2,
+        "{test}: node 2's data was overwritten"
+    );
+}
+
 /// The peer timeout is not exchanged in the handshake, so the two ends may
 /// differ. A primary with a long one (30 s) used to ping an idle link
 /// every 7.5 s while the secondary (3 s) dropped it after 6 s: the link

@@ -427,15 +427,18 @@ pub fn judge(ours: &Generation, peer: &Generation, peer_id: u32) -> Verdict {
             peer.epoch, peer.current, ours.from_epoch
         ));
     }
-    if peer.flags & FLAG_INCONSISTENT != 0 && peer.flags & FLAG_PRIMARY == 0 {
-        // Half resynced: nothing in it is worth keeping, and it may have
-        // followed any primary of the volume. Compare every block.
-        return if peer.current == ours.current {
-            Verdict::Resync
-        } else {
-            Verdict::ResyncCompare
-        };
+    let half = peer.flags & FLAG_INCONSISTENT != 0 && peer.flags & FLAG_PRIMARY == 0;
+    if half && peer.current == ours.previous {
+        // Half resynced from the generation this node was promoted from:
+        // an older state of this node's history, nothing in it newer than
+        // here. Compare every block.
+        return Verdict::ResyncCompare;
     }
+    // Half resynced from any other generation, it still holds mostly that
+    // generation's data, and may be the last copy of it left
+    // (`--force-inconsistent`): judged as a consistent replica of it would
+    // be, so that a primary outside its history (a re-initialised node
+    // started as the primary) cannot copy itself over it.
     if peer.current == ours.current {
         if peer.flags & FLAG_PRIMARY != 0 {
             return Verdict::SplitBrain(format!(
@@ -488,8 +491,16 @@ pub fn judge(ours: &Generation, peer: &Generation, peer_id: u32) -> Verdict {
             peer.current, ours.current
         )
     };
+    let partway = if half {
+        format!(
+            " (node {peer_id} is partway through a resync of it, INCONSISTENT, and may hold the \
+             last copy of its data)"
+        )
+    } else {
+        String::new()
+    };
     Verdict::SplitBrain(format!(
-        "split brain: {how}. Nothing was resynced either way"
+        "split brain: {how}{partway}. Nothing was resynced either way"
     ))
 }
 
@@ -501,8 +512,9 @@ pub fn split_brain_advice(peer_id: u32, size: u64, uuid: &str) -> String {
         "To keep this node's data, stop node {peer_id}, move its replica directory DIR away \
          (init refuses a directory that holds a replica), re-initialise it (`nbdmirror init \
          --dir DIR --size {size} --node-id {peer_id} --volume-uuid {uuid}`) and start it as a \
-         secondary; to keep node {peer_id}'s data, serve it as the primary (--role primary) and \
-         do the same to this node"
+         secondary (`--role secondary`, also when a config file names it as the primary: a \
+         fresh replica started as the primary would serve an empty disk); to keep node \
+         {peer_id}'s data, serve it as the primary (--role primary) and do the same to this node"
     )
 }
 
@@ -691,7 +703,32 @@ mod tests {
         assert!(half.refuse_inconsistent_promotion(false).is_err());
         assert!(half.refuse_inconsistent_promotion(true).is_ok());
         assert!(follower.refuse_inconsistent_promotion(false).is_ok());
-        assert_eq!(judge(&p, &half, 2), Verdict::ResyncCompare);
+        // Of an unrelated generation, it is refused as a consistent replica
+        // of it would be: it may hold the last copy of that data (a tester's
+        // re-initialised node, started as the primary, copied its empty
+        // disk over such a replica).
+        let Verdict::SplitBrain(why) = judge(&p, &half, 2) else {
+            panic!("a half-resynced replica of unrelated data must be refused");
+        };
+        assert!(
+            why.contains("unrelated") && why.contains("INCONSISTENT"),
+            "{why}"
+        );
+        // Of the generation this node was promoted from: compared.
+        let half_prev = Generation {
+            flags: FLAG_INCONSISTENT,
+            ..follower_of(&Generation {
+                current: promoted.previous,
+                ..Generation::default()
+            })
+        };
+        assert_eq!(judge(&promoted, &half_prev, 2), Verdict::ResyncCompare);
+        // Of a primary promoted after this node: refused, as its follower is.
+        let half_newer = Generation {
+            flags: FLAG_INCONSISTENT,
+            ..follower_of(&promoted)
+        };
+        assert!(matches!(judge(&p, &half_newer, 3), Verdict::SplitBrain(_)));
         let half10 = Generation {
             flags: FLAG_INCONSISTENT,
             ..follower
