@@ -4979,9 +4979,18 @@ fn scrub_and_resync_repair_the_primary_block_by_block_from_whichever_peer_has_it
     fs::remove_dir_all(&dirs[2]).unwrap();
     init_replica(&dirs[2], size, 3, Some(cl.uuid.as_str()));
     cl.start_all();
-    cl.wait_in_sync(Duration::from_secs(30));
+    let j = cl.wait_in_sync(Duration::from_secs(30));
     let log = cl.nodes[0].stderr();
     assert!(contains_ci(&log, "retries them"), "{log}");
+    // In sync, the bad block's complaint is history, not a standing fault.
+    assert!(
+        matches!(
+            peer(&j, 3).and_then(|p| p.get("last_error")),
+            Some(Json::Null)
+        ),
+        "{}",
+        brief_status(&j)
+    );
     cl.stop_all();
     cl.assert_replicas_identical();
     assert_files_equal(&src, &cl.nodes[0].data());

@@ -3178,6 +3178,10 @@ impl Mirror {
                     self.announce_generation(io, i);
                     let p = &mut self.peers[i];
                     p.state = PeerState::InSync;
+                    // A problem the resync met (bad blocks, since repaired
+                    // or rewritten) is over: an in-sync peer showing it
+                    // read as a standing fault.
+                    p.last_error = None;
                     let secs = self
                         .t
                         .saturating_duration_since(p.resync_started)
