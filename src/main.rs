@@ -991,7 +991,8 @@ fn resync(action: ResyncCmd) -> Result<(), String> {
         ResyncCmd::Rate { rate, admin } => {
             admin_call(&admin, &format!("rate {rate}"))?;
             out!(
-                "resync rate set to {}",
+                "resync rate set to {} until the node restarts (then --resync-rate, or the \
+                 config file's resync-rate, applies again)",
                 if rate == 0 {
                     "unlimited".to_string()
                 } else {
@@ -1234,7 +1235,8 @@ fn scrub(action: ScrubCmd) -> Result<(), String> {
         ScrubCmd::Rate { rate, admin } => {
             admin_call(&admin, &format!("scrub rate {rate}"))?;
             out!(
-                "scrub rate set to {}",
+                "scrub rate set to {} until the node restarts (then --scrub-rate, or the \
+                 config file's scrub-rate, applies again)",
                 if rate == 0 {
                     "unlimited".to_string()
                 } else {
