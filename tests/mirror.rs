@@ -3122,6 +3122,11 @@ fn an_unrelated_primary_does_not_overwrite_a_half_resynced_secondary() {
         why.contains("unrelated") && why.contains("INCONSISTENT"),
         "{test}: {why}"
     );
+    // It says which node is likely the stale one.
+    assert!(
+        why.contains("serving an empty disk") && why.contains("--role secondary"),
+        "{test}: {why}"
+    );
     // Given time, it still does not happen.
     thread::sleep(Duration::from_secs(2));
     cl.check_alive();

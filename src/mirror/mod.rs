@@ -472,6 +472,10 @@ pub struct Mirror {
     cfg: MirrorConfig,
     node_id: u32,
     generation: Generation,
+    /// Primary: the replica had no generation when this process started it
+    /// (freshly initialised), so a peer holding data is likely the volume's
+    /// real copy and this node a stale `primary` in a config file.
+    started_empty: bool,
     /// Primary: the next client write starts a new run (see
     /// [`Mirror::advance_run`]).
     run_due: bool,
@@ -744,6 +748,7 @@ impl Mirror {
         let diverged = generation::Diverged::load(&cfg.dir)?;
         // A primary that served before starts a new run at its first write.
         let run_due = cfg.role == NodeRole::Primary && generation.is_own_primary();
+        let started_empty = cfg.role == NodeRole::Primary && generation.current == 0;
         if cfg.role == NodeRole::Primary {
             let fresh = u64::from_le_bytes(nonce()[..8].try_into().unwrap()) | 1;
             let (g, what) = generation.for_primary(fresh);
@@ -895,6 +900,7 @@ impl Mirror {
             background: IdSet::default(),
             node_id: sb.node_id,
             generation,
+            started_empty,
             run_due,
             run_retry_at: None,
             volume_uuid: sb.volume_uuid,
@@ -2385,14 +2391,28 @@ impl Mirror {
                         ))
                     } else {
                         match generation::judge(&self.generation, &theirs, self.peers[i].node_id) {
-                            Verdict::SplitBrain(why) => Verdict::SplitBrain(format!(
-                                "{why}. {}",
-                                generation::split_brain_advice(
-                                    self.peers[i].node_id,
-                                    self.size,
-                                    &crate::store::dir::format_uuid(&self.volume_uuid),
-                                )
-                            )),
+                            Verdict::SplitBrain(why) => {
+                                let id = self.peers[i].node_id;
+                                let empty = if self.started_empty {
+                                    format!(
+                                        " This node's replica was new (no generation) when it \
+                                         was started as the primary: if node {id} holds the \
+                                         volume's data, this node is serving an empty disk \
+                                         instead. Stop it and start it as a secondary \
+                                         (--role secondary) of the node that holds the data."
+                                    )
+                                } else {
+                                    String::new()
+                                };
+                                Verdict::SplitBrain(format!(
+                                    "{why}.{empty} {}",
+                                    generation::split_brain_advice(
+                                        id,
+                                        self.size,
+                                        &crate::store::dir::format_uuid(&self.volume_uuid),
+                                    )
+                                ))
+                            }
                             v => v,
                         }
                     };
