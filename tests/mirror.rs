@@ -3061,7 +3061,24 @@ fn half_resynced_secondary_is_not_promoted() {
 /// brain a minute earlier.
 #[test]
 fn an_unrelated_primary_does_not_overwrite_a_half_resynced_secondary() {
-    let test = "an_unrelated_primary_does_not_overwrite_a_half_resynced_secondary";
+    unrelated_primary_meets_half_resynced_secondary(
+        "an_unrelated_primary_does_not_overwrite_a_half_resynced_secondary",
+        false,
+    );
+}
+
+/// The same with a secondary that was itself new when the resync began (a
+/// reviewer's find: it held generation 0 throughout, which any primary may
+/// fill, until it recorded the generation it is a half copy of).
+#[test]
+fn an_unrelated_primary_does_not_overwrite_a_half_resynced_new_secondary() {
+    unrelated_primary_meets_half_resynced_secondary(
+        "an_unrelated_primary_does_not_overwrite_a_half_resynced_new_secondary",
+        true,
+    );
+}
+
+fn unrelated_primary_meets_half_resynced_secondary(test: &str, new_secondary: bool) {
     let _wd = Watchdog::new(test, Duration::from_secs(180));
     let seed = test_seed(test);
     let size = 32 * MIB;
@@ -3078,6 +3095,11 @@ fn an_unrelated_primary_does_not_overwrite_a_half_resynced_secondary() {
     w.finish();
     let d1 = cl.nodes[0].dir.display().to_string();
     resync_cmd(&["rate", "1M", "--dir", &d1]);
+    if new_secondary {
+        let d2 = cl.node(2).dir.clone();
+        fs::rename(&d2, cl.tmp.join("n2-old")).unwrap();
+        init_replica(&d2, size, 2, Some(&cl.uuid));
+    }
     cl.node(2).start();
     cl.wait_status(
         "peer 2 partway through its resync",
@@ -3124,7 +3146,9 @@ fn an_unrelated_primary_does_not_overwrite_a_half_resynced_secondary() {
     );
     // It says which node is likely the stale one.
     assert!(
-        why.contains("serving an empty disk") && why.contains("--role secondary"),
+        why.contains("served an empty disk")
+            && why.contains("--role secondary")
+            && why.contains("--force-inconsistent"),
         "{test}: {why}"
     );
     // Given time, it still does not happen.

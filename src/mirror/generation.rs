@@ -81,11 +81,14 @@ pub const FLAG_HANDED_OVER: u32 = 2;
 /// has not been told it is in sync since:
 /// its blocks are a mix of old and new that matches no moment of any
 /// history (DRBD's Inconsistent). Set durably before the first such record
-/// is applied, cleared when the primary announces its generation. Such a
-/// replica is not promoted without `serve --force-inconsistent`, and any
-/// primary of the volume may resync it by comparing every block, whatever
-/// generation it holds (unless it holds a later run of the generation that
-/// primary was promoted from: [`judge`]).
+/// is applied, cleared when the primary announces its generation. Resync
+/// data of another generation than the replica's makes that generation its
+/// `current` (the old one its `previous`) at the same moment: it is a half
+/// copy of it. Such a replica is not promoted without `serve
+/// --force-inconsistent`; the primary it came from resumes it, one promoted
+/// from that generation compares every block (unless it holds a later run
+/// of it: [`judge`]), and any other is refused as split brain, as it would
+/// be by a consistent replica of that generation.
 pub const FLAG_INCONSISTENT: u32 = 4;
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -493,8 +496,10 @@ pub fn judge(ours: &Generation, peer: &Generation, peer_id: u32) -> Verdict {
     };
     let partway = if half {
         format!(
-            " (node {peer_id} is partway through a resync of it, INCONSISTENT, and may hold the \
-             last copy of its data)"
+            " (node {peer_id} is INCONSISTENT: partway through a resync of generation {:016x}, \
+             or its crash recovery could not vouch for some blocks; it may hold the last copy \
+             of that data, and serving it as the primary needs --force-inconsistent)",
+            peer.current
         )
     } else {
         String::new()
@@ -695,7 +700,8 @@ mod tests {
             "{why}"
         );
         // Half resynced: refused as a primary unless forced, marked with a
-        // magic older binaries refuse, compared by any primary.
+        // magic older binaries refuse, compared only by a primary promoted
+        // from its generation.
         let half = Generation {
             flags: FLAG_INCONSISTENT,
             ..other
@@ -729,6 +735,40 @@ mod tests {
             ..follower_of(&promoted)
         };
         assert!(matches!(judge(&p, &half_newer, 3), Verdict::SplitBrain(_)));
+        // A half copy records the generation it is resynced to, its old one
+        // as `previous` (Mirror's record path), so the histories a reviewer
+        // drew come out right. Node 1 primary of 10; node 2 promoted to 20;
+        // node 3 compared by it, so half a copy of 20 after 10.
+        let half20 = Generation {
+            current: 20,
+            previous: 10,
+            flags: FLAG_INCONSISTENT,
+            ..Generation::default()
+        };
+        // Node 2 dies; node 1, back as the primary of 10, must not roll
+        // node 3 back over 20's writes.
+        assert!(matches!(judge(&p, &half20, 3), Verdict::SplitBrain(_)));
+        // Another follower of 10 promoted meanwhile (40 after 10): siblings.
+        let (sibling, _) = follower.for_primary(40);
+        assert!(matches!(
+            judge(&sibling, &half20, 3),
+            Verdict::SplitBrain(_)
+        ));
+        // A node promoted from 20 (50 after 20): compares it.
+        let (after20, _) = Generation::default().in_sync_with(20, 1).for_primary(50);
+        assert_eq!(judge(&after20, &half20, 3), Verdict::ResyncCompare);
+        // A new replica half resynced from 10, and a re-initialised primary.
+        let half_new = Generation {
+            current: 10,
+            flags: FLAG_INCONSISTENT,
+            ..Generation::default()
+        };
+        let (reinit, _) = Generation::default().for_primary(60);
+        assert!(matches!(
+            judge(&reinit, &half_new, 2),
+            Verdict::SplitBrain(_)
+        ));
+        assert_eq!(judge(&p, &half_new, 2), Verdict::Resync);
         let half10 = Generation {
             flags: FLAG_INCONSISTENT,
             ..follower

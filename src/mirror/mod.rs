@@ -415,6 +415,10 @@ struct Link {
     pending_run: Option<(u64, u32)>,
     /// Secondary: the Session frame of this session was received.
     session_started: bool,
+    /// Secondary: the generation the primary of this session serves (from
+    /// its handshake; 0 before). Resync data from it makes this replica a
+    /// half copy of that generation.
+    primary_generation: u64,
 }
 
 /// A client request the mirror is carrying: answered when the local store
@@ -1932,6 +1936,7 @@ impl Mirror {
                 announced: false,
                 session_started: false,
                 pending_run: None,
+                primary_generation: 0,
             },
         );
         id
@@ -2395,11 +2400,12 @@ impl Mirror {
                                 let id = self.peers[i].node_id;
                                 let empty = if self.started_empty {
                                     format!(
-                                        " This node's replica was new (no generation) when it \
-                                         was started as the primary: if node {id} holds the \
-                                         volume's data, this node is serving an empty disk \
-                                         instead. Stop it and start it as a secondary \
-                                         (--role secondary) of the node that holds the data."
+                                        " This node's replica was new when this process \
+                                         started it as the primary, so its clients see none of \
+                                         the data node {id} holds (it served an empty disk). If \
+                                         that data is the volume's, stop this node, move its \
+                                         replica directory away, re-initialise it and start it \
+                                         as a secondary (--role secondary)."
                                     )
                                 } else {
                                     String::new()
@@ -2585,7 +2591,9 @@ impl Mirror {
                         self.close_link(io, o);
                     }
                     let busy = self.applying.values().any(|&(l2, _, _)| l2 != link);
-                    self.links.get_mut(&link).unwrap().held = busy;
+                    let l = self.links.get_mut(&link).unwrap();
+                    l.held = busy;
+                    l.primary_generation = cur;
                 }
             }
             self.process_frames(io, store, link);
@@ -2890,16 +2898,36 @@ impl Mirror {
                 // it, a resync record means one was started on a live link
                 // (`resync start --full`).
                 let resync = !l.announced || h.flags & wire::FLAG_RESYNC != 0;
+                // Resync data of another generation than the one this
+                // replica holds makes it a half copy of that generation:
+                // recorded as such (its previous one as `previous`), so that
+                // a primary outside that history is refused as split brain
+                // rather than let compare it (a re-initialised node started
+                // as the primary copied its empty disk over a half-resynced
+                // replica, the last other copy: a tester's and a reviewer's
+                // finds), and the primary it came from, or one promoted from
+                // it, resumes or compares.
+                let target = l.primary_generation;
+                let retarget = l.version >= ANNOUNCE_VERSION
+                    && resync
+                    && target != 0
+                    && target != self.generation.current;
                 let mark = l.version >= ANNOUNCE_VERSION
                     && resync
-                    && self.generation.flags & generation::FLAG_INCONSISTENT == 0;
+                    && (self.generation.flags & generation::FLAG_INCONSISTENT == 0 || retarget);
+                let current = if retarget {
+                    target
+                } else {
+                    self.generation.current
+                };
                 // The run this record belongs to, if the primary told it
-                // (RUN_ONLY) and this replica holds its generation.
+                // (RUN_ONLY) and this replica holds (or now takes) its
+                // generation.
                 let run = self
                     .links
                     .get_mut(&link)
                     .and_then(|l| l.pending_run.take())
-                    .filter(|&(g, r)| g == self.generation.current && r > self.generation.epoch)
+                    .filter(|&(g, r)| g == current && (retarget || r > self.generation.epoch))
                     .map(|(_, r)| r);
                 if mark || run.is_some() {
                     // Durable before the record is applied: resync data,
@@ -2907,14 +2935,25 @@ impl Mirror {
                     // knows it holds a mix of old and new blocks, and the
                     // run, so that a node promoted from an earlier one
                     // does not roll this record back.
-                    let next = Generation {
-                        flags: if mark {
-                            self.generation.flags | generation::FLAG_INCONSISTENT
-                        } else {
-                            self.generation.flags
-                        },
-                        epoch: run.unwrap_or(self.generation.epoch),
-                        ..self.generation
+                    let next = if retarget {
+                        Generation {
+                            current: target,
+                            previous: self.generation.current,
+                            flags: generation::FLAG_INCONSISTENT,
+                            session: self.generation.session,
+                            epoch: run.unwrap_or(0),
+                            from_epoch: 0,
+                        }
+                    } else {
+                        Generation {
+                            flags: if mark {
+                                self.generation.flags | generation::FLAG_INCONSISTENT
+                            } else {
+                                self.generation.flags
+                            },
+                            epoch: run.unwrap_or(self.generation.epoch),
+                            ..self.generation
+                        }
                     };
                     next.store(&self.cfg.dir)?;
                     if mark {
