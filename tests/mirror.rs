@@ -3078,6 +3078,108 @@ fn an_unrelated_primary_does_not_overwrite_a_half_resynced_new_secondary() {
     );
 }
 
+/// A half-resynced replica forced to be the primary (`--force-inconsistent`,
+/// the operator's last resort) has no history of its own: a full copy of
+/// the generation it was copying, back after being away, must be refused,
+/// not compared and overwritten with the mix (a reviewer's find).
+#[test]
+fn a_forced_half_copy_does_not_overwrite_a_full_copy_that_returns() {
+    let test = "a_forced_half_copy_does_not_overwrite_a_full_copy_that_returns";
+    let _wd = Watchdog::new(test, Duration::from_secs(180));
+    let seed = test_seed(test);
+    let size = 32 * MIB;
+    let mut cl = Cluster::new(test, seed, Opts::new(size, 3));
+    cl.start_all();
+    cl.wait_in_sync(Duration::from_secs(30));
+    let model = new_model(size);
+    let w = Writer::spawn("writer", &cl.nbd_addr(), model.clone(), seed, 64);
+    w.set_phase(1);
+    w.write_distinct(16 * MIB / BLOCK, Duration::from_secs(60));
+    w.finish();
+    cl.wait_in_sync(Duration::from_secs(30));
+    cl.node(2).terminate();
+    let d1 = cl.nodes[0].dir.display().to_string();
+    resync_cmd(&["rate", "1M", "--dir", &d1]);
+    let d2 = cl.node(2).dir.clone();
+    fs::rename(&d2, cl.tmp.join("n2-old")).unwrap();
+    init_replica(&d2, size, 2, Some(&cl.uuid));
+    cl.node(2).start();
+    cl.wait_status("peer 2 partway", Duration::from_secs(30), |j| {
+        peer_state(j, 2).as_deref() == Some("syncing")
+            && peer_u64(j, 2, "resync_done_bytes") >= MIB
+            && peer_u64(j, 2, "dirty_bytes") > 4 * MIB
+    });
+    cl.primary().kill();
+    cl.node(3).terminate();
+    let d3 = cl.node(3).dir.clone();
+    let (gen3, data3) = (
+        fs::read(d3.join("generation")).unwrap(),
+        file_hash(&d3.join("data")),
+    );
+    // Node 3 away, node 2 forced to be the primary.
+    let p3 = cl.node(3).port;
+    let secret = cl.secret.display().to_string();
+    let n2 = cl.node(2);
+    n2.terminate();
+    n2.role = Role::Primary;
+    n2.port = free_port();
+    n2.args = vec![
+        "--dir".into(),
+        n2.dir.display().to_string(),
+        "--role".into(),
+        "primary".into(),
+        "--force-inconsistent".into(),
+        "--listen".into(),
+        format!("127.0.0.1:{}", n2.port),
+        "--secret-file".into(),
+        secret,
+        "--peer".into(),
+        format!("3=127.0.0.1:{p3}"),
+    ];
+    n2.start();
+    // Node 3 comes back: refused.
+    cl.node(3).start();
+    let d2s = d2.display().to_string();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        cl.check_alive();
+        if let Ok(j) = status_json(&["--dir", &d2s]) {
+            assert_ne!(
+                peer_state(&j, 3).as_deref(),
+                Some("syncing"),
+                "{test}: the forced half copy resyncs the full one: {}",
+                brief_status(&j)
+            );
+            if peer(&j, 3)
+                .and_then(|p| p.get("last_error"))
+                .and_then(|e| e.as_str())
+                .is_some_and(|e| e.contains("split brain"))
+            {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{test}: node 3 not refused: {}",
+                brief_status(&j)
+            );
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+    thread::sleep(Duration::from_secs(2));
+    cl.node(2).terminate();
+    cl.node(3).terminate();
+    assert_eq!(
+        fs::read(d3.join("generation")).unwrap(),
+        gen3,
+        "{test}: node 3's generation changed"
+    );
+    assert_eq!(
+        file_hash(&d3.join("data")),
+        data3,
+        "{test}: node 3's full copy was overwritten"
+    );
+}
+
 fn unrelated_primary_meets_half_resynced_secondary(test: &str, new_secondary: bool) {
     let _wd = Watchdog::new(test, Duration::from_secs(180));
     let seed = test_seed(test);
@@ -3150,7 +3252,7 @@ fn unrelated_primary_meets_half_resynced_secondary(test: &str, new_secondary: bo
     );
     // It says which node is likely the stale one.
     assert!(
-        why.contains("served an empty disk")
+        why.contains("started with an empty disk")
             && why.contains("--role secondary")
             && why.contains("--force-inconsistent"),
         "{test}: {why}"

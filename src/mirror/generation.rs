@@ -193,6 +193,29 @@ impl Generation {
             };
             return (g, Some(format!("starting data generation {fresh:016x}")));
         }
+        if self.flags & FLAG_PRIMARY == 0 && self.flags & FLAG_INCONSISTENT != 0 {
+            // Forced while half a copy (`--force-inconsistent`): no history
+            // of its own to continue. With the generation it was copying as
+            // `previous`, every full copy of that generation would count as
+            // an older state of this one and be compared, overwritten with
+            // the mix (a reviewer's find); as it is, a peer that holds data
+            // is refused as split brain, and the operator decides.
+            let g = Generation {
+                current: fresh,
+                previous: 0,
+                flags: FLAG_PRIMARY,
+                session: 0,
+                epoch: 1,
+                from_epoch: 0,
+            };
+            return (
+                g,
+                Some(format!(
+                    "this replica was partway through a resync of generation {:016x} and is now                      served as a primary (--force-inconsistent): starting generation {fresh:016x}                      with no history, so a peer that holds data is refused as split brain (to                      give it this node's copy, re-initialise it)",
+                    self.current
+                )),
+            );
+        }
         if self.flags & FLAG_PRIMARY == 0 {
             let g = Generation {
                 current: fresh,
@@ -239,8 +262,9 @@ impl Generation {
         if force {
             crate::elog!(
                 "nbdmirror: WARNING: promoting a replica that is partway through a resync \
-                 (--force-inconsistent): its blocks are a mix of old and new data, and its peers \
-                 will be made to match it"
+                 (--force-inconsistent): its blocks are a mix of old and new data; peers that \
+                 hold data are refused as split brain (nothing is written to them), and a peer \
+                 re-initialised to follow this node is made to match it"
             );
             return Ok(());
         }
@@ -763,6 +787,26 @@ mod tests {
             flags: FLAG_INCONSISTENT,
             ..Generation::default()
         };
+        // Forced while half a copy of 10: the full copies of 10 are
+        // refused, not compared and overwritten with the mix (a reviewer's
+        // find), whether the half copy was new or of another generation.
+        let (forced, why) = half_new.for_primary(70);
+        assert_eq!((forced.previous, forced.from_epoch), (0, 0));
+        assert!(why.unwrap().contains("--force-inconsistent"));
+        assert!(matches!(
+            judge(&forced, &follower, 3),
+            Verdict::SplitBrain(_)
+        ));
+        let (forced20, _) = half20.for_primary(80);
+        assert!(matches!(
+            judge(&forced20, &follower_of(&after20), 4),
+            Verdict::SplitBrain(_)
+        ));
+        assert!(matches!(
+            judge(&forced20, &Generation::default().in_sync_with(20, 1), 4),
+            Verdict::SplitBrain(_)
+        ));
+        assert_eq!(judge(&forced, &fresh, 4), Verdict::Resync);
         let (reinit, _) = Generation::default().for_primary(60);
         assert!(matches!(
             judge(&reinit, &half_new, 2),

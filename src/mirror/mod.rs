@@ -2398,14 +2398,19 @@ impl Mirror {
                         match generation::judge(&self.generation, &theirs, self.peers[i].node_id) {
                             Verdict::SplitBrain(why) => {
                                 let id = self.peers[i].node_id;
-                                let empty = if self.started_empty {
+                                // Only for data outside this node's history: a
+                                // peer descended from it holds this node's writes.
+                                let unrelated = theirs.current != self.generation.previous
+                                    && theirs.previous != self.generation.current
+                                    && theirs.current != self.generation.current;
+                                let empty = if self.started_empty && unrelated {
                                     format!(
                                         " This node's replica was new when this process \
-                                         started it as the primary, so its clients see none of \
-                                         the data node {id} holds (it served an empty disk). If \
-                                         that data is the volume's, stop this node, move its \
-                                         replica directory away, re-initialise it and start it \
-                                         as a secondary (--role secondary)."
+                                         started it as the primary: its clients see none of \
+                                         the data node {id} holds (it started with an empty \
+                                         disk). If that data is the volume's, stop this node, \
+                                         move its replica directory away, re-initialise it and \
+                                         start it as a secondary (--role secondary)."
                                     )
                                 } else {
                                     String::new()
@@ -3235,6 +3240,7 @@ impl Mirror {
                 }
                 if p.bitmap.dirty() == 0 {
                     self.announce_generation(io, i);
+                    self.started_empty = false;
                     let p = &mut self.peers[i];
                     p.state = PeerState::InSync;
                     // A problem the resync met (bad blocks, since repaired
