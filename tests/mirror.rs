@@ -3229,6 +3229,32 @@ fn unrelated_primary_meets_half_resynced_secondary(test: &str, new_secondary: bo
         file_hash(&d2.join("data")),
     );
 
+    // The half copy refuses such a primary itself too (one of an older
+    // version would not check): an authenticated primary announcing a
+    // generation outside its history gets a Reject and writes nothing.
+    {
+        use nbdmirror::peer::frame::FrameKind;
+        let secret = {
+            let mut s = fs::read(&cl.secret).unwrap();
+            if s.last() == Some(&b'\n') {
+                s.pop();
+            }
+            s
+        };
+        let addr2 = format!("127.0.0.1:{}", cl.node(2).port);
+        let kinds = rogue_primary(&addr2, &secret, &cl.uuid, size, &[]);
+        assert!(
+            kinds.contains(&FrameKind::Reject),
+            "{test}: the half copy took a session from a primary outside its history: {kinds:?}"
+        );
+        let log = cl.node(2).stderr();
+        assert!(
+            log.contains("this replica is INCONSISTENT, a half copy"),
+            "{test}: {}",
+            tail(&log, 4000)
+        );
+    }
+
     // Node 1's replica is lost and re-initialised; started as the primary
     // it gets a fresh generation of its own and an all-zero disk.
     let n1dir = cl.nodes[0].dir.clone();

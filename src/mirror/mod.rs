@@ -2574,6 +2574,31 @@ impl Mirror {
                         self.refuse_primary(io, link, crate::peer::RejectCode::SplitBrain, &why);
                         return;
                     }
+                    let g = self.generation;
+                    if g.flags & generation::FLAG_INCONSISTENT != 0
+                        && g.current != 0
+                        && cur != g.current
+                        && prev != g.current
+                    {
+                        // A half copy of a generation this primary neither
+                        // serves nor was promoted from: it may hold the last
+                        // copy of that data. The primary's own check refuses
+                        // it too (`generation::judge`); this one also holds
+                        // against a primary of an older version.
+                        let why = format!(
+                            "split brain: refusing primary node {} from {newcomer} (generation \
+                             {cur:016x}, after {prev:016x}): this replica is INCONSISTENT, a half \
+                             copy of generation {:016x} (partway through a resync, or its crash \
+                             recovery could not vouch for some blocks), which is not in that \
+                             primary's history, and may hold the last copy of that data. Nothing \
+                             is written. To give it the primary's data, re-initialise it; to keep \
+                             its data, serve it as the primary (--role primary \
+                             --force-inconsistent)",
+                            info.node_id, g.current
+                        );
+                        self.refuse_primary(io, link, crate::peer::RejectCode::SplitBrain, &why);
+                        return;
+                    }
                     if self
                         .pending_divergence
                         .is_some_and(|(old, _)| old != info.node_id)
