@@ -3044,6 +3044,9 @@ impl Mirror {
                 self.refused = None;
                 if let Some(l) = self.links.get_mut(&link) {
                     l.announced = true;
+                    // A handover moves the primary's generation on within
+                    // the session: later resync data is of this one.
+                    l.primary_generation = g;
                 }
                 // Every block the compare found different, unknown ones
                 // included, was resent and is durable here.
