@@ -1109,11 +1109,22 @@ fn render_scrub(v: &serde_json::Value) -> Vec<String> {
         )),
         None => lines.push("last scrub: none yet".into()),
     }
+    let last_complete = sc["last_complete_at"].as_u64();
+    if sc["last"]["complete"].as_bool() == Some(false) {
+        lines.push(match last_complete {
+            Some(t) => format!("last complete scrub: {}", nbdmirror::mirror::scrub::utc(t)),
+            None => "last complete scrub: none yet".into(),
+        });
+    }
+    let every = sc["interval_secs"].as_u64().unwrap_or(0);
+    let every_s = nbdmirror::mirror::scrub::human_secs(every);
     match sc["next_at"].as_u64() {
         Some(t) => lines.push(format!(
-            "next scheduled scrub: {} (every {})",
+            "next scheduled scrub: {} (every {every_s})",
             nbdmirror::mirror::scrub::utc(t),
-            nbdmirror::mirror::scrub::human_secs(sc["interval_secs"].as_u64().unwrap_or(0))
+        )),
+        None if every > 0 => lines.push(format!(
+            "scheduled every {every_s}: the next is due {every_s} after this pass completes"
         )),
         None => lines.push("no scheduled scrubs (serve --scrub-interval)".into()),
     }

@@ -47,6 +47,9 @@ const FILE: &str = "scrub";
 /// Bad blocks a pass remembers by number (8 bytes each in `DIR/scrub`).
 const SEEN_MAX: usize = 65_536;
 const SAVE_EVERY: Duration = Duration::from_secs(5);
+/// A scheduled scrub cancelled (or abandoned) is due again this long after
+/// the cancel at the earliest (or one interval, if shorter).
+const RETRY_CANCELLED: u64 = 86_400;
 
 pub fn unix_now() -> u64 {
     SystemTime::now()
@@ -167,6 +170,11 @@ struct Saved {
     since: u64,
     pass: Tally,
     last: Option<Outcome>,
+    /// When the last complete pass finished (unix seconds): the schedule
+    /// counts from it, and a cancelled pass recorded as `last` since does
+    /// not hide it. (Files written before it was kept: `last`, if complete.)
+    #[serde(default)]
+    last_complete: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -278,6 +286,7 @@ impl Scrub {
             since: unix_now(),
             pass: Tally::default(),
             last: None,
+            last_complete: None,
         };
         let (saved, changed) = match std::fs::read(&path) {
             Ok(b) => match serde_json::from_slice::<Saved>(&b) {
@@ -444,18 +453,30 @@ impl Scrub {
             .min(self.next)
     }
 
-    /// When the next scheduled pass is due (unix seconds), if scheduled.
+    /// When the last complete pass finished (unix seconds), if one did.
+    pub fn last_complete(&self) -> Option<u64> {
+        last_complete_of(&self.saved)
+    }
+
+    /// When the next scheduled pass is due (unix seconds), if scheduled:
+    /// an interval after the last complete pass (or after scrubbing was
+    /// first known), so that cancelling a pass does not put the next full
+    /// check off by a whole interval (a tester's find); but a cancelled
+    /// pass is not started again at once: not before `RETRY_CANCELLED`
+    /// (or the interval, if shorter) after the cancel.
     pub fn due(&self) -> Option<u64> {
         if self.interval == 0 {
             return None;
         }
-        let from = self
-            .saved
-            .last
-            .as_ref()
-            .map(|l| l.finished)
-            .unwrap_or(self.saved.since);
-        Some(from.saturating_add(self.interval))
+        let from = self.last_complete().unwrap_or(self.saved.since);
+        let mut due = from.saturating_add(self.interval);
+        if let Some(l) = self.saved.last.as_ref().filter(|l| !l.complete) {
+            due = due.max(
+                l.finished
+                    .saturating_add(self.interval.min(RETRY_CANCELLED)),
+            );
+        }
+        Some(due)
     }
 
     pub fn start(&mut self, now: Instant) -> Result<(), String> {
@@ -539,9 +560,15 @@ impl Scrub {
     /// The pass is over: record it, go idle.
     fn end(&mut self, complete: bool) {
         let pass = std::mem::take(&mut self.saved.pass);
+        let finished = unix_now();
+        self.saved.last_complete = if complete {
+            Some(finished)
+        } else {
+            last_complete_of(&self.saved)
+        };
         self.saved.last = Some(Outcome {
             started: self.saved.started,
-            finished: unix_now(),
+            finished,
             complete,
             tally: pass,
         });
@@ -752,6 +779,7 @@ impl Scrub {
             "started_at": (self.saved.state != State::Idle).then_some(self.saved.started),
             // While a pass runs, the next is due only after it ends.
             "next_at": if idle { self.due() } else { None },
+            "last_complete_at": self.last_complete(),
             "current": (self.saved.state != State::Idle).then(|| self.saved.pass.json()),
             "last": self.saved.last.as_ref().map(|l| json!({
                 "started_at": l.started,
@@ -762,6 +790,11 @@ impl Scrub {
             })),
         })
     }
+}
+
+fn last_complete_of(s: &Saved) -> Option<u64> {
+    s.last_complete
+        .or_else(|| s.last.as_ref().filter(|l| l.complete).map(|l| l.finished))
 }
 
 /// What `DIR/scrub` says, in one line for `nbdmirror info` (None when
@@ -792,6 +825,12 @@ pub fn describe(dir: &Path) -> Option<String> {
             summary(&l.tally)
         )),
         None => out.push_str("; none finished yet"),
+    }
+    if s.last.as_ref().is_some_and(|l| !l.complete) {
+        match last_complete_of(&s) {
+            Some(t) => out.push_str(&format!("; last complete pass {}", utc(t))),
+            None => out.push_str("; no complete pass yet"),
+        }
     }
     Some(out)
 }
@@ -1061,6 +1100,47 @@ mod tests {
         assert_eq!(s3.state(), State::Idle);
         assert!(!s3.saved.last.as_ref().unwrap().complete);
         let _ = std::fs::remove_dir_all(&d);
+    }
+
+    /// A cancelled pass neither puts the next scheduled one off by a whole
+    /// interval nor hides when the last complete pass ran (a tester's
+    /// find); a pass cancelled when it was due is tried again a day later.
+    #[test]
+    fn a_cancelled_pass_keeps_the_schedule_of_the_last_complete_one() {
+        let d = dir("cancel");
+        let t = Instant::now();
+        let month = 30 * 86_400;
+        let mut s = Scrub::open(&d, 10, 0, month, t, true);
+        s.start(t).unwrap();
+        let mut rid = 1;
+        while s.next_range().is_some() {
+            s.begin(rid);
+            s.complete(rid);
+            rid += 1;
+        }
+        assert!(s.saved.last.as_ref().unwrap().complete);
+        let fin = s.last_complete().unwrap();
+        assert_eq!(s.due(), Some(fin + month));
+        s.start(t).unwrap();
+        s.cancel().unwrap();
+        assert_eq!(s.last_complete(), Some(fin));
+        assert_eq!(s.due(), Some(fin + month));
+        let j = s.json(t);
+        assert_eq!(j["last_complete_at"].as_u64(), Some(fin), "{j}");
+        assert_eq!(j["last"]["complete"].as_bool(), Some(false), "{j}");
+        s.save_and_wait();
+        let desc = describe(&d).unwrap();
+        assert!(desc.contains("last complete pass"), "{desc}");
+        // Kept across a restart.
+        let mut s = Scrub::open(&d, 10, 0, month, t, true);
+        assert_eq!(s.last_complete(), Some(fin));
+        // The scheduled pass itself cancelled, a month later: a day later.
+        s.saved.last.as_mut().unwrap().finished = fin + month;
+        assert_eq!(s.due(), Some(fin + month + 86_400));
+        // A record from before `last_complete` was kept: its complete `last`.
+        s.saved.last_complete = None;
+        s.saved.last.as_mut().unwrap().complete = true;
+        assert_eq!(s.last_complete(), Some(fin + month));
     }
 
     #[test]
