@@ -3054,9 +3054,15 @@ impl Mirror {
                 let next = self.generation.in_sync_with(g, run.unwrap_or(0));
                 if next != self.generation {
                     next.store(&self.cfg.dir)?;
-                    crate::elog!(
-                        "nbdmirror: in sync with the primary: this replica now holds data generation {g:016x}"
-                    );
+                    // Said once per change of generation or of the mark, not
+                    // at every new run of the same one (a tester counted 44).
+                    if next.current != self.generation.current
+                        || next.flags != self.generation.flags
+                    {
+                        crate::elog!(
+                            "nbdmirror: in sync with the primary: this replica now holds data generation {g:016x}"
+                        );
+                    }
                     self.generation = next;
                 }
             }
