@@ -2963,25 +2963,8 @@ fn half_resynced_secondary_is_not_promoted() {
     assert_eq!(file_hash(&d3.join("data")), data3, "{test}: data changed");
 
     // Node 2 held every acknowledged write: promoted, it brings node 3 back.
-    let p3 = cl.node(3).port;
-    let secret = cl.secret.display().to_string();
-    let n2 = cl.node(2);
-    n2.terminate();
-    n2.role = Role::Primary;
-    n2.port = free_port();
-    n2.args = vec![
-        "--dir".into(),
-        n2.dir.display().to_string(),
-        "--role".into(),
-        "primary".into(),
-        "--listen".into(),
-        format!("127.0.0.1:{}", n2.port),
-        "--secret-file".into(),
-        secret,
-        "--peer".into(),
-        format!("3=127.0.0.1:{p3}"),
-    ];
-    n2.start();
+    cl.node(2).terminate();
+    promote(&mut cl, 2, &[3]);
     let n3 = cl.node(3);
     let at = n3.args.iter().position(|a| a == "--listen").unwrap();
     n3.args.drain(at..at + 2);
@@ -3117,26 +3100,8 @@ fn a_forced_half_copy_does_not_overwrite_a_full_copy_that_returns() {
         file_hash(&d3.join("data")),
     );
     // Node 3 away, node 2 forced to be the primary.
-    let p3 = cl.node(3).port;
-    let secret = cl.secret.display().to_string();
-    let n2 = cl.node(2);
-    n2.terminate();
-    n2.role = Role::Primary;
-    n2.port = free_port();
-    n2.args = vec![
-        "--dir".into(),
-        n2.dir.display().to_string(),
-        "--role".into(),
-        "primary".into(),
-        "--force-inconsistent".into(),
-        "--listen".into(),
-        format!("127.0.0.1:{}", n2.port),
-        "--secret-file".into(),
-        secret,
-        "--peer".into(),
-        format!("3=127.0.0.1:{p3}"),
-    ];
-    n2.start();
+    cl.node(2).terminate();
+    promote_with(&mut cl, 2, &[3], &["--force-inconsistent"]);
     // Node 3 comes back: refused.
     cl.node(3).start();
     let d2s = d2.display().to_string();
@@ -5825,6 +5790,11 @@ fn concurrent_reads_and_partial_writes_over_rotten_blocks_all_complete() {
 /// Turn secondary `id` of `cl` (stopped) into a primary of its own that
 /// mirrors to the secondaries `peers`: a promotion (`--role primary`).
 fn promote(cl: &mut Cluster, id: u32, peers: &[u32]) {
+    promote_with(cl, id, peers, &[]);
+}
+
+/// As [`promote`], with `extra` serve arguments (`--force-inconsistent`).
+fn promote_with(cl: &mut Cluster, id: u32, peers: &[u32], extra: &[&str]) {
     let peer_args: Vec<String> = peers
         .iter()
         .flat_map(|&p| {
@@ -5848,6 +5818,7 @@ fn promote(cl: &mut Cluster, id: u32, peers: &[u32]) {
         secret,
     ];
     n.args.extend(peer_args);
+    n.args.extend(extra.iter().map(|a| a.to_string()));
     n.start();
 }
 

@@ -193,46 +193,38 @@ impl Generation {
             };
             return (g, Some(format!("starting data generation {fresh:016x}")));
         }
-        if self.flags & FLAG_PRIMARY == 0 && self.flags & FLAG_INCONSISTENT != 0 {
+        if self.flags & FLAG_PRIMARY == 0 {
             // Forced while half a copy (`--force-inconsistent`): no history
             // of its own to continue. With the generation it was copying as
             // `previous`, every full copy of that generation would count as
             // an older state of this one and be compared, overwritten with
-            // the mix (a reviewer's find); as it is, a peer that holds data
+            // the mix (a reviewer's find); with none, a peer that holds data
             // is refused as split brain, and the operator decides.
+            let half = self.flags & FLAG_INCONSISTENT != 0;
             let g = Generation {
                 current: fresh,
-                previous: 0,
+                previous: if half { 0 } else { self.current },
                 flags: FLAG_PRIMARY,
                 session: 0,
                 epoch: 1,
-                from_epoch: 0,
+                from_epoch: if half { 0 } else { self.epoch },
             };
-            return (
-                g,
-                Some(format!(
-                    "this replica was partway through a resync of generation {:016x} and is now                      served as a primary (--force-inconsistent): starting generation {fresh:016x}                      with no history, so a peer that holds data is refused as split brain (to                      give it this node's copy, re-initialise it)",
+            let what = if half {
+                format!(
+                    "this replica was partway through a resync of generation {:016x} and is now \
+                     served as a primary (--force-inconsistent): starting generation \
+                     {fresh:016x} with no history, so a peer that holds data is refused as split \
+                     brain (to give it this node's copy, re-initialise it)",
                     self.current
-                )),
-            );
-        }
-        if self.flags & FLAG_PRIMARY == 0 {
-            let g = Generation {
-                current: fresh,
-                previous: self.current,
-                flags: FLAG_PRIMARY,
-                session: 0,
-                epoch: 1,
-                from_epoch: self.epoch,
-            };
-            return (
-                g,
-                Some(format!(
+                )
+            } else {
+                format!(
                     "this replica followed generation {:016x} as a secondary and is now served as a \
                      primary: promoted, starting generation {fresh:016x}",
                     self.current
-                )),
-            );
+                )
+            };
+            return (g, Some(what));
         }
         // (Its run advances at its first write: `Mirror::advance_run`.)
         if self.flags & FLAG_HANDED_OVER != 0 {
