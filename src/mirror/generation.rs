@@ -271,6 +271,21 @@ impl Generation {
         )
     }
 
+    /// A secondary's generation once it takes resync data from a primary of
+    /// another generation `g` (run `epoch`, 0: unknown): a half copy of `g`,
+    /// inconsistent, its own generation kept as `previous` (see
+    /// [`FLAG_INCONSISTENT`]).
+    pub fn half_copy_of(self, g: u64, epoch: u32) -> Generation {
+        Generation {
+            current: g,
+            previous: self.current,
+            flags: FLAG_INCONSISTENT,
+            session: self.session,
+            epoch,
+            from_epoch: 0,
+        }
+    }
+
     /// A secondary's generation once its primary, of generation `g`, reports
     /// it in sync: it holds `g` (the one before kept as `previous`), and is
     /// no longer inconsistent.
@@ -756,11 +771,21 @@ mod tests {
         // drew come out right. Node 1 primary of 10; node 2 promoted to 20;
         // node 3 compared by it, so half a copy of 20 after 10.
         let half20 = Generation {
-            current: 20,
-            previous: 10,
-            flags: FLAG_INCONSISTENT,
-            ..Generation::default()
-        };
+            session: 7,
+            ..follower
+        }
+        .half_copy_of(20, 0);
+        assert_eq!(
+            half20,
+            Generation {
+                current: 20,
+                previous: 10,
+                flags: FLAG_INCONSISTENT,
+                session: 7,
+                epoch: 0,
+                from_epoch: 0,
+            }
+        );
         // Node 2 dies; node 1, back as the primary of 10, must not roll
         // node 3 back over 20's writes.
         assert!(matches!(judge(&p, &half20, 3), Verdict::SplitBrain(_)));
@@ -774,11 +799,7 @@ mod tests {
         let (after20, _) = Generation::default().in_sync_with(20, 1).for_primary(50);
         assert_eq!(judge(&after20, &half20, 3), Verdict::ResyncCompare);
         // A new replica half resynced from 10, and a re-initialised primary.
-        let half_new = Generation {
-            current: 10,
-            flags: FLAG_INCONSISTENT,
-            ..Generation::default()
-        };
+        let half_new = Generation::default().half_copy_of(10, 0);
         // Forced while half a copy of 10: the full copies of 10 are
         // refused, not compared and overwritten with the mix (a reviewer's
         // find), whether the half copy was new or of another generation.

@@ -2937,13 +2937,10 @@ impl Mirror {
                 // replica, the last other copy: a tester's and a reviewer's
                 // finds), and the primary it came from, or one promoted from
                 // it, resumes or compares.
+                let announced_resync = l.version >= ANNOUNCE_VERSION && resync;
                 let target = l.primary_generation;
-                let retarget = l.version >= ANNOUNCE_VERSION
-                    && resync
-                    && target != 0
-                    && target != self.generation.current;
-                let mark = l.version >= ANNOUNCE_VERSION
-                    && resync
+                let retarget = announced_resync && target != 0 && target != self.generation.current;
+                let mark = announced_resync
                     && (self.generation.flags & generation::FLAG_INCONSISTENT == 0 || retarget);
                 let current = if retarget {
                     target
@@ -2966,14 +2963,7 @@ impl Mirror {
                     // run, so that a node promoted from an earlier one
                     // does not roll this record back.
                     let next = if retarget {
-                        Generation {
-                            current: target,
-                            previous: self.generation.current,
-                            flags: generation::FLAG_INCONSISTENT,
-                            session: self.generation.session,
-                            epoch: run.unwrap_or(0),
-                            from_epoch: 0,
-                        }
+                        self.generation.half_copy_of(target, run.unwrap_or(0))
                     } else {
                         Generation {
                             flags: if mark {
