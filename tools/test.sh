@@ -9,7 +9,10 @@
 #    `nbdmirror serve` processes);
 # 4. runs the kernel NBD client test in a qemu guest against a real server,
 #    then against the primary of a 2-node mirror whose secondary is killed
-#    while the guest writes (tools/vm-kernel-client-mirror.sh).
+#    while the guest writes (tools/vm-kernel-client-mirror.sh);
+# 5. cuts the power of a qemu guest running nbdmirror while a client writes,
+#    and checks every flushed write (tools/vm-power-cut.sh), with nbdkit as
+#    the controls.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -31,7 +34,8 @@ kpassed=0
 kfailed=0
 vm_test() { # NAME SCRIPT
     echo "== $1"
-    if bash "$2"; then
+    # shellcheck disable=SC2086 # $2 is a script and its arguments
+    if bash $2; then
         echo "$1: passed"
         kpassed=$((kpassed + 1))
     else
@@ -42,6 +46,13 @@ vm_test() { # NAME SCRIPT
 }
 vm_test "kernel client test" tools/vm-kernel-client-nbdmirror.sh
 vm_test "kernel client mirror test" tools/vm-kernel-client-mirror.sh
+# Power cuts: the server in a qemu guest loses its page cache; every flushed
+# write must survive (tools/vm-power-cut.sh). nbdkit file must pass the same
+# check, and nbdkit with FLUSH and FUA dropped must fail it.
+vm_test "power-cut test" tools/vm-power-cut.sh
+VMPC_CYCLES=2 vm_test "power-cut mirror test" "tools/vm-power-cut.sh nbdmirror-mirror"
+VMPC_CYCLES=2 vm_test "power-cut control: nbdkit file keeps flushed writes" "tools/vm-power-cut.sh nbdkit"
+VMPC_CYCLES=1 vm_test "power-cut control: nbdkit without flushes loses them" "tools/vm-power-cut.sh nbdkit-unsafe lose"
 
 # One closing line for the whole suite: nextest's counts plus the VM tests.
 summary="$(grep -E 'tests run: ' "$log" | tail -1)"

@@ -41,99 +41,27 @@ CONNS=${VMTEST_CONNS:-4}
 case $CONNS in '' | *[!0-9]* | 0) echo "$0: VMTEST_CONNS must be a positive number" >&2; exit 2 ;; esac
 MODULES="virtio virtio_ring virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci failover net_failover virtio_net nbd"
 
-mkdir -p "$CACHE/kernel"
-for tool in qemu-system-x86_64 cpio dpkg apt-get; do
-    command -v "$tool" >/dev/null || { echo "$0: $tool not found (run tools/install-deps.sh)" >&2; exit 1; }
+# shellcheck source=tools/vm-lib.sh
+. "$ROOT/tools/vm-lib.sh"
+vm_check_tools
+for f in /usr/sbin/nbd-client /usr/sbin/mke2fs /usr/sbin/e2fsck; do
+    [ -x "$f" ] || vm_die "$f not found (run tools/install-deps.sh)"
 done
-for f in /bin/busybox /usr/sbin/nbd-client /usr/sbin/mke2fs /usr/sbin/e2fsck; do
-    [ -x "$f" ] || { echo "$0: $f not found (run tools/install-deps.sh)" >&2; exit 1; }
-done
-# (Not `| grep -q`: with pipefail, grep quitting at the first match can kill
-# busybox with SIGPIPE and fail the pipeline; CI saw it once.)
-/bin/busybox --list | grep -x insmod >/dev/null || { echo "$0: /bin/busybox is not busybox-static" >&2; exit 1; }
 
 # Serialise preparation between concurrent runs (different ports).
-exec 9>"$CACHE/.lock"
-flock 9
-
-# ---------------------------------------------------------------- kernel ----
-kernel_pkg() {
-    apt-cache depends linux-image-cloud-amd64 2>/dev/null |
-        awk '/Depends: linux-image-[0-9]/ {print $2; exit}'
-}
-
-PKG=$(kernel_pkg || true)
-KDIR=""
-if [ -n "$PKG" ] && [ -e "$CACHE/kernel/$PKG/.complete" ]; then
-    KDIR=$CACHE/kernel/$PKG
-elif [ -z "$PKG" ]; then
-    # No apt lists (or no network): fall back to any kernel already cached.
-    KDIR=$(ls -d "$CACHE"/kernel/*/.complete 2>/dev/null | sort -V | tail -n1 | xargs -r dirname)
-    if [ -z "$KDIR" ]; then
-        echo "vmtest: apt-cache knows no linux-image-cloud-amd64; running apt-get update" >&2
-        apt-get update -q >&2
-        PKG=$(kernel_pkg || true)
-        [ -n "$PKG" ] || { echo "$0: cannot find the Debian cloud kernel package" >&2; exit 1; }
-    fi
-fi
-if [ -z "$KDIR" ]; then
-    KDIR=$CACHE/kernel/$PKG
-    echo "vmtest: fetching kernel package for $PKG into $KDIR" >&2
-    rm -rf "$KDIR" "$CACHE/dl"
-    mkdir -p "$CACHE/dl" "$KDIR"
-    # Prefer the -unsigned package (same kernel, no signature wrapper).
-    (cd "$CACHE/dl" && { apt-get download -q "$PKG-unsigned" || apt-get download -q "$PKG"; }) >&2
-    dpkg -x "$CACHE"/dl/*.deb "$KDIR"
-    rm -rf "$CACHE/dl"
-    touch "$KDIR/.complete"
-fi
-VMLINUZ=$(ls "$KDIR"/boot/vmlinuz-* | head -n1)
-KVER=${VMLINUZ##*/vmlinuz-}
-MODDIR=$KDIR/lib/modules/$KVER
+vm_lock
+vm_prepare_kernel
 
 # ------------------------------------------------------------- initramfs ----
 WORK=$(mktemp -d "$CACHE/initramfs.XXXXXX")
 trap 'rm -rf "$WORK"' EXIT
 R=$WORK/root
-mkdir -p "$R"/{bin,sbin,etc,proc,sys,dev,mnt,tmp,lib/modules,lib64}
-cp /bin/busybox "$R/bin/busybox"
-cp /usr/sbin/nbd-client "$R/sbin/nbd-client"
-cp /usr/sbin/mke2fs "$R/sbin/mkfs.ext4"    # mke2fs picks ext4 from argv[0]
-cp /usr/sbin/e2fsck "$R/sbin/e2fsck"
+vm_initramfs_root "$R"
+# mke2fs picks ext4 from argv[0].
+vm_copy_bins "$R" /usr/sbin/nbd-client:/sbin/nbd-client /usr/sbin/mke2fs:/sbin/mkfs.ext4 \
+    /usr/sbin/e2fsck:/sbin/e2fsck
 [ -e /etc/mke2fs.conf ] && cp /etc/mke2fs.conf "$R/etc/"
-echo "127.0.0.1 localhost" >"$R/etc/hosts"
-echo "hosts: files" >"$R/etc/nsswitch.conf"
-
-# Shared libraries, at the paths the dynamic loader will look for them.
-for lib in $(for b in /usr/sbin/nbd-client /usr/sbin/mke2fs /usr/sbin/e2fsck; do ldd "$b"; done |
-        awk '$2 == "=>" && $3 ~ /^\// {print $3} $1 ~ /^\// {print $1}' | sort -u); do
-    mkdir -p "$R$(dirname "$lib")"
-    cp -L "$lib" "$R$lib"
-done
-
-# Modules plus their dependencies (from each module's "depends=" field), in
-# load order. Modules that are not files must be built into the kernel.
-: >"$R/lib/modules/order"
-add_module() {
-    local m=$1 f d
-    grep -qx "$m" "$R/lib/modules/order" && return 0
-    f=$(find "$MODDIR/kernel" \( -name "$m.ko" -o -name "$m.ko.xz" -o -name "$m.ko.zst" -o -name "${m//_/-}.ko" \) | head -n1)
-    if [ -z "$f" ]; then
-        grep -q "/$m.ko\$" "$MODDIR/modules.builtin" 2>/dev/null ||
-            { echo "$0: module $m neither in $MODDIR nor built in" >&2; exit 1; }
-        return 0
-    fi
-    case $f in
-        *.ko.xz) xz -dc "$f" >"$R/lib/modules/$m.ko" ;;
-        *.ko.zst) zstd -qdc "$f" >"$R/lib/modules/$m.ko" ;;
-        *) cp "$f" "$R/lib/modules/$m.ko" ;;
-    esac
-    for d in $(tr '\0' '\n' <"$R/lib/modules/$m.ko" | sed -n 's/^depends=//p' | tr ',' ' '); do
-        add_module "$d"
-    done
-    echo "$m" >>"$R/lib/modules/order"
-}
-for m in $MODULES; do add_module "$m"; done
+vm_add_modules "$R" $MODULES
 
 cat >"$R/init" <<'INIT'
 #!/bin/busybox sh
@@ -245,9 +173,8 @@ INIT
 chmod +x "$R/init"
 
 INITRD=$CACHE/initramfs-$KVER.cpio.gz
-(cd "$R" && find . | sort | cpio -o -H newc --quiet | gzip -1) >"$WORK/initrd"
-mv -f "$WORK/initrd" "$INITRD"
-flock -u 9
+vm_pack "$R" "$INITRD"
+vm_unlock
 
 # ------------------------------------------------------------------ boot ----
 echo "vmtest: booting $KVER, server 127.0.0.1:$PORT export '${NAME}', log $LOG" >&2
