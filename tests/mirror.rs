@@ -6214,6 +6214,71 @@ fn a_secondary_promoted_straight_after_a_crash_with_unvouched_blocks_is_refused(
     assert!(!d2.join("uncertain").exists());
 }
 
+/// A secondary resynced in place (its primary was written while it was
+/// away) and killed together with its primary right after it came in sync
+/// is promoted without --force-inconsistent, holding the primary's data: it
+/// checkpoints when it comes in sync, so its recovery finds nothing to
+/// distrust. Before, the resync's blocks waited for the checkpoint interval
+/// (30 s by default; 10 minutes here) and the promotion was refused, though
+/// the primary had already counted them durable there (found by the
+/// power-cut test, tools/vm-power-cut.sh, where both nodes lost power).
+#[test]
+fn a_secondary_killed_right_after_its_resync_is_promoted_without_force() {
+    let test = "a_secondary_killed_right_after_its_resync_is_promoted_without_force";
+    let _wd = Watchdog::new(test, Duration::from_secs(120));
+    let seed = test_seed(test);
+    let size = 16 * MIB;
+    let mut cl = Cluster::new(test, seed, Opts::new(size, 2));
+    cl.nodes[1]
+        .args
+        .extend(["--checkpoint-interval-ms".into(), "600000".into()]);
+    cl.start_all();
+    cl.wait_in_sync(Duration::from_secs(20));
+    cl.nodes[1].terminate();
+    let want = random_bytes(seed, size as usize);
+    let mut c = MiniClient::connect(&cl.nbd_addr(), "disk").unwrap();
+    write_in_mib_pieces(&mut c, &want);
+    assert_eq!(c.flush().unwrap(), 0);
+    drop(c);
+    cl.nodes[1].start();
+    cl.wait_in_sync(Duration::from_secs(30));
+    // The checkpoint follows the in-sync announce at once; give it a moment
+    // (on the old code none came for 10 minutes, and the wait runs out).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        let d2 = cl.nodes[1].dir.display().to_string();
+        let done = status_json(&["--dir", &d2])
+            .ok()
+            .and_then(|j| j.at("store").at("checkpoints").as_u64())
+            .unwrap_or(0);
+        if done > 0 {
+            break;
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    cl.nodes[1].kill();
+    cl.primary().kill();
+    promote(&mut cl, 2, &[]);
+    wait_log(&mut cl, 2, "serving", Duration::from_secs(30));
+    let addr = cl.nodes[1].nbd_addr();
+    let mut c = MiniClient::connect(&addr, "disk").unwrap();
+    let mut got = Vec::with_capacity(size as usize);
+    for off in (0..size).step_by(MIB as usize) {
+        got.extend(c.read(off, MIB as u32).unwrap());
+    }
+    c.disconnect();
+    assert!(
+        got == want,
+        "{test}: the promoted secondary does not hold what the primary made durable"
+    );
+    assert!(
+        !contains_ci(&cl.nodes[1].stderr(), "could not vouch"),
+        "{test}: recovery distrusted blocks:\n{}",
+        cl.nodes[1].stderr()
+    );
+    cl.stop_all();
+}
+
 /// A 2-node volume, in sync, whose 16 MiB were written in 1 MiB pieces (in
 /// place) with the secondary checkpointing only every 10 minutes: their
 /// checksums are not in its `meta`, so its recovery after a crash cannot

@@ -135,6 +135,8 @@ def cmd_write(args):
     stats = dict(writes=0, zeroes=0, fua=0, flushes=0, bytes=0, acked=0)
     durable_writes = 0
     killed = False
+    stopping = False  # no cut (no --kill-pid): stop issuing, then flush
+    final_sent = False
     in_flight_at_cut = 0
     bufs = {}  # cookie -> the payload buffer libnbd reads from
 
@@ -157,12 +159,15 @@ def cmd_write(args):
 
     while True:
         now = time.monotonic() - start
-        if not killed and now >= cut_after:
-            for pid in args.kill_pid:
-                os.kill(pid, signal.SIGKILL)
-            killed = True
-            in_flight_at_cut = len(inflight)
-        if not killed:
+        if not killed and not stopping and now >= cut_after:
+            if args.kill_pid:
+                for pid in args.kill_pid:
+                    os.kill(pid, signal.SIGKILL)
+                killed = True
+                in_flight_at_cut = len(inflight)
+            else:
+                stopping = True
+        if not killed and not stopping:
             while len(inflight) < args.depth:
                 r = rng.random()
                 if r < 0.06 and flush is None and since_flush:
@@ -198,8 +203,14 @@ def cmd_write(args):
                 inflight[c] = ("write", first, count, pos, fua, None)
                 busy[c] = (first, first + count)
         if not inflight:
-            if killed:
+            if killed or final_sent:
                 break
+            if stopping:
+                # No cut: one last FLUSH makes every write durable.
+                c = h.aio_flush()
+                inflight[c] = ("flush", 0, 0, None, False, list(since_flush))
+                since_flush.clear()
+                final_sent = True
             continue
         try:
             h.poll(100 if not killed else 1000)
@@ -222,9 +233,10 @@ def cmd_write(args):
             bufs.pop(c, None)
         if killed and h.aio_is_dead():
             break
+    what = (f"power cut after {cut_after:.2f}s with {in_flight_at_cut} request(s) in flight"
+            if killed else f"wrote for {cut_after:.2f}s, then flushed")
     print(
-        f"powercut: cycle {model.cycle}: power cut after {cut_after:.2f}s with {in_flight_at_cut} "
-        f"request(s) in flight; {stats['writes']} writes + {stats['zeroes']} zeroes "
+        f"powercut: cycle {model.cycle}: {what}; {stats['writes']} writes + {stats['zeroes']} zeroes "
         f"({stats['bytes'] >> 20} MiB, {stats['fua']} FUA), {stats['acked']} acknowledged, "
         f"{stats['flushes']} flushes completed, {durable_writes} writes made durable"
     )
@@ -313,8 +325,9 @@ def main():
     w = sub.add_parser("write", help="write, then cut the power at a random moment")
     w.add_argument("--model", required=True)
     w.add_argument("--uri", required=True)
-    w.add_argument("--kill-pid", type=int, action="append", required=True,
-                   help="the process(es) to kill at the cut: qemu, and a host primary")
+    w.add_argument("--kill-pid", type=int, action="append", default=[],
+                   help="the process(es) to kill at the cut: qemu, and a host primary; "
+                   "none: write until the time is up, then FLUSH")
     w.add_argument("--seed", type=int, default=None)
     w.add_argument("--depth", type=int, default=8)
     w.add_argument("--min-seconds", type=float, default=3.0)

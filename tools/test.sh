@@ -51,6 +51,7 @@ vm_test "kernel client mirror test" tools/vm-kernel-client-mirror.sh
 # check, and nbdkit with FLUSH and FUA dropped must fail it.
 vm_test "power-cut test" tools/vm-power-cut.sh
 VMPC_CYCLES=2 vm_test "power-cut mirror test" "tools/vm-power-cut.sh nbdmirror-mirror"
+VMPC_CYCLES=1 vm_test "power-cut secondary test" "tools/vm-power-cut.sh nbdmirror-secondary-cut"
 VMPC_CYCLES=2 vm_test "power-cut control: nbdkit file keeps flushed writes" "tools/vm-power-cut.sh nbdkit"
 VMPC_CYCLES=1 vm_test "power-cut control: nbdkit without flushes loses them" "tools/vm-power-cut.sh nbdkit-unsafe lose"
 

@@ -3041,6 +3041,12 @@ impl Mirror {
                 // Every block the compare found different, unknown ones
                 // included, was resent and is durable here.
                 store.settle_all();
+                // And their checksums are: checkpoint now rather than in
+                // up to 30 s (a power cut of both nodes in between left the
+                // resync's in-place blocks for recovery to distrust, and the
+                // replica promotable only with --force-inconsistent: the
+                // power-cut test, tools/vm-power-cut.sh).
+                store.checkpoint_soon(io);
                 let next = self.generation.in_sync_with(g, run.unwrap_or(0));
                 if next != self.generation {
                     next.store(&self.cfg.dir)?;

@@ -689,6 +689,8 @@ pub struct Store {
     /// crash could let recovery rebuild the block's checksum from the
     /// corrupt bytes (recovery keeps a mark it finds, see `replay`).
     corrupt_marked: bool,
+    /// Someone asked for a checkpoint now ([`Store::checkpoint_soon`]).
+    checkpoint_wanted: bool,
     /// Blocks recovery could not vouch for (a mirrored node only).
     uncertain: Option<uncertain::Uncertain>,
     /// An O_DIRECT descriptor of the data file: in-place writes go through
@@ -929,6 +931,7 @@ impl Store {
             extra_sync_fds: Vec::new(),
             inplace_wanted: false,
             corrupt_marked: false,
+            checkpoint_wanted: false,
             uncertain,
             direct_fd: None,
             media_fd: None,
@@ -2833,6 +2836,17 @@ impl Store {
         self.maybe_checkpoint(io, pressure);
     }
 
+    /// Checkpoint as soon as what was applied is durable, not at the
+    /// interval. A secondary asks when it comes in sync: what the resync
+    /// wrote in place then has its checksums in `meta`, so a crash soon
+    /// after (both nodes losing power) leaves recovery nothing to rebuild
+    /// and the replica nothing it cannot vouch for (docs/mirroring.md,
+    /// "Uncertain blocks").
+    pub fn checkpoint_soon(&mut self, io: &mut dyn Io) {
+        self.checkpoint_wanted = true;
+        self.kick(io, true);
+    }
+
     /// Ask for everything to reach the data file and a final checkpoint.
     pub fn drain(&mut self, io: &mut dyn Io) {
         self.draining = true;
@@ -3146,7 +3160,8 @@ impl Store {
             || (self.inplace_wanted && self.last_checkpoint.elapsed() >= INPLACE_CHECKPOINT_GAP)
             // Held writes wait for exactly this (each is held only once).
             || !self.deferred.is_empty()
-            || self.corrupt_marked;
+            || self.corrupt_marked
+            || self.checkpoint_wanted;
         if !due {
             return;
         }
@@ -3169,6 +3184,7 @@ impl Store {
         self.intents.retain(|_, seq| *seq > upto);
         let tail = self.ring.tail_after(upto);
         self.corrupt_marked = false;
+        self.checkpoint_wanted = false;
         let pages = self.sums.take_dirty_pages();
         self.checkpoint = Some(Checkpoint {
             upto,
