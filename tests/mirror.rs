@@ -6226,14 +6226,7 @@ fn a_secondary_promoted_straight_after_a_crash_with_unvouched_blocks_is_refused(
 fn a_secondary_killed_right_after_its_resync_is_promoted_without_force() {
     let test = "a_secondary_killed_right_after_its_resync_is_promoted_without_force";
     let _wd = Watchdog::new(test, Duration::from_secs(120));
-    let seed = test_seed(test);
-    let size = 16 * MIB;
-    let mut cl = Cluster::new(test, seed, Opts::new(size, 2));
-    cl.nodes[1]
-        .args
-        .extend(["--checkpoint-interval-ms".into(), "600000".into()]);
-    cl.start_all();
-    cl.wait_in_sync(Duration::from_secs(20));
+    let (mut cl, seed, size) = pair_checkpointing_rarely(test);
     cl.nodes[1].terminate();
     let want = random_bytes(seed, size as usize);
     let mut c = MiniClient::connect(&cl.nbd_addr(), "disk").unwrap();
@@ -6284,6 +6277,19 @@ fn a_secondary_killed_right_after_its_resync_is_promoted_without_force() {
 /// checksums are not in its `meta`, so its recovery after a crash cannot
 /// vouch for those blocks. Returns the cluster and what was written.
 fn pair_with_unsettled_inplace_writes(test: &str) -> (Cluster, Vec<u8>) {
+    let (mut cl, seed, size) = pair_checkpointing_rarely(test);
+    let want = random_bytes(seed, size as usize);
+    let mut c = MiniClient::connect(&cl.nbd_addr(), "disk").unwrap();
+    write_in_mib_pieces(&mut c, &want);
+    c.flush().unwrap();
+    drop(c);
+    cl.wait_in_sync(Duration::from_secs(20));
+    (cl, want)
+}
+
+/// A 2-node volume of 16 MiB, in sync, whose secondary checkpoints only
+/// every 10 minutes (unless asked to). Returns it, its seed and its size.
+fn pair_checkpointing_rarely(test: &str) -> (Cluster, u64, u64) {
     let seed = test_seed(test);
     let size = 16 * MIB;
     let mut cl = Cluster::new(test, seed, Opts::new(size, 2));
@@ -6292,13 +6298,7 @@ fn pair_with_unsettled_inplace_writes(test: &str) -> (Cluster, Vec<u8>) {
         .extend(["--checkpoint-interval-ms".into(), "600000".into()]);
     cl.start_all();
     cl.wait_in_sync(Duration::from_secs(20));
-    let want = random_bytes(seed, size as usize);
-    let mut c = MiniClient::connect(&cl.nbd_addr(), "disk").unwrap();
-    write_in_mib_pieces(&mut c, &want);
-    c.flush().unwrap();
-    drop(c);
-    cl.wait_in_sync(Duration::from_secs(20));
-    (cl, want)
+    (cl, seed, size)
 }
 
 /// `serve --role primary` on `dir` fails, naming blocks its recovery could

@@ -689,8 +689,9 @@ pub struct Store {
     /// crash could let recovery rebuild the block's checksum from the
     /// corrupt bytes (recovery keeps a mark it finds, see `replay`).
     corrupt_marked: bool,
-    /// Someone asked for a checkpoint now ([`Store::checkpoint_soon`]).
-    checkpoint_wanted: bool,
+    /// A checkpoint is due until one covers this journal sequence number
+    /// ([`Store::checkpoint_soon`]; 0: none asked for).
+    checkpoint_wanted: u64,
     /// Blocks recovery could not vouch for (a mirrored node only).
     uncertain: Option<uncertain::Uncertain>,
     /// An O_DIRECT descriptor of the data file: in-place writes go through
@@ -931,7 +932,7 @@ impl Store {
             extra_sync_fds: Vec::new(),
             inplace_wanted: false,
             corrupt_marked: false,
-            checkpoint_wanted: false,
+            checkpoint_wanted: 0,
             uncertain,
             direct_fd: None,
             media_fd: None,
@@ -2842,9 +2843,11 @@ impl Store {
     /// after (both nodes losing power) leaves recovery nothing to rebuild
     /// and the replica nothing it cannot vouch for (docs/mirroring.md,
     /// "Uncertain blocks").
+    /// Only what was written so far is meant: a request with nothing to
+    /// checkpoint does not make a later write's checkpoint early.
     pub fn checkpoint_soon(&mut self, io: &mut dyn Io) {
-        self.checkpoint_wanted = true;
-        self.kick(io, true);
+        self.checkpoint_wanted = self.ring.next_seq - 1;
+        self.kick(io, false);
     }
 
     /// Ask for everything to reach the data file and a final checkpoint.
@@ -3161,7 +3164,7 @@ impl Store {
             // Held writes wait for exactly this (each is held only once).
             || !self.deferred.is_empty()
             || self.corrupt_marked
-            || self.checkpoint_wanted;
+            || self.checkpoint_wanted > self.checkpointed_seq;
         if !due {
             return;
         }
@@ -3184,7 +3187,6 @@ impl Store {
         self.intents.retain(|_, seq| *seq > upto);
         let tail = self.ring.tail_after(upto);
         self.corrupt_marked = false;
-        self.checkpoint_wanted = false;
         let pages = self.sums.take_dirty_pages();
         self.checkpoint = Some(Checkpoint {
             upto,
