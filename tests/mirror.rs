@@ -697,6 +697,13 @@ impl Cluster {
 
 // ------------------------------------------------------------------ status
 
+/// What the status of the node whose replica is `dir` says of
+/// `inconsistent`, and the whole status (for messages).
+fn inconsistent_status(dir: &Path) -> (Option<bool>, Json) {
+    let sj = status_json(&["--dir", &dir.display().to_string()]).unwrap();
+    (sj.get("inconsistent").and_then(|v| v.as_bool()), sj)
+}
+
 /// Run `nbdmirror resync status --json` with `loc` (`--dir D` or
 /// `--admin-socket P`).
 fn status_json(loc: &[&str]) -> Result<Json, String> {
@@ -2905,9 +2912,9 @@ fn half_resynced_secondary_is_not_promoted() {
         brief_status(&j)
     );
     let d3 = cl.node(3).dir.clone();
-    let sj = status_json(&["--dir", &d3.display().to_string()]).unwrap();
+    let (inconsistent, sj) = inconsistent_status(&d3);
     assert_eq!(
-        sj.get("inconsistent").and_then(|v| v.as_bool()),
+        inconsistent,
         Some(true),
         "{test}: the syncing secondary's status does not say it is inconsistent: {sj:?}"
     );
@@ -2987,12 +2994,8 @@ fn half_resynced_secondary_is_not_promoted() {
         }
         thread::sleep(Duration::from_millis(100));
     }
-    let sj = status_json(&["--dir", &d3.display().to_string()]).unwrap();
-    assert_eq!(
-        sj.get("inconsistent").and_then(|v| v.as_bool()),
-        Some(false),
-        "{test}: {sj:?}"
-    );
+    let (inconsistent, sj) = inconsistent_status(&d3);
+    assert_eq!(inconsistent, Some(false), "{test}: {sj:?}");
     cl.node(2).terminate();
     cl.node(3).terminate();
     assert_files_equal(&d2.join("data"), &d3.join("data"));
@@ -3179,12 +3182,8 @@ fn unrelated_primary_meets_half_resynced_secondary(test: &str, new_secondary: bo
     );
     cl.primary().kill();
     let d2 = cl.node(2).dir.clone();
-    let sj = status_json(&["--dir", &d2.display().to_string()]).unwrap();
-    assert_eq!(
-        sj.get("inconsistent").and_then(|v| v.as_bool()),
-        Some(true),
-        "{test}: {sj:?}"
-    );
+    let (inconsistent, sj) = inconsistent_status(&d2);
+    assert_eq!(inconsistent, Some(true), "{test}: {sj:?}");
     // Stopped and started again, so that no apply or checkpoint of its own
     // changes `data` between the snapshot and the end.
     cl.node(2).terminate();
@@ -3334,12 +3333,7 @@ fn a_full_resync_on_a_live_link_marks_the_secondary_inconsistent() {
     cl.wait_in_sync(Duration::from_secs(30));
     let d1 = cl.nodes[0].dir.display().to_string();
     let d2 = cl.node(2).dir.display().to_string();
-    let inconsistent = |d: &str| {
-        status_json(&["--dir", d])
-            .unwrap()
-            .get("inconsistent")
-            .and_then(|v| v.as_bool())
-    };
+    let inconsistent = |d: &str| inconsistent_status(Path::new(d)).0;
     assert_eq!(inconsistent(&d2), Some(false), "{test}: in sync");
     resync_cmd(&["rate", "1M", "--dir", &d1]);
     resync_cmd(&["start", "--full", "--dir", &d1]);

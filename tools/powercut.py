@@ -128,7 +128,7 @@ def cmd_write(args):
     model.cycle += 1
     cut_after = rng.uniform(args.min_seconds, args.max_seconds)
     start = time.monotonic()
-    inflight = {}  # cookie -> (kind, first, count, pos, fua)
+    inflight = {}  # cookie -> (kind, first, pos, fua, writes a FLUSH makes durable)
     busy = {}  # cookie -> (first, end) of writes in flight
     since_flush = []  # writes completed since the last FLUSH was sent
     flush = None  # (cookie, writes it makes durable)
@@ -142,7 +142,7 @@ def cmd_write(args):
 
     def complete(cookie):
         nonlocal flush, durable_writes
-        kind, first, count, pos, fua, keep = inflight.pop(cookie)
+        kind, first, pos, fua, keep = inflight.pop(cookie)
         busy.pop(cookie, None)
         if kind == "flush":
             for w in keep:
@@ -175,7 +175,7 @@ def cmd_write(args):
                     since_flush.clear()
                     c = h.aio_flush()
                     flush = c
-                    inflight[c] = ("flush", 0, 0, None, False, keep)
+                    inflight[c] = ("flush", 0, None, False, keep)
                     continue
                 ext = pick_range(rng, sectors, busy)
                 if ext is None:
@@ -200,7 +200,7 @@ def cmd_write(args):
                     bufs[c] = buf
                 stats["bytes"] += count * SECTOR
                 stats["fua"] += fua
-                inflight[c] = ("write", first, count, pos, fua, None)
+                inflight[c] = ("write", first, pos, fua, None)
                 busy[c] = (first, first + count)
         if not inflight:
             if killed or final_sent:
@@ -208,7 +208,7 @@ def cmd_write(args):
             if stopping:
                 # No cut: one last FLUSH makes every write durable.
                 c = h.aio_flush()
-                inflight[c] = ("flush", 0, 0, None, False, list(since_flush))
+                inflight[c] = ("flush", 0, None, False, list(since_flush))
                 since_flush.clear()
                 final_sent = True
             continue

@@ -638,28 +638,6 @@ pub fn bind_admin_socket(p: Option<&std::path::Path>) -> Option<UnixListener> {
 /// the list refuses the start; removing the file forgets the node (if it
 /// returns, it is compared by checksum as a new peer). `serve` calls it
 /// before recovery, so a refused start writes nothing.
-/// On a secondary's link: the Session frame comes first after Ready, and
-/// once (docs/peer-protocol.md). A record taken without one would be
-/// credited to the last session this replica recorded, and a primary that
-/// started that session would find it in sync while it holds a write the
-/// primary never sent (a tester's find). `started`: the link's flag.
-fn session_order(started: &mut bool, kind: FrameKind) -> Result<(), String> {
-    match kind {
-        FrameKind::Session if *started => {
-            Err("protocol violation: a second Session frame in one session".into())
-        }
-        FrameKind::Session => {
-            *started = true;
-            Ok(())
-        }
-        FrameKind::Ping | FrameKind::Pong | FrameKind::Reject => Ok(()),
-        _ if !*started => Err(format!(
-            "protocol violation: {kind:?} before the Session frame"
-        )),
-        _ => Ok(()),
-    }
-}
-
 pub fn refuse_left_out_peers(cfg: &MirrorConfig, own_id: u32) -> Result<(), String> {
     // Checked here too (before recovery): a refused start writes nothing.
     if let Some((id, addr)) = cfg.peers.iter().find(|(id, _)| *id == own_id) {
@@ -711,6 +689,28 @@ pub fn refuse_left_out_peers(cfg: &MirrorConfig, own_id: u32) -> Result<(), Stri
             String::new()
         }
     ))
+}
+
+/// On a secondary's link: the Session frame comes first after Ready, and
+/// once (docs/peer-protocol.md). A record taken without one would be
+/// credited to the last session this replica recorded, and a primary that
+/// started that session would find it in sync while it holds a write the
+/// primary never sent (a tester's find). `started`: the link's flag.
+fn session_order(started: &mut bool, kind: FrameKind) -> Result<(), String> {
+    match kind {
+        FrameKind::Session if *started => {
+            Err("protocol violation: a second Session frame in one session".into())
+        }
+        FrameKind::Session => {
+            *started = true;
+            Ok(())
+        }
+        FrameKind::Ping | FrameKind::Pong | FrameKind::Reject => Ok(()),
+        _ if !*started => Err(format!(
+            "protocol violation: {kind:?} before the Session frame"
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// The socket a secondary accepts its primary on.
@@ -2718,13 +2718,10 @@ impl Mirror {
             let kind = f.kind;
             let r = match l.peer {
                 Some(i) => self.primary_frame(io, store, i, kind, f.payload()),
-                None => match session_order(&mut l.session_started, kind) {
-                    Ok(()) => {
-                        let (buf, at) = f.into_buf();
-                        self.secondary_frame(io, store, link, kind, buf, at)
-                    }
-                    Err(why) => Err(why),
-                },
+                None => session_order(&mut l.session_started, kind).and_then(|()| {
+                    let (buf, at) = f.into_buf();
+                    self.secondary_frame(io, store, link, kind, buf, at)
+                }),
             };
             if let Err(why) = r {
                 self.link_failed(io, store, link, why);

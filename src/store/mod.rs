@@ -2842,9 +2842,9 @@ impl Store {
     /// wrote in place then has its checksums in `meta`, so a crash soon
     /// after (both nodes losing power) leaves recovery nothing to rebuild
     /// and the replica nothing it cannot vouch for (docs/mirroring.md,
-    /// "Uncertain blocks").
-    /// Only what was written so far is meant: a request with nothing to
-    /// checkpoint does not make a later write's checkpoint early.
+    /// "Uncertain blocks"). The request covers what was written so far
+    /// only: with nothing to checkpoint, it does not make the checkpoint of
+    /// a later write early.
     pub fn checkpoint_soon(&mut self, io: &mut dyn Io) {
         self.checkpoint_wanted = self.ring.next_seq - 1;
         self.kick(io, false);
