@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # install-deps.sh: install the system packages the nbdmirror test suite needs
-# (reference NBD servers and clients, qemu for the kernel-client VM test, fio,
+# (reference NBD servers and clients, qemu for the VM tests, fio,
 # e2fsprogs, ...), plus cargo-nextest if it is missing.
 #
 # Idempotent and non-interactive; meant to run as root on a fresh Debian
@@ -19,8 +19,9 @@ PKGS=(
     python3-libnbd
     fuse3
     nbd-client
-    busybox-static   # guest initramfs for tools/vm-kernel-client.sh
+    busybox-static   # guest initramfs of the VM tests (tools/vm-lib.sh)
     cpio
+    binutils         # objcopy: tools/vm-power-cut.sh strips the binary for the guest
     qemu-system-x86
     iptables
     iproute2
