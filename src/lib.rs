@@ -8,17 +8,19 @@
 //! - [`peer`]: the peer protocol (frames, handshake), sans-I/O.
 //! - [`config`]: the volume config file (every node's settings in one TOML file).
 //! - [`size`]: parsing of human sizes.
+//! - [`log`]: the log line format (timestamps).
 //! - [`xxh3`]: xxh3-64 with the SIMD width picked at run time.
 //! - `testdir`: scratch directories for unit tests.
 
 /// `eprintln!` that never panics: a log line that cannot be written (stderr
 /// a closed pipe, a full disk) is dropped. A storage server must not die, or
-/// skip its clean shutdown, because `tee` went away.
+/// skip its clean shutdown, because `tee` went away. The line is written in
+/// one piece, with a timestamp in front when `serve` turned them on
+/// ([`log`]).
 #[macro_export]
 macro_rules! elog {
     ($($arg:tt)*) => {{
-        use std::io::Write as _;
-        let _ = writeln!(std::io::stderr(), $($arg)*);
+        $crate::log::line(format_args!($($arg)*));
     }};
 }
 
@@ -26,6 +28,7 @@ pub mod config;
 pub mod fuzzing;
 pub mod idmap;
 pub mod io;
+pub mod log;
 pub mod mirror;
 pub mod peer;
 pub mod server;

@@ -155,6 +155,10 @@ enum Cmd {
         /// flag when the node has peers, which hold those writes.
         #[arg(long)]
         accept_journal_loss: bool,
+        /// Start each log line with the time (UTC, RFC 3339): auto = yes,
+        /// unless stderr is the systemd journal, which stamps lines itself.
+        #[arg(long, value_enum, default_value_t = LogTimestamps::Auto)]
+        log_timestamps: LogTimestamps,
     },
     /// Watch and steer resynchronisation on a running node.
     Resync {
@@ -221,6 +225,15 @@ impl ConfigArgs {
         let n = c.node(id)?.clone();
         Ok(Some((c, n)))
     }
+}
+
+/// `serve --log-timestamps`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum LogTimestamps {
+    /// On, unless stderr is the systemd journal (which stamps lines itself).
+    Auto,
+    Always,
+    Never,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -1347,7 +1360,13 @@ fn run(cli: Cli) -> Result<(), String> {
             force_inconsistent,
             force_older_superblock,
             accept_journal_loss,
+            log_timestamps,
         } => {
+            nbdmirror::log::set_timestamps(match log_timestamps {
+                LogTimestamps::Auto => !nbdmirror::log::stderr_is_journal(),
+                LogTimestamps::Always => true,
+                LogTimestamps::Never => false,
+            });
             let cfg = config.load()?;
             let (path, role, peer, peer_listen, secret_file, peer_timeout_ms, resync_rate) =
                 match &cfg {

@@ -174,7 +174,7 @@ pid=$!
 ready() {
     case $SERVER in
         nbdkit*) grep -q ":2A39 00000000:0000 0A" /proc/net/tcp ;;
-        *) grep -q "^nbdmirror: serving" /tmp/serve.log ;;
+        *) grep -q "nbdmirror: serving " /tmp/serve.log ;;
     esac
 }
 i=0
@@ -362,7 +362,7 @@ promote_and_check() {
     if grep -q "VMTEST: promotion refused" <(tr -d '\r' <"$LOG"); then
         if [ "${1-}" = strict ]; then
             echo "vm-power-cut: FAIL: a secondary that was in sync and idle at the cut was refused promotion:" >&2
-            tr -d '\r' <"$LOG" | grep "^nbdmirror" | tail -n 5 >&2
+            tr -d '\r' <"$LOG" | grep "nbdmirror: " | tail -n 5 >&2
             cut
             return 1
         fi
