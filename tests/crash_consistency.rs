@@ -462,6 +462,9 @@ struct Run {
     /// Or the data file's writes run at submission (as `serve` runs them
     /// on the loop), but for one in-place piece in four.
     inline: bool,
+    /// Large writes split around journaled blocks by the stores this run
+    /// crashed and replaced so far (`StoreStats::split_writes`).
+    splits: u64,
 }
 
 /// Give the store a second descriptor of the data file for its in-place
@@ -554,11 +557,16 @@ impl Run {
                 };
                 (off, len.min(size - off))
             }
-            // Medium.
+            // Medium; half of them block-aligned, so that they may go in
+            // place, whole or split around journaled blocks.
             _ => {
                 let len = 4096 + r.below((256 * KIB).min(size / 2));
                 let off = r.below(size - len + 1);
-                (off, len)
+                if r.below(2) == 0 {
+                    (off / 4096 * 4096, len / 4096 * 4096)
+                } else {
+                    (off, len)
+                }
             }
         }
     }
@@ -722,6 +730,9 @@ impl Run {
     /// becomes the one the workload continues on (a new life).
     fn crash_and_check(&mut self, replace: bool, mode: Option<CrashMode>) -> Result<(), String> {
         self.crash_checks += 1;
+        if replace {
+            self.splits += self.rig.st.stats.split_writes;
+        }
         let mode = mode.unwrap_or_else(|| {
             [
                 CrashMode::DurableOnly,
@@ -911,12 +922,13 @@ impl Run {
             log: std::env::var("SIM_LOG").is_ok(),
             direct: false,
             inline: false,
+            splits: 0,
             rng,
         })
     }
 }
 
-fn run_seed(seed: u64) -> Result<(u64, u64, u64), String> {
+fn run_seed(seed: u64) -> Result<(u64, u64, u64, u64), String> {
     let mut rng = Rng::new(seed ^ 0xC0FF_EE00);
     let size = [256 * KIB, 1 * MIB, 1 * MIB, 1 * MIB, 3 * MIB][rng.below(5) as usize];
     let jsize = 4 * MIB + [0, 0, 512 * 77][rng.below(3) as usize];
@@ -978,10 +990,15 @@ fn run_seed(seed: u64) -> Result<(u64, u64, u64), String> {
         run.crash_and_check(true, None)
             .map_err(|e| format!("life {life}: {e}"))?;
     }
-    Ok((run.crash_checks, writes, run.model.reads_checked))
+    Ok((
+        run.crash_checks,
+        writes,
+        run.model.reads_checked,
+        run.splits,
+    ))
 }
 
-fn run_seed_with_log(seed: u64) -> Result<(u64, u64, u64), String> {
+fn run_seed_with_log(seed: u64) -> Result<(u64, u64, u64, u64), String> {
     let r = std::panic::catch_unwind(|| run_seed(seed));
     match r {
         Ok(r) => r,
@@ -1001,12 +1018,13 @@ fn crash_images_recover_to_a_consistent_durable_disk() {
     let started = Instant::now();
     let seeds = seeds(200);
     let mut failures = Vec::new();
-    let (mut checks, mut writes) = (0, 0);
+    let (mut checks, mut writes, mut splits) = (0, 0, 0);
     for &seed in &seeds {
         match run_seed_with_log(seed) {
-            Ok((c, w, _)) => {
+            Ok((c, w, _, s)) => {
                 checks += c;
                 writes += w;
+                splits += s;
             }
             Err(e) => {
                 eprintln!("seed {seed} FAILED: {e}\n  rerun: SEED={seed} SIM_LOG=1 cargo test --test crash_consistency");
@@ -1015,11 +1033,17 @@ fn crash_images_recover_to_a_consistent_durable_disk() {
         }
     }
     eprintln!(
-        "{} seeds, {checks} crash images checked, {writes} writes, {:?}",
+        "{} seeds, {checks} crash images checked, {writes} writes ({splits} split around \
+         journaled blocks), {:?}",
         seeds.len(),
         started.elapsed()
     );
     assert!(failures.is_empty(), "failing seeds: {failures:?}");
+    // The workload must reach the split path (large aligned writes over
+    // blocks small journal records touch), or this test checks none of it.
+    if seeds.len() >= 100 {
+        assert!(splits > 0, "no write was split in {} seeds", seeds.len());
+    }
 }
 
 /// A durable (FUA) write whose bytes are then overwritten by a newer write
@@ -1150,10 +1174,13 @@ fn holding_tuning() -> Tuning {
 fn large_write_over_journaled_blocks_waits_for_a_checkpoint_then_goes_in_place() {
     let tuning = holding_tuning();
     let mut rig = Rig::new(3, 4 * MIB, 4 * MIB, tuning);
-    // A small journaled write, then a large one over it: the large one
-    // takes the journal (small random writes are not waited for).
-    let small = pattern(1, 8192, 4096);
-    rig.write_sync(8192, &small, false).unwrap();
+    // Small journaled writes (one in every 64 KiB, so that no run between
+    // them is worth splitting off in place), then a large one over them:
+    // the large one takes the journal (small random writes are not waited
+    // for).
+    for off in (8192..256 * KIB).step_by(64 * KIB as usize) {
+        rig.write_sync(off, &pattern(1, off, 4096), false).unwrap();
+    }
     let first = pattern(5, 0, 256 * KIB);
     rig.write_sync(0, &first, false).unwrap();
     assert_eq!(rig.st.stats.inplace_writes, 0);
@@ -1218,6 +1245,60 @@ fn large_write_over_journaled_blocks_waits_for_a_checkpoint_then_goes_in_place()
     assert_eq!(after.read_sync(2 * MIB, 4096).unwrap(), elsewhere);
 }
 
+/// A large aligned write over a few blocks that small journal records (not
+/// yet checkpointed) touch is split: its runs of free blocks go in place, the
+/// touched blocks (with free runs too short to bother) through the journal,
+/// after those records. It is not held for a checkpoint, and the caller sees
+/// one completion. Reads, and crashes after a flush, give the large write's
+/// bytes everywhere: replay puts the older records' bytes under its
+/// journaled part, never over its in-place part.
+#[test]
+fn large_write_over_a_few_journaled_blocks_is_split_around_them() {
+    let tuning = holding_tuning();
+    let mut rig = Rig::new(4, 4 * MIB, 4 * MIB, tuning);
+    // An unaligned write inside block 2 and an aligned one of block 100.
+    rig.write_sync(8192 + 100, &pattern(1, 8192 + 100, 1000), false)
+        .unwrap();
+    rig.write_sync(100 * 4096, &pattern(2, 100 * 4096, 4096), false)
+        .unwrap();
+    let big = pattern(3, 0, MIB);
+    let id = rig.fresh_id();
+    rig.st.write(
+        &mut rig.sim,
+        id,
+        0,
+        payload(&big, WRITE_HEADROOM),
+        WRITE_HEADROOM,
+        big.len(),
+        false,
+    );
+    assert!(matches!(rig.wait_event(id), StoreEvent::Written(_, Ok(()))));
+    rig.pump();
+    rig.st.drain_events(&mut rig.events);
+    assert!(rig.events.is_empty(), "stray events: {:?}", rig.events);
+    assert_eq!(rig.st.stats.split_writes, 1);
+    assert_eq!(rig.st.stats.deferred_writes, 0);
+    // Blocks 3..100 and 101..256 in place; 0..3 and 100 journaled.
+    assert_eq!(rig.st.stats.inplace_writes, 2);
+    assert_eq!(rig.read_sync(0, MIB).unwrap(), big);
+    rig.flush_sync().unwrap();
+    let mut after = rig.crash_durable_only(11).unwrap();
+    assert_eq!(after.read_sync(0, MIB).unwrap(), big);
+    for seed in 0..16 {
+        let mut after = rig.crash(seed, seed % 2 == 0).unwrap();
+        assert_eq!(after.read_sync(0, MIB).unwrap(), big, "crash seed {seed}");
+    }
+    // Most of a write over blocks that are nearly all journaled goes
+    // through the journal whole, as before.
+    for off in (0..MIB).step_by(48 * KIB as usize) {
+        rig.write_sync(MIB + off, &pattern(4, MIB + off, 512), false)
+            .unwrap();
+    }
+    rig.write_sync(MIB, &pattern(5, MIB, MIB), false).unwrap();
+    assert_eq!(rig.st.stats.split_writes, 1);
+    assert_eq!(rig.read_sync(MIB, MIB).unwrap(), pattern(5, MIB, MIB));
+}
+
 /// A held write is released even while in-place writes into the same 16 MiB
 /// region keep streaming (two always in flight): they must not keep reusing
 /// an intent the checkpoint cannot pass, which would hold the write for as
@@ -1227,10 +1308,13 @@ fn held_write_is_released_under_a_stream_of_in_place_writes() {
     let tuning = holding_tuning();
     let mut rig = Rig::new(5, 32 * MIB, 4 * MIB, tuning);
     // A large journaled write in chunk 0 (it went to the journal because of
-    // a small one), then in-place writes to chunks 1..15.
-    rig.write_sync(8192, &pattern(1, 8192, 4096), false)
-        .unwrap();
+    // small ones: one in every 64 KiB, so that no run of it is worth
+    // splitting off in place), then in-place writes to chunks 1..15.
+    for off in (8192..256 * KIB).step_by(64 * KIB as usize) {
+        rig.write_sync(off, &pattern(1, off, 4096), false).unwrap();
+    }
     rig.write_sync(0, &pattern(2, 0, 256 * KIB), false).unwrap();
+    assert_eq!(rig.st.stats.split_writes, 0);
     let big = pattern(3, 0, 256 * KIB);
     let held = rig.fresh_id();
     let (mut inflight, mut k) = (Vec::new(), 0u64);

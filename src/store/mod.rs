@@ -51,6 +51,18 @@ pub const INTENT_REGION: u64 = 16 << 20;
 /// Granularity of the map of journaled regions that in-place writes avoid.
 const JOURNALED_CHUNK: u64 = 1 << 20;
 
+/// Blocks of a [`JOURNALED_CHUNK`].
+const CHUNK_BLOCKS: u64 = JOURNALED_CHUNK / BLOCK_SIZE;
+
+/// A large write split around journaled blocks ([`Store::split_plan`])
+/// sends runs of free blocks at least this long in place; shorter ones go
+/// through the journal with the blocked blocks.
+const SPLIT_MIN_RUN: u64 = 64 * 1024;
+
+/// Request ids of the parts of a split write. Never a caller's: the server
+/// counts its own from 0, the mirror's carry `MIRROR_RID` (1 << 61).
+const SPLIT_RID: ReqId = 1 << 62;
+
 /// Entries of the map of large page-cache folios (`Store::large_folios`)
 /// cover this much of the disk each, as 16 pieces of `PAGE_CACHE_PIECE`.
 const FOLIO_CHUNK: u64 = 1 << 20;
@@ -160,6 +172,38 @@ fn cached_pieces(io: &mut dyn Io, fd: RawFd, size: u64) -> IdMap<u64, FolioChunk
         }
     }
     map
+}
+
+/// A 1 MiB chunk of the disk that journal records not yet released by a
+/// checkpoint touch (see `Store::journaled_chunks`).
+#[derive(Default)]
+struct JournaledChunk {
+    /// The newest such record.
+    seq: u64,
+    /// Whether it came from a large write.
+    large: bool,
+    /// The chunk's blocks any of them touch (bit `b` for its block `b`).
+    /// Bits are only ever added while the chunk is listed, so this may
+    /// name blocks of records a checkpoint has since released: never fewer.
+    blocks: [u64; (CHUNK_BLOCKS / 64) as usize],
+}
+
+impl JournaledChunk {
+    /// Mark the disk's blocks `[first, end)` that fall in this chunk, the
+    /// disk's chunk `c`.
+    fn mark(&mut self, c: u64, first: u64, end: u64) {
+        let base = c * CHUNK_BLOCKS;
+        let lo = first.max(base) - base;
+        let hi = end.min(base + CHUNK_BLOCKS).saturating_sub(base);
+        for b in lo..hi {
+            self.blocks[(b / 64) as usize] |= 1 << (b % 64);
+        }
+    }
+
+    /// Whether the chunk's block `b` (0..CHUNK_BLOCKS) is marked.
+    fn marked(&self, b: u64) -> bool {
+        self.blocks[(b / 64) as usize] & (1 << (b % 64)) != 0
+    }
 }
 
 /// Writes held until the cache drops that clear their range have finished
@@ -568,6 +612,10 @@ pub struct StoreStats {
     pub inplace_writes: u64,
     /// Writes held back for a checkpoint so they could go in place.
     pub deferred_writes: u64,
+    /// Large writes split around journaled blocks: most of them went in
+    /// place, the blocks that journal records still cover through the
+    /// journal (see `Store::split_plan`).
+    pub split_writes: u64,
     /// 64 KiB pieces of the data file whose large cached folios were
     /// dropped before a small write (see `Store::large_folios`).
     pub cache_drops: u64,
@@ -640,11 +688,18 @@ pub struct Store {
     newest_intent: u64,
     next_inplace_id: u64,
     /// 1 MiB chunks touched by journal records the last checkpoint has not
-    /// released, with the newest such record's seq and whether it came from
-    /// a large write (one that could have gone in place). An in-place write
-    /// may not touch them: after a crash, replay would need the older
-    /// record's bytes *under* the newer in-place data, which is not knowable.
-    journaled_chunks: IdMap<u64, (u64, bool)>,
+    /// released: which of their blocks those records touch, the newest
+    /// such record's seq and whether it came from a large write (one that
+    /// could have gone in place). An in-place write may not touch those
+    /// blocks: after a crash, replay would write the older record's bytes
+    /// over the newer in-place data.
+    journaled_chunks: IdMap<u64, JournaledChunk>,
+    /// Split writes (see [`Store::split_plan`]) by the caller's request id:
+    /// parts left and the first error.
+    splits: IdMap<ReqId, (usize, Option<i32>)>,
+    /// The part request ids of split writes -> the caller's request id.
+    split_parts: IdMap<ReqId, ReqId>,
+    next_split_part: u64,
     /// The 64 KiB pieces of `data` where a page-cache write of data of at
     /// least `PAGE_CACHE_PIECE` finished (zeroing makes no folios), kept per
     /// 1 MiB chunk with `checkpoints_begun()` at that moment. The kernel
@@ -919,6 +974,9 @@ impl Store {
             data_synced: 0,
             data_sync_in_flight: false,
             journaled_chunks: IdMap::default(),
+            splits: IdMap::default(),
+            split_parts: IdMap::default(),
+            next_split_part: 0,
             large_folios,
             corrupt: IdMap::default(),
             marked_seen: IdMap::default(),
@@ -954,9 +1012,33 @@ impl Store {
         self.failed.as_deref()
     }
 
-    /// Take the events produced so far.
+    /// Take the events produced so far. The parts of a split write
+    /// ([`Store::split_plan`]) report as one: the caller's request, once
+    /// all are done, with the first error.
     pub fn drain_events(&mut self, out: &mut Vec<StoreEvent>) {
-        out.append(&mut self.events);
+        if self.split_parts.is_empty() {
+            out.append(&mut self.events);
+            return;
+        }
+        for ev in std::mem::take(&mut self.events) {
+            let StoreEvent::Written(part, r) = ev else {
+                out.push(ev);
+                continue;
+            };
+            let Some(req) = self.split_parts.remove(&part) else {
+                out.push(StoreEvent::Written(part, r));
+                continue;
+            };
+            let (left, error) = self.splits.get_mut(&req).expect("split write state");
+            *left -= 1;
+            if let Err(e) = r {
+                error.get_or_insert(e);
+            }
+            if *left == 0 {
+                let (_, error) = self.splits.remove(&req).unwrap();
+                out.push(StoreEvent::Written(req, error.map_or(Ok(()), Err)));
+            }
+        }
     }
 
     /// Nothing in flight, nothing unapplied, nothing uncheckpointed.
@@ -1064,59 +1146,17 @@ impl Store {
         may_defer: bool,
     ) {
         let len64 = len as u64;
-        if self.inplace_eligible(offset, len64) {
-            // Every region the write touches needs an intent record.
-            let regions = offset / INTENT_REGION..(offset + len64).div_ceil(INTENT_REGION);
-            let next_region = regions.end;
-            let mut intents = Vec::new();
-            let mut placed_all = true;
-            for region in regions {
-                match self.ensure_intent(io, region) {
-                    Some(seq) => intents.push(seq),
-                    None => {
-                        placed_all = false;
-                        break;
-                    }
-                }
+        let buf = if self.inplace_eligible(offset, len64) {
+            match self.try_in_place(io, req, offset, buf, at, len, fua) {
+                None => return,
+                Some(buf) => buf,
             }
-            // A sequential writer will want the next region soon: record its
-            // intent now so its sync overlaps with this region's writes.
-            if placed_all && next_region * INTENT_REGION < self.sb.size {
-                let _ = self.ensure_intent(io, next_region);
-            }
-            if placed_all {
-                let first = offset / BLOCK_SIZE;
-                let sums = buf[at..at + len]
-                    .chunks(BLOCK_SIZE as usize)
-                    .enumerate()
-                    .map(|(i, block)| block_checksum(first + i as u64, block))
-                    .collect();
-                let id = self.next_inplace_id;
-                self.next_inplace_id += 1;
-                self.inplace.insert(
-                    id,
-                    InPlaceWrite {
-                        req,
-                        offset,
-                        len: len64,
-                        buf,
-                        at,
-                        fua,
-                        state: InPlaceState::Recorded,
-                        intents,
-                        sums,
-                        direct: false,
-                        bounced: false,
-                        pieces_left: 0,
-                        piece_error: None,
-                        held: AfterDrops::default(),
-                    },
-                );
-                self.start_inplace_data(io);
-                self.kick(io, false);
-                return;
-            }
-        }
+        } else if let Some(plan) = self.split_plan(offset, len64) {
+            self.write_split(io, req, offset, buf, at, fua, plan);
+            return;
+        } else {
+            buf
+        };
         if self.tuning.inplace_min > 0
             && len64 >= self.tuning.inplace_min
             && offset.is_multiple_of(BLOCK_SIZE)
@@ -1165,6 +1205,176 @@ impl Store {
         self.enqueue(io, req, offset, RecordKind::Write, 0, buf, at, len64, fua);
     }
 
+    /// Send a write in place: record the intents of its regions and start
+    /// its data write once they are durable. Gives the buffer back when the
+    /// journal has no room for an intent (the caller journals the write).
+    #[allow(clippy::too_many_arguments)]
+    fn try_in_place(
+        &mut self,
+        io: &mut dyn Io,
+        req: ReqId,
+        offset: u64,
+        buf: Vec<u8>,
+        at: usize,
+        len: usize,
+        fua: bool,
+    ) -> Option<Vec<u8>> {
+        let len64 = len as u64;
+        // Every region the write touches needs an intent record.
+        let regions = offset / INTENT_REGION..(offset + len64).div_ceil(INTENT_REGION);
+        let next_region = regions.end;
+        let mut intents = Vec::new();
+        for region in regions {
+            intents.push(self.ensure_intent(io, region)?);
+        }
+        // A sequential writer will want the next region soon: record its
+        // intent now so its sync overlaps with this region's writes.
+        if next_region * INTENT_REGION < self.sb.size {
+            let _ = self.ensure_intent(io, next_region);
+        }
+        let first = offset / BLOCK_SIZE;
+        let sums = buf[at..at + len]
+            .chunks(BLOCK_SIZE as usize)
+            .enumerate()
+            .map(|(i, block)| block_checksum(first + i as u64, block))
+            .collect();
+        let id = self.next_inplace_id;
+        self.next_inplace_id += 1;
+        self.inplace.insert(
+            id,
+            InPlaceWrite {
+                req,
+                offset,
+                len: len64,
+                buf,
+                at,
+                fua,
+                state: InPlaceState::Recorded,
+                intents,
+                sums,
+                direct: false,
+                bounced: false,
+                pieces_left: 0,
+                piece_error: None,
+                held: AfterDrops::default(),
+            },
+        );
+        self.start_inplace_data(io);
+        self.kick(io, false);
+        None
+    }
+
+    /// How to write a large write that may not go in place only because
+    /// journal records since the last checkpoint touch some of its blocks
+    /// (small random writes all over the disk leave few 1 MiB chunks
+    /// untouched, so otherwise nearly every large write among them, and
+    /// every resync record a secondary takes while its client writes, went
+    /// through the journal: written twice, and each asked for a
+    /// checkpoint). As runs `(start, end, in_place)`: runs of free blocks
+    /// of at least [`SPLIT_MIN_RUN`] in place, the rest through the
+    /// journal, after the older records there, so replay keeps their order.
+    /// `None` when the write is not such a write, or when less than half of
+    /// it would go in place.
+    fn split_plan(&self, offset: u64, len: u64) -> Option<Vec<(u64, u64, bool)>> {
+        let end = offset + len;
+        if self.tuning.inplace_min == 0
+            || len < self.tuning.inplace_min
+            || len > MAX_RECORD_DATA as u64 * 32
+            || !offset.is_multiple_of(BLOCK_SIZE)
+            || !len.is_multiple_of(BLOCK_SIZE)
+            || self.failed.is_some()
+            || !self.backlog.is_empty()
+            || self.draining
+            // Journal records in flight, in the overlay or being applied all
+            // came after the last checkpoint: their blocks are marked in
+            // `journaled_chunks`. In-place writes are not.
+            || self
+                .inplace
+                .values()
+                .any(|w| w.offset < end && offset < w.offset + w.len)
+        {
+            return None;
+        }
+        let blocked = |b: u64| {
+            self.journaled_chunks
+                .get(&(b / CHUNK_BLOCKS))
+                .is_some_and(|e| e.marked(b % CHUNK_BLOCKS))
+        };
+        let mut plan: Vec<(u64, u64, bool)> = Vec::new();
+        let mut in_place = 0;
+        let (first, last) = (offset / BLOCK_SIZE, end / BLOCK_SIZE);
+        let mut b = first;
+        while b < last {
+            let free = !blocked(b);
+            let mut e = b + 1;
+            while e < last && blocked(e) != free {
+                e += 1;
+            }
+            let (s, t) = (b * BLOCK_SIZE, e * BLOCK_SIZE);
+            let place = free && t - s >= SPLIT_MIN_RUN;
+            if place {
+                in_place += t - s;
+            }
+            match plan.last_mut() {
+                Some((_, pe, false)) if !place => *pe = t,
+                _ => plan.push((s, t, place)),
+            }
+            b = e;
+        }
+        (in_place * 2 >= len && plan.len() > 1).then_some(plan)
+    }
+
+    /// Write `buf[at..]` as the parts of `plan` (see [`Store::split_plan`]),
+    /// each a write of its own; `req` completes when all have, with the
+    /// first error.
+    #[allow(clippy::too_many_arguments)]
+    fn write_split(
+        &mut self,
+        io: &mut dyn Io,
+        req: ReqId,
+        offset: u64,
+        buf: Vec<u8>,
+        at: usize,
+        fua: bool,
+        plan: Vec<(u64, u64, bool)>,
+    ) {
+        self.stats.split_writes += 1;
+        self.splits.insert(req, (plan.len(), None));
+        for (s, e, place) in plan {
+            let part = SPLIT_RID | self.next_split_part;
+            self.next_split_part = (self.next_split_part + 1) & (SPLIT_RID - 1);
+            self.split_parts.insert(part, req);
+            let n = (e - s) as usize;
+            let from = at + (s - offset) as usize;
+            if place {
+                // Aligned for O_DIRECT, so that it needs no bounce copy.
+                let mut b = vec![0u8; n + DIRECT_ALIGN];
+                let pad = b.as_ptr().align_offset(DIRECT_ALIGN);
+                b[pad..pad + n].copy_from_slice(&buf[from..from + n]);
+                if let Some(b) = self.try_in_place(io, part, s, b, pad, n, fua) {
+                    self.enqueue(io, part, s, RecordKind::Write, 0, b, pad, n as u64, fua);
+                }
+            } else {
+                let mut b = vec![0u8; RECORD_HEADER_LEN + n];
+                b[RECORD_HEADER_LEN..].copy_from_slice(&buf[from..from + n]);
+                self.enqueue(
+                    io,
+                    part,
+                    s,
+                    RecordKind::Write,
+                    0,
+                    b,
+                    RECORD_HEADER_LEN,
+                    n as u64,
+                    fua,
+                );
+            }
+        }
+        if self.recycled.len() < 64 {
+            self.recycled.push(buf);
+        }
+    }
+
     /// Whether journal records cover `[start, end)` and the newest in each
     /// covered chunk came from a large write. That is the self-sustaining
     /// case holding is for (a sequential writer meeting its own journaled
@@ -1176,8 +1386,8 @@ impl Store {
         let mut any = false;
         for c in start / JOURNALED_CHUNK..end.div_ceil(JOURNALED_CHUNK) {
             match self.journaled_chunks.get(&c) {
-                Some(&(_, true)) => any = true,
-                Some(&(_, false)) => return false,
+                Some(e) if e.large => any = true,
+                Some(_) => return false,
                 None => {}
             }
         }
@@ -1638,6 +1848,7 @@ impl Store {
             "applied_bytes": st.applied_bytes,
             "inplace_writes": st.inplace_writes,
             "deferred_writes": st.deferred_writes,
+            "split_writes": st.split_writes,
             "cache_drops": st.cache_drops,
             "prewrite_drops": st.prewrite_drops,
             "checksum_failures": st.checksum_failures,
@@ -1895,8 +2106,15 @@ impl Store {
             let large = p.kind == RecordKind::Write
                 && self.tuning.inplace_min > 0
                 && p.len >= self.tuning.inplace_min;
-            for c in p.offset / JOURNALED_CHUNK..(p.offset + chunk).div_ceil(JOURNALED_CHUNK) {
-                self.journaled_chunks.insert(c, (seq, large));
+            let (first, end) = (
+                p.offset / BLOCK_SIZE,
+                (p.offset + chunk).div_ceil(BLOCK_SIZE),
+            );
+            for c in first / CHUNK_BLOCKS..end.div_ceil(CHUNK_BLOCKS) {
+                let e = self.journaled_chunks.entry(c).or_default();
+                e.seq = seq;
+                e.large = large;
+                e.mark(c, first, end);
             }
             let w = self.writes.get_mut(&p.req).expect("write request state");
             w.chunks_left += 1;
@@ -3291,7 +3509,7 @@ impl Store {
                 let ck = self.checkpoint.take().unwrap();
                 self.sb = ck.sb;
                 self.ring.release_upto(ck.upto);
-                self.journaled_chunks.retain(|_, (seq, _)| *seq > ck.upto);
+                self.journaled_chunks.retain(|_, e| e.seq > ck.upto);
                 self.checkpointed_seq = ck.upto;
                 self.inplace_wanted = false;
                 self.stats.checkpoints += 1;
@@ -3350,8 +3568,9 @@ fn replay_all(
         if h.kind == RecordKind::InPlace {
             continue;
         }
-        // In-place writes never overlap older records still in the journal
-        // (see `journaled_chunks`), so every record replays whole.
+        // In-place writes never overlap older records still in the journal,
+        // block for block (see `journaled_chunks`, `split_plan`), so every
+        // record replays whole.
         replay(io, data, sums, size, rec)?;
     }
     let mut changed = 0u64;
