@@ -1297,6 +1297,23 @@ fn large_write_over_a_few_journaled_blocks_is_split_around_them() {
     rig.write_sync(MIB, &pattern(5, MIB, MIB), false).unwrap();
     assert_eq!(rig.st.stats.split_writes, 1);
     assert_eq!(rig.read_sync(MIB, MIB).unwrap(), pattern(5, MIB, MIB));
+    // A write none of whose blocks a record touches goes in place whole,
+    // though its chunk holds one.
+    let inplace = rig.st.stats.inplace_writes;
+    rig.write_sync(
+        2 * MIB + 512 * KIB,
+        &pattern(6, 2 * MIB + 512 * KIB, 4096),
+        false,
+    )
+    .unwrap();
+    let quarter = pattern(7, 2 * MIB, 256 * KIB);
+    rig.write_sync(2 * MIB, &quarter, false).unwrap();
+    assert_eq!(rig.st.stats.inplace_writes, inplace + 1);
+    assert_eq!(rig.st.stats.split_writes, 1);
+    rig.flush_sync().unwrap();
+    let mut after = rig.crash_durable_only(12).unwrap();
+    assert_eq!(after.read_sync(2 * MIB, 256 * KIB).unwrap(), quarter);
+    assert_eq!(after.read_sync(0, MIB).unwrap(), big);
 }
 
 /// A held write is released even while in-place writes into the same 16 MiB

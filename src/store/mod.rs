@@ -176,33 +176,58 @@ fn cached_pieces(io: &mut dyn Io, fd: RawFd, size: u64) -> IdMap<u64, FolioChunk
 
 /// A 1 MiB chunk of the disk that journal records not yet released by a
 /// checkpoint touch (see `Store::journaled_chunks`).
-#[derive(Default)]
 struct JournaledChunk {
     /// The newest such record.
     seq: u64,
     /// Whether it came from a large write.
     large: bool,
-    /// The chunk's blocks any of them touch (bit `b` for its block `b`).
-    /// Bits are only ever added while the chunk is listed, so this may
-    /// name blocks of records a checkpoint has since released: never fewer.
-    blocks: [u64; (CHUNK_BLOCKS / 64) as usize],
+    /// The chunk's blocks any of them touch (bit `b` for its block `b`);
+    /// `None`: all of them (a chunk a zero record or a large write covers
+    /// whole takes no mask). Bits are only ever added while the chunk is
+    /// listed, so this may name blocks of records a checkpoint has since
+    /// released: never fewer.
+    blocks: Option<Box<[u64; (CHUNK_BLOCKS / 64) as usize]>>,
 }
 
 impl JournaledChunk {
+    fn new() -> JournaledChunk {
+        JournaledChunk {
+            seq: 0,
+            large: false,
+            blocks: Some(Box::default()),
+        }
+    }
+
     /// Mark the disk's blocks `[first, end)` that fall in this chunk, the
     /// disk's chunk `c`.
     fn mark(&mut self, c: u64, first: u64, end: u64) {
         let base = c * CHUNK_BLOCKS;
         let lo = first.max(base) - base;
         let hi = end.min(base + CHUNK_BLOCKS).saturating_sub(base);
-        for b in lo..hi {
-            self.blocks[(b / 64) as usize] |= 1 << (b % 64);
+        if lo == 0 && hi == CHUNK_BLOCKS {
+            self.blocks = None;
+        }
+        let Some(words) = self.blocks.as_mut() else {
+            return;
+        };
+        let mut b = lo;
+        while b < hi {
+            let n = (64 - b % 64).min(hi - b);
+            let bits = if n == 64 {
+                u64::MAX
+            } else {
+                ((1u64 << n) - 1) << (b % 64)
+            };
+            words[(b / 64) as usize] |= bits;
+            b += n;
         }
     }
 
     /// Whether the chunk's block `b` (0..CHUNK_BLOCKS) is marked.
     fn marked(&self, b: u64) -> bool {
-        self.blocks[(b / 64) as usize] & (1 << (b % 64)) != 0
+        self.blocks
+            .as_ref()
+            .is_none_or(|w| w[(b / 64) as usize] & (1 << (b % 64)) != 0)
     }
 }
 
@@ -1152,8 +1177,18 @@ impl Store {
                 Some(buf) => buf,
             }
         } else if let Some(plan) = self.split_plan(offset, len64) {
-            self.write_split(io, req, offset, buf, at, fua, plan);
-            return;
+            if let [(_, _, true)] = plan[..] {
+                // Its chunks hold journal records, but none touches its
+                // blocks: in place whole.
+                match self.try_in_place(io, req, offset, buf, at, len, fua) {
+                    None => return,
+                    Some(buf) => buf,
+                }
+            } else {
+                self.stats.split_writes += 1;
+                self.write_split(io, req, offset, buf, at, fua, plan);
+                return;
+            }
         } else {
             buf
         };
@@ -1295,6 +1330,16 @@ impl Store {
         {
             return None;
         }
+        // With O_DIRECT, not while journaled data is being applied in its
+        // chunks (see `maybe_apply`).
+        if self.direct_fd.is_some()
+            && self.blocks_applying(
+                offset / JOURNALED_CHUNK * CHUNK_BLOCKS,
+                end.div_ceil(JOURNALED_CHUNK) * CHUNK_BLOCKS,
+            )
+        {
+            return None;
+        }
         let blocked = |b: u64| {
             self.journaled_chunks
                 .get(&(b / CHUNK_BLOCKS))
@@ -1321,7 +1366,7 @@ impl Store {
             }
             b = e;
         }
-        (in_place * 2 >= len && plan.len() > 1).then_some(plan)
+        (in_place * 2 >= len).then_some(plan)
     }
 
     /// Write `buf[at..]` as the parts of `plan` (see [`Store::split_plan`]),
@@ -1338,7 +1383,6 @@ impl Store {
         fua: bool,
         plan: Vec<(u64, u64, bool)>,
     ) {
-        self.stats.split_writes += 1;
         self.splits.insert(req, (plan.len(), None));
         for (s, e, place) in plan {
             let part = SPLIT_RID | self.next_split_part;
@@ -2111,7 +2155,10 @@ impl Store {
                 (p.offset + chunk).div_ceil(BLOCK_SIZE),
             );
             for c in first / CHUNK_BLOCKS..end.div_ceil(CHUNK_BLOCKS) {
-                let e = self.journaled_chunks.entry(c).or_default();
+                let e = self
+                    .journaled_chunks
+                    .entry(c)
+                    .or_insert_with(JournaledChunk::new);
                 e.seq = seq;
                 e.large = large;
                 e.mark(c, first, end);
@@ -3131,11 +3178,22 @@ impl Store {
         let pieces = self.overlay.pieces_upto(upto);
         let newest = self.overlay.max_seq();
         // A journaled write newer than an in-place write still in flight must
-        // not reach the data file first: wait for the in-place write.
+        // not reach the data file first: wait for the in-place write. With
+        // O_DIRECT in-place writes, wait for any in the same 1 MiB chunk
+        // (since writes are split around journaled blocks, `split_plan`,
+        // the two meet there): a page-cache write racing a direct write
+        // into one large folio can leave stale bytes cached, which the
+        // kernel cannot invalidate.
+        let grain = if self.direct_fd.is_some() {
+            JOURNALED_CHUNK
+        } else {
+            1
+        };
         if pieces.iter().any(|p| {
+            let (s, e) = (p.start / grain * grain, p.end.div_ceil(grain) * grain);
             self.inplace
                 .values()
-                .any(|w| w.offset < p.end && p.start < w.offset + w.len)
+                .any(|w| w.offset < e && s < w.offset + w.len)
         }) {
             return;
         }
