@@ -1312,13 +1312,7 @@ impl Store {
     /// it would go in place.
     fn split_plan(&self, offset: u64, len: u64) -> Option<Vec<(u64, u64, bool)>> {
         let end = offset + len;
-        if self.tuning.inplace_min == 0
-            || len < self.tuning.inplace_min
-            || len > MAX_RECORD_DATA as u64 * 32
-            || !offset.is_multiple_of(BLOCK_SIZE)
-            || !len.is_multiple_of(BLOCK_SIZE)
-            || self.failed.is_some()
-            || !self.backlog.is_empty()
+        if !self.inplace_shape(offset, len)
             || self.draining
             // Journal records in flight, in the overlay or being applied all
             // came after the last checkpoint: their blocks are marked in
@@ -1501,19 +1495,25 @@ impl Store {
         Some(seq)
     }
 
+    /// Whether a write is one that may go in place, as far as it alone
+    /// goes: big, block-aligned, not too long, and the store healthy with
+    /// no writes queued for journal space.
+    fn inplace_shape(&self, offset: u64, len: u64) -> bool {
+        self.tuning.inplace_min > 0
+            && len >= self.tuning.inplace_min
+            && len <= MAX_RECORD_DATA as u64 * 32
+            && offset.is_multiple_of(BLOCK_SIZE)
+            && len.is_multiple_of(BLOCK_SIZE)
+            && self.failed.is_none()
+            && self.backlog.is_empty()
+    }
+
     /// Whether a write may bypass the journal: big, block-aligned, and not
     /// overlapping anything whose order relative to it the journal decides
     /// (overlay pieces, journal writes or other in-place writes in flight,
     /// blocks being applied, queued writes).
     fn inplace_eligible(&self, offset: u64, len: u64) -> bool {
-        if self.tuning.inplace_min == 0
-            || len < self.tuning.inplace_min
-            || len > MAX_RECORD_DATA as u64 * 32
-            || !offset.is_multiple_of(BLOCK_SIZE)
-            || !len.is_multiple_of(BLOCK_SIZE)
-            || self.failed.is_some()
-            || !self.backlog.is_empty()
-        {
+        if !self.inplace_shape(offset, len) {
             return false;
         }
         let end = offset + len;
