@@ -326,6 +326,12 @@ struct Peer {
     unflushed: VecDeque<(u64, u64, u64)>,
     unflushed_counter: u64,
     flush_in_flight: bool,
+    /// A checksum compare finished; its FLAG_COMPARE stays set until a
+    /// Flush sent after it is answered: "equal" meant the peer's copy as it
+    /// stood, which a crash before that flush can take back.
+    compare_unsettled: bool,
+    /// The first flush id (without `MIRROR_RID`) sent after the compare.
+    compare_settle_from: u64,
     last_resync_flush: Instant,
     /// Checksum compare in progress: next block to ask about, and the
     /// requests in flight (id -> first block, count).
@@ -837,6 +843,8 @@ impl Mirror {
                 resync_started: t0,
                 sent_at_resync_start: 0,
                 flush_in_flight: false,
+                compare_unsettled: false,
+                compare_settle_from: 0,
                 last_resync_flush: t0,
                 total: 0,
                 sent_bytes: 0,
@@ -2464,6 +2472,7 @@ impl Mirror {
                     p.rate_mark = (self.t, p.sent_bytes);
                     p.rate_window = (self.t, p.sent_bytes);
                     p.compared_diff = 0;
+                    p.compare_unsettled = false;
                     if p.bitmap.flags() & FLAG_COMPARE != 0 {
                         p.compare = Some((0, IdMap::default()));
                     }
@@ -2845,10 +2854,24 @@ impl Mirror {
                             for (first, n) in batches {
                                 p.bitmap.clear_blocks(first, n);
                             }
+                            let mut again = false;
+                            if p.compare_unsettled {
+                                if id & !MIRROR_RID >= p.compare_settle_from {
+                                    p.compare_unsettled = false;
+                                    let f = p.bitmap.flags() & !FLAG_COMPARE;
+                                    p.bitmap.set_flags(f)?;
+                                } else {
+                                    // Sent before the compare ended.
+                                    again = true;
+                                }
+                            }
                             if let Handover::Waiting(w) = &mut self.handover {
                                 if w.remove(&id).is_some() && w.is_empty() {
                                     self.handover = Handover::Done(true);
                                 }
+                            }
+                            if again {
+                                self.resync_flush(io, i);
                             }
                             self.kick_resync(io, store);
                         } else {
@@ -3514,8 +3537,10 @@ impl Mirror {
         if done {
             p.compare = None;
             p.total = p.bitmap.dirty() * BLOCK;
-            let f = p.bitmap.flags() & !FLAG_COMPARE;
-            p.bitmap.set_flags(f)?;
+            // FLAG_COMPARE is cleared once a flush sent from now on is
+            // answered (see `compare_unsettled`).
+            p.compare_unsettled = true;
+            p.compare_settle_from = self.next_mrid;
             crate::elog!(
                 "nbdmirror: peer {} ({}): checksums compared, {} more blocks to copy (they \
                  differ, or the peer's crash recovery could not vouch for them); {} bytes to copy",
@@ -3524,6 +3549,9 @@ impl Mirror {
                 p.compared_diff,
                 p.bitmap.dirty() * BLOCK
             );
+        }
+        if done && !self.peers[i].flush_in_flight {
+            self.resync_flush(io, i);
         }
         self.resync_peer(io, store, i);
         Ok(())
