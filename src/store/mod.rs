@@ -1171,26 +1171,24 @@ impl Store {
         may_defer: bool,
     ) {
         let len64 = len as u64;
-        let buf = if self.inplace_eligible(offset, len64) {
-            match self.try_in_place(io, req, offset, buf, at, len, fua) {
-                None => return,
-                Some(buf) => buf,
-            }
-        } else if let Some(plan) = self.split_plan(offset, len64) {
-            if let [(_, _, true)] = plan[..] {
+        let whole = self.inplace_eligible(offset, len64)
+            || match self.split_plan(offset, len64) {
                 // Its chunks hold journal records, but none touches its
                 // blocks: in place whole.
-                match self.try_in_place(io, req, offset, buf, at, len, fua) {
-                    None => return,
-                    Some(buf) => buf,
+                Some(plan) if matches!(plan[..], [(_, _, true)]) => true,
+                Some(plan) => {
+                    self.stats.split_writes += 1;
+                    self.write_split(io, req, offset, buf, at, fua, plan);
+                    return;
                 }
-            } else {
-                self.stats.split_writes += 1;
-                self.write_split(io, req, offset, buf, at, fua, plan);
-                return;
-            }
-        } else {
-            buf
+                None => false,
+            };
+        let buf = match whole {
+            true => match self.try_in_place(io, req, offset, buf, at, len, fua) {
+                None => return,
+                Some(buf) => buf,
+            },
+            false => buf,
         };
         if self.tuning.inplace_min > 0
             && len64 >= self.tuning.inplace_min
@@ -1384,29 +1382,25 @@ impl Store {
             self.split_parts.insert(part, req);
             let n = (e - s) as usize;
             let from = at + (s - offset) as usize;
-            if place {
-                // Aligned for O_DIRECT, so that it needs no bounce copy.
-                let mut b = vec![0u8; n + DIRECT_ALIGN];
-                let pad = b.as_ptr().align_offset(DIRECT_ALIGN);
-                b[pad..pad + n].copy_from_slice(&buf[from..from + n]);
-                if let Some(b) = self.try_in_place(io, part, s, b, pad, n, fua) {
-                    self.enqueue(io, part, s, RecordKind::Write, 0, b, pad, n as u64, fua);
-                }
+            // The part's copy, after `head` bytes: aligned for O_DIRECT in
+            // place (no bounce copy then), room for the record header in the
+            // journal (no second copy). Only the head is zeroed.
+            let mut b: Vec<u8> = Vec::with_capacity(n + DIRECT_ALIGN.max(RECORD_HEADER_LEN));
+            let head = if place {
+                b.as_ptr().align_offset(DIRECT_ALIGN)
             } else {
-                let mut b = vec![0u8; RECORD_HEADER_LEN + n];
-                b[RECORD_HEADER_LEN..].copy_from_slice(&buf[from..from + n]);
-                self.enqueue(
-                    io,
-                    part,
-                    s,
-                    RecordKind::Write,
-                    0,
-                    b,
-                    RECORD_HEADER_LEN,
-                    n as u64,
-                    fua,
-                );
-            }
+                RECORD_HEADER_LEN
+            };
+            b.resize(head, 0);
+            b.extend_from_slice(&buf[from..from + n]);
+            let b = match place {
+                true => match self.try_in_place(io, part, s, b, head, n, fua) {
+                    None => continue,
+                    Some(b) => b,
+                },
+                false => b,
+            };
+            self.enqueue(io, part, s, RecordKind::Write, 0, b, head, n as u64, fua);
         }
         if self.recycled.len() < 64 {
             self.recycled.push(buf);
