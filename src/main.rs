@@ -38,7 +38,7 @@ enum Cmd {
         /// Disk size: bytes or with a K/M/G/T suffix (binary units), a multiple of 4 KiB.
         #[arg(long, value_parser = parse_size, required_unless_present = "config")]
         size: Option<u64>,
-        /// Journal ring size (default: size/8, between 16 MiB and 1 GiB).
+        /// Journal ring size (default: half the disk, between 16 MiB and 1 GiB).
         #[arg(long, value_parser = parse_size)]
         journal_size: Option<u64>,
         /// This node's id within its volume (1 or more; each node its own; default 1).
@@ -122,8 +122,8 @@ enum Cmd {
         #[arg(long, value_parser = parse_size)]
         scrub_rate: Option<u64>,
         /// Large writes straight to the data file with O_DIRECT, bypassing
-        /// the page cache: auto = on a secondary (it serves no reads), off on
-        /// a primary.
+        /// the page cache (on), or through it (off; auto, the default, is
+        /// off: faster here on every node, docs/mirroring.md).
         #[arg(long, value_enum, default_value_t = DirectWrites::Auto)]
         direct_writes: DirectWrites,
         /// Pin the event loop thread and its kernel I/O workers to this CPU
@@ -1273,7 +1273,7 @@ fn scrub(action: ScrubCmd) -> Result<(), String> {
 }
 
 fn default_journal(size: u64) -> u64 {
-    (size / 8).clamp(16 << 20, 1 << 30) / 4096 * 4096
+    (size / 2).clamp(16 << 20, 1 << 30) / 4096 * 4096
 }
 
 fn run(cli: Cli) -> Result<(), String> {

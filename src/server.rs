@@ -227,8 +227,9 @@ const POLL_WINDOW: Duration = Duration::from_millis(1);
 /// (see `Store::set_direct_fd`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum DirectWrites {
-    /// On for a secondary (it serves no reads, so the page cache only costs
-    /// it), off otherwise.
+    /// The page cache on every node, as `off` (it was O_DIRECT on a
+    /// secondary until the twenty-second session measured that slower:
+    /// docs/mirroring.md, "The write path (primary)").
     Auto,
     On,
     Off,
@@ -705,16 +706,8 @@ impl Server {
             .as_ref()
             .is_some_and(|m| m.role == mirror::NodeRole::Secondary);
         let direct = match config.direct_writes {
-            DirectWrites::Off => None,
-            DirectWrites::Auto if !secondary => None,
-            want => match dir::open_direct(replica) {
-                Ok(f) => Some(f),
-                Err(e) if want == DirectWrites::Auto => {
-                    crate::elog!("nbdmirror: {e}; writing through the page cache");
-                    None
-                }
-                Err(e) => return Err(e),
-            },
+            DirectWrites::Off | DirectWrites::Auto => None,
+            DirectWrites::On => Some(dir::open_direct(replica)?),
         };
         store.set_direct_fd(direct.as_ref().map(|f| f.as_raw_fd()));
         // A scrub reads the disk itself, not the page cache.

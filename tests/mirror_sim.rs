@@ -99,13 +99,15 @@ fn boot(
     let mut store = Store::open(&mut io, files, sb_now, tuning()).expect("recovery");
     // As `serve`: after recovery, the data file's writes run on the loop too.
     io.inline_write_fds.push(files.data);
-    if id != 1 {
-        // As `serve --direct-writes auto` on a secondary: in-place writes
-        // through a second (O_DIRECT) descriptor of the data file.
+    if id == 3 {
+        // As `serve --direct-writes on` (a secondary's default until the
+        // twenty-second session): in-place writes through a second
+        // (O_DIRECT) descriptor of the data file.
         let direct = io.alias_fd(files.data);
         store.set_direct_fd(Some(direct));
     } else {
-        // ... and one in-place piece in four goes to the workers.
+        // As `serve` by default: one in-place piece in four goes to the
+        // workers.
         let worker = io.alias_fd(files.data);
         store.set_worker_data_fd(Some(worker));
     }
