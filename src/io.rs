@@ -209,6 +209,11 @@ pub trait Io {
         // SAFETY: a fresh descriptor we own.
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
         crate::server::set_nodelay(fd.as_raw_fd());
+        // Its TIME_WAIT then does not keep a listener from binding its port
+        // (as an accepted socket's does not, inheriting the listener's
+        // SO_REUSEADDR). That matters when it connected to itself (see
+        // `server::connected_to_itself`): its port is the peer's.
+        crate::server::set_reuseaddr(fd.as_raw_fd());
         Ok(fd)
     }
 

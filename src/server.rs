@@ -440,6 +440,52 @@ fn block_signals() -> Result<OwnedFd, String> {
     }
 }
 
+/// Whether a connected TCP socket is connected to itself: its local and
+/// peer addresses are the same. Linux does this when a socket connects to a
+/// port on its own host that nobody listens on and the kernel happens to
+/// pick that very port as the socket's local one (a simultaneous open with
+/// itself). Then the port stays taken for as long as the socket lives, and
+/// the node that should listen there cannot. False for anything that is
+/// not a socket or whose addresses cannot be read.
+pub(crate) fn connected_to_itself(fd: RawFd) -> bool {
+    let name = |peer: bool| {
+        // SAFETY: getsockname/getpeername write at most `len` bytes into a
+        // zeroed sockaddr_storage, which is large enough for any address.
+        unsafe {
+            let mut ss: libc::sockaddr_storage = std::mem::zeroed();
+            let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+            let p = &mut ss as *mut libc::sockaddr_storage as *mut libc::sockaddr;
+            let r = if peer {
+                libc::getpeername(fd, p, &mut len)
+            } else {
+                libc::getsockname(fd, p, &mut len)
+            };
+            (r == 0).then(|| {
+                let bytes = std::slice::from_raw_parts(p as *const u8, len as usize);
+                bytes.to_vec()
+            })
+        }
+    };
+    match (name(false), name(true)) {
+        (Some(local), Some(peer)) => local == peer,
+        _ => false,
+    }
+}
+
+pub(crate) fn set_reuseaddr(fd: RawFd) {
+    let one: libc::c_int = 1;
+    // SAFETY: setsockopt with a valid pointer to an int of the right size.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_REUSEADDR,
+            &one as *const _ as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as u32,
+        );
+    }
+}
+
 pub(crate) fn set_nodelay(fd: RawFd) {
     let one: libc::c_int = 1;
     // SAFETY: setsockopt with a valid pointer to an int of the right size.

@@ -26,6 +26,10 @@
 //! * `link_cut_netns`: the secondary in a network namespace behind a veth
 //!   pair, the link cut with iptables DROP (root only; skipped otherwise,
 //!   failed under CI=true); writes continue; link restored; catch-up;
+//! * `a_primary_connecting_to_itself_leaves_the_peer_port_free`: both nodes
+//!   in a namespace whose ephemeral ports are the peer's port and the next;
+//!   the primary, started first, connects to itself; the secondary must
+//!   still bind its port and come in sync;
 //! * `primary_killed_during_resync`: 64 MiB written while the secondary is
 //!   down, resync at 4 MiB/s, the primary SIGKILLed half way and restarted:
 //!   the resync resumes (does not start over) and finishes;
@@ -2345,6 +2349,69 @@ fn link_cut_netns() {
     check_model_file(&cl.nodes[0].data(), &model, seed);
     drop(cl);
     drop(ns);
+}
+
+/// A primary whose peer is not up yet keeps connecting to the peer's
+/// address; on one host the kernel may give such a socket the peer's very
+/// port as its own, and it connects to itself. The primary must let go of
+/// that port at once (and leave no TIME_WAIT that blocks a listener), or
+/// the secondary, started next, cannot bind it (it gave up after 10 s).
+/// Both nodes run in a network namespace whose ephemeral ports are only the
+/// peer's port and the one after it, so every other attempt connects to
+/// itself.
+#[test]
+fn a_primary_connecting_to_itself_leaves_the_peer_port_free() {
+    let test = "a_primary_connecting_to_itself_leaves_the_peer_port_free";
+    if unsafe { libc::geteuid() } != 0 {
+        skip_or_fail(test, "needs root (ip netns)");
+        return;
+    }
+    if !require_tools(test, &["ip", "sh"]) {
+        return;
+    }
+    let _wd = Watchdog::new(test, Duration::from_secs(120));
+    let seed = test_seed(test);
+    let ns = match NetNs::create() {
+        Ok(ns) => ns,
+        Err(e) => {
+            skip_or_fail(test, &format!("cannot set up a network namespace: {e}"));
+            return;
+        }
+    };
+    let mut cl = Cluster::with_secondary_host(
+        test,
+        seed,
+        Opts::new(16 * MIB, 2),
+        "127.0.0.1",
+        &ns.prefix(),
+    );
+    cl.primary().prefix = ns.prefix();
+    let port = cl.node(2).port;
+    let mut cmd = Command::new(tool("ip"));
+    cmd.args(["netns", "exec", &ns.name, "sh", "-c"])
+        .arg(format!(
+            "echo '{port} {}' > /proc/sys/net/ipv4/ip_local_port_range",
+            port + 1
+        ));
+    run_ok_timeout(&mut cmd, Duration::from_secs(20));
+    cl.primary().start();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let log = cl.primary().stderr();
+        if log.contains("connected to itself") || log.contains("looped back") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the primary did not connect to itself within 30 s{}",
+            cl.stderr_tails()
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    cl.node(2).start();
+    cl.wait_in_sync(Duration::from_secs(20));
+    cl.stop_all();
+    cl.assert_replicas_identical();
 }
 
 /// Under `--resync-rate` each peer has its own token bucket, and a peer with

@@ -2297,6 +2297,18 @@ impl Mirror {
             self.link_failed(io, store, link, why);
             return;
         }
+        if crate::server::connected_to_itself(l.fd.as_raw_fd()) {
+            // Nobody listens at the peer's address on this host, and the
+            // kernel gave our socket that very port: left open, it would
+            // keep the peer from listening there when it starts.
+            self.link_failed(
+                io,
+                store,
+                link,
+                "cannot connect: nothing listens there (the socket connected to itself)".into(),
+            );
+            return;
+        }
         let expected = l.peer.map(|i| self.peers[i].node_id);
         match Handshake::new(Role::Initiator, self.hs_config(expected)) {
             Ok(h) => {
