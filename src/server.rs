@@ -472,32 +472,27 @@ pub(crate) fn connected_to_itself(fd: RawFd) -> bool {
     }
 }
 
-pub(crate) fn set_reuseaddr(fd: RawFd) {
+/// Turn an int socket option on (best effort: a failure leaves it off).
+fn set_flag(fd: RawFd, level: libc::c_int, name: libc::c_int) {
     let one: libc::c_int = 1;
     // SAFETY: setsockopt with a valid pointer to an int of the right size.
     unsafe {
         libc::setsockopt(
             fd,
-            libc::SOL_SOCKET,
-            libc::SO_REUSEADDR,
+            level,
+            name,
             &one as *const _ as *const libc::c_void,
             std::mem::size_of::<libc::c_int>() as u32,
         );
     }
 }
 
+pub(crate) fn set_reuseaddr(fd: RawFd) {
+    set_flag(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR);
+}
+
 pub(crate) fn set_nodelay(fd: RawFd) {
-    let one: libc::c_int = 1;
-    // SAFETY: setsockopt with a valid pointer to an int of the right size.
-    unsafe {
-        libc::setsockopt(
-            fd,
-            libc::IPPROTO_TCP,
-            libc::TCP_NODELAY,
-            &one as *const _ as *const libc::c_void,
-            std::mem::size_of::<libc::c_int>() as u32,
-        );
-    }
+    set_flag(fd, libc::IPPROTO_TCP, libc::TCP_NODELAY);
 }
 
 /// Listening sockets passed by systemd (LISTEN_PID/LISTEN_FDS), if any.

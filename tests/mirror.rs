@@ -2204,6 +2204,26 @@ impl NetNs {
         Ok(ns)
     }
 
+    /// A namespace for `test`, or None when the test cannot have one
+    /// (not root, a tool missing, creation failed): then it was skipped,
+    /// or failed under CI=true.
+    fn for_test(test: &str, tools: &[&str]) -> Option<NetNs> {
+        if unsafe { libc::geteuid() } != 0 {
+            skip_or_fail(test, &format!("needs root ({})", tools.join(", ")));
+            return None;
+        }
+        if !require_tools(test, tools) {
+            return None;
+        }
+        match NetNs::create() {
+            Ok(ns) => Some(ns),
+            Err(e) => {
+                skip_or_fail(test, &format!("cannot set up a network namespace: {e}"));
+                None
+            }
+        }
+    }
+
     fn prefix(&self) -> Vec<String> {
         vec![
             tool("ip").display().to_string(),
@@ -2263,21 +2283,10 @@ impl Drop for NetNs {
 #[test]
 fn link_cut_netns() {
     let test = "link_cut_netns";
-    if unsafe { libc::geteuid() } != 0 {
-        skip_or_fail(test, "needs root (ip netns, veth, iptables)");
-        return;
-    }
-    if !require_tools(test, &["ip", "iptables"]) {
-        return;
-    }
     let _wd = Watchdog::new(test, Duration::from_secs(180));
     let seed = test_seed(test);
-    let ns = match NetNs::create() {
-        Ok(ns) => ns,
-        Err(e) => {
-            skip_or_fail(test, &format!("cannot set up a network namespace: {e}"));
-            return;
-        }
+    let Some(ns) = NetNs::for_test(test, &["ip", "iptables"]) else {
+        return;
     };
     let size = 128 * MIB;
     let mut o = Opts::new(size, 2);
@@ -2362,21 +2371,10 @@ fn link_cut_netns() {
 #[test]
 fn a_primary_connecting_to_itself_leaves_the_peer_port_free() {
     let test = "a_primary_connecting_to_itself_leaves_the_peer_port_free";
-    if unsafe { libc::geteuid() } != 0 {
-        skip_or_fail(test, "needs root (ip netns)");
-        return;
-    }
-    if !require_tools(test, &["ip", "sh"]) {
-        return;
-    }
     let _wd = Watchdog::new(test, Duration::from_secs(120));
     let seed = test_seed(test);
-    let ns = match NetNs::create() {
-        Ok(ns) => ns,
-        Err(e) => {
-            skip_or_fail(test, &format!("cannot set up a network namespace: {e}"));
-            return;
-        }
+    let Some(ns) = NetNs::for_test(test, &["ip", "sh"]) else {
+        return;
     };
     let mut cl = Cluster::with_secondary_host(
         test,
