@@ -183,6 +183,11 @@ impl JournalRing {
 #[derive(Debug)]
 pub struct Recovered {
     pub header: RecordHeader,
+    /// Where its header is in the ring.
+    pub pos: u64,
+    /// A Write record's data (verified against its checksum), empty for
+    /// other kinds. A caller that keeps many records may drop it and read
+    /// it again with [`reread_data`].
     pub data: Vec<u8>,
 }
 
@@ -246,12 +251,20 @@ pub fn scan(
                         "record {seq} at {pos} is torn (data checksum mismatch)"
                     )));
                 };
-                each(io, Recovered { header: h, data })?;
+                each(
+                    io,
+                    Recovered {
+                        header: h,
+                        pos,
+                        data,
+                    },
+                )?;
             }
             RecordKind::Zero | RecordKind::InPlace => each(
                 io,
                 Recovered {
                     header: h,
+                    pos,
                     data: Vec::new(),
                 },
             )?,
@@ -369,6 +382,19 @@ fn read_at(io: &mut dyn Io, fd: RawFd, pos: u64, len: usize) -> Result<(Vec<u8>,
 
 /// The data of the Write record whose header (`h`) is at `pos`, if all of
 /// it is there and matches the header's hash.
+/// The data of the Write record `rec`, read from the ring again (recovery
+/// keeps only the headers of the records it scanned, not up to a ring's
+/// worth of data) and verified again.
+pub fn reread_data(io: &mut dyn Io, fd: RawFd, rec: &Recovered) -> Result<Vec<u8>, String> {
+    let h = &rec.header;
+    record_data(io, fd, rec.pos, h)?.ok_or_else(|| {
+        format!(
+            "journal record {} at {} verified when recovery scanned it but not when it read it              again to replay it: the disk returns different bytes for the same place. Check              the disk",
+            h.seq, rec.pos
+        )
+    })
+}
+
 fn record_data(
     io: &mut dyn Io,
     fd: RawFd,

@@ -836,7 +836,13 @@ impl Store {
             sb.tail_seq,
             sb.epoch,
             |_, rec| {
-                records.push(rec);
+                // Headers only: replay reads each record's data again
+                // (`journal::reread_data`), so recovery needs memory for
+                // one record, not for up to a ring's worth of them.
+                records.push(journal::Recovered {
+                    data: Vec::new(),
+                    ..rec
+                });
                 Ok(())
             },
         )?;
@@ -899,7 +905,15 @@ impl Store {
             .map(|r| (r.offset.min(sb.size), (r.offset + r.length).min(sb.size)))
             .filter(|(s, e)| s < e)
             .collect();
-        let unsure = replay_all(io, files.data, &mut sums, sb.size, records, &extra)?;
+        let unsure = replay_all(
+            io,
+            files.data,
+            files.journal,
+            &mut sums,
+            sb.size,
+            records,
+            &extra,
+        )?;
         if let Some(u) = uncertain.as_mut() {
             let before = u.count();
             for &(s, e) in &unsure {
@@ -3590,6 +3604,7 @@ fn map_write_errno(e: i32) -> i32 {
 fn replay_all(
     io: &mut dyn Io,
     data: RawFd,
+    journal: RawFd,
     sums: &mut ChecksumTable,
     size: u64,
     records: Vec<journal::Recovered>,
@@ -3623,7 +3638,7 @@ fn replay_all(
         // In-place writes never overlap older records still in the journal,
         // block for block (see `journaled_chunks`, `split_plan`), so every
         // record replays whole.
-        replay(io, data, sums, size, rec)?;
+        replay(io, data, journal, sums, size, rec)?;
     }
     let mut changed = 0u64;
     for (_, s, e) in inplace.iter().copied() {
@@ -3667,6 +3682,7 @@ fn replay_all(
 fn replay(
     io: &mut dyn Io,
     data: RawFd,
+    journal: RawFd,
     sums: &mut ChecksumTable,
     size: u64,
     rec: &journal::Recovered,
@@ -3695,6 +3711,14 @@ fn replay(
     // data file would turn bytes known to be corrupt into good data.
     let first = h.offset / BLOCK_SIZE;
     let last = end.div_ceil(BLOCK_SIZE);
+    // A Write record's data: kept by the scan's caller, or read again.
+    let reread;
+    let bytes: &[u8] = if h.kind == RecordKind::Write && rec.data.len() != h.length as usize {
+        reread = journal::reread_data(io, journal, rec)?;
+        &reread
+    } else {
+        &rec.data
+    };
     let mut marked = Vec::new();
     if h.kind == RecordKind::Write || h.kind == RecordKind::Zero {
         for b in [first, last - 1] {
@@ -3710,7 +3734,7 @@ fn replay(
         }
     }
     match h.kind {
-        RecordKind::Write => write_blocking(io, data, h.offset, rec.data.clone())?,
+        RecordKind::Write => write_blocking(io, data, h.offset, bytes.to_vec())?,
         RecordKind::Zero => {
             let c = io.run(Op::Fallocate {
                 fd: data,
@@ -3739,7 +3763,7 @@ fn replay(
         }
         if covered {
             let s = (b * BLOCK_SIZE - h.offset) as usize;
-            sums.set(b, block_checksum(b, &rec.data[s..s + BLOCK_SIZE as usize]));
+            sums.set(b, block_checksum(b, &bytes[s..s + BLOCK_SIZE as usize]));
             continue;
         }
         let buf = read_blocking(io, data, b * BLOCK_SIZE, BLOCK_SIZE as usize)
