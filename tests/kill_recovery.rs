@@ -1075,8 +1075,6 @@ fn write_survives_server_kill_after_flush() {
     }
 }
 
-/// Test the test: `nbdkit memory` forgets everything when killed, so the
-/// same cycles must report lost durable data.
 /// Recovery keeps the headers of the records it replays, not their data:
 /// with ~90 MiB of flushed, unapplied-to-a-checkpoint records in a 256 MiB
 /// journal, the restarted node's peak memory stays far below that (it held
@@ -1140,6 +1138,8 @@ fn recovery_memory_does_not_grow_with_the_journal() {
     );
 }
 
+/// Test the test: `nbdkit memory` forgets everything when killed, so the
+/// same cycles must report lost durable data.
 #[test]
 fn checker_detects_data_loss_on_nbdkit_memory() {
     let test = "checker_detects_data_loss_on_nbdkit_memory";

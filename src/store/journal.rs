@@ -380,8 +380,6 @@ fn read_at(io: &mut dyn Io, fd: RawFd, pos: u64, len: usize) -> Result<(Vec<u8>,
     Ok((buf, c.result as usize))
 }
 
-/// The data of the Write record whose header (`h`) is at `pos`, if all of
-/// it is there and matches the header's hash.
 /// The data of the Write record `rec`, read from the ring again (recovery
 /// keeps only the headers of the records it scanned, not up to a ring's
 /// worth of data) and verified again.
@@ -389,12 +387,16 @@ pub fn reread_data(io: &mut dyn Io, fd: RawFd, rec: &Recovered) -> Result<Vec<u8
     let h = &rec.header;
     record_data(io, fd, rec.pos, h)?.ok_or_else(|| {
         format!(
-            "journal record {} at {} verified when recovery scanned it but not when it read it              again to replay it: the disk returns different bytes for the same place. Check              the disk",
+            "journal record {} at {} verified when recovery scanned it but not when it read it \
+             again to replay it: the disk returns different bytes for the same place. Check \
+             the disk",
             h.seq, rec.pos
         )
     })
 }
 
+/// The data of the Write record whose header (`h`) is at `pos`, if all of
+/// it is there and matches the header's hash.
 fn record_data(
     io: &mut dyn Io,
     fd: RawFd,
