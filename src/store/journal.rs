@@ -183,12 +183,10 @@ impl JournalRing {
 #[derive(Debug)]
 pub struct Recovered {
     pub header: RecordHeader,
-    /// Where its header is in the ring.
+    /// Where its header is in the ring. A Write record's data was verified
+    /// by the scan but not kept (recovery would hold up to a ring's worth):
+    /// [`reread_data`] reads it again.
     pub pos: u64,
-    /// A Write record's data (verified against its checksum), empty for
-    /// other kinds. A caller that keeps many records may drop it and read
-    /// it again with [`reread_data`].
-    pub data: Vec<u8>,
 }
 
 /// Where the scan stopped and why.
@@ -246,28 +244,14 @@ pub fn scan(
         }
         match h.kind {
             RecordKind::Write => {
-                let Some(data) = record_data(io, fd, pos, &h)? else {
+                if record_data(io, fd, pos, &h)?.is_none() {
                     return Ok(stop(format!(
                         "record {seq} at {pos} is torn (data checksum mismatch)"
                     )));
-                };
-                each(
-                    io,
-                    Recovered {
-                        header: h,
-                        pos,
-                        data,
-                    },
-                )?;
+                }
+                each(io, Recovered { header: h, pos })?;
             }
-            RecordKind::Zero | RecordKind::InPlace => each(
-                io,
-                Recovered {
-                    header: h,
-                    pos,
-                    data: Vec::new(),
-                },
-            )?,
+            RecordKind::Zero | RecordKind::InPlace => each(io, Recovered { header: h, pos })?,
             RecordKind::Wrap | RecordKind::Void => {}
         }
         scanned += h.span as u64;
@@ -380,9 +364,8 @@ fn read_at(io: &mut dyn Io, fd: RawFd, pos: u64, len: usize) -> Result<(Vec<u8>,
     Ok((buf, c.result as usize))
 }
 
-/// The data of the Write record `rec`, read from the ring again (recovery
-/// keeps only the headers of the records it scanned, not up to a ring's
-/// worth of data) and verified again.
+/// The data of the Write record `rec`, read from the ring again and
+/// verified again.
 pub fn reread_data(io: &mut dyn Io, fd: RawFd, rec: &Recovered) -> Result<Vec<u8>, String> {
     let h = &rec.header;
     record_data(io, fd, rec.pos, h)?.ok_or_else(|| {

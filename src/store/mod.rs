@@ -836,13 +836,7 @@ impl Store {
             sb.tail_seq,
             sb.epoch,
             |_, rec| {
-                // Headers only: replay reads each record's data again
-                // (`journal::reread_data`), so recovery needs memory for
-                // one record, not for up to a ring's worth of them.
-                records.push(journal::Recovered {
-                    data: Vec::new(),
-                    ..rec
-                });
+                records.push(rec);
                 Ok(())
             },
         )?;
@@ -3711,14 +3705,6 @@ fn replay(
     // data file would turn bytes known to be corrupt into good data.
     let first = h.offset / BLOCK_SIZE;
     let last = end.div_ceil(BLOCK_SIZE);
-    // A Write record's data: kept by the scan's caller, or read again.
-    let reread;
-    let bytes: &[u8] = if h.kind == RecordKind::Write && rec.data.len() != h.length as usize {
-        reread = journal::reread_data(io, journal, rec)?;
-        &reread
-    } else {
-        &rec.data
-    };
     let mut marked = Vec::new();
     if h.kind == RecordKind::Write || h.kind == RecordKind::Zero {
         for b in [first, last - 1] {
@@ -3734,7 +3720,16 @@ fn replay(
         }
     }
     match h.kind {
-        RecordKind::Write => write_blocking(io, data, h.offset, bytes.to_vec())?,
+        RecordKind::Write => {
+            // The scan kept headers only: memory for one record at a time,
+            // not up to a ring's worth.
+            let bytes = journal::reread_data(io, journal, rec)?;
+            for b in h.offset.div_ceil(BLOCK_SIZE)..end / BLOCK_SIZE {
+                let s = (b * BLOCK_SIZE - h.offset) as usize;
+                sums.set(b, block_checksum(b, &bytes[s..s + BLOCK_SIZE as usize]));
+            }
+            write_blocking(io, data, h.offset, bytes)?;
+        }
         RecordKind::Zero => {
             let c = io.run(Op::Fallocate {
                 fd: data,
@@ -3762,8 +3757,7 @@ fn replay(
             continue;
         }
         if covered {
-            let s = (b * BLOCK_SIZE - h.offset) as usize;
-            sums.set(b, block_checksum(b, &bytes[s..s + BLOCK_SIZE as usize]));
+            // A Write's: set from its data above.
             continue;
         }
         let buf = read_blocking(io, data, b * BLOCK_SIZE, BLOCK_SIZE as usize)
