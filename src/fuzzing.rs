@@ -256,6 +256,25 @@ pub fn replication_payloads(p: &[u8]) {
     if let Ok((id, first, sums)) = wire::decode_sums(p) {
         assert_eq!(wire::encode_sums(id, first, &sums)[..], p[..]);
     }
+    if let Ok(r) = wire::decode_summed(p, disk) {
+        assert_eq!(r.header.encode()[..], p[..wire::RECORD_HEADER]);
+        assert!(wire::summable(r.header.offset, r.header.length as u64));
+        assert!(r.header.offset + r.header.length as u64 <= disk);
+        assert_eq!(
+            r.sums.len() as u64 * wire::SUMMED_BLOCK,
+            r.header.length as u64
+        );
+        assert_eq!(p.len(), r.data_at + r.header.length as usize);
+        assert_eq!(
+            wire::encode_block_sums(&r.sums)[..],
+            p[wire::RECORD_HEADER..r.data_at]
+        );
+        let ok = wire::verify_block_sums(&r, p).is_ok();
+        assert_eq!(
+            ok,
+            wire::block_sums(r.header.offset / 4096, &p[r.data_at..]) == r.sums
+        );
+    }
 }
 
 /// The handshake configuration the peer fuzz harness and smoke test use.

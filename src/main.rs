@@ -1649,6 +1649,7 @@ fn run(cli: Cli) -> Result<(), String> {
                     force_inconsistent,
                     scrub_rate,
                     scrub_interval,
+                    protocol_version: nbdmirror::peer::messages::PROTOCOL_VERSION,
                 }),
                 direct_writes,
                 cpu,

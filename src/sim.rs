@@ -675,6 +675,14 @@ pub struct SimNet {
     down: HashSet<u32>,
     /// Bytes delivered, for tests that want to see traffic.
     pub delivered: u64,
+    /// Damage about one byte in this many sent (0: none): a segment of `n`
+    /// bytes has one bit flipped on the way with probability `n / this`,
+    /// as a faulty NIC or switch might (TCP's own checksum lets some
+    /// through), so long data segments take most of the damage.
+    pub damage_one_in: u64,
+    /// Segments damaged so far.
+    pub damaged: u64,
+    damage_rng: u64,
 }
 
 impl SimNet {
@@ -690,6 +698,9 @@ impl SimNet {
             blocked: HashSet::new(),
             down: HashSet::new(),
             delivered: 0,
+            damage_one_in: 0,
+            damaged: 0,
+            damage_rng: 0x9e37_79b9_7f4a_7c15,
         }))
     }
 
@@ -941,8 +952,24 @@ impl SimNet {
                     return Some(-libc::ENOTCONN);
                 };
                 let when = self.now + self.delay;
-                let data = buf[*at..].to_vec();
+                let mut data = buf[*at..].to_vec();
                 let n = data.len() as i32;
+                if self.damage_one_in > 0 && !data.is_empty() {
+                    let mut roll = || {
+                        // xorshift64: the damage is reproducible per run.
+                        let mut x = self.damage_rng;
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        self.damage_rng = x;
+                        x
+                    };
+                    if roll() % self.damage_one_in < data.len() as u64 {
+                        let at = (roll() % data.len() as u64) as usize;
+                        data[at] ^= 1 << (roll() % 8);
+                        self.damaged += 1;
+                    }
+                }
                 if let Some(ps) = self.socks.get_mut(&p) {
                     if !ps.shut && !ps.reset {
                         ps.inbox.push_back((when, Seg::Data(data)));

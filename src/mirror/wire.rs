@@ -1,9 +1,12 @@
-//! Payloads of the replication frames (Record, Ack, Flush, FlushAck, Ping,
-//! Pong, SumsRequest, Sums, BlockRequest, BlockData) exchanged after the peer handshake. docs/peer-protocol.md
+//! Payloads of the replication frames (Record, SummedRecord, Ack, Flush,
+//! FlushAck, Ping, Pong, SumsRequest, Sums, BlockRequest, BlockData)
+//! exchanged after the peer handshake. docs/peer-protocol.md
 //! ("Replication") is the specification.
 //!
 //! Owns: encoding and strict decoding of those payloads. A payload that does
 //! not decode is a protocol error: the receiver drops the connection.
+
+use crate::store::checksum::block_checksum;
 
 pub const RECORD_HEADER: usize = 64;
 
@@ -40,6 +43,27 @@ impl RecordHeader {
 
     /// Decode and check a Record payload against a disk of `size` bytes.
     pub fn decode(p: &[u8], size: u64) -> Result<RecordHeader, String> {
+        let h = Self::parse(p)?;
+        let data = p.len() - RECORD_HEADER;
+        match h.kind {
+            KIND_WRITE if data != h.length as usize => {
+                return Err(format!(
+                    "Record declares {} bytes but carries {data}",
+                    h.length
+                ))
+            }
+            KIND_ZERO | KIND_TRIM if data != 0 => {
+                return Err("zero/trim Record carries data".into())
+            }
+            _ => {}
+        }
+        h.check_range(size)?;
+        Ok(h)
+    }
+
+    /// The header at the start of a Record or SummedRecord payload, with
+    /// its reserved bytes, flags and kind checked.
+    fn parse(p: &[u8]) -> Result<RecordHeader, String> {
         if p.len() < RECORD_HEADER {
             return Err(format!("Record payload of {} bytes is too short", p.len()));
         }
@@ -56,20 +80,14 @@ impl RecordHeader {
         if h.flags & !(FLAG_FUA | FLAG_NO_HOLE | FLAG_RESYNC) != 0 {
             return Err(format!("Record has unknown flags {:#x}", h.flags));
         }
-        let data = p.len() - RECORD_HEADER;
         match h.kind {
-            KIND_WRITE if data != h.length as usize => {
-                return Err(format!(
-                    "Record declares {} bytes but carries {data}",
-                    h.length
-                ))
-            }
-            KIND_ZERO | KIND_TRIM if data != 0 => {
-                return Err("zero/trim Record carries data".into())
-            }
-            KIND_WRITE | KIND_ZERO | KIND_TRIM => {}
-            k => return Err(format!("Record has unknown kind {k}")),
+            KIND_WRITE | KIND_ZERO | KIND_TRIM => Ok(h),
+            k => Err(format!("Record has unknown kind {k}")),
         }
+    }
+
+    fn check_range(&self, size: u64) -> Result<(), String> {
+        let h = self;
         if h.length == 0
             || h.offset
                 .checked_add(h.length as u64)
@@ -80,8 +98,103 @@ impl RecordHeader {
                 h.offset, h.length
             ));
         }
-        Ok(h)
+        Ok(())
     }
+}
+
+/// Bytes of disk each block checksum of a SummedRecord covers.
+pub const SUMMED_BLOCK: u64 = 4096;
+
+/// Whether a write of `len` bytes at `offset` can go as a SummedRecord: it
+/// covers whole blocks.
+pub fn summable(offset: u64, len: u64) -> bool {
+    len > 0 && offset.is_multiple_of(SUMMED_BLOCK) && len.is_multiple_of(SUMMED_BLOCK)
+}
+
+/// The block checksums of `data`, written at block `first`, as a
+/// SummedRecord carries them (`store::checksum::block_checksum`).
+pub fn block_sums(first: u64, data: &[u8]) -> Vec<u64> {
+    data.chunks(SUMMED_BLOCK as usize)
+        .enumerate()
+        .map(|(i, b)| block_checksum(first + i as u64, b))
+        .collect()
+}
+
+/// The block checksums in SummedRecord form (after the record header).
+pub fn encode_block_sums(sums: &[u64]) -> Vec<u8> {
+    sums.iter().flat_map(|s| s.to_le_bytes()).collect()
+}
+
+/// A decoded SummedRecord payload: a write of whole blocks, the checksum
+/// of each, and where its data starts in the payload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SummedRecord {
+    pub header: RecordHeader,
+    pub sums: Vec<u64>,
+    pub data_at: usize,
+}
+
+/// Decode and check a SummedRecord payload (record header, then one u64
+/// block checksum per 4 KiB block of the write, then its data) against a
+/// disk of `size` bytes. The data is not checked against the block
+/// checksums here: [`verify_block_sums`] does that, and must, before the
+/// data is used (the frame checksum does not cover it).
+pub fn decode_summed(p: &[u8], size: u64) -> Result<SummedRecord, String> {
+    let h = RecordHeader::parse(p)?;
+    if h.kind != KIND_WRITE {
+        return Err(format!(
+            "SummedRecord of kind {} (only writes are summed)",
+            h.kind
+        ));
+    }
+    if !summable(h.offset, h.length as u64) {
+        return Err(format!(
+            "SummedRecord for bytes {}..+{} is not whole 4 KiB blocks",
+            h.offset, h.length
+        ));
+    }
+    h.check_range(size)?;
+    let n = h.length as usize / SUMMED_BLOCK as usize;
+    let data_at = RECORD_HEADER + 8 * n;
+    if p.len() != data_at + h.length as usize {
+        return Err(format!(
+            "SummedRecord of {} bytes carries {} bytes, expected {}",
+            h.length,
+            p.len(),
+            data_at + h.length as usize
+        ));
+    }
+    let sums = p[RECORD_HEADER..data_at]
+        .chunks(8)
+        .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    Ok(SummedRecord {
+        header: h,
+        sums,
+        data_at,
+    })
+}
+
+/// Check a SummedRecord's data (`payload[r.data_at..]`) against its block
+/// checksums: a mismatch is data damaged in transit (or a peer computing
+/// block checksums another way), and the connection must be dropped.
+pub fn verify_block_sums(r: &SummedRecord, payload: &[u8]) -> Result<(), String> {
+    let first = r.header.offset / SUMMED_BLOCK;
+    let data = &payload[r.data_at..];
+    for (i, (b, &sent)) in data.chunks(SUMMED_BLOCK as usize).zip(&r.sums).enumerate() {
+        let got = block_checksum(first + i as u64, b);
+        if got != sent {
+            return Err(format!(
+                "record {}: block {} (disk bytes {}..+4096) does not match the checksum sent \
+                 with it ({sent:016x}, the data hashes to {got:016x}): the data was corrupted \
+                 in transit, dropping the connection",
+                r.header.id,
+                first + i as u64,
+                (first + i as u64) * SUMMED_BLOCK
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Ack and FlushAck: the id answered and an errno (0 = success).
@@ -347,5 +460,66 @@ mod tests {
         assert!(decode_block_data(&e).is_err());
         d[13] = 1;
         assert!(decode_block_data(&d).is_err());
+    }
+
+    #[test]
+    fn summed_record_round_trip_verify_and_rejects() {
+        let data: Vec<u8> = (0..3 * 4096).map(|i| (i % 253) as u8 + 1).collect();
+        let mut data = data;
+        data[4096..8192].fill(0); // a zero block sums to 0
+        let h = RecordHeader {
+            id: 4,
+            offset: 8192,
+            length: data.len() as u32,
+            kind: KIND_WRITE,
+            flags: FLAG_FUA,
+        };
+        let sums = block_sums(2, &data);
+        assert_eq!(sums[1], 0);
+        assert_eq!(sums[0], block_checksum(2, &data[..4096]));
+        let mut p = h.encode().to_vec();
+        p.extend_from_slice(&encode_block_sums(&sums));
+        p.extend_from_slice(&data);
+        assert_eq!(
+            crate::peer::frame::covered_len(
+                crate::peer::frame::FrameKind::SummedRecord.code(),
+                p.len()
+            ),
+            RECORD_HEADER + 24
+        );
+        let r = decode_summed(&p, 1 << 20).unwrap();
+        assert_eq!(
+            (r.header, &r.sums, r.data_at),
+            (h, &sums, RECORD_HEADER + 24)
+        );
+        verify_block_sums(&r, &p).unwrap();
+        // Damaged data, or blocks swapped, fail the check and name the block.
+        for at in [r.data_at, r.data_at + 4096 + 7, p.len() - 1] {
+            let mut q = p.clone();
+            q[at] ^= 0x40;
+            let e = verify_block_sums(&decode_summed(&q, 1 << 20).unwrap(), &q).unwrap_err();
+            let block = 2 + (at - r.data_at) / 4096;
+            assert!(e.contains(&format!("block {block} ")), "{e}");
+        }
+        let mut q = p.clone();
+        let (a, b) = q[r.data_at..].split_at_mut(4096);
+        a.swap_with_slice(&mut b[4096..8192]);
+        assert!(verify_block_sums(&decode_summed(&q, 1 << 20).unwrap(), &q).is_err());
+        // Unaligned, not a write, past the disk, wrong lengths.
+        let bad = |f: &dyn Fn(&mut RecordHeader)| {
+            let mut g = h;
+            f(&mut g);
+            let mut q = g.encode().to_vec();
+            q.extend_from_slice(&p[RECORD_HEADER..]);
+            decode_summed(&q, 1 << 20).unwrap_err()
+        };
+        bad(&|g| g.offset = 8192 + 512);
+        bad(&|g| g.length -= 512);
+        bad(&|g| g.kind = KIND_ZERO);
+        bad(&|g| g.offset = (1 << 20) - 4096);
+        bad(&|g| g.length = 4096);
+        assert!(decode_summed(&p[..p.len() - 1], 1 << 20).is_err());
+        assert!(decode_summed(&p[..10], 1 << 20).is_err());
+        assert!(summable(0, 4096) && !summable(0, 0) && !summable(512, 4096));
     }
 }

@@ -24,6 +24,12 @@
 //! 24  checksum u64  (xxh3-64 of bytes 0..24 followed by the payload)
 //! 32  payload
 //! ```
+//!
+//! One kind is checksummed only in part: a SummedRecord's checksum covers
+//! its record header and block checksums ([`covered_len`]); its data is
+//! covered by those block checksums, which the receiver must check (the
+//! block checksums are work both ends do anyway, so a large write's bytes
+//! are hashed once per node instead of twice).
 
 use std::fmt;
 
@@ -76,6 +82,10 @@ pub enum FrameKind {
     VerifyRequest = 26,
     /// The checksums of the blocks read (or why they could not be).
     Verified = 27,
+    /// A block-aligned write record carrying the checksum of each of its
+    /// blocks, which cover its data instead of the frame checksum
+    /// ([`covered_len`]; version 7).
+    SummedRecord = 28,
     /// Liveness probe (opaque payload, echoed by Pong).
     Ping = 32,
     /// Answer to a Ping.
@@ -84,7 +94,7 @@ pub enum FrameKind {
 
 impl FrameKind {
     /// Every kind, in wire order.
-    pub const ALL: [FrameKind; 18] = [
+    pub const ALL: [FrameKind; 19] = [
         FrameKind::Hello,
         FrameKind::Auth,
         FrameKind::Ready,
@@ -101,6 +111,7 @@ impl FrameKind {
         FrameKind::BlockData,
         FrameKind::VerifyRequest,
         FrameKind::Verified,
+        FrameKind::SummedRecord,
         FrameKind::Ping,
         FrameKind::Pong,
     ];
@@ -241,9 +252,33 @@ impl fmt::Display for FrameError {
 
 impl std::error::Error for FrameError {}
 
-/// The checksum of a frame: xxh3-64 of the first 24 header bytes, then the payload.
+/// Bytes of a SummedRecord payload before its block checksums: the record
+/// header (`mirror::wire::RECORD_HEADER`).
+pub const SUMMED_HEAD: usize = 64;
+/// Bytes of data each block checksum of a SummedRecord covers.
+pub const SUMMED_BLOCK: usize = 4096;
+
+/// How many bytes at the start of a payload of `len` bytes the frame
+/// checksum covers, for a frame of kind code `kind`: all of them, except
+/// for a SummedRecord, whose payload is a 64-byte record header, `n` 8-byte
+/// block checksums and `n` 4 KiB blocks: then the header and the checksums,
+/// `64 + 8n` with `n = (len - 64) / 4104` (a length that is not of that
+/// form is the message decoder's to refuse; the header carries the length
+/// and is covered).
+pub fn covered_len(kind: u16, len: usize) -> usize {
+    if kind != FrameKind::SummedRecord.code() || len < SUMMED_HEAD {
+        return len;
+    }
+    SUMMED_HEAD + 8 * ((len - SUMMED_HEAD) / (8 + SUMMED_BLOCK))
+}
+
+/// The checksum of a frame: xxh3-64 of the first 24 header bytes, then the
+/// part of the payload [`covered_len`] gives (the kind is read from the
+/// header, which the checksum covers).
 pub fn checksum(header: &[u8], payload: &[u8]) -> u64 {
-    crate::xxh3::hash_parts(&[&header[..24], payload], 0)
+    let kind = u16::from_le_bytes([header[6], header[7]]);
+    let covered = covered_len(kind, payload.len());
+    crate::xxh3::hash_parts(&[&header[..24], &payload[..covered]], 0)
 }
 
 /// Append one frame to `out`.
@@ -296,17 +331,27 @@ fn header(kind: FrameKind, seq: u64, parts: &[&[u8]]) -> [u8; HEADER_LEN] {
     // 8..12: flags and reserved, zero.
     h[12..20].copy_from_slice(&seq.to_le_bytes());
     h[20..24].copy_from_slice(&(len as u32).to_le_bytes());
-    // The checksum covers header bytes 0..24 and then the parts.
-    let sum = match parts {
-        [] => crate::xxh3::hash_parts(&[&h[..24]], 0),
-        [a] => crate::xxh3::hash_parts(&[&h[..24], a], 0),
-        [a, b] => crate::xxh3::hash_parts(&[&h[..24], a, b], 0),
-        _ => {
-            let all: Vec<&[u8]> = std::iter::once(&h[..24])
-                .chain(parts.iter().copied())
-                .collect();
-            crate::xxh3::hash_parts(&all, 0)
+    // The checksum covers header bytes 0..24 and then the parts, as far as
+    // `covered_len` says.
+    let mut left = covered_len(kind.code(), len);
+    let mut covered: [&[u8]; 4] = [&h[..24], &[], &[], &[]];
+    let mut n = 1;
+    let mut rest: Vec<&[u8]> = Vec::new();
+    for p in parts {
+        let p = &p[..p.len().min(left)];
+        left -= p.len();
+        if n < covered.len() {
+            covered[n] = p;
+            n += 1;
+        } else {
+            rest.push(p);
         }
+    }
+    let sum = if rest.is_empty() {
+        crate::xxh3::hash_parts(&covered[..n], 0)
+    } else {
+        let all: Vec<&[u8]> = covered.iter().copied().chain(rest).collect();
+        crate::xxh3::hash_parts(&all, 0)
     };
     h[24..32].copy_from_slice(&sum.to_le_bytes());
     h
@@ -424,7 +469,9 @@ impl FrameDecoder {
     /// Place each payload of at least `min_len` bytes (and 64 KiB; those
     /// are collected in a buffer of their own) so that its byte at `offset`
     /// lies at a [`PAYLOAD_ALIGN`]-aligned address: a record's data can then
-    /// be written with O_DIRECT without a copy.
+    /// be written with O_DIRECT without a copy. A SummedRecord's data starts
+    /// after its block checksums: its payload is placed so that the byte at
+    /// [`covered_len`] is aligned instead.
     pub fn align_large_payloads(&mut self, offset: usize, min_len: usize) {
         self.align_at = Some((offset, min_len));
     }
@@ -552,10 +599,17 @@ impl FrameDecoder {
             });
         }
         let total = HEADER_LEN + len;
+        let code = u16::from_le_bytes([h[6], h[7]]);
         let align = self
             .align_at
             .filter(|&(_, min)| len >= min)
-            .map(|(off, _)| off);
+            .map(|(off, _)| {
+                if code == FrameKind::SummedRecord.code() {
+                    covered_len(code, len)
+                } else {
+                    off
+                }
+            });
         if avail.len() < total || (len >= BODY_MIN && align.is_some()) {
             if len >= BODY_MIN {
                 // Collect the payload in a buffer of its own: what has
@@ -848,6 +902,67 @@ mod tests {
                 ),
                 "{e}"
             );
+        }
+    }
+
+    /// A SummedRecord's frame checksum covers its header and block
+    /// checksums but not its data: damage to the data passes the frame
+    /// (the receiver checks the block checksums), damage anywhere else does
+    /// not. Large and small ones, aligned or not, decode the same.
+    #[test]
+    fn summed_record_checksum_covers_head_and_sums_only() {
+        assert_eq!(
+            covered_len(FrameKind::SummedRecord.code(), 64 + 4104 * 3),
+            64 + 24
+        );
+        assert_eq!(covered_len(FrameKind::SummedRecord.code(), 10), 10);
+        assert_eq!(covered_len(FrameKind::Record.code(), 64 + 4104), 64 + 4104);
+        for n in [1usize, 2, 40] {
+            let head = [7u8; SUMMED_HEAD];
+            let sums: Vec<u8> = (0..n * 8).map(|i| i as u8).collect();
+            let data: Vec<u8> = (0..n * SUMMED_BLOCK).map(|i| (i % 251) as u8).collect();
+            let mut f = Vec::new();
+            encode_parts(FrameKind::SummedRecord, 0, &[&head, &sums, &data], &mut f);
+            for align in [false, true] {
+                let mut d = FrameDecoder::new();
+                if align {
+                    d.align_large_payloads(SUMMED_HEAD, 0);
+                }
+                d.push(&f);
+                let fr = d.pull().unwrap().unwrap();
+                assert_eq!(fr.kind, FrameKind::SummedRecord);
+                assert_eq!(fr.payload().len(), SUMMED_HEAD + n * (8 + SUMMED_BLOCK));
+                if align && f.len() - HEADER_LEN >= BODY_MIN {
+                    let p = fr.payload();
+                    let data_at = p[SUMMED_HEAD + 8 * n..].as_ptr() as usize;
+                    assert_eq!(data_at % PAYLOAD_ALIGN, 0, "{n} blocks");
+                }
+            }
+            // Data damage passes the frame layer.
+            let mut g = f.clone();
+            let last = g.len() - 1;
+            g[last] ^= 1;
+            let mut d = FrameDecoder::new();
+            d.push(&g);
+            assert!(d.pull().unwrap().is_some());
+            // Damage to the header or a block checksum does not.
+            for at in [20, HEADER_LEN + 3, HEADER_LEN + SUMMED_HEAD + 8 * n - 1] {
+                let mut g = f.clone();
+                g[at] ^= 1;
+                let mut d = FrameDecoder::new();
+                d.push(&g);
+                let e = d.pull();
+                assert!(
+                    matches!(
+                        e,
+                        Err(FrameError::ChecksumMismatch { .. })
+                            | Err(FrameError::TooLarge { .. })
+                            | Ok(None)
+                    ),
+                    "byte {at}: {e:?}"
+                );
+                assert!(d.finish().is_err() || e.is_err(), "byte {at}");
+            }
         }
     }
 }

@@ -25,7 +25,9 @@ use super::frame::FrameKind;
 /// bytes; RUN_ONLY: the run alone, to a peer being resynced and after each
 /// Session frame), and is sent again to streaming peers when the run
 /// advances.
-pub const PROTOCOL_VERSION: u16 = 6;
+/// 7: SummedRecord: a write of whole blocks carries the checksum of each
+/// block, which covers its data in place of the frame checksum.
+pub const PROTOCOL_VERSION: u16 = 7;
 /// The oldest version this node still speaks: a session runs at the lower
 /// of the two nodes' versions, so a volume can be upgraded a node at a
 /// time (a version-2 session has no read repair).

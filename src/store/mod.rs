@@ -1147,7 +1147,31 @@ impl Store {
         len: usize,
         fua: bool,
     ) {
+        self.write_summed(io, req, offset, buf, at, len, fua, None)
+    }
+
+    /// As [`write`](Self::write), given the data's block checksums
+    /// (`checksum::block_checksum` of each 4 KiB block, the write covering
+    /// whole blocks) when the caller has them already (a mirrored write,
+    /// whose record carries them to the peers): a write that goes in place
+    /// takes them instead of hashing its data again. Paths that journal the
+    /// data hash it when they apply it, as always.
+    #[allow(clippy::too_many_arguments)]
+    pub fn write_summed(
+        &mut self,
+        io: &mut dyn Io,
+        req: ReqId,
+        offset: u64,
+        buf: Vec<u8>,
+        at: usize,
+        len: usize,
+        fua: bool,
+        sums: Option<Vec<u64>>,
+    ) {
         let len64 = len as u64;
+        debug_assert!(sums.as_ref().is_none_or(
+            |s| offset.is_multiple_of(BLOCK_SIZE) && len64 == s.len() as u64 * BLOCK_SIZE
+        ));
         if self.overlaps_deferred(offset, offset + len64) {
             // Keep the order of overlapping writes: wait behind the held one.
             self.deferred.push_back(Deferred {
@@ -1163,7 +1187,7 @@ impl Store {
             });
             return;
         }
-        self.write_inner(io, req, offset, buf, at, len, fua, true);
+        self.write_inner(io, req, offset, buf, at, len, fua, true, sums);
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -1177,6 +1201,7 @@ impl Store {
         len: usize,
         fua: bool,
         may_defer: bool,
+        sums: Option<Vec<u64>>,
     ) {
         let len64 = len as u64;
         let whole = self.inplace_eligible(offset, len64)
@@ -1192,7 +1217,7 @@ impl Store {
                 None => false,
             };
         let buf = match whole {
-            true => match self.try_in_place(io, req, offset, buf, at, len, fua) {
+            true => match self.try_in_place(io, req, offset, buf, at, len, fua, sums) {
                 None => return,
                 Some(buf) => buf,
             },
@@ -1259,6 +1284,7 @@ impl Store {
         at: usize,
         len: usize,
         fua: bool,
+        sums: Option<Vec<u64>>,
     ) -> Option<Vec<u8>> {
         let len64 = len as u64;
         // Every region the write touches needs an intent record.
@@ -1274,11 +1300,13 @@ impl Store {
             let _ = self.ensure_intent(io, next_region);
         }
         let first = offset / BLOCK_SIZE;
-        let sums = buf[at..at + len]
-            .chunks(BLOCK_SIZE as usize)
-            .enumerate()
-            .map(|(i, block)| block_checksum(first + i as u64, block))
-            .collect();
+        let sums = sums.unwrap_or_else(|| {
+            buf[at..at + len]
+                .chunks(BLOCK_SIZE as usize)
+                .enumerate()
+                .map(|(i, block)| block_checksum(first + i as u64, block))
+                .collect()
+        });
         let id = self.next_inplace_id;
         self.next_inplace_id += 1;
         self.inplace.insert(
@@ -1402,7 +1430,7 @@ impl Store {
             b.resize(head, 0);
             b.extend_from_slice(&buf[from..from + n]);
             let b = match place {
-                true => match self.try_in_place(io, part, s, b, head, n, fua) {
+                true => match self.try_in_place(io, part, s, b, head, n, fua, None) {
                     None => continue,
                     Some(b) => b,
                 },
@@ -1457,7 +1485,7 @@ impl Store {
                     at,
                     len,
                     fua,
-                } => self.write_inner(io, req, offset, buf, at, len, fua, false),
+                } => self.write_inner(io, req, offset, buf, at, len, fua, false, None),
                 DeferredOp::Zeroes {
                     req,
                     offset,
