@@ -200,8 +200,12 @@ fn deliver(n: &mut Node) -> Vec<(u64, Result<(), i32>)> {
 impl Sim {
     fn new(seed: u64) -> Sim {
         let net = SimNet::new(Duration::from_millis(1));
+        // Unique per simulation: tests running at once in one process
+        // (cargo test) may use the same seed.
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let base =
-            std::env::temp_dir().join(format!("nbdmirror-sim-{}-{seed}", std::process::id()));
+            std::env::temp_dir().join(format!("nbdmirror-sim-{}-{seed}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&base);
         let mut nodes = Vec::new();
         for id in 1..=3u32 {
@@ -593,6 +597,7 @@ fn a_compare_is_not_settled_before_the_peer_flushed() {
 /// node 3 plain Records (by the frame checksum).
 #[test]
 fn damage_in_transit_is_caught() {
+    let (mut frames, mut records) = (0, 0);
     for seed in seeds().into_iter().take(6) {
         let mut sim = Sim::new(seed);
         sim.net.borrow_mut().damage_one_in = 1 << 20;
@@ -604,6 +609,18 @@ fn damage_in_transit_is_caught() {
         sim.say(&format!("{damaged} segments damaged"));
         sim.net.borrow_mut().damage_one_in = 0;
         sim.converge();
+        for n in sim.nodes.iter().flatten() {
+            let (f, r) = n.mirror.damaged_in_transit();
+            frames += f;
+            records += r;
+        }
+    }
+    eprintln!("connections dropped for damage: {frames} frames, {records} records");
+    if std::env::var("SEED").is_err() {
+        assert!(
+            frames > 0 && records > 0,
+            "frames {frames}, records {records}"
+        );
     }
 }
 

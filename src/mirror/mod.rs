@@ -551,6 +551,11 @@ pub struct Mirror {
     parked: VecDeque<Parked>,
     ops: IdMap<u64, MOp>,
     next_mrid: u64,
+    /// Connections dropped because what arrived on them was damaged: a
+    /// frame that failed its checksum, a SummedRecord whose data did not
+    /// match its block checksums (status `damaged_in_transit`).
+    damaged_frames: u64,
+    damaged_records: u64,
     resync_reads: IdMap<u64, ResyncRead>,
     /// Secondary: store request -> (link, message id, is a flush).
     applying: IdMap<u64, (u64, u64, bool)>,
@@ -949,6 +954,8 @@ impl Mirror {
             parked: VecDeque::new(),
             ops: IdMap::default(),
             next_mrid: 0,
+            damaged_frames: 0,
+            damaged_records: 0,
             resync_reads: IdMap::default(),
             applying: IdMap::default(),
             shutting_down: false,
@@ -1406,12 +1413,19 @@ impl Mirror {
         self.locks.insert(s, (e, rid));
         let mut mask = 0u64;
         let h = hdr.encode();
-        // A write of whole blocks goes to peers that speak it as a
-        // SummedRecord: the block checksums the store needs anyway, computed
-        // once here, cover its data on the wire in place of a frame checksum
-        // over all of it (one pass over the bytes on each node instead of
-        // two), and the store takes them too.
+        // A write of whole blocks large enough to go in place goes to peers
+        // that speak it as a SummedRecord: the block checksums an in-place
+        // write needs anyway, computed once here, cover its data on the wire
+        // in place of a frame checksum over all of it (one pass over the
+        // bytes on each node instead of two), and the store takes them too.
+        // Smaller writes are journaled, which hashes them its own way, and
+        // go as Records: a secondary journals a Record's payload buffer as
+        // it is, where a SummedRecord's (its data after the checksums) would
+        // be copied.
+        let min = store.inplace_min();
         let sums = (hdr.kind == wire::KIND_WRITE
+            && min > 0
+            && e - s >= min
             && wire::summable(s, e - s)
             && self
                 .peers
@@ -2765,6 +2779,9 @@ impl Mirror {
                 Ok(Some(f)) => f,
                 Ok(None) => break,
                 Err(e) => {
+                    if matches!(e, crate::peer::frame::FrameError::ChecksumMismatch { .. }) {
+                        self.damaged_frames += 1;
+                    }
                     self.link_failed(io, store, link, format!("bad frame: {e}"));
                     return;
                 }
@@ -2979,7 +2996,10 @@ impl Mirror {
                         ));
                     }
                     let r = wire::decode_summed(payload, self.size)?;
-                    wire::verify_block_sums(&r, payload)?;
+                    if let Err(e) = wire::verify_block_sums(&r, payload) {
+                        self.damaged_records += 1;
+                        return Err(e);
+                    }
                     (r.header, r.data_at, Some(r.sums))
                 } else {
                     (
@@ -4458,11 +4478,24 @@ impl Mirror {
             "refused": self.refused,
             "rate_limit": self.cfg.resync_rate,
             "peers": peers,
+            // Connections dropped for damage in transit (each then resent
+            // what it lost): frames that failed their checksum, records
+            // whose data failed its block checksums.
+            "damaged_in_transit": {
+                "frames": self.damaged_frames,
+                "records": self.damaged_records,
+            },
             // A secondary is scrubbed by its primary.
             "scrub": (self.cfg.role == NodeRole::Primary).then(|| self.scrub.json(io.now())),
             "store": store.map(|s| s.status_json(io)),
         })
         .to_string()
+    }
+
+    /// Connections dropped for damage in transit: (frames that failed
+    /// their checksum, SummedRecords whose data failed its block checksums).
+    pub fn damaged_in_transit(&self) -> (u64, u64) {
+        (self.damaged_frames, self.damaged_records)
     }
 
     /// Run one admin command (a line as the admin socket takes it) and

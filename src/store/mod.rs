@@ -1292,7 +1292,13 @@ impl Store {
         let next_region = regions.end;
         let mut intents = Vec::new();
         for region in regions {
-            intents.push(self.ensure_intent(io, region)?);
+            // No room in the ring for an intent: the write goes through
+            // the journal, which waits for room (returning `None` here
+            // instead lost the write: it was never written nor answered).
+            let Some(seq) = self.ensure_intent(io, region) else {
+                return Some(buf);
+            };
+            intents.push(seq);
         }
         // A sequential writer will want the next region soon: record its
         // intent now so its sync overlaps with this region's writes.
