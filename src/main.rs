@@ -904,6 +904,19 @@ fn render_status(v: &serde_json::Value, cols: Option<usize>) -> Vec<String> {
             ));
         }
     }
+    // Damage on the replication links: a faulty NIC, cable or memory.
+    let dmg = &v["damaged_in_transit"];
+    let (frames, records) = (
+        dmg["frames"].as_u64().unwrap_or(0),
+        dmg["records"].as_u64().unwrap_or(0),
+    );
+    if frames + records > 0 {
+        lines.push(format!(
+            "  DAMAGED IN TRANSIT: {frames} frames failed their checksum, {records} records \
+             their block checksums; each connection was dropped and what it carried resent \
+             (see the node's log)"
+        ));
+    }
     // The scrub, when it runs or its last pass left something bad.
     let sc = &v["scrub"];
     if sc["state"] == "running" || sc["state"] == "paused" {
