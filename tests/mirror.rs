@@ -2015,9 +2015,11 @@ fn large_writes_reach_every_kind_of_secondary_intact() {
 }
 
 /// A TCP relay on a free loopback port to `target`, for a primary's link
-/// to a peer. The first connection it relays has one bit of the primary's
-/// stream flipped at byte `flip_at` of that connection, as a faulty NIC or
-/// switch might; later connections pass unchanged. Dropped: stops relaying.
+/// to a peer. The first connection to reach byte `flip_at` of the
+/// primary's stream has one bit flipped there, as a faulty NIC or switch
+/// might (a connection that ends before, a peer timeout on a loaded
+/// machine, leaves the flip to the next); everything else passes
+/// unchanged. Dropped: stops relaying.
 struct FlipRelay {
     port: u16,
     flipped: Arc<std::sync::atomic::AtomicBool>,
@@ -2034,7 +2036,6 @@ impl FlipRelay {
         let stop = Arc::new(AtomicBool::new(false));
         let (f, st) = (flipped.clone(), stop.clone());
         thread::spawn(move || {
-            let mut first = true;
             while !st.load(Ordering::Relaxed) {
                 let Ok((a, _)) = l.accept() else {
                     thread::sleep(Duration::from_millis(5));
@@ -2044,11 +2045,9 @@ impl FlipRelay {
                 let Ok(b) = TcpStream::connect(("127.0.0.1", target)) else {
                     continue;
                 };
-                let flip = first.then_some(flip_at);
-                first = false;
                 let (a2, b2) = (a.try_clone().unwrap(), b.try_clone().unwrap());
                 let (f2, st2) = (f.clone(), st.clone());
-                thread::spawn(move || Self::pump(a, b, flip, f2, st2));
+                thread::spawn(move || Self::pump(a, b, Some(flip_at), f2, st2));
                 let st3 = st.clone();
                 thread::spawn(move || Self::pump(b2, a2, None, Arc::default(), st3));
             }
@@ -2085,9 +2084,12 @@ impl FlipRelay {
                 Err(_) => break,
             };
             if let Some(at) = flip {
-                if (pos..pos + n as u64).contains(&at) {
+                if (pos..pos + n as u64).contains(&at)
+                    && flipped
+                        .compare_exchange(false, true, Ordering::Relaxed, Ordering::Relaxed)
+                        .is_ok()
+                {
                     buf[(at - pos) as usize] ^= 0x10;
-                    flipped.store(true, Ordering::Relaxed);
                 }
             }
             pos += n as u64;

@@ -2779,7 +2779,18 @@ impl Mirror {
                 Ok(Some(f)) => f,
                 Ok(None) => break,
                 Err(e) => {
-                    if matches!(e, crate::peer::frame::FrameError::ChecksumMismatch { .. }) {
+                    // In an established session a frame that fails its
+                    // checksum, or whose header is not even one (magic,
+                    // layout version, length: checked before the checksum
+                    // can be), was damaged on the way.
+                    use crate::peer::frame::FrameError as E;
+                    if matches!(
+                        e,
+                        E::ChecksumMismatch { .. }
+                            | E::BadMagic { .. }
+                            | E::UnsupportedVersion { .. }
+                            | E::TooLarge { .. }
+                    ) {
                         self.damaged_frames += 1;
                     }
                     self.link_failed(io, store, link, format!("bad frame: {e}"));
