@@ -780,14 +780,22 @@ fn in_place_write_failing_part_way_leaves_readable_blocks() {
 /// reviewer's find), which a client sees as a write that hangs for good.
 #[test]
 fn large_write_meeting_a_full_ring_is_journaled_not_lost() {
+    // The ring full; and one 512-byte slot left, which the intent of the
+    // write's first 16 MiB region takes, so that its second region's fails.
+    large_write_meeting_a_full_ring(8192, 48 * MIB);
+    large_write_meeting_a_full_ring(8191, 48 * MIB - 512 * 1024);
+}
+
+fn large_write_meeting_a_full_ring(fill: u64, at: u64) {
     let t = Tuning {
         inplace_min: 64 * 1024,
         ..lazy_tuning()
     };
     let mut rig = Rig::new(1, 64 * MIB, 4 * MIB, t);
-    // Fill the 4 MiB ring with small records, nothing applied yet.
+    // Fill the 4 MiB ring with small records (512 bytes each with their
+    // headers), nothing applied yet.
     let mut small = Vec::new();
-    for i in 0..8192u64 {
+    for i in 0..fill {
         let id = rig.fresh_id();
         let d = pattern(id, i * 4096, 448);
         rig.st.write(
@@ -802,11 +810,11 @@ fn large_write_meeting_a_full_ring_is_journaled_not_lost() {
         small.push((id, i * 4096, d));
     }
     let big = rig.fresh_id();
-    let d = pattern(big, 48 * MIB, MIB);
+    let d = pattern(big, at, MIB);
     rig.st.write(
         &mut rig.sim,
         big,
-        48 * MIB,
+        at,
         payload(&d, WRITE_HEADROOM),
         WRITE_HEADROOM,
         MIB as usize,
@@ -837,7 +845,7 @@ fn large_write_meeting_a_full_ring_is_journaled_not_lost() {
     }
     assert_eq!(answered, Some(Ok(())), "the large write was not answered");
     rig.flush_sync().unwrap();
-    assert_eq!(rig.read_sync(48 * MIB, MIB).unwrap(), d);
+    assert_eq!(rig.read_sync(at, MIB).unwrap(), d, "fill {fill}, at {at}");
     for (_, off, d) in small.iter().step_by(997) {
         assert_eq!(&rig.read_sync(*off, 448).unwrap(), d);
     }
