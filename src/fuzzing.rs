@@ -272,7 +272,7 @@ pub fn replication_payloads(p: &[u8]) {
         let ok = wire::verify_block_sums(&r, p).is_ok();
         assert_eq!(
             ok,
-            wire::block_sums(r.header.offset / 4096, &p[r.data_at..]) == r.sums
+            crate::store::checksum::checksums_of(r.header.offset / 4096, &p[r.data_at..]) == r.sums
         );
     }
 }

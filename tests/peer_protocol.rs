@@ -713,10 +713,9 @@ fn fuzz_harness_smoke() {
             flags: 0,
         };
         let mut p = h.encode().to_vec();
-        p.extend_from_slice(&wire::encode_block_sums(&wire::block_sums(
-            h.offset / 4096,
-            &data,
-        )));
+        p.extend_from_slice(&wire::encode_block_sums(
+            &nbdmirror::store::checksum::checksums_of(h.offset / 4096, &data),
+        ));
         p.extend_from_slice(&data);
         if round % 2 == 1 {
             let at = rng.below(p.len() as u64) as usize;

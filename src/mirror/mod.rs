@@ -1431,7 +1431,7 @@ impl Mirror {
                 .peers
                 .iter()
                 .any(|p| p.streaming() && p.version >= SUMMED_VERSION))
-        .then(|| wire::block_sums(s / wire::SUMMED_BLOCK, data));
+        .then(|| crate::store::checksum::checksums_of(s / wire::SUMMED_BLOCK, data));
         let sum_bytes = sums.as_deref().map(wire::encode_block_sums);
         for i in 0..self.peers.len() {
             if self.peers[i].streaming() {

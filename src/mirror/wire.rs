@@ -7,6 +7,7 @@
 //! not decode is a protocol error: the receiver drops the connection.
 
 use crate::store::checksum::block_checksum;
+use crate::store::format::BLOCK_SIZE;
 
 pub const RECORD_HEADER: usize = 64;
 
@@ -102,8 +103,16 @@ impl RecordHeader {
     }
 }
 
-/// Bytes of disk each block checksum of a SummedRecord covers.
-pub const SUMMED_BLOCK: u64 = 4096;
+/// Bytes of disk each block checksum of a SummedRecord covers: the store's
+/// block.
+pub const SUMMED_BLOCK: u64 = BLOCK_SIZE;
+
+// The frame layer's coverage rule (`peer::frame::covered_len`) assumes the
+// same record header and block sizes.
+const _: () = assert!(
+    crate::peer::frame::SUMMED_HEAD == RECORD_HEADER
+        && crate::peer::frame::SUMMED_BLOCK as u64 == SUMMED_BLOCK
+);
 
 /// Whether a write of `len` bytes at `offset` can go as a SummedRecord: it
 /// covers whole blocks.
@@ -111,16 +120,8 @@ pub fn summable(offset: u64, len: u64) -> bool {
     len > 0 && offset.is_multiple_of(SUMMED_BLOCK) && len.is_multiple_of(SUMMED_BLOCK)
 }
 
-/// The block checksums of `data`, written at block `first`, as a
-/// SummedRecord carries them (`store::checksum::block_checksum`).
-pub fn block_sums(first: u64, data: &[u8]) -> Vec<u64> {
-    data.chunks(SUMMED_BLOCK as usize)
-        .enumerate()
-        .map(|(i, b)| block_checksum(first + i as u64, b))
-        .collect()
-}
-
-/// The block checksums in SummedRecord form (after the record header).
+/// The block checksums (`store::checksum::checksums_of`) in SummedRecord
+/// form (after the record header).
 pub fn encode_block_sums(sums: &[u64]) -> Vec<u8> {
     sums.iter().flat_map(|s| s.to_le_bytes()).collect()
 }
@@ -474,7 +475,7 @@ mod tests {
             kind: KIND_WRITE,
             flags: FLAG_FUA,
         };
-        let sums = block_sums(2, &data);
+        let sums = crate::store::checksum::checksums_of(2, &data);
         assert_eq!(sums[1], 0);
         assert_eq!(sums[0], block_checksum(2, &data[..4096]));
         let mut p = h.encode().to_vec();

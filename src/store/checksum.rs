@@ -17,6 +17,16 @@ pub const CORRUPT_MARK: u64 = 0xC0AA_0B7D_5EED_BAD1;
 pub const TABLE_PAGE: usize = 4096;
 const ENTRIES_PER_PAGE: u64 = (TABLE_PAGE / 8) as u64;
 
+/// The checksum of each 4 KiB block of `data`, whose first block is block
+/// `first` (`data` covers whole blocks).
+pub fn checksums_of(first: u64, data: &[u8]) -> Vec<u64> {
+    debug_assert!(data.len().is_multiple_of(BLOCK_SIZE as usize));
+    data.chunks(BLOCK_SIZE as usize)
+        .enumerate()
+        .map(|(i, b)| block_checksum(first + i as u64, b))
+        .collect()
+}
+
 pub fn block_checksum(block: u64, data: &[u8]) -> u64 {
     debug_assert_eq!(data.len() as u64, BLOCK_SIZE);
     if is_zero(data) {

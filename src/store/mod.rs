@@ -1305,14 +1305,8 @@ impl Store {
         if next_region * INTENT_REGION < self.sb.size {
             let _ = self.ensure_intent(io, next_region);
         }
-        let first = offset / BLOCK_SIZE;
-        let sums = sums.unwrap_or_else(|| {
-            buf[at..at + len]
-                .chunks(BLOCK_SIZE as usize)
-                .enumerate()
-                .map(|(i, block)| block_checksum(first + i as u64, block))
-                .collect()
-        });
+        let sums =
+            sums.unwrap_or_else(|| checksum::checksums_of(offset / BLOCK_SIZE, &buf[at..at + len]));
         let id = self.next_inplace_id;
         self.next_inplace_id += 1;
         self.inplace.insert(
