@@ -13,6 +13,22 @@ use clap::{Parser, Subcommand};
 use nbdmirror::mirror::{MirrorConfig, NodeRole};
 use nbdmirror::server::{self, DirectWrites, Listen, ServeConfig};
 use nbdmirror::size::parse_size;
+
+/// A secondary's default `--inplace-min`: it journals small writes, so that
+/// a crash of it leaves nothing it cannot vouch for but large writes'
+/// regions (an uncertain block costs a compare of the whole disk;
+/// docs/mirroring.md, "Uncertain blocks").
+const SECONDARY_INPLACE_MIN: u64 = nbdmirror::store::LARGE_WRITE;
+
+fn parse_inplace_min(s: &str) -> Result<u64, String> {
+    let n = parse_size(s)?;
+    if !n.is_multiple_of(4096) {
+        return Err(format!(
+            "{s:?} is not a multiple of 4096 (examples: 4K, 256K, 0)"
+        ));
+    }
+    Ok(n)
+}
 use nbdmirror::store::{dir, Tuning};
 
 #[derive(Parser)]
@@ -126,6 +142,18 @@ enum Cmd {
         /// off: faster here on every node, docs/mirroring.md).
         #[arg(long, value_enum, default_value_t = DirectWrites::Auto)]
         direct_writes: DirectWrites,
+        /// Writes of whole 4 KiB blocks at least this long go straight to
+        /// the data file, with only a small intent record in the journal
+        /// (K/M suffixes; a multiple of 4096; 0 = journal every write).
+        /// Default 4K on a primary or single node, 256K on a secondary
+        /// (docs/design.md, "In-place writes").
+        #[arg(long, value_parser = parse_inplace_min)]
+        inplace_min: Option<u64>,
+        /// At most this many 16 MiB regions open to in-place writes smaller
+        /// than 256 KiB at once (crash recovery re-checksums them all).
+        /// Default 256 (4 GiB).
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+        inplace_regions: Option<u64>,
         /// Pin the event loop thread and its kernel I/O workers to this CPU
         /// (default: not pinned). Keeps the node's work off the cores its
         /// clients run on; see docs/design.md, "Placement".
@@ -1368,6 +1396,8 @@ fn run(cli: Cli) -> Result<(), String> {
             scrub_interval,
             scrub_rate,
             direct_writes,
+            inplace_min,
+            inplace_regions,
             cpu,
             poll_us,
             force_inconsistent,
@@ -1643,6 +1673,12 @@ fn run(cli: Cli) -> Result<(), String> {
                 refuse_journal_loss: role == NodeRole::Primary
                     && !peer.is_empty()
                     && !accept_journal_loss,
+                inplace_min: inplace_min.unwrap_or(match role {
+                    NodeRole::Secondary => SECONDARY_INPLACE_MIN,
+                    _ => Tuning::default().inplace_min,
+                }),
+                inplace_regions: inplace_regions
+                    .map_or(nbdmirror::store::INPLACE_REGIONS, |n| n as usize),
                 ..Tuning::default()
             };
             server::serve(ServeConfig {

@@ -1386,7 +1386,10 @@ fn journal_damaged_in_the_middle_is_reported_and_leaves_no_eio() {
     }
     let tmp = TempDir::new(test);
     let mut export = Export::create(&tmp, 16 * MIB);
-    export.serve_args = vec!["--checkpoint-interval-ms".into(), "600000".into()];
+    // Every write through the journal: its records are what is damaged.
+    export.serve_args = ["--checkpoint-interval-ms", "600000", "--inplace-min", "0"]
+        .map(String::from)
+        .to_vec();
     let mut srv = export.serve();
     let name = srv.export_name();
     let mut c = MiniClient::connect(&srv.addr(), name).unwrap();

@@ -885,8 +885,16 @@ fn random_tuning(rng: &mut Rng) -> Tuning {
         checkpoint_percent: [0, 5, 30, 60, 100, 100, 100][rng.below(7) as usize],
         checkpoint_interval: if eager_ckpt { Duration::ZERO } else { HOUR },
         verify_reads: rng.below(4) != 0,
-        // Half the seeds let big aligned writes go straight to the data file.
-        inplace_min: [0, 0, 4096, 16 * KIB, 64 * KIB, 256 * KIB][rng.below(6) as usize],
+        // Most seeds let aligned writes go straight to the data file (4 KiB:
+        // every whole-block write, the default), some with few regions
+        // open to small ones.
+        inplace_min: [0, 0, 4096, 4096, 16 * KIB, 64 * KIB, 256 * KIB][rng.below(7) as usize],
+        inplace_regions: [1, 2, nbdmirror::store::INPLACE_REGIONS][rng.below(3) as usize],
+        large_write: if rng.below(2) == 0 {
+            nbdmirror::store::LARGE_WRITE
+        } else {
+            64 * KIB
+        },
         force_older_superblock: false,
         refuse_journal_loss: false,
     }
@@ -1060,6 +1068,8 @@ fn fua_write_superseded_by_an_unsynced_write_survives_checkpoint_and_crash() {
         checkpoint_interval: Duration::ZERO,
         verify_reads: true,
         inplace_min: 0,
+        inplace_regions: nbdmirror::store::INPLACE_REGIONS,
+        large_write: nbdmirror::store::LARGE_WRITE,
         force_older_superblock: false,
         refuse_journal_loss: false,
     };
@@ -1157,6 +1167,10 @@ fn holding_tuning() -> Tuning {
         checkpoint_interval: HOUR,
         verify_reads: true,
         inplace_min: 64 * KIB,
+        inplace_regions: nbdmirror::store::INPLACE_REGIONS,
+        // Large writes start where in-place ones do, as they did before
+        // small writes went in place.
+        large_write: 64 * KIB,
         force_older_superblock: false,
         refuse_journal_loss: false,
     }
@@ -1314,6 +1328,80 @@ fn large_write_over_a_few_journaled_blocks_is_split_around_them() {
     let mut after = rig.crash_durable_only(12).unwrap();
     assert_eq!(after.read_sync(2 * MIB, 256 * KIB).unwrap(), quarter);
     assert_eq!(after.read_sync(0, MIB).unwrap(), big);
+}
+
+/// Small aligned writes (4 KiB, the default `inplace_min`) go straight to
+/// the data file, but open at most `inplace_regions` 16 MiB regions (crash
+/// recovery re-checksums every region with an intent since the last
+/// checkpoint): a small write into another region is journaled, one into
+/// an open region still goes in place, and a large write is not limited.
+/// A checkpoint releases the regions. Every write survives a crash after a
+/// flush, torn or not.
+#[test]
+fn small_in_place_writes_open_at_most_inplace_regions_regions() {
+    let tuning = Tuning {
+        inplace_min: 4096,
+        inplace_regions: 2,
+        large_write: nbdmirror::store::LARGE_WRITE,
+        ..holding_tuning()
+    };
+    let region = nbdmirror::store::INTENT_REGION;
+    let mut rig = Rig::new(5, 4 * region, 4 * MIB, tuning);
+    let mut want: Vec<(u64, Vec<u8>)> = Vec::new();
+    let write = |rig: &mut Rig, want: &mut Vec<(u64, Vec<u8>)>, id: u64, off: u64, len: u64| {
+        let data = pattern(id, off, len);
+        rig.write_sync(off, &data, false).unwrap();
+        want.push((off, data));
+    };
+    write(&mut rig, &mut want, 1, 8192, 4096);
+    assert_eq!(
+        rig.st.stats.inplace_writes, 1,
+        "a 4 KiB write goes in place"
+    );
+    write(&mut rig, &mut want, 2, region + 4096, 8192);
+    assert_eq!(rig.st.stats.inplace_writes, 2);
+    // A third region is one too many for small writes: journaled.
+    write(&mut rig, &mut want, 3, 2 * region, 4096);
+    assert_eq!(rig.st.stats.inplace_writes, 2, "a third region was opened");
+    // The open regions still take them, and a large write goes anywhere.
+    write(&mut rig, &mut want, 4, 5 * MIB, 4096);
+    assert_eq!(rig.st.stats.inplace_writes, 3);
+    write(&mut rig, &mut want, 5, 3 * region, 256 * KIB);
+    assert_eq!(rig.st.stats.inplace_writes, 4, "a large write was limited");
+    // Unaligned writes are journaled as always.
+    write(&mut rig, &mut want, 6, 12 * 4096 + 100, 1000);
+    assert_eq!(rig.st.stats.inplace_writes, 4);
+    rig.flush_sync().unwrap();
+    let check = |r: &mut Rig, what: &str, want: &[(u64, Vec<u8>)]| {
+        for (off, data) in want {
+            assert_eq!(
+                &r.read_sync(*off, data.len() as u64).unwrap(),
+                data,
+                "{what}: the write at {off}"
+            );
+        }
+    };
+    check(&mut rig, "before a crash", &want);
+    let mut after = rig.crash_durable_only(13).unwrap();
+    check(&mut after, "after a crash", &want);
+    for seed in 0..8 {
+        let mut after = rig.crash(seed, seed % 2 == 0).unwrap();
+        check(&mut after, &format!("after crash {seed}"), &want);
+    }
+    // A checkpoint releases every region: the third one opens.
+    let checkpoints = rig.st.stats.checkpoints;
+    rig.st.checkpoint_soon(&mut rig.sim);
+    while rig.st.stats.checkpoints == checkpoints {
+        rig.pump();
+    }
+    write(&mut rig, &mut want, 7, 2 * region + 8192, 4096);
+    assert_eq!(
+        rig.st.stats.inplace_writes, 5,
+        "the checkpoint released no region"
+    );
+    rig.flush_sync().unwrap();
+    let mut after = rig.crash_durable_only(14).unwrap();
+    check(&mut after, "after the checkpoint and a crash", &want);
 }
 
 /// A held write is released even while in-place writes into the same 16 MiB

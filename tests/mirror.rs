@@ -5692,8 +5692,9 @@ fn flushed_writes_lost_with_a_damaged_journal_are_not_pushed_over_a_peer() {
     let size = 16 * MIB;
     let mut cl = Cluster::new(test, seed, Opts::new(size, 2));
     for n in cl.nodes.iter_mut() {
+        // Every write through the journal: its records are what is damaged.
         n.args
-            .extend(["--checkpoint-interval-ms".into(), "600000".into()]);
+            .extend(["--checkpoint-interval-ms", "600000", "--inplace-min", "0"].map(String::from));
     }
     cl.start_all();
     cl.wait_in_sync(Duration::from_secs(20));

@@ -43,6 +43,10 @@ fn tuning() -> Tuning {
         checkpoint_interval: Duration::from_secs(3600),
         verify_reads: true,
         inplace_min: 64 << 10,
+        inplace_regions: nbdmirror::store::INPLACE_REGIONS,
+        // Large writes start where in-place ones do, as they did before
+        // small writes went in place.
+        large_write: 64 << 10,
         ..Tuning::default()
     }
 }

@@ -18,6 +18,10 @@ fn tuning(eager: bool) -> Tuning {
     let base = if eager { eager_tuning() } else { lazy_tuning() };
     Tuning {
         inplace_min: 256 * 1024,
+        inplace_regions: nbdmirror::store::INPLACE_REGIONS,
+        // Large writes start where in-place ones do, as they did before
+        // small writes went in place.
+        large_write: 256 * 1024,
         ..base
     }
 }

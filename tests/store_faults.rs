@@ -654,6 +654,10 @@ fn checkpoint_failure_poisons_the_store_and_recovery_is_clean() {
 fn refused_direct_write_falls_back_to_the_page_cache() {
     let tuning = Tuning {
         inplace_min: 64 * KIB,
+        inplace_regions: nbdmirror::store::INPLACE_REGIONS,
+        // Large writes start where in-place ones do, as they did before
+        // small writes went in place.
+        large_write: 64 * KIB,
         ..lazy_tuning()
     };
     let mut rig = Rig::new(5, 4 * MIB, 4 * MIB, tuning);
@@ -734,6 +738,10 @@ fn apply_failure_for_want_of_space_is_reported_as_enospc() {
 fn in_place_write_failing_part_way_leaves_readable_blocks() {
     let tuning = verify_on(Tuning {
         inplace_min: 64 * KIB,
+        inplace_regions: nbdmirror::store::INPLACE_REGIONS,
+        // Large writes start where in-place ones do, as they did before
+        // small writes went in place.
+        large_write: 64 * KIB,
         ..lazy_tuning()
     });
     let mut rig = Rig::new(16, 4 * MIB, 4 * MIB, tuning);
@@ -789,6 +797,10 @@ fn large_write_meeting_a_full_ring_is_journaled_not_lost() {
 fn large_write_meeting_a_full_ring(fill: u64, at: u64) {
     let t = Tuning {
         inplace_min: 64 * 1024,
+        inplace_regions: nbdmirror::store::INPLACE_REGIONS,
+        // Large writes start where in-place ones do, as they did before
+        // small writes went in place.
+        large_write: 64 * 1024,
         ..lazy_tuning()
     };
     let mut rig = Rig::new(1, 64 * MIB, 4 * MIB, t);

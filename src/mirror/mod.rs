@@ -1413,16 +1413,16 @@ impl Mirror {
         self.locks.insert(s, (e, rid));
         let mut mask = 0u64;
         let h = hdr.encode();
-        // A write of whole blocks large enough to go in place goes to peers
+        // A large write of whole blocks that goes in place goes to peers
         // that speak it as a SummedRecord: the block checksums an in-place
         // write needs anyway, computed once here, cover its data on the wire
         // in place of a frame checksum over all of it (one pass over the
         // bytes on each node instead of two), and the store takes them too.
-        // Smaller writes are journaled, which hashes them its own way, and
-        // go as Records: a secondary journals a Record's payload buffer as
-        // it is, where a SummedRecord's (its data after the checksums) would
-        // be copied.
-        let min = store.inplace_min();
+        // Smaller writes go as Records even when they go in place here: a
+        // secondary journals them (its `inplace_min` is 256 KiB), and it
+        // journals a Record's payload buffer as it is, where a
+        // SummedRecord's (its data after the checksums) would be copied.
+        let min = store.large_min();
         let sums = (hdr.kind == wire::KIND_WRITE
             && min > 0
             && e - s >= min

@@ -48,6 +48,19 @@ use overlay::{Content, Overlay, Piece};
 /// into a region whose intent is durable need no journal sync of their own.
 pub const INTENT_REGION: u64 = 16 << 20;
 
+/// Default `Tuning::large_write`. Writes at least this long (and at least
+/// `Tuning::inplace_min`) are *large*: one that journal records block from going in place may be held
+/// for a checkpoint, one going in place records the next region's intent
+/// ahead (a sequential writer never waits for an intent sync), and a
+/// mirrored one travels to peers as a SummedRecord. Smaller in-place writes
+/// (random 4 KiB writes) do none of that, and may open at most
+/// `Tuning::inplace_regions` regions (see there).
+pub const LARGE_WRITE: u64 = 256 * 1024;
+
+/// Default `Tuning::inplace_regions`: 4 GiB of the disk (256 regions of 16
+/// MiB) open to small in-place writes at once.
+pub const INPLACE_REGIONS: usize = 256;
+
 /// Granularity of the map of journaled regions that in-place writes avoid.
 const JOURNALED_CHUNK: u64 = 1 << 20;
 
@@ -296,8 +309,20 @@ pub struct Tuning {
     /// Verify block checksums on every read.
     pub verify_reads: bool,
     /// Block-aligned writes at least this long go straight to the data file
-    /// with only a small record in the journal (0 disables this).
+    /// with only a small record in the journal (0 disables this): 4 KiB
+    /// by default, so that every whole-block write skips the journal's
+    /// double write (`serve` keeps 256 KiB on a secondary; docs/design.md).
     pub inplace_min: u64,
+    /// In-place writes shorter than [`LARGE_WRITE`] go in place only into a
+    /// region that already has an intent, or while fewer than this many
+    /// regions have one; others are journaled. Crash recovery re-checksums
+    /// every region with an intent since the last checkpoint, so this
+    /// bounds that work for random writes all over a large disk (like
+    /// DRBD's activity log, `al-extents`). Large writes are not limited.
+    pub inplace_regions: usize,
+    /// Where large writes start ([`LARGE_WRITE`], the default; tests of
+    /// the large-write rules with small disks lower it).
+    pub large_write: u64,
     /// Recover from the superblock found even when the journal holds
     /// records of the next run (`serve --force-older-superblock`; see
     /// `Store::open`).
@@ -318,7 +343,9 @@ impl Default for Tuning {
             checkpoint_percent: 40,
             checkpoint_interval: Duration::from_secs(5),
             verify_reads: true,
-            inplace_min: 256 * 1024,
+            inplace_min: BLOCK_SIZE,
+            inplace_regions: INPLACE_REGIONS,
+            large_write: LARGE_WRITE,
             force_older_superblock: false,
             refuse_journal_loss: false,
         }
@@ -1223,8 +1250,7 @@ impl Store {
             },
             false => buf,
         };
-        if self.tuning.inplace_min > 0
-            && len64 >= self.tuning.inplace_min
+        if self.is_large(len64)
             && offset.is_multiple_of(BLOCK_SIZE)
             && len64.is_multiple_of(BLOCK_SIZE)
         {
@@ -1301,8 +1327,9 @@ impl Store {
             intents.push(seq);
         }
         // A sequential writer will want the next region soon: record its
-        // intent now so its sync overlaps with this region's writes.
-        if next_region * INTENT_REGION < self.sb.size {
+        // intent now so its sync overlaps with this region's writes. (Not
+        // for small writes: random ones would open twice the regions.)
+        if self.is_large(len64) && next_region * INTENT_REGION < self.sb.size {
             let _ = self.ensure_intent(io, next_region);
         }
         let sums =
@@ -1538,15 +1565,41 @@ impl Store {
             && self.backlog.is_empty()
     }
 
-    /// Whether a write may bypass the journal: big, block-aligned, and not
-    /// overlapping anything whose order relative to it the journal decides
-    /// (overlay pieces, journal writes or other in-place writes in flight,
-    /// blocks being applied, queued writes).
+    /// Whether a write of `len` bytes is large ([`LARGE_WRITE`]).
+    fn is_large(&self, len: u64) -> bool {
+        self.tuning.inplace_min > 0 && len >= self.large_min()
+    }
+
+    /// The length from which a write is large (0: none goes in place).
+    pub fn large_min(&self) -> u64 {
+        match self.tuning.inplace_min {
+            0 => 0,
+            m => m.max(self.tuning.large_write),
+        }
+    }
+
+    /// Whether a small in-place write may use the regions of
+    /// `[offset, end)`: each already has an intent, or there is room for
+    /// the new ones under `Tuning::inplace_regions`.
+    fn small_inplace_room(&self, offset: u64, end: u64) -> bool {
+        let regions = offset / INTENT_REGION..end.div_ceil(INTENT_REGION);
+        let new = regions.filter(|r| !self.intents.contains_key(r)).count();
+        new == 0 || self.intents.len() + new <= self.tuning.inplace_regions
+    }
+
+    /// Whether a write may bypass the journal: block-aligned, at least
+    /// `inplace_min`, and not overlapping anything whose order relative to
+    /// it the journal decides (overlay pieces, journal writes or other
+    /// in-place writes in flight, blocks being applied, queued writes); a
+    /// small one also needs region room ([`Store::small_inplace_room`]).
     fn inplace_eligible(&self, offset: u64, len: u64) -> bool {
         if !self.inplace_shape(offset, len) {
             return false;
         }
         let end = offset + len;
+        if !self.is_large(len) && !self.small_inplace_room(offset, end) {
+            return false;
+        }
         let chunks = offset / JOURNALED_CHUNK..end.div_ceil(JOURNALED_CHUNK);
         if chunks
             .clone()
@@ -1647,7 +1700,16 @@ impl Store {
                     }
                 })
                 .collect();
-            let drops = self.prewrite_drops(offset, offset + len as u64);
+            // As in `maybe_apply`: a small write drops the large folios a
+            // large one left (so that writeback does not write a whole
+            // folio for it); a large one drops small folios first.
+            let drops = if (len as u64) < PAGE_CACHE_PIECE {
+                let mut drops = Vec::new();
+                self.drop_large_folios(offset, offset + len as u64, &mut drops);
+                drops
+            } else {
+                self.prewrite_drops(offset, offset + len as u64)
+            };
             let held = self.submit_after_drops(
                 io,
                 drops,
@@ -1861,7 +1923,7 @@ impl Store {
             self.stats.applied_bytes += w.len;
             self.stats.inplace_writes += 1;
             self.inplace_done += 1;
-            if !w.direct {
+            if !w.direct && w.len >= PAGE_CACHE_PIECE {
                 self.mark_large_folios(w.offset, w.offset + w.len);
             }
             let owned = match buf {
@@ -2177,9 +2239,7 @@ impl Store {
                 data_hash: hash,
             }
             .encode_into(&mut record);
-            let large = p.kind == RecordKind::Write
-                && self.tuning.inplace_min > 0
-                && p.len >= self.tuning.inplace_min;
+            let large = p.kind == RecordKind::Write && self.is_large(p.len);
             let (first, end) = (
                 p.offset / BLOCK_SIZE,
                 (p.offset + chunk).div_ceil(BLOCK_SIZE),

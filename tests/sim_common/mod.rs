@@ -24,6 +24,8 @@ pub fn lazy_tuning() -> Tuning {
         checkpoint_interval: HOUR,
         verify_reads: true,
         inplace_min: 0,
+        inplace_regions: nbdmirror::store::INPLACE_REGIONS,
+        large_write: nbdmirror::store::LARGE_WRITE,
         force_older_superblock: false,
         refuse_journal_loss: false,
     }
@@ -38,6 +40,8 @@ pub fn eager_tuning() -> Tuning {
         checkpoint_interval: Duration::ZERO,
         verify_reads: true,
         inplace_min: 0,
+        inplace_regions: nbdmirror::store::INPLACE_REGIONS,
+        large_write: nbdmirror::store::LARGE_WRITE,
         force_older_superblock: false,
         refuse_journal_loss: false,
     }
