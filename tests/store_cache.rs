@@ -316,3 +316,58 @@ fn pieces_cached_when_the_store_opens_are_dropped_once_before_small_writes() {
     let mut back = rig.crash_durable_only(5).unwrap();
     assert_eq!(back.read_all().unwrap(), model, "after a crash");
 }
+
+/// Small writes that go in place (the default, from 4 KiB) drop a large
+/// write's folios as journaled ones do, before their data is written. When
+/// no checkpoint has started since the large write, its pages may be dirty
+/// and cannot be dropped yet: small in-place writes fill no ring, so the
+/// next checkpoint could be the interval (30 s) away, so they ask for one
+/// (at most a second after the last), and the drops follow it.
+#[test]
+fn small_in_place_writes_ask_for_the_checkpoint_their_drops_need() {
+    let size = 4 * CHUNK;
+    let tuning = Tuning {
+        inplace_min: 4096,
+        ..lazy_tuning()
+    };
+    let mut rig = Rig::new(8, size, 4 * CHUNK, tuning);
+    rig.sim.reorder = false;
+    let mut model = vec![0u8; size as usize];
+    let mut write = |rig: &mut Rig, id: u64, off: u64, len: u64| {
+        let data = pattern(id, off, len);
+        rig.write_sync(off, &data, false).unwrap();
+        model[off as usize..(off + len) as usize].copy_from_slice(&data);
+    };
+    write(&mut rig, 1, 0, CHUNK);
+    let inplace = rig.st.stats.inplace_writes;
+    assert!(inplace >= 1, "the large write went in place");
+    // A small write into its piece 0: nothing to drop yet (no checkpoint
+    // since), but it goes in place all the same.
+    write(&mut rig, 2, 4096, 4096);
+    assert_eq!(rig.st.stats.inplace_writes, inplace + 1);
+    assert_eq!(rig.st.stats.cache_drops, 0);
+    assert_eq!(rig.st.stats.checkpoints, 0);
+    // The checkpoint it asked for comes within a second or so, with no
+    // timer of the tuning's: nothing else would start one for an hour.
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    rig.st.tick(&mut rig.sim);
+    rig.pump();
+    assert_eq!(rig.st.stats.checkpoints, 1, "no checkpoint for the drops");
+    // Now small in-place writes drop the pieces they go into, first.
+    rig.sim.cache_drops.clear();
+    write(&mut rig, 3, PIECE + 8192, 4096);
+    assert_eq!(rig.st.stats.inplace_writes, inplace + 2);
+    assert_eq!(rig.st.stats.cache_drops, 1);
+    assert_eq!(rig.sim.cache_drops, vec![(PIECE, PIECE)], "only the piece");
+    // No further checkpoints are asked for.
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    write(&mut rig, 4, 2 * PIECE + 8192, 4096);
+    rig.st.tick(&mut rig.sim);
+    rig.pump();
+    assert_eq!(rig.st.stats.checkpoints, 1);
+    assert_eq!(rig.st.stats.cache_drops, 2);
+    assert_eq!(rig.read_all().unwrap(), model, "reads after the drops");
+    rig.flush_sync().unwrap();
+    let mut back = rig.crash_durable_only(4).unwrap();
+    assert_eq!(back.read_all().unwrap(), model, "after a crash");
+}
