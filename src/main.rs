@@ -14,12 +14,6 @@ use nbdmirror::mirror::{MirrorConfig, NodeRole};
 use nbdmirror::server::{self, DirectWrites, Listen, ServeConfig};
 use nbdmirror::size::parse_size;
 
-/// A secondary's default `--inplace-min`: it journals small writes, so that
-/// a crash of it leaves nothing it cannot vouch for but large writes'
-/// regions (an uncertain block costs a compare of the whole disk;
-/// docs/mirroring.md, "Uncertain blocks").
-const SECONDARY_INPLACE_MIN: u64 = nbdmirror::store::LARGE_WRITE;
-
 fn parse_inplace_min(s: &str) -> Result<u64, String> {
     let n = parse_size(s)?;
     if !n.is_multiple_of(4096) {
@@ -145,8 +139,7 @@ enum Cmd {
         /// Writes of whole 4 KiB blocks at least this long go straight to
         /// the data file, with only a small intent record in the journal
         /// (K/M suffixes; a multiple of 4096; 0 = journal every write).
-        /// Default 4K on a primary or single node, 256K on a secondary
-        /// (docs/design.md, "In-place writes").
+        /// Default 4K (docs/design.md, "In-place writes").
         #[arg(long, value_parser = parse_inplace_min)]
         inplace_min: Option<u64>,
         /// At most this many 16 MiB regions open to in-place writes smaller
@@ -1673,12 +1666,13 @@ fn run(cli: Cli) -> Result<(), String> {
                 refuse_journal_loss: role == NodeRole::Primary
                     && !peer.is_empty()
                     && !accept_journal_loss,
-                inplace_min: inplace_min.unwrap_or(match role {
-                    NodeRole::Secondary => SECONDARY_INPLACE_MIN,
-                    _ => Tuning::default().inplace_min,
-                }),
+                inplace_min: inplace_min.unwrap_or(Tuning::default().inplace_min),
                 inplace_regions: inplace_regions
                     .map_or(nbdmirror::store::INPLACE_REGIONS, |n| n as usize),
+                // A secondary's crash leaves uncertain (a compare of the
+                // whole disk) what it cannot vouch for: its in-place writes
+                // log their checksums (docs/format.md, "Checksum records").
+                vouch_inplace: role == NodeRole::Secondary,
                 ..Tuning::default()
             };
             server::serve(ServeConfig {

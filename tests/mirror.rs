@@ -2014,6 +2014,77 @@ fn large_writes_reach_every_kind_of_secondary_intact() {
     );
 }
 
+/// A secondary killed (SIGKILL) while its client writes 4 KiB blocks at
+/// random, which it writes in place, vouches for every one of them after
+/// the restart from the checksums its journal logged before their data:
+/// nothing is uncertain, so no compare of the whole disk, only what the
+/// bitmap holds is resent, and the replicas end identical. Without the
+/// logged checksums every block written in place since its last
+/// checkpoint would be uncertain (tried: the log says "could not vouch").
+#[test]
+fn a_secondary_killed_under_small_in_place_writes_vouches_for_them() {
+    let test = "a_secondary_killed_under_small_in_place_writes_vouches_for_them";
+    if !require_tools(test, &["fio"]) {
+        return;
+    }
+    let _wd = Watchdog::new(test, Duration::from_secs(180));
+    let seed = test_seed(test);
+    let mut cl = Cluster::new(test, seed, Opts::new(64 * MIB, 2));
+    cl.start_all();
+    cl.wait_in_sync(Duration::from_secs(20));
+    let args = strs(&[
+        "--ioengine=nbd",
+        "--output-format=json",
+        &format!("--uri={}", cl.uri()),
+        "--name=small",
+        "--rw=randwrite",
+        "--bs=4k",
+        "--iodepth=16",
+        "--size=64M",
+        "--time_based",
+        "--runtime=5",
+    ]);
+    let cwd = cl.tmp.path().to_path_buf();
+    let fio = thread::spawn(move || fio_ok(&cwd, &args, Duration::from_secs(60)));
+    thread::sleep(Duration::from_millis(2500));
+    let d2 = cl.nodes[1].dir.display().to_string();
+    let j = status_json(&["--dir", &d2]).expect("secondary status");
+    let (inplace, logged) = (
+        j.at("store").at("inplace_writes").as_u64().unwrap_or(0),
+        j.at("store").at("sums_records").as_u64().unwrap_or(0),
+    );
+    eprintln!("secondary before the kill: {inplace} in-place writes, {logged} checksum records");
+    assert!(
+        inplace > 100 && logged > 0,
+        "{test}: the secondary did not write in place: {j:?}"
+    );
+    cl.nodes[1].kill();
+    let j = fio.join().unwrap();
+    eprintln!("fio wrote {} KiB", fio_kbytes(&j, "write"));
+    let before = cl.nodes[0].stderr().len();
+    cl.nodes[1].start();
+    cl.wait_in_sync(Duration::from_secs(60));
+    let log2 = cl.nodes[1].stderr();
+    assert!(
+        !contains_ci(&log2, "could not vouch"),
+        "{test}: the secondary distrusted blocks after the kill:\n{log2}"
+    );
+    assert!(
+        contains_ci(&log2, "vouched for"),
+        "{test}: the secondary's recovery vouched for nothing:\n{log2}"
+    );
+    // (The first connection compared: the peer was new then.)
+    let log1 = cl.nodes[0].stderr()[before..].to_string();
+    assert!(
+        !contains_ci(&log1, "reports no session") && !contains_ci(&log1, "comparing checksums"),
+        "{test}: the primary compared the whole disk after the kill:\n{log1}"
+    );
+    let served = nbd_disk_hash(&cl.nbd_addr(), cl.size);
+    cl.stop_all();
+    cl.assert_replicas_identical();
+    assert_eq!(file_hash(&cl.nodes[0].data()), served);
+}
+
 /// A TCP relay on a free loopback port to `target`, for a primary's link
 /// to a peer. The first connection to reach byte `flip_at` of the
 /// primary's stream has one bit flipped there, as a faulty NIC or switch
@@ -5533,15 +5604,7 @@ fn rot_in_blocks_a_secondary_cannot_vouch_for_is_resent_by_the_primary() {
     let size = cl.size;
     let bad = 3000 % (size / 4096);
     cl.nodes[1].kill();
-    {
-        use std::os::unix::fs::FileExt;
-        let f = fs::OpenOptions::new()
-            .write(true)
-            .open(cl.nodes[1].data())
-            .unwrap();
-        f.write_all_at(b"\xde\xad\xbe\xef", bad * 4096 + 50)
-            .unwrap();
-    }
+    rot_one_block(&cl.nodes[1].data(), bad);
     // The secondary recovers alone: its uncertain set outlives a clean
     // stop, `check` will not call it clean, and it is not promoted.
     cl.primary().terminate();
@@ -6511,6 +6574,11 @@ fn a_secondary_promoted_straight_after_a_crash_with_unvouched_blocks_is_refused(
     let _wd = Watchdog::new(test, Duration::from_secs(120));
     let (mut cl, want) = pair_with_unsettled_inplace_writes(test);
     cl.nodes[1].kill();
+    // After a kill the secondary vouches for its in-place blocks from the
+    // checksums its journal logged; one whose bytes then changed (rot, or a
+    // write that reached the disk before its record in a power cut) it
+    // cannot vouch for.
+    rot_one_block(&cl.nodes[1].data(), 1234 % (cl.size / 4096));
     cl.primary().terminate();
     let d2 = cl.nodes[1].dir.clone();
     assert_promotion_refused_for_unvouched_blocks(&d2, "promoting straight after the crash");
@@ -6592,10 +6660,19 @@ fn a_secondary_killed_right_after_its_resync_is_promoted_without_force() {
     cl.stop_all();
 }
 
+/// Overwrite 4 bytes of block `b` of a (stopped) node's data file.
+fn rot_one_block(data: &Path, b: u64) {
+    use std::os::unix::fs::FileExt;
+    let f = fs::OpenOptions::new().write(true).open(data).unwrap();
+    f.write_all_at(b"\xde\xad\xbe\xef", b * 4096 + 50).unwrap();
+}
+
 /// A 2-node volume, in sync, whose 16 MiB were written in 1 MiB pieces (in
 /// place) with the secondary checkpointing only every 10 minutes: their
-/// checksums are not in its `meta`, so its recovery after a crash cannot
-/// vouch for those blocks. Returns the cluster and what was written.
+/// checksums are not in its `meta`, so its recovery after a crash can vouch
+/// for those blocks only from the checksums its journal logged for them (a
+/// block whose bytes match none stays uncertain). Returns the cluster and
+/// what was written.
 fn pair_with_unsettled_inplace_writes(test: &str) -> (Cluster, Vec<u8>) {
     let (mut cl, seed, size) = pair_checkpointing_rarely(test);
     let want = random_bytes(seed, size as usize);

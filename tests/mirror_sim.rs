@@ -47,6 +47,7 @@ fn tuning() -> Tuning {
         // Large writes start where in-place ones do, as they did before
         // small writes went in place.
         large_write: 64 << 10,
+        vouch_inplace: false,
         ..Tuning::default()
     }
 }

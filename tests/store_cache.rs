@@ -22,6 +22,7 @@ fn tuning(eager: bool) -> Tuning {
         // Large writes start where in-place ones do, as they did before
         // small writes went in place.
         large_write: 256 * 1024,
+        vouch_inplace: false,
         ..base
     }
 }

@@ -658,6 +658,7 @@ fn refused_direct_write_falls_back_to_the_page_cache() {
         // Large writes start where in-place ones do, as they did before
         // small writes went in place.
         large_write: 64 * KIB,
+        vouch_inplace: false,
         ..lazy_tuning()
     };
     let mut rig = Rig::new(5, 4 * MIB, 4 * MIB, tuning);
@@ -742,6 +743,7 @@ fn in_place_write_failing_part_way_leaves_readable_blocks() {
         // Large writes start where in-place ones do, as they did before
         // small writes went in place.
         large_write: 64 * KIB,
+        vouch_inplace: false,
         ..lazy_tuning()
     });
     let mut rig = Rig::new(16, 4 * MIB, 4 * MIB, tuning);
@@ -801,6 +803,7 @@ fn large_write_meeting_a_full_ring(fill: u64, at: u64) {
         // Large writes start where in-place ones do, as they did before
         // small writes went in place.
         large_write: 64 * 1024,
+        vouch_inplace: false,
         ..lazy_tuning()
     };
     let mut rig = Rig::new(1, 64 * MIB, 4 * MIB, t);

@@ -1418,10 +1418,10 @@ impl Mirror {
         // write needs anyway, computed once here, cover its data on the wire
         // in place of a frame checksum over all of it (one pass over the
         // bytes on each node instead of two), and the store takes them too.
-        // Smaller writes go as Records even when they go in place here: a
-        // secondary journals them (its `inplace_min` is 256 KiB), and it
-        // journals a Record's payload buffer as it is, where a
-        // SummedRecord's (its data after the checksums) would be copied.
+        // Smaller writes go as Records: for a few blocks the second pass
+        // costs little, and a Record's payload buffer is what the secondary
+        // writes (in place or journaled) as it is, where a SummedRecord's
+        // (its data after the checksums) would be copied when journaled.
         let min = store.large_min();
         let sums = (hdr.kind == wire::KIND_WRITE
             && min > 0

@@ -234,6 +234,50 @@ impl RecordHeader {
     }
 }
 
+/// Void record flag: the record carries the block checksums of in-place
+/// writes (docs/format.md, "Checksum records"): runs of `first block` u64,
+/// `count` u64, then `count` u64 checksums; `length` is their size and
+/// `data_hash` covers them as a Write record's. Older binaries skip a Void
+/// record whole, so they read such a journal as before.
+pub const VOID_FLAG_SUMS: u16 = 2;
+
+/// Encode checksum runs as a [`VOID_FLAG_SUMS`] record's payload.
+pub fn encode_sum_runs<'a>(runs: impl Iterator<Item = (u64, &'a [u64])>) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (first, sums) in runs {
+        out.extend_from_slice(&first.to_le_bytes());
+        out.extend_from_slice(&(sums.len() as u64).to_le_bytes());
+        for s in sums {
+            out.extend_from_slice(&s.to_le_bytes());
+        }
+    }
+    out
+}
+
+/// Decode a [`VOID_FLAG_SUMS`] payload into `(block, checksum)` pairs;
+/// `None` if it is malformed (a run longer than what follows, a partial
+/// entry).
+pub fn decode_sum_runs(b: &[u8]) -> Option<Vec<(u64, u64)>> {
+    let mut out = Vec::new();
+    let mut at = 0usize;
+    let word = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().unwrap());
+    while at < b.len() {
+        if b.len() - at < 16 {
+            return None;
+        }
+        let (first, count) = (word(at), word(at + 8));
+        at += 16;
+        if count > ((b.len() - at) / 8) as u64 {
+            return None;
+        }
+        for i in 0..count as usize {
+            out.push((first.checked_add(i as u64)?, word(at + 8 * i)));
+        }
+        at += 8 * count as usize;
+    }
+    Some(out)
+}
+
 pub fn data_hash(data: &[u8], seq: u64) -> u64 {
     crate::xxh3::hash_seeded(data, seq)
 }
@@ -296,5 +340,32 @@ mod tests {
         assert_eq!(RecordHeader::decode(&b).unwrap(), h);
         b[20] ^= 0x10;
         assert_eq!(RecordHeader::decode(&b), Err(RecordError::BadChecksum));
+    }
+
+    /// Checksum-record payloads round-trip, and malformed ones (a run
+    /// longer than what follows, a partial entry, a block number that
+    /// overflows) are refused rather than read past their end.
+    #[test]
+    fn sum_runs_round_trip_and_malformed_ones_are_refused() {
+        let a = [1u64, 2, 3];
+        let b = [9u64];
+        let enc = encode_sum_runs([(10u64, &a[..]), (500, &b[..])].into_iter());
+        assert_eq!(enc.len(), 16 * 2 + 8 * 4);
+        assert_eq!(
+            decode_sum_runs(&enc).unwrap(),
+            vec![(10, 1), (11, 2), (12, 3), (500, 9)]
+        );
+        assert_eq!(decode_sum_runs(&[]).unwrap(), vec![]);
+        for cut in 1..enc.len() {
+            if cut == 16 + 24 {
+                continue; // a whole first run: valid
+            }
+            assert_eq!(decode_sum_runs(&enc[..cut]), None, "cut at {cut}");
+        }
+        let mut long = enc.clone();
+        long[8..16].copy_from_slice(&u64::MAX.to_le_bytes());
+        assert_eq!(decode_sum_runs(&long), None);
+        let over = encode_sum_runs([(u64::MAX, &a[..])].into_iter());
+        assert_eq!(decode_sum_runs(&over), None);
     }
 }

@@ -26,6 +26,7 @@ pub fn lazy_tuning() -> Tuning {
         inplace_min: 0,
         inplace_regions: nbdmirror::store::INPLACE_REGIONS,
         large_write: nbdmirror::store::LARGE_WRITE,
+        vouch_inplace: false,
         force_older_superblock: false,
         refuse_journal_loss: false,
     }
@@ -42,6 +43,7 @@ pub fn eager_tuning() -> Tuning {
         inplace_min: 0,
         inplace_regions: nbdmirror::store::INPLACE_REGIONS,
         large_write: nbdmirror::store::LARGE_WRITE,
+        vouch_inplace: false,
         force_older_superblock: false,
         refuse_journal_loss: false,
     }
