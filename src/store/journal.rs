@@ -257,12 +257,18 @@ pub fn scan(
             // data is; one torn was never covered by a sync, so neither was
             // anything after it.
             RecordKind::Void if h.flags & VOID_FLAG_SUMS != 0 && h.length > 0 => {
-                if record_data(io, fd, pos, &h)?.is_none() {
+                if RecordHeader::span_for(h.length as usize) > h.span {
                     return Ok(stop(format!(
-                        "checksum record {seq} at {pos} is torn (data checksum mismatch)"
+                        "checksum record {seq} at {pos} claims {} bytes in a {}-byte span",
+                        h.length, h.span
                     )));
                 }
-                each(io, Recovered { header: h, pos })?;
+                // One whose data is torn is skipped, not the end: it changes
+                // no data (its blocks are just not vouched for), and its
+                // header, which verified, gives its span.
+                if record_data(io, fd, pos, &h)?.is_some() {
+                    each(io, Recovered { header: h, pos })?;
+                }
             }
             RecordKind::Wrap | RecordKind::Void => {}
         }

@@ -779,6 +779,9 @@ pub struct Store {
     sums_batches: IdMap<u64, Vec<u64>>,
     /// A [`Ctx::SumsBatch`] timeout is in flight.
     sums_due: bool,
+    /// `stats.checkpoints` when `maybe_checkpoint` last retired the
+    /// intents in-flight writes held.
+    intents_retired_at: u64,
     /// In-place writes completed so far, and how many of them the last
     /// completed data-file sync covers.
     inplace_done: u64,
@@ -1092,6 +1095,7 @@ impl Store {
             inplace: BTreeMap::new(),
             sums_batches: IdMap::default(),
             sums_due: false,
+            intents_retired_at: u64::MAX,
             inplace_done: 0,
             data_synced: 0,
             data_sync_in_flight: false,
@@ -1437,6 +1441,7 @@ impl Store {
     fn split_plan(&self, offset: u64, len: u64) -> Option<Vec<(u64, u64, bool)>> {
         let end = offset + len;
         if !self.inplace_shape(offset, len)
+            || (!self.is_large(len) && !self.small_inplace_room(offset, end))
             || self.draining
             // Journal records in flight, in the overlay or being applied all
             // came after the last checkpoint: their blocks are marked in
@@ -2640,9 +2645,11 @@ impl Store {
         // A block marked corrupt (bad, then written in part) holds a
         // checksum no copy can match: the peer's copy, which took the same
         // partial write over good data and verified on the peer, replaces
-        // it as a whole-block write through the journal, exactly as if the
-        // client had rewritten the block (which clears a mark): data and
-        // checksum become durable together, and recovery replays them.
+        // it as a whole-block write, exactly as if the client had rewritten
+        // the block (which clears a mark): through the journal (data and
+        // checksum durable together, replayed by recovery) or in place
+        // (recovery rebuilds the checksum from the data file), as the
+        // store's rules for writes decide.
         let adopt: Vec<u64> = data
             .chunks(BLOCK_SIZE as usize)
             .enumerate()
@@ -2654,8 +2661,8 @@ impl Store {
             for b in &adopt {
                 self.marked_seen.remove(b);
                 crate::elog!(
-                    "nbdmirror: block {b}, marked corrupt, takes a peer's copy (written through \
-                     the journal, with its checksum)"
+                    "nbdmirror: block {b}, marked corrupt, takes a peer's copy (rewritten whole, \
+                     with its checksum)"
                 );
             }
             self.stats.repaired_blocks += n;
@@ -3744,6 +3751,20 @@ impl Store {
             Some(first) => self.applied_seq.min(first - 1),
             None => self.applied_seq,
         };
+        if upto < self.applied_seq && self.intents_retired_at != self.stats.checkpoints {
+            // In-place writes in flight hold intents this checkpoint cannot
+            // pass, and new writes would go on reusing them: under steady
+            // small random writes some write always holds the oldest, and
+            // the tail stopped there for good (the ring then filled with
+            // checksum records, and batches went unlogged). New writes take
+            // fresh intents from now on; the next checkpoint passes these
+            // once their writes are done. Once per checkpoint, so that
+            // fresh intents are not retired again while the old writes
+            // drain.
+            self.intents_retired_at = self.stats.checkpoints;
+            let applied = self.applied_seq;
+            self.intents.retain(|_, seq| *seq > applied);
+        }
         if upto <= self.checkpointed_seq {
             return;
         }
@@ -3926,6 +3947,9 @@ fn replay_all(
     // first: their blocks are never vouched for, the data file may hold a
     // stale copy of what such a record wrote).
     let mut changed = 0u64;
+    // Only with checksum records is there anything to vouch with; without
+    // (a primary) the blocks go straight to `unsure`, as runs.
+    let vouching = records.iter().any(|r| r.header.kind == RecordKind::Void);
     let mut candidates: Vec<(u64, u64)> = Vec::new();
     let regions = extra
         .iter()
@@ -3951,7 +3975,7 @@ fn replay_all(
                 if sums.get(blk) != fresh && !sums.marked(blk, fresh) {
                     changed += 1;
                     sums.set(blk, fresh);
-                    if vouchable {
+                    if vouchable && vouching {
                         candidates.push((blk, fresh));
                     } else {
                         push_block_run(&mut unsure, blk);
