@@ -1188,13 +1188,15 @@ fn uncertain_after(sim: &mut SimIo, files: nbdmirror::store::Files, tuning: Tuni
 /// blindly). Reads return every written byte after the kill.
 #[test]
 fn logged_checksums_let_recovery_vouch_for_in_place_writes() {
+    // 4 KiB writes in place (the default), with or without the records.
+    let tuning_for = |vouch: bool| Tuning {
+        inplace_min: 4096,
+        large_write: nbdmirror::store::LARGE_WRITE,
+        vouch_inplace: vouch,
+        ..holding_tuning()
+    };
     for vouch in [false, true] {
-        let tuning = Tuning {
-            inplace_min: 4096,
-            large_write: nbdmirror::store::LARGE_WRITE,
-            vouch_inplace: vouch,
-            ..holding_tuning()
-        };
+        let tuning = tuning_for(vouch);
         let mut rig = Rig::new(21, 4 * MIB, 4 * MIB, tuning);
         let mut want = Vec::new();
         let writes = [
@@ -1239,12 +1241,7 @@ fn logged_checksums_let_recovery_vouch_for_in_place_writes() {
     // by hand: the data reaches the data file's durable image (a sync of
     // it alone), the record does not (the journal is never synced after
     // the intent).
-    let tuning = Tuning {
-        inplace_min: 4096,
-        large_write: nbdmirror::store::LARGE_WRITE,
-        vouch_inplace: true,
-        ..holding_tuning()
-    };
+    let tuning = tuning_for(true);
     let mut rig = Rig::new(22, 4 * MIB, 4 * MIB, tuning);
     rig.write_sync(8192, &pattern(40, 8192, 4096), false)
         .unwrap();
