@@ -1159,6 +1159,89 @@ fn fua_write_superseded_by_an_unsynced_write_survives_checkpoint_and_crash() {
     assert_eq!(after.read_sync(40960, 4096).unwrap(), p);
 }
 
+/// A checkpoint that in-flight in-place writes keep from passing their
+/// region's intent retires it, so that later writes take a fresh intent
+/// rather than reuse the one it cannot pass: under steady small random
+/// writes some write always held the oldest intent and the journal tail
+/// stopped there for good (a reviewer's find). Once those writes are done,
+/// the next checkpoint passes it; every write survives a crash.
+#[test]
+fn a_checkpoint_held_up_by_in_flight_writes_retires_their_intent() {
+    let tuning = Tuning {
+        inplace_min: 4096,
+        large_write: nbdmirror::store::LARGE_WRITE,
+        ..holding_tuning()
+    };
+    let mut rig = Rig::new(23, 4 * MIB, 4 * MIB, tuning);
+    rig.sim.reorder = false;
+    let journal = rig.files.journal;
+    let a = pattern(50, 4096, 4096);
+    rig.write_sync(4096, &a, false).unwrap();
+    // B reuses the region's intent; its data write stays queued.
+    let b = pattern(51, 8192, 4096);
+    let bid = rig.fresh_id();
+    rig.st.write(
+        &mut rig.sim,
+        bid,
+        8192,
+        payload(&b, WRITE_HEADROOM),
+        WRITE_HEADROOM,
+        4096,
+        false,
+    );
+    assert!(
+        !rig.sim.queued().any(is_write_to(journal)),
+        "B took a new intent: {:?}",
+        rig.sim.queued().map(op_summary).collect::<Vec<_>>()
+    );
+    // A checkpoint is wanted; B holds the intent it would have to pass.
+    rig.st.checkpoint_soon(&mut rig.sim);
+    // C, into the same region, now records a fresh intent.
+    let c = pattern(52, 12288, 4096);
+    let cid = rig.fresh_id();
+    rig.st.write(
+        &mut rig.sim,
+        cid,
+        12288,
+        payload(&c, WRITE_HEADROOM),
+        WRITE_HEADROOM,
+        4096,
+        false,
+    );
+    assert!(
+        rig.sim.queued().any(is_write_to(journal)),
+        "C reused the intent the checkpoint cannot pass: {:?}",
+        rig.sim.queued().map(op_summary).collect::<Vec<_>>()
+    );
+    assert!(matches!(
+        rig.wait_event(bid),
+        StoreEvent::Written(_, Ok(()))
+    ));
+    assert!(matches!(
+        rig.wait_event(cid),
+        StoreEvent::Written(_, Ok(()))
+    ));
+    // With B done, a checkpoint passes the old intent.
+    let before = rig.st.stats.checkpoints;
+    rig.st.checkpoint_soon(&mut rig.sim);
+    rig.pump();
+    assert!(
+        rig.st.stats.checkpoints > before,
+        "no checkpoint passed the old intent"
+    );
+    rig.flush_sync().unwrap();
+    for seed in 0..4 {
+        let mut after = rig.crash(seed, seed % 2 == 0).unwrap();
+        for (off, d) in [(4096, &a), (8192, &b), (12288, &c)] {
+            assert_eq!(
+                &after.read_sync(off, 4096).unwrap(),
+                d,
+                "crash {seed}, write at {off}"
+            );
+        }
+    }
+}
+
 /// Open the replica in `sim` as a mirrored node does (tracking the blocks
 /// recovery cannot vouch for, in a scratch directory): how many are there?
 fn uncertain_after(sim: &mut SimIo, files: nbdmirror::store::Files, tuning: Tuning) -> u64 {
