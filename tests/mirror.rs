@@ -2029,7 +2029,13 @@ fn a_secondary_killed_under_small_in_place_writes_vouches_for_them() {
     }
     let _wd = Watchdog::new(test, Duration::from_secs(180));
     let seed = test_seed(test);
-    let mut cl = Cluster::new(test, seed, Opts::new(64 * MIB, 2));
+    // A 128 MiB journal (half the disk) and no interval checkpoints on
+    // the secondary: no checkpoint settles its in-place writes before the
+    // kill (one right before it would leave next to nothing to vouch for).
+    let mut cl = Cluster::new(test, seed, Opts::new(256 * MIB, 2));
+    cl.nodes[1]
+        .args
+        .extend(["--checkpoint-interval-ms".into(), "600000".into()]);
     cl.start_all();
     cl.wait_in_sync(Duration::from_secs(20));
     let args = strs(&[
