@@ -1177,18 +1177,24 @@ fn a_checkpoint_held_up_by_in_flight_writes_retires_their_intent() {
     let journal = rig.files.journal;
     let a = pattern(50, 4096, 4096);
     rig.write_sync(4096, &a, false).unwrap();
+    // Submit a 4 KiB write without waiting for it.
+    let submit = |rig: &mut Rig, off: u64, data: &[u8]| {
+        let id = rig.fresh_id();
+        let buf = payload(data, WRITE_HEADROOM);
+        rig.st.write(
+            &mut rig.sim,
+            id,
+            off,
+            buf,
+            WRITE_HEADROOM,
+            data.len(),
+            false,
+        );
+        id
+    };
     // B reuses the region's intent; its data write stays queued.
     let b = pattern(51, 8192, 4096);
-    let bid = rig.fresh_id();
-    rig.st.write(
-        &mut rig.sim,
-        bid,
-        8192,
-        payload(&b, WRITE_HEADROOM),
-        WRITE_HEADROOM,
-        4096,
-        false,
-    );
+    let bid = submit(&mut rig, 8192, &b);
     assert!(
         !rig.sim.queued().any(is_write_to(journal)),
         "B took a new intent: {:?}",
@@ -1198,16 +1204,7 @@ fn a_checkpoint_held_up_by_in_flight_writes_retires_their_intent() {
     rig.st.checkpoint_soon(&mut rig.sim);
     // C, into the same region, now records a fresh intent.
     let c = pattern(52, 12288, 4096);
-    let cid = rig.fresh_id();
-    rig.st.write(
-        &mut rig.sim,
-        cid,
-        12288,
-        payload(&c, WRITE_HEADROOM),
-        WRITE_HEADROOM,
-        4096,
-        false,
-    );
+    let cid = submit(&mut rig, 12288, &c);
     assert!(
         rig.sim.queued().any(is_write_to(journal)),
         "C reused the intent the checkpoint cannot pass: {:?}",

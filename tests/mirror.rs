@@ -690,6 +690,19 @@ impl Cluster {
     }
 
     /// After `stop_all`: every replica's data file equals the primary's.
+    /// Read the whole disk over NBD, stop every node, and check that every
+    /// replica's data file holds what the primary served.
+    fn stop_and_check_served(&mut self) {
+        let served = nbd_disk_hash(&self.nbd_addr(), self.size);
+        self.stop_all();
+        self.assert_replicas_identical();
+        assert_eq!(
+            file_hash(&self.nodes[0].data()),
+            served,
+            "the primary's data file differs from what it served over NBD before shutdown"
+        );
+    }
+
     fn assert_replicas_identical(&self) {
         let a = self.nodes[0].data();
         for n in self.nodes.iter().skip(1) {
@@ -1920,14 +1933,7 @@ fn three_nodes_overlapping_writes() {
     eprintln!("fio wrote {kb} KiB over 4 connections into the same 16 MiB");
     assert!(kb >= 4 * 24 * 1024 - 1024, "fio wrote only {kb} KiB");
     cl.wait_in_sync(Duration::from_secs(30));
-    let served = nbd_disk_hash(&cl.nbd_addr(), cl.size);
-    cl.stop_all();
-    cl.assert_replicas_identical();
-    assert_eq!(
-        file_hash(&cl.nodes[0].data()),
-        served,
-        "the primary's data file differs from what it served over NBD before shutdown"
-    );
+    cl.stop_and_check_served();
 }
 
 /// Large block-aligned writes go to protocol-7 peers as SummedRecords
@@ -2004,14 +2010,7 @@ fn large_writes_reach_every_kind_of_secondary_intact() {
         eprintln!("node {n}: {inplace} in-place writes");
         assert!(inplace > 0, "node {n} wrote nothing in place: {j:?}");
     }
-    let served = nbd_disk_hash(&cl.nbd_addr(), cl.size);
-    cl.stop_all();
-    cl.assert_replicas_identical();
-    assert_eq!(
-        file_hash(&cl.nodes[0].data()),
-        served,
-        "the primary's data file differs from what it served over NBD before shutdown"
-    );
+    cl.stop_and_check_served();
 }
 
 /// A secondary killed (SIGKILL) while its client writes 4 KiB blocks at
@@ -2085,10 +2084,7 @@ fn a_secondary_killed_under_small_in_place_writes_vouches_for_them() {
         !contains_ci(&log1, "reports no session") && !contains_ci(&log1, "comparing checksums"),
         "{test}: the primary compared the whole disk after the kill:\n{log1}"
     );
-    let served = nbd_disk_hash(&cl.nbd_addr(), cl.size);
-    cl.stop_all();
-    cl.assert_replicas_identical();
-    assert_eq!(file_hash(&cl.nodes[0].data()), served);
+    cl.stop_and_check_served();
 }
 
 /// A TCP relay on a free loopback port to `target`, for a primary's link

@@ -1748,8 +1748,12 @@ impl Store {
             self.submit_marker(io, RecordKind::Wrap, wseq, wpos, filler);
         }
         let seq = place.seq;
-        let mut b = vec![0u8; span as usize];
-        RecordHeader {
+        for id in ids {
+            self.inplace.get_mut(id).unwrap().state = InPlaceState::Summing;
+        }
+        self.sums_batches.insert(seq, ids.to_vec());
+        self.stats.sums_records += 1;
+        let header = RecordHeader {
             kind: RecordKind::Void,
             flags: format::VOID_FLAG_SUMS,
             epoch: self.sb.epoch,
@@ -1758,26 +1762,8 @@ impl Store {
             length: payload.len() as u32,
             span: span as u32,
             data_hash: format::data_hash(&payload, seq),
-        }
-        .encode_into(&mut b);
-        b[RECORD_HEADER_LEN..RECORD_HEADER_LEN + payload.len()].copy_from_slice(&payload);
-        for id in ids {
-            self.inplace.get_mut(id).unwrap().state = InPlaceState::Summing;
-        }
-        self.sums_batches.insert(seq, ids.to_vec());
-        self.stats.sums_records += 1;
-        let end = b.len();
-        self.submit(
-            io,
-            Ctx::SumsRecord { seq },
-            Op::Write {
-                fd: self.files.journal,
-                buf: WriteBuf::Owned(b),
-                start: 0,
-                end,
-                offset: place.pos,
-            },
-        );
+        };
+        self.submit_record(io, Ctx::SumsRecord { seq }, place.pos, header, &payload);
         true
     }
 
@@ -2506,8 +2492,12 @@ impl Store {
         offset: u64,
         length: u32,
     ) {
-        let mut b = vec![0u8; format::RECORD_ALIGN as usize];
-        RecordHeader {
+        let ctx = if kind == RecordKind::Void {
+            Ctx::JournalVoid { seq }
+        } else {
+            Ctx::JournalWrite { seq }
+        };
+        let header = RecordHeader {
             kind,
             flags: 0,
             epoch: self.sb.epoch,
@@ -2516,13 +2506,24 @@ impl Store {
             length,
             span: span as u32,
             data_hash: 0,
-        }
-        .encode_into(&mut b);
-        let ctx = if kind == RecordKind::Void {
-            Ctx::JournalVoid { seq }
-        } else {
-            Ctx::JournalWrite { seq }
         };
+        self.submit_record(io, ctx, pos, header, &[]);
+    }
+
+    /// Write `header` and `payload` after it at `pos` in the journal, as
+    /// `ctx`: the record's bytes up to the next 512-byte boundary (a Wrap
+    /// marker's filler past them is never read).
+    fn submit_record(
+        &mut self,
+        io: &mut dyn Io,
+        ctx: Ctx,
+        pos: u64,
+        header: RecordHeader,
+        payload: &[u8],
+    ) {
+        let mut b = vec![0u8; RecordHeader::span_for(payload.len()) as usize];
+        header.encode_into(&mut b);
+        b[RECORD_HEADER_LEN..RECORD_HEADER_LEN + payload.len()].copy_from_slice(payload);
         let end = b.len();
         self.submit(
             io,
