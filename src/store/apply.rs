@@ -141,7 +141,13 @@ impl Store {
         }
     }
 
-    pub(super) fn apply_read_done(&mut self, io: &mut dyn Io, block: u64, c: Completion, err: Option<i32>) {
+    pub(super) fn apply_read_done(
+        &mut self,
+        io: &mut dyn Io,
+        block: u64,
+        c: Completion,
+        err: Option<i32>,
+    ) {
         if let Some(e) = err {
             self.apply_op_done(io, Some(e));
             return;
@@ -203,7 +209,13 @@ impl Store {
 
     /// Replace one failed apply fallocate by plain writes of zeroes (in
     /// pieces of at most `ZERO_CHUNK`, sharing one buffer).
-    pub(super) fn apply_zeroes_by_writing(&mut self, io: &mut dyn Io, fd: RawFd, offset: u64, len: u64) {
+    pub(super) fn apply_zeroes_by_writing(
+        &mut self,
+        io: &mut dyn Io,
+        fd: RawFd,
+        offset: u64,
+        len: u64,
+    ) {
         let zeros = Arc::new(vec![0u8; (len as usize).min(ZERO_CHUNK)]);
         let n = len.div_ceil(ZERO_CHUNK as u64).max(1) as usize;
         self.apply.as_mut().expect("apply batch").ops_left += n - 1;

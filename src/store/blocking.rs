@@ -208,4 +208,3 @@ pub fn load_superblock(io: &mut dyn Io, meta: RawFd) -> Result<Superblock, Strin
     }
     best.ok_or_else(|| format!("no valid superblock ({})", errors.join("; ")))
 }
-

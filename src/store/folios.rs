@@ -213,7 +213,7 @@ impl Store {
     }
 
     /// Push one cache drop per run of adjacent pieces of `bits` in chunk `c`.
-    pub(super) fn push_piece_drops(&self, c: u64, mut bits: u16, out: &mut Vec<Op>) {
+    fn push_piece_drops(&self, c: u64, mut bits: u16, out: &mut Vec<Op>) {
         while bits != 0 {
             let a = u64::from(bits.trailing_zeros());
             let run = u64::from((bits >> a).trailing_ones());

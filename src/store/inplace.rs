@@ -247,7 +247,7 @@ impl Store {
 
     /// The seq of `region`'s intent record, placing and writing one if the
     /// region has none; None if the journal ring is full.
-    pub(super) fn ensure_intent(&mut self, io: &mut dyn Io, region: u64) -> Option<u64> {
+    fn ensure_intent(&mut self, io: &mut dyn Io, region: u64) -> Option<u64> {
         if let Some(&seq) = self.intents.get(&region) {
             return Some(seq);
         }
@@ -276,7 +276,7 @@ impl Store {
     /// Whether a write is one that may go in place, as far as it alone
     /// goes: big, block-aligned, not too long, and the store healthy with
     /// no writes queued for journal space.
-    pub(super) fn inplace_shape(&self, offset: u64, len: u64) -> bool {
+    fn inplace_shape(&self, offset: u64, len: u64) -> bool {
         self.tuning.inplace_min > 0
             && len >= self.tuning.inplace_min
             && len <= MAX_RECORD_DATA as u64 * 32
@@ -302,7 +302,7 @@ impl Store {
     /// Whether a small in-place write may use the regions of
     /// `[offset, end)`: each already has an intent, or there is room for
     /// the new ones under `Tuning::inplace_regions`.
-    pub(super) fn small_inplace_room(&self, offset: u64, end: u64) -> bool {
+    fn small_inplace_room(&self, offset: u64, end: u64) -> bool {
         let regions = offset / INTENT_REGION..end.div_ceil(INTENT_REGION);
         let new = regions.filter(|r| !self.intents.contains_key(r)).count();
         new == 0 || self.intents.len() + new <= self.tuning.inplace_regions
@@ -581,7 +581,13 @@ impl Store {
         }
     }
 
-    pub(super) fn inplace_data_done(&mut self, io: &mut dyn Io, seq: u64, c: Completion, err: Option<i32>) {
+    pub(super) fn inplace_data_done(
+        &mut self,
+        io: &mut dyn Io,
+        seq: u64,
+        c: Completion,
+        err: Option<i32>,
+    ) {
         let Some(w) = self.inplace.get_mut(&seq) else {
             return;
         };

@@ -20,19 +20,19 @@
 //! 5. A checkpoint syncs the data file and the checksum table, then moves the
 //!    superblock's journal tail forward, freeing ring space.
 
+mod apply;
+mod blocking;
 pub mod check;
 pub mod checksum;
 pub mod dir;
+mod folios;
 pub mod format;
+mod inplace;
 pub mod journal;
 pub mod overlay;
-pub mod uncertain;
-mod apply;
-mod blocking;
-mod folios;
-mod inplace;
 mod read;
 mod recovery;
+pub mod uncertain;
 
 pub use blocking::{
     check_table_memory, load_superblock, read_blocking, read_blocks, read_checksum_table,
@@ -88,7 +88,6 @@ const SPLIT_MIN_RUN: u64 = 64 * 1024;
 /// Request ids of the parts of a split write. Never a caller's: the server
 /// counts its own from 0, the mirror's carry `MIRROR_RID` (1 << 61).
 const SPLIT_RID: ReqId = 1 << 62;
-
 
 /// A 1 MiB chunk of the disk that journal records not yet released by a
 /// checkpoint touch (see `Store::journaled_chunks`).
@@ -2040,14 +2039,12 @@ impl Store {
     }
 }
 
-
 fn map_write_errno(e: i32) -> i32 {
     match e {
         libc::ENOSPC | libc::EDQUOT | libc::EFBIG => libc::ENOSPC,
         _ => EIO,
     }
 }
-
 
 #[cfg(test)]
 mod tests {

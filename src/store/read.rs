@@ -138,7 +138,7 @@ impl Store {
     }
 
     #[allow(clippy::too_many_arguments)]
-    pub(super) fn read_checked(
+    fn read_checked(
         &mut self,
         io: &mut dyn Io,
         req: ReqId,
