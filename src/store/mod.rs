@@ -19,6 +19,14 @@
 //!    its record is durable).
 //! 5. A checkpoint syncs the data file and the checksum table, then moves the
 //!    superblock's journal tail forward, freeing ring space.
+//!
+//! This file holds the store's state, the journaled write path, group commit
+//! and completion dispatch; the other parts of the state machine live beside
+//! it as `impl Store` blocks: `inplace` (whole-block writes straight to the
+//! data file under intent records), `read` (step 2's overlay and the data
+//! file, verified), `apply` (steps 4 and 5), `folios` (the page-cache drops
+//! large folios need), `recovery` (replay after a crash) and `blocking`
+//! (setup-time I/O helpers).
 
 mod apply;
 mod blocking;
