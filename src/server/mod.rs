@@ -7,11 +7,22 @@
 //! connection, and graceful shutdown on SIGINT/SIGTERM/SIGHUP (finish in-flight
 //! requests, flush, checkpoint, exit 0). It holds no disk state of its own and
 //! never decides durability: that is the store's.
+//!
+//! Beside it: `sockets` (binding listeners, socket activation, socket
+//! options) and `limits` (the per-tick deadlines and memory limits that keep
+//! one client from holding up the others).
+
+mod limits;
+mod sockets;
+
+pub use sockets::{bind_tcp, socket_activation_fds};
+pub(crate) use sockets::{connected_to_itself, set_nodelay, set_reuseaddr};
+use sockets::{open_listener, remove_dead_sockets};
 
 use std::collections::VecDeque;
 
 use crate::idmap::IdMap;
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
@@ -440,152 +451,6 @@ fn block_signals() -> Result<OwnedFd, String> {
     }
 }
 
-/// Whether a connected TCP socket is connected to itself: its local and
-/// peer addresses are the same. Linux does this when a socket connects to a
-/// port on its own host that nobody listens on and the kernel happens to
-/// pick that very port as the socket's local one (a simultaneous open with
-/// itself). Then the port stays taken for as long as the socket lives, and
-/// the node that should listen there cannot. False for anything that is
-/// not a socket or whose addresses cannot be read.
-pub(crate) fn connected_to_itself(fd: RawFd) -> bool {
-    let name = |peer: bool| {
-        // SAFETY: getsockname/getpeername write at most `len` bytes into a
-        // zeroed sockaddr_storage, which is large enough for any address.
-        unsafe {
-            let mut ss: libc::sockaddr_storage = std::mem::zeroed();
-            let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-            let p = &mut ss as *mut libc::sockaddr_storage as *mut libc::sockaddr;
-            let r = if peer {
-                libc::getpeername(fd, p, &mut len)
-            } else {
-                libc::getsockname(fd, p, &mut len)
-            };
-            (r == 0).then(|| {
-                let bytes = std::slice::from_raw_parts(p as *const u8, len as usize);
-                bytes.to_vec()
-            })
-        }
-    };
-    match (name(false), name(true)) {
-        (Some(local), Some(peer)) => local == peer,
-        _ => false,
-    }
-}
-
-/// Turn an int socket option on (best effort: a failure leaves it off).
-fn set_flag(fd: RawFd, level: libc::c_int, name: libc::c_int) {
-    let one: libc::c_int = 1;
-    // SAFETY: setsockopt with a valid pointer to an int of the right size.
-    unsafe {
-        libc::setsockopt(
-            fd,
-            level,
-            name,
-            &one as *const _ as *const libc::c_void,
-            std::mem::size_of::<libc::c_int>() as u32,
-        );
-    }
-}
-
-pub(crate) fn set_reuseaddr(fd: RawFd) {
-    set_flag(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR);
-}
-
-pub(crate) fn set_nodelay(fd: RawFd) {
-    set_flag(fd, libc::IPPROTO_TCP, libc::TCP_NODELAY);
-}
-
-/// Listening sockets passed by systemd (LISTEN_PID/LISTEN_FDS), if any.
-pub fn socket_activation_fds() -> Vec<RawFd> {
-    let pid_ok = std::env::var("LISTEN_PID")
-        .ok()
-        .and_then(|p| p.parse::<u32>().ok())
-        .is_some_and(|p| p == std::process::id());
-    let n = std::env::var("LISTEN_FDS")
-        .ok()
-        .and_then(|n| n.parse::<i32>().ok())
-        .unwrap_or(0);
-    if !pid_ok || n <= 0 {
-        return Vec::new();
-    }
-    (3..3 + n).collect()
-}
-
-/// Pending connections a listener queues (the kernel caps it at
-/// `net.core.somaxconn`). std's 128 made a burst of a thousand connects take
-/// seconds: SYNs beyond the queue are dropped and retried after a second.
-const LISTEN_BACKLOG: i32 = 4096;
-
-/// Raise the accept queue of a bound listener to [`LISTEN_BACKLOG`].
-fn deepen_backlog(fd: RawFd) {
-    // SAFETY: listen(2) again on a listening socket we own only changes
-    // its backlog.
-    unsafe { libc::listen(fd, LISTEN_BACKLOG) };
-}
-
-/// Bind a TCP listener, waiting up to 10 s while the address is in use: a
-/// killed predecessor's io_uring is torn down by the kernel after the process
-/// is gone, and until then its listening socket still holds the port (seen
-/// when a node is restarted right after SIGKILL).
-pub fn bind_tcp(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    let mut said = false;
-    loop {
-        match TcpListener::bind(addr) {
-            Ok(l) => {
-                deepen_backlog(l.as_raw_fd());
-                return Ok(l);
-            }
-            Err(e)
-                if e.kind() == std::io::ErrorKind::AddrInUse
-                    && std::time::Instant::now() < deadline =>
-            {
-                if !said {
-                    crate::elog!(
-                        "nbdmirror: {addr} is in use; waiting up to 10 s for it to be released"
-                    );
-                    said = true;
-                }
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            r => return r,
-        }
-    }
-}
-
-fn open_listener(l: &Listen) -> Result<OwnedFd, String> {
-    match l {
-        Listen::Tcp(addr) => {
-            let s = bind_tcp(*addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
-            Ok(OwnedFd::from(s))
-        }
-        Listen::Unix(path) => {
-            if let Ok(meta) = std::fs::symlink_metadata(path) {
-                use std::os::unix::fs::FileTypeExt;
-                if meta.file_type().is_socket() {
-                    // A stale socket is replaced; one a running process
-                    // answers on (another node's) is not taken over.
-                    if crate::mirror::socket_is_live(path) {
-                        return Err(format!(
-                            "cannot listen on {}: another running process answers on that socket",
-                            path.display()
-                        ));
-                    }
-                    let _ = std::fs::remove_file(path);
-                }
-            }
-            let s = UnixListener::bind(path)
-                .map_err(|e| format!("cannot listen on {}: {e}", path.display()))?;
-            deepen_backlog(s.as_raw_fd());
-            Ok(OwnedFd::from(s))
-        }
-        Listen::Fd(fd) => {
-            // SAFETY: systemd hands us ownership of these descriptors.
-            Ok(unsafe { OwnedFd::from_raw_fd(*fd) })
-        }
-    }
-}
-
 /// Why a replica whose crash recovery could not vouch for `how_many` of
 /// its blocks is not promoted, and what to do instead.
 fn unvouched_refusal(dir: &std::path::Path, how_many: &str) -> String {
@@ -1005,183 +870,6 @@ impl Server {
                 self.io.submit(token(KIND_TICK, 0), Op::timeout(TICK));
             }
             _ => {}
-        }
-    }
-
-    /// A client that connects and never finishes the handshake (sends
-    /// nothing, or half an option) is closed after [`HANDSHAKE_LIMIT`], as
-    /// qemu-nbd does, instead of holding a connection for ever.
-    fn enforce_handshake_limit(&mut self) {
-        let stale: Vec<u64> = self
-            .conns
-            .iter()
-            .filter(|(_, c)| {
-                matches!(c.phase, Phase::Handshake(_))
-                    && !c.reading_done
-                    && c.opened.elapsed() > HANDSHAKE_LIMIT
-            })
-            .map(|(&id, _)| id)
-            .collect();
-        for id in stale {
-            crate::elog!(
-                "nbdmirror: connection {id}: handshake not finished within {} s; closing",
-                HANDSHAKE_LIMIT.as_secs()
-            );
-            self.hard_close(id);
-        }
-    }
-
-    /// Close connection `id` without waiting for its queued replies: no
-    /// more requests are read, the pending send fails and the pending
-    /// receive ends (shutdown), queued output is dropped; requests it
-    /// started still complete in the store.
-    fn hard_close(&mut self, id: u64) {
-        if let Some(conn) = self.conns.get_mut(&id) {
-            conn.reading_done = true;
-            conn.abort = true;
-            // SAFETY: shutdown on a socket we own.
-            unsafe { libc::shutdown(conn.fd.as_raw_fd(), libc::SHUT_RDWR) };
-        }
-        self.drop_output(id);
-        self.maybe_close(id);
-    }
-
-    /// While memory is short (over the server-wide budget), close
-    /// connections that hold some of it and have made no progress of their
-    /// own for [`STALL_LIMIT`]: replies they do not take (no send completed,
-    /// and the socket's send queue did not shrink over the last half of the
-    /// limit, so a client reading slower than the kernel wakes a sender
-    /// still counts as reading), or a payload they do not finish. The
-    /// largest go first, and only as many as bring the server back within
-    /// its budget. Requests they started still complete in the store
-    /// (nothing acknowledged is lost; the client just never hears of them,
-    /// as after any disconnect).
-    fn enforce_stall_limit(&mut self) {
-        let now = self.batch_time;
-        let late = now.saturating_duration_since(self.last_stall_check);
-        self.last_stall_check = now;
-        if late > STALL_TICK_LATE {
-            // The loop itself stood still (a disk that hung, SIGSTOP): the
-            // completions that show the clients' progress meanwhile are
-            // still to be dispatched. Everyone's clock starts again.
-            for c in self.conns.values_mut() {
-                c.sent_at = now;
-                c.received_at = now;
-            }
-            return;
-        }
-        let total = self.total_inflight_bytes + self.total_out_bytes;
-        if total < MAX_TOTAL_INFLIGHT_BYTES {
-            return;
-        }
-        let mut stalled: Vec<(u64, usize, &'static str)> = Vec::new();
-        for (&id, c) in self.conns.iter_mut() {
-            if c.shut || c.abort || c.held() < CONN_RESERVED_BYTES {
-                continue;
-            }
-            if c.send_in_flight {
-                let idle = now.saturating_duration_since(c.sent_at);
-                if idle <= STALL_LIMIT / 2 {
-                    continue;
-                }
-                let mut q: libc::c_int = 0;
-                // SAFETY: SIOCOUTQ (= TIOCOUTQ) on a socket we own writes
-                // one int: the bytes its send queue holds.
-                if unsafe { libc::ioctl(c.fd.as_raw_fd(), libc::TIOCOUTQ, &mut q) } != 0 {
-                    continue;
-                }
-                match c.outq_sample {
-                    Some((at, was)) if at == c.sent_at && q < was => {
-                        // The client took some: progress.
-                        c.sent_at = now;
-                        c.outq_sample = None;
-                        continue;
-                    }
-                    Some((at, _)) if at == c.sent_at => {}
-                    _ => c.outq_sample = Some((c.sent_at, q)),
-                }
-                if idle > STALL_LIMIT {
-                    stalled.push((id, c.held(), "taken no byte of its replies"));
-                }
-            } else if c.sink.is_some()
-                && c.recv_in_flight
-                && !c.eof
-                && now.saturating_duration_since(c.received_at) > STALL_LIMIT
-            {
-                stalled.push((id, c.held(), "sent no byte of the WRITE payload it started"));
-            }
-        }
-        stalled.sort_by_key(|&(id, held, _)| (std::cmp::Reverse(held), id));
-        let mut over = total - MAX_TOTAL_INFLIGHT_BYTES;
-        for (id, held, what) in stalled {
-            if !self.conns.contains_key(&id) {
-                continue;
-            }
-            crate::elog!(
-                "nbdmirror: connection {id}: has {what} for {} s while it holds {} MiB and the \
-                 server is over its {} MiB memory budget; closing it",
-                STALL_LIMIT.as_secs(),
-                held >> 20,
-                MAX_TOTAL_INFLIGHT_BYTES >> 20
-            );
-            self.hard_close(id);
-            if held > over {
-                break;
-            }
-            over -= held;
-        }
-    }
-
-    /// After a storm of connections (thousands of idle clients, or
-    /// handshakes cut short), glibc keeps their freed buffers: a tester
-    /// saw 534 MB held with no client left after 4000 had gone. Once many
-    /// connections have closed, at most once a second, the heap's free
-    /// memory goes back to the system.
-    fn trim_memory(&mut self) {
-        if self.closed_since_trim < TRIM_AFTER_CLOSES
-            || self.last_trim.elapsed() < Duration::from_secs(1)
-        {
-            return;
-        }
-        self.closed_since_trim = 0;
-        self.last_trim = std::time::Instant::now();
-        #[cfg(target_env = "gnu")]
-        // SAFETY: malloc_trim only returns free heap memory to the system.
-        unsafe {
-            libc::malloc_trim(0);
-        }
-    }
-
-    /// A client that stops reading its replies must not hold shutdown up
-    /// forever: after the grace period its connection is dropped (the store
-    /// still finishes every request it started, so nothing is lost).
-    fn enforce_shutdown_deadline(&mut self) {
-        let Some(since) = self.shutdown_since else {
-            return;
-        };
-        if since.elapsed() >= REFUSE_WINDOW {
-            let ids: Vec<u64> = self.conns.keys().copied().collect();
-            for id in ids {
-                if let Some(conn) = self.conns.get_mut(&id) {
-                    if conn.refusing {
-                        conn.refusing = false;
-                        conn.reading_done = true;
-                    }
-                }
-                self.maybe_close(id);
-            }
-        }
-        if since.elapsed() < SHUTDOWN_GRACE || self.conns.is_empty() {
-            return;
-        }
-        let ids: Vec<u64> = self.conns.keys().copied().collect();
-        for id in ids {
-            if self.conns.get(&id).is_some_and(|c| !c.abort) {
-                crate::elog!(
-                    "nbdmirror: connection {id}: not reading its replies; dropping it to shut down"
-                );
-            }
-            self.hard_close(id);
         }
     }
 
@@ -2139,25 +1827,6 @@ fn wire_errno(e: i32) -> u32 {
         libc::ENOTSUP => ENOTSUP,
         libc::ESHUTDOWN => ESHUTDOWN,
         _ => EIO,
-    }
-}
-
-/// Open the replica directory and serve it until a signal arrives.
-/// After a refused start: the sockets this start bound (admin, `--unix`)
-/// are closed by now; remove them, unless something else answers there
-/// (another node's, which this start left alone).
-fn remove_dead_sockets(config: &ServeConfig) {
-    use std::os::unix::fs::FileTypeExt;
-    let admin = config.mirror.as_ref().and_then(|m| m.admin_socket.clone());
-    let unix = config.listen.iter().filter_map(|l| match l {
-        Listen::Unix(p) => Some(p.clone()),
-        _ => None,
-    });
-    for p in admin.into_iter().chain(unix) {
-        let is_socket = std::fs::symlink_metadata(&p).is_ok_and(|m| m.file_type().is_socket());
-        if is_socket && !mirror::socket_is_live(&p) {
-            let _ = std::fs::remove_file(&p);
-        }
     }
 }
 
