@@ -95,9 +95,95 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
     (y, m, d)
 }
 
+/// A rate limit for a kind of log line that a client can make the node
+/// write at will: a read of a corrupt block logs one, and a client (or a
+/// guest's retry loop) reading it again and again wrote 11 MB of log a
+/// second (a tester's find). At most `burst` such lines are written per
+/// `window`; the rest are counted, and the count is logged once their
+/// window has ended ([`Limiter::suppressed_due`], which the caller also
+/// asks on its tick, so that a burst that stops is still reported).
+#[derive(Debug)]
+pub struct Limiter {
+    window: std::time::Duration,
+    burst: u32,
+    since: Option<std::time::Instant>,
+    used: u32,
+    suppressed: u64,
+}
+
+impl Limiter {
+    pub const fn new(window: std::time::Duration, burst: u32) -> Limiter {
+        Limiter {
+            window,
+            burst,
+            since: None,
+            used: 0,
+            suppressed: 0,
+        }
+    }
+
+    /// A line of this kind is due at `now`: whether to write it (false:
+    /// it is counted as suppressed). Ask [`Self::suppressed_due`] first.
+    pub fn allow(&mut self, now: std::time::Instant) -> bool {
+        if self
+            .since
+            .is_none_or(|s| now.saturating_duration_since(s) >= self.window)
+        {
+            self.since = Some(now);
+            self.used = 0;
+        }
+        if self.used < self.burst {
+            self.used += 1;
+            true
+        } else {
+            self.suppressed += 1;
+            false
+        }
+    }
+
+    /// How many lines were suppressed in a window that has ended by `now`
+    /// (0 while it lasts, or when none were); the count starts again.
+    pub fn suppressed_due(&mut self, now: std::time::Instant) -> u64 {
+        match self.since {
+            Some(s) if self.suppressed > 0 && now.saturating_duration_since(s) >= self.window => {
+                std::mem::take(&mut self.suppressed)
+            }
+            _ => 0,
+        }
+    }
+
+    pub fn window(&self) -> std::time::Duration {
+        self.window
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::rfc3339_millis;
+    use super::{rfc3339_millis, Limiter};
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn a_limiter_lets_a_burst_through_then_counts_until_the_window_ends() {
+        let mut l = Limiter::new(Duration::from_secs(10), 3);
+        let t0 = Instant::now();
+        let allowed = (0..100).filter(|_| l.allow(t0)).count();
+        assert_eq!(allowed, 3);
+        assert_eq!(
+            l.suppressed_due(t0 + Duration::from_secs(9)),
+            0,
+            "window not over"
+        );
+        assert_eq!(l.suppressed_due(t0 + Duration::from_secs(10)), 97);
+        assert_eq!(
+            l.suppressed_due(t0 + Duration::from_secs(11)),
+            0,
+            "reported once"
+        );
+        // A new window lets a new burst through.
+        let t1 = t0 + Duration::from_secs(12);
+        assert!(l.allow(t1) && l.allow(t1) && l.allow(t1) && !l.allow(t1));
+        assert_eq!(l.suppressed_due(t1 + Duration::from_secs(10)), 1);
+    }
 
     #[test]
     fn formats_known_instants() {

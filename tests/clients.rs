@@ -18,7 +18,7 @@ use common::*;
 use std::fs;
 use std::path::Path;
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// `nbdmirror init --dir DIR ARGS...`, to run.
 fn init_cmd(dir: &Path, args: &[&str]) -> Command {
@@ -3011,6 +3011,84 @@ fn init_reserves_the_checksum_table() {
 /// checksum: clean after a clean stop, the corrupt block named (exit 1)
 /// after a byte of `data` is flipped, and refused while the node runs or
 /// while its journal holds records a crash left unapplied.
+/// A client reading a corrupt block again and again (a guest's retry
+/// loop) must not fill the disk with log lines: each read still fails with
+/// EIO, but at most 10 checksum-failure lines are written per 10 s and the
+/// rest are counted in one line once the window ends. It wrote two lines
+/// per read, 11 MB of log a second (a tester's find).
+#[test]
+fn rereading_a_corrupt_block_does_not_flood_the_log() {
+    let test = "rereading_a_corrupt_block_does_not_flood_the_log";
+    let Some((_tmp, export, mut server)) = setup(test, 16 * MIB, &[]) else {
+        return;
+    };
+    if export.kind != ServerKind::Nbdmirror {
+        return;
+    }
+    let mut c = MiniClient::connect(&server.addr(), "disk").unwrap();
+    assert_eq!(c.write(0, &vec![0x33; 65536], 0).unwrap(), 0);
+    assert_eq!(c.flush().unwrap(), 0);
+    c.disconnect();
+    assert!(server.terminate_timeout(Duration::from_secs(30)).success());
+    let data = export.path.join("data");
+    let mut d = fs::read(&data).unwrap();
+    d[5 * 4096 + 17] ^= 0x01;
+    fs::write(&data, &d).unwrap();
+
+    let mut server = export.serve();
+    let mut c = MiniClient::connect(&server.addr(), "disk").unwrap();
+    let reads = 2000;
+    for _ in 0..reads {
+        assert!(
+            c.read(5 * 4096, 4096).is_err(),
+            "a read of the corrupt block must fail"
+        );
+    }
+    // The good blocks around it still read.
+    assert_eq!(c.read(4 * 4096, 4096).unwrap(), vec![0x33; 4096]);
+    let count = |log: &str| log.matches("failed checksum verification").count();
+    let log = server.stderr();
+    assert!(
+        (1..=10).contains(&count(&log)),
+        "{} checksum-failure lines for {reads} reads:\n{}",
+        count(&log),
+        tail(&log, 3000)
+    );
+    let unrepaired = log.matches("no peer in sync to repair").count();
+    assert!(
+        unrepaired <= 10,
+        "{unrepaired} unrepaired-read lines for {reads} reads"
+    );
+    // Once the window has ended, the rest are counted in one line.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let summary = loop {
+        let log = server.stderr();
+        if let Some(l) = log.lines().find(|l| l.contains("more checksum failures")) {
+            break l.to_string();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no summary of the suppressed lines:\n{}",
+            tail(&log, 3000)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let logged = count(&server.stderr()) as u64;
+    let suppressed: u64 = summary
+        .split("ERROR: ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no count in {summary:?}"));
+    assert_eq!(logged + suppressed, reads, "{summary}");
+    // A new window logs again.
+    assert!(c.read(5 * 4096, 4096).is_err());
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(count(&server.stderr()) as u64, logged + 1);
+    c.disconnect();
+    server.terminate_timeout(Duration::from_secs(30));
+}
+
 #[test]
 fn check_finds_silent_corruption_in_a_stopped_replica() {
     let test = "check_finds_silent_corruption_in_a_stopped_replica";

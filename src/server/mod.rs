@@ -383,6 +383,9 @@ pub struct Server {
     pending: IdMap<u64, PendingReq>,
     next_req: u64,
     signal_fd: OwnedFd,
+    /// Log lines about reads that fail for want of a repair (a client can
+    /// trigger them at will, as the store's checksum-failure lines).
+    repair_log: crate::log::Limiter,
     shutting_down: bool,
     shutdown_since: Option<std::time::Instant>,
     events: Vec<StoreEvent>,
@@ -709,6 +712,7 @@ impl Server {
             pending: IdMap::default(),
             next_req: 1,
             signal_fd,
+            repair_log: crate::log::Limiter::new(Duration::from_secs(10), 10),
             shutting_down: false,
             shutdown_since: None,
             events: Vec::new(),
@@ -848,6 +852,7 @@ impl Server {
             }
             KIND_TICK => {
                 self.store.tick(&mut self.io);
+                self.repair_log_due();
                 if let Some(m) = self.mirror.as_mut() {
                     m.tick(&mut self.io, &mut self.store);
                 }
@@ -871,6 +876,25 @@ impl Server {
             }
             _ => {}
         }
+    }
+
+    /// Log how many unrepaired-read lines the limit held back, once their
+    /// window has ended.
+    fn repair_log_due(&mut self) {
+        let n = self.repair_log.suppressed_due(std::time::Instant::now());
+        if n > 0 {
+            crate::elog!(
+                "nbdmirror: {n} more reads failed with EIO for want of a repair in the last {} s \
+                 (not logged one by one)",
+                self.repair_log.window().as_secs()
+            );
+        }
+    }
+
+    /// Whether to log an unrepaired read now (see `repair_log`).
+    fn repair_log_allows(&mut self) -> bool {
+        self.repair_log_due();
+        self.repair_log.allow(std::time::Instant::now())
     }
 
     fn begin_shutdown(&mut self) {
@@ -1598,18 +1622,22 @@ impl Server {
                         mirror::RepairStart::Waiting => return,
                         mirror::RepairStart::No => {}
                     }
-                    crate::elog!(
-                        "nbdmirror: no peer in sync to repair the blocks from; the read fails \
-                         with EIO"
-                    );
+                    if self.repair_log_allows() {
+                        crate::elog!(
+                            "nbdmirror: no peer in sync to repair the blocks from; the read \
+                             fails with EIO"
+                        );
+                    }
                 } else {
-                    crate::elog!(
-                        "nbdmirror: a read of {} bytes at {} still finds bad blocks after {} \
-                         repairs; it fails with EIO",
-                        c.len,
-                        c.offset,
-                        p.repairs
-                    );
+                    let repairs = p.repairs;
+                    if self.repair_log_allows() {
+                        crate::elog!(
+                            "nbdmirror: a read of {} bytes at {} still finds bad blocks after \
+                             {repairs} repairs; it fails with EIO",
+                            c.len,
+                            c.offset,
+                        );
+                    }
                 }
             }
         }

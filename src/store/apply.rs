@@ -162,12 +162,14 @@ impl Store {
         if was_corrupt {
             self.stats.checksum_failures += 1;
             self.corrupt_marked = true;
-            crate::elog!(
-                "nbdmirror: ERROR: block {block} (offset {}) failed checksum verification before a partial \
-                 write; it stays marked corrupt (reads return EIO) until the whole block is rewritten \
-                 or, on a mirrored node, repaired from a peer",
-                block * BLOCK_SIZE
-            );
+            if self.corrupt_log_allows() {
+                crate::elog!(
+                    "nbdmirror: ERROR: block {block} (offset {}) failed checksum verification before \
+                     a partial write; it stays marked corrupt (reads return EIO) until the whole \
+                     block is rewritten or, on a mirrored node, repaired from a peer",
+                    block * BLOCK_SIZE
+                );
+            }
         }
         let batch = self.apply.as_mut().expect("apply batch");
         let bstart = block * BLOCK_SIZE;

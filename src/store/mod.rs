@@ -335,6 +335,11 @@ struct InPlaceWrite {
 /// 2.7-2.8, 3 of 4 on the loop 2.9-3.1.
 pub const WORKER_PIECE_EVERY: usize = 4;
 
+/// At most this many checksum-failure log lines per this window; the rest
+/// are counted in one line (`crate::log::Limiter`).
+const CORRUPT_LOG_BURST: u32 = 10;
+const CORRUPT_LOG_WINDOW: Duration = Duration::from_secs(10);
+
 /// Zero record flag: WRITE_ZEROES with NO_HOLE; the range must stay
 /// allocated, so it is zeroed with FALLOC_FL_ZERO_RANGE instead of a punched
 /// hole (docs/format.md).
@@ -769,6 +774,8 @@ pub struct Store {
     /// crash could let recovery rebuild the block's checksum from the
     /// corrupt bytes (recovery keeps a mark it finds, see `replay`).
     corrupt_marked: bool,
+    /// Checksum-failure log lines (a client can trigger them at will).
+    corrupt_log: crate::log::Limiter,
     /// A checkpoint is due until one covers this journal sequence number
     /// ([`Store::checkpoint_soon`]; 0: none asked for).
     checkpoint_wanted: u64,
@@ -1027,6 +1034,7 @@ impl Store {
             inplace_wanted: false,
             folios_wanted: false,
             corrupt_marked: false,
+            corrupt_log: crate::log::Limiter::new(CORRUPT_LOG_WINDOW, CORRUPT_LOG_BURST),
             checkpoint_wanted: 0,
             uncertain,
             direct_fd: None,
@@ -1963,6 +1971,28 @@ impl Store {
     /// Called by the event loop every few tens of milliseconds.
     pub fn tick(&mut self, io: &mut dyn Io) {
         self.kick(io, false);
+        self.corrupt_log_due();
+    }
+
+    /// Log how many checksum-failure lines the limit held back, once their
+    /// window has ended.
+    fn corrupt_log_due(&mut self) {
+        let n = self.corrupt_log.suppressed_due(Instant::now());
+        if n > 0 {
+            crate::elog!(
+                "nbdmirror: ERROR: {n} more checksum failures in the last {} s were not logged \
+                 one by one (at most {CORRUPT_LOG_BURST} lines per {} s; `resync status --json` \
+                 counts them all)",
+                self.corrupt_log.window().as_secs(),
+                self.corrupt_log.window().as_secs()
+            );
+        }
+    }
+
+    /// Whether to log a checksum failure now (see `corrupt_log`).
+    fn corrupt_log_allows(&mut self) -> bool {
+        self.corrupt_log_due();
+        self.corrupt_log.allow(Instant::now())
     }
 
     /// Start whatever background work is due: journal sync, apply, checkpoint.

@@ -395,15 +395,17 @@ impl Store {
                 return;
             }
             self.stats.checksum_failures += bad.len() as u64;
-            crate::elog!(
-                "nbdmirror: ERROR: block {block} (offset {}){} failed checksum verification",
-                block * BLOCK_SIZE,
-                if bad.len() > 1 {
-                    format!(" and {} more blocks of the same read", bad.len() - 1)
-                } else {
-                    String::new()
-                }
-            );
+            if self.corrupt_log_allows() {
+                crate::elog!(
+                    "nbdmirror: ERROR: block {block} (offset {}){} failed checksum verification",
+                    block * BLOCK_SIZE,
+                    if bad.len() > 1 {
+                        format!(" and {} more blocks of the same read", bad.len() - 1)
+                    } else {
+                        String::new()
+                    }
+                );
+            }
             if self.corrupt.len() >= MAX_CORRUPT_READS {
                 self.corrupt.clear();
             }
