@@ -2648,6 +2648,53 @@ fn sighup_stops_cleanly() {
     );
 }
 
+/// SIGINT stops the server cleanly even when it was started with SIGINT
+/// ignored, as a non-interactive shell starts its background jobs (`serve
+/// ... &` in a script, then `kill -INT $!`): nbdkit and qemu-nbd stop
+/// there, and nbdmirror used to keep running (a tester's script hung on
+/// `wait`).
+#[test]
+fn sigint_stops_a_server_started_with_sigint_ignored() {
+    let test = "sigint_stops_a_server_started_with_sigint_ignored";
+    if !nbdmirror_only(test, "nbdmirror's signal handling") {
+        return;
+    }
+    let tmp = TempDir::new(test);
+    let dir = tmp.join("replica");
+    run_ok(&mut init_cmd(&dir, &["--size", "4M"]));
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "trap '' INT; exec '{NBDMIRROR_BIN}' serve --dir '{}' --listen {addr}",
+            dir.display()
+        ))
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut c = connect_when_up(&addr, "server");
+    assert_eq!(c.write(0, &[0x77; 4096], 0).unwrap(), 0, "WRITE");
+    c.disconnect();
+    send_signal(child.id(), "INT");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("{test}: still running 20 s after SIGINT");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "exit after SIGINT: {}\n{stderr}",
+        out.status
+    );
+    assert!(stderr.contains("clean shutdown"), "{stderr}");
+}
+
 /// `serve --size` on a directory that holds a replica of another size is
 /// refused and changes nothing (it served the other size with a note; a
 /// config file's size was already checked).

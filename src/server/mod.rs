@@ -402,25 +402,28 @@ pub struct Server {
     pool: Vec<Vec<u8>>,
 }
 
-/// The signals that stop the server cleanly: SIGTERM always; SIGINT and
-/// SIGHUP unless they were ignored when the process started (`nohup`, or
-/// a background job of a non-interactive shell, which ignores SIGINT):
-/// the kernel queues a blocked signal even when it is ignored, so blocking
-/// those to read them from the signalfd would turn a hang-up that `nohup`
-/// meant to ignore into a shutdown.
+/// The signals that stop the server cleanly: SIGTERM and SIGINT always;
+/// SIGHUP unless it was ignored when the process started (`nohup`): the
+/// kernel queues a blocked signal even when it is ignored, so blocking it
+/// to read it from the signalfd would turn a hang-up that `nohup` meant to
+/// ignore into a shutdown.
+///
+/// SIGINT is taken even when ignored at start, as nbdkit and qemu-nbd do: a
+/// non-interactive shell starts its background jobs with SIGINT ignored,
+/// so a script's `nbdmirror serve ... &` and later `kill -INT $!` (a
+/// tester's) waited forever, while both reference servers stopped.
 fn stop_signals() -> libc::sigset_t {
     // SAFETY: plain libc calls on a local sigset and sigaction.
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
         libc::sigaddset(&mut set, libc::SIGTERM);
-        for sig in [libc::SIGINT, libc::SIGHUP] {
-            let mut old: libc::sigaction = std::mem::zeroed();
-            let ignored = libc::sigaction(sig, std::ptr::null(), &mut old) == 0
-                && old.sa_sigaction == libc::SIG_IGN;
-            if !ignored {
-                libc::sigaddset(&mut set, sig);
-            }
+        libc::sigaddset(&mut set, libc::SIGINT);
+        let mut old: libc::sigaction = std::mem::zeroed();
+        let ignored = libc::sigaction(libc::SIGHUP, std::ptr::null(), &mut old) == 0
+            && old.sa_sigaction == libc::SIG_IGN;
+        if !ignored {
+            libc::sigaddset(&mut set, libc::SIGHUP);
         }
         set
     }
