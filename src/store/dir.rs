@@ -466,6 +466,18 @@ pub fn check_file_sizes(
             sb.size
         ));
     }
+    if len(data) > sb.size {
+        // Harmless (only the disk's bytes are served or checked), but an
+        // operator who grew the file to grow the disk should hear that it
+        // did not.
+        crate::elog!(
+            "nbdmirror: note: the data file is {} bytes, longer than the disk ({} bytes, from \
+             the superblock): the extra bytes are ignored (a disk cannot be grown by growing \
+             its data file)",
+            len(data),
+            sb.size
+        );
+    }
     if len(journal) < sb.journal_size {
         return Err(format!(
             "journal file is {} bytes but the superblock says {}; the replica is damaged",
