@@ -5055,6 +5055,52 @@ fn diverge(dir: &Path, block: u64, bytes: &[u8]) {
     f.sync_all().unwrap();
 }
 
+/// A primary's checksum-table entry rotted to all ones (an erased flash
+/// page reads so; it is also the value the store uses for "not settled")
+/// makes reads of its block fail with EIO (no peer's copy matches it), and
+/// the node still stops cleanly. The repair took the entry for a write in
+/// flight and waited for it forever: the client's read never got an
+/// answer, a scrub stalled at that block, and SIGTERM never finished (a
+/// tester's find).
+#[test]
+fn a_checksum_entry_rotted_to_all_ones_fails_its_reads_instead_of_hanging() {
+    let test = "a_checksum_entry_rotted_to_all_ones_fails_its_reads_instead_of_hanging";
+    let _wd = Watchdog::new(test, Duration::from_secs(120));
+    let seed = test_seed(test);
+    let mut cl = Cluster::in_sync_pair(test, seed);
+    let data = random_bytes(seed, 1 << 20);
+    let mut c = MiniClient::connect(&cl.nodes[0].nbd_addr(), "disk").unwrap();
+    assert_eq!(c.write(0, &data, 0).unwrap(), 0);
+    assert_eq!(c.flush().unwrap(), 0);
+    drop(c);
+    cl.wait_in_sync(Duration::from_secs(20));
+    cl.stop_all();
+    // Block 1000 was never written: its entry is the zero block's.
+    let block = 1000u64;
+    rot(&cl.nodes[0].dir.join("meta"), 8192 + 8 * block, &[0xff; 8]);
+    cl.start_all();
+    cl.wait_in_sync(Duration::from_secs(20));
+    let mut c = MiniClient::connect(&cl.nodes[0].nbd_addr(), "disk").unwrap();
+    let t0 = Instant::now();
+    let r = c.read(block * 4096, 4096);
+    assert!(
+        matches!(&r, Err(e) if e.to_string().contains("READ error 5")),
+        "read of the block with the rotted entry: {:?} after {:?}{}",
+        r.as_ref().map(|v| v.len()),
+        t0.elapsed(),
+        cl.stderr_tails()
+    );
+    assert_eq!(c.read(0, 1 << 20).unwrap(), data, "the written data");
+    drop(c);
+    let pd = cl.nodes[0].dir.display().to_string();
+    let (out, err, ok) = scrub_cmd(&["start", "--wait", "--dir", &pd], Duration::from_secs(60));
+    assert!(
+        !ok && out.contains(&block.to_string()),
+        "the scrub should end and name the block it could not repair:\n{out}\n{err}"
+    );
+    cl.stop_all();
+}
+
 /// The scrub finds rot on the primary (repaired from the secondary), rot on
 /// the secondary and a block where the secondary diverged but verifies on
 /// its own (both resent from the primary), says so in status and the log,

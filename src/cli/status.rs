@@ -151,10 +151,18 @@ pub(super) fn render_status(v: &serde_json::Value, cols: Option<usize>) -> Vec<S
                 line.push_str(&bar);
             }
         }
-        if let Some(e) = p["last_error"].as_str() {
-            if state != "in_sync" && state != "syncing" {
-                line.push_str(&format!("  last error: {e}"));
+        let last_error = p["last_error"].as_str().filter(|_| state != "in_sync");
+        match last_error {
+            // A syncing peer's error is this session's (a session clears
+            // it): a resync held up by blocks bad on this node says so under
+            // its progress bar, which stayed at 99.6% without a word (a
+            // tester's find).
+            Some(e) if state == "syncing" => {
+                lines.push(line);
+                line = format!("    last error: {e}");
             }
+            Some(e) => line.push_str(&format!("  last error: {e}")),
+            None => {}
         }
         lines.push(line);
     }

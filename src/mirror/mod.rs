@@ -1493,11 +1493,7 @@ impl Mirror {
         }
     }
 
-    // ----- read repair ------------------------------------------------------
-
-    // ----- peer failure -----------------------------------------------------
-
-    // ----- links ------------------------------------------------------------
+    // ----- completions (routed to `link` and `admin`) -----------------------
 
     pub fn complete(&mut self, io: &mut dyn Io, store: &mut Store, c: Completion) {
         self.t = io.now();
@@ -1641,12 +1637,6 @@ impl Mirror {
         }
         Ok(())
     }
-
-    // ----- frames on a secondary -------------------------------------------
-
-    // ----- resync (primary) ---------------------------------------------------
-
-    // ----- scrub (primary; the secondary's side is `verify_read_done`) ----
 
     // ----- timers -------------------------------------------------------------
 
@@ -1808,6 +1798,4 @@ impl Mirror {
         self.kick_resync(io, store);
         self.scrub_kick(io, store);
     }
-
-    // ----- status and the admin socket -------------------------------------
 }

@@ -1648,12 +1648,6 @@ impl Store {
         self.kick(io, false);
     }
 
-    /// Whether a write to a block of `[first, first+n)` is in flight or not
-    /// yet applied (its checksum is not settled).
-    pub fn busy(&self, first: u64, n: u64) -> bool {
-        self.block_sums(first, n).contains(&UNKNOWN_SUM)
-    }
-
     /// Sync the journal now rather than at the interval, so that written
     /// records are applied soon (a repair waits for that).
     pub fn hurry(&mut self, io: &mut dyn Io) {

@@ -38,7 +38,7 @@ impl Store {
             || offset + data.len() as u64 > self.sb.size
         {
             Some(libc::EINVAL)
-        } else if self.block_sums(first, n).contains(&UNKNOWN_SUM) {
+        } else if self.busy(first, n) {
             Some(libc::EAGAIN)
         } else if data
             .chunks(BLOCK_SIZE as usize)
@@ -170,6 +170,25 @@ impl Store {
     /// table entry may be stale (a write to it is in flight or not yet
     /// applied), which a comparison must treat as different.
     pub fn block_sums(&self, first: u64, n: u64) -> Vec<u64> {
+        self.settled_sums(first, n)
+            .into_iter()
+            .map(|s| s.unwrap_or(UNKNOWN_SUM))
+            .collect()
+    }
+
+    /// Whether a write to a block of `[first, first+n)` is in flight or not
+    /// yet applied (its checksum is not settled). Not read from
+    /// `block_sums`: a table entry may itself hold `UNKNOWN_SUM`'s value
+    /// (rot; an erased flash page reads as all ones), and a repair of such
+    /// a block then waited for a write that never came, hanging the read
+    /// and the shutdown behind it (a tester's find).
+    pub fn busy(&self, first: u64, n: u64) -> bool {
+        self.settled_sums(first, n).iter().any(Option::is_none)
+    }
+
+    /// The table's checksum of each block of `[first, first+n)`, or None
+    /// where a write to it is in flight or not yet applied.
+    fn settled_sums(&self, first: u64, n: u64) -> Vec<Option<u64>> {
         let end = (first + n).min(self.sums.blocks());
         let mut busy: Vec<(u64, u64)> = self
             .in_flight
@@ -187,9 +206,9 @@ impl Store {
                     || self.blocks_applying(b, b + 1)
                     || busy.iter().any(|&(bs, be)| bs < e && s < be)
                 {
-                    UNKNOWN_SUM
+                    None
                 } else {
-                    self.sums.get(b)
+                    Some(self.sums.get(b))
                 }
             })
             .collect()
