@@ -2560,6 +2560,26 @@ fn connect_when_up(addr: &str, what: &str) -> MiniClient {
     }
 }
 
+/// `nbdmirror serve` of `dir` on `addr`, started with signal `sig` (HUP,
+/// INT) ignored, as `nohup` or a non-interactive shell's background job
+/// starts it.
+fn serve_with_signal_ignored(
+    sig: &str,
+    dir: &Path,
+    addr: &str,
+    stderr: std::process::Stdio,
+) -> std::process::Child {
+    Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "trap '' {sig}; exec '{NBDMIRROR_BIN}' serve --dir '{}' --listen {addr}",
+            dir.display()
+        ))
+        .stderr(stderr)
+        .spawn()
+        .unwrap()
+}
+
 /// SIGHUP (a closed terminal or session) stops nbdmirror as SIGTERM does:
 /// exit 0 with the journal checkpointed, so the stopped replica passes
 /// `check` (which refuses one that did not stop cleanly) and holds the
@@ -2618,15 +2638,7 @@ fn sighup_stops_cleanly() {
     // Started with SIGHUP ignored (as `nohup` does), a hang-up is ignored:
     // the server keeps serving (a blocked signal is queued even when
     // ignored, so it must not be blocked and read from the signalfd then).
-    let mut child = Command::new("sh")
-        .arg("-c")
-        .arg(format!(
-            "trap '' HUP; exec '{NBDMIRROR_BIN}' serve --dir '{}' --listen 127.0.0.1:{port}",
-            dir.display()
-        ))
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = serve_with_signal_ignored("HUP", &dir, &addr, std::process::Stdio::null());
     connect_when_up(&addr, "nohup'd server").disconnect();
     send_signal(child.id(), "HUP");
     std::thread::sleep(Duration::from_millis(500));
@@ -2664,15 +2676,7 @@ fn sigint_stops_a_server_started_with_sigint_ignored() {
     run_ok(&mut init_cmd(&dir, &["--size", "4M"]));
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");
-    let mut child = Command::new("sh")
-        .arg("-c")
-        .arg(format!(
-            "trap '' INT; exec '{NBDMIRROR_BIN}' serve --dir '{}' --listen {addr}",
-            dir.display()
-        ))
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = serve_with_signal_ignored("INT", &dir, &addr, std::process::Stdio::piped());
     let mut c = connect_when_up(&addr, "server");
     assert_eq!(c.write(0, &[0x77; 4096], 0).unwrap(), 0, "WRITE");
     c.disconnect();
