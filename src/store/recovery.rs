@@ -18,6 +18,10 @@ use super::*;
 /// the data file holds once later records are replayed (a write cut short by
 /// the crash leaves old, new or mixed sectors, as on any disk; it was not
 /// flushed, or it would be whole).
+/// Recovery says before it starts re-reading at least this much of the
+/// data file.
+const RECOVERY_NOTE_BYTES: u64 = 256 << 20;
+
 pub(super) fn replay_all(
     io: &mut dyn Io,
     data: RawFd,
@@ -44,6 +48,30 @@ pub(super) fn replay_all(
             )
         })
         .collect();
+    // Say what is coming before the long part: on a slow disk re-reading
+    // 256 open regions (4 GiB) takes a while, and the node serves nothing
+    // until it is done.
+    let region_bytes: u64 = extra
+        .iter()
+        .map(|&(s, e)| e.saturating_sub(s))
+        .chain(inplace.iter().map(|&(_, s, e)| e.saturating_sub(s)))
+        .sum();
+    let to_replay = records
+        .iter()
+        .filter(|r| !matches!(r.header.kind, RecordKind::InPlace | RecordKind::Void))
+        .count();
+    if region_bytes >= RECOVERY_NOTE_BYTES {
+        crate::elog!(
+            "nbdmirror: recovery: re-reading {} MiB of the data file (regions written in place \
+             since the last checkpoint){} before serving",
+            region_bytes >> 20,
+            if to_replay > 0 {
+                format!(" and applying {to_replay} journaled writes")
+            } else {
+                String::new()
+            }
+        );
+    }
     for rec in &records {
         let h = rec.header;
         // Intents are handled below; Void records here are checksum
