@@ -1949,6 +1949,64 @@ fn serves_via_systemd_socket_activation() {
     assert_files_equal(&input, &output);
 }
 
+/// A descriptor passed by socket activation that is not a listening
+/// socket is refused at start with a clear message: a connected socket (a
+/// unit with `Accept=yes`) made accept() fail at once forever, the loop
+/// spun at 100% CPU and the client hung; a non-socket the same.
+#[test]
+fn socket_activation_with_a_connected_socket_is_refused() {
+    let test = "socket_activation_with_a_connected_socket_is_refused";
+    if !nbdmirror_only(test, "nbdmirror's own activation path") {
+        return;
+    }
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let tmp = TempDir::new(test);
+    let replica = tmp.join("replica");
+    run_ok(&mut init_cmd(&replica, &["--size", "8M"]));
+    let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+    let connected = theirs.as_raw_fd();
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c")
+        .arg(format!(
+            "LISTEN_FDS=1 LISTEN_PID=$$ exec '{NBDMIRROR_BIN}' serve --dir '{}'",
+            replica.display()
+        ))
+        .stdout(std::process::Stdio::null());
+    // SAFETY: dup2 in the child before exec, onto descriptor 3.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::dup2(connected, 3) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let out = run_timeout(&mut cmd, Duration::from_secs(20));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.code() == Some(1)
+            && err.contains("not a listening socket")
+            && err.contains("Accept=no"),
+        "a connected socket as LISTEN_FDS: {}\n{err}",
+        out.status
+    );
+    drop((ours, theirs));
+    let out = run_timeout(
+        Command::new("sh").arg("-c").arg(format!(
+            "exec 3</dev/null; LISTEN_FDS=1 LISTEN_PID=$$ exec '{NBDMIRROR_BIN}' serve --dir '{}'",
+            replica.display()
+        )),
+        Duration::from_secs(20),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.code() == Some(1) && err.contains("not a usable socket"),
+        "a file as LISTEN_FDS: {}\n{err}",
+        out.status
+    );
+}
+
 /// `init` of a disk larger than the filesystem's free space fails at once
 /// with a message giving both sizes, and leaves nothing behind: no files in a
 /// directory that existed, no directory it would have created. (Before, it

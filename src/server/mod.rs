@@ -157,9 +157,22 @@ impl AcceptBackoff {
             );
             self.logged = Some(now);
         }
-        let pause = matches!(
+        // Errors of one pending connection (accept(2) passes the network's
+        // on) are retried at once; anything else (no descriptors or memory,
+        // or a listener that cannot accept at all) waits, or the loop spins.
+        let pause = !matches!(
             e,
-            libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM
+            libc::ECONNABORTED
+                | libc::EINTR
+                | libc::EAGAIN
+                | libc::EPROTO
+                | libc::EPERM
+                | libc::ENETDOWN
+                | libc::ENETUNREACH
+                | libc::ENOPROTOOPT
+                | libc::EHOSTDOWN
+                | libc::EHOSTUNREACH
+                | libc::ENONET
         );
         if pause {
             self.until = Some(now + ACCEPT_BACKOFF);
@@ -1861,6 +1874,7 @@ fn wire_errno(e: i32) -> u32 {
     }
 }
 
+/// Open the replica directory and serve it until a signal arrives.
 pub fn serve(config: ServeConfig) -> Result<(), String> {
     // Before any thread or io_uring worker exists: they inherit the mask,
     // so SIGTERM or SIGINT during recovery waits for the signalfd (a clean

@@ -79,6 +79,47 @@ pub fn socket_activation_fds() -> Vec<RawFd> {
     (3..3 + n).collect()
 }
 
+/// Refuse an inherited descriptor (LISTEN_FDS) that is not a listening
+/// stream socket. A unit with `Accept=yes` (inetd style) passes one
+/// *connected* socket per connection: accept() on it failed with EINVAL at
+/// once, every time, and the loop spun at 100% CPU while the client hung (a
+/// tester's find). One process serves a replica directory (it holds its
+/// lock), so only `Accept=no` can work.
+fn check_inherited_listener(fd: RawFd) -> Result<(), String> {
+    let opt = |name: libc::c_int| -> std::io::Result<libc::c_int> {
+        let mut v: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: getsockopt into an int we own, with its size.
+        let r = unsafe {
+            libc::getsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                name,
+                &mut v as *mut _ as *mut libc::c_void,
+                &mut len,
+            )
+        };
+        if r == 0 {
+            Ok(v)
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    };
+    let what = format!("descriptor {fd} passed by socket activation (LISTEN_FDS)");
+    let ty = opt(libc::SO_TYPE).map_err(|e| format!("{what} is not a usable socket: {e}"))?;
+    if ty != libc::SOCK_STREAM {
+        return Err(format!("{what} is not a stream socket (type {ty})"));
+    }
+    if opt(libc::SO_ACCEPTCONN).map_err(|e| format!("{what}: {e}"))? == 0 {
+        return Err(format!(
+            "{what} is not a listening socket: a connected one comes from a socket unit \
+             with Accept=yes (one process per connection), but one process serves a replica; \
+             use Accept=no (the default)"
+        ));
+    }
+    Ok(())
+}
+
 /// Pending connections a listener queues (the kernel caps it at
 /// `net.core.somaxconn`). std's 128 made a burst of a thousand connects take
 /// seconds: SYNs beyond the queue are dropped and retried after a second.
@@ -148,13 +189,13 @@ pub(super) fn open_listener(l: &Listen) -> Result<OwnedFd, String> {
             Ok(OwnedFd::from(s))
         }
         Listen::Fd(fd) => {
+            check_inherited_listener(*fd)?;
             // SAFETY: systemd hands us ownership of these descriptors.
             Ok(unsafe { OwnedFd::from_raw_fd(*fd) })
         }
     }
 }
 
-/// Open the replica directory and serve it until a signal arrives.
 /// After a refused start: the sockets this start bound (admin, `--unix`)
 /// are closed by now; remove them, unless something else answers there
 /// (another node's, which this start left alone).
