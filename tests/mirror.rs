@@ -3757,6 +3757,77 @@ fn a_full_resync_on_a_live_link_marks_the_secondary_inconsistent() {
     cl.assert_replicas_identical();
 }
 
+/// An authenticated primary that floods a secondary with requests but
+/// never reads the answers (SumsRequests: 32 KiB of checksums each) is
+/// disconnected once 256 MiB of answers wait, and the secondary lives on.
+/// It queued them without bound: 14.6 GB in 20 s (a tester's find).
+#[test]
+fn a_primary_that_does_not_read_its_answers_is_disconnected() {
+    let test = "a_primary_that_does_not_read_its_answers_is_disconnected";
+    let _wd = Watchdog::new(test, Duration::from_secs(120));
+    let seed = test_seed(test);
+    let mut cl = Cluster::in_sync_pair(test, seed);
+    cl.primary().terminate();
+    let secret = {
+        let mut s = fs::read(&cl.secret).unwrap();
+        if s.last() == Some(&b'\n') {
+            s.pop();
+        }
+        s
+    };
+    let addr = format!("127.0.0.1:{}", cl.node(2).port);
+    let size = cl.size;
+    let uuid = cl.uuid.clone();
+    // The stopped primary's session may not have ended on the secondary
+    // yet (then a newcomer is refused as Busy): retry the handshake.
+    let t0 = Instant::now();
+    let (mut s, mut session) = loop {
+        match std::panic::catch_unwind(|| rogue_session(&addr, &secret, &uuid, size)) {
+            Ok(x) => break x,
+            Err(_) if t0.elapsed() < Duration::from_secs(10) => {
+                thread::sleep(Duration::from_millis(200))
+            }
+            Err(e) => std::panic::resume_unwind(e),
+        }
+    };
+    use nbdmirror::peer::frame::FrameKind;
+    let mut out = Vec::new();
+    session.encode(FrameKind::Session, &0x5eed_0001u64.to_le_bytes(), &mut out);
+    s.write_all(&out).unwrap();
+    s.set_write_timeout(Some(Duration::from_secs(20))).unwrap();
+    // Answers asked for (32 MiB a batch), none read, until the secondary
+    // closes the link: it must before 4 GiB are asked for.
+    let mut closed = false;
+    let mut k = 0u64;
+    let t0 = Instant::now();
+    while !closed && k < (128 << 10) && t0.elapsed() < Duration::from_secs(60) {
+        out.clear();
+        for _ in 0..1024 {
+            let req = nbdmirror::mirror::wire::encode_sums_request(k, 0, 4096);
+            session.encode(FrameKind::SumsRequest, &req, &mut out);
+            k += 1;
+        }
+        closed = s.write_all(&out).is_err();
+        thread::sleep(Duration::from_millis(20));
+    }
+    let log = cl.node(2).stderr();
+    assert!(
+        closed,
+        "the secondary took {k} requests for 32 KiB answers without closing the link:\n{}",
+        tail(&log, 3000)
+    );
+    assert!(
+        log.contains("does not read its answers"),
+        "{}",
+        tail(&log, 3000)
+    );
+    cl.check_alive();
+    drop(s);
+    cl.primary().start();
+    cl.wait_in_sync(Duration::from_secs(20));
+    cl.stop_all();
+}
+
 /// Speak the peer protocol to the secondary at `addr` as an authenticated
 /// primary (the secret, volume and node id are right; the disk size is
 /// `size`), then send `frames` (kind, payload) and read until the
@@ -3768,6 +3839,41 @@ fn rogue_primary(
     size: u64,
     frames: &[(nbdmirror::peer::frame::FrameKind, Vec<u8>)],
 ) -> Vec<nbdmirror::peer::frame::FrameKind> {
+    let (mut s, mut session) = rogue_session(addr, secret, uuid, size);
+    let mut buf = vec![0u8; 1 << 16];
+    let mut out = Vec::new();
+    for (kind, payload) in frames {
+        session.encode(*kind, payload, &mut out);
+    }
+    let _ = s.write_all(&out);
+    let t0 = Instant::now();
+    let mut kinds = Vec::new();
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                session.decoder.push(&buf[..n]);
+                while let Ok(Some(f)) = session.decoder.pull() {
+                    kinds.push(f.kind);
+                }
+            }
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the secondary kept a session that broke the rules open"
+        );
+    }
+    kinds
+}
+
+/// An authenticated session with the secondary at `addr`, as primary node
+/// 1 of volume `uuid` with a disk of `size` bytes.
+fn rogue_session(
+    addr: &str,
+    secret: &[u8],
+    uuid: &str,
+    size: u64,
+) -> (TcpStream, nbdmirror::peer::Session) {
     use nbdmirror::peer::{Config, Event, Handshake, Role};
     let hex: String = uuid.chars().filter(|c| *c != '-').collect();
     let mut volume_uuid = [0u8; 16];
@@ -3804,30 +3910,7 @@ fn rogue_primary(
         assert!(n > 0, "the secondary closed during the handshake");
         h.receive(&buf[..n]);
     }
-    let mut session = h.into_session().unwrap();
-    let mut out = Vec::new();
-    for (kind, payload) in frames {
-        session.encode(*kind, payload, &mut out);
-    }
-    let _ = s.write_all(&out);
-    let t0 = Instant::now();
-    let mut kinds = Vec::new();
-    loop {
-        match s.read(&mut buf) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => {
-                session.decoder.push(&buf[..n]);
-                while let Ok(Some(f)) = session.decoder.pull() {
-                    kinds.push(f.kind);
-                }
-            }
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(10),
-            "the secondary kept a session that broke the rules open"
-        );
-    }
-    kinds
+    (s, h.into_session().unwrap())
 }
 
 /// Send `bytes` to the peer port; the secondary must close the connection

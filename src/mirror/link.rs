@@ -51,6 +51,10 @@ pub(super) fn nonce() -> [u8; 32] {
     n
 }
 
+/// Answers a secondary queues for a primary that does not read them, at
+/// most (see `process_frames`).
+const UNREAD_ANSWERS_LIMIT: usize = 256 << 20;
+
 impl Mirror {
     pub(super) fn fail_peer(&mut self, io: &mut dyn Io, store: &mut Store, i: usize, why: String) {
         let streaming = matches!(self.peers[i].state, PeerState::Syncing | PeerState::InSync);
@@ -994,6 +998,27 @@ impl Mirror {
                 }
             };
             let kind = f.kind;
+            // A primary that sends requests but does not read the answers
+            // (Sums, Pong, FlushAck...) would make this node queue them
+            // without bound: an authenticated tester's flood of SumsRequests
+            // took a secondary to 14.6 GB in 20 s. A sound primary reads
+            // them (it keeps at most a few ranges and blocks in flight), so
+            // past the limit the link goes, as for any broken peer.
+            if l.peer.is_none() {
+                let queued = l.out.len() + l.segs.iter().map(Vec::len).sum::<usize>();
+                if queued > UNREAD_ANSWERS_LIMIT {
+                    self.link_failed(
+                        io,
+                        store,
+                        link,
+                        format!(
+                            "the primary does not read its answers ({} MiB queued); closing",
+                            queued >> 20
+                        ),
+                    );
+                    return;
+                }
+            }
             let r = match l.peer {
                 Some(i) => self.primary_frame(io, store, i, kind, f.payload()),
                 None => session_order(&mut l.session_started, kind).and_then(|()| {
