@@ -155,6 +155,18 @@ impl Limiter {
     pub fn window(&self) -> std::time::Duration {
         self.window
     }
+
+    /// Log, once their window has ended, how many lines of this kind
+    /// (`what`, plural: "refused connections") were held back.
+    pub fn log_suppressed(&mut self, now: std::time::Instant, what: &str) {
+        let n = self.suppressed_due(now);
+        if n > 0 {
+            line(format_args!(
+                "nbdmirror: {n} more {what} in the last {} s were not logged one by one",
+                self.window.as_secs()
+            ));
+        }
+    }
 }
 
 #[cfg(test)]

@@ -3188,6 +3188,64 @@ fn check_refuses_a_crashed_replica_whose_journal_is_damaged_at_its_tail() {
     assert!(ok, "{test}: check after a start and a clean stop: {text}");
 }
 
+/// Connections refused in the handshake are logged at most 20 per 10 s,
+/// the rest counted in one line: anyone who can connect made a line each
+/// (a tester's loop of bad handshakes wrote 42 MB of log in 5 s).
+#[test]
+fn refused_handshakes_do_not_flood_the_log() {
+    let test = "refused_handshakes_do_not_flood_the_log";
+    let Some((_tmp, export, mut server)) = setup(test, 4 * MIB, &[]) else {
+        return;
+    };
+    if export.kind != ServerKind::Nbdmirror {
+        return;
+    }
+    use std::io::{Read, Write};
+    let n = 300;
+    for _ in 0..n {
+        let mut s = std::net::TcpStream::connect(server.addr()).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut greeting = [0u8; 18];
+        s.read_exact(&mut greeting).unwrap();
+        // Client flags the server never offered: the server closes.
+        s.write_all(&0xffff_0000u32.to_be_bytes()).unwrap();
+        let mut b = [0u8; 64];
+        while matches!(s.read(&mut b), Ok(k) if k > 0) {}
+    }
+    let count = |log: &str| log.matches(": closing: ").count();
+    let logged = count(&server.stderr());
+    assert!(
+        (1..=20).contains(&logged),
+        "{logged} lines for {n} refused handshakes:\n{}",
+        tail(&server.stderr(), 3000)
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let summary = loop {
+        let log = server.stderr();
+        if let Some(l) = log
+            .lines()
+            .find(|l| l.contains("connections closed in the handshake"))
+        {
+            break l.to_string();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no summary line:\n{}",
+            tail(&log, 3000)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(
+        summary.contains(&format!(" {} more ", n - logged)),
+        "{summary}"
+    );
+    // A good client is served as ever.
+    let mut c = MiniClient::connect(&server.addr(), "disk").unwrap();
+    assert_eq!(c.read(0, 4096).unwrap(), vec![0u8; 4096]);
+    c.disconnect();
+    server.terminate_timeout(Duration::from_secs(30));
+}
+
 /// A client reading a corrupt block again and again (a guest's retry
 /// loop) must not fill the disk with log lines: each read still fails with
 /// EIO, but at most 10 checksum-failure lines are written per 10 s and the

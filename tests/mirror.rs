@@ -3913,6 +3913,60 @@ fn rogue_session(
     (s, h.into_session().unwrap())
 }
 
+/// Peer connections refused before authentication are logged at most 20
+/// per 10 s, the rest counted in one line: anyone who can reach the peer
+/// port made a line each (a tester's loop wrote 134 MB of log in 10 s).
+/// The real primary's session is not disturbed.
+#[test]
+fn refused_peer_connections_do_not_flood_the_log() {
+    let test = "refused_peer_connections_do_not_flood_the_log";
+    let _wd = Watchdog::new(test, Duration::from_secs(120));
+    let seed = test_seed(test);
+    let mut cl = Cluster::in_sync_pair(test, seed);
+    let addr = format!("127.0.0.1:{}", cl.node(2).port);
+    let n = 300;
+    for _ in 0..n {
+        expect_dropped(
+            &addr,
+            "garbage",
+            b"XXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXX",
+        );
+    }
+    let count = |log: &str| log.matches("peer connection from").count();
+    let logged = count(&cl.node(2).stderr());
+    assert!(
+        (1..=20).contains(&logged),
+        "{logged} lines for {n} refused connections:\n{}",
+        tail(&cl.node(2).stderr(), 3000)
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let summary = loop {
+        let log = cl.node(2).stderr();
+        if let Some(l) = log
+            .lines()
+            .find(|l| l.contains("refused before authentication"))
+        {
+            break l.to_string();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no summary line:\n{}",
+            tail(&log, 3000)
+        );
+        thread::sleep(Duration::from_millis(200));
+    };
+    assert!(
+        summary.contains(&format!(" {} more ", n - logged)),
+        "{summary}"
+    );
+    let mut c = MiniClient::connect(&cl.nodes[0].nbd_addr(), "disk").unwrap();
+    assert_eq!(c.write(0, &random_bytes(seed, 65536), 1).unwrap(), 0);
+    drop(c);
+    cl.wait_in_sync(Duration::from_secs(20));
+    cl.stop_all();
+    cl.assert_replicas_identical();
+}
+
 /// Send `bytes` to the peer port; the secondary must close the connection
 /// within 10 s.
 fn expect_dropped(addr: &str, what: &str, bytes: &[u8]) {

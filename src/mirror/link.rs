@@ -464,7 +464,9 @@ impl Mirror {
             _ => {
                 if l.session.is_some() {
                     crate::elog!("nbdmirror: replication link from {} closed: {why}", l.addr);
-                } else {
+                } else if self.refused_log.allow(self.t) {
+                    // Before authentication anyone who can connect makes
+                    // these (a tester's loop wrote 134 MB of log in 10 s).
                     crate::elog!("nbdmirror: peer connection from {}: {why}", l.addr);
                 }
                 self.close_link(io, link);
@@ -602,7 +604,9 @@ impl Mirror {
                     self.fail_peer(io, store, i, why);
                 }
                 _ => {
-                    crate::elog!("nbdmirror: peer connection from {}: {why}", l.addr);
+                    if self.refused_log.allow(self.t) {
+                        crate::elog!("nbdmirror: peer connection from {}: {why}", l.addr);
+                    }
                     l.close_after_send = true;
                     self.close_link(io, link);
                 }

@@ -574,6 +574,8 @@ pub struct Mirror {
     /// frame that failed its checksum, a SummedRecord whose data did not
     /// match its block checksums (status `damaged_in_transit`).
     damaged_frames: u64,
+    /// Log lines about peer connections refused before authentication.
+    refused_log: crate::log::Limiter,
     damaged_records: u64,
     resync_reads: IdMap<u64, ResyncRead>,
     /// Secondary: store request -> (link, message id, is a flush).
@@ -904,6 +906,7 @@ impl Mirror {
             ops: IdMap::default(),
             next_mrid: 0,
             damaged_frames: 0,
+            refused_log: crate::log::Limiter::new(Duration::from_secs(10), 20),
             damaged_records: 0,
             resync_reads: IdMap::default(),
             applying: IdMap::default(),
@@ -1642,6 +1645,8 @@ impl Mirror {
 
     pub fn tick(&mut self, io: &mut dyn Io, store: &mut Store) {
         self.t = io.now();
+        self.refused_log
+            .log_suppressed(self.t, "peer connections refused before authentication");
         if (self.peer_accept_paused || self.admin_accept_paused)
             && !self.shutting_down
             && self.accept_backoff.over()

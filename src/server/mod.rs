@@ -399,6 +399,10 @@ pub struct Server {
     /// Log lines about reads that fail for want of a repair (a client can
     /// trigger them at will, as the store's checksum-failure lines).
     repair_log: crate::log::Limiter,
+    /// Log lines about connections refused in the handshake: anyone who
+    /// can connect can make them (a tester's loop of bad handshakes wrote
+    /// 42 MB of log in 5 s).
+    conn_log: crate::log::Limiter,
     shutting_down: bool,
     shutdown_since: Option<std::time::Instant>,
     events: Vec<StoreEvent>,
@@ -729,6 +733,7 @@ impl Server {
             next_req: 1,
             signal_fd,
             repair_log: crate::log::Limiter::new(Duration::from_secs(10), 10),
+            conn_log: crate::log::Limiter::new(Duration::from_secs(10), 20),
             shutting_down: false,
             shutdown_since: None,
             events: Vec::new(),
@@ -869,6 +874,10 @@ impl Server {
             KIND_TICK => {
                 self.store.tick(&mut self.io);
                 self.repair_log_due();
+                self.conn_log.log_suppressed(
+                    std::time::Instant::now(),
+                    "connections closed in the handshake",
+                );
                 if let Some(m) = self.mirror.as_mut() {
                     m.tick(&mut self.io, &mut self.store);
                 }
@@ -1224,13 +1233,17 @@ impl Server {
                             match end {
                                 HandshakeEnd::Aborted => {}
                                 HandshakeEnd::ProtocolViolation(why) => {
-                                    crate::elog!("nbdmirror: connection {id}: closing: {why}");
+                                    if self.conn_log.allow(std::time::Instant::now()) {
+                                        crate::elog!("nbdmirror: connection {id}: closing: {why}");
+                                    }
                                     conn.abort = true;
                                 }
                                 // Replies to options before it still go out.
                                 HandshakeEnd::ShuttingDown => {}
                                 HandshakeEnd::UnknownExport(name) => {
-                                    crate::elog!("nbdmirror: connection {id}: unknown export {name:?}; closing");
+                                    if self.conn_log.allow(std::time::Instant::now()) {
+                                        crate::elog!("nbdmirror: connection {id}: unknown export {name:?}; closing");
+                                    }
                                     conn.abort = true;
                                 }
                             }
