@@ -3967,6 +3967,40 @@ fn refused_peer_connections_do_not_flood_the_log() {
     cl.assert_replicas_identical();
 }
 
+/// An admin command with words it does not take is refused and does
+/// nothing: a tester's `switchover now` switched the primary over, and
+/// `rate 1 2` set a rate.
+#[test]
+fn admin_commands_with_extra_words_are_refused() {
+    let test = "admin_commands_with_extra_words_are_refused";
+    let _wd = Watchdog::new(test, Duration::from_secs(60));
+    let seed = test_seed(test);
+    let mut cl = Cluster::in_sync_pair(test, seed);
+    let sock = cl.nodes[0].admin_socket();
+    let ask = |line: &str| -> String {
+        use std::io::{BufRead, BufReader};
+        let mut s = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(format!("{line}\n").as_bytes()).unwrap();
+        let mut answer = String::new();
+        BufReader::new(s).read_line(&mut answer).unwrap();
+        answer
+    };
+    for line in ["switchover now", "rate 1 2", "start 2 2", "status please"] {
+        let a = ask(line);
+        assert!(
+            a.contains("\"ok\":false") && a.contains("takes"),
+            "{line:?}: {a}"
+        );
+    }
+    thread::sleep(Duration::from_millis(500));
+    cl.check_alive();
+    let st = cl.status().unwrap();
+    assert_eq!(st.at("rate_limit").as_u64(), Some(0), "{st:?}");
+    assert!(ask("rate 5M").contains("\"ok\":true"));
+    cl.stop_all();
+}
+
 /// Send `bytes` to the peer port; the secondary must close the connection
 /// within 10 s.
 fn expect_dropped(addr: &str, what: &str, bytes: &[u8]) {

@@ -219,6 +219,24 @@ impl Mirror {
                     .map_err(|_| format!("not a peer id: {s:?}")),
             }
         };
+        // Words a command does not take are refused, not ignored: a
+        // tester's `switchover now` switched over (and `rate 1 2` set a rate).
+        let most = match words.first().copied() {
+            Some("status" | "switchover") => 1,
+            Some("pause" | "resume" | "start" | "full" | "rate") => 2,
+            _ => usize::MAX,
+        };
+        if words.len() > most {
+            return serde_json::json!({
+                "ok": false,
+                "error": format!(
+                    "{:?} takes {}: {line:?}",
+                    words[0],
+                    if most == 1 { "no arguments" } else { "one argument at most" }
+                ),
+            })
+            .to_string();
+        }
         let result: Result<(), String> = match words.first().copied() {
             Some("status") => return self.status_json(Some(store), io),
             Some("scrub") => self.scrub_command(&words[1..]),
