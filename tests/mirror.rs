@@ -4001,6 +4001,123 @@ fn admin_commands_with_extra_words_are_refused() {
     cl.stop_all();
 }
 
+/// A process that opens admin connections and never sends a command
+/// cannot use up the node's descriptors: at most 64 are open at once (a
+/// newcomer past that is closed), each goes 10 s after it opened without a
+/// command line, and NBD clients are served throughout. A tester's 24000
+/// held connections ran the node out of descriptors and starved its clients.
+#[test]
+fn idle_admin_connections_are_capped_and_time_out() {
+    let test = "idle_admin_connections_are_capped_and_time_out";
+    let _wd = Watchdog::new(test, Duration::from_secs(90));
+    let seed = test_seed(test);
+    let mut cl = Cluster::in_sync_pair(test, seed);
+    let sock = cl.nodes[0].admin_socket();
+    // Closed by the node: EOF, or a reset (it closed with our bytes unread).
+    let gone = |r: std::io::Result<usize>| match r {
+        Ok(0) => true,
+        Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+        Ok(_) => false,
+    };
+    let mut held = Vec::new();
+    for _ in 0..200 {
+        let mut s = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+        s.write_all(b"stat").unwrap();
+        held.push(s);
+    }
+    thread::sleep(Duration::from_millis(500));
+    // Past the cap the node closed them: count the ones at EOF.
+    let mut closed = 0;
+    for s in &mut held {
+        s.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+        let mut b = [0u8; 16];
+        if gone(s.read(&mut b)) {
+            closed += 1;
+        }
+    }
+    assert!(
+        closed >= 200 - 64,
+        "only {closed} of 200 idle admin connections were closed"
+    );
+    let mut c = MiniClient::connect(&cl.nodes[0].nbd_addr(), "disk").unwrap();
+    assert_eq!(
+        c.write(0, &[1u8; 4096], 0).unwrap(),
+        0,
+        "an NBD client meanwhile"
+    );
+    drop(c);
+    // The rest go after 10 s; then the operator's tool works again.
+    let t0 = Instant::now();
+    loop {
+        let mut open = 0;
+        for s in &mut held {
+            let mut b = [0u8; 16];
+            if !gone(s.read(&mut b)) {
+                open += 1;
+            }
+        }
+        if open == 0 {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "{open} idle admin connections still open after 20 s"
+        );
+        thread::sleep(Duration::from_millis(500));
+    }
+    cl.status()
+        .expect("resync status after the idle connections went");
+    cl.stop_all();
+}
+
+/// Peer connections still in the handshake are capped at 64: past that a
+/// newcomer is closed at once, so that a flood of them cannot hold the
+/// secondary at its open-files limit (a tester's did, starving its NBD
+/// clients and admin socket); the primary's session goes on.
+#[test]
+fn connections_in_the_peer_handshake_are_capped() {
+    let test = "connections_in_the_peer_handshake_are_capped";
+    let _wd = Watchdog::new(test, Duration::from_secs(90));
+    let seed = test_seed(test);
+    let mut cl = Cluster::in_sync_pair(test, seed);
+    let addr = format!("127.0.0.1:{}", cl.node(2).port);
+    let mut held: Vec<TcpStream> = (0..200)
+        .map(|_| TcpStream::connect(&addr).unwrap())
+        .collect();
+    thread::sleep(Duration::from_millis(500));
+    let mut closed = 0;
+    for s in &mut held {
+        s.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+        let mut b = [0u8; 4096];
+        // Its Hello may come first; a closed one ends in EOF or a reset.
+        loop {
+            match s.read(&mut b) {
+                Ok(0) => {
+                    closed += 1;
+                    break;
+                }
+                Ok(_) => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                    closed += 1;
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+    }
+    assert!(
+        closed >= 200 - 64,
+        "only {closed} of 200 connections in the handshake were closed"
+    );
+    let mut c = MiniClient::connect(&cl.nodes[0].nbd_addr(), "disk").unwrap();
+    assert_eq!(c.write(0, &random_bytes(seed, 65536), 1).unwrap(), 0);
+    drop(c);
+    drop(held);
+    cl.wait_in_sync(Duration::from_secs(20));
+    cl.stop_all();
+    cl.assert_replicas_identical();
+}
+
 /// Send `bytes` to the peer port; the secondary must close the connection
 /// within 10 s.
 fn expect_dropped(addr: &str, what: &str, bytes: &[u8]) {

@@ -85,6 +85,9 @@ pub fn on_unix_path<T>(
     }
 }
 
+/// Admin socket connections open at once, at most.
+const MAX_ADMIN_CONNS: usize = 64;
+
 impl Mirror {
     /// The node's state for `nbdmirror resync status --json`: its peers
     /// and, given the store, the store's counters.
@@ -421,6 +424,18 @@ impl Mirror {
         }
         // SAFETY: fresh descriptor from accept.
         let fd = unsafe { OwnedFd::from_raw_fd(c.result) };
+        // Capped, so that a process leaking connections to the socket
+        // cannot use up the node's descriptors (a tester's 24000 held
+        // connections starved its NBD clients). The command line tool
+        // holds one for a moment.
+        if self.admin_conns.len() >= MAX_ADMIN_CONNS {
+            if self.refused_log.allow(self.t) {
+                crate::elog!(
+                    "nbdmirror: admin socket: {MAX_ADMIN_CONNS} connections open; closing a new one"
+                );
+            }
+            return;
+        }
         let id = self.next_admin;
         self.next_admin += 1;
         let raw = fd.as_raw_fd();
@@ -431,6 +446,7 @@ impl Mirror {
                 buf: Vec::new(),
                 busy: true,
                 done: false,
+                opened: self.t,
             },
         );
         io.submit(

@@ -51,6 +51,10 @@ pub(super) fn nonce() -> [u8; 32] {
     n
 }
 
+/// Peer connections still in the handshake at once, at most (see
+/// `peer_accepted`).
+const MAX_UNAUTHENTICATED: usize = 64;
+
 /// Answers a secondary queues for a primary that does not read them, at
 /// most (see `process_frames`).
 const UNREAD_ANSWERS_LIMIT: usize = 256 << 20;
@@ -494,6 +498,26 @@ impl Mirror {
         }
         // SAFETY: fresh descriptor from accept.
         let fd = unsafe { OwnedFd::from_raw_fd(c.result) };
+        // Connections still in the handshake are capped: anyone who can
+        // reach the port opens them, and a tester's flood held the node at
+        // its open-files limit (its NBD clients and admin socket starved)
+        // although each one goes after the handshake timeout. Past the cap
+        // a newcomer is closed at once; a real primary retries.
+        let unauthenticated = self
+            .links
+            .values()
+            .filter(|l| l.peer.is_none() && l.session.is_none())
+            .count();
+        if unauthenticated >= MAX_UNAUTHENTICATED {
+            if self.refused_log.allow(self.t) {
+                crate::elog!(
+                    "nbdmirror: peer connection from {}: refused, {MAX_UNAUTHENTICATED} others \
+                     are still in the handshake",
+                    peer_name(fd.as_raw_fd())
+                );
+            }
+            return;
+        }
         crate::server::set_nodelay(fd.as_raw_fd());
         let addr = peer_name(fd.as_raw_fd());
         let id = self.new_link(fd, None, addr);

@@ -502,7 +502,13 @@ struct AdminConn {
     buf: Vec<u8>,
     busy: bool,
     done: bool,
+    /// Accepted at; one without a whole command line `ADMIN_IDLE` later is
+    /// shut down (see `tick`).
+    opened: Instant,
 }
+
+/// How long an admin connection may take to send its command line.
+const ADMIN_IDLE: Duration = Duration::from_secs(10);
 
 pub struct Mirror {
     cfg: MirrorConfig,
@@ -1647,6 +1653,13 @@ impl Mirror {
         self.t = io.now();
         self.refused_log
             .log_suppressed(self.t, "peer connections refused before authentication");
+        for c in self.admin_conns.values() {
+            if !c.done && self.t.saturating_duration_since(c.opened) > ADMIN_IDLE {
+                // The pending receive ends (0 bytes) and `admin_io` drops it.
+                // SAFETY: shutdown on a socket this node owns.
+                unsafe { libc::shutdown(c.fd.as_raw_fd(), libc::SHUT_RDWR) };
+            }
+        }
         if (self.peer_accept_paused || self.admin_accept_paused)
             && !self.shutting_down
             && self.accept_backoff.over()

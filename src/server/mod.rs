@@ -1901,6 +1901,25 @@ fn wire_errno(e: i32) -> u32 {
     }
 }
 
+/// Raise the soft limit on open files to the hard one (as nginx, qemu and
+/// most servers do): the usual soft limit, 1024, is a few hundred idle
+/// clients, and a node out of descriptors cannot accept its own operator
+/// or peers. Best effort; the limit stays as it was if it cannot be raised.
+fn raise_open_files_limit() {
+    // SAFETY: getrlimit/setrlimit on a local struct.
+    unsafe {
+        let mut l: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) != 0 {
+            return;
+        }
+        let want = l.rlim_max.min(1 << 20);
+        if l.rlim_cur < want {
+            l.rlim_cur = want;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &l);
+        }
+    }
+}
+
 /// Open the replica directory and serve it until a signal arrives.
 pub fn serve(config: ServeConfig) -> Result<(), String> {
     // Before any thread or io_uring worker exists: they inherit the mask,
@@ -1908,6 +1927,7 @@ pub fn serve(config: ServeConfig) -> Result<(), String> {
     // shutdown once serving) instead of killing the node through a thread
     // that does not block it (seen in a test: SIGTERM right after start).
     block_termination_signals()?;
+    raise_open_files_limit();
     let replica = dir::open(&config.dir)?;
     let server = match Server::new(config.clone(), &replica) {
         Ok(s) => s,
