@@ -4118,6 +4118,42 @@ fn connections_in_the_peer_handshake_are_capped() {
     cl.assert_replicas_identical();
 }
 
+/// A low resync rate cap holds from the first byte: runs shrink to the
+/// tokens there are. The bucket held a whole 1 MiB batch, so a 4 KiB/s cap
+/// resent 1 MiB at once (a tester's find).
+#[test]
+fn a_low_resync_rate_cap_holds_from_the_start() {
+    let test = "a_low_resync_rate_cap_holds_from_the_start";
+    let _wd = Watchdog::new(test, Duration::from_secs(90));
+    let seed = test_seed(test);
+    let mut cl = Cluster::in_sync_pair(test, seed);
+    let d1 = cl.nodes[0].dir.display().to_string();
+    resync_cmd(&["rate", "64K", "--dir", &d1]);
+    cl.node(2).terminate();
+    let data = random_bytes(seed, 1 << 20);
+    let mut c = MiniClient::connect(&cl.nodes[0].nbd_addr(), "disk").unwrap();
+    assert_eq!(c.write(0, &data, 1).unwrap(), 0);
+    drop(c);
+    // Tokens pile up while the peer is away: they must not buy a burst.
+    thread::sleep(Duration::from_secs(1));
+    cl.node(2).start();
+    cl.wait_status("peer 2 syncing", Duration::from_secs(10), |j| {
+        peer_u64(j, 2, "resync_done_bytes") > 0
+    });
+    let t0 = Instant::now();
+    thread::sleep(Duration::from_secs(2));
+    let done = peer_u64(&cl.status().unwrap(), 2, "resync_done_bytes");
+    let allowed = 64 * KIB * (t0.elapsed().as_secs() + 2) + 64 * KIB;
+    assert!(
+        done <= allowed,
+        "{done} bytes resent in about 2 s under a 64 KiB/s cap (at most {allowed})"
+    );
+    resync_cmd(&["rate", "0", "--dir", &d1]);
+    cl.wait_in_sync(Duration::from_secs(20));
+    cl.stop_all();
+    cl.assert_replicas_identical();
+}
+
 /// Send `bytes` to the peer port; the secondary must close the connection
 /// within 10 s.
 fn expect_dropped(addr: &str, what: &str, bytes: &[u8]) {

@@ -1679,12 +1679,9 @@ impl Mirror {
         let dt = t.duration_since(self.last_refill).as_secs_f64();
         self.last_refill = t;
         for p in &mut self.peers {
-            refill(
-                &mut p.tokens,
-                self.cfg.resync_rate,
-                dt,
-                RESYNC_BATCH_BLOCKS * BLOCK,
-            );
+            // Runs shrink to the tokens there are (`resync_peer`), so the
+            // bucket need not hold a whole batch: a low cap is kept.
+            refill(&mut p.tokens, self.cfg.resync_rate, dt, BLOCK);
         }
         // Reads waiting for the store to apply a write to their blocks
         // (a repair found them busy): the store says nothing when it does.

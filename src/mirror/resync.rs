@@ -26,7 +26,15 @@ impl Mirror {
             if p.paused || p.resync_inflight >= RESYNC_WINDOW {
                 break;
             }
-            let run = p.bitmap.next_run(p.cursor, RESYNC_BATCH_BLOCKS);
+            // Under a cap a run is no longer than the tokens allow (one
+            // block at least): a whole 1 MiB batch at a time let a 4 KiB/s
+            // cap resync 1 MiB at once (a tester's find).
+            let most = if self.cfg.resync_rate > 0 {
+                ((p.tokens / BLOCK as f64).floor() as u64).clamp(1, RESYNC_BATCH_BLOCKS)
+            } else {
+                RESYNC_BATCH_BLOCKS
+            };
+            let run = p.bitmap.next_run(p.cursor, most);
             let run = match run {
                 Some((first, n)) if first >= p.cursor => Some((first, n)),
                 _ => None,
