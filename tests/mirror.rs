@@ -4154,6 +4154,43 @@ fn a_low_resync_rate_cap_holds_from_the_start() {
     cl.assert_replicas_identical();
 }
 
+/// A range trimmed on the primary while a secondary was away is a hole on
+/// that secondary after the resync too: resync sent every all-zero run as
+/// zeroes to keep allocated (NO_HOLE), so a resynced replica ended fully
+/// allocated and, once promoted, reported trimmed ranges as data (a
+/// tester's find).
+#[test]
+fn a_resync_keeps_the_primarys_holes() {
+    let test = "a_resync_keeps_the_primarys_holes";
+    let _wd = Watchdog::new(test, Duration::from_secs(90));
+    let seed = test_seed(test);
+    let mut cl = Cluster::in_sync_pair(test, seed);
+    let mut c = MiniClient::connect(&cl.nodes[0].nbd_addr(), "disk").unwrap();
+    assert_eq!(c.write(0, &random_bytes(seed, 8 << 20), 0).unwrap(), 0);
+    assert_eq!(c.flush().unwrap(), 0);
+    cl.wait_in_sync(Duration::from_secs(20));
+    cl.node(2).terminate();
+    // TRIM (4) 6 MiB of it while the secondary is away.
+    assert_eq!(c.command(4, MIB, 6 << 20).unwrap(), 0);
+    assert_eq!(c.flush().unwrap(), 0);
+    drop(c);
+    cl.node(2).start();
+    cl.wait_in_sync(Duration::from_secs(20));
+    cl.stop_all();
+    cl.assert_replicas_identical();
+    let allocated = |p: PathBuf| {
+        use std::os::unix::fs::MetadataExt;
+        fs::metadata(p).unwrap().blocks() * 512
+    };
+    let (a, b) = (allocated(cl.nodes[0].data()), allocated(cl.nodes[1].data()));
+    assert!(
+        b <= a + MIB,
+        "the resynced secondary's data file holds {} MiB, the primary's {} MiB",
+        b / MIB,
+        a / MIB
+    );
+}
+
 /// Send `bytes` to the peer port; the secondary must close the connection
 /// within 10 s.
 fn expect_dropped(addr: &str, what: &str, bytes: &[u8]) {

@@ -5,6 +5,9 @@
 
 use super::*;
 
+/// Block status flag: the range is a hole (NBD's `NBD_STATE_HOLE`).
+const NBD_STATE_HOLE: u32 = 1;
+
 impl Mirror {
     pub(super) fn kick_resync(&mut self, io: &mut dyn Io, store: &mut Store) {
         for i in 0..self.peers.len() {
@@ -296,6 +299,16 @@ impl Mirror {
                 let link = self.peers[i].link.unwrap();
                 let len = buf.len() - RESYNC_HEAD;
                 let zero = crate::store::checksum::is_zero(&buf[RESYNC_HEAD..]);
+                // Zeroes over a hole here go as a hole there (the peer
+                // punches it): sent with NO_HOLE, a resynced replica became
+                // fully allocated and reported every zeroed or trimmed range
+                // as data once promoted (a tester's find). Zeroes that are
+                // allocated here (NO_HOLE writes) stay allocated there.
+                let hole = zero && {
+                    let ext = store.block_status(io, s, len as u64, 64);
+                    ext.iter().all(|&(_, f)| f & NBD_STATE_HOLE != 0)
+                        && ext.iter().map(|&(l, _)| u64::from(l)).sum::<u64>() >= len as u64
+                };
                 let hdr = RecordHeader {
                     id: rid,
                     offset: s,
@@ -305,7 +318,7 @@ impl Mirror {
                     } else {
                         wire::KIND_WRITE
                     },
-                    flags: wire::FLAG_RESYNC | if zero { wire::FLAG_NO_HOLE } else { 0 },
+                    flags: wire::FLAG_RESYNC | if zero && !hole { wire::FLAG_NO_HOLE } else { 0 },
                 };
                 if zero {
                     self.send_frame(link, FrameKind::Record, &[&hdr.encode()]);
