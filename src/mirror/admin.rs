@@ -301,7 +301,7 @@ impl Mirror {
                         } else if hit {
                             Ok(())
                         } else if self.peers.is_empty() {
-                            Err("this node has no peers to resync (it is not a primary with --peer)".into())
+                            Err("this node has no peers to resync (it is a secondary, or a primary without peers)".into())
                         } else {
                             Err(format!(
                                 "no such peer: {} (this node's peers: {})",
@@ -341,7 +341,7 @@ impl Mirror {
                 }
             }
             Some("rate") if self.peers.is_empty() => {
-                Err("this node has no peers to resync (it is not a primary with --peer)".into())
+                Err("this node has no peers to resync (it is a secondary, or a primary without peers)".into())
             }
             Some("rate") => match words.get(1).map(|w| crate::size::parse_size(w)) {
                 Some(Ok(r)) => {
