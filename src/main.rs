@@ -991,9 +991,9 @@ fn run(cli: Cli) -> Result<(), String> {
             check_replica(&path, expect)
         }
         Cmd::Info { dir: path, config } => {
-            let (path, expect) = match config.load()? {
-                Some((_, n)) => (n.dir, Some(n.id)),
-                None => (path.expect("clap requires --dir"), None),
+            let (path, expect, volume) = match config.load()? {
+                Some((c, n)) => (n.dir, Some(n.id), Some((c.size, c.uuid, c.path))),
+                None => (path.expect("clap requires --dir"), None, None),
             };
             // info only reads: no lock, so a replica a running node holds
             // is shown too, as a snapshot.
@@ -1004,6 +1004,28 @@ fn run(cli: Cli) -> Result<(), String> {
                 meta.as_raw_fd()
             })?;
             same_node(&path, expect, sb.node_id)?;
+            // What `serve --config` would refuse is said here too (a
+            // tester saw `info` show such a replica without a word).
+            if let Some((size, uuid, cpath)) = &volume {
+                let mut wrong = Vec::new();
+                if *size != sb.size {
+                    wrong.push(format!(
+                        "its disk is {} bytes, the config says {size}",
+                        sb.size
+                    ));
+                }
+                if uuid.is_some_and(|u| u != sb.volume_uuid) {
+                    wrong.push("it belongs to another volume".to_string());
+                }
+                if !wrong.is_empty() {
+                    eprintln!(
+                        "nbdmirror: warning: this replica does not match {}: {}; `serve --config` \
+                         refuses it",
+                        cpath.display(),
+                        wrong.join("; ")
+                    );
+                }
+            }
             if running {
                 out!("(a running nbdmirror serves this replica: what follows is a snapshot)");
             }

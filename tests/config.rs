@@ -568,3 +568,27 @@ fn info_and_check_refuse_a_config_dir_that_holds_another_nodes_replica() {
         assert!(ok, "{cmd} --node 2 with the right config:\n{out}\n{err}");
     }
 }
+
+/// `info --config` says when the replica does not match the file (a size
+/// that disagrees), as `serve --config` refuses it; it printed the
+/// replica without a word (a tester's find).
+#[test]
+fn info_warns_when_the_replica_does_not_match_the_config() {
+    let v = Vol::new("config-info-size", "8M");
+    let text = fs::read_to_string(&v.cfg)
+        .unwrap()
+        .replace("size = \"8M\"", "size = \"16M\"");
+    assert!(text.contains("16M"), "{text}");
+    let other = v.tmp.join("bigger.toml");
+    fs::write(&other, text).unwrap();
+    let (ok, out, err) = nbdmirror(&["info", "--config", other.to_str().unwrap(), "--node", "1"]);
+    assert!(
+        ok && err.contains("does not match") && err.contains("the config says 16777216"),
+        "info with a config of another size:\n{out}\n{err}"
+    );
+    let (ok, out, err) = nbdmirror(&["info", "--config", v.cfg_str(), "--node", "1"]);
+    assert!(
+        ok && !err.contains("does not match"),
+        "info with the right config:\n{out}\n{err}"
+    );
+}

@@ -340,9 +340,10 @@ impl Mirror {
                     ))
                 }
             }
-            Some("rate") if self.peers.is_empty() => {
-                Err("this node has no peers to resync (it is a secondary, or a primary without peers)".into())
-            }
+            Some("rate") if self.peers.is_empty() => Err(
+                "this node has no peers to resync (it is a secondary, or a primary without peers)"
+                    .into(),
+            ),
             Some("rate") => match words.get(1).map(|w| crate::size::parse_size(w)) {
                 Some(Ok(r)) => {
                     self.cfg.resync_rate = r;

@@ -32,8 +32,11 @@ impl Mirror {
             // Under a cap a run is no longer than the tokens allow (one
             // block at least): a whole 1 MiB batch at a time let a 4 KiB/s
             // cap resync 1 MiB at once (a tester's find).
+            // (Never shorter than the bucket's size, a fifth of a second's
+            // worth: at 100 MiB/s runs stay whole batches, as before.)
             let most = if self.cfg.resync_rate > 0 {
-                ((p.tokens / BLOCK as f64).floor() as u64).clamp(1, RESYNC_BATCH_BLOCKS)
+                let floor = (self.cfg.resync_rate / 5 / BLOCK).clamp(1, RESYNC_BATCH_BLOCKS);
+                ((p.tokens / BLOCK as f64).floor() as u64).clamp(floor, RESYNC_BATCH_BLOCKS)
             } else {
                 RESYNC_BATCH_BLOCKS
             };
