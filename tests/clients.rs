@@ -3219,22 +3219,7 @@ fn refused_handshakes_do_not_flood_the_log() {
         "{logged} lines for {n} refused handshakes:\n{}",
         tail(&server.stderr(), 3000)
     );
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let summary = loop {
-        let log = server.stderr();
-        if let Some(l) = log
-            .lines()
-            .find(|l| l.contains("connections closed in the handshake"))
-        {
-            break l.to_string();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no summary line:\n{}",
-            tail(&log, 3000)
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let summary = wait_for_line(|| server.stderr(), "connections closed in the handshake");
     assert!(
         summary.contains(&format!(" {} more ", n - logged)),
         "{summary}"
@@ -3342,19 +3327,7 @@ fn rereading_a_corrupt_block_does_not_flood_the_log() {
         "{unrepaired} unrepaired-read lines for {reads} reads"
     );
     // Once the window has ended, the rest are counted in one line.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let summary = loop {
-        let log = server.stderr();
-        if let Some(l) = log.lines().find(|l| l.contains("more checksum failures")) {
-            break l.to_string();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no summary of the suppressed lines:\n{}",
-            tail(&log, 3000)
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let summary = wait_for_line(|| server.stderr(), "more checksum failures");
     let logged = count(&server.stderr()) as u64;
     let suppressed: u64 = summary
         .split("ERROR: ")

@@ -3939,22 +3939,7 @@ fn refused_peer_connections_do_not_flood_the_log() {
         "{logged} lines for {n} refused connections:\n{}",
         tail(&cl.node(2).stderr(), 3000)
     );
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let summary = loop {
-        let log = cl.node(2).stderr();
-        if let Some(l) = log
-            .lines()
-            .find(|l| l.contains("refused before authentication"))
-        {
-            break l.to_string();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no summary line:\n{}",
-            tail(&log, 3000)
-        );
-        thread::sleep(Duration::from_millis(200));
-    };
+    let summary = wait_for_line(|| cl.nodes[1].stderr(), "refused before authentication");
     assert!(
         summary.contains(&format!(" {} more ", n - logged)),
         "{summary}"

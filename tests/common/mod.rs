@@ -281,6 +281,24 @@ pub fn run_ok_timeout(cmd: &mut Command, timeout: Duration) -> Output {
     out
 }
 
+/// Poll `log()` until a line contains `needle` (up to 20 s) and return
+/// that line; panic with the log's tail if none comes.
+pub fn wait_for_line(log: impl Fn() -> String, needle: &str) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let text = log();
+        if let Some(l) = text.lines().find(|l| l.contains(needle)) {
+            return l.to_string();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no line with {needle:?} in 20 s:\n{}",
+            tail(&text, 3000)
+        );
+        thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// The last `n` bytes of a string (on a char boundary).
 pub fn tail(s: &str, n: usize) -> &str {
     if s.len() <= n {
