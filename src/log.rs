@@ -99,11 +99,14 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
 /// write at will: a read of a corrupt block logs one, and a client (or a
 /// guest's retry loop) reading it again and again wrote 11 MB of log a
 /// second (a tester's find). At most `burst` such lines are written per
-/// `window`; the rest are counted, and the count is logged once their
-/// window has ended ([`Limiter::suppressed_due`], which the caller also
-/// asks on its tick, so that a burst that stops is still reported).
+/// `window`; the rest are counted, and the count is logged ("N more `what`
+/// ...") once their window has ended: at the next line of the kind, or at
+/// the owner's tick ([`Limiter::log_suppressed`]), so that a burst that
+/// stops is still reported.
 #[derive(Debug)]
 pub struct Limiter {
+    /// The lines' kind, plural ("checksum failures").
+    what: &'static str,
     window: std::time::Duration,
     burst: u32,
     since: Option<std::time::Instant>,
@@ -112,8 +115,9 @@ pub struct Limiter {
 }
 
 impl Limiter {
-    pub const fn new(window: std::time::Duration, burst: u32) -> Limiter {
+    pub const fn new(what: &'static str, window: std::time::Duration, burst: u32) -> Limiter {
         Limiter {
+            what,
             window,
             burst,
             since: None,
@@ -122,9 +126,10 @@ impl Limiter {
         }
     }
 
-    /// A line of this kind is due at `now`: whether to write it (false:
-    /// it is counted as suppressed). Ask [`Self::suppressed_due`] first.
+    /// A line of this kind is due at `now`: whether to write it (false: it
+    /// is counted). Logs the count of an ended window first.
     pub fn allow(&mut self, now: std::time::Instant) -> bool {
+        self.log_suppressed(now);
         if self
             .since
             .is_none_or(|s| now.saturating_duration_since(s) >= self.window)
@@ -152,17 +157,13 @@ impl Limiter {
         }
     }
 
-    pub fn window(&self) -> std::time::Duration {
-        self.window
-    }
-
-    /// Log, once their window has ended, how many lines of this kind
-    /// (`what`, plural: "refused connections") were held back.
-    pub fn log_suppressed(&mut self, now: std::time::Instant, what: &str) {
+    /// Log how many lines were held back, once their window has ended.
+    pub fn log_suppressed(&mut self, now: std::time::Instant) {
         let n = self.suppressed_due(now);
         if n > 0 {
             line(format_args!(
-                "nbdmirror: {n} more {what} in the last {} s were not logged one by one",
+                "nbdmirror: {n} more {} in the last {} s were not logged one by one",
+                self.what,
                 self.window.as_secs()
             ));
         }
@@ -176,7 +177,7 @@ mod tests {
 
     #[test]
     fn a_limiter_lets_a_burst_through_then_counts_until_the_window_ends() {
-        let mut l = Limiter::new(Duration::from_secs(10), 3);
+        let mut l = Limiter::new("test lines", Duration::from_secs(10), 3);
         let t0 = Instant::now();
         let allowed = (0..100).filter(|_| l.allow(t0)).count();
         assert_eq!(allowed, 3);

@@ -543,6 +543,28 @@ fn refuse_implicit_promotion_of_dir(dir: &std::path::Path) -> Result<(), String>
 /// describes for this node (another node's, another volume's, or a
 /// different size): a wrong --node or dir must not serve or mirror the
 /// wrong disk. Nothing is written.
+/// How the replica whose superblock is `sb` differs from the volume `c`
+/// describes (its uuid and size; the node id is the caller's to check).
+fn volume_mismatches(c: &VolumeConfig, sb: &nbdmirror::store::format::Superblock) -> Vec<String> {
+    let mut wrong = Vec::new();
+    if let Some(u) = c.uuid {
+        if sb.volume_uuid != u {
+            wrong.push(format!(
+                "it belongs to volume {}, not {}",
+                dir::format_uuid(&sb.volume_uuid),
+                dir::format_uuid(&u)
+            ));
+        }
+    }
+    if sb.size != c.size {
+        wrong.push(format!(
+            "its disk is {} bytes, the config says {}",
+            sb.size, c.size
+        ));
+    }
+    wrong
+}
+
 fn check_config_identity(c: &VolumeConfig, n: &NodeConfig) -> Result<(), String> {
     if !n.dir.join("meta").exists() {
         return Err(format!(
@@ -559,21 +581,7 @@ fn check_config_identity(c: &VolumeConfig, n: &NodeConfig) -> Result<(), String>
     if sb.node_id != n.id {
         wrong.push(format!("it is node {}, not node {}", sb.node_id, n.id));
     }
-    if let Some(u) = c.uuid {
-        if sb.volume_uuid != u {
-            wrong.push(format!(
-                "it belongs to volume {}, not {}",
-                dir::format_uuid(&sb.volume_uuid),
-                dir::format_uuid(&u)
-            ));
-        }
-    }
-    if sb.size != c.size {
-        wrong.push(format!(
-            "its disk is {} bytes, the config says {}",
-            sb.size, c.size
-        ));
-    }
+    wrong.extend(volume_mismatches(c, &sb));
     if wrong.is_empty() {
         return Ok(());
     }
@@ -992,7 +1000,7 @@ fn run(cli: Cli) -> Result<(), String> {
         }
         Cmd::Info { dir: path, config } => {
             let (path, expect, volume) = match config.load()? {
-                Some((c, n)) => (n.dir, Some(n.id), Some((c.size, c.uuid, c.path))),
+                Some((c, n)) => (n.dir, Some(n.id), Some(c)),
                 None => (path.expect("clap requires --dir"), None, None),
             };
             // info only reads: no lock, so a replica a running node holds
@@ -1006,22 +1014,13 @@ fn run(cli: Cli) -> Result<(), String> {
             same_node(&path, expect, sb.node_id)?;
             // What `serve --config` would refuse is said here too (a
             // tester saw `info` show such a replica without a word).
-            if let Some((size, uuid, cpath)) = &volume {
-                let mut wrong = Vec::new();
-                if *size != sb.size {
-                    wrong.push(format!(
-                        "its disk is {} bytes, the config says {size}",
-                        sb.size
-                    ));
-                }
-                if uuid.is_some_and(|u| u != sb.volume_uuid) {
-                    wrong.push("it belongs to another volume".to_string());
-                }
+            if let Some(c) = &volume {
+                let wrong = volume_mismatches(c, &sb);
                 if !wrong.is_empty() {
                     eprintln!(
                         "nbdmirror: warning: this replica does not match {}: {}; `serve --config` \
                          refuses it",
-                        cpath.display(),
+                        c.path.display(),
                         wrong.join("; ")
                     );
                 }

@@ -229,18 +229,15 @@ impl Mirror {
             Some("pause" | "resume" | "start" | "full" | "rate") => 2,
             _ => usize::MAX,
         };
-        if words.len() > most {
-            return serde_json::json!({
-                "ok": false,
-                "error": format!(
-                    "{:?} takes {}: {line:?}",
-                    words[0],
-                    if most == 1 { "no arguments" } else { "one argument at most" }
-                ),
-            })
-            .to_string();
-        }
         let result: Result<(), String> = match words.first().copied() {
+            Some(cmd) if words.len() > most => Err(format!(
+                "{cmd:?} takes {}: {line:?}",
+                if most == 1 {
+                    "no arguments"
+                } else {
+                    "one argument at most"
+                }
+            )),
             Some("status") => return self.status_json(Some(store), io),
             Some("scrub") => self.scrub_command(&words[1..]),
             Some(cmd @ ("pause" | "resume" | "start" | "full")) => {
@@ -430,7 +427,7 @@ impl Mirror {
         // connections starved its NBD clients). The command line tool
         // holds one for a moment.
         if self.admin_conns.len() >= MAX_ADMIN_CONNS {
-            if self.refused_log.allow(self.t) {
+            if self.admin_log.allow(self.t) {
                 crate::elog!(
                     "nbdmirror: admin socket: {MAX_ADMIN_CONNS} connections open; closing a new one"
                 );

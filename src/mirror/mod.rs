@@ -582,6 +582,8 @@ pub struct Mirror {
     damaged_frames: u64,
     /// Log lines about peer connections refused before authentication.
     refused_log: crate::log::Limiter,
+    /// Log lines about admin connections refused past the cap.
+    admin_log: crate::log::Limiter,
     damaged_records: u64,
     resync_reads: IdMap<u64, ResyncRead>,
     /// Secondary: store request -> (link, message id, is a flush).
@@ -912,7 +914,16 @@ impl Mirror {
             ops: IdMap::default(),
             next_mrid: 0,
             damaged_frames: 0,
-            refused_log: crate::log::Limiter::new(Duration::from_secs(10), 20),
+            refused_log: crate::log::Limiter::new(
+                "peer connections refused before authentication",
+                Duration::from_secs(10),
+                20,
+            ),
+            admin_log: crate::log::Limiter::new(
+                "admin connections refused",
+                Duration::from_secs(10),
+                20,
+            ),
             damaged_records: 0,
             resync_reads: IdMap::default(),
             applying: IdMap::default(),
@@ -1651,8 +1662,8 @@ impl Mirror {
 
     pub fn tick(&mut self, io: &mut dyn Io, store: &mut Store) {
         self.t = io.now();
-        self.refused_log
-            .log_suppressed(self.t, "peer connections refused before authentication");
+        self.refused_log.log_suppressed(self.t);
+        self.admin_log.log_suppressed(self.t);
         for c in self.admin_conns.values() {
             if !c.done && self.t.saturating_duration_since(c.opened) > ADMIN_IDLE {
                 // The pending receive ends (0 bytes) and `admin_io` drops it.

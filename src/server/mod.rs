@@ -749,8 +749,16 @@ impl Server {
             pending: IdMap::default(),
             next_req: 1,
             signal_fd,
-            repair_log: crate::log::Limiter::new(Duration::from_secs(10), 10),
-            conn_log: crate::log::Limiter::new(Duration::from_secs(10), 20),
+            repair_log: crate::log::Limiter::new(
+                "reads failed with EIO for want of a repair",
+                Duration::from_secs(10),
+                10,
+            ),
+            conn_log: crate::log::Limiter::new(
+                "connections closed in the handshake",
+                Duration::from_secs(10),
+                20,
+            ),
             shutting_down: false,
             shutdown_since: None,
             events: Vec::new(),
@@ -890,11 +898,9 @@ impl Server {
             }
             KIND_TICK => {
                 self.store.tick(&mut self.io);
-                self.repair_log_due();
-                self.conn_log.log_suppressed(
-                    std::time::Instant::now(),
-                    "connections closed in the handshake",
-                );
+                let now = std::time::Instant::now();
+                self.repair_log.log_suppressed(now);
+                self.conn_log.log_suppressed(now);
                 if let Some(m) = self.mirror.as_mut() {
                     m.tick(&mut self.io, &mut self.store);
                 }
@@ -918,25 +924,6 @@ impl Server {
             }
             _ => {}
         }
-    }
-
-    /// Log how many unrepaired-read lines the limit held back, once their
-    /// window has ended.
-    fn repair_log_due(&mut self) {
-        let n = self.repair_log.suppressed_due(std::time::Instant::now());
-        if n > 0 {
-            crate::elog!(
-                "nbdmirror: {n} more reads failed with EIO for want of a repair in the last {} s \
-                 (not logged one by one)",
-                self.repair_log.window().as_secs()
-            );
-        }
-    }
-
-    /// Whether to log an unrepaired read now (see `repair_log`).
-    fn repair_log_allows(&mut self) -> bool {
-        self.repair_log_due();
-        self.repair_log.allow(std::time::Instant::now())
     }
 
     fn begin_shutdown(&mut self) {
@@ -1665,7 +1652,7 @@ impl Server {
                         mirror::RepairStart::Waiting => return,
                         mirror::RepairStart::No => {}
                     }
-                    if self.repair_log_allows() {
+                    if self.repair_log.allow(std::time::Instant::now()) {
                         crate::elog!(
                             "nbdmirror: no peer in sync to repair the blocks from; the read \
                              fails with EIO"
@@ -1673,7 +1660,7 @@ impl Server {
                     }
                 } else {
                     let repairs = p.repairs;
-                    if self.repair_log_allows() {
+                    if self.repair_log.allow(std::time::Instant::now()) {
                         crate::elog!(
                             "nbdmirror: a read of {} bytes at {} still finds bad blocks after \
                              {repairs} repairs; it fails with EIO",

@@ -162,7 +162,7 @@ impl Store {
         if was_corrupt {
             self.stats.checksum_failures += 1;
             self.corrupt_marked = true;
-            if self.corrupt_log_allows() {
+            if self.corrupt_log.allow(Instant::now()) {
                 crate::elog!(
                     "nbdmirror: ERROR: block {block} (offset {}) failed checksum verification before \
                      a partial write; it stays marked corrupt (reads return EIO) until the whole \

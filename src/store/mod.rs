@@ -1034,7 +1034,11 @@ impl Store {
             inplace_wanted: false,
             folios_wanted: false,
             corrupt_marked: false,
-            corrupt_log: crate::log::Limiter::new(CORRUPT_LOG_WINDOW, CORRUPT_LOG_BURST),
+            corrupt_log: crate::log::Limiter::new(
+                "checksum failures",
+                CORRUPT_LOG_WINDOW,
+                CORRUPT_LOG_BURST,
+            ),
             checkpoint_wanted: 0,
             uncertain,
             direct_fd: None,
@@ -1965,28 +1969,7 @@ impl Store {
     /// Called by the event loop every few tens of milliseconds.
     pub fn tick(&mut self, io: &mut dyn Io) {
         self.kick(io, false);
-        self.corrupt_log_due();
-    }
-
-    /// Log how many checksum-failure lines the limit held back, once their
-    /// window has ended.
-    fn corrupt_log_due(&mut self) {
-        let n = self.corrupt_log.suppressed_due(Instant::now());
-        if n > 0 {
-            crate::elog!(
-                "nbdmirror: ERROR: {n} more checksum failures in the last {} s were not logged \
-                 one by one (at most {CORRUPT_LOG_BURST} lines per {} s; `resync status --json` \
-                 counts them all)",
-                self.corrupt_log.window().as_secs(),
-                self.corrupt_log.window().as_secs()
-            );
-        }
-    }
-
-    /// Whether to log a checksum failure now (see `corrupt_log`).
-    fn corrupt_log_allows(&mut self) -> bool {
-        self.corrupt_log_due();
-        self.corrupt_log.allow(Instant::now())
+        self.corrupt_log.log_suppressed(Instant::now());
     }
 
     /// Start whatever background work is due: journal sync, apply, checkpoint.

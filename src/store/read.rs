@@ -414,7 +414,7 @@ impl Store {
                 return;
             }
             self.stats.checksum_failures += bad.len() as u64;
-            if self.corrupt_log_allows() {
+            if self.corrupt_log.allow(Instant::now()) {
                 crate::elog!(
                     "nbdmirror: ERROR: block {block} (offset {}){} failed checksum verification",
                     block * BLOCK_SIZE,
