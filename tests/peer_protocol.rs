@@ -480,6 +480,20 @@ fn protocol_violations_are_malformed() {
             ),
             "our own nonce",
         ),
+        // A Hello whose nonce was never filled in.
+        (
+            frame(
+                FrameKind::Hello,
+                0,
+                &Hello {
+                    version: PROTOCOL_VERSION,
+                    role: Role::Initiator,
+                    nonce: [0; 32],
+                }
+                .encode(),
+            ),
+            "all-zero nonce",
+        ),
         // Two Hellos.
         (
             [

@@ -141,6 +141,9 @@ pub enum HandshakeError {
     },
     /// The peer's Hello carries our own nonce: a reflection.
     Reflected,
+    /// The peer's Hello carries an all-zero nonce: it did not fill one in,
+    /// so its half of the session's freshness is missing.
+    PeerZeroNonce,
     /// The peer's MAC does not verify.
     BadSecret,
     WrongVolume {
@@ -216,6 +219,9 @@ impl fmt::Display for HandshakeError {
             HandshakeError::Reflected => f.write_str(
                 "peer sent back our own nonce: a reflected or looped-back connection",
             ),
+            HandshakeError::PeerZeroNonce => f.write_str(
+                "peer's Hello carries an all-zero nonce: not a well-formed nbdmirror peer",
+            ),
             HandshakeError::BadSecret => f.write_str(
                 "authentication failed: the peer's MAC does not match, so the nodes have different peer secrets (or the message was replayed from another session); check the secret configured on both nodes",
             ),
@@ -272,7 +278,8 @@ impl HandshakeError {
             | HandshakeError::Message(_)
             | HandshakeError::Unexpected { .. }
             | HandshakeError::RoleConflict { .. }
-            | HandshakeError::Reflected => Some(RejectCode::Malformed),
+            | HandshakeError::Reflected
+            | HandshakeError::PeerZeroNonce => Some(RejectCode::Malformed),
             HandshakeError::BadSecret => Some(RejectCode::BadSecret),
             HandshakeError::WrongVolume { .. } => Some(RejectCode::WrongVolume),
             HandshakeError::UnexpectedNode { .. }
@@ -607,6 +614,9 @@ impl Handshake {
         }
         if h.nonce == self.cfg.nonce {
             return Err(HandshakeError::Reflected);
+        }
+        if h.nonce == [0; 32] {
+            return Err(HandshakeError::PeerZeroNonce);
         }
         // Both Hellos are in the transcript the MACs cover, so a version
         // cannot be lowered on the way without the handshake failing.
