@@ -435,6 +435,17 @@ fn parse_peer(s: &str) -> Result<(u32, SocketAddr), String> {
     Ok((id, parse_addr(addr)?))
 }
 
+/// Checks the secret file a config names; an error names the config too,
+/// since the path in it may be relative to the config's directory.
+fn read_config_secret(c: &nbdmirror::config::VolumeConfig) -> Result<(), String> {
+    match &c.secret_file {
+        Some(f) => read_secret(f)
+            .map(drop)
+            .map_err(|e| format!("config file {}, [volume] secret-file: {e}", c.path.display())),
+        None => Ok(()),
+    }
+}
+
 fn read_secret(path: &std::path::Path) -> Result<Vec<u8>, String> {
     // A secret is short; reading at most a little more than the largest
     // sensible one keeps `--secret-file /dev/zero` from eating the memory.
@@ -628,9 +639,7 @@ fn run(cli: Cli) -> Result<(), String> {
                         ));
                     };
                     // The secret is checked now, not at the first serve.
-                    if let Some(f) = &c.secret_file {
-                        read_secret(f)?;
-                    }
+                    read_config_secret(&c)?;
                     (
                         n.dir,
                         c.size,
@@ -706,9 +715,7 @@ fn run(cli: Cli) -> Result<(), String> {
                                         --peer-listen and --secret-file"
                                 .into());
                         }
-                        if let Some(f) = &c.secret_file {
-                            read_secret(f)?;
-                        }
+                        read_config_secret(c)?;
                         check_config_identity(c, n)?;
                         let role = match role {
                             Some(r) => r,

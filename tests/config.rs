@@ -346,7 +346,7 @@ fn bad_configs_are_refused_with_a_reason_and_change_nothing() {
         (
             "secret-file = \"secret\"",
             "secret-file = \"nope\"".into(),
-            "nope",
+            "[volume] secret-file: cannot",
         ),
         ("id = 2", "id = 1".into(), "described twice"),
         (
