@@ -439,9 +439,12 @@ fn parse_peer(s: &str) -> Result<(u32, SocketAddr), String> {
 /// since the path in it may be relative to the config's directory.
 fn read_config_secret(c: &nbdmirror::config::VolumeConfig) -> Result<(), String> {
     match &c.secret_file {
-        Some(f) => read_secret(f)
-            .map(drop)
-            .map_err(|e| format!("config file {}, [volume] secret-file: {e}", c.path.display())),
+        Some(f) => read_secret(f).map(drop).map_err(|e| {
+            format!(
+                "config file {}, [volume] secret-file: {e}",
+                c.path.display()
+            )
+        }),
         None => Ok(()),
     }
 }
