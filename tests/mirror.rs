@@ -5405,16 +5405,19 @@ fn diverge(dir: &Path, block: u64, bytes: &[u8]) {
     f.sync_all().unwrap();
 }
 
-/// A primary's checksum-table entry rotted to all ones (an erased flash
-/// page reads so; it is also the value the store uses for "not settled")
-/// makes reads of its block fail with EIO (no peer's copy matches it), and
-/// the node still stops cleanly. The repair took the entry for a write in
-/// flight and waited for it forever: the client's read never got an
-/// answer, a scrub stalled at that block, and SIGTERM never finished (a
-/// tester's find).
+/// A primary's checksum-table entry that rotted while its block's data is
+/// good is rewritten: the in-sync peer's copy, which verified on the peer,
+/// is byte for byte the primary's data, so the entry is the bad part. The
+/// client's read gets the data, not EIO, and `check` passes afterwards.
+/// One entry rotted to all ones (an erased flash page reads so; it is also
+/// the value the store uses for "not settled"): its repair took the entry
+/// for a write in flight and waited for it forever, hanging the read, a
+/// scrub and SIGTERM (a tester's find). Another block has a rotted entry
+/// *and* rotted data: no copy matches, so its read still fails with EIO
+/// and the scrub names it.
 #[test]
-fn a_checksum_entry_rotted_to_all_ones_fails_its_reads_instead_of_hanging() {
-    let test = "a_checksum_entry_rotted_to_all_ones_fails_its_reads_instead_of_hanging";
+fn a_rotted_checksum_entry_is_rewritten_when_a_peer_confirms_the_data() {
+    let test = "a_rotted_checksum_entry_is_rewritten_when_a_peer_confirms_the_data";
     let _wd = Watchdog::new(test, Duration::from_secs(120));
     let seed = test_seed(test);
     let mut cl = Cluster::in_sync_pair(test, seed);
@@ -5425,30 +5428,79 @@ fn a_checksum_entry_rotted_to_all_ones_fails_its_reads_instead_of_hanging() {
     drop(c);
     cl.wait_in_sync(Duration::from_secs(20));
     cl.stop_all();
+    let meta = cl.nodes[0].dir.join("meta");
     // Block 1000 was never written: its entry is the zero block's.
-    let block = 1000u64;
-    rot(&cl.nodes[0].dir.join("meta"), 8192 + 8 * block, &[0xff; 8]);
+    let (ones, random, both) = (1000u64, 7u64, 9u64);
+    rot(&meta, 8192 + 8 * ones, &[0xff; 8]);
+    rot(&meta, 8192 + 8 * random, &random_bytes(seed ^ 1, 8));
+    rot(&meta, 8192 + 8 * both, &random_bytes(seed ^ 2, 8));
+    rot(
+        &cl.nodes[0].dir.join("data"),
+        both * 4096 + 100,
+        &random_bytes(seed ^ 3, 16),
+    );
     cl.start_all();
     cl.wait_in_sync(Duration::from_secs(20));
     let mut c = MiniClient::connect(&cl.nodes[0].nbd_addr(), "disk").unwrap();
     let t0 = Instant::now();
-    let r = c.read(block * 4096, 4096);
+    let r = c.read(ones * 4096, 4096);
     assert!(
-        matches!(&r, Err(e) if e.to_string().contains("READ error 5")),
-        "read of the block with the rotted entry: {:?} after {:?}{}",
+        matches!(&r, Ok(v) if *v == vec![0u8; 4096]),
+        "read of the never-written block with the all-ones entry: {:?} after {:?}{}",
         r.as_ref().map(|v| v.len()),
         t0.elapsed(),
         cl.stderr_tails()
     );
-    assert_eq!(c.read(0, 1 << 20).unwrap(), data, "the written data");
+    let r = c.read(both * 4096, 4096);
+    assert!(
+        matches!(&r, Err(e) if e.to_string().contains("READ error 5")),
+        "read of the block whose entry and data both rotted: {:?}{}",
+        r.as_ref().map(|v| v.len()),
+        cl.stderr_tails()
+    );
+    let mut want = data.clone();
+    let at = (both * 4096) as usize;
+    // The whole read fails for the one block; read around it.
+    assert_eq!(c.read(0, at as u32).unwrap(), want[..at], "the written data");
+    want.drain(..at + 4096);
+    assert_eq!(
+        c.read(at as u64 + 4096, want.len() as u32).unwrap(),
+        want,
+        "the written data past the bad block"
+    );
     drop(c);
+    let log = cl.nodes[0].stderr();
+    for b in [ones, random] {
+        assert!(
+            log.contains(&format!("block {b}: its checksum-table entry did not match")),
+            "block {b}'s entry rewrite is not logged:\n{}",
+            tail(&log, 3000)
+        );
+    }
     let pd = cl.nodes[0].dir.display().to_string();
     let (out, err, ok) = scrub_cmd(&["start", "--wait", "--dir", &pd], Duration::from_secs(60));
     assert!(
-        !ok && out.contains(&block.to_string()),
+        !ok && out.contains(&both.to_string()),
         "the scrub should end and name the block it could not repair:\n{out}\n{err}"
     );
+    // The good data is whole again: rewrite the block whose data rotted
+    // too, and the stopped replica passes `check`.
+    let mut c = MiniClient::connect(&cl.nodes[0].nbd_addr(), "disk").unwrap();
+    assert_eq!(c.write(both * 4096, &data[at..at + 4096], 0).unwrap(), 0);
+    drop(c);
+    cl.wait_in_sync(Duration::from_secs(20));
     cl.stop_all();
+    let out = run_timeout(
+        Command::new(NBDMIRROR_BIN).args(["check", "--dir", &pd]),
+        Duration::from_secs(60),
+    );
+    assert!(
+        out.status.success(),
+        "check of the primary after the entries were rewritten: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    cl.assert_replicas_identical();
 }
 
 /// The scrub finds rot on the primary (repaired from the secondary), rot on

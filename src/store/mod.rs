@@ -503,6 +503,12 @@ enum Ctx {
         req: ReqId,
         blocks: u64,
     },
+    /// The read of the data file's copy of a repair's blocks, to compare
+    /// with the peer's copy (`Store::repair`).
+    RepairCompare {
+        req: ReqId,
+        offset: u64,
+    },
 }
 
 /// A read that failed because blocks of the data file did not verify
@@ -745,6 +751,9 @@ pub struct Store {
     /// (block -> the marked table entry seen; adopted only while the entry
     /// is still that).
     marked_seen: IdMap<u64, u64>,
+    /// Repairs whose peer copy is being compared with the data file's
+    /// (request -> the peer's copy; see `Store::repair`).
+    repair_compares: IdMap<ReqId, Vec<u8>>,
     /// In-place writes that failed (ENOSPC, EIO) after some of their pieces
     /// reached `data`: (first block, the write's checksums). Each block
     /// holds the old data (its table entry) or the new (listed here); a
@@ -1023,6 +1032,7 @@ impl Store {
             large_folios,
             corrupt: IdMap::default(),
             marked_seen: IdMap::default(),
+            repair_compares: IdMap::default(),
             failed_inplace: Vec::new(),
 
             recycled: Vec::new(),
@@ -1833,6 +1843,7 @@ impl Store {
                 }
             }
             Ctx::ApplyRead { block } => self.apply_read_done(io, block, c, err),
+            Ctx::RepairCompare { req, offset } => self.repair_compare_done(io, req, offset, c, err),
             Ctx::InPlaceData { seq } => self.inplace_data_done(io, seq, c, err),
             Ctx::InPlaceDrop { seq } => self.inplace_drop_done(io, seq),
             Ctx::SumsRecord { seq } => self.sums_record_done(io, seq, err),

@@ -25,11 +25,36 @@ impl Store {
     /// blocks). The checksum table already says what each block must hold,
     /// so nothing is written unless every block is settled (no write to it
     /// in flight, in the journal or being applied: EAGAIN) and `data`
-    /// matches its checksum (EILSEQ); the table is not changed. Answered
-    /// by `StoreEvent::Written(req, ..)`.
+    /// matches its checksum (EILSEQ); the table is not changed. One
+    /// exception: a block whose peer copy does not match its table entry
+    /// but is byte for byte what this node's data file holds has a rotted
+    /// entry, not rotted data (the peer verified its copy against its own
+    /// checksum, so two replicas and the peer's entry agree). The data file
+    /// is read to find such blocks before EILSEQ is answered; they are
+    /// rewritten whole with a fresh entry. Answered by
+    /// `StoreEvent::Written(req, ..)`.
     pub fn repair(&mut self, io: &mut dyn Io, req: ReqId, offset: u64, data: Vec<u8>) {
+        self.repair_checked(io, req, offset, data, None);
+    }
+
+    /// [`Store::repair`]; `vouched`: after the data file was read, the
+    /// blocks whose peer copy is byte for byte this node's data (None
+    /// before that read).
+    fn repair_checked(
+        &mut self,
+        io: &mut dyn Io,
+        req: ReqId,
+        offset: u64,
+        data: Vec<u8>,
+        vouched: Option<&[u64]>,
+    ) {
         let n = data.len() as u64 / BLOCK_SIZE;
         let first = offset / BLOCK_SIZE;
+        let mismatch = |s: &Self, b: u64, block: &[u8]| {
+            !s.sums.verify(b, block)
+                && s.marked_seen.get(&b) != Some(&s.sums.get(b))
+                && !vouched.is_some_and(|v| v.contains(&b))
+        };
         let refuse = if self.failed.is_some() {
             Some(EIO)
         } else if !offset.is_multiple_of(BLOCK_SIZE)
@@ -43,11 +68,24 @@ impl Store {
         } else if data
             .chunks(BLOCK_SIZE as usize)
             .enumerate()
-            .any(|(i, block)| {
-                let b = first + i as u64;
-                !self.sums.verify(b, block) && self.marked_seen.get(&b) != Some(&self.sums.get(b))
-            })
+            .any(|(i, block)| mismatch(self, first + i as u64, block))
         {
+            if vouched.is_none() {
+                // Compare with this node's data before refusing the copy.
+                let len = data.len();
+                self.repair_compares.insert(req, data);
+                self.submit(
+                    io,
+                    Ctx::RepairCompare { req, offset },
+                    Op::Read {
+                        fd: self.files.data,
+                        buf: vec![0u8; len],
+                        at: 0,
+                        offset,
+                    },
+                );
+                return;
+            }
             Some(libc::EILSEQ)
         } else {
             None
@@ -55,6 +93,13 @@ impl Store {
         if let Some(e) = refuse {
             self.events.push(StoreEvent::Written(req, Err(e)));
             return;
+        }
+        for &b in vouched.unwrap_or(&[]) {
+            crate::elog!(
+                "nbdmirror: block {b}: its checksum-table entry did not match its data, which a \
+                 peer's copy (verified on the peer) repeats byte for byte: the entry rotted, \
+                 not the data; rewriting the block whole with a fresh entry"
+            );
         }
         // A block marked corrupt (bad, then written in part) holds a
         // checksum no copy can match: the peer's copy, which took the same
@@ -73,11 +118,12 @@ impl Store {
             .collect();
         if !adopt.is_empty() {
             for b in &adopt {
-                self.marked_seen.remove(b);
-                crate::elog!(
-                    "nbdmirror: block {b}, marked corrupt, takes a peer's copy (rewritten whole, \
-                     with its checksum)"
-                );
+                if self.marked_seen.remove(b).is_some() {
+                    crate::elog!(
+                        "nbdmirror: block {b}, marked corrupt, takes a peer's copy (rewritten \
+                         whole, with its checksum)"
+                    );
+                }
             }
             self.stats.repaired_blocks += n;
             let len = data.len();
@@ -100,6 +146,48 @@ impl Store {
                 offset,
             },
         );
+    }
+
+    /// The data file's copy of a repair's blocks was read (see
+    /// [`Store::repair`]): blocks whose peer copy does not match their
+    /// entry but equals these bytes are vouched for; the repair is
+    /// checked again with them (a write that came meanwhile makes it
+    /// EAGAIN, as usual).
+    pub(super) fn repair_compare_done(
+        &mut self,
+        io: &mut dyn Io,
+        req: ReqId,
+        offset: u64,
+        c: Completion,
+        err: Option<i32>,
+    ) {
+        let Some(data) = self.repair_compares.remove(&req) else {
+            return;
+        };
+        let Op::Read { buf, .. } = c.op else {
+            unreachable!()
+        };
+        if let Some(e) = err {
+            crate::elog!(
+                "nbdmirror: reading the data file at byte {offset} to compare it with a peer's \
+                 copy failed: {}",
+                errno_str(e)
+            );
+        }
+        let first = offset / BLOCK_SIZE;
+        let vouched: Vec<u64> = if err.is_some() || c.result as usize != buf.len() {
+            Vec::new()
+        } else {
+            data.chunks(BLOCK_SIZE as usize)
+                .zip(buf.chunks(BLOCK_SIZE as usize))
+                .enumerate()
+                .filter(|(i, (peer, ours))| {
+                    peer == ours && !self.sums.verify(first + *i as u64, peer)
+                })
+                .map(|(i, _)| first + i as u64)
+                .collect()
+        };
+        self.repair_checked(io, req, offset, data, Some(&vouched));
     }
 
     /// Answer read `req` with `errno` without reading (the caller knows the
