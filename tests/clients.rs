@@ -4148,7 +4148,7 @@ fn another_running_nodes_socket_is_not_taken_over() {
     let out = nb.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(out.status.success(), "{err}");
-    assert!(err.contains("another running process answers on"), "{err}");
+    assert!(err.contains("another process answers on"), "{err}");
     assert!(sock.exists(), "node a's admin socket was removed by node b");
     assert_eq!(rate(), Some(1 << 20), "node a is no longer reachable");
     // The NBD listener on a Unix path: refused outright.

@@ -4059,6 +4059,42 @@ fn idle_admin_connections_are_capped_and_time_out() {
     cl.stop_all();
 }
 
+/// A node whose admin socket another process answers on when it starts
+/// takes the socket as soon as that process has gone. A node killed a
+/// moment before leaves such a socket (its io_uring, torn down after the
+/// process, holds the listener for a while): a secondary promoted right
+/// after its kill went without an admin socket for its whole run, so
+/// `resync status`, `scrub` and `switchover` could not reach it (a
+/// tester's find). Here the test holds the socket, then lets it go.
+#[test]
+fn an_admin_socket_answered_by_a_going_process_is_taken_once_it_has_gone() {
+    let test = "an_admin_socket_answered_by_a_going_process_is_taken_once_it_has_gone";
+    let _wd = Watchdog::new(test, Duration::from_secs(90));
+    let seed = test_seed(test);
+    let mut cl = Cluster::in_sync_pair(test, seed);
+    cl.node(1).terminate();
+    let sock = cl.nodes[0].admin_socket();
+    let _ = fs::remove_file(&sock);
+    let held =
+        nbdmirror::mirror::on_unix_path(&sock, |p| std::os::unix::net::UnixListener::bind(p))
+            .unwrap();
+    cl.node(1).start();
+    wait_for_line(|| cl.nodes[0].stderr(), "another process answers on");
+    // Not taken while it answers (it is looked at every second).
+    thread::sleep(Duration::from_millis(2500));
+    assert!(
+        !cl.nodes[0].stderr().contains("answers there now"),
+        "a live socket was taken over"
+    );
+    // Its file stays, as a killed node's does.
+    drop(held);
+    let line = wait_for_line(|| cl.nodes[0].stderr(), "this node answers there now");
+    assert!(line.contains("admin socket"), "{line}");
+    cl.status()
+        .expect("resync status once the other process went");
+    cl.stop_all();
+}
+
 /// Peer connections still in the handshake are capped at 64: past that a
 /// newcomer is closed at once, so that a flood of them cannot hold the
 /// secondary at its open-files limit (a tester's did, starving its NBD
@@ -5461,7 +5497,11 @@ fn a_rotted_checksum_entry_is_rewritten_when_a_peer_confirms_the_data() {
     let mut want = data.clone();
     let at = (both * 4096) as usize;
     // The whole read fails for the one block; read around it.
-    assert_eq!(c.read(0, at as u32).unwrap(), want[..at], "the written data");
+    assert_eq!(
+        c.read(0, at as u32).unwrap(),
+        want[..at],
+        "the written data"
+    );
     want.drain(..at + 4096);
     assert_eq!(
         c.read(at as u64 + 4096, want.len() as u32).unwrap(),
@@ -5472,7 +5512,9 @@ fn a_rotted_checksum_entry_is_rewritten_when_a_peer_confirms_the_data() {
     let log = cl.nodes[0].stderr();
     for b in [ones, random] {
         assert!(
-            log.contains(&format!("block {b}: its checksum-table entry did not match")),
+            log.contains(&format!(
+                "block {b}: its checksum-table entry did not match"
+            )),
             "block {b}'s entry rewrite is not logged:\n{}",
             tail(&log, 3000)
         );

@@ -29,9 +29,10 @@ pub fn bind_admin_socket(p: Option<&std::path::Path>) -> Option<UnixListener> {
     match std::fs::symlink_metadata(p) {
         Ok(m) if m.file_type().is_socket() && socket_is_live(p) => {
             crate::elog!(
-                "nbdmirror: WARNING: another running process answers on {}; not taking it \
-                 over, so `nbdmirror resync` will not reach this node (use another \
-                 --admin-socket)",
+                "nbdmirror: WARNING: another process answers on {}; not taking it over while \
+                 it does (looked at every second: a killed node's socket can outlive it \
+                 briefly), and until then `nbdmirror resync` will not reach this node (or \
+                 use another --admin-socket)",
                 p.display()
             );
             return None;
@@ -63,23 +64,35 @@ pub fn bind_admin_socket(p: Option<&std::path::Path>) -> Option<UnixListener> {
 }
 
 /// Run `f` (bind or connect) on a Unix socket path; a path longer than
-/// sun_path allows (108 bytes) is used relative to its directory instead.
-/// Only for single-threaded moments (start-up, the CLI): the working
-/// directory changes briefly.
+/// sun_path allows (108 bytes) is reached through its directory's
+/// descriptor instead (`/proc/self/fd/N/NAME`), which leaves the working
+/// directory alone (other threads may use relative paths meanwhile).
 pub fn on_unix_path<T>(
     p: &std::path::Path,
     f: impl Fn(&std::path::Path) -> std::io::Result<T>,
 ) -> std::io::Result<T> {
     match f(p) {
         Err(e) if p.as_os_str().len() >= 100 => {
+            use std::os::unix::fs::OpenOptionsExt;
             let (Some(dir), Some(name)) = (p.parent(), p.file_name()) else {
                 return Err(e);
             };
-            let back = std::env::current_dir()?;
-            std::env::set_current_dir(dir)?;
-            let r = f(std::path::Path::new(name));
-            std::env::set_current_dir(back)?;
-            r
+            let dir = if dir.as_os_str().is_empty() {
+                std::path::Path::new(".")
+            } else {
+                dir
+            };
+            let Ok(d) = std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_PATH | libc::O_DIRECTORY)
+                .open(dir)
+            else {
+                return Err(e);
+            };
+            let short = std::path::Path::new("/proc/self/fd")
+                .join(d.as_raw_fd().to_string())
+                .join(name);
+            f(&short)
         }
         r => r,
     }
@@ -88,7 +101,38 @@ pub fn on_unix_path<T>(
 /// Admin socket connections open at once, at most.
 const MAX_ADMIN_CONNS: usize = 64;
 
+/// How often a node that found its admin socket answered by another
+/// process looks again whether that process has gone.
+pub(super) const ADMIN_RETRY: Duration = Duration::from_secs(1);
+
 impl Mirror {
+    /// The admin socket was answered by another process at start: take it
+    /// once that has gone. A node killed a moment ago leaves a socket that
+    /// still accepts connections (its io_uring is torn down after the
+    /// process, holding the listener's pending accept), and a node
+    /// promoted right then went without its admin socket for its whole run
+    /// (a tester's find).
+    pub(super) fn retry_admin_socket(&mut self, io: &mut dyn Io) {
+        let Some(p) = self.cfg.admin_socket.clone() else {
+            self.admin_retry_at = None;
+            return;
+        };
+        self.admin_retry_at = Some(self.t + ADMIN_RETRY);
+        if socket_is_live(&p) {
+            return;
+        }
+        self.admin_retry_at = None;
+        if let Some(a) = bind_admin_socket(Some(&p)) {
+            io.submit(tok(KIND_ADMIN_LISTEN, 0), Op::Accept { fd: a.as_raw_fd() });
+            self.admin = Some(a);
+            crate::elog!(
+                "nbdmirror: admin socket {}: the process that answered on it has gone; this \
+                 node answers there now",
+                p.display()
+            );
+        }
+    }
+
     /// The node's state for `nbdmirror resync status --json`: its peers
     /// and, given the store, the store's counters.
     pub fn status_json(&self, store: Option<&Store>, io: &dyn Io) -> String {

@@ -530,6 +530,9 @@ pub struct Mirror {
     next_link: u64,
     listener: Option<OwnedFd>,
     admin: Option<UnixListener>,
+    /// When to look again whether the process that answered on the admin
+    /// socket at start has gone (`retry_admin_socket`).
+    admin_retry_at: Option<Instant>,
     admin_conns: IdMap<u64, AdminConn>,
     next_admin: u64,
     /// Ranges being written or resynced, disjoint: start -> (end, owner).
@@ -869,6 +872,19 @@ impl Mirror {
             Some(a) => a,
             None => bind_admin_socket(cfg.admin_socket.as_deref()),
         };
+        // Left alone because a process answered there: it may be one
+        // that is going (looked at again, `retry_admin_socket`).
+        let admin_retry_at = match (&admin, &cfg.admin_socket) {
+            (None, Some(p))
+                if std::fs::symlink_metadata(p).is_ok_and(|m| {
+                    use std::os::unix::fs::FileTypeExt;
+                    m.file_type().is_socket()
+                }) =>
+            {
+                Some(t0)
+            }
+            _ => None,
+        };
         let scrub = scrub::Scrub::open(
             &cfg.dir,
             sb.size.div_ceil(BLOCK),
@@ -894,6 +910,7 @@ impl Mirror {
             links: IdMap::default(),
             next_link: 0,
             listener,
+            admin_retry_at,
             admin,
             admin_conns: IdMap::default(),
             next_admin: 0,
@@ -1670,6 +1687,9 @@ impl Mirror {
                 // SAFETY: shutdown on a socket this node owns.
                 unsafe { libc::shutdown(c.fd.as_raw_fd(), libc::SHUT_RDWR) };
             }
+        }
+        if self.admin_retry_at.is_some_and(|at| self.t >= at) && !self.shutting_down {
+            self.retry_admin_socket(io);
         }
         if (self.peer_accept_paused || self.admin_accept_paused)
             && !self.shutting_down

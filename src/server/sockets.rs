@@ -173,12 +173,29 @@ pub(super) fn open_listener(l: &Listen) -> Result<OwnedFd, String> {
                 use std::os::unix::fs::FileTypeExt;
                 if meta.file_type().is_socket() {
                     // A stale socket is replaced; one a running process
-                    // answers on (another node's) is not taken over.
-                    if crate::mirror::socket_is_live(path) {
-                        return Err(format!(
-                            "cannot listen on {}: another running process answers on that socket",
-                            path.display()
-                        ));
+                    // answers on (another node's) is not taken over. As
+                    // with TCP ports (`bind_tcp`), a killed predecessor's
+                    // socket answers until the kernel has torn its io_uring
+                    // down: wait up to 10 s for that.
+                    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+                    let mut said = false;
+                    while crate::mirror::socket_is_live(path) {
+                        if std::time::Instant::now() >= deadline {
+                            return Err(format!(
+                                "cannot listen on {}: another running process answers on that \
+                                 socket",
+                                path.display()
+                            ));
+                        }
+                        if !said {
+                            crate::elog!(
+                                "nbdmirror: another process answers on {}; waiting up to 10 s \
+                                 for it to go",
+                                path.display()
+                            );
+                            said = true;
+                        }
+                        std::thread::sleep(Duration::from_millis(100));
                     }
                     let _ = std::fs::remove_file(path);
                 }
