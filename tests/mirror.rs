@@ -4655,6 +4655,22 @@ fn resync_tool() {
             && (peer_u64(j, 2, "resync_done_bytes") > done_paused
                 || peer_state(j, 2).as_deref() == Some("in_sync"))
     });
+    // A start lifts a pause, and says so (it said only "resync started").
+    resync_cmd(&["pause", "--dir", &d1, "--peer", "2"]);
+    let out = resync_cmd(&["start", "--dir", &d1, "--peer", "2"]);
+    assert!(
+        out.contains("peer 2 was paused: the pause is lifted"),
+        "{out}"
+    );
+    let st = cl.status().unwrap();
+    assert_eq!(
+        peer(&st, 2)
+            .and_then(|p| p.get("paused"))
+            .and_then(|p| p.as_bool()),
+        Some(false),
+        "{}",
+        brief_status(&st)
+    );
     resync_cmd(&["rate", "0", "--dir", &d1]);
     cl.wait_status("rate_limit 0", Duration::from_secs(5), |j| {
         peer_u64(j, 2, "rate_limit") == 0

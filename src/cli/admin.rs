@@ -208,7 +208,25 @@ pub(crate) fn resync(action: ResyncCmd) -> Result<(), String> {
             }
         },
         ResyncCmd::Start { admin, peer, full } => {
-            admin_call(&admin, &sel(if full { "full" } else { "start" }, peer))?;
+            let r = admin_call(&admin, &sel(if full { "full" } else { "start" }, peer))?;
+            // A start lifts an operator's pause: say so, it outlives restarts.
+            let unpaused: Vec<String> = r["unpaused"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|v| v.as_u64())
+                        .map(|id| id.to_string())
+                        .collect()
+                })
+                .unwrap_or_default();
+            if !unpaused.is_empty() {
+                out!(
+                    "peer{} {} {} paused: the pause is lifted",
+                    if unpaused.len() == 1 { "" } else { "s" },
+                    unpaused.join(", "),
+                    if unpaused.len() == 1 { "was" } else { "were" }
+                );
+            }
             // Say so when a peer cannot be resynced right now.
             let v = admin_call(&admin, "status")?;
             let mut waiting = Vec::new();

@@ -273,6 +273,8 @@ impl Mirror {
             Some("pause" | "resume" | "start" | "full" | "rate") => 2,
             _ => usize::MAX,
         };
+        // Peers whose operator pause a `start` lifted: the reply says so.
+        let mut unpaused: Vec<u32> = Vec::new();
         let result: Result<(), String> = match words.first().copied() {
             Some(cmd) if words.len() > most => Err(format!(
                 "{cmd:?} takes {}: {line:?}",
@@ -296,6 +298,13 @@ impl Mirror {
                                 continue;
                             }
                             hit = true;
+                            if p.paused && matches!(cmd, "start" | "full") {
+                                unpaused.push(p.node_id);
+                                crate::elog!(
+                                    "nbdmirror: resync {cmd}: peer {}'s pause is lifted",
+                                    p.node_id
+                                );
+                            }
                             p.rate = 0.0;
                             p.rate_mark = (now, p.sent_bytes);
                             p.rate_window = (now, p.sent_bytes);
@@ -403,6 +412,9 @@ impl Mirror {
         self.kick_resync(io, store);
         self.scrub_kick(io, store);
         match result {
+            Ok(()) if !unpaused.is_empty() => {
+                serde_json::json!({ "ok": true, "unpaused": unpaused }).to_string()
+            }
             Ok(()) => serde_json::json!({ "ok": true }).to_string(),
             Err(e) => serde_json::json!({ "ok": false, "error": e }).to_string(),
         }
