@@ -4095,6 +4095,59 @@ fn an_admin_socket_answered_by_a_going_process_is_taken_once_it_has_gone() {
     cl.stop_all();
 }
 
+/// A secondary's own status does not call its link in sync while its
+/// primary resyncs it from a `resync start --full`: it said `in_sync: true`
+/// (from the session's earlier announce) beside "INCONSISTENT: partway
+/// through a resync" (a tester's find). In sync again once the primary
+/// says so.
+#[test]
+fn a_secondary_being_resynced_does_not_call_its_link_in_sync() {
+    let test = "a_secondary_being_resynced_does_not_call_its_link_in_sync";
+    let _wd = Watchdog::new(test, Duration::from_secs(90));
+    let seed = test_seed(test);
+    let mut cl = Cluster::in_sync_pair(test, seed);
+    let (d1, d2) = (
+        cl.nodes[0].dir.display().to_string(),
+        cl.nodes[1].dir.display().to_string(),
+    );
+    let link_in_sync = |d: &str| -> (Option<bool>, Option<bool>) {
+        let out = resync_cmd(&["status", "--json", "--dir", d]);
+        let j = Json::parse(out.trim()).unwrap();
+        (
+            peer(&j, 1)
+                .and_then(|p| p.get("in_sync"))
+                .and_then(|v| v.as_bool()),
+            j.get("inconsistent").and_then(|v| v.as_bool()),
+        )
+    };
+    assert_eq!(link_in_sync(&d2), (Some(true), Some(false)));
+    resync_cmd(&["rate", "1M", "--dir", &d1]);
+    resync_cmd(&["start", "--full", "--dir", &d1]);
+    cl.wait_status("peer 2 syncing", Duration::from_secs(10), |j| {
+        peer_state(j, 2).as_deref() == Some("syncing") && peer_u64(j, 2, "resync_done_bytes") > 0
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        // The mark comes with the first resync record the secondary takes.
+        let (in_sync, inconsistent) = link_in_sync(&d2);
+        if inconsistent == Some(true) {
+            assert_eq!(in_sync, Some(false), "the link of a replica being resynced");
+            break;
+        }
+        assert!(Instant::now() < deadline, "never marked inconsistent");
+        thread::sleep(Duration::from_millis(100));
+    }
+    resync_cmd(&["rate", "0", "--dir", &d1]);
+    cl.wait_in_sync(Duration::from_secs(30));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while link_in_sync(&d2) != (Some(true), Some(false)) {
+        assert!(Instant::now() < deadline, "{:?}", link_in_sync(&d2));
+        thread::sleep(Duration::from_millis(100));
+    }
+    cl.stop_all();
+    cl.assert_replicas_identical();
+}
+
 /// Peer connections still in the handshake are capped at 64: past that a
 /// newcomer is closed at once, so that a flood of them cannot hold the
 /// secondary at its open-files limit (a tester's did, starving its NBD

@@ -203,8 +203,13 @@ impl Mirror {
                         "state": "connected",
                         // The primary reported this replica in sync in
                         // this session (only known from protocol version 4
-                        // on: null before).
-                        "in_sync": (l.version >= ANNOUNCE_VERSION).then_some(l.announced),
+                        // on: null before), and has not started a resync
+                        // of it since (`resync start --full` marks the
+                        // replica inconsistent; it said in sync then).
+                        "in_sync": (l.version >= ANNOUNCE_VERSION).then_some(
+                            l.announced
+                                && self.generation.flags & generation::FLAG_INCONSISTENT == 0
+                        ),
                     }));
                 }
             }
