@@ -4078,14 +4078,22 @@ fn an_admin_socket_answered_by_a_going_process_is_taken_once_it_has_gone() {
     let held =
         nbdmirror::mirror::on_unix_path(&sock, |p| std::os::unix::net::UnixListener::bind(p))
             .unwrap();
+    // A queue of one: a process that never accepts fills it at once, and
+    // the node's looks must not block on it (they did: the event loop
+    // hung in connect).
+    // SAFETY: listen(2) again on a socket this test owns.
+    unsafe { libc::listen(std::os::fd::AsRawFd::as_raw_fd(&held), 0) };
     cl.node(1).start();
     wait_for_line(|| cl.nodes[0].stderr(), "another process answers on");
     // Not taken while it answers (it is looked at every second).
-    thread::sleep(Duration::from_millis(2500));
+    thread::sleep(Duration::from_millis(3500));
     assert!(
         !cl.nodes[0].stderr().contains("answers there now"),
         "a live socket was taken over"
     );
+    let mut c = MiniClient::connect(&cl.nodes[0].nbd_addr(), "disk").unwrap();
+    assert_eq!(c.write(0, &[7u8; 4096], 0).unwrap(), 0, "served meanwhile");
+    drop(c);
     // Its file stays, as a killed node's does.
     drop(held);
     let line = wait_for_line(|| cl.nodes[0].stderr(), "this node answers there now");

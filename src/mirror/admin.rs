@@ -11,9 +11,53 @@ use std::os::unix::net::UnixListener;
 use super::*;
 
 /// Whether a process listens on the Unix socket at `p` (a connect
-/// succeeds): then it is not a stale one to replace.
+/// succeeds, or finds its queue full): then it is not a stale one to
+/// replace. The connect does not block: a listener that never accepts
+/// (a hung process) fills its queue, and a blocking connect then waited
+/// for it, on the event loop when a node looks again.
 pub fn socket_is_live(p: &std::path::Path) -> bool {
-    on_unix_path(p, |q| std::os::unix::net::UnixStream::connect(q)).is_ok()
+    on_unix_path(p, connect_nonblocking).is_ok()
+}
+
+fn connect_nonblocking(p: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let bytes = p.as_os_str().as_bytes();
+    // SAFETY: a zeroed sockaddr_un is valid; the path is copied in bounds.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    if bytes.len() >= addr.sun_path.len() {
+        return Err(std::io::Error::from_raw_os_error(libc::ENAMETOOLONG));
+    }
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (d, &b) in addr.sun_path.iter_mut().zip(bytes) {
+        *d = b as libc::c_char;
+    }
+    // SAFETY: a fresh socket, owned at once.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fd is ours.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: connect with a valid sockaddr_un and its size.
+    let r = unsafe {
+        libc::connect(
+            fd.as_raw_fd(),
+            &addr as *const _ as *const libc::sockaddr,
+            std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t,
+        )
+    };
+    match std::io::Error::last_os_error().raw_os_error() {
+        _ if r == 0 => Ok(()),
+        // A listener whose queue is full: alive, not accepting.
+        Some(libc::EAGAIN) | Some(libc::EINPROGRESS) => Ok(()),
+        _ => Err(std::io::Error::last_os_error()),
+    }
 }
 
 /// The admin socket at `p` (a stale one is replaced: the caller holds the
