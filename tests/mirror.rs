@@ -3828,6 +3828,110 @@ fn a_primary_that_does_not_read_its_answers_is_disconnected() {
     cl.stop_all();
 }
 
+/// A primary that sends records faster than the secondary applies them is
+/// held back by TCP (the secondary stops reading its link), so the
+/// secondary's memory stays bounded. An authenticated tester's flood of
+/// records, its acks read, took a secondary to 8.9 GB in 20 s. The real
+/// primary then resyncs what the flood wrote.
+#[test]
+fn a_flood_of_records_is_held_back_not_buffered() {
+    let test = "a_flood_of_records_is_held_back_not_buffered";
+    let _wd = Watchdog::new(test, Duration::from_secs(150));
+    let seed = test_seed(test);
+    let mut cl = Cluster::in_sync_pair(test, seed);
+    cl.primary().terminate();
+    let secret = {
+        let mut s = fs::read(&cl.secret).unwrap();
+        if s.last() == Some(&b'\n') {
+            s.pop();
+        }
+        s
+    };
+    let addr = format!("127.0.0.1:{}", cl.node(2).port);
+    let (size, uuid) = (cl.size, cl.uuid.clone());
+    let t0 = Instant::now();
+    let (mut s, mut session) = loop {
+        match std::panic::catch_unwind(|| rogue_session(&addr, &secret, &uuid, size)) {
+            Ok(x) => break x,
+            Err(_) if t0.elapsed() < Duration::from_secs(10) => {
+                thread::sleep(Duration::from_millis(200))
+            }
+            Err(e) => std::panic::resume_unwind(e),
+        }
+    };
+    use nbdmirror::mirror::wire::{RecordHeader, KIND_WRITE};
+    use nbdmirror::peer::frame::FrameKind;
+    let mut out = Vec::new();
+    session.encode(FrameKind::Session, &0x5eed_0002u64.to_le_bytes(), &mut out);
+    s.write_all(&out).unwrap();
+    // Its answers are read, so the unread-answers limit is not what acts.
+    let mut r = s.try_clone().unwrap();
+    let reader = thread::spawn(move || {
+        let mut b = vec![0u8; 1 << 16];
+        while matches!(r.read(&mut b), Ok(n) if n > 0) {}
+    });
+    let rss = |pid: u32| -> u64 {
+        let st = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        st.lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .unwrap_or(0)
+            * 1024
+    };
+    let pid = cl.node(2).pid();
+    let mut w = s.try_clone().unwrap();
+    let writer = thread::spawn(move || {
+        let data = random_bytes(seed, 64 << 10);
+        let mut sent = 0u64;
+        let mut out = Vec::new();
+        loop {
+            out.clear();
+            for _ in 0..64 {
+                let h = RecordHeader {
+                    id: sent,
+                    offset: (sent % (size / (64 << 10))) * (64 << 10),
+                    length: 64 << 10,
+                    kind: KIND_WRITE,
+                    flags: 0,
+                };
+                let payload = [&h.encode()[..], &data[..]].concat();
+                session.encode(FrameKind::Record, &payload, &mut out);
+                sent += 1;
+            }
+            // Blocks while the secondary holds the link back; fails once
+            // the test shuts the socket down.
+            if w.write_all(&out).is_err() {
+                return sent;
+            }
+        }
+    });
+    let mut peak = 0u64;
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(6) {
+        peak = peak.max(rss(pid));
+        thread::sleep(Duration::from_millis(50));
+    }
+    let _ = s.shutdown(std::net::Shutdown::Both);
+    let sent = writer.join().unwrap();
+    eprintln!(
+        "{sent} records of 64 KiB offered in 6 s; the secondary's peak RSS {} MiB",
+        peak >> 20
+    );
+    assert!(
+        peak < 1 << 30,
+        "the secondary held {} MiB after {sent} records of 64 KiB:\n{}",
+        peak >> 20,
+        tail(&cl.node(2).stderr(), 3000)
+    );
+    cl.check_alive();
+    drop(s);
+    reader.join().unwrap();
+    cl.primary().start();
+    cl.wait_in_sync(Duration::from_secs(60));
+    cl.stop_all();
+    cl.assert_replicas_identical();
+}
+
 /// Speak the peer protocol to the secondary at `addr` as an authenticated
 /// primary (the secret, volume and node id are right; the disk size is
 /// `size`), then send `frames` (kind, payload) and read until the

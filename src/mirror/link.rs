@@ -186,6 +186,7 @@ impl Mirror {
                 last_rx: self.t,
                 last_tx: self.t,
                 held: false,
+                throttled: false,
                 version: 0,
                 announced: false,
                 session_started: false,
@@ -308,7 +309,7 @@ impl Mirror {
         let Some(l) = self.links.get_mut(&link) else {
             return;
         };
-        if l.recv_busy || l.closing || l.held {
+        if l.recv_busy || l.closing || l.held || l.throttled {
             return;
         }
         l.recv_busy = true;
@@ -910,7 +911,7 @@ impl Mirror {
                         crate::elog!("nbdmirror: closing the older replication session");
                         self.close_link(io, o);
                     }
-                    let busy = self.applying.values().any(|&(l2, _, _)| l2 != link);
+                    let busy = self.applying.values().any(|&(l2, ..)| l2 != link);
                     let l = self.links.get_mut(&link).unwrap();
                     l.held = busy;
                     l.primary_generation = cur;
@@ -994,11 +995,20 @@ impl Mirror {
 
     pub(super) fn process_frames(&mut self, io: &mut dyn Io, store: &mut Store, link: u64) {
         loop {
+            let full = self.applying.len() >= secondary::APPLYING_MAX
+                || self.applying_bytes >= secondary::APPLYING_MAX_BYTES;
             let Some(l) = self.links.get_mut(&link) else {
                 return;
             };
             if l.closing || l.held {
                 return;
+            }
+            if full && l.peer.is_none() {
+                // Back-pressure on a primary that sends faster than this
+                // replica applies: the socket is not read until half are
+                // done (`record_applied`).
+                l.throttled = true;
+                break;
             }
             let Some(s) = l.session.as_mut() else {
                 return;

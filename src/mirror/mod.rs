@@ -434,6 +434,9 @@ struct Link {
     last_tx: Instant,
     /// Secondary: frames wait until older sessions' records are applied.
     held: bool,
+    /// Secondary: frames wait (the socket is not read) while too many
+    /// records are being applied (`APPLYING_MAX`).
+    throttled: bool,
     /// The protocol version the session runs at (0 before the handshake).
     version: u16,
     /// Secondary: the primary announced its generation in this session, so
@@ -589,8 +592,11 @@ pub struct Mirror {
     admin_log: crate::log::Limiter,
     damaged_records: u64,
     resync_reads: IdMap<u64, ResyncRead>,
-    /// Secondary: store request -> (link, message id, is a flush).
-    applying: IdMap<u64, (u64, u64, bool)>,
+    /// Secondary: store request -> (link, message id, is a flush, payload
+    /// bytes).
+    applying: IdMap<u64, (u64, u64, bool, u64)>,
+    /// Secondary: the payload bytes of `applying` (see `APPLYING_MAX`).
+    applying_bytes: u64,
     last_refill: Instant,
     shutting_down: bool,
     send_queue: Vec<u64>,
@@ -944,6 +950,7 @@ impl Mirror {
             damaged_records: 0,
             resync_reads: IdMap::default(),
             applying: IdMap::default(),
+            applying_bytes: 0,
             shutting_down: false,
             send_queue: Vec::new(),
             t: t0,
@@ -1740,7 +1747,8 @@ impl Mirror {
                 );
                 continue;
             }
-            if l.session.is_none() {
+            // Not reading it, for back-pressure: its silence is this node's.
+            if l.session.is_none() || l.throttled {
                 continue;
             }
             let silent = t.saturating_duration_since(l.last_rx);
