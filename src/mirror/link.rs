@@ -618,6 +618,14 @@ impl Mirror {
             l.hs = None;
             let who = if by_peer {
                 "the peer refused us"
+            } else if matches!(
+                reason,
+                crate::peer::handshake::HandshakeError::Closed { .. }
+            ) {
+                // Nobody refused anybody: the peer went (it may have given
+                // up waiting for this node, as a primary does after its
+                // peer timeout).
+                "the connection ended"
             } else {
                 "refused the peer"
             };

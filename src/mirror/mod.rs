@@ -1790,9 +1790,10 @@ impl Mirror {
                     store,
                     i,
                     format!(
-                        "a request was not answered within {} ms although the peer answers pings \
-                         (its disk may be stuck)",
-                        timeout.as_millis() * 4
+                        "a request was not answered within {} ms (a flush within {} ms) although \
+                         the connection is alive, its bytes still arriving (its disk may be stuck)",
+                        timeout.as_millis() * 4,
+                        timeout.as_millis() * 10
                     ),
                 );
             }
