@@ -240,6 +240,11 @@ pub struct GenerationFrame {
 /// Generation: `generation u64` (before protocol version 6), or
 /// `generation u64, run u32, flags u32` (`GEN_RUN_ONLY`; other bits 0).
 pub fn decode_generation(p: &[u8]) -> Result<GenerationFrame, String> {
+    // 0 means "none": a primary always has one (its fresh ones are odd),
+    // and a replica told it holds none would say so while full of data.
+    if p.len() >= 8 && p[..8] == [0; 8] {
+        return Err("Generation payload names generation 0 (none)".into());
+    }
     match p.len() {
         8 => Ok(GenerationFrame {
             generation: u64::from_le_bytes(p.try_into().unwrap()),
@@ -408,6 +413,16 @@ pub fn decode_block_data(p: &[u8]) -> Result<(u64, u32, &[u8]), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn generation_zero_is_refused() {
+        for v in [RUN_VERSION - 1, RUN_VERSION] {
+            let b = encode_generation(0, 3, v, false).unwrap();
+            assert!(decode_generation(&b).unwrap_err().contains("generation 0"));
+            let b = encode_generation(5, 3, v, false).unwrap();
+            assert_eq!(decode_generation(&b).unwrap().generation, 5);
+        }
+    }
 
     #[test]
     fn record_round_trip_and_rejects() {
