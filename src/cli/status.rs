@@ -198,8 +198,8 @@ pub(super) fn render_status(v: &serde_json::Value, cols: Option<usize>) -> Vec<S
     );
     if frames + records > 0 {
         lines.push(format!(
-            "  DAMAGED IN TRANSIT: {frames} frames failed their checksum, {records} records \
-             their block checksums; each connection was dropped and what it carried resent \
+            "  DAMAGED IN TRANSIT: {frames} frames arrived damaged (checksum or header), \
+             {records} records failed their block checksums; each connection was dropped and what it carried resent \
              (see the node's log)"
         ));
     }
