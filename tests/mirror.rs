@@ -3191,7 +3191,32 @@ fn split_brain_is_refused() {
         );
         thread::sleep(Duration::from_millis(100));
     }
-    thread::sleep(Duration::from_secs(1));
+    // The primary retries every few seconds (1, 2, 4 s...): the refused
+    // secondary logs its long reason once a minute, not at every retry (a
+    // tester saw 900 characters every 5 s after a failover).
+    thread::sleep(Duration::from_secs(8));
+    let s2 = cl.nodes[1].stderr();
+    let lines: Vec<&str> = s2
+        .lines()
+        .filter(|l| l.contains("the primary ended the session: split brain"))
+        .collect();
+    assert_eq!(
+        lines.len(),
+        1,
+        "{test}: node 2 logged the refusal more than once:\n{}",
+        lines.join("\n")
+    );
+    let p = cl.nodes[0].stderr();
+    let lines: Vec<&str> = p
+        .lines()
+        .filter(|l| contains_ci(l, "split brain"))
+        .collect();
+    assert_eq!(
+        lines.len(),
+        1,
+        "{test}: node 1 logged the refusal more than once:\n{}",
+        lines.join("\n")
+    );
     // The refused secondary says so, in JSON and to a person (a tester
     // found "no peers" and a readable export of the superseded data).
     let d2 = dir2.display().to_string();

@@ -59,6 +59,12 @@ const MAX_UNAUTHENTICATED: usize = 64;
 /// most (see `process_frames`).
 const UNREAD_ANSWERS_LIMIT: usize = 256 << 20;
 
+/// How a secondary's error for a primary's Reject begins.
+pub(super) const PRIMARY_ENDED: &str = "the primary ended the session";
+
+/// A primary refused for the same reason again is logged at most this often.
+const REFUSAL_RELOG: Duration = Duration::from_secs(60);
+
 impl Mirror {
     pub(super) fn fail_peer(&mut self, io: &mut dyn Io, store: &mut Store, i: usize, why: String) {
         let streaming = matches!(self.peers[i].state, PeerState::Syncing | PeerState::InSync);
@@ -387,7 +393,7 @@ impl Mirror {
         code: crate::peer::RejectCode,
         why: &str,
     ) {
-        crate::elog!("nbdmirror: {why}");
+        self.log_refusal(why, why.to_string());
         let l = self.links.get_mut(&link).unwrap();
         if let Some(s) = l.session.as_mut() {
             s.reject(code, why, &mut l.out);
@@ -440,6 +446,31 @@ impl Mirror {
         ));
     }
 
+    /// Log `line` for a refusal between this secondary and a primary for
+    /// `why`. A refused primary retries every few seconds for as long as it
+    /// runs, so the same reason is logged at most once a minute, with the
+    /// count of refusals in between (a tester saw 900 characters every 5 s
+    /// after a failover).
+    fn log_refusal(&mut self, why: &str, line: String) {
+        match &mut self.last_refusal {
+            Some((w, at, n))
+                if w == why && self.t.saturating_duration_since(*at) < REFUSAL_RELOG =>
+            {
+                *n += 1;
+            }
+            last => {
+                let again = match last {
+                    Some((w, _, n)) if w == why && *n > 0 => {
+                        format!(" ({n} more times for this reason since it was last logged)")
+                    }
+                    _ => String::new(),
+                };
+                crate::elog!("nbdmirror: {line}{again}");
+                *last = Some((why.to_string(), self.t, 0));
+            }
+        }
+    }
+
     fn reap_link(&mut self, link: u64) {
         if let Some(l) = self.links.get(&link) {
             if l.closing && !l.recv_busy && !l.send_busy && !l.connect_busy {
@@ -467,7 +498,10 @@ impl Mirror {
         match l.peer {
             Some(i) if self.peers[i].link == Some(link) => self.fail_peer(io, store, i, why),
             _ => {
-                if l.session.is_some() {
+                if l.session.is_some() && why.starts_with(PRIMARY_ENDED) {
+                    let line = format!("replication link from {} closed: {why}", l.addr);
+                    self.log_refusal(&why, line);
+                } else if l.session.is_some() {
                     crate::elog!("nbdmirror: replication link from {} closed: {why}", l.addr);
                 } else if self.refused_log.allow(self.t) {
                     // Before authentication anyone who can connect makes

@@ -563,6 +563,9 @@ pub struct Mirror {
     /// node went on without it), so its read-only export answers EIO and
     /// `resync status` says so (the log alone said it before).
     refused: Option<String>,
+    /// Secondary: the last refusal of a primary logged (why, when, refusals
+    /// for the same reason since, not logged; see `refuse_primary`).
+    last_refusal: Option<(String, Instant, u64)>,
     /// Secondary: a primary refused as split brain (`DIR/diverged`, see
     /// [`generation::Diverged`]).
     diverged: Option<generation::Diverged>,
@@ -926,6 +929,7 @@ impl Mirror {
             repair_parts: IdMap::default(),
             peer_reads: IdMap::default(),
             handover: Handover::Idle,
+            last_refusal: None,
             accept_backoff: Default::default(),
             peer_accept_paused: false,
             admin_accept_paused: false,

@@ -329,7 +329,7 @@ impl Mirror {
                 let r = r
                     .map(|r| r.message)
                     .unwrap_or_else(|_| "(unreadable reason)".into());
-                return Err(format!("the primary ended the session: {r}"));
+                return Err(format!("{}: {r}", link::PRIMARY_ENDED));
             }
             k => return Err(format!("unexpected {k} frame from a primary")),
         }
