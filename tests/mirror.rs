@@ -3147,6 +3147,13 @@ fn split_brain_is_refused() {
     assert_eq!(c.write(0, &random_bytes(seed, 65536), 0).unwrap(), 0);
     assert_eq!(c.flush().unwrap(), 0);
     c.disconnect();
+    // Promoted without a peer: its status says it holds the only copy (it
+    // said only "no peers"; a tester's find).
+    let human = resync_cmd(&["status", "--dir", &dir2.display().to_string()]);
+    assert!(
+        human.contains("no peers: writes are acknowledged with this node's copy only"),
+        "{test}: {human}"
+    );
     send_signal(solo.id(), "TERM");
     let st = solo.wait().unwrap();
     let mut solo_log = String::new();

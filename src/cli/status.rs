@@ -59,7 +59,15 @@ pub(super) fn render_status(v: &serde_json::Value, cols: Option<usize>) -> Vec<S
         ));
     }
     let peers = v["peers"].as_array().cloned().unwrap_or_default();
-    if peers.is_empty() {
+    if peers.is_empty() && v["role"].as_str() == Some("primary") {
+        // A secondary promoted after a failover, with no --peer yet, is
+        // where a user holds one copy without being told (a tester's find).
+        lines.push(
+            "  no peers: writes are acknowledged with this node's copy only (serve it with \
+             --peer to mirror)"
+                .into(),
+        );
+    } else if peers.is_empty() {
         lines.push("  no peers".into());
     } else if v["role"].as_str() == Some("primary")
         && !peers.iter().any(|p| p["state"].as_str() == Some("in_sync"))
