@@ -3799,29 +3799,7 @@ fn a_primary_that_does_not_read_its_answers_is_disconnected() {
     let _wd = Watchdog::new(test, Duration::from_secs(120));
     let seed = test_seed(test);
     let mut cl = Cluster::in_sync_pair(test, seed);
-    cl.primary().terminate();
-    let secret = {
-        let mut s = fs::read(&cl.secret).unwrap();
-        if s.last() == Some(&b'\n') {
-            s.pop();
-        }
-        s
-    };
-    let addr = format!("127.0.0.1:{}", cl.node(2).port);
-    let size = cl.size;
-    let uuid = cl.uuid.clone();
-    // The stopped primary's session may not have ended on the secondary
-    // yet (then a newcomer is refused as Busy): retry the handshake.
-    let t0 = Instant::now();
-    let (mut s, mut session) = loop {
-        match std::panic::catch_unwind(|| rogue_session(&addr, &secret, &uuid, size)) {
-            Ok(x) => break x,
-            Err(_) if t0.elapsed() < Duration::from_secs(10) => {
-                thread::sleep(Duration::from_millis(200))
-            }
-            Err(e) => std::panic::resume_unwind(e),
-        }
-    };
+    let (mut s, mut session) = rogue_session_in_place_of_the_primary(&mut cl);
     use nbdmirror::peer::frame::FrameKind;
     let mut out = Vec::new();
     session.encode(FrameKind::Session, &0x5eed_0001u64.to_le_bytes(), &mut out);
@@ -3871,26 +3849,8 @@ fn a_flood_of_records_is_held_back_not_buffered() {
     let _wd = Watchdog::new(test, Duration::from_secs(150));
     let seed = test_seed(test);
     let mut cl = Cluster::in_sync_pair(test, seed);
-    cl.primary().terminate();
-    let secret = {
-        let mut s = fs::read(&cl.secret).unwrap();
-        if s.last() == Some(&b'\n') {
-            s.pop();
-        }
-        s
-    };
-    let addr = format!("127.0.0.1:{}", cl.node(2).port);
-    let (size, uuid) = (cl.size, cl.uuid.clone());
-    let t0 = Instant::now();
-    let (mut s, mut session) = loop {
-        match std::panic::catch_unwind(|| rogue_session(&addr, &secret, &uuid, size)) {
-            Ok(x) => break x,
-            Err(_) if t0.elapsed() < Duration::from_secs(10) => {
-                thread::sleep(Duration::from_millis(200))
-            }
-            Err(e) => std::panic::resume_unwind(e),
-        }
-    };
+    let size = cl.size;
+    let (mut s, mut session) = rogue_session_in_place_of_the_primary(&mut cl);
     use nbdmirror::mirror::wire::{RecordHeader, KIND_WRITE};
     use nbdmirror::peer::frame::FrameKind;
     let mut out = Vec::new();
@@ -3962,6 +3922,34 @@ fn a_flood_of_records_is_held_back_not_buffered() {
     cl.wait_in_sync(Duration::from_secs(60));
     cl.stop_all();
     cl.assert_replicas_identical();
+}
+
+/// Stop the primary of `cl` and open an authenticated session to its
+/// secondary (node 2) in its place, retrying while the stopped primary's
+/// session has not ended there yet (a newcomer is refused as Busy then).
+fn rogue_session_in_place_of_the_primary(
+    cl: &mut Cluster,
+) -> (TcpStream, nbdmirror::peer::Session) {
+    cl.primary().terminate();
+    let secret = {
+        let mut s = fs::read(&cl.secret).unwrap();
+        if s.last() == Some(&b'\n') {
+            s.pop();
+        }
+        s
+    };
+    let addr = format!("127.0.0.1:{}", cl.node(2).port);
+    let (size, uuid) = (cl.size, cl.uuid.clone());
+    let t0 = Instant::now();
+    loop {
+        match std::panic::catch_unwind(|| rogue_session(&addr, &secret, &uuid, size)) {
+            Ok(x) => return x,
+            Err(_) if t0.elapsed() < Duration::from_secs(10) => {
+                thread::sleep(Duration::from_millis(200))
+            }
+            Err(e) => std::panic::resume_unwind(e),
+        }
+    }
 }
 
 /// Speak the peer protocol to the secondary at `addr` as an authenticated
