@@ -3636,7 +3636,7 @@ fn unrelated_primary_meets_half_resynced_secondary(test: &str, new_secondary: bo
             s
         };
         let addr2 = format!("127.0.0.1:{}", cl.node(2).port);
-        let kinds = rogue_primary(&addr2, &secret, &cl.uuid, size, &[]);
+        let kinds = rogue_primary(&addr2, &secret, &cl.uuid, size, PROTOCOL_VERSION, &[]);
         assert!(
             kinds.contains(&FrameKind::Reject),
             "{test}: the half copy took a session from a primary outside its history: {kinds:?}"
@@ -3961,9 +3961,10 @@ fn rogue_primary(
     secret: &[u8],
     uuid: &str,
     size: u64,
+    version: u16,
     frames: &[(nbdmirror::peer::frame::FrameKind, Vec<u8>)],
 ) -> Vec<nbdmirror::peer::frame::FrameKind> {
-    let (mut s, mut session) = rogue_session(addr, secret, uuid, size);
+    let (mut s, mut session) = rogue_session_at(addr, secret, uuid, size, version);
     let mut buf = vec![0u8; 1 << 16];
     let mut out = Vec::new();
     for (kind, payload) in frames {
@@ -3998,6 +3999,20 @@ fn rogue_session(
     uuid: &str,
     size: u64,
 ) -> (TcpStream, nbdmirror::peer::Session) {
+    rogue_session_at(addr, secret, uuid, size, PROTOCOL_VERSION)
+}
+
+/// The protocol version this build speaks.
+const PROTOCOL_VERSION: u16 = nbdmirror::peer::messages::PROTOCOL_VERSION;
+
+/// As [`rogue_session`], offering protocol `version`.
+fn rogue_session_at(
+    addr: &str,
+    secret: &[u8],
+    uuid: &str,
+    size: u64,
+    version: u16,
+) -> (TcpStream, nbdmirror::peer::Session) {
     use nbdmirror::peer::{Config, Event, Handshake, Role};
     let hex: String = uuid.chars().filter(|c| *c != '-').collect();
     let mut volume_uuid = [0u8; 16];
@@ -4017,7 +4032,7 @@ fn rogue_session(
     };
     let mut s = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let mut h = Handshake::new(Role::Initiator, cfg).unwrap();
+    let mut h = Handshake::with_version(Role::Initiator, cfg, version).unwrap();
     let mut buf = vec![0u8; 1 << 16];
     loop {
         while let Some(e) = h.poll_event() {
@@ -4523,6 +4538,7 @@ fn garbage_on_peer_port() {
             (
                 "a Record before the Session frame",
                 cl.size,
+                PROTOCOL_VERSION,
                 vec![
                     (FrameKind::Record, record.clone()),
                     (FrameKind::Flush, 2u64.to_le_bytes().to_vec()),
@@ -4532,6 +4548,7 @@ fn garbage_on_peer_port() {
             (
                 "a second Session frame",
                 cl.size,
+                PROTOCOL_VERSION,
                 vec![
                     (FrameKind::Session, session.clone()),
                     (FrameKind::Session, session.clone()),
@@ -4542,20 +4559,47 @@ fn garbage_on_peer_port() {
             (
                 "a disk of twice the size",
                 2 * cl.size,
+                PROTOCOL_VERSION,
                 vec![
                     (FrameKind::Session, session.clone()),
                     (FrameKind::Record, record.clone()),
                 ],
                 "must be the same size",
             ),
+            // Messages newer than the session's version, and a Pong of
+            // the wrong size (a hostile-peer tester's finds: answered or
+            // taken).
+            (
+                "a BlockRequest at protocol version 2",
+                cl.size,
+                2,
+                vec![
+                    (FrameKind::Session, session.clone()),
+                    (
+                        FrameKind::BlockRequest,
+                        nbdmirror::mirror::wire::encode_block_request(1, 0, 1).to_vec(),
+                    ),
+                ],
+                "BlockRequest frame in a session at protocol version 2",
+            ),
+            (
+                "a Pong of 100 bytes",
+                cl.size,
+                PROTOCOL_VERSION,
+                vec![
+                    (FrameKind::Session, session.clone()),
+                    (FrameKind::Pong, vec![0; 100]),
+                ],
+                "Pong payload of 100 bytes",
+            ),
         ];
-        for (what, size, frames, logged) in cases {
+        for (what, size, version, frames, logged) in cases {
             // The stopped primary's session may not have ended on the
             // secondary yet (then it refuses a newcomer as Busy): retry.
             let t0 = Instant::now();
             let kinds = loop {
                 let before = cl.node(2).stderr().matches("is alive").count();
-                let kinds = rogue_primary(&addr, &secret, &cl.uuid, size, &frames);
+                let kinds = rogue_primary(&addr, &secret, &cl.uuid, size, version, &frames);
                 if cl.node(2).stderr().matches("is alive").count() == before
                     || t0.elapsed() > Duration::from_secs(10)
                 {

@@ -1670,8 +1670,11 @@ impl Mirror {
             FrameKind::Sums => self.sums_arrived(io, store, i, payload)?,
             FrameKind::BlockData => self.repair_data(io, store, i, payload)?,
             FrameKind::Verified => self.scrub_verified(io, store, i, payload)?,
-            FrameKind::Pong => {}
+            FrameKind::Pong => {
+                wire::decode_u64(payload, "Pong")?;
+            }
             FrameKind::Ping => {
+                wire::decode_u64(payload, "Ping")?;
                 let link = self.peers[i].link.unwrap();
                 self.send_frame(link, FrameKind::Pong, &[payload]);
             }

@@ -26,6 +26,27 @@ impl Mirror {
         at: usize,
     ) -> Result<(), String> {
         let payload = &buf[at..];
+        // Messages newer than the session's protocol version are refused,
+        // as the SummedRecord is below: a primary at that version never
+        // sends them (a hostile-peer tester's find: they were answered).
+        let v = self.links[&link].version;
+        let since = match kind {
+            FrameKind::BlockRequest => REPAIR_VERSION,
+            FrameKind::VerifyRequest => VERIFY_VERSION,
+            FrameKind::Generation if payload.len() > 8 => wire::RUN_VERSION,
+            _ => 0,
+        };
+        if v < since {
+            return Err(format!(
+                "peer sent a {kind} frame{} in a session at protocol version {v} (it came with \
+                 version {since})",
+                if kind == FrameKind::Generation {
+                    " with a run"
+                } else {
+                    ""
+                }
+            ));
+        }
         match kind {
             FrameKind::Record | FrameKind::SummedRecord => {
                 // Where the data starts in the payload, and its block
@@ -308,7 +329,9 @@ impl Mirror {
                 wire::decode_u64(payload, "Ping")?;
                 self.send_frame(link, FrameKind::Pong, &[payload]);
             }
-            FrameKind::Pong => {}
+            FrameKind::Pong => {
+                wire::decode_u64(payload, "Pong")?;
+            }
             FrameKind::Reject => {
                 let r = crate::peer::messages::Reject::decode(payload);
                 if let (Ok(r), Some(l)) = (&r, self.links.get(&link)) {
