@@ -1063,7 +1063,36 @@ impl Mirror {
         if self.cfg.role == NodeRole::Secondary {
             let ids: Vec<u64> = self.links.keys().copied().collect();
             for id in ids {
+                // Answers already queued go out first: a secondary stopping
+                // because its store failed has just answered the write that
+                // failed (ENOSPC, EIO), and its primary saw only "the peer
+                // closed the connection" when the close overtook it (a
+                // tester's find).
+                if let Some(l) = self.links.get_mut(&id) {
+                    l.close_after_send = l.session.is_some();
+                }
                 self.close_link(io, id);
+            }
+        }
+    }
+
+    /// Secondary: its store failed and it is stopping. Tell each primary
+    /// why in a Reject (queued behind the answers already due, among them
+    /// the failed write's), so that its log names the cause rather than
+    /// only "the peer closed the connection" (a tester's find).
+    pub fn store_failed(&mut self, io: &mut dyn Io, why: &str) {
+        let msg = format!("this secondary's storage failed ({why}); it is stopping");
+        let ids: Vec<u64> = self.links.keys().copied().collect();
+        for id in ids {
+            let Some(l) = self.links.get_mut(&id) else {
+                continue;
+            };
+            if l.closing {
+                continue;
+            }
+            if let Some(s) = l.session.as_mut() {
+                s.reject(crate::peer::RejectCode::Failed, &msg, &mut l.out);
+                self.post_send(io, id);
             }
         }
     }
@@ -1190,6 +1219,37 @@ impl Mirror {
                     );
                 }
                 Err(e) => crate::elog!("nbdmirror: {e}"),
+            }
+        }
+        // What a closing link still had to send (a Reject saying why this
+        // node stops, answers) goes out now, if no send of it is in flight
+        // (its bytes would interleave) and the socket takes it at once.
+        for l in self.links.values_mut() {
+            if !l.close_after_send || l.send_busy {
+                continue;
+            }
+            let bufs: Vec<Vec<u8>> = l
+                .segs
+                .drain(..)
+                .chain([std::mem::take(&mut l.out)])
+                .collect();
+            'bufs: for b in bufs {
+                let mut at = 0;
+                while at < b.len() {
+                    // SAFETY: send from a live buffer on a socket this node owns.
+                    let r = unsafe {
+                        libc::send(
+                            l.fd.as_raw_fd(),
+                            b[at..].as_ptr().cast(),
+                            b.len() - at,
+                            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+                        )
+                    };
+                    if r <= 0 {
+                        break 'bufs;
+                    }
+                    at += r as usize;
+                }
             }
         }
         let ids: Vec<u64> = self.links.keys().copied().collect();

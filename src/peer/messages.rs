@@ -123,6 +123,9 @@ pub enum RejectCode {
     /// A secondary already streams from another primary whose session is
     /// alive; one primary at a time.
     Busy,
+    /// The sender's storage failed (a write or sync to its disk: ENOSPC,
+    /// EIO); it stops. Older builds show it as "code 8" with the message.
+    Failed,
     /// A code this build does not know (from a newer peer).
     Other(u16),
 }
@@ -137,6 +140,7 @@ impl RejectCode {
             RejectCode::Malformed => 5,
             RejectCode::SplitBrain => 6,
             RejectCode::Busy => 7,
+            RejectCode::Failed => 8,
             RejectCode::Other(c) => c,
         }
     }
@@ -150,6 +154,7 @@ impl RejectCode {
             5 => RejectCode::Malformed,
             6 => RejectCode::SplitBrain,
             7 => RejectCode::Busy,
+            8 => RejectCode::Failed,
             c => RejectCode::Other(c),
         }
     }
@@ -165,6 +170,7 @@ impl fmt::Display for RejectCode {
             RejectCode::Malformed => f.write_str("malformed"),
             RejectCode::SplitBrain => f.write_str("split brain"),
             RejectCode::Busy => f.write_str("another primary holds the session"),
+            RejectCode::Failed => f.write_str("storage failed"),
             RejectCode::Other(c) => write!(f, "code {c}"),
         }
     }

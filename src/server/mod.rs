@@ -828,6 +828,10 @@ impl Server {
                      a restart (after the disk is fixed or has free space) recovers it and \
                      resyncs from the primary"
                 );
+                let why = self.store.failure().unwrap_or_default().to_string();
+                if let Some(m) = self.mirror.as_mut() {
+                    m.store_failed(&mut self.io, &why);
+                }
                 self.begin_shutdown();
             }
             if self.shutting_down
