@@ -3213,17 +3213,6 @@ fn split_brain_is_refused() {
         "{test}: node 2 logged the refusal more than once:\n{}",
         lines.join("\n")
     );
-    let p = cl.nodes[0].stderr();
-    let lines: Vec<&str> = p
-        .lines()
-        .filter(|l| contains_ci(l, "split brain"))
-        .collect();
-    assert_eq!(
-        lines.len(),
-        1,
-        "{test}: node 1 logged the refusal more than once:\n{}",
-        lines.join("\n")
-    );
     // The refused secondary says so, in JSON and to a person (a tester
     // found "no peers" and a readable export of the superseded data).
     let d2 = dir2.display().to_string();
@@ -4267,7 +4256,13 @@ fn a_secondary_being_resynced_does_not_call_its_link_in_sync() {
             j.get("inconsistent").and_then(|v| v.as_bool()),
         )
     };
-    assert_eq!(link_in_sync(&d2), (Some(true), Some(false)));
+    // The primary's announce reaches the secondary a moment after the
+    // primary calls it in sync.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while link_in_sync(&d2) != (Some(true), Some(false)) {
+        assert!(Instant::now() < deadline, "{:?}", link_in_sync(&d2));
+        thread::sleep(Duration::from_millis(100));
+    }
     resync_cmd(&["rate", "1M", "--dir", &d1]);
     resync_cmd(&["start", "--full", "--dir", &d1]);
     cl.wait_status("peer 2 syncing", Duration::from_secs(10), |j| {
