@@ -471,6 +471,15 @@ impl Mirror {
         }
     }
 
+    /// The links `pick` chooses.
+    pub(super) fn link_ids(&self, pick: impl Fn(&Link) -> bool) -> Vec<u64> {
+        self.links
+            .iter()
+            .filter(|(_, l)| pick(l))
+            .map(|(&k, _)| k)
+            .collect()
+    }
+
     fn reap_link(&mut self, link: u64) {
         if let Some(l) = self.links.get(&link) {
             if l.closing && !l.recv_busy && !l.send_busy && !l.connect_busy {

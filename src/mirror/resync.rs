@@ -5,9 +5,6 @@
 
 use super::*;
 
-/// Block status flag: the range is a hole (NBD's `NBD_STATE_HOLE`).
-const NBD_STATE_HOLE: u32 = 1;
-
 impl Mirror {
     pub(super) fn kick_resync(&mut self, io: &mut dyn Io, store: &mut Store) {
         for i in 0..self.peers.len() {
@@ -309,7 +306,7 @@ impl Mirror {
                 // allocated here (NO_HOLE writes) stay allocated there.
                 let hole = zero && {
                     let ext = store.block_status(io, s, len as u64, 64);
-                    ext.iter().all(|&(_, f)| f & NBD_STATE_HOLE != 0)
+                    ext.iter().all(|&(_, f)| f & nbd::consts::STATE_HOLE != 0)
                         && ext.iter().map(|&(l, _)| u64::from(l)).sum::<u64>() >= len as u64
                 };
                 let hdr = RecordHeader {

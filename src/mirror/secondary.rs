@@ -384,13 +384,7 @@ impl Mirror {
         self.post_send(io, link);
         if self.applying.len() <= APPLYING_MAX / 2 && self.applying_bytes <= APPLYING_MAX_BYTES / 2
         {
-            let throttled: Vec<u64> = self
-                .links
-                .iter()
-                .filter(|(_, l)| l.throttled)
-                .map(|(&k, _)| k)
-                .collect();
-            for t in throttled {
+            for t in self.link_ids(|l| l.throttled) {
                 let l = self.links.get_mut(&t).unwrap();
                 l.throttled = false;
                 l.last_rx = self.t;
@@ -402,13 +396,7 @@ impl Mirror {
         if !self.links.values().any(|l| l.held) {
             return;
         }
-        let held: Vec<u64> = self
-            .links
-            .iter()
-            .filter(|(_, l)| l.held)
-            .map(|(&k, _)| k)
-            .collect();
-        for h in held {
+        for h in self.link_ids(|l| l.held) {
             if !self.applying.values().any(|&(l2, ..)| l2 != h) {
                 self.links.get_mut(&h).unwrap().held = false;
                 self.process_frames(io, store, h);

@@ -132,34 +132,44 @@ fn deepen_backlog(fd: RawFd) {
     unsafe { libc::listen(fd, LISTEN_BACKLOG) };
 }
 
-/// Bind a TCP listener, waiting up to 10 s while the address is in use: a
-/// killed predecessor's io_uring is torn down by the kernel after the process
-/// is gone, and until then its listening socket still holds the port (seen
-/// when a node is restarted right after SIGKILL).
-pub fn bind_tcp(addr: SocketAddr) -> std::io::Result<TcpListener> {
+/// Call `held` every 100 ms while it says an address is held, for up to
+/// 10 s, logging `waiting` once; whether it was released. A killed
+/// predecessor's io_uring is torn down by the kernel after the process is
+/// gone, and until then its listening sockets still hold their addresses
+/// (seen when a node is restarted right after SIGKILL).
+fn wait_for_release(waiting: std::fmt::Arguments, mut held: impl FnMut() -> bool) -> bool {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     let mut said = false;
-    loop {
-        match TcpListener::bind(addr) {
-            Ok(l) => {
-                deepen_backlog(l.as_raw_fd());
-                return Ok(l);
-            }
-            Err(e)
-                if e.kind() == std::io::ErrorKind::AddrInUse
-                    && std::time::Instant::now() < deadline =>
-            {
-                if !said {
-                    crate::elog!(
-                        "nbdmirror: {addr} is in use; waiting up to 10 s for it to be released"
-                    );
-                    said = true;
-                }
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            r => return r,
+    while held() {
+        if std::time::Instant::now() >= deadline {
+            return false;
         }
+        if !said {
+            crate::elog!("nbdmirror: {waiting}");
+            said = true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
     }
+    true
+}
+
+/// Bind a TCP listener, waiting up to 10 s while the address is in use
+/// (see [`wait_for_release`]).
+pub fn bind_tcp(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let mut r = TcpListener::bind(addr);
+    let mut again = false;
+    wait_for_release(
+        format_args!("{addr} is in use; waiting up to 10 s for it to be released"),
+        || {
+            if std::mem::replace(&mut again, true) {
+                r = TcpListener::bind(addr);
+            }
+            matches!(&r, Err(e) if e.kind() == std::io::ErrorKind::AddrInUse)
+        },
+    );
+    let l = r?;
+    deepen_backlog(l.as_raw_fd());
+    Ok(l)
 }
 
 pub(super) fn open_listener(l: &Listen) -> Result<OwnedFd, String> {
@@ -177,25 +187,18 @@ pub(super) fn open_listener(l: &Listen) -> Result<OwnedFd, String> {
                     // with TCP ports (`bind_tcp`), a killed predecessor's
                     // socket answers until the kernel has torn its io_uring
                     // down: wait up to 10 s for that.
-                    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-                    let mut said = false;
-                    while crate::mirror::socket_is_live(path) {
-                        if std::time::Instant::now() >= deadline {
-                            return Err(format!(
-                                "cannot listen on {}: another running process answers on that \
-                                 socket",
-                                path.display()
-                            ));
-                        }
-                        if !said {
-                            crate::elog!(
-                                "nbdmirror: another process answers on {}; waiting up to 10 s \
-                                 for it to go",
-                                path.display()
-                            );
-                            said = true;
-                        }
-                        std::thread::sleep(Duration::from_millis(100));
+                    if !wait_for_release(
+                        format_args!(
+                            "another process answers on {}; waiting up to 10 s for it to go",
+                            path.display()
+                        ),
+                        || crate::mirror::socket_is_live(path),
+                    ) {
+                        return Err(format!(
+                            "cannot listen on {}: another running process answers on that \
+                             socket",
+                            path.display()
+                        ));
                     }
                     let _ = std::fs::remove_file(path);
                 }

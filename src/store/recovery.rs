@@ -13,15 +13,15 @@ use std::os::fd::RawFd;
 
 use super::*;
 
+/// Recovery says before it starts re-reading at least this much of the
+/// data file.
+const RECOVERY_NOTE_BYTES: u64 = 256 << 20;
+
 /// Replay recovered records in order. An InPlace record means "the data file
 /// holds this range's bytes": its blocks' checksums are rebuilt from whatever
 /// the data file holds once later records are replayed (a write cut short by
 /// the crash leaves old, new or mixed sectors, as on any disk; it was not
 /// flushed, or it would be whole).
-/// Recovery says before it starts re-reading at least this much of the
-/// data file.
-const RECOVERY_NOTE_BYTES: u64 = 256 << 20;
-
 pub(super) fn replay_all(
     io: &mut dyn Io,
     data: RawFd,
